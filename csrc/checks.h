@@ -1,0 +1,37 @@
+// Input validation shared by the CPU and CUDA entry points: every message names the argument,
+// what was expected and what came.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace physmdn {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
+              " must be a floating-point tensor (float64, float32, bfloat16 or float16), got ", t.scalar_type());
+}
+
+inline void check_mixture_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                                 const at::Tensor& target) {
+  TORCH_CHECK(means.dim() == 3, "means must be [B, K, D], got shape ", means.sizes());
+  const auto B = means.size(0), K = means.size(1), D = means.size(2);
+  TORCH_CHECK(K >= 1, "means must have at least one component (K >= 1), got shape ", means.sizes());
+  TORCH_CHECK(D >= 1, "means must have at least one output dimension (D >= 1), got shape ", means.sizes());
+  TORCH_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == K, "logits must be [B, K] = [", B, ", ",
+              K, "] to match means, got shape ", logits.sizes());
+  TORCH_CHECK(log_scales.dim() == 3 && log_scales.sizes() == means.sizes(), "log_scales must be [B, K, D] = ",
+              means.sizes(), " to match means, got shape ", log_scales.sizes());
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == B && target.size(1) == D, "target must be [B, D] = [", B, ", ",
+              D, "] to match means, got shape ", target.sizes());
+  check_floating(means, "means");
+  const std::pair<const at::Tensor*, const char*> others[] = {{&logits, "logits"}, {&log_scales, "log_scales"}, {&target, "target"}};
+  for (const auto& [t, name] : others) {
+    check_floating(*t, name);
+    TORCH_CHECK(t->scalar_type() == means.scalar_type(), name, " must have the dtype of means (", means.scalar_type(),
+                "), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == means.device(), name, " must be on the device of means (", means.device(), "), got ",
+                t->device());
+  }
+}
+
+}  // namespace physmdn

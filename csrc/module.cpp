@@ -1,0 +1,42 @@
+// The Python module physmdn._C: build facts and CPU kernel selection. Loading it registers the ops.
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+
+namespace physmdn {
+std::string cpu_isa();
+std::string set_cpu_isa(const std::string& isa);
+}  // namespace physmdn
+
+#ifndef PHYSMDN_CUDA_VERSION
+#define PHYSMDN_CUDA_VERSION ""
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "physmdn compiled kernels (torch.ops.physmdn.*)";
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["version"] = PHYSMDN_VERSION;
+    info["torch_version"] = PHYSMDN_TORCH_VERSION;
+#ifdef PHYSMDN_WITH_CUDA
+    info["cuda_kernels"] = true;
+    info["cuda_version"] = PHYSMDN_CUDA_VERSION;
+    info["cuda_arch_list"] = PHYSMDN_CUDA_ARCH_LIST;
+#else
+    info["cuda_kernels"] = false;
+    info["cuda_version"] = pybind11::none();
+    info["cuda_arch_list"] = pybind11::none();
+#endif
+#ifdef PHYSMDN_HAVE_AVX2_KERNELS
+    info["cpu_kernels"] = "default, avx2";
+#else
+    info["cpu_kernels"] = "default";
+#endif
+    return info;
+  });
+  m.def("cpu_isa", &physmdn::cpu_isa, "The CPU kernel variant in use: 'default' or 'avx2'.");
+  m.def("set_cpu_isa", &physmdn::set_cpu_isa, "Select the CPU kernel variant; returns the previous one.");
+  m.def("get_num_threads", [] { return at::get_num_threads(); });
+}

@@ -1,0 +1,101 @@
+"""Python side of the custom ops: input checks, fake (meta) kernels for torch.compile, autograd.
+
+The compiled kernels live in ``torch.ops.physmdn.*`` (registered when ``physmdn._C`` loads).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_FLOATING = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels: float32 for half types, the input dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATING:
+        raise TypeError(f"{name} must be a floating-point tensor (float64, float32, bfloat16 or float16), got {t.dtype}")
+
+
+def check_mixture_inputs(logits, means, log_scales, target) -> None:
+    """Validate shapes ``logits [B, K]``, ``means/log_scales [B, K, D]``, ``target [B, D]``, dtypes and devices."""
+    for t, name in ((logits, "logits"), (means, "means"), (log_scales, "log_scales"), (target, "target")):
+        _check_tensor(t, name)
+    if means.dim() != 3:
+        raise ValueError(f"means must be [B, K, D], got shape {tuple(means.shape)}")
+    B, K, D = means.shape
+    if K < 1:
+        raise ValueError(f"means must have at least one component (K >= 1), got shape {tuple(means.shape)}")
+    if D < 1:
+        raise ValueError(f"means must have at least one output dimension (D >= 1), got shape {tuple(means.shape)}")
+    if logits.dim() != 2 or tuple(logits.shape) != (B, K):
+        raise ValueError(f"logits must be [B, K] = {(B, K)} to match means, got shape {tuple(logits.shape)}")
+    if tuple(log_scales.shape) != (B, K, D):
+        raise ValueError(f"log_scales must be [B, K, D] = {(B, K, D)} to match means, got shape {tuple(log_scales.shape)}")
+    if target.dim() != 2 or tuple(target.shape) != (B, D):
+        raise ValueError(f"target must be [B, D] = {(B, D)} to match means, got shape {tuple(target.shape)}")
+    for t, name in ((logits, "logits"), (log_scales, "log_scales"), (target, "target")):
+        if t.dtype != means.dtype:
+            raise TypeError(f"{name} must have the dtype of means ({means.dtype}), got {t.dtype}")
+        if t.device != means.device:
+            raise ValueError(f"{name} must be on the device of means ({means.device}), got {t.device}")
+
+
+# ----- mixture_nll ----------------------------------------------------------------------------------
+
+@torch.library.register_fake("physmdn::mixture_nll_fwd")
+def _mixture_nll_fwd_fake(logits, means, log_scales, target):
+    check_mixture_inputs(logits, means, log_scales, target)
+    B = means.shape[0]
+    return means.new_empty((B,)), means.new_empty((B, 2), dtype=acc_dtype(means.dtype))
+
+
+@torch.library.register_fake("physmdn::mixture_nll_bwd")
+def _mixture_nll_bwd_fake(grad_loss, logits, means, log_scales, target, lse):
+    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
+            torch.empty_like(means, memory_format=torch.contiguous_format),
+            torch.empty_like(log_scales, memory_format=torch.contiguous_format),
+            torch.empty_like(target, memory_format=torch.contiguous_format))
+
+
+def _mixture_nll_setup_context(ctx, inputs, output):
+    logits, means, log_scales, target = inputs
+    _, lse = output
+    ctx.save_for_backward(logits, means, log_scales, target, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _mixture_nll_backward(ctx, grad_loss, _grad_lse):
+    logits, means, log_scales, target, lse = ctx.saved_tensors
+    return tuple(torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, lse))
+
+
+torch.library.register_autograd(
+    "physmdn::mixture_nll_fwd", _mixture_nll_backward, setup_context=_mixture_nll_setup_context
+)
+
+
+def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative log-likelihood of a diagonal Gaussian mixture, fused in one kernel.
+
+    ``loss_b = -log sum_k softmax(logits_b)_k N(target_b | means_bk, diag(exp(log_scales_bk))^2)``
+
+    Args:
+        logits: ``[B, K]`` unnormalized component log-weights.
+        means: ``[B, K, D]`` component means.
+        log_scales: ``[B, K, D]`` log standard deviations.
+        target: ``[B, D]`` observations.
+
+    Returns:
+        ``[B]`` loss in the input dtype. float16/bfloat16 inputs accumulate in float32.
+        Non-contiguous and expanded inputs are read in place. A NaN in one sample's inputs gives NaN
+        for that sample only. ``B = 0`` gives an empty tensor.
+    """
+    check_mixture_inputs(logits, means, log_scales, target)
+    loss, _ = torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target)
+    return loss
