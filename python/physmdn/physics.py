@@ -1,0 +1,520 @@
+"""Component-specific physics penalties for mixture density networks.
+
+For sample ``b`` and component ``k`` a residual ``r_k(y; x_b)`` measures how far an outcome ``y``
+violates the governing law. Each spec turns it into a penalty ``P_bk`` of shape ``[B, K]``:
+
+* point-wise (``mode="mean"``): ``P_bk = ||r_k(mu_bk)||^2``;
+* distribution-level (``mode="exact"``): ``P_bk = E_{y ~ N(mu_bk, diag sigma_bk^2)} ||r_k(y)||^2``,
+  in closed form for the built-in families, by sigma points or Monte Carlo for :class:`Residual`.
+
+The training loss per sample is ``NLL_b + lambda * sum_k pi_bk P_bk`` with ``pi = softmax(logits)``
+(:func:`mdn_loss`); gradients flow into ``pi`` as well, so mass moves to physically consistent components.
+
+Noise-aware penalties. With observations ``y = y* + eps``, ``eps ~ N(0, s_n^2)``, the law holds for the
+noise-free ``y*``, whose spread under component ``k`` is ``max(sigma^2 - s_n^2, 0)``. The distribution-level
+expectation of a plain spec also penalizes ``sigma`` itself and pulls it below the observation noise; with
+``noise_scale=s_n`` the built-in families take the expectation under the noise-free variance
+``relu(sigma^2 - s_n^2)`` instead, which leaves a component whose spread is the noise alone unpenalized.
+
+Every spec has a plain-torch :meth:`~PhysicsSpec.penalty` (the reference the kernels are tested against).
+The built-in families (:class:`Polynomial`, :class:`Linear`, :class:`Stencil1D`) also run fused with the
+mixture NLL in one kernel pass (``torch.ops.physmdn.mdn_loss_*``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._ops import check_mixture_inputs, mixture_nll
+
+__all__ = [
+    "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability", "Monotonic", "Bounds",
+    "mdn_loss", "physics_penalty", "gaussian_moments",
+]
+
+_MODES_BUILTIN = ("exact", "mean")
+
+
+def _as_tensor(value, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        return value
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), dtype=torch.get_default_dtype())
+    if isinstance(value, (list, tuple)):
+        return torch.tensor(value, dtype=torch.get_default_dtype())
+    raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
+
+
+def _check_broadcast(t: torch.Tensor, name: str, target: Sequence[int], layout: str) -> None:
+    if t.dim() != len(target):
+        raise ValueError(f"{name} must be {layout} ({len(target)} dims), got shape {tuple(t.shape)}")
+    for have, want in zip(t.shape, target):
+        if have not in (1, want):
+            raise ValueError(f"{name} must be broadcastable to {layout} = {tuple(target)}, got shape {tuple(t.shape)}")
+
+
+def _component_variance(log_scales: torch.Tensor, noise_scale: float) -> torch.Tensor:
+    var = torch.exp(2.0 * log_scales)
+    if noise_scale > 0.0:
+        var = torch.clamp(var - noise_scale * noise_scale, min=0.0)
+    return var
+
+
+def gaussian_moments(mean: torch.Tensor, var: torch.Tensor, order: int) -> torch.Tensor:
+    """Raw moments ``E[y^n]``, ``n = 0..order``, of ``N(mean, var)``: ``[..., order + 1]``.
+
+    Recurrence ``M_n = mean M_{n-1} + (n - 1) var M_{n-2}``.
+    """
+    moments = [torch.ones_like(mean)]
+    if order >= 1:
+        moments.append(mean)
+    for n in range(2, order + 1):
+        moments.append(mean * moments[n - 1] + (n - 1) * var * moments[n - 2])
+    return torch.stack(moments, dim=-1)
+
+
+def _poly_eval(coeffs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sum_j coeffs[..., j] y^j`` by Horner's rule."""
+    out = torch.zeros_like(y) + coeffs[..., -1]
+    for j in range(coeffs.shape[-1] - 2, -1, -1):
+        out = out * y + coeffs[..., j]
+    return out
+
+
+def _poly_square_expectation(coeffs: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``E[(sum_j c_j y^j)^2]`` for ``y ~ N(mean, var)``, elementwise: ``sum_{i,j} c_i c_j M_{i+j}``."""
+    J = coeffs.shape[-1] - 1
+    moments = gaussian_moments(mean, var, 2 * J)  # [..., 2J+1]
+    idx = torch.arange(J + 1, device=mean.device)
+    hankel = moments[..., idx[:, None] + idx[None, :]]  # [..., J+1, J+1]
+    return torch.einsum("...i,...ij,...j->...", coeffs, hankel, coeffs)
+
+
+def _poly_mean_expectation(coeffs: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``E[sum_j c_j y^j]`` for ``y ~ N(mean, var)``."""
+    moments = gaussian_moments(mean, var, coeffs.shape[-1] - 1)
+    return (coeffs * moments).sum(-1)
+
+
+class PhysicsSpec:
+    """Base class. A spec is bound to one batch; :meth:`penalty` returns ``P [B, K]`` in plain torch."""
+
+    mode: str = "mean"
+
+    def validate(self, B: int, K: int, D: int) -> None:
+        """Raise a clear error when the spec does not fit mixtures of shape ``[B, K, D]``."""
+
+    def penalty(self, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mode={self.mode!r})"
+
+
+def _check_mode(mode: str, allowed: Sequence[str]) -> str:
+    if mode not in allowed:
+        raise ValueError(f"mode must be one of {tuple(allowed)}, got {mode!r}")
+    return mode
+
+
+def _check_noise(noise_scale) -> float:
+    noise_scale = float(noise_scale)
+    if not (noise_scale >= 0.0 and math.isfinite(noise_scale)):
+        raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale}")
+    return noise_scale
+
+
+class Polynomial(PhysicsSpec):
+    """Per-dimension polynomial residual ``r_d(y) = sum_{j=0..J} coeffs[b, k, d, j] y_d^j``.
+
+    ``coeffs``: ``[B|1, K|1, D|1, J+1]`` (a 1-D ``[J+1]`` is taken as ``[1, 1, 1, J+1]``); component-specific
+    laws use a K axis. Pitchfork ``r y - y^3``: ``coeffs = [0, r, 0, -1]``.
+
+    ``P_bk = sum_d E[r_d(y)^2]`` (``mode="exact"``, through Gaussian moments up to order ``2J``) or
+    ``sum_d r_d(mu_bkd)^2`` (``mode="mean"``).
+    """
+
+    family = "polynomial"
+
+    def __init__(self, coeffs, mode: str = "exact", noise_scale: float = 0.0):
+        coeffs = _as_tensor(coeffs, "coeffs")
+        if coeffs.dim() == 1:
+            coeffs = coeffs.reshape(1, 1, 1, -1)
+        if coeffs.dim() != 4:
+            raise ValueError(f"coeffs must be [B|1, K|1, D|1, J+1] (or [J+1]), got shape {tuple(coeffs.shape)}")
+        if coeffs.shape[-1] < 1:
+            raise ValueError(f"coeffs must hold J+1 >= 1 coefficients (order J >= 0), got shape {tuple(coeffs.shape)}")
+        self.coeffs = coeffs
+        self.mode = _check_mode(mode, _MODES_BUILTIN)
+        self.noise_scale = _check_noise(noise_scale)
+
+    @property
+    def order(self) -> int:
+        return self.coeffs.shape[-1] - 1
+
+    def validate(self, B, K, D):
+        _check_broadcast(self.coeffs, "Polynomial coeffs", (B, K, D, self.coeffs.shape[-1]), "[B|1, K|1, D|1, J+1]")
+
+    def residual(self, y: torch.Tensor) -> torch.Tensor:
+        """``r(y)`` for ``y [B, K, D]``: ``[B, K, D]``."""
+        return _poly_eval(self.coeffs.to(y.dtype), y)
+
+    def penalty(self, means, log_scales):
+        coeffs = self.coeffs.to(means.dtype)
+        if self.mode == "mean":
+            return _poly_eval(coeffs, means).square().sum(-1)
+        var = _component_variance(log_scales, self.noise_scale)
+        return _poly_square_expectation(coeffs, means, var).sum(-1)
+
+
+class Linear(PhysicsSpec):
+    """Linear residual ``r(y) = A y - b`` (conservation laws, Rankine–Hugoniot-type jump conditions,
+    discretized linear operators). ``A``: ``[B|1, K|1, M, D]``, ``b``: ``[B|1, K|1, M]``.
+
+    ``mode="exact"``: ``P = ||A mu - b||^2 + sum_d sigma_d^2 ||A[:, d]||^2``; ``mode="mean"``: ``||A mu - b||^2``.
+    """
+
+    family = "linear"
+
+    def __init__(self, A, b=None, mode: str = "exact", noise_scale: float = 0.0):
+        A = _as_tensor(A, "A")
+        if A.dim() == 2:
+            A = A.reshape(1, 1, *A.shape)
+        if A.dim() != 4:
+            raise ValueError(f"A must be [B|1, K|1, M, D] (or [M, D]), got shape {tuple(A.shape)}")
+        if b is None:
+            b = torch.zeros(A.shape[:-1], dtype=A.dtype, device=A.device)
+        b = _as_tensor(b, "b")
+        if b.dim() == 1:
+            b = b.reshape(1, 1, -1)
+        if b.dim() != 3 or b.shape[-1] != A.shape[-2]:
+            raise ValueError(f"b must be [B|1, K|1, M] with M = {A.shape[-2]} (rows of A), got shape {tuple(b.shape)}")
+        self.A, self.b = A, b
+        self.mode = _check_mode(mode, _MODES_BUILTIN)
+        self.noise_scale = _check_noise(noise_scale)
+
+    def validate(self, B, K, D):
+        M = self.A.shape[-2]
+        _check_broadcast(self.A, "Linear A", (B, K, M, D), "[B|1, K|1, M, D]")
+        _check_broadcast(self.b, "Linear b", (B, K, M), "[B|1, K|1, M]")
+
+    def residual(self, y):
+        return torch.einsum("...md,...d->...m", self.A.to(y.dtype), y) - self.b.to(y.dtype)
+
+    def penalty(self, means, log_scales):
+        A, b = self.A.to(means.dtype), self.b.to(means.dtype)
+        value = (torch.einsum("...md,...d->...m", A, means) - b).square().sum(-1)
+        if self.mode == "exact":
+            var = _component_variance(log_scales, self.noise_scale)
+            value = value + (A.square().sum(-2) * var).sum(-1)
+        return value
+
+
+class Stencil1D(PhysicsSpec):
+    """Steady residual of a 1-D reaction–diffusion field on ``D`` grid points (Allen–Cahn, Schlögl, ...):
+
+    ``r_i(u) = diffusion (u_{i-1} - 2 u_i + u_{i+1}) / spacing^2 + sum_j reaction[..., j] u_i^j``
+
+    with ``boundary="periodic"`` or ``"neumann"`` (mirror ghost points, ``u_{-1} = u_1``).
+    ``diffusion``: float or ``[B|1, K|1]``; ``reaction``: ``[B|1, K|1, J+1]`` (or ``[J+1]``).
+
+    ``mode="exact"`` uses the independence of grid points under a diagonal Gaussian:
+    ``E[r_i^2] = (E r_i)^2 + Var r_i`` with the neighbours' variances and the variance of the polynomial
+    in ``u_i`` from Gaussian moments. ``mode="mean"`` evaluates ``||r(mu)||^2``.
+    """
+
+    family = "stencil"
+
+    def __init__(self, diffusion, reaction, spacing: float = 1.0, boundary: str = "periodic", mode: str = "exact",
+                 noise_scale: float = 0.0):
+        diffusion = _as_tensor(diffusion, "diffusion")
+        if diffusion.dim() == 0:
+            diffusion = diffusion.reshape(1, 1)
+        if diffusion.dim() != 2:
+            raise ValueError(f"diffusion must be a number or [B|1, K|1], got shape {tuple(diffusion.shape)}")
+        reaction = _as_tensor(reaction, "reaction")
+        if reaction.dim() == 1:
+            reaction = reaction.reshape(1, 1, -1)
+        if reaction.dim() != 3 or reaction.shape[-1] < 1:
+            raise ValueError(f"reaction must be [B|1, K|1, J+1] (or [J+1]) with J >= 0, got shape {tuple(reaction.shape)}")
+        spacing = float(spacing)
+        if not (spacing > 0.0 and math.isfinite(spacing)):
+            raise ValueError(f"spacing must be a finite number > 0, got {spacing}")
+        if boundary not in ("periodic", "neumann"):
+            raise ValueError(f"boundary must be 'periodic' or 'neumann', got {boundary!r}")
+        self.diffusion, self.reaction, self.spacing, self.boundary = diffusion, reaction, spacing, boundary
+        self.mode = _check_mode(mode, _MODES_BUILTIN)
+        self.noise_scale = _check_noise(noise_scale)
+
+    def validate(self, B, K, D):
+        _check_broadcast(self.diffusion, "Stencil1D diffusion", (B, K), "[B|1, K|1]")
+        _check_broadcast(self.reaction, "Stencil1D reaction", (B, K, self.reaction.shape[-1]), "[B|1, K|1, J+1]")
+
+    def laplacian(self, D: int, dtype=torch.float64, device=None) -> torch.Tensor:
+        """The ``[D, D]`` second-difference matrix (without ``1/spacing^2``) for this boundary."""
+        L = torch.zeros(D, D, dtype=dtype, device=device)
+        for i in range(D):
+            L[i, i] -= 2.0
+            for j in (i - 1, i + 1):
+                if self.boundary == "periodic":
+                    j %= D
+                else:  # mirror: u_{-1} = u_1, u_D = u_{D-2}; D = 1 has no neighbours to differ from
+                    j = -j if j < 0 else (2 * (D - 1) - j if j >= D else j)
+                    j = min(max(j, 0), D - 1)
+                L[i, j] += 1.0
+        return L
+
+    def residual(self, y):
+        L = self.laplacian(y.shape[-1], y.dtype, y.device)
+        a = self.diffusion.to(y.dtype)[..., None] / self.spacing**2
+        return a * (y @ L.T) + _poly_eval(self.reaction.to(y.dtype)[..., None, :], y)
+
+    def penalty(self, means, log_scales):
+        D = means.shape[-1]
+        L = self.laplacian(D, means.dtype, means.device)
+        a = self.diffusion.to(means.dtype)[..., None] / self.spacing**2  # [B|1, K|1, 1]
+        c = self.reaction.to(means.dtype)[..., None, :].expand(*torch.broadcast_shapes(
+            a.shape[:-1], self.reaction.shape[:-1]), D, self.reaction.shape[-1])  # [.., .., D, J+1]
+        if self.mode == "mean":
+            return (a * (means @ L.T) + _poly_eval(c, means)).square().sum(-1)
+        var = _component_variance(log_scales, self.noise_scale)
+        diag = torch.diagonal(L)
+        off = L - torch.diag(diag)
+        # polynomial in u_i alone: reaction plus the stencil's own-point term a * L_ii * u_i
+        J = c.shape[-1] - 1
+        own = torch.zeros(*c.shape[:-1], max(J, 1) + 1, dtype=c.dtype, device=c.device)
+        own[..., : J + 1] += c
+        own = own + 0 * a[..., None]  # broadcast to a's batch shape
+        own[..., 1] = own[..., 1] + a * diag
+        neighbour_mean = a * (means @ off.T)
+        neighbour_var = a.square() * (var @ off.square().T)
+        own_mean = _poly_mean_expectation(own, means, var)
+        own_var = _poly_square_expectation(own, means, var) - own_mean.square()
+        return ((neighbour_mean + own_mean).square() + neighbour_var + own_var).sum(-1)
+
+
+class Stability(PhysicsSpec):
+    """Linear-stability prior: the Jacobian ``f'(y) = sum_j derivative_coeffs[..., j] y^j`` of the dynamics must
+    be negative at each component mean: ``P_bk = sum_d relu(f'(mu_bkd) + margin)^2``.
+
+    Pitchfork ``f = r y - y^3``: ``derivative_coeffs = [r, 0, -3]`` (shape ``[B|1, K|1, D|1, J+1]``); this keeps
+    components off the unstable branch ``y = 0`` for ``r > 0``, where the equilibrium residual alone is zero.
+    """
+
+    family = "stability"
+    mode = "mean"
+
+    def __init__(self, derivative_coeffs, margin: float = 0.0):
+        coeffs = _as_tensor(derivative_coeffs, "derivative_coeffs")
+        if coeffs.dim() == 1:
+            coeffs = coeffs.reshape(1, 1, 1, -1)
+        if coeffs.dim() != 4 or coeffs.shape[-1] < 1:
+            raise ValueError(f"derivative_coeffs must be [B|1, K|1, D|1, J+1] (or [J+1]), got shape {tuple(coeffs.shape)}")
+        self.coeffs, self.margin = coeffs, float(margin)
+
+    def validate(self, B, K, D):
+        _check_broadcast(self.coeffs, "Stability derivative_coeffs", (B, K, D, self.coeffs.shape[-1]), "[B|1, K|1, D|1, J+1]")
+
+    def penalty(self, means, log_scales):
+        slope = _poly_eval(self.coeffs.to(means.dtype), means)
+        return F.relu(slope + self.margin).square().sum(-1)
+
+
+class Monotonic(PhysicsSpec):
+    """Monotonicity of each component's mean in one context variable:
+    ``P_bk = relu(-s * d mu_bk[output] / d x_b[dim])^2`` with ``s = +1`` (increasing) or ``-1``.
+
+    ``context`` is the ``[B, C]`` tensor the means were computed from; it must require grad before the model
+    runs (``x.requires_grad_(True)``). Derivatives come from autograd (one backward per component, K is small)
+    with ``create_graph=True`` so the penalty trains the network.
+    """
+
+    family = "monotonic"
+    mode = "mean"
+
+    def __init__(self, context: torch.Tensor, dim: int = 0, output: int = 0, increasing: bool = True):
+        if not isinstance(context, torch.Tensor) or context.dim() != 2:
+            raise ValueError(f"context must be a [B, C] tensor, got {getattr(context, 'shape', type(context))}")
+        if not 0 <= dim < context.shape[1]:
+            raise ValueError(f"dim must index a context column in [0, {context.shape[1]}), got {dim}")
+        self.context, self.dim, self.output, self.sign = context, int(dim), int(output), 1.0 if increasing else -1.0
+
+    def validate(self, B, K, D):
+        if self.context.shape[0] != B:
+            raise ValueError(f"Monotonic context must be [B, C] with B = {B}, got shape {tuple(self.context.shape)}")
+        if not 0 <= self.output < D:
+            raise ValueError(f"Monotonic output must be in [0, {D}), got {self.output}")
+        if not self.context.requires_grad:
+            raise ValueError("Monotonic context must require grad (call context.requires_grad_(True) before the model)")
+
+    def penalty(self, means, log_scales):
+        K = means.shape[1]
+        slopes = []
+        for k in range(K):
+            (grad,) = torch.autograd.grad(means[:, k, self.output].sum(), self.context, create_graph=True,
+                                          allow_unused=True)
+            if grad is None:
+                grad = torch.zeros_like(self.context)
+            slopes.append(grad[:, self.dim])
+        slope = torch.stack(slopes, dim=1)
+        return F.relu(-self.sign * slope).square()
+
+
+class Bounds(PhysicsSpec):
+    """Bounds on outputs, ``lower <= y <= upper`` (either may be None), broadcastable to ``[B, K, D]``.
+
+    ``mode="mean"``: ``relu(mu - upper)^2 + relu(lower - mu)^2``; ``mode="exact"``: the Gaussian expectation
+    ``E[relu(y - upper)^2] = (m^2 + s^2) Phi(m/s) + m s phi(m/s)``, ``m = mu - upper`` (and likewise below).
+    """
+
+    family = "bounds"
+
+    def __init__(self, lower=None, upper=None, mode: str = "mean"):
+        if lower is None and upper is None:
+            raise ValueError("Bounds needs lower, upper or both, got neither")
+        self.lower = None if lower is None else _as_tensor(lower, "lower")
+        self.upper = None if upper is None else _as_tensor(upper, "upper")
+        self.mode = _check_mode(mode, _MODES_BUILTIN)
+
+    @staticmethod
+    def _excess(m: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor:
+        if not exact:
+            return F.relu(m).square()
+        t = m / s
+        cdf = 0.5 * torch.special.erfc(-t / math.sqrt(2.0))
+        pdf = torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
+        return (m * m + s * s) * cdf + m * s * pdf
+
+    def penalty(self, means, log_scales):
+        exact = self.mode == "exact"
+        s = torch.exp(log_scales)
+        value = torch.zeros_like(means)
+        if self.upper is not None:
+            value = value + self._excess(means - self.upper.to(means), s, exact)
+        if self.lower is not None:
+            value = value + self._excess(self.lower.to(means) - means, s, exact)
+        return value.sum(-1)
+
+
+class Residual(PhysicsSpec):
+    """Any residual written in torch: ``fn(y, context) -> r``.
+
+    ``y`` has shape ``[B, K, S, D]`` (``S`` evaluation points per component) and ``context`` is passed as
+    ``[B, 1, 1, C]`` (broadcastable); ``fn`` returns ``[B, K, S, M]`` (or ``[B, K, S]`` for ``M = 1``).
+
+    ``mode``: ``"point"`` (``S = 1``, ``y = mu``), ``"sigma"`` (``2D + 1`` unscented sigma points
+    ``mu, mu +- sqrt(D + kappa) sigma_d e_d`` with ``kappa = max(3 - D, 0)``; exact for residuals of degree
+    <= 1 and for the 4th moment in D = 1) or ``"mc"`` (``samples`` reparameterized draws).
+    """
+
+    family = "residual"
+
+    def __init__(self, fn: Callable, context: torch.Tensor | None = None, mode: str = "sigma", samples: int = 16,
+                 generator: torch.Generator | None = None):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable as fn(y, context) -> r, got {type(fn).__name__}")
+        self.fn, self.context = fn, context
+        self.mode = _check_mode(mode, ("point", "sigma", "mc"))
+        if int(samples) < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        self.samples, self.generator = int(samples), generator
+
+    def validate(self, B, K, D):
+        if self.context is not None and self.context.shape[0] != B:
+            raise ValueError(f"Residual context must have B = {B} rows, got shape {tuple(self.context.shape)}")
+
+    def _points(self, means, log_scales):
+        """Evaluation points ``[B, K, S, D]`` and weights ``[S]``."""
+        if self.mode == "point":
+            return means.unsqueeze(2), means.new_ones(1)
+        sigma = torch.exp(log_scales)
+        D = means.shape[-1]
+        if self.mode == "sigma":
+            kappa = max(3.0 - D, 0.0)
+            spread = math.sqrt(D + kappa)
+            eye = torch.eye(D, dtype=means.dtype, device=means.device)
+            offsets = spread * sigma.unsqueeze(2) * eye  # [B, K, D, D]
+            points = torch.cat([means.unsqueeze(2), means.unsqueeze(2) + offsets, means.unsqueeze(2) - offsets], dim=2)
+            weights = means.new_full((2 * D + 1,), 0.5 / (D + kappa))
+            weights[0] = kappa / (D + kappa)
+            return points, weights
+        eps = torch.randn((*means.shape[:2], self.samples, D), dtype=means.dtype, device=means.device,
+                          generator=self.generator)
+        return means.unsqueeze(2) + sigma.unsqueeze(2) * eps, means.new_full((self.samples,), 1.0 / self.samples)
+
+    def penalty(self, means, log_scales):
+        points, weights = self._points(means, log_scales)
+        ctx = None if self.context is None else self.context.to(means.dtype)[:, None, None, :]
+        r = self.fn(points, ctx)
+        if r.dim() == 3:
+            r = r.unsqueeze(-1)
+        if r.shape[:3] != points.shape[:3]:
+            raise ValueError(f"Residual fn must return [B, K, S, M] = {tuple(points.shape[:3])} + [M], got {tuple(r.shape)}")
+        return (r.square().sum(-1) * weights).sum(-1)
+
+
+# ----- the loss -------------------------------------------------------------------------------------
+
+def _normalize_physics(physics) -> list[tuple[PhysicsSpec, float]]:
+    if physics is None:
+        return []
+    if isinstance(physics, PhysicsSpec):
+        return [(physics, 1.0)]
+    items = []
+    for item in physics:
+        if isinstance(item, PhysicsSpec):
+            items.append((item, 1.0))
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], PhysicsSpec):
+            items.append((item[0], float(item[1])))
+        else:
+            raise TypeError(f"physics must be a PhysicsSpec or a list of PhysicsSpec / (PhysicsSpec, weight), got item {item!r}")
+    return items
+
+
+def physics_penalty(logits, means, log_scales, physics) -> torch.Tensor:
+    """Per-sample mixture-weighted penalty ``sum_k pi_bk sum_s w_s P^s_bk``: ``[B]`` (plain torch)."""
+    items = _normalize_physics(physics)
+    B, K, D = means.shape
+    total = means.new_zeros(B, K)
+    for spec, w in items:
+        spec.validate(B, K, D)
+        total = total + w * spec.penalty(means, log_scales)
+    return (torch.softmax(logits, dim=-1) * total).sum(-1)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.0, reduction: str = "mean"):
+    """Mixture NLL plus mixture-weighted physics penalties:
+
+    ``loss_b = NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk``,  ``pi = softmax(logits)``.
+
+    Args:
+        logits ``[B, K]``, means ``[B, K, D]``, log_scales ``[B, K, D]``, target ``[B, D]``.
+        physics: None, a :class:`PhysicsSpec`, or a list of specs / ``(spec, weight)`` pairs, bound to this batch.
+        weight: the global physics weight ``lambda``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]``).
+    """
+    check_mixture_inputs(logits, means, log_scales, target)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    items = _normalize_physics(physics)
+    if not items or weight == 0.0:
+        return _reduce(mixture_nll(logits, means, log_scales, target), reduction)
+    from ._fused import fused_mdn_loss  # the fused kernels; they fall back to the references per spec
+
+    return _reduce(fused_mdn_loss(logits, means, log_scales, target, items, float(weight)), reduction)
