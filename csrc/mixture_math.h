@@ -2,7 +2,7 @@
 // (csrc/cpu/kernels.cpp) and the CUDA kernels (csrc/cuda/kernels.cu).
 //
 //   loss_b = -log sum_k softmax(logits_b)_k N(target_b | means_bk, diag(exp(log_scales_bk))^2)
-//          = LSE_k(logits_bk) - LSE_k(logits_bk + log N_bk)
+//          = -LSE_k(log pi_bk + log N_bk),  log pi_bk = logits_bk - LSE_j(logits_bj)
 //   log N_bk = sum_d [-z^2/2 - log_scale_bkd] - D log(2 pi)/2,  z = (y_d - mu_bkd) exp(-log_scale_bkd)
 //
 // Gradients (gamma = responsibilities, pi = softmax(logits), g = upstream gradient):
@@ -21,6 +21,8 @@
 
 namespace physmdn::math {
 
+// Per-sample state the forward saves for backward (see mixture_nll_sample).
+constexpr int kSavedPerSample = 3;
 constexpr double kHalfLog2Pi = 0.91893853320467274178032973640562;
 
 PHYSMDN_HD float exp_(float x) {
@@ -103,36 +105,48 @@ PHYSMDN_HD acc_t component_log_density(const MixtureView<scalar_t>& v, int64_t b
   return acc - static_cast<acc_t>(v.D) * static_cast<acc_t>(kHalfLog2Pi);
 }
 
-// Forward for one sample: returns loss, writes LSE(logits) and LSE(logits + log N) for backward.
+// Log mixture weights are formed as (logit - max_logit) - log(sum_j exp(logit_j - max_logit)): with logits
+// near +-1e4 both differences are exact in float32, whereas logit + log N or logit - LSE would round to the
+// logits' ulp (~1e-3).
 template <typename acc_t, typename scalar_t>
-PHYSMDN_HD acc_t mixture_nll_sample(const MixtureView<scalar_t>& v, int64_t b, acc_t* lse_logits, acc_t* lse_joint) {
-  OnlineLSE<acc_t> prior, joint;
+PHYSMDN_HD void logits_norm(const MixtureView<scalar_t>& v, int64_t b, acc_t* max_logit, acc_t* log_sum) {
+  OnlineLSE<acc_t> prior;
+  const scalar_t* lg = v.logits + b * v.logits_sb;
+  for (int64_t k = 0; k < v.K; ++k) prior.add(static_cast<acc_t>(lg[k * v.logits_sk]));
+  *max_logit = prior.max;
+  *log_sum = log_(prior.sum);
+}
+
+// Forward for one sample: returns the loss and writes the saved state for backward:
+// saved[0] = max logit, saved[1] = log sum exp(logit - max), saved[2] = LSE_k(log pi_k + log N_k) (= -loss).
+template <typename acc_t, typename scalar_t>
+PHYSMDN_HD acc_t mixture_nll_sample(const MixtureView<scalar_t>& v, int64_t b, acc_t* saved) {
+  logits_norm<acc_t>(v, b, saved, saved + 1);
+  OnlineLSE<acc_t> joint;
   const scalar_t* lg = v.logits + b * v.logits_sb;
   for (int64_t k = 0; k < v.K; ++k) {
-    const acc_t logit = static_cast<acc_t>(lg[k * v.logits_sk]);
-    prior.add(logit);
-    joint.add(logit + component_log_density<acc_t>(v, b, k));
+    const acc_t log_pi = (static_cast<acc_t>(lg[k * v.logits_sk]) - saved[0]) - saved[1];
+    joint.add(log_pi + component_log_density<acc_t>(v, b, k));
   }
-  *lse_logits = prior.value();
-  *lse_joint = joint.value();
-  return *lse_logits - *lse_joint;
+  saved[2] = joint.value();
+  return -saved[2];
 }
 
 // Backward for one sample. Gradients are written in acc_t (the op casts reduced dtypes afterwards) to
 // contiguous grad_logits [K], grad_means / grad_log_scales [K, D], grad_target [D].
 // `g` is the upstream gradient of this sample's loss.
 template <typename acc_t, typename scalar_t>
-PHYSMDN_HD void mixture_nll_sample_backward(const MixtureView<scalar_t>& v, int64_t b, acc_t g, acc_t lse_logits,
-                                            acc_t lse_joint, acc_t* grad_logits, acc_t* grad_means,
+PHYSMDN_HD void mixture_nll_sample_backward(const MixtureView<scalar_t>& v, int64_t b, acc_t g, const acc_t* saved,
+                                            acc_t* grad_logits, acc_t* grad_means,
                                             acc_t* grad_log_scales, acc_t* grad_target) {
   const scalar_t* lg = v.logits + b * v.logits_sb;
   const scalar_t* y = v.target + b * v.target_sb;
   for (int64_t d = 0; d < v.D; ++d) grad_target[d] = acc_t(0);
   for (int64_t k = 0; k < v.K; ++k) {
-    const acc_t logit = static_cast<acc_t>(lg[k * v.logits_sk]);
+    const acc_t log_pi = (static_cast<acc_t>(lg[k * v.logits_sk]) - saved[0]) - saved[1];
     const acc_t log_n = component_log_density<acc_t>(v, b, k);
-    const acc_t gamma = exp_(logit + log_n - lse_joint);
-    const acc_t pi = exp_(logit - lse_logits);
+    const acc_t gamma = exp_(log_pi + log_n - saved[2]);
+    const acc_t pi = exp_(log_pi);
     grad_logits[k] = g * (pi - gamma);
     const acc_t c = -g * gamma;
     const scalar_t* mu = v.means + b * v.means_sb + k * v.means_sk;

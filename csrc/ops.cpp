@@ -11,6 +11,7 @@
 
 #include "checks.h"
 #include "cpu/kernels.h"
+#include "mixture_math.h"
 
 namespace physmdn {
 
@@ -69,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_nll_fwd_cpu(const at::Tensor& logits,
   TORCH_CHECK(means.device().is_cpu(), "means must be a CPU tensor for the CPU kernel, got ", means.device());
   const auto B = means.size(0);
   auto loss = at::empty({B}, means.options());
-  auto lse = at::empty({B, 2}, means.options().dtype(acc_dtype(means.scalar_type())));
+  auto lse = at::empty({B, math::kSavedPerSample}, means.options().dtype(acc_dtype(means.scalar_type())));
   if (B > 0) PHYSMDN_CPU_CALL(mixture_nll_forward, logits, means, log_scales, target, loss, lse);
   return {loss, lse};
 }
@@ -84,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_bwd_cpu(
   TORCH_CHECK(grad_loss.scalar_type() == means.scalar_type(), "grad_loss must have dtype ", means.scalar_type(),
               ", got ", grad_loss.scalar_type());
   const auto acc = acc_dtype(means.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == 2 && lse.scalar_type() == acc && lse.is_contiguous(),
-              "lse must be a contiguous [B, 2] ", acc, " tensor from mixture_nll_fwd, got ", lse.sizes(), " ",
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == math::kSavedPerSample && lse.scalar_type() == acc && lse.is_contiguous(),
+              "lse must be a contiguous [B, 3] ", acc, " tensor from mixture_nll_fwd, got ", lse.sizes(), " ",
               lse.scalar_type());
   auto opts = means.options().dtype(acc);
   auto grad_logits = at::empty({B, K}, opts);

@@ -14,6 +14,7 @@
 
 namespace physmdn::cpu::PHYSMDN_CPU_ISA {
 namespace {
+constexpr int64_t kSaved = math::kSavedPerSample;
 
 template <typename scalar_t>
 math::MixtureView<scalar_t> make_view(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
@@ -53,7 +54,7 @@ void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, cons
     acc_t* lse_ptr = lse.data_ptr<acc_t>();
     at::parallel_for(0, B, grain_size(v.K, v.D), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        loss_ptr[b] = static_cast<scalar_t>(math::mixture_nll_sample<acc_t>(v, b, lse_ptr + 2 * b, lse_ptr + 2 * b + 1));
+        loss_ptr[b] = static_cast<scalar_t>(math::mixture_nll_sample<acc_t>(v, b, lse_ptr + kSaved * b));
       }
     });
   });
@@ -77,8 +78,8 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
     const int64_t K = v.K, D = v.D;
     at::parallel_for(0, B, grain_size(K, D), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        math::mixture_nll_sample_backward<acc_t>(v, b, static_cast<acc_t>(g_ptr[b * g_stride]), lse_ptr[2 * b],
-                                                 lse_ptr[2 * b + 1], gl + b * K, gm + b * K * D, gs + b * K * D,
+        math::mixture_nll_sample_backward<acc_t>(v, b, static_cast<acc_t>(g_ptr[b * g_stride]),
+                                                 lse_ptr + kSaved * b, gl + b * K, gm + b * K * D, gs + b * K * D,
                                                  gt + b * D);
       }
     });

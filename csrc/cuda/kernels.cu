@@ -44,10 +44,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void mixture_nll_fwd_kernel(math::MixtureView<scalar_t> v, int64_t B, scalar_t* loss, acc_t* lse) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
-  acc_t lse_logits, lse_joint;
-  loss[b] = static_cast<scalar_t>(math::mixture_nll_sample<acc_t>(v, b, &lse_logits, &lse_joint));
-  lse[2 * b] = lse_logits;
-  lse[2 * b + 1] = lse_joint;
+  acc_t saved[math::kSavedPerSample];
+  loss[b] = static_cast<scalar_t>(math::mixture_nll_sample<acc_t>(v, b, saved));
+  for (int i = 0; i < math::kSavedPerSample; ++i) lse[math::kSavedPerSample * b + i] = saved[i];
 }
 
 template <typename scalar_t, typename acc_t>
@@ -57,8 +56,8 @@ __global__ void mixture_nll_bwd_kernel(math::MixtureView<scalar_t> v, int64_t B,
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
   const int64_t K = v.K, D = v.D;
-  math::mixture_nll_sample_backward<acc_t>(v, b, static_cast<acc_t>(grad_loss[b * grad_stride]), lse[2 * b],
-                                           lse[2 * b + 1], gl + b * K, gm + b * K * D, gs + b * K * D, gt + b * D);
+  math::mixture_nll_sample_backward<acc_t>(v, b, static_cast<acc_t>(grad_loss[b * grad_stride]),
+                                           lse + math::kSavedPerSample * b, gl + b * K, gm + b * K * D, gs + b * K * D, gt + b * D);
 }
 
 at::ScalarType acc_dtype(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t; }
@@ -71,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_nll_fwd_cuda(const at::Tensor& logits
   const c10::cuda::CUDAGuard guard(means.device());
   const auto B = means.size(0);
   auto loss = at::empty({B}, means.options());
-  auto lse = at::empty({B, 2}, means.options().dtype(acc_dtype(means.scalar_type())));
+  auto lse = at::empty({B, math::kSavedPerSample}, means.options().dtype(acc_dtype(means.scalar_type())));
   if (B == 0) return {loss, lse};
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_fwd_cuda", [&] {
@@ -93,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_bwd_cuda(
                   grad_loss.device() == means.device(),
               "grad_loss must be [B] = [", B, "] with the dtype and device of means, got ", grad_loss.sizes());
   const auto acc = acc_dtype(means.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == 2 && lse.scalar_type() == acc && lse.is_contiguous(),
-              "lse must be a contiguous [B, 2] ", acc, " tensor from mixture_nll_fwd, got ", lse.sizes());
+  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == math::kSavedPerSample && lse.scalar_type() == acc && lse.is_contiguous(),
+              "lse must be a contiguous [B, 3] ", acc, " tensor from mixture_nll_fwd, got ", lse.sizes());
   auto opts = means.options().dtype(acc);
   auto grad_logits = at::empty({B, K}, opts);
   auto grad_means = at::empty({B, K, D}, opts);

@@ -52,7 +52,7 @@ def check_mixture_inputs(logits, means, log_scales, target) -> None:
 def _mixture_nll_fwd_fake(logits, means, log_scales, target):
     check_mixture_inputs(logits, means, log_scales, target)
     B = means.shape[0]
-    return means.new_empty((B,)), means.new_empty((B, 2), dtype=acc_dtype(means.dtype))
+    return means.new_empty((B,)), means.new_empty((B, 3), dtype=acc_dtype(means.dtype))
 
 
 @torch.library.register_fake("physmdn::mixture_nll_bwd")

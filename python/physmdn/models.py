@@ -1,0 +1,398 @@
+"""Conditional density models: a mixture density network (:class:`MDN`) and a conditional flow-matching model (:class:`CFM`).
+
+Both map a context ``x [B, in_features]`` to a distribution over outcomes ``y [out_features]`` and keep
+
+* ``config``: a plain dict of constructor arguments; ``build_model(type(m).__name__, m.config)`` rebuilds the
+  architecture (checkpoints store it, see :func:`physmdn.training.load`);
+* standardization buffers ``x_loc, x_scale [in_features]`` and ``y_loc, y_scale [out_features]`` (identity until
+  :meth:`set_normalization` is called, which ``physmdn.training.fit(normalize=True)`` does once). Inputs and
+  outputs of the public methods are always in the data's own (physical) units; the networks see standardized ones.
+
+Layering: imports ops, distributions and transport, never training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .distributions import GaussianMixture
+from .transport import ot_coupling
+
+__all__ = ["MDN", "CFM", "build_model", "register_model", "MODELS", "mlp", "ACTIVATIONS"]
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU,
+    "softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU, "mish": nn.Mish,
+}
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_positive(value, name: str, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
+    return float(value)
+
+
+def _check_hidden(hidden) -> list[int]:
+    if isinstance(hidden, int):
+        hidden = (hidden,)
+    if not isinstance(hidden, Sequence) or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden):
+        raise ValueError(f"hidden must be a sequence of integers >= 1 (layer widths), got {hidden!r}")
+    return [int(h) for h in hidden]
+
+
+def _check_activation(activation) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return activation
+
+
+def mlp(in_features: int, hidden: Sequence[int], out_features: int | None = None, activation: str = "silu",
+        dropout: float = 0.0) -> nn.Sequential:
+    """``Linear -> act (-> Dropout)`` per hidden width, then an optional final ``Linear(hidden[-1], out_features)``."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+        if dropout > 0.0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    if out_features is not None:
+        layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+def _mean_centers(components: int, dim: int) -> torch.Tensor:
+    """``[K, D]`` well-spread points in ``[-1, 1]^D``: bin midpoints for ``D = 1``, a centred scrambled Sobol set
+    (fixed seed, independent of the global RNG) otherwise."""
+    if dim == 1:
+        return torch.linspace(-1.0 + 1.0 / components, 1.0 - 1.0 / components, components).unsqueeze(-1)
+    points = torch.quasirandom.SobolEngine(dim, scramble=True, seed=0).draw(components).double() * 2.0 - 1.0
+    points = points - points.mean(0, keepdim=True)
+    return points.clamp(-1.0, 1.0).float()
+
+
+class _ConditionalModel(nn.Module):
+    """Shared pieces: standardization buffers, input checks, ``config``."""
+
+    in_features: int
+    out_features: int
+
+    def _init_normalization(self, in_features: int, out_features: int) -> None:
+        self.register_buffer("x_loc", torch.zeros(in_features))
+        self.register_buffer("x_scale", torch.ones(in_features))
+        self.register_buffer("y_loc", torch.zeros(out_features))
+        self.register_buffer("y_scale", torch.ones(out_features))
+        self.register_buffer("normalization_set", torch.tensor(False))
+
+    @torch.no_grad()
+    def set_normalization(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
+        """Standardize inputs/outputs with the column means and standard deviations of ``x [N, in_features]``
+        and ``y [N, out_features]`` (constant columns get scale 1)."""
+        for data, name, loc, scale, width in ((x, "x", self.x_loc, self.x_scale, self.in_features),
+                                              (y, "y", self.y_loc, self.y_scale, self.out_features)):
+            if data is None:
+                continue
+            if data.dim() != 2 or data.shape[1] != width or data.shape[0] < 1:
+                raise ValueError(f"{name} must be [N >= 1, {width}] to set the normalization, got shape {tuple(data.shape)}")
+            data = data.detach().double()
+            mean, std = data.mean(0), data.std(0, unbiased=False)
+            std = torch.where(std > 1e-12 * (1.0 + mean.abs()), std, torch.ones_like(std))
+            loc.copy_(mean)
+            scale.copy_(std)
+        self.normalization_set.fill_(True)
+
+    def _param_dtype(self) -> torch.dtype:
+        return self.x_loc.dtype
+
+    def _check_context(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"{name} must be [B, in_features] = [B, {self.in_features}], got shape {tuple(x.shape)}")
+        return x.to(self._param_dtype())
+
+    def _check_outcome(self, y: torch.Tensor, rows: int, name: str = "y") -> torch.Tensor:
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(y).__name__}")
+        if y.dim() != 2 or tuple(y.shape) != (rows, self.out_features):
+            raise ValueError(f"{name} must be [B, out_features] = {(rows, self.out_features)}, got shape {tuple(y.shape)}")
+        return y.to(self._param_dtype())
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+class MDN(_ConditionalModel):
+    """Mixture density network: an MLP trunk and three linear heads give a :class:`GaussianMixture`.
+
+    ``h = trunk((x - x_loc) / x_scale)``; ``logits = W_pi h + b_pi`` ``[B, K]``;
+    ``mu = y_loc + y_scale * (W_mu h + b_mu)`` ``[B, K, D]``;
+    ``log sigma = l + softplus(log(y_scale) + W_s h + b_s - l)`` ``[B, K, D]`` with ``l = log(min_scale)``: a
+    smooth ``max`` that keeps every scale above ``min_scale`` (in the units of ``y``) and is the identity far above.
+
+    Initialization keeps every component alive at step 0: ``W_pi`` small and ``b_pi = 0`` (near-uniform weights),
+    ``b_mu`` spread over ``[-mean_spread, mean_spread]^D`` quasi-randomly (evenly for ``D = 1``) with small
+    ``W_mu``, and ``b_s = log(init_scale)`` (default ``K^(-1/D)``, the spacing of the centres), all in
+    standardized units of ``y``.
+
+    Args:
+        in_features: context width ``C``.
+        out_features: outcome width ``D``.
+        components: number of mixture components ``K >= 1``.
+        hidden: trunk widths. activation: one of :data:`ACTIVATIONS`. dropout: after each trunk activation.
+        min_scale: lower bound of every ``sigma``. init_scale, mean_spread: see above.
+
+    ``forward(x [B, C]) -> GaussianMixture`` with parameters in the model's dtype (float32 by default, also under
+    bf16 autocast: the heads' outputs are cast back so the likelihood is evaluated in full precision).
+    """
+
+    def __init__(self, in_features: int, out_features: int, components: int, hidden: Sequence[int] = (64, 64),
+                 activation: str = "silu", min_scale: float = 1e-4, init_scale: float | None = None,
+                 mean_spread: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        self.in_features = _check_int(in_features, "in_features", 1)
+        self.out_features = _check_int(out_features, "out_features", 1)
+        self.components = _check_int(components, "components", 1)
+        hidden = _check_hidden(hidden)
+        activation = _check_activation(activation)
+        min_scale = _check_positive(min_scale, "min_scale")
+        if init_scale is None:
+            init_scale = float(components) ** (-1.0 / out_features)
+        init_scale = _check_positive(init_scale, "init_scale")
+        mean_spread = _check_positive(mean_spread, "mean_spread", allow_zero=True)
+        dropout = _check_positive(dropout, "dropout", allow_zero=True)
+        if dropout >= 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.config = dict(in_features=in_features, out_features=out_features, components=components, hidden=hidden,
+                           activation=activation, min_scale=min_scale, init_scale=init_scale, mean_spread=mean_spread,
+                           dropout=dropout)
+        self._init_normalization(in_features, out_features)
+        K, D = components, out_features
+        self.trunk = mlp(in_features, hidden, None, activation, dropout)
+        width = hidden[-1] if hidden else in_features
+        self.logits_head = nn.Linear(width, K)
+        self.means_head = nn.Linear(width, K * D)
+        self.scales_head = nn.Linear(width, K * D)
+        self.log_min_scale = math.log(min_scale)
+        with torch.no_grad():
+            self.logits_head.weight.mul_(0.1)
+            self.logits_head.bias.zero_()
+            self.means_head.weight.mul_(0.1)
+            self.means_head.bias.copy_((mean_spread * _mean_centers(K, D)).reshape(-1))
+            self.scales_head.weight.mul_(0.1)
+            self.scales_head.bias.fill_(math.log(init_scale))
+
+    def forward(self, x: torch.Tensor) -> GaussianMixture:
+        x = self._check_context(x, "x")
+        dtype = x.dtype
+        B, K, D = x.shape[0], self.components, self.out_features
+        h = self.trunk((x - self.x_loc) / self.x_scale)
+        logits = self.logits_head(h).to(dtype)
+        means = self.y_loc + self.y_scale * self.means_head(h).to(dtype).view(B, K, D)
+        raw = torch.log(self.y_scale) + self.scales_head(h).to(dtype).view(B, K, D)
+        log_scales = self.log_min_scale + F.softplus(raw - self.log_min_scale)
+        return GaussianMixture(logits, means, log_scales)
+
+
+class CFM(_ConditionalModel):
+    """Conditional flow matching: a velocity field ``v(x_t, t, context)`` transports ``N(0, I)`` to ``p(y | context)``.
+
+    Probability path (in standardized ``y`` units): ``x_t = (1 - t) x0 + t x1 + sigma_min eps``, target velocity
+    ``u = x1 - x0``; loss ``E_t ||v(x_t, t, c) - u||^2`` (mean over batch and dimensions). ``x0 ~ N(0, I)`` is paired
+    with the data ``x1`` independently (``coupling="independent"``, I-CFM) or by minibatch optimal transport
+    (``coupling="ot"``, see :func:`physmdn.transport.ot_coupling`: exact Hungarian on the CPU for batches up to
+    ``ot_exact_max``, Sinkhorn on the model's device beyond; ``ot_context_weight`` adds a context term to the cost).
+
+    Network: MLP on ``[x_t, t, sin(2 pi f t), cos(2 pi f t), (context - x_loc) / x_scale]`` with
+    ``time_features // 2`` frequencies ``f`` geometric in ``[1, time_max_frequency]``.
+
+    Physics guidance (:meth:`loss` with ``residual``): the one-step endpoint estimate
+    ``x1_hat = x_t + (1 - t) v`` (exact for straight paths) is mapped to physical units and penalized by
+    ``physics_weight * mean_b w(t_b) ||residual(x1_hat_b, context_b)||^2``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, hidden: Sequence[int] = (128, 128, 128),
+                 activation: str = "silu", time_features: int = 16, time_max_frequency: float = 8.0,
+                 coupling: str = "independent", sigma_min: float = 0.0, ot_exact_max: int = 256,
+                 ot_epsilon: float = 0.05, ot_iterations: int = 100, ot_context_weight: float = 0.0):
+        super().__init__()
+        self.in_features = _check_int(in_features, "in_features", 1)
+        self.out_features = _check_int(out_features, "out_features", 1)
+        hidden = _check_hidden(hidden)
+        activation = _check_activation(activation)
+        time_features = _check_int(time_features, "time_features", 0)
+        if time_features % 2:
+            raise ValueError(f"time_features must be even (sin and cos per frequency), got {time_features}")
+        time_max_frequency = _check_positive(time_max_frequency, "time_max_frequency")
+        if coupling not in ("independent", "ot"):
+            raise ValueError(f"coupling must be 'independent' or 'ot', got {coupling!r}")
+        sigma_min = _check_positive(sigma_min, "sigma_min", allow_zero=True)
+        ot_exact_max = _check_int(ot_exact_max, "ot_exact_max", 0)
+        ot_epsilon = _check_positive(ot_epsilon, "ot_epsilon")
+        ot_iterations = _check_int(ot_iterations, "ot_iterations", 1)
+        ot_context_weight = _check_positive(ot_context_weight, "ot_context_weight", allow_zero=True)
+        self.config = dict(in_features=in_features, out_features=out_features, hidden=hidden, activation=activation,
+                           time_features=time_features, time_max_frequency=time_max_frequency, coupling=coupling,
+                           sigma_min=sigma_min, ot_exact_max=ot_exact_max, ot_epsilon=ot_epsilon,
+                           ot_iterations=ot_iterations, ot_context_weight=ot_context_weight)
+        self.coupling = coupling
+        self._init_normalization(in_features, out_features)
+        n_freq = time_features // 2
+        freqs = torch.exp(torch.linspace(0.0, math.log(time_max_frequency), n_freq)) if n_freq else torch.zeros(0)
+        self.register_buffer("time_frequencies", freqs)
+        self.net = mlp(out_features + 1 + time_features + in_features, hidden, out_features, activation)
+        with torch.no_grad():  # a small initial field: the flow starts close to the identity map
+            self.net[-1].weight.mul_(0.1)
+            self.net[-1].bias.zero_()
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """``[t, sin(2 pi f t), cos(2 pi f t)]``: ``[N, 1 + time_features]`` for ``t [N]``."""
+        angle = 2.0 * math.pi * t.unsqueeze(-1) * self.time_frequencies
+        return torch.cat([t.unsqueeze(-1), torch.sin(angle), torch.cos(angle)], dim=-1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        """Velocity ``v [N, D]`` at state ``x_t [N, D]`` (standardized ``y`` units), time ``t`` (``[N]``, ``[N, 1]``
+        or a number in ``[0, 1]``) and ``context [N, C]`` (physical units)."""
+        context = self._check_context(context, "context")
+        N, dtype = context.shape[0], context.dtype
+        if not isinstance(x_t, torch.Tensor) or tuple(x_t.shape) != (N, self.out_features):
+            raise ValueError(f"x_t must be [N, out_features] = {(N, self.out_features)} (N from context), "
+                             f"got shape {tuple(getattr(x_t, 'shape', ()))}")
+        t = torch.as_tensor(t, dtype=dtype, device=context.device)
+        if t.dim() == 2 and t.shape[1] == 1:
+            t = t.squeeze(1)
+        if t.dim() == 0:
+            t = t.expand(N)
+        if tuple(t.shape) != (N,):
+            raise ValueError(f"t must be a number, [N] or [N, 1] with N = {N}, got shape {tuple(t.shape)}")
+        inputs = torch.cat([x_t.to(dtype), self.time_embedding(t.to(dtype)), (context - self.x_loc) / self.x_scale], dim=-1)
+        return self.net(inputs).to(dtype)
+
+    def standardize(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.y_loc) / self.y_scale
+
+    def destandardize(self, z: torch.Tensor) -> torch.Tensor:
+        return self.y_loc + self.y_scale * z
+
+    def loss(self, context: torch.Tensor, target: torch.Tensor, *, residual: Callable | None = None,
+             physics_weight: float = 1.0, time_weighting: str = "none", generator: torch.Generator | None = None,
+             autocast_dtype: torch.dtype | None = None, return_terms: bool = False):
+        """Flow-matching loss on a batch ``context [B, C]``, ``target [B, D]`` (physical units). Scalar.
+
+        With ``residual(y [B, D], context [B, C]) -> r [B]`` or ``[B, M]`` (physical units) and
+        ``physics_weight > 0`` it adds ``physics_weight * mean_b w(t_b) ||r(x1_hat_b)||^2`` with ``w(t) = 1``
+        (``time_weighting="none"``) or ``t`` (``"linear"``, trusting the endpoint estimate more near the data).
+        ``generator`` drives noise, times and couplings; ``autocast_dtype`` (e.g. ``torch.bfloat16``) wraps the
+        velocity network only. ``return_terms=True`` returns ``(total, flow_matching, physics_penalty)``.
+        """
+        context = self._check_context(context, "context")
+        B = context.shape[0]
+        target = self._check_outcome(target, B, "target")
+        if time_weighting not in ("none", "linear"):
+            raise ValueError(f"time_weighting must be 'none' or 'linear', got {time_weighting!r}")
+        x1 = self.standardize(target)
+        kw = dict(dtype=x1.dtype, device=x1.device, generator=generator)
+        x0 = torch.randn(x1.shape, **kw)
+        if self.coupling == "ot" and B > 1:
+            c = (context - self.x_loc) / self.x_scale
+            index = ot_coupling(x0, x1, source_context=c, target_context=c, context_weight=self.config["ot_context_weight"],
+                                exact_max=self.config["ot_exact_max"], epsilon=self.config["ot_epsilon"],
+                                iterations=self.config["ot_iterations"], generator=generator)
+            x0 = x0[index]
+        t = torch.rand((B,), **kw)
+        x_t = (1.0 - t).unsqueeze(-1) * x0 + t.unsqueeze(-1) * x1
+        if self.config["sigma_min"] > 0.0:
+            x_t = x_t + self.config["sigma_min"] * torch.randn(x1.shape, **kw)
+        with torch.autocast(x1.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            v = self(x_t, t, context)
+        flow_matching = (v - (x1 - x0)).square().mean()
+        penalty = flow_matching.new_zeros(())
+        if residual is not None and physics_weight != 0.0:
+            x1_hat = self.destandardize(x_t + (1.0 - t).unsqueeze(-1) * v)
+            r = residual(x1_hat, context)
+            if not isinstance(r, torch.Tensor) or r.shape[:1] != (B,):
+                raise ValueError(f"residual must return a tensor [B] or [B, M] with B = {B}, "
+                                 f"got {tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__}")
+            squared = r.reshape(B, -1).square().sum(-1)
+            if time_weighting == "linear":
+                squared = t * squared
+            penalty = squared.mean()
+        total = flow_matching + physics_weight * penalty
+        return (total, flow_matching, penalty) if return_terms else total
+
+    @torch.no_grad()
+    def sample(self, context: torch.Tensor, n: int = 1, steps: int = 32, method: str = "euler",
+               generator: torch.Generator | None = None, return_path: bool = False):
+        """Draw ``n`` samples per context by integrating ``dx/dt = v(x, t, c)`` from ``t = 0`` (``x ~ N(0, I)``) to 1.
+
+        Args:
+            context: ``[B, C]``.
+            n: samples per context. steps: fixed integration steps, ``h = 1 / steps``.
+            method: ``"euler"`` (1 evaluation per step), ``"midpoint"`` (2) or ``"rk4"`` (4).
+        Returns:
+            ``[n, B, D]`` samples in physical units (sample dimension first, like
+            :meth:`GaussianMixture.sample`); with ``return_path=True`` also the states ``[steps + 1, n, B, D]``.
+        Runs without gradients; put the model in ``eval()`` mode yourself.
+        """
+        context = self._check_context(context, "context")
+        n = _check_int(n, "n", 1)
+        steps = _check_int(steps, "steps", 1)
+        if method not in ("euler", "midpoint", "rk4"):
+            raise ValueError(f"method must be 'euler', 'midpoint' or 'rk4', got {method!r}")
+        B, D = context.shape[0], self.out_features
+        ctx = context.repeat(n, 1)  # [n * B, C], sample-major
+        x = torch.randn((n * B, D), dtype=context.dtype, device=context.device, generator=generator)
+        h = 1.0 / steps
+        path = [x] if return_path else None
+
+        def v(state, time):
+            return self(state, time, ctx)
+
+        for i in range(steps):
+            t = i * h
+            if method == "euler":
+                x = x + h * v(x, t)
+            elif method == "midpoint":
+                x = x + h * v(x + 0.5 * h * v(x, t), t + 0.5 * h)
+            else:
+                k1 = v(x, t)
+                k2 = v(x + 0.5 * h * k1, t + 0.5 * h)
+                k3 = v(x + 0.5 * h * k2, t + 0.5 * h)
+                k4 = v(x + h * k3, t + h)
+                x = x + (h / 6.0) * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+            if return_path:
+                path.append(x)
+        out = self.destandardize(x).reshape(n, B, D)
+        if return_path:
+            return out, torch.stack([self.destandardize(p).reshape(n, B, D) for p in path])
+        return out
+
+
+MODELS: dict[str, type] = {"MDN": MDN, "CFM": CFM}
+
+
+def register_model(cls: type) -> type:
+    """Class decorator: make a model class (with a ``config`` dict of its constructor arguments) rebuildable
+    from checkpoints by its class name."""
+    MODELS[cls.__name__] = cls
+    return cls
+
+
+def build_model(name: str, config: dict) -> nn.Module:
+    """Rebuild a model from its class name and ``config`` (the dict stored as ``model.config``)."""
+    if name not in MODELS:
+        raise ValueError(f"model class must be one of {sorted(MODELS)} (see register_model), got {name!r}")
+    return MODELS[name](**config)

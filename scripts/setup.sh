@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up .venv with torch and builds + installs physmdn into it (CPU kernels always; CUDA kernels too
+# when nvcc is found). Idempotent: re-running rebuilds physmdn incrementally.
+#   PHYSMDN_TORCH   torch requirement (default torch==2.14.1, a CUDA 13.0 build)
+#   PHYSMDN_CUDA    AUTO|ON|OFF (default: ON when nvcc is found, so CUDA code always compiles where it can)
+#   PHYSMDN_VENV    venv folder (default .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${PHYSMDN_VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+python -m pip install -q "${PHYSMDN_TORCH:-torch==2.14.1}" pybind11 "scikit-build-core>=0.10" "cmake>=3.26" ninja \
+  numpy scipy tqdm matplotlib pytest
+if [ -z "${PHYSMDN_CUDA:-}" ]; then
+  if command -v nvcc >/dev/null 2>&1 || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+    export PHYSMDN_CUDA=ON
+  else
+    export PHYSMDN_CUDA=AUTO
+  fi
+fi
+echo "== building physmdn (PHYSMDN_CUDA=$PHYSMDN_CUDA)"
+python -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 3
+python -m physmdn info

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+import physmdn
+
+CUDA = torch.cuda.is_available() and physmdn.build_info()["cuda_kernels"]
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels"))]
+
+
+def cpu_isas():
+    isas = ["default"]
+    if "avx2" in physmdn.build_info()["cpu_kernels"]:
+        try:
+            prev = physmdn._C.set_cpu_isa("avx2")
+            physmdn._C.set_cpu_isa(prev)
+            isas.append("avx2")
+        except RuntimeError:
+            pass
+    return isas
+
+
+@pytest.fixture(params=cpu_isas())
+def cpu_isa(request):
+    """Run a test once per compiled CPU kernel variant."""
+    prev = physmdn._C.set_cpu_isa(request.param)
+    yield request.param
+    physmdn._C.set_cpu_isa(prev)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) -> float:
+    """Norm-wise relative error max|a - e| / max(max|e|, floor)."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected.abs().max().clamp_min(floor) if expected.numel() else torch.tensor(1.0)
+    return ((actual - expected).abs().max() / scale).item() if expected.numel() else 0.0

@@ -1,0 +1,228 @@
+"""The fused mixture NLL op against its float64 plain-torch reference."""
+
+import itertools
+
+import pytest
+import torch
+
+import physmdn
+from physmdn import reference
+from conftest import DEVICES, rel_err
+
+SHAPES = list(itertools.product([1, 3, 257], [1, 2, 5, 33], [1, 3, 17]))
+
+
+def make_inputs(B, K, D, dtype=torch.float64, device="cpu", seed=0, scale_spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(B, K, generator=g, dtype=torch.float64)
+    means = torch.randn(B, K, D, generator=g, dtype=torch.float64)
+    log_scales = scale_spread * torch.randn(B, K, D, generator=g, dtype=torch.float64)
+    target = torch.randn(B, D, generator=g, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) for t in (logits, means, log_scales, target)]
+
+
+def loss_and_grads(fn, inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    loss = fn(*inputs)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
+    grads = torch.autograd.grad((loss * weights).sum(), inputs) if loss.numel() else [torch.zeros_like(t) for t in inputs]
+    return loss.detach(), grads
+
+
+def check_against_reference(inputs, dtype, loss_tol, grad_tol, grad_floor=1e-30):
+    """grad_floor: gradients are compared relative to max(max|expected|, grad_floor); a float32 gradient
+    pi - gamma that cancels to 1e-17 in float64 carries float32 rounding of pi (~1e-7) and is judged against 1."""
+    exact_inputs = [t.double().cpu() for t in inputs]  # reference sees the same (rounded) numbers
+    ref_loss, ref_grads = loss_and_grads(reference.mixture_nll, exact_inputs)
+    loss, grads = loss_and_grads(physmdn.mixture_nll, inputs)
+    assert loss.dtype == dtype
+    assert rel_err(loss.cpu(), ref_loss) <= loss_tol, (rel_err(loss.cpu(), ref_loss), loss_tol)
+    for name, g, rg in zip(("logits", "means", "log_scales", "target"), grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape
+        assert rel_err(g.cpu(), rg, grad_floor) <= grad_tol, (name, rel_err(g.cpu(), rg, grad_floor), grad_tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,K,D", SHAPES)
+def test_float32_matches_float64_reference(B, K, D, device, cpu_isa):
+    check_against_reference(make_inputs(B, K, D, torch.float32, device, seed=B * 100 + K * 10 + D), torch.float32,
+                            loss_tol=1e-5, grad_tol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (3, 5, 17), (257, 33, 3), (64, 8, 4)])
+def test_float64_matches_reference_tightly(B, K, D, device, cpu_isa):
+    check_against_reference(make_inputs(B, K, D, torch.float64, device, seed=7), torch.float64, 1e-12, 1e-11)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,K,D", [(3, 2, 3), (257, 5, 17), (33, 33, 1)])
+def test_half_types_accumulate_in_float32(B, K, D, dtype, device, cpu_isa):
+    check_against_reference(make_inputs(B, K, D, dtype, device, seed=3), dtype, loss_tol=5e-2, grad_tol=5e-2)
+
+
+def test_reference_agrees_with_torch_distributions():
+    inputs = make_inputs(257, 5, 3)
+    torch.testing.assert_close(reference.mixture_nll(*inputs), reference.mixture_nll_distributions(*inputs))
+    torch.testing.assert_close(physmdn.mixture_nll(*inputs), reference.mixture_nll_distributions(*inputs))
+
+
+@pytest.mark.parametrize("B,K,D", [(4, 3, 2), (2, 1, 1), (3, 6, 5)])
+def test_gradcheck_float64(B, K, D, cpu_isa):
+    inputs = [t.requires_grad_(True) for t in make_inputs(B, K, D, seed=11)]
+    assert torch.autograd.gradcheck(physmdn.mixture_nll, inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad, device):
+    for B, K, D in [(5, 3, 2), (1, 1, 1), (0, 2, 3)]:
+        inputs = [t.requires_grad_(requires_grad) for t in make_inputs(B, K, D, torch.float32, device)]
+        torch.library.opcheck(torch.ops.physmdn.mixture_nll_fwd.default, inputs)
+    loss, lse = torch.ops.physmdn.mixture_nll_fwd(*make_inputs(5, 3, 2, torch.float32, device))
+    torch.library.opcheck(torch.ops.physmdn.mixture_nll_bwd.default,
+                          [torch.ones_like(loss), *make_inputs(5, 3, 2, torch.float32, device), lse])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch._dynamo.reset()
+
+    def step(logits, means, log_scales, target):
+        return (physmdn.mixture_nll(logits * 2.0, means, log_scales, target) ** 2).mean()
+
+    compiled = torch.compile(step, fullgraph=True)
+    inputs = [t.requires_grad_(True) for t in make_inputs(33, 4, 3, torch.float32, device)]
+    out = compiled(*inputs)
+    grads = torch.autograd.grad(out, inputs)
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ref = step(*ref_inputs)
+    ref_grads = torch.autograd.grad(ref, ref_inputs)
+    torch.testing.assert_close(out, ref)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noncontiguous_and_expanded_inputs(device, cpu_isa):
+    B, K, D = 9, 4, 3
+    logits, means, log_scales, target = make_inputs(B, K, D, torch.float64, device)
+    means_t = means.transpose(1, 2).contiguous().transpose(1, 2)  # strides (K*D, 1, K) permuted
+    shared_scales = log_scales[:1].expand(B, K, D)  # stride 0 over the batch
+    target_nc = torch.randn(D, B, dtype=torch.float64, device=device).t()
+    logits_nc = logits.t().contiguous().t()
+    assert not means_t.is_contiguous() and shared_scales.stride(0) == 0 and not target_nc.is_contiguous()
+    args = (logits_nc, means_t, shared_scales, target_nc)
+    check_against_reference(list(args), torch.float64, 1e-12, 1e-11)
+    # gradient with respect to an expanded leaf flows back to its source
+    base = log_scales[:1].clone().requires_grad_(True)
+    loss = physmdn.mixture_nll(logits, means, base.expand(B, K, D), target).sum()
+    ref_base = base.detach().clone().requires_grad_(True)
+    ref = reference.mixture_nll(logits, means, ref_base.expand(B, K, D), target).sum()
+    torch.testing.assert_close(torch.autograd.grad(loss, base)[0], torch.autograd.grad(ref, ref_base)[0])
+
+
+# ----- numerical robustness ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_extremes_float64(device, cpu_isa):
+    """logits +-1e4, log_scales anywhere in [-30, 30], targets 1e6 away: finite and correct."""
+    B, K, D = 64, 5, 3
+    logits, means, log_scales, target = make_inputs(B, K, D, torch.float64, device, seed=5)
+    logits = logits.sign() * 1e4
+    log_scales = torch.empty_like(log_scales).uniform_(-30, 30)
+    log_scales[0] = -30.0
+    log_scales[1] = 30.0
+    target = target + 1e6
+    inputs = [logits, means, log_scales, target]
+    loss, grads = loss_and_grads(physmdn.mixture_nll, inputs)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    check_against_reference(inputs, torch.float64, 1e-12, 1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["logits", "tiny_scales", "huge_scales", "far_target"])
+def test_extremes_float32(case, device, cpu_isa):
+    B, K, D = 64, 5, 3
+    logits, means, log_scales, target = make_inputs(B, K, D, torch.float32, device, seed=9)
+    if case == "logits":
+        logits = torch.where(logits > 0, 1e4, -1e4).to(logits)
+        logits[:, 0] = 1e4 + 0.5
+    elif case == "tiny_scales":
+        log_scales = torch.full_like(log_scales, -30.0)
+        target = means[:, 0] + 1e-14 * torch.randn_like(target)
+    elif case == "huge_scales":
+        log_scales = torch.full_like(log_scales, 30.0)
+    else:
+        target = target + 1e6
+        log_scales = log_scales.clamp(-3, 3)
+    inputs = [logits, means, log_scales, target]
+    loss, grads = loss_and_grads(physmdn.mixture_nll, inputs)
+    assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
+    check_against_reference(inputs, torch.float32, 1e-5, 1e-4, grad_floor=1.0 if case == "huge_scales" else 1e-30)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_k1_d1_and_empty_batch(device):
+    inputs = make_inputs(7, 1, 1, torch.float64, device)
+    logits, means, log_scales, target = inputs
+    expected = -torch.distributions.Normal(means[:, 0, 0], log_scales[:, 0, 0].exp()).log_prob(target[:, 0])
+    torch.testing.assert_close(physmdn.mixture_nll(*inputs), expected)
+    empty = [t.requires_grad_(True) for t in make_inputs(0, 3, 2, torch.float32, device)]
+    out = physmdn.mixture_nll(*empty)
+    assert out.shape == (0,)
+    grads = torch.autograd.grad(out.sum(), empty)
+    assert [g.shape for g in grads] == [t.shape for t in empty]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_stays_in_its_sample(device, cpu_isa):
+    logits, means, log_scales, target = make_inputs(6, 3, 2, torch.float32, device)
+    means[2, 1, 0] = float("nan")
+    inputs = [t.requires_grad_(True) for t in (logits, means, log_scales, target)]
+    loss = physmdn.mixture_nll(*inputs)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[torch.arange(6, device=device) != 2]).all()
+    grads = torch.autograd.grad(loss.sum(), inputs)
+    for g in grads:
+        assert torch.isfinite(torch.cat([g[:2].flatten(), g[3:].flatten()])).all()
+
+
+# ----- bad input -------------------------------------------------------------------------------------
+
+def _bad_cases():
+    good = make_inputs(4, 3, 2, torch.float32)
+    l, m, s, y = good
+    return [
+        ((l, m[0], s, y), "means must be \\[B, K, D\\]"),
+        ((l[:, :2], m, s, y), "logits must be \\[B, K\\]"),
+        ((l, m, s[:, :, :1], y), "log_scales must be \\[B, K, D\\]"),
+        ((l, m, s, y[:3]), "target must be \\[B, D\\]"),
+        ((l, m, s, y[:, :1]), "target must be \\[B, D\\]"),
+        ((l.double(), m, s, y), "logits must have the dtype of means"),
+        ((l, m, s, y.long()), "target must be a floating-point tensor"),
+        ((l, m.long(), s, y), "means must be a floating-point tensor"),
+        ((l, torch.zeros(4, 0, 2), s, y), "at least one component"),
+        ((l, m, s, "y"), "target must be a torch.Tensor"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_python_boundary(case):
+    args, message = _bad_cases()[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        physmdn.mixture_nll(*args)
+
+
+@pytest.mark.parametrize("case", [c for c in range(len(_bad_cases())) if c != 9])
+def test_bad_input_cpp_boundary(case):
+    args, message = _bad_cases()[case]
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.physmdn.mixture_nll_fwd(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_device_mismatch():
+    l, m, s, y = make_inputs(4, 3, 2, torch.float32)
+    with pytest.raises(ValueError, match="target must be on the device of means"):
+        physmdn.mixture_nll(l, m, s, y.cuda())
