@@ -9,9 +9,8 @@
 #include <cstring>
 #include <string>
 
-#include "checks.h"
 #include "cpu/kernels.h"
-#include "mixture_math.h"
+#include "op_impl.h"
 
 namespace physmdn {
 
@@ -59,57 +58,23 @@ std::string set_cpu_isa(const std::string& isa) {
     }                                                     \
   } while (0)
 
-// ----- mixture NLL ----------------------------------------------------------------------------------
-at::ScalarType acc_dtype(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
+// ----- CPU backend ---------------------------------------------------------------------------------
+struct CpuBackend {
+  static void check_device(const at::Tensor& means) {
+    TORCH_CHECK(means.device().is_cpu(), "means must be a CPU tensor for the CPU kernel, got ", means.device());
+  }
+  template <typename... Args>
+  static void mixture_nll_forward(Args&&... args) { PHYSMDN_CPU_CALL(mixture_nll_forward, args...); }
+  template <typename... Args>
+  static void mixture_nll_backward(Args&&... args) { PHYSMDN_CPU_CALL(mixture_nll_backward, args...); }
+  template <typename... Args>
+  static void mdn_loss_forward(Args&&... args) { PHYSMDN_CPU_CALL(mdn_loss_forward, args...); }
+  template <typename... Args>
+  static void mdn_loss_backward(Args&&... args) { PHYSMDN_CPU_CALL(mdn_loss_backward, args...); }
+};
 
-std::tuple<at::Tensor, at::Tensor> mixture_nll_fwd_cpu(const at::Tensor& logits, const at::Tensor& means,
-                                                       const at::Tensor& log_scales, const at::Tensor& target) {
-  check_mixture_inputs(logits, means, log_scales, target);
-  TORCH_CHECK(means.device().is_cpu(), "means must be a CPU tensor for the CPU kernel, got ", means.device());
-  const auto B = means.size(0);
-  auto loss = at::empty({B}, means.options());
-  auto lse = at::empty({B, math::kSavedPerSample}, means.options().dtype(acc_dtype(means.scalar_type())));
-  if (B > 0) PHYSMDN_CPU_CALL(mixture_nll_forward, logits, means, log_scales, target, loss, lse);
-  return {loss, lse};
-}
+TORCH_LIBRARY(physmdn, m) { PHYSMDN_OP_SCHEMAS(m); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_bwd_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-    const at::Tensor& target, const at::Tensor& lse) {
-  check_mixture_inputs(logits, means, log_scales, target);
-  const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B, "grad_loss must be [B] = [", B, "], got ",
-              grad_loss.sizes());
-  TORCH_CHECK(grad_loss.scalar_type() == means.scalar_type(), "grad_loss must have dtype ", means.scalar_type(),
-              ", got ", grad_loss.scalar_type());
-  const auto acc = acc_dtype(means.scalar_type());
-  TORCH_CHECK(lse.dim() == 2 && lse.size(0) == B && lse.size(1) == math::kSavedPerSample && lse.scalar_type() == acc && lse.is_contiguous(),
-              "lse must be a contiguous [B, 3] ", acc, " tensor from mixture_nll_fwd, got ", lse.sizes(), " ",
-              lse.scalar_type());
-  auto opts = means.options().dtype(acc);
-  auto grad_logits = at::empty({B, K}, opts);
-  auto grad_means = at::empty({B, K, D}, opts);
-  auto grad_log_scales = at::empty({B, K, D}, opts);
-  auto grad_target = at::empty({B, D}, opts);
-  if (B > 0)
-    PHYSMDN_CPU_CALL(mixture_nll_backward, grad_loss, logits, means, log_scales, target, lse, grad_logits, grad_means,
-                     grad_log_scales, grad_target);
-  const auto dt = means.scalar_type();
-  return {grad_logits.to(dt), grad_means.to(dt), grad_log_scales.to(dt), grad_target.to(dt)};
-}
-
-TORCH_LIBRARY(physmdn, m) {
-  m.def("mixture_nll_fwd(Tensor logits, Tensor means, Tensor log_scales, Tensor target) -> (Tensor loss, Tensor lse)");
-  m.def(
-      "mixture_nll_bwd(Tensor grad_loss, Tensor logits, Tensor means, Tensor log_scales, Tensor target, Tensor lse) "
-      "-> (Tensor grad_logits, Tensor grad_means, Tensor grad_log_scales, Tensor grad_target)");
-}
-
-TORCH_LIBRARY_IMPL(physmdn, CPU, m) {
-  m.impl("mixture_nll_fwd", &mixture_nll_fwd_cpu);
-  m.impl("mixture_nll_bwd", &mixture_nll_bwd_cpu);
-}
+TORCH_LIBRARY_IMPL(physmdn, CPU, m) { PHYSMDN_OP_IMPLS(m, CpuBackend); }
 
 }  // namespace physmdn

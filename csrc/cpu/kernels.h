@@ -1,16 +1,28 @@
 // CPU kernel entry points. kernels.cpp is compiled once per instruction set (baseline and AVX2+FMA);
-// ops.cpp picks one at run time.
+// ops.cpp picks one at run time. Outputs are allocated by csrc/op_impl.h.
 #pragma once
 #include <ATen/core/Tensor.h>
 
-#define PHYSMDN_DECLARE_CPU_KERNELS(isa)                                                                   \
-  namespace physmdn::cpu::isa {                                                                            \
-  void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, \
-                           const at::Tensor& target, at::Tensor& loss, at::Tensor& lse);                   \
-  void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means, \
-                            const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& lse,  \
-                            at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,   \
-                            at::Tensor& grad_target);                                                      \
+#include "views.h"
+
+#define PHYSMDN_DECLARE_CPU_KERNELS(isa)                                                                          \
+  namespace physmdn::cpu::isa {                                                                                   \
+  void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,        \
+                           const at::Tensor& target, at::Tensor& loss, at::Tensor& saved);                        \
+  void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,        \
+                            const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,       \
+                            at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,          \
+                            at::Tensor& grad_target);                                                             \
+  void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,           \
+                        const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,                     \
+                        const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows, \
+                        at::Tensor& loss, at::Tensor& saved);                                                     \
+  void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,           \
+                         const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,            \
+                         const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,   \
+                         int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,               \
+                         at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,            \
+                         at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra);                       \
   }
 
 PHYSMDN_DECLARE_CPU_KERNELS(default_isa)

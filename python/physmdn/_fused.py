@@ -1,11 +1,115 @@
-"""Dispatch of :func:`physmdn.physics.mdn_loss` to the fused kernels (placeholder: reference path)."""
+"""The fused MDN loss: ``torch.ops.physmdn.mdn_loss_fwd/bwd`` with fake kernels and autograd, and the
+dispatch of physics specs to it.
+
+The first built-in spec (:class:`~physmdn.physics.Polynomial`, :class:`~physmdn.physics.Linear`,
+:class:`~physmdn.physics.Stencil1D` of order <= 8) runs inside the kernel; every other spec's penalty
+``[B, K]`` is computed by its torch implementation and enters the same kernel as ``extra``, where it is
+weighted by the mixture probabilities (gradients flow back to it through autograd).
+"""
 
 from __future__ import annotations
 
-from ._ops import mixture_nll
+import torch
+
+from ._ops import acc_dtype
+
+FAMILY_NONE, FAMILY_POLYNOMIAL, FAMILY_LINEAR, FAMILY_STENCIL = -1, 0, 1, 2
+MAX_ORDER = 8
+SAVED_PER_SAMPLE = 4
 
 
-def fused_mdn_loss(logits, means, log_scales, target, items, weight):
-    from .physics import physics_penalty
+@torch.library.register_fake("physmdn::mdn_loss_fwd")
+def _mdn_loss_fwd_fake(logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
+                       noise_scale):
+    B = means.shape[0]
+    return means.new_empty((B,)), means.new_empty((B, SAVED_PER_SAMPLE), dtype=acc_dtype(means.dtype))
 
-    return mixture_nll(logits, means, log_scales, target) + weight * physics_penalty(logits, means, log_scales, items)
+
+@torch.library.register_fake("physmdn::mdn_loss_bwd")
+def _mdn_loss_bwd_fake(grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing,
+                       boundary, noise_scale, saved, p0_grad, p1_grad):
+    has_family = family != FAMILY_NONE
+    gp0 = means.new_empty(p0.shape) if (p0_grad and has_family) else means.new_empty((0,))
+    gp1 = means.new_empty(p1.shape) if (p1_grad and has_family and family != FAMILY_POLYNOMIAL) else means.new_empty((0,))
+    ge = means.new_empty(logits.shape) if extra is not None else means.new_empty((0,))
+    return (means.new_empty(logits.shape), means.new_empty(means.shape), means.new_empty(log_scales.shape),
+            means.new_empty(target.shape), gp0, gp1, ge)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary, noise_scale = inputs
+    _, saved = output
+    ctx.save_for_backward(logits, means, log_scales, target, p0, p1, extra, saved)
+    ctx.scalars = (family, exact, weight, spacing, boundary, noise_scale)
+    ctx.mark_non_differentiable(saved)
+
+
+def _backward(ctx, grad_loss, _grad_saved):
+    logits, means, log_scales, target, p0, p1, extra, saved = ctx.saved_tensors
+    family, exact, weight, spacing, boundary, noise_scale = ctx.scalars
+    needs = ctx.needs_input_grad
+    gl, gm, gs, gt, gp0, gp1, ge = torch.ops.physmdn.mdn_loss_bwd(
+        grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
+        noise_scale, saved, bool(needs[4]), bool(needs[5]))
+    return (gl, gm, gs, gt, gp0 if needs[4] else None, gp1 if needs[5] else None,
+            ge if (extra is not None and needs[6]) else None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("physmdn::mdn_loss_fwd", _backward, setup_context=_setup_context)
+
+
+def _kernel_args(spec, B, K, D, means):
+    """(family, p0, p1, exact, spacing, boundary, noise_scale) of a built-in spec, parameters expanded to
+    ``[B, K, ...]`` in the dtype and on the device of ``means`` (differentiably)."""
+    from . import physics
+
+    def prep(t, shape):
+        return t.to(device=means.device, dtype=means.dtype).expand(*shape)
+
+    exact = spec.mode == "exact"
+    empty = means.new_empty((0,))
+    if isinstance(spec, physics.Polynomial):
+        return FAMILY_POLYNOMIAL, prep(spec.coeffs, (B, K, D, spec.coeffs.shape[-1])), empty, exact, 1.0, 0, spec.noise_scale
+    if isinstance(spec, physics.Linear):
+        M = spec.A.shape[-2]
+        return FAMILY_LINEAR, prep(spec.A, (B, K, M, D)), prep(spec.b, (B, K, M)), exact, 1.0, 0, spec.noise_scale
+    if isinstance(spec, physics.Stencil1D):
+        return (FAMILY_STENCIL, prep(spec.diffusion, (B, K)), prep(spec.reaction, (B, K, spec.reaction.shape[-1])),
+                exact, spec.spacing, 0 if spec.boundary == "periodic" else 1, spec.noise_scale)
+    raise TypeError(f"not a built-in family: {type(spec).__name__}")
+
+
+def is_fusable(spec) -> bool:
+    from . import physics
+
+    if isinstance(spec, physics.Polynomial):
+        return spec.order <= MAX_ORDER
+    if isinstance(spec, physics.Stencil1D):
+        return spec.reaction.shape[-1] - 1 <= MAX_ORDER
+    return isinstance(spec, physics.Linear)
+
+
+def fused_mdn_loss(logits, means, log_scales, target, items, weight: float) -> torch.Tensor:
+    """Per-sample ``NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk`` ``[B]`` through one fused kernel."""
+    B, K, D = means.shape
+    for spec, _ in items:
+        spec.validate(B, K, D)
+    fused_index = next((i for i, (spec, _) in enumerate(items) if is_fusable(spec)), None)
+    extra = None
+    for i, (spec, w) in enumerate(items):
+        if i == fused_index:
+            continue
+        term = (weight * w) * spec.penalty(means, log_scales)
+        extra = term if extra is None else extra + term
+    if extra is not None:
+        extra = extra.to(means.dtype)
+    if fused_index is None:
+        family, p0, p1, exact, spacing, boundary, noise, kernel_weight = (
+            FAMILY_NONE, means.new_empty((0,)), means.new_empty((0,)), True, 1.0, 0, 0.0, 0.0)
+    else:
+        spec, w = items[fused_index]
+        family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, means)
+        kernel_weight = weight * w
+    loss, _ = torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, p0, p1, extra, family, exact,
+                                             float(kernel_weight), float(spacing), int(boundary), float(noise))
+    return loss

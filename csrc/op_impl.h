@@ -1,0 +1,121 @@
+// Device-independent op bodies: checks, output allocation, dtype handling. Each device supplies a Backend
+// with the kernel launchers (cpu: csrc/ops.cpp, cuda: csrc/cuda/kernels.cu).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "views.h"
+
+namespace physmdn {
+
+inline void check_saved(const at::Tensor& saved, const at::Tensor& means, int64_t per_sample, const char* producer) {
+  const auto acc = acc_dtype(means.scalar_type());
+  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == means.size(0) && saved.size(1) == per_sample &&
+                  saved.scalar_type() == acc && saved.is_contiguous() && saved.device() == means.device(),
+              "saved must be the contiguous [B, ", per_sample, "] ", acc, " tensor from ", producer, ", got ",
+              saved.sizes(), " ", saved.scalar_type());
+}
+
+inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& means) {
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == means.size(0), "grad_loss must be [B] = [", means.size(0),
+              "], got ", grad_loss.sizes());
+  TORCH_CHECK(grad_loss.scalar_type() == means.scalar_type() && grad_loss.device() == means.device(),
+              "grad_loss must have the dtype and device of means, got ", grad_loss.scalar_type(), " on ",
+              grad_loss.device());
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> mixture_nll_fwd_impl(const at::Tensor& logits, const at::Tensor& means,
+                                                        const at::Tensor& log_scales, const at::Tensor& target) {
+  check_mixture_inputs(logits, means, log_scales, target);
+  Backend::check_device(means);
+  const auto B = means.size(0);
+  auto loss = at::empty({B}, means.options());
+  auto saved = at::empty({B, math::kSavedPerSample}, means.options().dtype(acc_dtype(means.scalar_type())));
+  if (B > 0) Backend::mixture_nll_forward(logits, means, log_scales, target, loss, saved);
+  return {loss, saved};
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_bwd_impl(
+    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+    const at::Tensor& target, const at::Tensor& saved) {
+  check_mixture_inputs(logits, means, log_scales, target);
+  Backend::check_device(means);
+  check_grad_loss(grad_loss, means);
+  check_saved(saved, means, math::kSavedPerSample, "mixture_nll_fwd");
+  const auto B = means.size(0), K = means.size(1), D = means.size(2);
+  auto opts = means.options().dtype(acc_dtype(means.scalar_type()));
+  auto gl = at::empty({B, K}, opts), gm = at::empty({B, K, D}, opts), gs = at::empty({B, K, D}, opts),
+       gt = at::empty({B, D}, opts);
+  if (B > 0) Backend::mixture_nll_backward(grad_loss, logits, means, log_scales, target, saved, gl, gm, gs, gt);
+  const auto dt = means.scalar_type();
+  return {gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt)};
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor> mdn_loss_fwd_impl(const at::Tensor& logits, const at::Tensor& means,
+                                                     const at::Tensor& log_scales, const at::Tensor& target,
+                                                     const at::Tensor& p0, const at::Tensor& p1,
+                                                     const c10::optional<at::Tensor>& extra, int64_t family, bool exact,
+                                                     double weight, double spacing, int64_t boundary,
+                                                     double noise_scale) {
+  check_mixture_inputs(logits, means, log_scales, target);
+  Backend::check_device(means);
+  const PhysicsArgs args{family, exact, weight, spacing, boundary, noise_scale};
+  const auto [order, rows] = check_physics_args(means, p0, p1, extra, args);
+  const auto B = means.size(0);
+  auto loss = at::empty({B}, means.options());
+  auto saved = at::empty({B, math::kSavedPerSampleLoss}, means.options().dtype(acc_dtype(means.scalar_type())));
+  if (B > 0) Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
+  return {loss, saved};
+}
+
+template <typename Backend>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdn_loss_bwd_impl(
+    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+    const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1, const c10::optional<at::Tensor>& extra,
+    int64_t family, bool exact, double weight, double spacing, int64_t boundary, double noise_scale,
+    const at::Tensor& saved, bool p0_grad, bool p1_grad) {
+  check_mixture_inputs(logits, means, log_scales, target);
+  Backend::check_device(means);
+  check_grad_loss(grad_loss, means);
+  check_saved(saved, means, math::kSavedPerSampleLoss, "mdn_loss_fwd");
+  const PhysicsArgs args{family, exact, weight, spacing, boundary, noise_scale};
+  const auto [order, rows] = check_physics_args(means, p0, p1, extra, args);
+  const auto B = means.size(0), K = means.size(1), D = means.size(2);
+  auto opts = means.options().dtype(acc_dtype(means.scalar_type()));
+  auto gl = at::empty({B, K}, opts), gm = at::empty({B, K, D}, opts), gs = at::empty({B, K, D}, opts),
+       gt = at::empty({B, D}, opts);
+  const bool has_family = family != math::kFamilyNone;
+  // Parameter gradients are full-size [B, K, ...]; autograd reduces them over the broadcast dimensions.
+  auto gp0 = (p0_grad && has_family) ? at::empty(p0.sizes(), opts) : at::empty({0}, opts);
+  auto gp1 = (p1_grad && has_family && family != math::kPolynomial) ? at::empty(p1.sizes(), opts) : at::empty({0}, opts);
+  auto ge = extra.has_value() ? at::empty({B, K}, opts) : at::empty({0}, opts);
+  if (B > 0)
+    Backend::mdn_loss_backward(grad_loss, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved, gl,
+                               gm, gs, gt, gp0, gp1, ge);
+  const auto dt = means.scalar_type();
+  return {gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt), gp0.to(dt), gp1.to(dt), ge.to(dt)};
+}
+
+#define PHYSMDN_OP_SCHEMAS(m)                                                                                          \
+  m.def("mixture_nll_fwd(Tensor logits, Tensor means, Tensor log_scales, Tensor target) -> (Tensor loss, Tensor saved)"); \
+  m.def("mixture_nll_bwd(Tensor grad_loss, Tensor logits, Tensor means, Tensor log_scales, Tensor target, "            \
+        "Tensor saved) -> (Tensor grad_logits, Tensor grad_means, Tensor grad_log_scales, Tensor grad_target)");         \
+  m.def("mdn_loss_fwd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, Tensor p0, Tensor p1, "           \
+        "Tensor? extra, int family, bool exact, float weight, float spacing, int boundary, float noise_scale) "         \
+        "-> (Tensor loss, Tensor saved)");                                                                              \
+  m.def("mdn_loss_bwd(Tensor grad_loss, Tensor logits, Tensor means, Tensor log_scales, Tensor target, Tensor p0, "    \
+        "Tensor p1, Tensor? extra, int family, bool exact, float weight, float spacing, int boundary, "                 \
+        "float noise_scale, Tensor saved, bool p0_grad, bool p1_grad) -> (Tensor grad_logits, Tensor grad_means, "      \
+        "Tensor grad_log_scales, Tensor grad_target, Tensor grad_p0, Tensor grad_p1, Tensor grad_extra)")
+
+#define PHYSMDN_OP_IMPLS(m, Backend)                                \
+  m.impl("mixture_nll_fwd", &mixture_nll_fwd_impl<Backend>);        \
+  m.impl("mixture_nll_bwd", &mixture_nll_bwd_impl<Backend>);        \
+  m.impl("mdn_loss_fwd", &mdn_loss_fwd_impl<Backend>);              \
+  m.impl("mdn_loss_bwd", &mdn_loss_bwd_impl<Backend>)
+
+}  // namespace physmdn

@@ -1,0 +1,135 @@
+// Host-side glue shared by the CPU and CUDA drivers: tensor -> strided views, and the checks of the fused
+// loss's physics arguments.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "checks.h"
+#include "physics_math.h"
+
+namespace physmdn {
+
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+template <typename scalar_t>
+math::MixtureView<scalar_t> make_mixture_view(const at::Tensor& logits, const at::Tensor& means,
+                                              const at::Tensor& log_scales, const at::Tensor& target) {
+  math::MixtureView<scalar_t> v;
+  v.logits = logits.const_data_ptr<scalar_t>();
+  v.means = means.const_data_ptr<scalar_t>();
+  v.log_scales = log_scales.const_data_ptr<scalar_t>();
+  v.target = target.const_data_ptr<scalar_t>();
+  v.logits_sb = logits.stride(0);
+  v.logits_sk = logits.stride(1);
+  v.means_sb = means.stride(0);
+  v.means_sk = means.stride(1);
+  v.means_sd = means.stride(2);
+  v.scales_sb = log_scales.stride(0);
+  v.scales_sk = log_scales.stride(1);
+  v.scales_sd = log_scales.stride(2);
+  v.target_sb = target.stride(0);
+  v.target_sd = target.stride(1);
+  v.K = means.size(1);
+  v.D = means.size(2);
+  return v;
+}
+
+// Scalar arguments of the fused loss, as the schema passes them.
+struct PhysicsArgs {
+  int64_t family;
+  bool exact;
+  double weight, spacing;
+  int64_t boundary;
+  double noise_scale;
+};
+
+inline void check_param(const at::Tensor& t, const char* name, const at::Tensor& means, std::initializer_list<int64_t> want,
+                        const char* layout) {
+  TORCH_CHECK(t.dim() == static_cast<int64_t>(want.size()), name, " must be ", layout, ", got shape ", t.sizes());
+  int64_t i = 0;
+  for (auto w : want) {
+    TORCH_CHECK(w < 0 || t.size(i) == w, name, " must be ", layout, " expanded to the batch, got shape ", t.sizes());
+    ++i;
+  }
+  TORCH_CHECK(t.scalar_type() == means.scalar_type(), name, " must have the dtype of means (", means.scalar_type(),
+              "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == means.device(), name, " must be on the device of means (", means.device(), "), got ",
+              t.device());
+}
+
+// Validates p0 / p1 / extra for the family; returns (order J, rows M).
+inline std::pair<int, int64_t> check_physics_args(const at::Tensor& means, const at::Tensor& p0, const at::Tensor& p1,
+                                                  const c10::optional<at::Tensor>& extra, const PhysicsArgs& a) {
+  const auto B = means.size(0), K = means.size(1), D = means.size(2);
+  int order = 0;
+  int64_t rows = 0;
+  switch (a.family) {
+    case math::kFamilyNone:
+      break;
+    case math::kPolynomial:
+      check_param(p0, "coeffs", means, {B, K, D, -1}, "[B, K, D, J+1]");
+      order = static_cast<int>(p0.size(3)) - 1;
+      TORCH_CHECK(order >= 0 && order <= math::kMaxOrder, "coeffs must hold J+1 coefficients with 0 <= J <= ",
+                  math::kMaxOrder, ", got J = ", order);
+      break;
+    case math::kLinear:
+      check_param(p0, "A", means, {B, K, -1, D}, "[B, K, M, D]");
+      rows = p0.size(2);
+      check_param(p1, "b", means, {B, K, rows}, "[B, K, M]");
+      break;
+    case math::kStencil:
+      check_param(p0, "diffusion", means, {B, K}, "[B, K]");
+      check_param(p1, "reaction", means, {B, K, -1}, "[B, K, J+1]");
+      order = static_cast<int>(p1.size(2)) - 1;
+      TORCH_CHECK(order >= 0 && order <= math::kMaxOrder, "reaction must hold J+1 coefficients with 0 <= J <= ",
+                  math::kMaxOrder, ", got J = ", order);
+      TORCH_CHECK(a.spacing > 0.0, "spacing must be > 0, got ", a.spacing);
+      TORCH_CHECK(a.boundary == math::kPeriodic || a.boundary == math::kNeumann,
+                  "boundary must be 0 (periodic) or 1 (neumann), got ", a.boundary);
+      break;
+    default:
+      TORCH_CHECK(false, "family must be -1 (none), 0 (polynomial), 1 (linear) or 2 (stencil), got ", a.family);
+  }
+  TORCH_CHECK(a.noise_scale >= 0.0, "noise_scale must be >= 0, got ", a.noise_scale);
+  if (extra.has_value()) check_param(*extra, "extra", means, {B, K}, "[B, K]");
+  return {order, rows};
+}
+
+template <typename scalar_t>
+math::Strided4<scalar_t> make_strided(const at::Tensor& t) {
+  math::Strided4<scalar_t> s;
+  if (!t.defined() || t.numel() == 0) return s;
+  s.data = t.const_data_ptr<scalar_t>();
+  int64_t* strides[4] = {&s.s0, &s.s1, &s.s2, &s.s3};
+  for (int64_t i = 0; i < t.dim() && i < 4; ++i) *strides[i] = t.stride(i);
+  return s;
+}
+
+template <typename scalar_t>
+math::PhysicsView<scalar_t> make_physics_view(const at::Tensor& p0, const at::Tensor& p1,
+                                              const c10::optional<at::Tensor>& extra, const PhysicsArgs& a, int order,
+                                              int64_t rows) {
+  math::PhysicsView<scalar_t> p;
+  p.family = static_cast<int>(a.family);
+  p.exact = a.exact;
+  p.order = order;
+  p.rows = rows;
+  p.boundary = static_cast<int>(a.boundary);
+  p.weight = a.weight;
+  p.inv_h2 = 1.0 / (a.spacing * a.spacing);
+  p.noise_var = a.noise_scale * a.noise_scale;
+  if (a.family != math::kFamilyNone) {
+    p.p0 = make_strided<scalar_t>(p0);
+    p.p1 = make_strided<scalar_t>(p1);
+  }
+  if (extra.has_value()) {
+    p.extra = extra->const_data_ptr<scalar_t>();
+    p.extra_sb = extra->stride(0);
+    p.extra_sk = extra->stride(1);
+  }
+  return p;
+}
+
+}  // namespace physmdn
