@@ -1,0 +1,327 @@
+"""Physics penalties: closed-form expectations, fused kernels against the plain-torch reference, autograd,
+opcheck, torch.compile, and bad specs."""
+
+import math
+
+import pytest
+import torch
+
+import physmdn
+from physmdn import physics as P
+from physmdn.reference import mixture_nll as reference_nll
+from conftest import DEVICES, rel_err
+
+
+def mixture(B, K, D, dtype=torch.float64, device="cpu", seed=0, scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    out = (torch.randn(B, K, generator=g, dtype=torch.float64), torch.randn(B, K, D, generator=g, dtype=torch.float64),
+           scale * torch.randn(B, K, D, generator=g, dtype=torch.float64) - 0.5,
+           torch.randn(B, D, generator=g, dtype=torch.float64))
+    return [t.to(dtype=dtype, device=device) for t in out]
+
+
+def make_spec(kind, B, K, D, dtype=torch.float64, device="cpu", mode="exact", noise=0.0, seed=1, grad=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, positive=False):
+        t = torch.rand(*shape, generator=g, dtype=torch.float64) + 0.2 if positive else \
+            torch.randn(*shape, generator=g, dtype=torch.float64)
+        return t.to(dtype=dtype, device=device).requires_grad_(grad)
+
+    if kind == "polynomial":  # component-specific coefficients, broadcast over D
+        return P.Polynomial(rnd(B, K, 1, 4) * 0.5, mode=mode, noise_scale=noise)
+    if kind == "polynomial_shared":
+        return P.Polynomial(rnd(1, K, D, 2), mode=mode, noise_scale=noise)
+    if kind == "linear":
+        return P.Linear(rnd(1, K, 2, D), rnd(B, 1, 2), mode=mode, noise_scale=noise)
+    if kind == "stencil_periodic":
+        return P.Stencil1D(rnd(B, 1, positive=True), rnd(1, K, 4) * 0.5, spacing=0.7, mode=mode, noise_scale=noise)
+    if kind == "stencil_neumann":
+        return P.Stencil1D(rnd(1, K, positive=True), rnd(B, K, 3) * 0.5, spacing=1.3, boundary="neumann", mode=mode,
+                           noise_scale=noise)
+    raise ValueError(kind)
+
+
+KINDS = ["polynomial", "polynomial_shared", "linear", "stencil_periodic", "stencil_neumann"]
+
+
+def spec_params(spec):
+    return [t for t in vars(spec).values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def reference_loss(logits, means, log_scales, target, items, weight):
+    return reference_nll(logits, means, log_scales, target) + weight * P.physics_penalty(logits, means, log_scales, items)
+
+
+# ----- closed forms against Monte Carlo ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_expectation_matches_monte_carlo(kind):
+    B, K, D = 3, 2, 5
+    _, means, log_scales, _ = mixture(B, K, D, seed=4)
+    spec = make_spec(kind, B, K, D, grad=False)
+    exact = spec.penalty(means, log_scales)
+    n, chunks = 100_000, 10  # 10^6 samples in all
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(chunks):
+        y = means + log_scales.exp() * torch.randn(n, B, K, D, generator=g, dtype=torch.float64)
+        samples.append(spec.residual(y).square().sum(-1))
+    values = torch.cat(samples)
+    mc, stderr = values.mean(0), values.std(0) / math.sqrt(values.shape[0])
+    assert ((exact - mc).abs() <= 5 * stderr + 1e-12).all(), ((exact - mc) / stderr)
+
+
+def test_bounds_exact_matches_monte_carlo():
+    _, means, log_scales, _ = mixture(2, 3, 4, seed=2)
+    spec = P.Bounds(lower=-0.5, upper=0.7, mode="exact")
+    y = means + log_scales.exp() * torch.randn(400_000, *means.shape, dtype=torch.float64)
+    values = (torch.relu(y - 0.7).square() + torch.relu(-0.5 - y).square()).sum(-1)
+    mc, stderr = values.mean(0), values.std(0) / math.sqrt(values.shape[0])
+    assert ((spec.penalty(means, log_scales) - mc).abs() <= 5 * stderr + 1e-12).all()
+
+
+def test_mean_mode_is_point_evaluation():
+    B, K, D = 4, 3, 6
+    _, means, log_scales, _ = mixture(B, K, D)
+    for kind in KINDS:
+        spec = make_spec(kind, B, K, D, mode="mean", grad=False)
+        torch.testing.assert_close(spec.penalty(means, log_scales), spec.residual(means).square().sum(-1))
+
+
+# ----- fused kernels against the reference --------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.6), ("mean", 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_loss_matches_reference(kind, mode, noise, dtype, device, cpu_isa):
+    B, K, D = 37, 3, 5
+    inputs = [t.requires_grad_(True) for t in mixture(B, K, D, dtype, device, seed=3)]
+    spec = make_spec(kind, B, K, D, dtype, device, mode=mode, noise=noise)
+    items = [(spec, 0.7)]
+    loss = P.mdn_loss(*inputs, physics=items, weight=1.3, reduction="none")
+    wrt = inputs[:3] + spec_params(spec)
+    grads = torch.autograd.grad((loss * torch.linspace(0.5, 1.5, B, device=device, dtype=dtype)).sum(), wrt)
+    ref_inputs = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
+    ref_spec = make_spec(kind, B, K, D, torch.float64, "cpu", mode=mode, noise=noise)
+    ref = reference_loss(*ref_inputs, [(ref_spec, 0.7)], 1.3)
+    ref_grads = torch.autograd.grad((ref * torch.linspace(0.5, 1.5, B, dtype=torch.float64)).sum(),
+                                    ref_inputs[:3] + spec_params(ref_spec))
+    tol = (1e-12, 1e-11) if dtype == torch.float64 else (1e-5, 1e-4)
+    assert rel_err(loss.cpu(), ref) <= tol[0]
+    names = ["logits", "means", "log_scales"] + [f"param{i}" for i in range(len(grads) - 3)]
+    for name, g, rg in zip(names, grads, ref_grads):
+        assert g.shape == rg.shape
+        assert rel_err(g.cpu(), rg) <= tol[1], (name, rel_err(g.cpu(), rg))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_several_specs_and_torch_specs_enter_the_kernel(device):
+    """First built-in spec fused; the others (built-in or torch) go through the kernel's `extra` input."""
+    B, K, D = 19, 4, 3
+    inputs = [t.requires_grad_(True) for t in mixture(B, K, D, device=device, seed=8)]
+    context = torch.rand(B, 1, dtype=torch.float64, device=device)
+
+    def build(dev):
+        ctx = context.to(dev)
+        return [
+            (make_spec("polynomial", B, K, D, device=dev), 0.5),
+            (make_spec("linear", B, K, D, device=dev), 0.25),
+            (P.Stability(torch.tensor([0.3, 0.0, -3.0], dtype=torch.float64, device=dev)), 2.0),
+            (P.Bounds(lower=-1.0, upper=1.0, mode="exact"), 1.0),
+            (P.Residual(lambda y, c: y[..., :1] * c - y[..., 1:2] ** 2, ctx, mode="sigma"), 0.1),
+        ]
+
+    items = build(device)
+    loss = P.mdn_loss(*inputs, physics=items, weight=0.9, reduction="sum")
+    grads = torch.autograd.grad(loss, inputs[:3])
+    ref_inputs = [t.detach().cpu().requires_grad_(True) for t in inputs]
+    ref = reference_loss(*ref_inputs, build("cpu"), 0.9).sum()
+    ref_grads = torch.autograd.grad(ref, ref_inputs[:3])
+    assert rel_err(loss.cpu(), ref) <= 1e-12
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g.cpu(), rg) <= 1e-11
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_fused(kind):
+    B, K, D = 3, 2, 4
+    logits, means, log_scales, target = mixture(B, K, D, seed=6)
+    spec = make_spec(kind, B, K, D, noise=0.3)
+    params = spec_params(spec)
+
+    def fn(logits, means, log_scales, target, *param_values):
+        for name, value in zip([n for n, t in vars(spec).items() if isinstance(t, torch.Tensor) and t.requires_grad],
+                               param_values):
+            setattr(spec, name, value)
+        return P.mdn_loss(logits, means, log_scales, target, physics=spec, weight=0.8, reduction="none")
+
+    args = [t.requires_grad_(True) for t in (logits, means, log_scales, target)] + params
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_fused(requires_grad, device):
+    from physmdn._fused import _kernel_args
+
+    B, K, D = 6, 3, 4
+    for kind in ["polynomial", "linear", "stencil_periodic"]:
+        inputs = [t.requires_grad_(requires_grad) for t in mixture(B, K, D, torch.float32, device)]
+        spec = make_spec(kind, B, K, D, torch.float32, device, grad=requires_grad)
+        family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+        for extra in (None, torch.rand(B, K, device=device, requires_grad=requires_grad)):
+            args = (*inputs, p0, p1, extra, family, exact, 0.5, spacing, boundary, noise)
+            torch.library.opcheck(torch.ops.physmdn.mdn_loss_fwd.default, args)
+            loss, saved = torch.ops.physmdn.mdn_loss_fwd(*args)
+            torch.library.opcheck(torch.ops.physmdn.mdn_loss_bwd.default,
+                                  (torch.ones_like(loss), *[t.detach() for t in args[:6]], None if extra is None else extra.detach(), family, exact, 0.5,
+                                   spacing, boundary, noise, saved, True, True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_fused(device):
+    torch._dynamo.reset()
+    B, K, D = 16, 3, 1
+
+    def step(logits, means, log_scales, target, r):
+        coeffs = torch.stack([torch.zeros_like(r), r, torch.zeros_like(r), -torch.ones_like(r)], -1)[:, None, None, :]
+        return P.mdn_loss(logits, means, log_scales, target, physics=P.Polynomial(coeffs), weight=0.5)
+
+    inputs = [t.requires_grad_(True) for t in mixture(B, K, D, torch.float32, device)]
+    r = torch.rand(B, device=device)
+    compiled = torch.compile(step, fullgraph=True)
+    out = compiled(*inputs, r)
+    grads = torch.autograd.grad(out, inputs[:3])
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ref = step(*ref_inputs, r)
+    torch.testing.assert_close(out, ref)
+    for g, rg in zip(grads, torch.autograd.grad(ref, ref_inputs[:3])):
+        torch.testing.assert_close(g, rg)
+
+
+# ----- behaviour -----------------------------------------------------------------------------------------
+
+def test_penalty_moves_mass_to_consistent_component():
+    """Two components, one on the law y = 1 and one off it: the penalty's logit gradient favours the first."""
+    logits = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+    means = torch.tensor([[[1.0], [0.2]]], dtype=torch.float64)
+    log_scales = torch.full((1, 2, 1), -2.0, dtype=torch.float64)
+    target = torch.tensor([[0.6]], dtype=torch.float64)
+    spec = P.Polynomial(torch.tensor([-1.0, 1.0], dtype=torch.float64))  # r = y - 1
+    base = torch.autograd.grad(physmdn.mixture_nll(logits, means, log_scales, target).sum(), logits)[0]
+    with_physics = torch.autograd.grad(P.mdn_loss(logits, means, log_scales, target, physics=spec, weight=5.0), logits)[0]
+    # descent direction: -grad; the consistent component 0 must gain relative to component 1
+    assert (-(with_physics[0, 0] - with_physics[0, 1])) > (-(base[0, 0] - base[0, 1])) + 1.0
+
+
+def test_noise_aware_penalty_stops_shrinking_scales_below_noise():
+    means = torch.zeros(1, 1, 1, dtype=torch.float64)
+    spec_plain = P.Polynomial(torch.tensor([0.0, 1.0], dtype=torch.float64))  # r = y, E r^2 = mu^2 + sigma^2
+    spec_noise = P.Polynomial(torch.tensor([0.0, 1.0], dtype=torch.float64), noise_scale=0.1)
+    for sigma, expect_plain, expect_noise in [(0.05, 0.0025, 0.0), (0.2, 0.04, 0.03)]:
+        ls = torch.full((1, 1, 1), math.log(sigma), dtype=torch.float64, requires_grad=True)
+        assert spec_plain.penalty(means, ls).item() == pytest.approx(expect_plain)
+        assert spec_noise.penalty(means, ls).item() == pytest.approx(expect_noise)
+        logits, target = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+        g_plain = torch.autograd.grad(P.mdn_loss(logits, means, ls, target, physics=spec_plain) -
+                                      physmdn.mixture_nll(logits, means, ls, target).mean(), ls)[0]
+        g_noise = torch.autograd.grad(P.mdn_loss(logits, means, ls, target, physics=spec_noise) -
+                                      physmdn.mixture_nll(logits, means, ls, target).mean(), ls)[0]
+        assert g_plain.item() > 0  # plain expectation always pushes the scale down
+        assert (g_noise.item() == 0.0) == (sigma < 0.1)
+
+
+def test_stability_penalizes_unstable_branch():
+    r = torch.tensor([0.5], dtype=torch.float64)
+    spec = P.Stability(torch.stack([r, torch.zeros_like(r), -3 * torch.ones_like(r)], -1)[:, None, None, :])
+    means = torch.tensor([[[0.0], [math.sqrt(0.5)]]], dtype=torch.float64)  # unstable y = 0, stable +sqrt(r)
+    pen = spec.penalty(means, torch.zeros_like(means))
+    assert pen[0, 0].item() == pytest.approx(0.25) and pen[0, 1].item() == 0.0
+
+
+def test_monotonic_penalty_uses_the_model_derivative():
+    x = torch.linspace(0, 1, 8, dtype=torch.float64)[:, None].requires_grad_(True)
+    means = torch.stack([2 * x, -3 * x], dim=1)  # [B, 2, 1]: component 0 increasing, 1 decreasing
+    pen = P.Monotonic(x, dim=0, output=0, increasing=True).penalty(means, torch.zeros_like(means))
+    assert torch.allclose(pen[:, 0], torch.zeros(8, dtype=torch.float64))
+    assert torch.allclose(pen[:, 1], torch.full((8,), 9.0, dtype=torch.float64))
+
+
+def test_residual_modes():
+    B, K, D = 3, 2, 2
+    _, means, log_scales, _ = mixture(B, K, D)
+    A = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    linear = P.Linear(A, torch.tensor([0.5], dtype=torch.float64))
+    fn = lambda y, c: y @ A.T - 0.5  # noqa: E731
+    sigma = P.Residual(fn, mode="sigma").penalty(means, log_scales)
+    torch.testing.assert_close(sigma, linear.penalty(means, log_scales))  # exact for linear residuals
+    point = P.Residual(fn, mode="point").penalty(means, log_scales)
+    torch.testing.assert_close(point, P.Linear(A, torch.tensor([0.5], dtype=torch.float64), mode="mean").penalty(means, log_scales))
+    mc = P.Residual(fn, mode="mc", samples=200_000, generator=torch.Generator().manual_seed(0)).penalty(means, log_scales)
+    assert rel_err(mc, sigma) < 2e-2
+    # unscented points in D = 1 reproduce the 4th moment: E[y^4] for the residual y^2
+    _, m1, s1, _ = mixture(B, K, 1)
+    quad = P.Residual(lambda y, c: y ** 2, mode="sigma").penalty(m1, s1)
+    torch.testing.assert_close(quad, P.Polynomial(torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)).penalty(m1, s1))
+
+
+# ----- bad specs -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: P.Polynomial(torch.zeros(2, 3, 4)), "coeffs must be \\[B\\|1, K\\|1, D\\|1, J\\+1\\]"),
+    (lambda: P.Polynomial(torch.zeros(1, 1, 1, 0)), "order J >= 0"),
+    (lambda: P.Polynomial(torch.zeros(4), mode="median"), "mode must be one of"),
+    (lambda: P.Polynomial(torch.zeros(4), noise_scale=-1.0), "noise_scale must be"),
+    (lambda: P.Linear(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 3)), "b must be \\[B\\|1, K\\|1, M\\] with M = 2"),
+    (lambda: P.Stencil1D(0.1, torch.zeros(3), spacing=0.0), "spacing must be"),
+    (lambda: P.Stencil1D(0.1, torch.zeros(3), boundary="dirichlet"), "boundary must be"),
+    (lambda: P.Bounds(), "Bounds needs lower, upper or both"),
+    (lambda: P.Residual("not callable"), "fn must be callable"),
+    (lambda: P.Polynomial(torch.zeros(4, dtype=torch.long)), "coeffs must be a floating-point tensor"),
+])
+def test_bad_spec_construction(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+@pytest.mark.parametrize("spec,match", [
+    (lambda: P.Polynomial(torch.zeros(1, 1, 3, 2)), "Polynomial coeffs must be broadcastable to \\[B\\|1, K\\|1, D\\|1, J\\+1\\] = \\(4, 2, 5, 2\\)"),
+    (lambda: P.Polynomial(torch.zeros(1, 3, 1, 2)), "got shape \\(1, 3, 1, 2\\)"),
+    (lambda: P.Linear(torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2)), "Linear A must be broadcastable"),
+    (lambda: P.Stencil1D(torch.zeros(3, 1), torch.zeros(3)), "Stencil1D diffusion must be broadcastable"),
+    (lambda: P.Polynomial(torch.zeros(10)), None),  # order 9 > kernel maximum: falls back to the reference
+])
+def test_spec_shape_mismatch_fails_at_the_boundary(spec, match):
+    inputs = mixture(4, 2, 5)
+    if match is None:
+        loss = P.mdn_loss(*inputs, physics=spec())
+        torch.testing.assert_close(loss, reference_loss(*inputs, [(spec(), 1.0)], 1.0).mean())
+        return
+    with pytest.raises(ValueError, match=match):
+        P.mdn_loss(*inputs, physics=spec())
+
+
+def test_bad_physics_argument():
+    inputs = mixture(4, 2, 5)
+    with pytest.raises(TypeError, match="physics must be a PhysicsSpec"):
+        P.mdn_loss(*inputs, physics=["nope"])
+    with pytest.raises(ValueError, match="reduction must be"):
+        P.mdn_loss(*inputs, physics=make_spec("linear", 4, 2, 5), reduction="max")
+
+
+def test_cpp_boundary_checks_family_arguments():
+    logits, means, log_scales, target = mixture(4, 2, 3)
+    empty = means.new_empty(0)
+    with pytest.raises(RuntimeError, match="coeffs must be \\[B, K, D, J\\+1\\]"):
+        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, torch.zeros(4, 2, 3), empty, None, 0, True,
+                                       1.0, 1.0, 0, 0.0)
+    with pytest.raises(RuntimeError, match="0 <= J <= 8"):
+        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, torch.zeros(4, 2, 3, 12, dtype=torch.float64),
+                                       empty, None, 0, True, 1.0, 1.0, 0, 0.0)
+    with pytest.raises(RuntimeError, match="family must be"):
+        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, empty, empty, None, 7, True, 1.0, 1.0, 0, 0.0)
+    with pytest.raises(RuntimeError, match="extra must be \\[B, K\\]"):
+        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, empty, empty, torch.zeros(3, 2, dtype=torch.float64),
+                                       -1, True, 1.0, 1.0, 0, 0.0)
