@@ -19,7 +19,7 @@ namespace {
 bool cpu_has_avx2() {
 #if defined(PHYSMDN_HAVE_AVX2_KERNELS) && (defined(__x86_64__) || defined(_M_X64))
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif

@@ -5,6 +5,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
 
 #include "mixture_math.h"
 #include "physics_math.h"
@@ -25,10 +30,201 @@ T* data_or_null(at::Tensor& t) {
   return t.numel() ? t.data_ptr<T>() : nullptr;
 }
 
+
+// ----- float32 fast path ------------------------------------------------------------------------------
+// Contiguous float32 inputs (the training case) take a blocked path: the per-element work of a block of
+// samples (exp(-log_scale), z, the Gaussian exponent) runs as one flat vector loop (at::vec: AVX2 + Sleef
+// exp in the AVX2 build), the per-component reductions and the log-sum-exp over K stay scalar. The math is
+// the same as mixture_math.h; the tests run both paths against the reference.
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kFastBlock = 64;      // samples per block (block buffers stay in L1/L2)
+constexpr int64_t kFastMaxKD = 4096;    // larger rows use the generic path
+
+bool use_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                   const at::Tensor& target) {
+  return means.scalar_type() == at::kFloat && logits.is_contiguous() && means.is_contiguous() &&
+         log_scales.is_contiguous() && target.is_contiguous() && means.size(1) * means.size(2) <= kFastMaxKD;
+}
+
+// y broadcast over components: ybuf[i, k, d] = y[i, d] for the block's samples.
+void fill_target_block(const float* y, int64_t nb, int64_t K, int64_t D, float* ybuf) {
+  for (int64_t i = 0; i < nb; ++i)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t d = 0; d < D; ++d) ybuf[(i * K + k) * D + d] = y[i * D + d];
+}
+
+// q = -z^2/2 - log_scale, z = (y - mu) exp(-log_scale); with kGrad also zs = z / s and z2m1 = z^2 - 1.
+template <bool kGrad>
+void gaussian_terms(const float* mu, const float* ls, const float* yb, int64_t n, float* q, float* zs, float* z2m1) {
+  int64_t e = 0;
+  const Vec half(-0.5f), one(1.0f);
+  for (; e + Vec::size() <= n; e += Vec::size()) {
+    const Vec l = Vec::loadu(ls + e);
+    const Vec inv = l.neg().exp();
+    const Vec z = (Vec::loadu(yb + e) - Vec::loadu(mu + e)) * inv;
+    const Vec zz = z * z;
+    at::vec::fmadd(half, zz, l.neg()).store(q + e);
+    if constexpr (kGrad) {
+      (z * inv).store(zs + e);
+      (zz - one).store(z2m1 + e);
+    }
+  }
+  for (; e < n; ++e) {
+    const float inv = std::exp(-ls[e]);
+    const float z = (yb[e] - mu[e]) * inv;
+    q[e] = -0.5f * z * z - ls[e];
+    if constexpr (kGrad) {
+      zs[e] = z * inv;
+      z2m1[e] = z * z - 1.0f;
+    }
+  }
+}
+
+// out = exp(in) / log(in), elementwise, vectorized.
+void vec_exp(const float* in, float* out, int64_t n) {
+  int64_t e = 0;
+  for (; e + Vec::size() <= n; e += Vec::size()) Vec::loadu(in + e).exp().store(out + e);
+  for (; e < n; ++e) out[e] = std::exp(in[e]);
+}
+void vec_log(const float* in, float* out, int64_t n) {
+  int64_t e = 0;
+  for (; e + Vec::size() <= n; e += Vec::size()) Vec::loadu(in + e).log().store(out + e);
+  for (; e < n; ++e) out[e] = std::log(in[e]);
+}
+
+// Row-wise log-sum-exp of x [n, K] for a block of rows: shift[i] = max_k x[i, k] (0 when the row is all -inf,
+// so that -inf rows give -inf and NaN rows NaN) and log_sum[i] = log sum_k exp(x[i, k] - shift[i]); the LSE is
+// shift + log_sum (kept apart: with logits near 1e4 the sum would round log_sum to the shift's ulp).
+// tmp holds n * K floats.
+void block_lse(const float* x, int64_t n, int64_t K, float* shift, float* log_sum, float* tmp) {
+  for (int64_t i = 0; i < n; ++i) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t k = 0; k < K; ++k) mx = x[i * K + k] > mx ? x[i * K + k] : mx;
+    shift[i] = mx == -std::numeric_limits<float>::infinity() ? 0.0f : mx;
+    for (int64_t k = 0; k < K; ++k) tmp[i * K + k] = x[i * K + k] - shift[i];
+  }
+  vec_exp(tmp, tmp, n * K);
+  for (int64_t i = 0; i < n; ++i) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < K; ++k) acc += tmp[i * K + k];
+    log_sum[i] = acc;
+  }
+  vec_log(log_sum, log_sum, n);
+}
+
+// Per (sample, component): log N = sum_d q - D log(2 pi) / 2.
+void component_log_densities(const float* q, int64_t nk, int64_t D, float* log_n) {
+  const float offset = static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi);
+  for (int64_t r = 0; r < nk; ++r) {
+    float acc = 0.0f;
+    for (int64_t d = 0; d < D; ++d) acc += q[r * D + d];
+    log_n[r] = acc - offset;
+  }
+}
+
+// Block buffers of the fast path, one set per parallel task.
+struct FastBlock {
+  std::vector<float> ybuf, q, log_pi, joint, tmp, shift, lse;
+  FastBlock(int64_t K, int64_t D)
+      : ybuf(kFastBlock * K * D), q(kFastBlock * K * D), log_pi(kFastBlock * K), joint(kFastBlock * K),
+        tmp(kFastBlock * K), shift(kFastBlock), lse(kFastBlock) {}
+};
+
+void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                              const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
+  const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
+  const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
+  float *out = loss.data_ptr<float>(), *sv = saved.data_ptr<float>();
+  at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    FastBlock w(K, D);
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0);
+      fill_target_block(y + b0 * D, nb, K, D, w.ybuf.data());
+      gaussian_terms<false>(mu + b0 * KD, ls + b0 * KD, w.ybuf.data(), nb * KD, w.q.data(), nullptr, nullptr);
+      component_log_densities(w.q.data(), nb * K, D, w.joint.data());
+      // log pi = (logit - max) - log sum exp(logit - max)
+      block_lse(lg + b0 * K, nb, K, w.shift.data(), w.lse.data(), w.tmp.data());
+      for (int64_t i = 0; i < nb; ++i) {
+        float* s = sv + math::kSavedPerSample * (b0 + i);
+        s[0] = w.shift[i];
+        s[1] = w.lse[i];
+        for (int64_t k = 0; k < K; ++k) {
+          w.log_pi[i * K + k] = (lg[(b0 + i) * K + k] - s[0]) - s[1];
+          w.joint[i * K + k] += w.log_pi[i * K + k];
+        }
+      }
+      block_lse(w.joint.data(), nb, K, w.shift.data(), w.lse.data(), w.tmp.data());
+      for (int64_t i = 0; i < nb; ++i) {
+        const float lse = w.shift[i] + w.lse[i];
+        sv[math::kSavedPerSample * (b0 + i) + 2] = lse;
+        out[b0 + i] = -lse;
+      }
+    }
+  });
+}
+
+void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
+                               const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
+                               at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
+                               at::Tensor& grad_target) {
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
+  const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
+  const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
+  const float* g_ptr = grad_loss.const_data_ptr<float>();
+  const int64_t g_stride = grad_loss.stride(0);
+  const float* sv = saved.const_data_ptr<float>();
+  float *gl = grad_logits.data_ptr<float>(), *gm = grad_means.data_ptr<float>();
+  float *gs = grad_log_scales.data_ptr<float>(), *gt = grad_target.data_ptr<float>();
+  at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    FastBlock w(K, D);
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0);
+      fill_target_block(y + b0 * D, nb, K, D, w.ybuf.data());
+      // z / s and z^2 - 1 go straight into the gradient outputs, scaled per component below
+      gaussian_terms<true>(mu + b0 * KD, ls + b0 * KD, w.ybuf.data(), nb * KD, w.q.data(), gm + b0 * KD, gs + b0 * KD);
+      component_log_densities(w.q.data(), nb * K, D, w.joint.data());
+      for (int64_t i = 0; i < nb; ++i) {
+        const float* s = sv + math::kSavedPerSample * (b0 + i);
+        for (int64_t k = 0; k < K; ++k) {
+          const float log_pi = (lg[(b0 + i) * K + k] - s[0]) - s[1];
+          w.log_pi[i * K + k] = log_pi;
+          w.joint[i * K + k] += log_pi - s[2];
+        }
+      }
+      vec_exp(w.joint.data(), w.joint.data(), nb * K);    // gamma
+      vec_exp(w.log_pi.data(), w.log_pi.data(), nb * K);  // pi
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t b = b0 + i;
+        const float g = g_ptr[b * g_stride];
+        float* gt_row = gt + b * D;
+        for (int64_t d = 0; d < D; ++d) gt_row[d] = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+          const float gamma = w.joint[i * K + k];
+          gl[b * K + k] = g * (w.log_pi[i * K + k] - gamma);
+          float* gm_row = gm + (b * K + k) * D;
+          float* gs_row = gs + (b * K + k) * D;
+          if (gamma == 0.0f) {  // no responsibility, no gradient (avoids 0 * inf)
+            for (int64_t d = 0; d < D; ++d) gm_row[d] = gs_row[d] = 0.0f;
+            continue;
+          }
+          const float c = -g * gamma;
+          for (int64_t d = 0; d < D; ++d) {
+            gm_row[d] *= c;
+            gs_row[d] *= c;
+            gt_row[d] -= gm_row[d];
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                          const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
+  if (use_fast_path(logits, means, log_scales, target)) return mixture_nll_forward_fast(logits, means, log_scales, target, loss, saved);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
@@ -46,6 +242,9 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                           const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
                           at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
                           at::Tensor& grad_target) {
+  if (use_fast_path(logits, means, log_scales, target))
+    return mixture_nll_backward_fast(grad_loss, logits, means, log_scales, target, saved, grad_logits, grad_means,
+                                     grad_log_scales, grad_target);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
