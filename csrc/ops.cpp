@@ -66,6 +66,11 @@ struct CpuBackend {
   template <typename... Args>
   static void mixture_nll_forward(Args&&... args) { PHYSMDN_CPU_CALL(mixture_nll_forward, args...); }
   template <typename... Args>
+  static bool mixture_nll_forward_grad(Args&&... args) {
+    return cpu_isa_state().load() == 1 ? cpu::avx2::mixture_nll_forward_grad(args...)
+                                       : cpu::default_isa::mixture_nll_forward_grad(args...);
+  }
+  template <typename... Args>
   static void mixture_nll_backward(Args&&... args) { PHYSMDN_CPU_CALL(mixture_nll_backward, args...); }
   template <typename... Args>
   static void mdn_loss_forward(Args&&... args) { PHYSMDN_CPU_CALL(mdn_loss_forward, args...); }

@@ -95,8 +95,8 @@ void vec_log(const float* in, float* out, int64_t n) {
 // Row-wise log-sum-exp of x [n, K] for a block of rows: shift[i] = max_k x[i, k] (0 when the row is all -inf,
 // so that -inf rows give -inf and NaN rows NaN) and log_sum[i] = log sum_k exp(x[i, k] - shift[i]); the LSE is
 // shift + log_sum (kept apart: with logits near 1e4 the sum would round log_sum to the shift's ulp).
-// tmp holds n * K floats.
-void block_lse(const float* x, int64_t n, int64_t K, float* shift, float* log_sum, float* tmp) {
+// On return tmp [n, K] holds exp(x - shift) and sum [n] its row sums.
+void block_lse(const float* x, int64_t n, int64_t K, float* shift, float* sum, float* log_sum, float* tmp) {
   for (int64_t i = 0; i < n; ++i) {
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t k = 0; k < K; ++k) mx = x[i * K + k] > mx ? x[i * K + k] : mx;
@@ -107,9 +107,9 @@ void block_lse(const float* x, int64_t n, int64_t K, float* shift, float* log_su
   for (int64_t i = 0; i < n; ++i) {
     float acc = 0.0f;
     for (int64_t k = 0; k < K; ++k) acc += tmp[i * K + k];
-    log_sum[i] = acc;
+    sum[i] = acc;
   }
-  vec_log(log_sum, log_sum, n);
+  vec_log(sum, log_sum, n);
 }
 
 // Per (sample, component): log N = sum_d q - D log(2 pi) / 2.
@@ -124,14 +124,41 @@ void component_log_densities(const float* q, int64_t nk, int64_t D, float* log_n
 
 // Block buffers of the fast path, one set per parallel task.
 struct FastBlock {
-  std::vector<float> ybuf, q, log_pi, joint, tmp, shift, lse;
+  std::vector<float> ybuf, q, log_pi, joint, tmp, prior, shift, sum, lse;
   FastBlock(int64_t K, int64_t D)
       : ybuf(kFastBlock * K * D), q(kFastBlock * K * D), log_pi(kFastBlock * K), joint(kFastBlock * K),
-        tmp(kFastBlock * K), shift(kFastBlock), lse(kFastBlock) {}
+        tmp(kFastBlock * K), prior(kFastBlock * K), shift(kFastBlock), sum(kFastBlock), lse(kFastBlock) {}
 };
 
+// Scales the unscaled (g = 1) gradient rows of sample b: gamma / pi are the component responsibilities and
+// weights, gm / gs hold z / s and z^2 - 1 on entry. Writes grad_logits, finishes grad_means / grad_log_scales
+// and grad_target.
+inline void finish_sample_grads(int64_t K, int64_t D, float g, const float* gamma, const float* pi, float* gl,
+                                float* gm, float* gs, float* gt) {
+  for (int64_t d = 0; d < D; ++d) gt[d] = 0.0f;
+  for (int64_t k = 0; k < K; ++k) {
+    gl[k] = g * (pi[k] - gamma[k]);
+    float* gm_row = gm + k * D;
+    float* gs_row = gs + k * D;
+    if (gamma[k] == 0.0f) {  // no responsibility, no gradient (avoids 0 * inf)
+      for (int64_t d = 0; d < D; ++d) gm_row[d] = gs_row[d] = 0.0f;
+      continue;
+    }
+    const float c = -g * gamma[k];
+    for (int64_t d = 0; d < D; ++d) {
+      gm_row[d] *= c;
+      gs_row[d] *= c;
+      gt[d] -= gm_row[d];
+    }
+  }
+}
+
+// Forward; with kGrad also the gradients for an upstream gradient of 1 (grad_* outputs), in the same pass:
+// one exp per element and two per component, the exponentials of the log-sum-exps reused as pi and gamma.
+template <bool kGrad>
 void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                              const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
+                              const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, float* gl, float* gm,
+                              float* gs, float* gt) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
   const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
   const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
@@ -141,24 +168,33 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0);
       fill_target_block(y + b0 * D, nb, K, D, w.ybuf.data());
-      gaussian_terms<false>(mu + b0 * KD, ls + b0 * KD, w.ybuf.data(), nb * KD, w.q.data(), nullptr, nullptr);
+      gaussian_terms<kGrad>(mu + b0 * KD, ls + b0 * KD, w.ybuf.data(), nb * KD, w.q.data(),
+                            kGrad ? gm + b0 * KD : nullptr, kGrad ? gs + b0 * KD : nullptr);
       component_log_densities(w.q.data(), nb * K, D, w.joint.data());
       // log pi = (logit - max) - log sum exp(logit - max)
-      block_lse(lg + b0 * K, nb, K, w.shift.data(), w.lse.data(), w.tmp.data());
+      block_lse(lg + b0 * K, nb, K, w.shift.data(), w.sum.data(), w.lse.data(), w.prior.data());
       for (int64_t i = 0; i < nb; ++i) {
         float* s = sv + math::kSavedPerSample * (b0 + i);
         s[0] = w.shift[i];
         s[1] = w.lse[i];
+        const float inv_sum = 1.0f / w.sum[i];
         for (int64_t k = 0; k < K; ++k) {
-          w.log_pi[i * K + k] = (lg[(b0 + i) * K + k] - s[0]) - s[1];
-          w.joint[i * K + k] += w.log_pi[i * K + k];
+          w.joint[i * K + k] += (lg[(b0 + i) * K + k] - s[0]) - s[1];
+          if (kGrad) w.prior[i * K + k] *= inv_sum;  // pi
         }
       }
-      block_lse(w.joint.data(), nb, K, w.shift.data(), w.lse.data(), w.tmp.data());
+      block_lse(w.joint.data(), nb, K, w.shift.data(), w.sum.data(), w.lse.data(), w.tmp.data());
       for (int64_t i = 0; i < nb; ++i) {
+        const int64_t b = b0 + i;
         const float lse = w.shift[i] + w.lse[i];
-        sv[math::kSavedPerSample * (b0 + i) + 2] = lse;
-        out[b0 + i] = -lse;
+        sv[math::kSavedPerSample * b + 2] = lse;
+        out[b] = -lse;
+        if constexpr (kGrad) {
+          const float inv_sum = 1.0f / w.sum[i];
+          for (int64_t k = 0; k < K; ++k) w.tmp[i * K + k] *= inv_sum;  // gamma
+          finish_sample_grads(K, D, 1.0f, w.tmp.data() + i * K, w.prior.data() + i * K, gl + b * K, gm + b * KD,
+                              gs + b * KD, gt + b * D);
+        }
       }
     }
   });
@@ -196,25 +232,8 @@ void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& lo
       vec_exp(w.log_pi.data(), w.log_pi.data(), nb * K);  // pi
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
-        const float g = g_ptr[b * g_stride];
-        float* gt_row = gt + b * D;
-        for (int64_t d = 0; d < D; ++d) gt_row[d] = 0.0f;
-        for (int64_t k = 0; k < K; ++k) {
-          const float gamma = w.joint[i * K + k];
-          gl[b * K + k] = g * (w.log_pi[i * K + k] - gamma);
-          float* gm_row = gm + (b * K + k) * D;
-          float* gs_row = gs + (b * K + k) * D;
-          if (gamma == 0.0f) {  // no responsibility, no gradient (avoids 0 * inf)
-            for (int64_t d = 0; d < D; ++d) gm_row[d] = gs_row[d] = 0.0f;
-            continue;
-          }
-          const float c = -g * gamma;
-          for (int64_t d = 0; d < D; ++d) {
-            gm_row[d] *= c;
-            gs_row[d] *= c;
-            gt_row[d] -= gm_row[d];
-          }
-        }
+        finish_sample_grads(K, D, g_ptr[b * g_stride], w.joint.data() + i * K, w.log_pi.data() + i * K, gl + b * K,
+                            gm + b * KD, gs + b * KD, gt + b * D);
       }
     }
   });
@@ -224,7 +243,9 @@ void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& lo
 
 void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                          const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
-  if (use_fast_path(logits, means, log_scales, target)) return mixture_nll_forward_fast(logits, means, log_scales, target, loss, saved);
+  if (use_fast_path(logits, means, log_scales, target))
+    return mixture_nll_forward_fast<false>(logits, means, log_scales, target, loss, saved, nullptr, nullptr, nullptr,
+                                           nullptr);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
@@ -236,6 +257,16 @@ void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, cons
       }
     });
   });
+}
+
+bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                              const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
+                              at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target) {
+  if (!use_fast_path(logits, means, log_scales, target)) return false;
+  mixture_nll_forward_fast<true>(logits, means, log_scales, target, loss, saved, grad_logits.data_ptr<float>(),
+                                 grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
+                                 grad_target.data_ptr<float>());
+  return true;
 }
 
 void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,

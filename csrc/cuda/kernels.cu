@@ -89,6 +89,12 @@ struct CudaBackend {
     });
   }
 
+  // No single-pass variant on the GPU yet: op_impl runs forward, then backward with a unit gradient.
+  static bool mixture_nll_forward_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                       at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
+    return false;
+  }
+
   static void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
                                    const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
                                    at::Tensor& gl, at::Tensor& gm, at::Tensor& gs, at::Tensor& gt) {

@@ -49,30 +49,40 @@ def check_mixture_inputs(logits, means, log_scales, target) -> None:
 # ----- mixture_nll ----------------------------------------------------------------------------------
 
 @torch.library.register_fake("physmdn::mixture_nll_fwd")
-def _mixture_nll_fwd_fake(logits, means, log_scales, target):
+def _mixture_nll_fwd_fake(logits, means, log_scales, target, compute_grad=False):
     check_mixture_inputs(logits, means, log_scales, target)
     B = means.shape[0]
-    return means.new_empty((B,)), means.new_empty((B, 3), dtype=acc_dtype(means.dtype))
+    if compute_grad:
+        grads = (means.new_empty(logits.shape), means.new_empty(means.shape), means.new_empty(log_scales.shape),
+                 means.new_empty(target.shape))
+    else:
+        grads = tuple(means.new_empty((0,)) for _ in range(4))
+    return (means.new_empty((B,)), means.new_empty((B, 3), dtype=acc_dtype(means.dtype)), *grads)
 
 
 @torch.library.register_fake("physmdn::mixture_nll_bwd")
-def _mixture_nll_bwd_fake(grad_loss, logits, means, log_scales, target, lse):
-    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
-            torch.empty_like(means, memory_format=torch.contiguous_format),
-            torch.empty_like(log_scales, memory_format=torch.contiguous_format),
-            torch.empty_like(target, memory_format=torch.contiguous_format))
+def _mixture_nll_bwd_fake(grad_loss, logits, means, log_scales, target, saved):
+    return (means.new_empty(logits.shape), means.new_empty(means.shape), means.new_empty(log_scales.shape),
+            means.new_empty(target.shape))
 
 
 def _mixture_nll_setup_context(ctx, inputs, output):
-    logits, means, log_scales, target = inputs
-    _, lse = output
-    ctx.save_for_backward(logits, means, log_scales, target, lse)
-    ctx.mark_non_differentiable(lse)
+    logits, means, log_scales, target, compute_grad = inputs
+    _, saved, *grads = output
+    ctx.compute_grad = bool(compute_grad)
+    ctx.save_for_backward(logits, means, log_scales, target, saved, *grads)
+    ctx.mark_non_differentiable(saved, *grads)
 
 
-def _mixture_nll_backward(ctx, grad_loss, _grad_lse):
-    logits, means, log_scales, target, lse = ctx.saved_tensors
-    return tuple(torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, lse))
+def _mixture_nll_backward(ctx, grad_loss, _grad_saved, *_grad_grads):
+    logits, means, log_scales, target, saved, *grads = ctx.saved_tensors
+    if ctx.compute_grad:
+        # The forward computed the gradients for a unit upstream gradient: scale them per sample.
+        g = grad_loss.to(grads[0].dtype)
+        gl, gm, gs, gt = grads
+        return gl * g[:, None], gm * g[:, None, None], gs * g[:, None, None], gt * g[:, None], None
+    gl, gm, gs, gt = torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, saved)
+    return gl, gm, gs, gt, None
 
 
 torch.library.register_autograd(
@@ -97,5 +107,8 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
         for that sample only. ``B = 0`` gives an empty tensor.
     """
     check_mixture_inputs(logits, means, log_scales, target)
-    loss, _ = torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target)
-    return loss
+    # Gradients are computed in the forward pass when they will be needed (one pass over the inputs); the
+    # backward then only scales them by the upstream gradient.
+    compute_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (logits, means, log_scales, target))
+    return torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target, compute_grad)[0]
