@@ -71,7 +71,8 @@ struct OnlineLSE {
     }
   }
   PHYSMDN_HD acc_t value() const {
-    if (max == -std::numeric_limits<acc_t>::infinity()) return max;
+    // all terms -inf: -inf; all NaN: the NaN the sum carries
+    if (max == -std::numeric_limits<acc_t>::infinity()) return sum != sum ? sum : max;
     return max + log_(sum);
   }
 };

@@ -251,3 +251,12 @@ def test_retain_graph_backward_twice():
     second = torch.autograd.grad(loss, inputs)
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_components_nan_gives_nan(dtype, device, cpu_isa):
+    logits, means, log_scales, target = make_inputs(4, 3, 2, dtype, device)
+    means[1] = float("nan")
+    loss = physmdn.mixture_nll(logits, means, log_scales, target)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()

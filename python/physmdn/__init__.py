@@ -8,10 +8,16 @@ from ._loader import load_extension
 
 _C, _build_config = load_extension()
 
+__version__ = "0.1.0"
+
 from . import reference  # noqa: E402
 from ._ops import mixture_nll  # noqa: E402
-
-__version__ = "0.1.0"
+from . import physics  # noqa: E402
+from .physics import mdn_loss  # noqa: E402
+from . import distributions, transport, models, training  # noqa: E402
+from .distributions import GaussianMixture, Modes  # noqa: E402
+from .models import MDN, CFM  # noqa: E402
+from .training import FitResult, LinearWarmup, fit, load  # noqa: E402
 
 
 def build_info() -> dict:
@@ -25,4 +31,8 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["mixture_nll", "reference", "build_info", "__version__"]
+__all__ = [
+    "mixture_nll", "mdn_loss", "reference", "physics", "build_info", "__version__",
+    "GaussianMixture", "Modes", "MDN", "CFM", "fit", "load", "FitResult", "LinearWarmup",
+    "distributions", "transport", "models", "training",
+]

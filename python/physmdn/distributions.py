@@ -270,9 +270,12 @@ class GaussianMixture:
     def regime_loss(self, labels: torch.Tensor, target: torch.Tensor | None = None, mode: str = "logits") -> torch.Tensor:
         """Supervised term aligning component ``k`` with regime ``k``; ``labels [B]`` int, ``-1`` = unknown.
 
-        ``mode="logits"``: cross-entropy ``-log pi_{label}`` (the gate learns ``P(regime | x)``).
+        ``mode="logits"``: cross-entropy ``-log pi_{label}``: supervises the gate only (it learns
+        ``P(regime | x)``); it does not pull component ``label`` towards the labelled outcomes, so a component
+        that sits on another branch stays there (the likelihood between branches is a barrier).
         ``mode="responsibilities"``: ``-log r_{label}(target)`` (needs ``target [B, D]``); added to the NLL
-        it gives ``-log(pi_label N(target | mu_label, sigma_label))``, the complete-data likelihood.
+        it gives ``-log(pi_label N(target | mu_label, sigma_label))``, the complete-data likelihood, which moves
+        component ``label`` onto the labelled outcomes (use this to tie components to regimes).
 
         Returns the mean over all ``B`` samples with unknown labels counting 0 (so the term scales with the
         labelled fraction and averages exactly across data-parallel shards). Scalar.
@@ -289,13 +292,14 @@ class GaussianMixture:
         known = labels >= 0
         safe = labels.clamp_min(0).unsqueeze(-1)
         if mode == "logits":
-            log_p = self.log_weights.float()
+            log_p = self.log_weights
         elif mode == "responsibilities":
             if target is None:
                 raise ValueError("target must be given for regime mode 'responsibilities', got None")
-            log_p = self.log_responsibilities(target).float()
+            log_p = self.log_responsibilities(target)
         else:
             raise ValueError(f"mode must be 'logits' or 'responsibilities', got {mode!r}")
+        log_p = log_p.to(torch.promote_types(log_p.dtype, torch.float32))  # half precision sums in float32
         picked = -log_p.gather(-1, safe).squeeze(-1)
         return torch.where(known, picked, torch.zeros_like(picked)).sum() / max(self.batch_size, 1)
 
@@ -346,14 +350,16 @@ class GaussianMixture:
         g_k = (means.unsqueeze(1) - x.unsqueeze(2)) * precision.unsqueeze(1)  # grad of log N_k: [B, M, K, D]
         grad = (r.unsqueeze(-1) * g_k).sum(2)
         # Hessian of log p: sum_k r_k (g_k g_k^T - Lambda_k) - grad grad^T
-        hess = torch.einsum("bmk,bmki,bmkj->bmij", r, g_k, g_k) - torch.diag_embed((r.unsqueeze(-1) * precision.unsqueeze(1)).sum(2))
+        mean_precision = (r.unsqueeze(-1) * precision.unsqueeze(1)).sum(2)  # [B, M, D]
+        hess = torch.einsum("bmk,bmki,bmkj->bmij", r, g_k, g_k) - torch.diag_embed(mean_precision)
         hess = hess - grad.unsqueeze(-1) * grad.unsqueeze(-2)
         top = torch.linalg.eigvalsh(0.5 * (hess + hess.transpose(-1, -2)))[..., -1]  # [B, M]
         curvature = precision.amax(dim=(1, 2)).unsqueeze(-1)  # [B, 1]
         is_max = top <= 1e-6 * curvature
 
         # greedy merge, highest density first
-        order = torch.argsort(torch.where(is_max, log_density, torch.full_like(log_density, -math.inf)), dim=-1, descending=True)
+        ranked = torch.where(is_max, log_density, torch.full_like(log_density, -math.inf))
+        order = torch.argsort(ranked, dim=-1, descending=True)
         x = x.gather(1, order.unsqueeze(-1).expand(B, K, D))
         log_density = log_density.gather(1, order)
         keep = is_max.gather(1, order)

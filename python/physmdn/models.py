@@ -214,7 +214,12 @@ class CFM(_ConditionalModel):
     ``u = x1 - x0``; loss ``E_t ||v(x_t, t, c) - u||^2`` (mean over batch and dimensions). ``x0 ~ N(0, I)`` is paired
     with the data ``x1`` independently (``coupling="independent"``, I-CFM) or by minibatch optimal transport
     (``coupling="ot"``, see :func:`physmdn.transport.ot_coupling`: exact Hungarian on the CPU for batches up to
-    ``ot_exact_max``, Sinkhorn on the model's device beyond; ``ot_context_weight`` adds a context term to the cost).
+    ``ot_exact_max``, Sinkhorn on the model's device beyond). The OT cost is
+    ``||x0_i - x1_j||^2 + ot_context_weight ||c_i - c_j||^2`` on standardized values, noise ``i`` carrying the
+    context of batch row ``i``: without the context term (``ot_context_weight=0``) OT pairs noise by the outcome
+    alone, so the noise paired with a context is no longer ``N(0, I)`` given it and the learned conditionals are
+    biased (on the ``y = +-sqrt(x)`` toy: energy distance 0.28 instead of 0.008 at ``x = 0.2``). The default 100
+    keeps pairs within nearby contexts; very large weights turn the coupling back into the independent one.
 
     Network: MLP on ``[x_t, t, sin(2 pi f t), cos(2 pi f t), (context - x_loc) / x_scale]`` with
     ``time_features // 2`` frequencies ``f`` geometric in ``[1, time_max_frequency]``.
@@ -227,7 +232,7 @@ class CFM(_ConditionalModel):
     def __init__(self, in_features: int, out_features: int, hidden: Sequence[int] = (128, 128, 128),
                  activation: str = "silu", time_features: int = 16, time_max_frequency: float = 8.0,
                  coupling: str = "independent", sigma_min: float = 0.0, ot_exact_max: int = 256,
-                 ot_epsilon: float = 0.05, ot_iterations: int = 100, ot_context_weight: float = 0.0):
+                 ot_epsilon: float = 0.05, ot_iterations: int = 100, ot_context_weight: float = 100.0):
         super().__init__()
         self.in_features = _check_int(in_features, "in_features", 1)
         self.out_features = _check_int(out_features, "out_features", 1)

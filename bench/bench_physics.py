@@ -1,0 +1,70 @@
+"""Benchmark the fused MDN loss (mixture NLL + pi-weighted exact polynomial penalty) against the eager
+composition (reference NLL + plain-torch penalty) and torch.compile of it.
+
+    python bench/bench_physics.py [--device cpu|cuda] [--B 65536 --K 8 --D 4 --J 3] [--family polynomial|linear|stencil]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from physmdn import physics as P
+from physmdn.reference import mixture_nll as reference_nll
+
+from _common import COLUMNS, base_parser, compare_impls, format_table, machine_info, write_results
+
+
+def make_spec(family, coeff, B, K, D, J):
+    if family == "polynomial":
+        return P.Polynomial(coeff)
+    if family == "linear":
+        return P.Linear(coeff[..., :2, :D].expand(-1, -1, 2, D).contiguous(), coeff[..., 0, :2])
+    return P.Stencil1D(0.1, coeff[:, :, 0, :], spacing=0.5)
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--J", type=int, default=3)
+    p.add_argument("--family", default="polynomial", choices=["polynomial", "linear", "stencil"])
+    args = p.parse_args(argv)
+    B, K, D, J, device = args.B, args.K, args.D, args.J, args.device
+
+    def make_inputs_factory(B):
+        def make(requires_grad):
+            g = torch.Generator().manual_seed(0)
+            ts = [torch.randn(B, K, generator=g), torch.randn(B, K, D, generator=g),
+                  0.3 * torch.randn(B, K, D, generator=g) - 1.0, torch.randn(B, D, generator=g),
+                  0.3 * torch.randn(B, K, 1, max(J + 1, 2), generator=g)]  # component-specific coefficients
+            ts = [t.to(device) for t in ts]
+            for t in ts[:3]:
+                t.requires_grad_(requires_grad)
+            return ts
+        return make
+
+    def fused(logits, means, log_scales, target, coeff):
+        return P.mdn_loss(logits, means, log_scales, target, physics=make_spec(args.family, coeff, B, K, D, J),
+                          weight=0.5, reduction="none")
+
+    def eager(logits, means, log_scales, target, coeff):
+        spec = make_spec(args.family, coeff, B, K, D, J)
+        return reference_nll(logits, means, log_scales, target) + 0.5 * P.physics_penalty(logits, means, log_scales, spec)
+
+    impls = {"physmdn": fused, "eager": eager, "torch.compile": torch.compile(eager, dynamic=False)}
+    shapes = [B] + [int(b) for b in args.sweep.split(",") if b]
+    rows = []
+    for b in shapes:
+        B = b
+        rows += compare_impls(impls, make_inputs_factory(b), device, f"B={b} K={K} D={D} J={J} {args.family}",
+                              repeat=args.repeat, memory=not args.no_memory)
+    main_rows = [r for r in rows if r["shape"].startswith(f"B={shapes[0]} ") and r["pass"] == "fwd+bwd"]
+    notes = "fused physics loss forward+backward speedup: " + ", ".join(
+        f"{r['impl']} {r['physmdn_speedup']:.2f}x" for r in main_rows if r["impl"] != "physmdn")
+    if args.no_save:
+        print(format_table(rows, COLUMNS)); print(notes)
+    else:
+        write_results(f"mdn_loss_{args.family}", device, machine_info(device), rows, COLUMNS, notes)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
