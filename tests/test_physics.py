@@ -344,3 +344,25 @@ def test_fused_loss_many_components(kind, device):
     assert rel_err(loss.cpu(), ref) <= 1e-12
     for g, rg in zip(grads, ref_grads):
         assert rel_err(g.cpu(), rg) <= 1e-11
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_mixed_dtypes_run_in_float32(device):
+    """Under torch.autocast a network emits bf16 heads while targets stay float32: the loss runs in float32."""
+    torch.manual_seed(0)
+    B, K, D = 32, 3, 1
+    net = torch.nn.Linear(1, K + 2 * K * D).to(device)
+    x = torch.rand(B, 1, device=device)
+    y = torch.randn(B, D, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out = net(x)
+        assert out.dtype == torch.bfloat16
+        logits, means, log_scales = out[:, :K], out[:, K:K + K * D].reshape(B, K, D), out[:, K + K * D:].reshape(B, K, D)
+        nll = physmdn.mixture_nll(logits, means, log_scales, y)
+        coeffs = torch.tensor([0.0, 1.0, 0.0, -1.0], device=device)
+        loss = P.mdn_loss(logits, means, log_scales, y, physics=P.Polynomial(coeffs), weight=0.1)
+    assert nll.dtype == torch.float32 and loss.dtype == torch.float32
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+    ref = reference_nll(logits.float(), means.float(), log_scales.float(), y)
+    torch.testing.assert_close(nll, ref)

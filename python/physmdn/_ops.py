@@ -46,6 +46,16 @@ def check_mixture_inputs(logits, means, log_scales, target) -> None:
             raise ValueError(f"{name} must be on the device of means ({means.device}), got {t.device}")
 
 
+def autocast_inputs(*tensors):
+    """Under ``torch.autocast`` the loss runs in float32 (like torch's own losses): floating inputs of
+    mixed or reduced dtypes are cast up. Outside autocast inputs pass through unchanged."""
+    device_type = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                     else t for t in tensors)
+    return tensors
+
+
 # ----- mixture_nll ----------------------------------------------------------------------------------
 
 @torch.library.register_fake("physmdn::mixture_nll_fwd")
@@ -102,10 +112,12 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
         target: ``[B, D]`` observations.
 
     Returns:
-        ``[B]`` loss in the input dtype. float16/bfloat16 inputs accumulate in float32.
+        ``[B]`` loss in the input dtype. float16/bfloat16 inputs accumulate in float32; under
+        ``torch.autocast`` the inputs are cast to float32 and the loss is float32.
         Non-contiguous and expanded inputs are read in place. A NaN in one sample's inputs gives NaN
         for that sample only. ``B = 0`` gives an empty tensor.
     """
+    logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
     check_mixture_inputs(logits, means, log_scales, target)
     # Gradients are computed in the forward pass when they will be needed (one pass over the inputs); the
     # backward then only scales them by the upstream gradient.

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._ops import check_mixture_inputs, mixture_nll
+from ._ops import autocast_inputs, check_mixture_inputs, mixture_nll
 
 __all__ = [
     "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability", "Monotonic", "Bounds",
@@ -509,6 +509,7 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
         weight: the global physics weight ``lambda``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]``).
     """
+    logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
     check_mixture_inputs(logits, means, log_scales, target)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
