@@ -18,6 +18,7 @@ from . import distributions, transport, models, training  # noqa: E402
 from .distributions import GaussianMixture, Modes  # noqa: E402
 from .models import MDN, CFM  # noqa: E402
 from .training import FitResult, LinearWarmup, fit, load  # noqa: E402
+from . import problems, metrics  # noqa: E402
 
 
 def build_info() -> dict:
@@ -34,5 +35,5 @@ def build_info() -> dict:
 __all__ = [
     "mixture_nll", "mdn_loss", "reference", "physics", "build_info", "__version__",
     "GaussianMixture", "Modes", "MDN", "CFM", "fit", "load", "FitResult", "LinearWarmup",
-    "distributions", "transport", "models", "training",
+    "distributions", "transport", "models", "training", "problems", "metrics",
 ]

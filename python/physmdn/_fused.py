@@ -42,12 +42,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, means, log_scales, target, p0, p1, extra, saved)
     ctx.scalars = (family, exact, weight, spacing, boundary, noise_scale)
     ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _grad_saved):
     logits, means, log_scales, target, p0, p1, extra, saved = ctx.saved_tensors
     family, exact, weight, spacing, boundary, noise_scale = ctx.scalars
     needs = ctx.needs_input_grad
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(saved[:, 0], dtype=means.dtype)
     gl, gm, gs, gt, gp0, gp1, ge = torch.ops.physmdn.mdn_loss_bwd(
         grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
         noise_scale, saved, bool(needs[4]), bool(needs[5]))

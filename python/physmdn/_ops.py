@@ -80,17 +80,32 @@ def _mixture_nll_setup_context(ctx, inputs, output):
     logits, means, log_scales, target, compute_grad = inputs
     _, saved, *grads = output
     ctx.compute_grad = bool(compute_grad)
-    ctx.save_for_backward(logits, means, log_scales, target, saved, *grads)
     ctx.mark_non_differentiable(saved, *grads)
+    ctx.set_materialize_grads(False)  # no zero-filled [B, K, D] gradients for the auxiliary outputs
+    if ctx.compute_grad and not torch.compiler.is_compiling():
+        # Eager: keep the unit-gradient outputs aside so the first backward can scale them in place (no extra
+        # [B, K, D] buffers); a second backward (retain_graph) recomputes through mixture_nll_bwd.
+        ctx.save_for_backward(logits, means, log_scales, target, saved)
+        ctx.unit_grads = list(grads)
+    else:
+        ctx.save_for_backward(logits, means, log_scales, target, saved, *grads)
+        ctx.unit_grads = None
 
 
 def _mixture_nll_backward(ctx, grad_loss, _grad_saved, *_grad_grads):
     logits, means, log_scales, target, saved, *grads = ctx.saved_tensors
-    if ctx.compute_grad:
+    if ctx.compute_grad and ctx.unit_grads is not None:
+        gl, gm, gs, gt = ctx.unit_grads
+        ctx.unit_grads = None
+        g = torch.zeros_like(saved[:, 0], dtype=gl.dtype) if grad_loss is None else grad_loss.to(gl.dtype)
+        return gl.mul_(g[:, None]), gm.mul_(g[:, None, None]), gs.mul_(g[:, None, None]), gt.mul_(g[:, None]), None
+    if ctx.compute_grad and grads:
         # The forward computed the gradients for a unit upstream gradient: scale them per sample.
-        g = grad_loss.to(grads[0].dtype)
+        g = torch.zeros_like(saved[:, 0], dtype=grads[0].dtype) if grad_loss is None else grad_loss.to(grads[0].dtype)
         gl, gm, gs, gt = grads
         return gl * g[:, None], gm * g[:, None, None], gs * g[:, None, None], gt * g[:, None], None
+    if grad_loss is None:
+        grad_loss = torch.zeros_like(saved[:, 0], dtype=means.dtype)
     gl, gm, gs, gt = torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, saved)
     return gl, gm, gs, gt, None
 
