@@ -366,3 +366,22 @@ def test_autocast_mixed_dtypes_run_in_float32(device):
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
     ref = reference_nll(logits.float(), means.float(), log_scales.float(), y)
     torch.testing.assert_close(nll, ref)
+
+
+@pytest.mark.parametrize("boundary", ["periodic", "neumann"])
+def test_field_stability_separates_stable_and_unstable_states(boundary):
+    D, eps, h = 16, 1e-3, 1.0 / 16
+    spec = P.FieldStability(eps, torch.tensor([1.0, 0.0, -3.0], dtype=torch.float64), spacing=h, boundary=boundary)
+    states = torch.stack([torch.ones(D), -torch.ones(D), torch.zeros(D)]).double()[None]  # [1, 3, D]
+    pen = spec.penalty(states, torch.zeros_like(states))
+    assert pen[0, 0] == 0 and pen[0, 1] == 0  # u = +-1: J = eps L - 2 I, eigenvalues <= -2
+    assert pen[0, 2].item() == pytest.approx(1.0)  # u = 0: the uniform mode grows at rate 1
+    # eigenvalues of the symmetrized Jacobian equal those of the true (non-symmetric for Neumann) one
+    u = torch.randn(1, 1, D, dtype=torch.float64)
+    true_J = eps / h**2 * P.Stencil1D(eps, [0.0], spacing=h, boundary=boundary).laplacian(D) + torch.diag(1 - 3 * u[0, 0] ** 2)
+    expected = torch.linalg.eigvals(true_J).real.max()
+    torch.testing.assert_close(torch.linalg.eigvalsh(spec.jacobian(u))[0, 0, -1], expected)
+    # it trains: the gradient moves a state near u = 0 away from it
+    mu = torch.full((1, 1, D), 0.1, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(spec.penalty(mu, torch.zeros_like(mu)).sum(), mu)
+    assert (grad < 0).all()

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from ._ops import autocast_inputs, check_mixture_inputs, mixture_nll
 
 __all__ = [
-    "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability", "Monotonic", "Bounds",
+    "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability", "FieldStability", "Monotonic",
+    "Bounds",
     "mdn_loss", "physics_penalty", "gaussian_moments",
 ]
 
@@ -324,6 +325,48 @@ class Stability(PhysicsSpec):
     def penalty(self, means, log_scales):
         slope = _poly_eval(self.coeffs.to(means.dtype), means)
         return F.relu(slope + self.margin).square().sum(-1)
+
+
+class FieldStability(PhysicsSpec):
+    """Linear stability of a steady 1-D field (the field analogue of :class:`Stability`): the Jacobian of
+    ``u_t = diffusion L u / spacing^2 + f(u)`` at each component mean,
+    ``J = diffusion L / spacing^2 + diag(f'(mu))``, must have all eigenvalues below ``-margin``:
+    ``P_bk = relu(lambda_max(J_bk) + margin)^2``.
+
+    The steady residual of :class:`Stencil1D` also vanishes on unstable states (``u = 0`` for Allen–Cahn,
+    ``u = a`` for a bistable reaction); this prior keeps components off them. ``reaction_derivative``:
+    coefficients of ``f'`` (Allen–Cahn ``f = u - u^3``: ``[1, 0, -3]``), ``[B|1, K|1, J+1]`` or ``[J+1]``;
+    ``diffusion``: float or ``[B|1, K|1]``. Neumann's mirrored Laplacian is symmetrized by a diagonal
+    similarity (same eigenvalues), so ``torch.linalg.eigvalsh`` applies to both boundaries.
+    """
+
+    family = "field_stability"
+    mode = "mean"
+
+    def __init__(self, diffusion, reaction_derivative, spacing: float = 1.0, boundary: str = "periodic",
+                 margin: float = 0.0):
+        self._stencil = Stencil1D(diffusion, reaction_derivative, spacing=spacing, boundary=boundary, mode="mean")
+        self.diffusion, self.reaction_derivative = self._stencil.diffusion, self._stencil.reaction
+        self.margin = float(margin)
+
+    def validate(self, B, K, D):
+        self._stencil.validate(B, K, D)
+
+    def jacobian(self, means: torch.Tensor) -> torch.Tensor:
+        """``[B, K, D, D]`` symmetric (similar) Jacobian at ``means [B, K, D]``."""
+        D = means.shape[-1]
+        L = self._stencil.laplacian(D, means.dtype, means.device)
+        if self._stencil.boundary == "neumann" and D >= 3:
+            s = torch.ones(D, dtype=means.dtype, device=means.device)
+            s[0] = s[-1] = math.sqrt(0.5)
+            L = s[:, None] * L / s[None, :]
+        a = self.diffusion.to(means.dtype)[..., None, None] / self._stencil.spacing**2
+        slope = _poly_eval(self.reaction_derivative.to(means.dtype)[..., None, :], means)
+        return a * L + torch.diag_embed(slope)
+
+    def penalty(self, means, log_scales):
+        top = torch.linalg.eigvalsh(self.jacobian(means))[..., -1]
+        return F.relu(top + self.margin).square()
 
 
 class Monotonic(PhysicsSpec):

@@ -663,7 +663,7 @@ class AllenCahn(Problem):
         self.noise_time = _check_nonneg(noise_time, "noise_time")
         self.relax_time = _check_nonneg(relax_time, "relax_time")
         self.physics_mode = _check_physics_mode(physics_mode)
-        self.physics_weights = _merge_weights({"steady": 1.0}, physics_weights)
+        self.physics_weights = _merge_weights({"steady": 1.0, "stability": 100.0}, physics_weights)
         self.config = dict(grid=grid, length=self.length, eps_range=eps_range, sigma_range=sigma_range,
                            bias_range=bias_range, init_amplitude=self.init_amplitude, noise=self.noise, dt=self.dt,
                            noise_time=self.noise_time, relax_time=self.relax_time, physics_mode=physics_mode,
@@ -704,7 +704,10 @@ class AllenCahn(Problem):
         reaction = torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=context.dtype, device=context.device).reshape(1, 1, 4)
         spec = P.Stencil1D(eps, reaction, spacing=self.spacing, boundary="periodic", mode=self.physics_mode,
                            noise_scale=self.noise)
-        return [(spec, self.physics_weights["steady"])]
+        # the steady residual is zero on the unstable u = 0 too: the field stability prior excludes it
+        slope = torch.tensor([1.0, 0.0, -3.0], dtype=context.dtype, device=context.device).reshape(1, 1, 3)
+        stability = P.FieldStability(eps, slope, spacing=self.spacing, boundary="periodic")
+        return [(spec, self.physics_weights["steady"]), (stability, self.physics_weights["stability"])]
 
     def residual(self, y, context):
         u = self._check_outcome(y)
@@ -905,7 +908,7 @@ class ReactionDiffusion(Problem):
         self.tol = _check_pos(tol, "tol")
         self.check_every = _check_count(check_every, "check_every")
         self.physics_mode = _check_physics_mode(physics_mode)
-        self.physics_weights = _merge_weights({"steady": 1.0}, physics_weights)
+        self.physics_weights = _merge_weights({"steady": 1.0, "stability": 100.0}, physics_weights)
         self.config = dict(grid=grid, spacing=self.spacing, D_range=D_range, a_range=a_range,
                            init_noise=self.init_noise, noise=self.noise, dt=self.dt, max_time=self.max_time,
                            tol=self.tol, check_every=self.check_every, physics_mode=physics_mode,
@@ -962,7 +965,10 @@ class ReactionDiffusion(Problem):
         reaction = torch.stack([torch.zeros_like(a), -a, 1.0 + a, -torch.ones_like(a)], dim=-1).unsqueeze(1)
         spec = P.Stencil1D(D, reaction, spacing=self.spacing, boundary="neumann", mode=self.physics_mode,
                            noise_scale=self.noise)
-        return [(spec, self.physics_weights["steady"])]
+        # f'(u) = -3u^2 + 2(1 + a)u - a; the unstable uniform state u = a is excluded by the stability prior
+        slope = torch.stack([-a, 2.0 * (1.0 + a), -3.0 * torch.ones_like(a)], dim=-1).unsqueeze(1)
+        stability = P.FieldStability(D, slope, spacing=self.spacing, boundary="neumann")
+        return [(spec, self.physics_weights["steady"]), (stability, self.physics_weights["stability"])]
 
     def residual(self, y, context):
         u = self._check_outcome(y)
