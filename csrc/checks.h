@@ -15,8 +15,8 @@ inline void check_mixture_inputs(const at::Tensor& logits, const at::Tensor& mea
                                  const at::Tensor& target) {
   TORCH_CHECK(means.dim() == 3, "means must be [B, K, D], got shape ", means.sizes());
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  TORCH_CHECK(K >= 1, "means must have at least one component (K >= 1), got shape ", means.sizes());
-  TORCH_CHECK(D >= 1, "means must have at least one output dimension (D >= 1), got shape ", means.sizes());
+  TORCH_CHECK(K >= 1, "means must have K >= 1 components, got shape ", means.sizes());
+  TORCH_CHECK(D >= 1, "means must have D >= 1 output dimensions, got shape ", means.sizes());
   TORCH_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == K, "logits must be [B, K] = [", B, ", ",
               K, "] to match means, got shape ", logits.sizes());
   TORCH_CHECK(log_scales.dim() == 3 && log_scales.sizes() == means.sizes(), "log_scales must be [B, K, D] = ",

@@ -33,3 +33,13 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-30) 
     actual, expected = actual.double(), expected.double()
     scale = expected.abs().max().clamp_min(floor) if expected.numel() else torch.tensor(1.0)
     return ((actual - expected).abs().max() / scale).item() if expected.numel() else 0.0
+
+
+@pytest.fixture
+def one_thread():
+    """Small networks on a shared 2-core machine: one thread avoids oversubscription stalls (and matches
+    torchrun's workers, OMP_NUM_THREADS=1, so summation orders agree)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

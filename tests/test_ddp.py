@@ -60,13 +60,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Like torchrun's workers (OMP_NUM_THREADS=1), so both runs sum in the same order per process."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_torchrun_two_processes_match_single_process(tmp_path):

@@ -10,13 +10,7 @@ from physmdn import reference
 from physmdn.distributions import GaussianMixture
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_mixture(B=5, K=3, D=2, seed=0, dtype=torch.float64, requires_grad=False):

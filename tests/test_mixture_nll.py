@@ -202,7 +202,7 @@ def _bad_cases():
         ((l.double(), m, s, y), "logits must have the dtype of means"),
         ((l, m, s, y.long()), "target must be a floating-point tensor"),
         ((l, m.long(), s, y), "means must be a floating-point tensor"),
-        ((l, torch.zeros(4, 0, 2), s, y), "at least one component"),
+        ((l, torch.zeros(4, 0, 2), s, y), "K >= 1 components"),
         ((l, m, s, "y"), "target must be a torch.Tensor"),
     ]
 

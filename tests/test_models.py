@@ -12,13 +12,7 @@ from physmdn.training import fit
 from physmdn.transport import exact_assignment, ot_coupling, sinkhorn_plan, squared_cost
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bimodal_toy(n: int, seed: int, noise: float = 0.05):

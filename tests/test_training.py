@@ -13,13 +13,7 @@ from physmdn.models import CFM, MDN
 from physmdn.training import LinearWarmup, fit, load, load_checkpoint, mixture_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small networks on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bimodal_toy(n: int, seed: int, noise: float = 0.05, labels: bool = False, p_upper: float = 0.5):

@@ -22,28 +22,41 @@ def _check_tensor(t, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor (float64, float32, bfloat16 or float16), got {t.dtype}")
 
 
-def check_mixture_inputs(logits, means, log_scales, target) -> None:
-    """Validate shapes ``logits [B, K]``, ``means/log_scales [B, K, D]``, ``target [B, D]``, dtypes and devices."""
-    for t, name in ((logits, "logits"), (means, "means"), (log_scales, "log_scales"), (target, "target")):
+def check_mixture_params(logits, means, log_scales) -> None:
+    """Validate mixture parameters ``logits [B, K]``, ``means / log_scales [B, K, D]``: types, shapes, dtypes and
+    devices, each error naming the argument, the expected and the actual value."""
+    for t, name in ((logits, "logits"), (means, "means"), (log_scales, "log_scales")):
         _check_tensor(t, name)
     if means.dim() != 3:
         raise ValueError(f"means must be [B, K, D], got shape {tuple(means.shape)}")
     B, K, D = means.shape
     if K < 1:
-        raise ValueError(f"means must have at least one component (K >= 1), got shape {tuple(means.shape)}")
+        raise ValueError(f"means must have K >= 1 components, got shape {tuple(means.shape)}")
     if D < 1:
-        raise ValueError(f"means must have at least one output dimension (D >= 1), got shape {tuple(means.shape)}")
+        raise ValueError(f"means must have D >= 1 output dimensions, got shape {tuple(means.shape)}")
     if logits.dim() != 2 or tuple(logits.shape) != (B, K):
         raise ValueError(f"logits must be [B, K] = {(B, K)} to match means, got shape {tuple(logits.shape)}")
     if tuple(log_scales.shape) != (B, K, D):
         raise ValueError(f"log_scales must be [B, K, D] = {(B, K, D)} to match means, got shape {tuple(log_scales.shape)}")
+    for t, name in ((logits, "logits"), (log_scales, "log_scales")):
+        _check_like_means(t, name, means)
+
+
+def _check_like_means(t, name: str, means) -> None:
+    if t.dtype != means.dtype:
+        raise TypeError(f"{name} must have the dtype of means ({means.dtype}), got {t.dtype}")
+    if t.device != means.device:
+        raise ValueError(f"{name} must be on the device of means ({means.device}), got {t.device}")
+
+
+def check_mixture_inputs(logits, means, log_scales, target) -> None:
+    """Validate ``logits [B, K]``, ``means / log_scales [B, K, D]`` and ``target [B, D]``."""
+    _check_tensor(target, "target")
+    check_mixture_params(logits, means, log_scales)
+    B, _, D = means.shape
     if target.dim() != 2 or tuple(target.shape) != (B, D):
         raise ValueError(f"target must be [B, D] = {(B, D)} to match means, got shape {tuple(target.shape)}")
-    for t, name in ((logits, "logits"), (log_scales, "log_scales"), (target, "target")):
-        if t.dtype != means.dtype:
-            raise TypeError(f"{name} must have the dtype of means ({means.dtype}), got {t.dtype}")
-        if t.device != means.device:
-            raise ValueError(f"{name} must be on the device of means ({means.device}), got {t.device}")
+    _check_like_means(target, "target", means)
 
 
 def autocast_inputs(*tensors):

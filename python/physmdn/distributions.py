@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._ops import _FLOATING, mixture_nll
+from ._ops import check_mixture_params, mixture_nll
 from .reference import HALF_LOG_2PI
 
 __all__ = ["GaussianMixture", "Modes"]
@@ -46,30 +46,6 @@ class Modes(NamedTuple):
         return [(self.locations[b, : int(n)], self.densities[b, : int(n)]) for b, n in enumerate(self.counts.tolist())]
 
 
-def _check_parameters(logits, means, log_scales) -> None:
-    for t, name in ((logits, "logits"), (means, "means"), (log_scales, "log_scales")):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOATING:
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    if means.dim() != 3:
-        raise ValueError(f"means must be [B, K, D], got shape {tuple(means.shape)}")
-    B, K, D = means.shape
-    if K < 1:
-        raise ValueError(f"means must have K >= 1 components, got shape {tuple(means.shape)}")
-    if D < 1:
-        raise ValueError(f"means must have D >= 1 output dimensions, got shape {tuple(means.shape)}")
-    if tuple(logits.shape) != (B, K):
-        raise ValueError(f"logits must be [B, K] = {(B, K)} to match means, got shape {tuple(logits.shape)}")
-    if tuple(log_scales.shape) != (B, K, D):
-        raise ValueError(f"log_scales must be [B, K, D] = {(B, K, D)} to match means, got shape {tuple(log_scales.shape)}")
-    for t, name in ((logits, "logits"), (log_scales, "log_scales")):
-        if t.dtype != means.dtype:
-            raise TypeError(f"{name} must have the dtype of means ({means.dtype}), got {t.dtype}")
-        if t.device != means.device:
-            raise ValueError(f"{name} must be on the device of means ({means.device}), got {t.device}")
-
-
 class GaussianMixture:
     """A batch ``[B]`` of ``K``-component diagonal Gaussian mixtures over ``R^D``.
 
@@ -84,7 +60,7 @@ class GaussianMixture:
     """
 
     def __init__(self, logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor):
-        _check_parameters(logits, means, log_scales)
+        check_mixture_params(logits, means, log_scales)
         self.logits, self.means, self.log_scales = logits, means, log_scales
 
     # ----- shapes -------------------------------------------------------------------------------------
