@@ -2,7 +2,8 @@
 # Sets up .venv with torch and builds + installs physmdn into it (CPU kernels always; CUDA kernels too
 # when nvcc is found). Idempotent: re-running rebuilds physmdn incrementally.
 #   PHYSMDN_TORCH   torch requirement (default torch==2.14.1, a CUDA 13.0 build)
-#   PHYSMDN_CUDA    AUTO|ON|OFF (default: ON when nvcc is found, so CUDA code always compiles where it can)
+#   PHYSMDN_CUDA    AUTO|ON|OFF (default: ON when torch is a CUDA build and nvcc is found, so CUDA code
+#                   always compiles where it can)
 #   PHYSMDN_VENV    venv folder (default .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,8 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "${PHYSMDN_TORCH:-torch==2.14.1}" pybind11 "scikit-build-core>=0.10" "cmake>=3.26" ninja \
   numpy scipy tqdm matplotlib pytest
 if [ -z "${PHYSMDN_CUDA:-}" ]; then
-  if command -v nvcc >/dev/null 2>&1 || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; then
+  torch_cuda=$(python -c "import torch; print(torch.version.cuda or '')")
+  if [ -n "$torch_cuda" ] && { command -v nvcc >/dev/null 2>&1 || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; }; then
     export PHYSMDN_CUDA=ON
   else
     export PHYSMDN_CUDA=AUTO
