@@ -38,3 +38,15 @@ def test_cpu_isa_selection_errors():
 
     with pytest.raises(RuntimeError, match="isa must be 'default' or 'avx2'"):
         physmdn._C.set_cpu_isa("sse9")
+
+
+def test_ci_compiles_the_cuda_kernels():
+    """On CI (a CUDA build of torch and nvcc, no GPU) the CUDA kernels must have been compiled."""
+    import os
+    import shutil
+
+    import pytest
+
+    if not (os.environ.get("CI") and torch.version.cuda and (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"))):
+        pytest.skip("not a CI machine with nvcc and a CUDA torch")
+    assert physmdn.build_info()["cuda_kernels"], "CI must build the CUDA kernels (PHYSMDN_CUDA=ON)"
