@@ -260,3 +260,11 @@ def test_all_components_nan_gives_nan(dtype, device, cpu_isa):
     means[1] = float("nan")
     loss = physmdn.mixture_nll(logits, means, log_scales, target)
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("D", [2, 4, 8, 5])
+def test_float32_fast_path_specialized_dimensions(D, cpu_isa):
+    """The CPU float32 path unrolls D in {1, 2, 3, 4, 8}; others read D at run time."""
+    for B, K in [(1, 1), (67, 8), (130, 3)]:
+        check_against_reference(make_inputs(B, K, D, torch.float32, "cpu", seed=B + K + D), torch.float32,
+                                loss_tol=1e-5, grad_tol=1e-4)

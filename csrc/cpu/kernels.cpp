@@ -46,8 +46,13 @@ bool use_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::
          log_scales.is_contiguous() && target.is_contiguous() && means.size(1) * means.size(2) <= kFastMaxKD;
 }
 
+// Small D is a compile-time constant (kD > 0) so the loops over d unroll; kD = 0 reads D at run time.
+#define PHYSMDN_DIM(D) (kD > 0 ? static_cast<int64_t>(kD) : (D))
+
 // y broadcast over components: ybuf[i, k, d] = y[i, d] for the block's samples.
-void fill_target_block(const float* y, int64_t nb, int64_t K, int64_t D, float* ybuf) {
+template <int kD>
+void fill_target_block(const float* y, int64_t nb, int64_t K, int64_t D_, float* ybuf) {
+  const int64_t D = PHYSMDN_DIM(D_);
   for (int64_t i = 0; i < nb; ++i)
     for (int64_t k = 0; k < K; ++k)
       for (int64_t d = 0; d < D; ++d) ybuf[(i * K + k) * D + d] = y[i * D + d];
@@ -113,7 +118,9 @@ void block_lse(const float* x, int64_t n, int64_t K, float* shift, float* sum, f
 }
 
 // Per (sample, component): log N = sum_d q - D log(2 pi) / 2.
-void component_log_densities(const float* q, int64_t nk, int64_t D, float* log_n) {
+template <int kD>
+void component_log_densities(const float* q, int64_t nk, int64_t D_, float* log_n) {
+  const int64_t D = PHYSMDN_DIM(D_);
   const float offset = static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi);
   for (int64_t r = 0; r < nk; ++r) {
     float acc = 0.0f;
@@ -133,8 +140,10 @@ struct FastBlock {
 // Scales the unscaled (g = 1) gradient rows of sample b: gamma / pi are the component responsibilities and
 // weights, gm / gs hold z / s and z^2 - 1 on entry. Writes grad_logits, finishes grad_means / grad_log_scales
 // and grad_target.
-inline void finish_sample_grads(int64_t K, int64_t D, float g, const float* gamma, const float* pi, float* gl,
+template <int kD>
+inline void finish_sample_grads(int64_t K, int64_t D_, float g, const float* gamma, const float* pi, float* gl,
                                 float* gm, float* gs, float* gt) {
+  const int64_t D = PHYSMDN_DIM(D_);
   for (int64_t d = 0; d < D; ++d) gt[d] = 0.0f;
   for (int64_t k = 0; k < K; ++k) {
     gl[k] = g * (pi[k] - gamma[k]);
@@ -155,11 +164,11 @@ inline void finish_sample_grads(int64_t K, int64_t D, float g, const float* gamm
 
 // Forward; with kGrad also the gradients for an upstream gradient of 1 (grad_* outputs), in the same pass:
 // one exp per element and two per component, the exponentials of the log-sum-exps reused as pi and gamma.
-template <bool kGrad>
+template <bool kGrad, int kD>
 void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                               const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, float* gl, float* gm,
                               float* gs, float* gt) {
-  const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
+  const int64_t B = means.size(0), K = means.size(1), D = PHYSMDN_DIM(means.size(2)), KD = K * D;
   const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
   const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
   float *out = loss.data_ptr<float>(), *sv = saved.data_ptr<float>();
@@ -167,10 +176,10 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
     FastBlock w(K, D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0);
-      fill_target_block(y + b0 * D, nb, K, D, w.ybuf.data());
+      fill_target_block<kD>(y + b0 * D, nb, K, D, w.ybuf.data());
       gaussian_terms<kGrad>(mu + b0 * KD, ls + b0 * KD, w.ybuf.data(), nb * KD, w.q.data(),
                             kGrad ? gm + b0 * KD : nullptr, kGrad ? gs + b0 * KD : nullptr);
-      component_log_densities(w.q.data(), nb * K, D, w.joint.data());
+      component_log_densities<kD>(w.q.data(), nb * K, D, w.joint.data());
       // log pi = (logit - max) - log sum exp(logit - max)
       block_lse(lg + b0 * K, nb, K, w.shift.data(), w.sum.data(), w.lse.data(), w.prior.data());
       for (int64_t i = 0; i < nb; ++i) {
@@ -192,7 +201,7 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
         if constexpr (kGrad) {
           const float inv_sum = 1.0f / w.sum[i];
           for (int64_t k = 0; k < K; ++k) w.tmp[i * K + k] *= inv_sum;  // gamma
-          finish_sample_grads(K, D, 1.0f, w.tmp.data() + i * K, w.prior.data() + i * K, gl + b * K, gm + b * KD,
+          finish_sample_grads<kD>(K, D, 1.0f, w.tmp.data() + i * K, w.prior.data() + i * K, gl + b * K, gm + b * KD,
                               gs + b * KD, gt + b * D);
         }
       }
@@ -200,11 +209,12 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
   });
 }
 
+template <int kD>
 void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
                                const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
                                at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
                                at::Tensor& grad_target) {
-  const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
+  const int64_t B = means.size(0), K = means.size(1), D = PHYSMDN_DIM(means.size(2)), KD = K * D;
   const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
   const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
   const float* g_ptr = grad_loss.const_data_ptr<float>();
@@ -216,10 +226,10 @@ void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& lo
     FastBlock w(K, D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0);
-      fill_target_block(y + b0 * D, nb, K, D, w.ybuf.data());
+      fill_target_block<kD>(y + b0 * D, nb, K, D, w.ybuf.data());
       // z / s and z^2 - 1 go straight into the gradient outputs, scaled per component below
       gaussian_terms<true>(mu + b0 * KD, ls + b0 * KD, w.ybuf.data(), nb * KD, w.q.data(), gm + b0 * KD, gs + b0 * KD);
-      component_log_densities(w.q.data(), nb * K, D, w.joint.data());
+      component_log_densities<kD>(w.q.data(), nb * K, D, w.joint.data());
       for (int64_t i = 0; i < nb; ++i) {
         const float* s = sv + math::kSavedPerSample * (b0 + i);
         for (int64_t k = 0; k < K; ++k) {
@@ -232,11 +242,24 @@ void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& lo
       vec_exp(w.log_pi.data(), w.log_pi.data(), nb * K);  // pi
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
-        finish_sample_grads(K, D, g_ptr[b * g_stride], w.joint.data() + i * K, w.log_pi.data() + i * K, gl + b * K,
+        finish_sample_grads<kD>(K, D, g_ptr[b * g_stride], w.joint.data() + i * K, w.log_pi.data() + i * K, gl + b * K,
                             gm + b * KD, gs + b * KD, gt + b * D);
       }
     }
   });
+}
+
+// Calls fn.template operator()<kD>() with kD = D for the common small dimensions, 0 (run time) otherwise.
+template <typename Fn>
+void dispatch_dim(int64_t D, Fn&& fn) {
+  switch (D) {
+    case 1: return fn.template operator()<1>();
+    case 2: return fn.template operator()<2>();
+    case 3: return fn.template operator()<3>();
+    case 4: return fn.template operator()<4>();
+    case 8: return fn.template operator()<8>();
+    default: return fn.template operator()<0>();
+  }
 }
 
 }  // namespace
@@ -244,8 +267,10 @@ void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& lo
 void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                          const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
   if (use_fast_path(logits, means, log_scales, target))
-    return mixture_nll_forward_fast<false>(logits, means, log_scales, target, loss, saved, nullptr, nullptr, nullptr,
-                                           nullptr);
+    return dispatch_dim(means.size(2), [&]<int kD>() {
+      mixture_nll_forward_fast<false, kD>(logits, means, log_scales, target, loss, saved, nullptr, nullptr, nullptr,
+                                          nullptr);
+    });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
@@ -263,9 +288,11 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
                               const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
                               at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target) {
   if (!use_fast_path(logits, means, log_scales, target)) return false;
-  mixture_nll_forward_fast<true>(logits, means, log_scales, target, loss, saved, grad_logits.data_ptr<float>(),
-                                 grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
-                                 grad_target.data_ptr<float>());
+  dispatch_dim(means.size(2), [&]<int kD>() {
+    mixture_nll_forward_fast<true, kD>(logits, means, log_scales, target, loss, saved, grad_logits.data_ptr<float>(),
+                                       grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
+                                       grad_target.data_ptr<float>());
+  });
   return true;
 }
 
@@ -274,8 +301,10 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                           at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
                           at::Tensor& grad_target) {
   if (use_fast_path(logits, means, log_scales, target))
-    return mixture_nll_backward_fast(grad_loss, logits, means, log_scales, target, saved, grad_logits, grad_means,
-                                     grad_log_scales, grad_target);
+    return dispatch_dim(means.size(2), [&]<int kD>() {
+      mixture_nll_backward_fast<kD>(grad_loss, logits, means, log_scales, target, saved, grad_logits, grad_means,
+                                    grad_log_scales, grad_target);
+    });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
