@@ -8,34 +8,22 @@ it to bench/results/<machine>.md / .csv.
 
 from __future__ import annotations
 
-import torch
-
-import physmdn
-from physmdn import reference
-
-from _common import COLUMNS, base_parser, compare_impls, machine_info, write_results
+# _common first: it sets the profiler's log level before torch loads
+from _common import COLUMNS, base_parser, compare_impls, format_table, machine_info, write_results
+from _impls import implementations, make_inputs, requires_grad_copy
 
 
-def make_inputs_factory(B, K, D, device, dtype=torch.float32):
+def make_inputs_factory(B, K, D, device, dtype=None):
     def make(requires_grad):
-        g = torch.Generator().manual_seed(0)
-        tensors = [torch.randn(B, K, generator=g), torch.randn(B, K, D, generator=g),
-                   0.3 * torch.randn(B, K, D, generator=g), torch.randn(B, D, generator=g)]
-        tensors = [t.to(device=device, dtype=dtype) for t in tensors]
-        for t in tensors[:3]:
-            t.requires_grad_(requires_grad)
-        return tensors
+        kw = {} if dtype is None else {"dtype": dtype}
+        inputs = make_inputs("nll", B, K, D, device=device, dynamic_batch=False, **kw)
+        return requires_grad_copy(inputs, dynamic_batch=False) if requires_grad else inputs
     return make
 
 
 def main(argv=None):
     args = base_parser(__doc__).parse_args(argv)
-    impls = {
-        "physmdn": physmdn.mixture_nll,
-        "eager": reference.mixture_nll,
-        "torch.compile": torch.compile(reference.mixture_nll, dynamic=False),
-        "torch.distributions": reference.mixture_nll_distributions,
-    }
+    impls = implementations("nll", compile_dynamic=False)
     shapes = [(args.B, args.K, args.D)] + [(int(b), args.K, args.D) for b in args.sweep.split(",") if b]
     rows = []
     for B, K, D in shapes:
@@ -46,7 +34,6 @@ def main(argv=None):
     summary = ", ".join(f"{r['impl']} {r['physmdn_speedup']:.2f}x" for r in main_rows if r["impl"] != "physmdn")
     notes = f"physmdn forward+backward speedup at B={args.B}, K={args.K}, D={args.D}: {summary}"
     if args.no_save:
-        from _common import format_table
         print(format_table(rows, COLUMNS)); print(notes)
     else:
         write_results("mixture_nll", args.device, info, rows, COLUMNS, notes)

@@ -6,12 +6,13 @@ composition (reference NLL + plain-torch penalty) and torch.compile of it.
 
 from __future__ import annotations
 
+# _common first: it sets the profiler's log level before torch loads
+from _common import COLUMNS, base_parser, compare_impls, format_table, machine_info, write_results
+
 import torch
 
 from physmdn import physics as P
 from physmdn.reference import mixture_nll as reference_nll
-
-from _common import COLUMNS, base_parser, compare_impls, format_table, machine_info, write_results
 
 
 def make_spec(family, coeff, B, K, D, J):
