@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "mixture_math.h"
@@ -31,8 +32,9 @@ T* data_or_null(at::Tensor& t) {
 }
 
 
-// ----- float32 fast path ------------------------------------------------------------------------------
-// Contiguous float32 inputs (the training case) take a blocked path: the per-element work of a block of
+// ----- fast path (float32, bfloat16, float16) -----------------------------------------------------------
+// Contiguous float32 / bfloat16 / float16 inputs take a blocked path (half types converted per block, float32
+// accumulation): the per-element work of a block of
 // samples (exp(-log_scale), z, the Gaussian exponent) runs as one flat vector loop (at::vec: AVX2 + Sleef
 // exp in the AVX2 build), the per-component reductions and the log-sum-exp over K stay scalar. The math is
 // the same as mixture_math.h; the tests run both paths against the reference.
@@ -42,7 +44,8 @@ constexpr int64_t kFastMaxKD = 4096;    // larger rows use the generic path
 
 bool use_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                    const at::Tensor& target) {
-  return means.scalar_type() == at::kFloat && logits.is_contiguous() && means.is_contiguous() &&
+  const auto dt = means.scalar_type();
+  return (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf) && logits.is_contiguous() && means.is_contiguous() &&
          log_scales.is_contiguous() && target.is_contiguous() && means.size(1) * means.size(2) <= kFastMaxKD;
 }
 
@@ -129,6 +132,37 @@ void component_log_densities(const float* q, int64_t nk, int64_t D_, float* log_
   }
 }
 
+// The block's inputs as float: float32 tensors are read in place, bfloat16 / float16 ones are converted into
+// block buffers first (accumulation is float32 either way).
+template <typename scalar_t>
+struct BlockInput {
+  std::vector<float> mu_buf, ls_buf, lg_buf, y_buf;
+  const float *mu = nullptr, *ls = nullptr, *lg = nullptr, *y = nullptr;
+  BlockInput(int64_t K, int64_t D) {
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      mu_buf.resize(kFastBlock * K * D);
+      ls_buf.resize(kFastBlock * K * D);
+      lg_buf.resize(kFastBlock * K);
+      y_buf.resize(kFastBlock * D);
+    }
+  }
+  static const float* load(const scalar_t* src, int64_t n, std::vector<float>& buf) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return src;
+    } else {
+      for (int64_t e = 0; e < n; ++e) buf[e] = static_cast<float>(src[e]);
+      return buf.data();
+    }
+  }
+  void load_block(const scalar_t* mu_all, const scalar_t* ls_all, const scalar_t* lg_all, const scalar_t* y_all,
+                  int64_t b0, int64_t nb, int64_t K, int64_t D) {
+    mu = load(mu_all + b0 * K * D, nb * K * D, mu_buf);
+    ls = load(ls_all + b0 * K * D, nb * K * D, ls_buf);
+    lg = load(lg_all + b0 * K, nb * K, lg_buf);
+    y = load(y_all + b0 * D, nb * D, y_buf);
+  }
+};
+
 // Block buffers of the fast path, one set per parallel task.
 struct FastBlock {
   std::vector<float> ybuf, q, log_pi, joint, tmp, prior, shift, sum, lse;
@@ -164,31 +198,34 @@ inline void finish_sample_grads(int64_t K, int64_t D_, float g, const float* gam
 
 // Forward; with kGrad also the gradients for an upstream gradient of 1 (grad_* outputs), in the same pass:
 // one exp per element and two per component, the exponentials of the log-sum-exps reused as pi and gamma.
-template <bool kGrad, int kD>
+template <bool kGrad, int kD, typename scalar_t>
 void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                               const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, float* gl, float* gm,
                               float* gs, float* gt) {
   const int64_t B = means.size(0), K = means.size(1), D = PHYSMDN_DIM(means.size(2)), KD = K * D;
-  const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
-  const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
-  float *out = loss.data_ptr<float>(), *sv = saved.data_ptr<float>();
+  const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
+  const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
+  scalar_t* out = loss.data_ptr<scalar_t>();
+  float* sv = saved.data_ptr<float>();
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
     FastBlock w(K, D);
+    BlockInput<scalar_t> in(K, D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0);
-      fill_target_block<kD>(y + b0 * D, nb, K, D, w.ybuf.data());
-      gaussian_terms<kGrad>(mu + b0 * KD, ls + b0 * KD, w.ybuf.data(), nb * KD, w.q.data(),
-                            kGrad ? gm + b0 * KD : nullptr, kGrad ? gs + b0 * KD : nullptr);
+      in.load_block(mu_all, ls_all, lg_all, y_all, b0, nb, K, D);
+      fill_target_block<kD>(in.y, nb, K, D, w.ybuf.data());
+      gaussian_terms<kGrad>(in.mu, in.ls, w.ybuf.data(), nb * KD, w.q.data(), kGrad ? gm + b0 * KD : nullptr,
+                            kGrad ? gs + b0 * KD : nullptr);
       component_log_densities<kD>(w.q.data(), nb * K, D, w.joint.data());
       // log pi = (logit - max) - log sum exp(logit - max)
-      block_lse(lg + b0 * K, nb, K, w.shift.data(), w.sum.data(), w.lse.data(), w.prior.data());
+      block_lse(in.lg, nb, K, w.shift.data(), w.sum.data(), w.lse.data(), w.prior.data());
       for (int64_t i = 0; i < nb; ++i) {
         float* s = sv + math::kSavedPerSample * (b0 + i);
         s[0] = w.shift[i];
         s[1] = w.lse[i];
         const float inv_sum = 1.0f / w.sum[i];
         for (int64_t k = 0; k < K; ++k) {
-          w.joint[i * K + k] += (lg[(b0 + i) * K + k] - s[0]) - s[1];
+          w.joint[i * K + k] += (in.lg[i * K + k] - s[0]) - s[1];
           if (kGrad) w.prior[i * K + k] *= inv_sum;  // pi
         }
       }
@@ -197,43 +234,45 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
         const int64_t b = b0 + i;
         const float lse = w.shift[i] + w.lse[i];
         sv[math::kSavedPerSample * b + 2] = lse;
-        out[b] = -lse;
+        out[b] = static_cast<scalar_t>(-lse);
         if constexpr (kGrad) {
           const float inv_sum = 1.0f / w.sum[i];
           for (int64_t k = 0; k < K; ++k) w.tmp[i * K + k] *= inv_sum;  // gamma
           finish_sample_grads<kD>(K, D, 1.0f, w.tmp.data() + i * K, w.prior.data() + i * K, gl + b * K, gm + b * KD,
-                              gs + b * KD, gt + b * D);
+                                  gs + b * KD, gt + b * D);
         }
       }
     }
   });
 }
 
-template <int kD>
+template <int kD, typename scalar_t>
 void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
                                const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
                                at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
                                at::Tensor& grad_target) {
   const int64_t B = means.size(0), K = means.size(1), D = PHYSMDN_DIM(means.size(2)), KD = K * D;
-  const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
-  const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
-  const float* g_ptr = grad_loss.const_data_ptr<float>();
+  const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
+  const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
+  const scalar_t* g_ptr = grad_loss.const_data_ptr<scalar_t>();
   const int64_t g_stride = grad_loss.stride(0);
   const float* sv = saved.const_data_ptr<float>();
   float *gl = grad_logits.data_ptr<float>(), *gm = grad_means.data_ptr<float>();
   float *gs = grad_log_scales.data_ptr<float>(), *gt = grad_target.data_ptr<float>();
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
     FastBlock w(K, D);
+    BlockInput<scalar_t> in(K, D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0);
-      fill_target_block<kD>(y + b0 * D, nb, K, D, w.ybuf.data());
+      in.load_block(mu_all, ls_all, lg_all, y_all, b0, nb, K, D);
+      fill_target_block<kD>(in.y, nb, K, D, w.ybuf.data());
       // z / s and z^2 - 1 go straight into the gradient outputs, scaled per component below
-      gaussian_terms<true>(mu + b0 * KD, ls + b0 * KD, w.ybuf.data(), nb * KD, w.q.data(), gm + b0 * KD, gs + b0 * KD);
+      gaussian_terms<true>(in.mu, in.ls, w.ybuf.data(), nb * KD, w.q.data(), gm + b0 * KD, gs + b0 * KD);
       component_log_densities<kD>(w.q.data(), nb * K, D, w.joint.data());
       for (int64_t i = 0; i < nb; ++i) {
         const float* s = sv + math::kSavedPerSample * (b0 + i);
         for (int64_t k = 0; k < K; ++k) {
-          const float log_pi = (lg[(b0 + i) * K + k] - s[0]) - s[1];
+          const float log_pi = (in.lg[i * K + k] - s[0]) - s[1];
           w.log_pi[i * K + k] = log_pi;
           w.joint[i * K + k] += log_pi - s[2];
         }
@@ -242,11 +281,22 @@ void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& lo
       vec_exp(w.log_pi.data(), w.log_pi.data(), nb * K);  // pi
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
-        finish_sample_grads<kD>(K, D, g_ptr[b * g_stride], w.joint.data() + i * K, w.log_pi.data() + i * K, gl + b * K,
-                            gm + b * KD, gs + b * KD, gt + b * D);
+        finish_sample_grads<kD>(K, D, static_cast<float>(g_ptr[b * g_stride]), w.joint.data() + i * K,
+                                w.log_pi.data() + i * K, gl + b * K, gm + b * KD, gs + b * KD, gt + b * D);
       }
     }
   });
+}
+
+// Runs fn.template operator()<scalar_t>() for the fast path's dtypes.
+template <typename Fn>
+void dispatch_fast_dtype(at::ScalarType dt, Fn&& fn) {
+  switch (dt) {
+    case at::kFloat: return fn.template operator()<float>();
+    case at::kBFloat16: return fn.template operator()<at::BFloat16>();
+    case at::kHalf: return fn.template operator()<at::Half>();
+    default: TORCH_CHECK(false, "physmdn fast path: unexpected dtype ", dt);
+  }
 }
 
 // Calls fn.template operator()<kD>() with kD = D for the common small dimensions, 0 (run time) otherwise.
@@ -267,9 +317,11 @@ void dispatch_dim(int64_t D, Fn&& fn) {
 void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                          const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
   if (use_fast_path(logits, means, log_scales, target))
-    return dispatch_dim(means.size(2), [&]<int kD>() {
-      mixture_nll_forward_fast<false, kD>(logits, means, log_scales, target, loss, saved, nullptr, nullptr, nullptr,
-                                          nullptr);
+    return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+      dispatch_dim(means.size(2), [&]<int kD>() {
+        mixture_nll_forward_fast<false, kD, scalar_t>(logits, means, log_scales, target, loss, saved, nullptr,
+                                                      nullptr, nullptr, nullptr);
+      });
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -288,10 +340,12 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
                               const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
                               at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target) {
   if (!use_fast_path(logits, means, log_scales, target)) return false;
-  dispatch_dim(means.size(2), [&]<int kD>() {
-    mixture_nll_forward_fast<true, kD>(logits, means, log_scales, target, loss, saved, grad_logits.data_ptr<float>(),
-                                       grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
-                                       grad_target.data_ptr<float>());
+  dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+    dispatch_dim(means.size(2), [&]<int kD>() {
+      mixture_nll_forward_fast<true, kD, scalar_t>(logits, means, log_scales, target, loss, saved,
+                                                   grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
+                                                   grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>());
+    });
   });
   return true;
 }
@@ -301,9 +355,11 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                           at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
                           at::Tensor& grad_target) {
   if (use_fast_path(logits, means, log_scales, target))
-    return dispatch_dim(means.size(2), [&]<int kD>() {
-      mixture_nll_backward_fast<kD>(grad_loss, logits, means, log_scales, target, saved, grad_logits, grad_means,
-                                    grad_log_scales, grad_target);
+    return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+      dispatch_dim(means.size(2), [&]<int kD>() {
+        mixture_nll_backward_fast<kD, scalar_t>(grad_loss, logits, means, log_scales, target, saved, grad_logits,
+                                                grad_means, grad_log_scales, grad_target);
+      });
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
