@@ -385,3 +385,26 @@ def test_field_stability_separates_stable_and_unstable_states(boundary):
     mu = torch.full((1, 1, D), 0.1, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(spec.penalty(mu, torch.zeros_like(mu)).sum(), mu)
     assert (grad < 0).all()
+
+
+@pytest.mark.parametrize("shape", [(131, 5, 3), (64, 8, 4), (1, 1, 1), (70, 3, 17)])
+@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.6), ("mean", 0.0)])
+@pytest.mark.parametrize("coeff_layout", ["per_sample_component", "per_component", "shared"])
+def test_fused_polynomial_fast_path_float32(shape, mode, noise, coeff_layout, cpu_isa):
+    """float32, coefficients shared over D and no coefficient gradient: the CPU's vectorized polynomial path."""
+    B, K, D = shape
+    g = torch.Generator().manual_seed(B + K + D)
+    layout = {"per_sample_component": (B, K, 1, 4), "per_component": (1, K, 1, 6), "shared": (1, 1, 1, 3)}[coeff_layout]
+    coeffs = 0.5 * torch.randn(*layout, generator=g, dtype=torch.float64)
+    inputs = [t.float().requires_grad_(True) for t in mixture(B, K, D, seed=B * 7 + D)]
+    items = [(P.Polynomial(coeffs.float(), mode=mode, noise_scale=noise), 0.8), (P.Bounds(-1.5, 1.5), 0.3)]
+    loss = P.mdn_loss(*inputs, physics=items, weight=1.1, reduction="none")
+    weights = torch.linspace(0.5, 1.5, B)
+    grads = torch.autograd.grad((loss * weights).sum(), inputs[:3])
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref_items = [(P.Polynomial(coeffs, mode=mode, noise_scale=noise), 0.8), (P.Bounds(-1.5, 1.5), 0.3)]
+    ref = reference_loss(*ref_inputs, ref_items, 1.1)
+    ref_grads = torch.autograd.grad((ref * weights.double()).sum(), ref_inputs[:3])
+    assert rel_err(loss, ref) <= 1e-5
+    for name, gr, rg in zip(("logits", "means", "log_scales"), grads, ref_grads):
+        assert rel_err(gr, rg) <= 1e-4, (name, rel_err(gr, rg))

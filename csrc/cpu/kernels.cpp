@@ -299,6 +299,231 @@ void dispatch_fast_dtype(at::ScalarType dt, Fn&& fn) {
   }
 }
 
+// ----- fused loss, polynomial family: fast path --------------------------------------------------------
+// Contiguous float32 inputs with coefficients shared over D ([B|1, K|1, 1, J+1], the usual case: one law per
+// component) and no coefficient gradient: the Gaussian-moment expectation runs as flat vector loops over the
+// block's elements. With q = c * c (autoconvolution, once per component), E[p^2] = sum_n q_n M_n,
+// dE/dmu = sum_n q_n n M_{n-1}, dE/dvar = sum_n q_n n (n - 1) / 2 M_{n-2} (as physics_math.h).
+bool use_poly_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                        const at::Tensor& target, const at::Tensor& p0, const PhysicsArgs& args, bool p0_grad) {
+  return args.family == math::kPolynomial && !p0_grad && means.scalar_type() == at::kFloat &&
+         logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
+         p0.stride(2) == 0 && means.size(1) * means.size(2) <= kFastMaxKD;
+}
+
+struct PolyBlock {
+  int nq;                            // 2J + 1 autoconvolution terms
+  std::vector<float> q_row;          // [rows, nq]
+  std::vector<float> q_elem;         // [nq, elements] (per-element copies for the vector loops)
+  std::vector<float> pen, dmu, dls;  // per element: E[p^2], dE/dmu, dE/dlog_scale
+  std::vector<float> pi, gamma;      // per row
+  PolyBlock(int64_t K, int64_t D, int order)
+      : nq(2 * order + 1), q_row(kFastBlock * K * nq), q_elem(static_cast<size_t>(nq) * kFastBlock * K * D),
+        pen(kFastBlock * K * D), dmu(kFastBlock * K * D), dls(kFastBlock * K * D), pi(kFastBlock * K),
+        gamma(kFastBlock * K) {}
+
+  void coefficients(const math::Strided4<float>& c, int order, int64_t b0, int64_t nb, int64_t K, int64_t D) {
+    const int64_t rows = nb * K, E = rows * D;
+    for (int64_t r = 0; r < rows; ++r) {
+      float* q = q_row.data() + r * nq;
+      for (int n = 0; n < nq; ++n) q[n] = 0.0f;
+      const int64_t b = b0 + r / K, k = r % K;
+      for (int i = 0; i <= order; ++i)
+        for (int j = 0; j <= order; ++j) q[i + j] += c(b, k, 0, i) * c(b, k, 0, j);
+      for (int n = 0; n < nq; ++n)
+        for (int64_t d = 0; d < D; ++d) q_elem[n * E + r * D + d] = q[n];
+    }
+  }
+};
+
+// Per element: variance under the penalty (exact: exp(2 ls) minus the noise variance, floored at 0; mean: 0),
+// the expectation E[p^2] and, with kGrad, its derivatives in mu and log_scale.
+template <bool kGrad>
+void poly_terms(const float* mu, const float* ls, int64_t E, const float* q_elem, int nq, bool exact, float noise_var,
+                float* pen, float* dmu, float* dls) {
+  int64_t e = 0;
+  const Vec zero(0.0f), two(2.0f), nvv(noise_var);
+  for (; e + Vec::size() <= E; e += Vec::size()) {
+    const Vec m = Vec::loadu(mu + e);
+    Vec v = zero, dvdls = zero;
+    if (exact) {
+      const Vec raw = (two * Vec::loadu(ls + e)).exp();
+      v = at::vec::maximum(raw - nvv, zero);
+      dvdls = Vec::blendv(zero, two * raw, raw > nvv);
+    }
+    Vec m_prev2(1.0f), m_prev = m;
+    Vec P = Vec::loadu(q_elem + e) + Vec::loadu(q_elem + E + e) * m;
+    Vec dm = Vec::loadu(q_elem + E + e), dv = zero;
+    for (int n = 2; n < nq; ++n) {
+      const Vec qn = Vec::loadu(q_elem + n * E + e);
+      if constexpr (kGrad) {
+        dm = at::vec::fmadd(qn * Vec(static_cast<float>(n)), m_prev, dm);
+        dv = at::vec::fmadd(qn * Vec(static_cast<float>(n * (n - 1) / 2)), m_prev2, dv);
+      }
+      const Vec mn = at::vec::fmadd(m, m_prev, Vec(static_cast<float>(n - 1)) * v * m_prev2);
+      P = at::vec::fmadd(qn, mn, P);
+      m_prev2 = m_prev;
+      m_prev = mn;
+    }
+    P.store(pen + e);
+    if constexpr (kGrad) {
+      dm.store(dmu + e);
+      (dv * dvdls).store(dls + e);
+    }
+  }
+  for (; e < E; ++e) {  // scalar tail, the same formulas
+    const float m = mu[e];
+    float v = 0.0f, dvdls = 0.0f;
+    if (exact) {
+      const float raw = std::exp(2.0f * ls[e]);
+      v = raw > noise_var ? raw - noise_var : 0.0f;
+      dvdls = raw > noise_var ? 2.0f * raw : 0.0f;
+    }
+    float m_prev2 = 1.0f, m_prev = m, P = q_elem[e] + q_elem[E + e] * m, dmv = q_elem[E + e], dvv = 0.0f;
+    for (int n = 2; n < nq; ++n) {
+      const float qn = q_elem[n * E + e];
+      dmv += qn * static_cast<float>(n) * m_prev;
+      dvv += qn * static_cast<float>(n * (n - 1) / 2) * m_prev2;
+      const float mn = m * m_prev + static_cast<float>(n - 1) * v * m_prev2;
+      P += qn * mn;
+      m_prev2 = m_prev;
+      m_prev = mn;
+    }
+    pen[e] = P;
+    if constexpr (kGrad) {
+      dmu[e] = dmv;
+      dls[e] = dvv * dvdls;
+    }
+  }
+}
+
+inline float row_sum(const float* x, int64_t D) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < D; ++d) acc += x[d];
+  return acc;
+}
+
+void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                                const at::Tensor& target, const at::Tensor& p0, const c10::optional<at::Tensor>& extra,
+                                const PhysicsArgs& args, int order, at::Tensor& loss, at::Tensor& saved) {
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
+  const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
+  const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
+  float *out = loss.data_ptr<float>(), *sv = saved.data_ptr<float>();
+  const auto c = make_strided<float>(p0);
+  const float* ex = extra.has_value() ? extra->const_data_ptr<float>() : nullptr;
+  const int64_t ex_sb = extra.has_value() ? extra->stride(0) : 0, ex_sk = extra.has_value() ? extra->stride(1) : 0;
+  const float w = static_cast<float>(args.weight), nv = static_cast<float>(args.noise_scale * args.noise_scale);
+  at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    FastBlock fb(K, D);
+    PolyBlock pb(K, D, order);
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
+      fill_target_block<0>(y + b0 * D, nb, K, D, fb.ybuf.data());
+      gaussian_terms<false>(mu + b0 * KD, ls + b0 * KD, fb.ybuf.data(), E, fb.q.data(), nullptr, nullptr);
+      component_log_densities<0>(fb.q.data(), nb * K, D, fb.joint.data());
+      block_lse(lg + b0 * K, nb, K, fb.shift.data(), fb.sum.data(), fb.lse.data(), fb.prior.data());
+      pb.coefficients(c, order, b0, nb, K, D);
+      poly_terms<false>(mu + b0 * KD, ls + b0 * KD, E, pb.q_elem.data(), pb.nq, args.exact, nv, pb.pen.data(),
+                        nullptr, nullptr);
+      for (int64_t i = 0; i < nb; ++i) {
+        float* s = sv + math::kSavedPerSampleLoss * (b0 + i);
+        s[0] = fb.shift[i];
+        s[1] = fb.lse[i];
+        const float inv_sum = 1.0f / fb.sum[i];
+        float pbar = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t r = i * K + k;
+          fb.joint[r] += (lg[(b0 + i) * K + k] - s[0]) - s[1];
+          const float pi = fb.prior[r] * inv_sum;
+          if (pi > 0.0f) {
+            const float extra_bk = ex ? ex[(b0 + i) * ex_sb + k * ex_sk] : 0.0f;
+            pbar += pi * (w * row_sum(pb.pen.data() + r * D, D) + extra_bk);
+          }
+        }
+        s[3] = pbar;
+      }
+      block_lse(fb.joint.data(), nb, K, fb.shift.data(), fb.sum.data(), fb.lse.data(), fb.tmp.data());
+      for (int64_t i = 0; i < nb; ++i) {
+        float* s = sv + math::kSavedPerSampleLoss * (b0 + i);
+        s[2] = fb.shift[i] + fb.lse[i];
+        out[b0 + i] = s[3] - s[2];
+      }
+    }
+  });
+}
+
+void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
+                                 const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
+                                 const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order,
+                                 const at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
+                                 at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra) {
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
+  const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
+  const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
+  const float* g_ptr = grad_loss.const_data_ptr<float>();
+  const int64_t g_stride = grad_loss.stride(0);
+  const float* sv = saved.const_data_ptr<float>();
+  float *gl = grad_logits.data_ptr<float>(), *gm = grad_means.data_ptr<float>();
+  float *gs = grad_log_scales.data_ptr<float>(), *gt = grad_target.data_ptr<float>();
+  float* ge = grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr;
+  const auto c = make_strided<float>(p0);
+  const float* ex = extra.has_value() ? extra->const_data_ptr<float>() : nullptr;
+  const int64_t ex_sb = extra.has_value() ? extra->stride(0) : 0, ex_sk = extra.has_value() ? extra->stride(1) : 0;
+  const float w = static_cast<float>(args.weight), nv = static_cast<float>(args.noise_scale * args.noise_scale);
+  at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    FastBlock fb(K, D);
+    PolyBlock pb(K, D, order);
+    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+      const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
+      // likelihood part, as mixture_nll_backward_fast
+      fill_target_block<0>(y + b0 * D, nb, K, D, fb.ybuf.data());
+      gaussian_terms<true>(mu + b0 * KD, ls + b0 * KD, fb.ybuf.data(), E, fb.q.data(), gm + b0 * KD, gs + b0 * KD);
+      component_log_densities<0>(fb.q.data(), nb * K, D, fb.joint.data());
+      for (int64_t i = 0; i < nb; ++i) {
+        const float* s = sv + math::kSavedPerSampleLoss * (b0 + i);
+        for (int64_t k = 0; k < K; ++k) {
+          const float log_pi = (lg[(b0 + i) * K + k] - s[0]) - s[1];
+          fb.log_pi[i * K + k] = log_pi;
+          fb.joint[i * K + k] += log_pi - s[2];
+        }
+      }
+      vec_exp(fb.joint.data(), pb.gamma.data(), nb * K);
+      vec_exp(fb.log_pi.data(), pb.pi.data(), nb * K);
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t b = b0 + i;
+        finish_sample_grads<0>(K, D, g_ptr[b * g_stride], pb.gamma.data() + i * K, pb.pi.data() + i * K, gl + b * K,
+                               gm + b * KD, gs + b * KD, gt + b * D);
+      }
+      // penalty part
+      pb.coefficients(c, order, b0, nb, K, D);
+      poly_terms<true>(mu + b0 * KD, ls + b0 * KD, E, pb.q_elem.data(), pb.nq, args.exact, nv, pb.pen.data(),
+                       pb.dmu.data(), pb.dls.data());
+      for (int64_t i = 0; i < nb; ++i) {
+        const int64_t b = b0 + i;
+        const float g = g_ptr[b * g_stride];
+        const float pbar = sv[math::kSavedPerSampleLoss * b + 3];
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t r = i * K + k;
+          const float pi = pb.pi[r];
+          if (ge) ge[b * K + k] = g * pi;
+          if (!(pi > 0.0f)) continue;  // no mass: no penalty gradient (as the generic path)
+          const float extra_bk = ex ? ex[b * ex_sb + k * ex_sk] : 0.0f;
+          const float q = w * row_sum(pb.pen.data() + r * D, D) + extra_bk;
+          gl[b * K + k] += g * pi * (q - pbar);
+          const float scale = g * w * pi;
+          float* gm_row = gm + (b * K + k) * D;
+          float* gs_row = gs + (b * K + k) * D;
+          for (int64_t d = 0; d < D; ++d) {
+            gm_row[d] += scale * pb.dmu[r * D + d];
+            gs_row[d] += scale * pb.dls[r * D + d];
+          }
+        }
+      }
+    }
+  });
+}
+
 // Calls fn.template operator()<kD>() with kD = D for the common small dimensions, 0 (run time) otherwise.
 template <typename Fn>
 void dispatch_dim(int64_t D, Fn&& fn) {
@@ -386,6 +611,8 @@ void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const a
                       const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                       at::Tensor& loss, at::Tensor& saved) {
+  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/false))
+    return mdn_loss_forward_poly_fast(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
@@ -407,6 +634,9 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, co
                        int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
                        at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                        at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra) {
+  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/grad_p0.numel() > 0))
+    return mdn_loss_backward_poly_fast(grad_loss, logits, means, log_scales, target, p0, extra, args, order, saved,
+                                       grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
