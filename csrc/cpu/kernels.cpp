@@ -403,17 +403,31 @@ inline float row_sum(const float* x, int64_t D) {
   return acc;
 }
 
+// The float32 inputs of the fused polynomial path.
+struct PolyInputs {
+  const float *lg, *mu, *ls, *y;
+  math::Strided4<float> coeffs;
+  const float* extra;
+  int64_t extra_sb, extra_sk;
+  float weight, noise_var;
+  PolyInputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
+             const at::Tensor& p0, const c10::optional<at::Tensor>& ex, const PhysicsArgs& args)
+      : lg(logits.const_data_ptr<float>()), mu(means.const_data_ptr<float>()), ls(log_scales.const_data_ptr<float>()),
+        y(target.const_data_ptr<float>()), coeffs(make_strided<float>(p0)),
+        extra(ex.has_value() ? ex->const_data_ptr<float>() : nullptr), extra_sb(ex.has_value() ? ex->stride(0) : 0),
+        extra_sk(ex.has_value() ? ex->stride(1) : 0), weight(static_cast<float>(args.weight)),
+        noise_var(static_cast<float>(args.noise_scale * args.noise_scale)) {}
+  float extra_at(int64_t b, int64_t k) const { return extra ? extra[b * extra_sb + k * extra_sk] : 0.0f; }
+};
+
 void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                                 const at::Tensor& target, const at::Tensor& p0, const c10::optional<at::Tensor>& extra,
                                 const PhysicsArgs& args, int order, at::Tensor& loss, at::Tensor& saved) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
-  const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
-  const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
+  const PolyInputs in(logits, means, log_scales, target, p0, extra, args);
+  const float *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
+  const float w = in.weight, nv = in.noise_var;
   float *out = loss.data_ptr<float>(), *sv = saved.data_ptr<float>();
-  const auto c = make_strided<float>(p0);
-  const float* ex = extra.has_value() ? extra->const_data_ptr<float>() : nullptr;
-  const int64_t ex_sb = extra.has_value() ? extra->stride(0) : 0, ex_sk = extra.has_value() ? extra->stride(1) : 0;
-  const float w = static_cast<float>(args.weight), nv = static_cast<float>(args.noise_scale * args.noise_scale);
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
     FastBlock fb(K, D);
     PolyBlock pb(K, D, order);
@@ -423,7 +437,7 @@ void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& mean
       gaussian_terms<false>(mu + b0 * KD, ls + b0 * KD, fb.ybuf.data(), E, fb.q.data(), nullptr, nullptr);
       component_log_densities<0>(fb.q.data(), nb * K, D, fb.joint.data());
       block_lse(lg + b0 * K, nb, K, fb.shift.data(), fb.sum.data(), fb.lse.data(), fb.prior.data());
-      pb.coefficients(c, order, b0, nb, K, D);
+      pb.coefficients(in.coeffs, order, b0, nb, K, D);
       poly_terms<false>(mu + b0 * KD, ls + b0 * KD, E, pb.q_elem.data(), pb.nq, args.exact, nv, pb.pen.data(),
                         nullptr, nullptr);
       for (int64_t i = 0; i < nb; ++i) {
@@ -437,7 +451,7 @@ void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& mean
           fb.joint[r] += (lg[(b0 + i) * K + k] - s[0]) - s[1];
           const float pi = fb.prior[r] * inv_sum;
           if (pi > 0.0f) {
-            const float extra_bk = ex ? ex[(b0 + i) * ex_sb + k * ex_sk] : 0.0f;
+            const float extra_bk = in.extra_at(b0 + i, k);
             pbar += pi * (w * row_sum(pb.pen.data() + r * D, D) + extra_bk);
           }
         }
@@ -459,18 +473,15 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
                                  const at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
                                  at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
-  const float *lg = logits.const_data_ptr<float>(), *mu = means.const_data_ptr<float>();
-  const float *ls = log_scales.const_data_ptr<float>(), *y = target.const_data_ptr<float>();
+  const PolyInputs in(logits, means, log_scales, target, p0, extra, args);
+  const float *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
+  const float w = in.weight, nv = in.noise_var;
   const float* g_ptr = grad_loss.const_data_ptr<float>();
   const int64_t g_stride = grad_loss.stride(0);
   const float* sv = saved.const_data_ptr<float>();
   float *gl = grad_logits.data_ptr<float>(), *gm = grad_means.data_ptr<float>();
   float *gs = grad_log_scales.data_ptr<float>(), *gt = grad_target.data_ptr<float>();
   float* ge = grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr;
-  const auto c = make_strided<float>(p0);
-  const float* ex = extra.has_value() ? extra->const_data_ptr<float>() : nullptr;
-  const int64_t ex_sb = extra.has_value() ? extra->stride(0) : 0, ex_sk = extra.has_value() ? extra->stride(1) : 0;
-  const float w = static_cast<float>(args.weight), nv = static_cast<float>(args.noise_scale * args.noise_scale);
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
     FastBlock fb(K, D);
     PolyBlock pb(K, D, order);
@@ -496,7 +507,7 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
                                gm + b * KD, gs + b * KD, gt + b * D);
       }
       // penalty part
-      pb.coefficients(c, order, b0, nb, K, D);
+      pb.coefficients(in.coeffs, order, b0, nb, K, D);
       poly_terms<true>(mu + b0 * KD, ls + b0 * KD, E, pb.q_elem.data(), pb.nq, args.exact, nv, pb.pen.data(),
                        pb.dmu.data(), pb.dls.data());
       for (int64_t i = 0; i < nb; ++i) {
@@ -508,7 +519,7 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
           const float pi = pb.pi[r];
           if (ge) ge[b * K + k] = g * pi;
           if (!(pi > 0.0f)) continue;  // no mass: no penalty gradient (as the generic path)
-          const float extra_bk = ex ? ex[b * ex_sb + k * ex_sk] : 0.0f;
+          const float extra_bk = in.extra_at(b, k);
           const float q = w * row_sum(pb.pen.data() + r * D, D) + extra_bk;
           gl[b * K + k] += g * pi * (q - pbar);
           const float scale = g * w * pi;
