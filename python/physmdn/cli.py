@@ -25,7 +25,6 @@ the first quarter of the epochs; regime labels supervise the components where th
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -537,13 +536,15 @@ def markdown_table(summary: list[dict], problem: str, epochs: int, seeds: int) -
 
 
 def _write_rows(path: str, rows: list[dict]) -> None:
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
+    from .training import write_rows_csv
+
+    write_rows_csv(path, rows)
+
+
+def _print_summary(out: str) -> None:
+    with open(os.path.join(out, "summary.md")) as fh:
+        print(fh.read())
+    print(f"wrote results.csv, summary.md, summary.csv, compare.png to {out}")
 
 
 def _common_kwargs(args) -> dict:
@@ -559,9 +560,7 @@ def cmd_compare(args) -> int:
             device=args.device, progress=not args.quiet, n_test_contexts=args.n_test_contexts,
             n_samples=args.n_samples, **_common_kwargs(args))
     if not args.quiet:
-        with open(os.path.join(out, "summary.md")) as fh:
-            print(fh.read())
-        print(f"wrote results.csv, summary.md, summary.csv, compare.png to {out}")
+        _print_summary(out)
     return 0
 
 
@@ -575,9 +574,7 @@ def cmd_demo(args) -> int:
             device=args.device, progress=not args.quiet, n_test_contexts=24, n_samples=300,
             **_common_kwargs(args))
     if not args.quiet:
-        with open(os.path.join(out, "summary.md")) as fh:
-            print(fh.read())
-        print(f"wrote results.csv, summary.md, summary.csv, compare.png to {out}")
+        _print_summary(out)
     return 0
 
 

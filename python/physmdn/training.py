@@ -387,6 +387,18 @@ class FitResult:
         _write_history(self.history, path)
 
 
+
+def write_rows_csv(path: str, rows: list[dict]) -> None:
+    """Rows of dicts to CSV; the header is the union of their keys in first-seen order."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _write_history(history: list[dict], path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -396,13 +408,7 @@ def _write_history(history: list[dict], path: str) -> None:
         with open(tmp, "w") as fh:
             json.dump(clean, fh, indent=1)
     elif path.endswith(".csv"):
-        keys: list[str] = []
-        for row in history:
-            keys += [k for k in row if k not in keys]
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(history)
+        write_rows_csv(tmp, history)
     else:
         raise ValueError(f"history_path must end in .csv or .json, got {path!r}")
     os.replace(tmp, path)
