@@ -16,6 +16,11 @@
 #include "physics_math.h"
 #include "views.h"
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define PHYSMDN_SOA_KERNELS 1
+#include "cpu/soa_avx2.h"
+#endif
+
 #ifndef PHYSMDN_CPU_ISA
 #error "PHYSMDN_CPU_ISA must name the instruction set this file is compiled for"
 #endif
@@ -552,6 +557,13 @@ void dispatch_dim(int64_t D, Fn&& fn) {
 
 void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                          const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
+#ifdef PHYSMDN_SOA_KERNELS
+  if (use_fast_path(logits, means, log_scales, target))
+    return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+      soa::mixture_nll<false, scalar_t>(logits, means, log_scales, target, nullptr, loss.data_ptr<scalar_t>(),
+                                        saved.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr);
+    });
+#endif
   if (use_fast_path(logits, means, log_scales, target))
     return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
       dispatch_dim(means.size(2), [&]<int kD>() {
@@ -576,6 +588,15 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
                               const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
                               at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target) {
   if (!use_fast_path(logits, means, log_scales, target)) return false;
+#ifdef PHYSMDN_SOA_KERNELS
+  dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+    soa::mixture_nll<true, scalar_t>(logits, means, log_scales, target, nullptr, loss.data_ptr<scalar_t>(),
+                                     saved.data_ptr<float>(), grad_logits.data_ptr<float>(),
+                                     grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
+                                     grad_target.data_ptr<float>());
+  });
+  return true;
+#endif
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
     dispatch_dim(means.size(2), [&]<int kD>() {
       mixture_nll_forward_fast<true, kD, scalar_t>(logits, means, log_scales, target, loss, saved,
@@ -590,6 +611,15 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                           const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
                           at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
                           at::Tensor& grad_target) {
+#ifdef PHYSMDN_SOA_KERNELS
+  // recomputes the forward (the saved state is not needed by the lane-parallel kernel)
+  if (use_fast_path(logits, means, log_scales, target))
+    return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+      soa::mixture_nll<true, scalar_t>(logits, means, log_scales, target, &grad_loss, nullptr, nullptr,
+                                       grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
+                                       grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>());
+    });
+#endif
   if (use_fast_path(logits, means, log_scales, target))
     return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
       dispatch_dim(means.size(2), [&]<int kD>() {

@@ -1,0 +1,321 @@
+// AVX2+FMA mixture NLL (forward, forward with gradients, backward) for contiguous float32 / bfloat16 /
+// float16 inputs, vectorized across samples: a group of 8 samples is transposed in registers (8x8 tiles) so
+// that lane i holds sample i. Every per-element and per-component step then runs on full vectors with no
+// horizontal reduction (the log-sum-exps over K are vertical max / exp / add), and the gradients are
+// transposed back on the way out. Inputs are read once and the outputs written once per call.
+//
+// Included by kernels.cpp in its AVX2 build only. The math is mixture_math.h's: the same shift-by-max
+// log-sum-exps (shift 0 for all -inf rows, NaN ignored by the max and propagated by the sums), gamma = 0 gives
+// zero component gradients, gradients in float32.
+#pragma once
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "soa_avx2.h needs AVX2 and FMA"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "mixture_math.h"
+
+namespace physmdn::cpu::soa {
+
+constexpr int64_t kLanes = 8;
+
+// exp of 8 floats. Cody-Waite reduction x = n ln2 + r (|r| <= ln2 / 2) and Cephes' degree-7 polynomial
+// (about 1 ulp on the normal range). 2^n is applied as two normal factors 2^(n/2) 2^(n - n/2), so results
+// underflow gradually to 0 and overflow to +inf like std::exp; NaN propagates (the clamps keep NaN).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);  // min/max return their second operand for NaN: x
+  x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);
+  const __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)));
+  const __m256 fn = _mm256_cvtepi32_ps(n);
+  __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i n1 = _mm256_srai_epi32(n, 1), n2 = _mm256_sub_epi32(n, n1), bias = _mm256_set1_epi32(127);
+  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+}
+
+inline __m256 log8(__m256 x) { return __m256(at::vec::Vectorized<float>(x).log()); }
+
+// In-register transpose of an 8x8 block of floats (its own inverse).
+inline void transpose8(__m256 (&r)[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// 4x4 transposes within both 128-bit halves: r[j] = [row j | row j + 4] (4 columns each) becomes
+// r[c] = [column c of rows 0-3 | column c of rows 4-7]. Its own inverse.
+inline void transpose4x2(__m256 (&r)[4]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  r[0] = _mm256_shuffle_ps(t0, t2, 0x44);
+  r[1] = _mm256_shuffle_ps(t0, t2, 0xEE);
+  r[2] = _mm256_shuffle_ps(t1, t3, 0x44);
+  r[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
+}
+
+// [8, n] row-major (row i at src + i n) -> n vectors, vector c holding column c of the 8 rows: 8-column
+// tiles by 8x8 transposes, a 4-column tile by 4x4 ones, the last < 4 columns element by element.
+inline void to_lanes(const float* src, int64_t n, __m256* out) {
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    __m256 r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * n + c);
+    transpose8(r);
+    for (int j = 0; j < 8; ++j) out[c + j] = r[j];
+  }
+  if (c + 4 <= n) {
+    __m256 r[4];
+    for (int j = 0; j < 4; ++j)
+      r[j] = _mm256_set_m128(_mm_loadu_ps(src + (j + 4) * n + c), _mm_loadu_ps(src + j * n + c));
+    transpose4x2(r);
+    for (int j = 0; j < 4; ++j) out[c + j] = r[j];
+    c += 4;
+  }
+  for (; c < n; ++c)
+    out[c] = _mm256_setr_ps(src[c], src[n + c], src[2 * n + c], src[3 * n + c], src[4 * n + c], src[5 * n + c],
+                            src[6 * n + c], src[7 * n + c]);
+}
+
+// The inverse: n vectors -> [8, n] row-major at dst. With kStream, 8-column tiles that are 32-byte aligned
+// are written with non-temporal stores (write-once outputs larger than the caches: no read for ownership).
+template <bool kStream = false>
+inline void from_lanes(const __m256* in, int64_t n, float* dst) {
+  int64_t c = 0;
+  const bool stream = kStream && n % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+  for (; c + 8 <= n; c += 8) {
+    __m256 r[8];
+    for (int j = 0; j < 8; ++j) r[j] = in[c + j];
+    transpose8(r);
+    if (stream) {
+      for (int i = 0; i < 8; ++i) _mm256_stream_ps(dst + i * n + c, r[i]);
+    } else {
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * n + c, r[i]);
+    }
+  }
+  if (c + 4 <= n) {
+    __m256 r[4];
+    for (int j = 0; j < 4; ++j) r[j] = in[c + j];
+    transpose4x2(r);
+    for (int j = 0; j < 4; ++j) {
+      _mm_storeu_ps(dst + j * n + c, _mm256_castps256_ps128(r[j]));
+      _mm_storeu_ps(dst + (j + 4) * n + c, _mm256_extractf128_ps(r[j], 1));
+    }
+    c += 4;
+  }
+  for (; c < n; ++c) {
+    alignas(32) float col[8];
+    _mm256_store_ps(col, in[c]);
+    for (int i = 0; i < 8; ++i) dst[i * n + c] = col[i];
+  }
+}
+
+// Shift of a log-sum-exp: the max, or 0 when every term is -inf (so that the LSE is -inf, not NaN).
+inline __m256 lse_shift(__m256 mx) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  return _mm256_blendv_ps(mx, _mm256_setzero_ps(), _mm256_cmp_ps(mx, ninf, _CMP_EQ_OQ));
+}
+
+// Per-thread working set: the group's inputs in lanes (means / log_scales are overwritten with the unscaled
+// gradient terms z / s and z^2 - 1) and 8-row staging buffers for tails and reduced-precision inputs.
+struct Scratch {
+  int64_t K, D;
+  std::vector<__m256> mu, ls, y, lg, pi, joint, gl, gt;
+  std::vector<float> in_mu, in_ls, in_lg, in_y, out_gl, out_gm, out_gs, out_gt;
+  Scratch(int64_t K_, int64_t D_)
+      : K(K_), D(D_), mu(K_ * D_), ls(K_ * D_), y(D_), lg(K_), pi(K_), joint(K_), gl(K_), gt(D_),
+        in_mu(kLanes * K_ * D_), in_ls(kLanes * K_ * D_), in_lg(kLanes * K_), in_y(kLanes * D_),
+        out_gl(kLanes * K_), out_gm(kLanes * K_ * D_), out_gs(kLanes * K_ * D_), out_gt(kLanes * D_) {}
+};
+
+struct GroupOut {
+  float* loss;   // [8]
+  float* saved;  // [8, 3]
+  float *gl, *gm, *gs, *gt;  // [8, K], [8, K, D], [8, K, D], [8, D] (with kGrad)
+};
+
+// One group of 8 samples (rows of lg [8, K], mu / ls [8, K, D], y [8, D]); g: upstream gradient per lane.
+template <bool kGrad>
+void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, const float* y_rows, __m256 g,
+            Scratch& w, const GroupOut& out) {
+  const int64_t K = w.K, D = w.D, KD = K * D;
+  to_lanes(mu_rows, KD, w.mu.data());
+  to_lanes(ls_rows, KD, w.ls.data());
+  to_lanes(y_rows, D, w.y.data());
+  to_lanes(lg_rows, K, w.lg.data());
+  const __m256 sign = _mm256_set1_ps(-0.0f), nhalf = _mm256_set1_ps(-0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 offset = _mm256_set1_ps(static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi));
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  // log N_k = sum_d (-z^2 / 2 - log_scale) - D log(2 pi) / 2
+  for (int64_t k = 0; k < K; ++k) {
+    __m256 acc = _mm256_setzero_ps();
+    __m256 *mu = w.mu.data() + k * D, *ls = w.ls.data() + k * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const __m256 l = ls[d];
+      const __m256 inv = exp8(_mm256_xor_ps(l, sign));
+      const __m256 z = _mm256_mul_ps(_mm256_sub_ps(w.y[d], mu[d]), inv);
+      const __m256 zz = _mm256_mul_ps(z, z);
+      acc = _mm256_fmadd_ps(nhalf, zz, _mm256_sub_ps(acc, l));
+      if constexpr (kGrad) {
+        mu[d] = _mm256_mul_ps(z, inv);
+        ls[d] = _mm256_sub_ps(zz, one);
+      }
+    }
+    w.joint[k] = _mm256_sub_ps(acc, offset);
+  }
+  // log pi = (logit - max) - log sum exp(logit - max)
+  __m256 mx = ninf;
+  for (int64_t k = 0; k < K; ++k) mx = _mm256_max_ps(w.lg[k], mx);  // NaN logits are skipped by the max
+  const __m256 shift = lse_shift(mx);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    w.lg[k] = _mm256_sub_ps(w.lg[k], shift);
+    w.pi[k] = exp8(w.lg[k]);
+    sum = _mm256_add_ps(sum, w.pi[k]);
+  }
+  const __m256 log_sum = log8(sum);
+  __m256 mx2 = ninf;
+  for (int64_t k = 0; k < K; ++k) {
+    w.joint[k] = _mm256_add_ps(_mm256_sub_ps(w.lg[k], log_sum), w.joint[k]);
+    mx2 = _mm256_max_ps(w.joint[k], mx2);
+  }
+  const __m256 shift2 = lse_shift(mx2);
+  __m256 sum2 = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    w.joint[k] = exp8(_mm256_sub_ps(w.joint[k], shift2));
+    sum2 = _mm256_add_ps(sum2, w.joint[k]);
+  }
+  const __m256 lse = _mm256_add_ps(shift2, log8(sum2));
+  _mm256_storeu_ps(out.loss, _mm256_xor_ps(lse, sign));
+  {
+    alignas(32) float s0[8], s1[8], s2[8];
+    _mm256_store_ps(s0, shift);
+    _mm256_store_ps(s1, log_sum);
+    _mm256_store_ps(s2, lse);
+    for (int i = 0; i < 8; ++i) {
+      out.saved[3 * i] = s0[i];
+      out.saved[3 * i + 1] = s1[i];
+      out.saved[3 * i + 2] = s2[i];
+    }
+  }
+  if constexpr (kGrad) {
+    const __m256 inv_sum = _mm256_div_ps(one, sum), inv_sum2 = _mm256_div_ps(one, sum2);
+    for (int64_t d = 0; d < D; ++d) w.gt[d] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 pi = _mm256_mul_ps(w.pi[k], inv_sum), gamma = _mm256_mul_ps(w.joint[k], inv_sum2);
+      w.gl[k] = _mm256_mul_ps(g, _mm256_sub_ps(pi, gamma));
+      const __m256 c = _mm256_xor_ps(_mm256_mul_ps(g, gamma), sign);
+      // no responsibility, no gradient (avoids 0 * inf for far-away targets)
+      const __m256 none = _mm256_cmp_ps(gamma, _mm256_setzero_ps(), _CMP_EQ_OQ);
+      __m256 *gm = w.mu.data() + k * D, *gs = w.ls.data() + k * D;
+      for (int64_t d = 0; d < D; ++d) {
+        gm[d] = _mm256_andnot_ps(none, _mm256_mul_ps(gm[d], c));
+        gs[d] = _mm256_andnot_ps(none, _mm256_mul_ps(gs[d], c));
+        w.gt[d] = _mm256_sub_ps(w.gt[d], gm[d]);
+      }
+    }
+    from_lanes<true>(w.mu.data(), KD, out.gm);
+    from_lanes<true>(w.ls.data(), KD, out.gs);
+    from_lanes(w.gl.data(), K, out.gl);
+    from_lanes(w.gt.data(), D, out.gt);
+  }
+}
+
+template <typename scalar_t>
+void to_float_rows(const scalar_t* src, int64_t n, int64_t nvalid, float* dst) {
+  for (int64_t e = 0; e < nvalid; ++e) dst[e] = static_cast<float>(src[e]);
+  for (int64_t e = nvalid; e < n; ++e) dst[e] = 0.0f;  // padding rows: finite, discarded
+}
+
+// Driver over the batch. loss_all [B] and saved_all [B, 3] may be null (not written); the gradients (float32,
+// written with kGrad) are for the upstream gradient grad_loss ([B], any stride), or for g = 1 when it is null.
+template <bool kGrad, typename scalar_t>
+void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                 const at::Tensor& target, const at::Tensor* grad_loss, scalar_t* loss_all, float* saved_all,
+                 float* gl_all, float* gm_all, float* gs_all, float* gt_all) {
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
+  const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
+  const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
+  const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
+  const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
+  const int64_t groups = (B + kLanes - 1) / kLanes;
+  const int64_t grain = std::max<int64_t>(1, 2048 / (KD + K + D));
+  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+    Scratch w(K, D);
+    alignas(32) float loss8[8], saved8[24], g8[8];
+    for (int64_t grp = begin; grp < end; ++grp) {
+      const int64_t b0 = grp * kLanes, nb = std::min(kLanes, B - b0);
+      const bool direct_in = std::is_same_v<scalar_t, float> && nb == kLanes;
+      const float *lg = nullptr, *mu = nullptr, *ls = nullptr, *y = nullptr;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (direct_in) {
+          lg = lg_all + b0 * K, mu = mu_all + b0 * KD, ls = ls_all + b0 * KD, y = y_all + b0 * D;
+        }
+      }
+      if (!direct_in) {
+        to_float_rows(lg_all + b0 * K, kLanes * K, nb * K, w.in_lg.data());
+        to_float_rows(mu_all + b0 * KD, kLanes * KD, nb * KD, w.in_mu.data());
+        to_float_rows(ls_all + b0 * KD, kLanes * KD, nb * KD, w.in_ls.data());
+        to_float_rows(y_all + b0 * D, kLanes * D, nb * D, w.in_y.data());
+        lg = w.in_lg.data(), mu = w.in_mu.data(), ls = w.in_ls.data(), y = w.in_y.data();
+      }
+      for (int64_t i = 0; i < kLanes; ++i)
+        g8[i] = i >= nb ? 0.0f : g_ptr ? static_cast<float>(g_ptr[(b0 + i) * g_stride]) : 1.0f;
+      const bool direct_out = nb == kLanes;
+      GroupOut out{loss8, saved_all && direct_out ? saved_all + math::kSavedPerSample * b0 : saved8, nullptr,
+                   nullptr, nullptr, nullptr};
+      if constexpr (kGrad) {
+        out.gl = direct_out ? gl_all + b0 * K : w.out_gl.data();
+        out.gm = direct_out ? gm_all + b0 * KD : w.out_gm.data();
+        out.gs = direct_out ? gs_all + b0 * KD : w.out_gs.data();
+        out.gt = direct_out ? gt_all + b0 * D : w.out_gt.data();
+      }
+      group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, out);
+      if (loss_all)
+        for (int64_t i = 0; i < nb; ++i) loss_all[b0 + i] = static_cast<scalar_t>(loss8[i]);
+      if (!direct_out) {
+        if (saved_all) std::copy(saved8, saved8 + math::kSavedPerSample * nb, saved_all + math::kSavedPerSample * b0);
+        if constexpr (kGrad) {
+          std::copy(w.out_gl.begin(), w.out_gl.begin() + nb * K, gl_all + b0 * K);
+          std::copy(w.out_gm.begin(), w.out_gm.begin() + nb * KD, gm_all + b0 * KD);
+          std::copy(w.out_gs.begin(), w.out_gs.begin() + nb * KD, gs_all + b0 * KD);
+          std::copy(w.out_gt.begin(), w.out_gt.begin() + nb * D, gt_all + b0 * D);
+        }
+      }
+    }
+    _mm_sfence();  // order the non-temporal stores before the results are read
+  });
+}
+
+}  // namespace physmdn::cpu::soa
