@@ -25,12 +25,13 @@ inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& means
               grad_loss.device());
 }
 
-// With compute_grad the forward also returns the gradients for a unit upstream gradient (the backward then
-// only scales them by grad_loss); without, the four gradient outputs are empty.
+// With compute_grad the forward also returns the gradients for an upstream gradient of grad_scale per sample
+// (the backward then only rescales them by grad_loss / grad_scale, or not at all when they are equal: mean or
+// sum reductions); without, the four gradient outputs are empty.
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_impl(
     const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
-    bool compute_grad) {
+    bool compute_grad, double grad_scale) {
   check_mixture_inputs(logits, means, log_scales, target);
   Backend::check_device(means);
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
@@ -44,10 +45,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   auto gl = at::empty({B, K}, acc_opts), gm = at::empty({B, K, D}, acc_opts), gs = at::empty({B, K, D}, acc_opts),
        gt = at::empty({B, D}, acc_opts);
-  if (B > 0 && !Backend::mixture_nll_forward_grad(logits, means, log_scales, target, loss, saved, gl, gm, gs, gt)) {
+  if (B > 0 && !Backend::mixture_nll_forward_grad(logits, means, log_scales, target, loss, saved, gl, gm, gs, gt,
+                                                  grad_scale)) {
     Backend::mixture_nll_forward(logits, means, log_scales, target, loss, saved);
-    const auto ones = at::ones({1}, means.options()).expand({B});
-    Backend::mixture_nll_backward(ones, logits, means, log_scales, target, saved, gl, gm, gs, gt);
+    const auto g = at::full({1}, grad_scale, means.options()).expand({B});
+    Backend::mixture_nll_backward(g, logits, means, log_scales, target, saved, gl, gm, gs, gt);
   }
   const auto dt = means.scalar_type();
   return {loss, saved, gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt)};
@@ -117,8 +119,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 #define PHYSMDN_OP_SCHEMAS(m)                                                                                          \
-  m.def("mixture_nll_fwd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, bool compute_grad=False) "     \
-        "-> (Tensor loss, Tensor saved, Tensor grad_logits, Tensor grad_means, Tensor grad_log_scales, "               \
+  m.def("mixture_nll_fwd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, bool compute_grad=False, "     \
+        "float grad_scale=1.0) -> (Tensor loss, Tensor saved, Tensor grad_logits, Tensor grad_means, Tensor grad_log_scales, "               \
         "Tensor grad_target)");                                                                                       \
   m.def("mixture_nll_bwd(Tensor grad_loss, Tensor logits, Tensor means, Tensor log_scales, Tensor target, "            \
         "Tensor saved) -> (Tensor grad_logits, Tensor grad_means, Tensor grad_log_scales, Tensor grad_target)");         \

@@ -201,11 +201,11 @@ inline void finish_sample_grads(int64_t K, int64_t D_, float g, const float* gam
   }
 }
 
-// Forward; with kGrad also the gradients for an upstream gradient of 1 (grad_* outputs), in the same pass:
+// Forward; with kGrad also the gradients for an upstream gradient of grad_scale (grad_* outputs), in the same pass:
 // one exp per element and two per component, the exponentials of the log-sum-exps reused as pi and gamma.
 template <bool kGrad, int kD, typename scalar_t>
 void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                              const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, float* gl, float* gm,
+                              const at::Tensor& target, float grad_scale, at::Tensor& loss, at::Tensor& saved, float* gl, float* gm,
                               float* gs, float* gt) {
   const int64_t B = means.size(0), K = means.size(1), D = PHYSMDN_DIM(means.size(2)), KD = K * D;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
@@ -243,7 +243,7 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
         if constexpr (kGrad) {
           const float inv_sum = 1.0f / w.sum[i];
           for (int64_t k = 0; k < K; ++k) w.tmp[i * K + k] *= inv_sum;  // gamma
-          finish_sample_grads<kD>(K, D, 1.0f, w.tmp.data() + i * K, w.prior.data() + i * K, gl + b * K, gm + b * KD,
+          finish_sample_grads<kD>(K, D, grad_scale, w.tmp.data() + i * K, w.prior.data() + i * K, gl + b * K, gm + b * KD,
                                   gs + b * KD, gt + b * D);
         }
       }
@@ -560,14 +560,14 @@ void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, cons
 #ifdef PHYSMDN_SOA_KERNELS
   if (use_fast_path(logits, means, log_scales, target))
     return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
-      soa::mixture_nll<false, scalar_t>(logits, means, log_scales, target, nullptr, loss.data_ptr<scalar_t>(),
+      soa::mixture_nll<false, scalar_t>(logits, means, log_scales, target, nullptr, 1.0f, loss.data_ptr<scalar_t>(),
                                         saved.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr);
     });
 #endif
   if (use_fast_path(logits, means, log_scales, target))
     return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
       dispatch_dim(means.size(2), [&]<int kD>() {
-        mixture_nll_forward_fast<false, kD, scalar_t>(logits, means, log_scales, target, loss, saved, nullptr,
+        mixture_nll_forward_fast<false, kD, scalar_t>(logits, means, log_scales, target, 1.0f, loss, saved, nullptr,
                                                       nullptr, nullptr, nullptr);
       });
     });
@@ -586,12 +586,13 @@ void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, cons
 
 bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                               const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
-                              at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target) {
+                              at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
+                              double grad_scale) {
   if (!use_fast_path(logits, means, log_scales, target)) return false;
 #ifdef PHYSMDN_SOA_KERNELS
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
-    soa::mixture_nll<true, scalar_t>(logits, means, log_scales, target, nullptr, loss.data_ptr<scalar_t>(),
-                                     saved.data_ptr<float>(), grad_logits.data_ptr<float>(),
+    soa::mixture_nll<true, scalar_t>(logits, means, log_scales, target, nullptr, static_cast<float>(grad_scale),
+                                     loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), grad_logits.data_ptr<float>(),
                                      grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
                                      grad_target.data_ptr<float>());
   });
@@ -599,8 +600,8 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
 #endif
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
     dispatch_dim(means.size(2), [&]<int kD>() {
-      mixture_nll_forward_fast<true, kD, scalar_t>(logits, means, log_scales, target, loss, saved,
-                                                   grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
+      mixture_nll_forward_fast<true, kD, scalar_t>(logits, means, log_scales, target, static_cast<float>(grad_scale),
+                                                   loss, saved, grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
                                                    grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>());
     });
   });
@@ -615,7 +616,7 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
   // recomputes the forward (the saved state is not needed by the lane-parallel kernel)
   if (use_fast_path(logits, means, log_scales, target))
     return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
-      soa::mixture_nll<true, scalar_t>(logits, means, log_scales, target, &grad_loss, nullptr, nullptr,
+      soa::mixture_nll<true, scalar_t>(logits, means, log_scales, target, &grad_loss, 1.0f, nullptr, nullptr,
                                        grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
                                        grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>());
     });

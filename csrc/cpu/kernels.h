@@ -12,7 +12,7 @@
   bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,    \
                                 const at::Tensor& target, at::Tensor& loss, at::Tensor& saved,                   \
                                 at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,    \
-                                at::Tensor& grad_target);                                                        \
+                                at::Tensor& grad_target, double grad_scale);                                     \
   void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,        \
                             const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,       \
                             at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,          \

@@ -259,10 +259,10 @@ void to_float_rows(const scalar_t* src, int64_t n, int64_t nvalid, float* dst) {
 }
 
 // Driver over the batch. loss_all [B] and saved_all [B, 3] may be null (not written); the gradients (float32,
-// written with kGrad) are for the upstream gradient grad_loss ([B], any stride), or for g = 1 when it is null.
+// written with kGrad) are for the upstream gradient grad_loss ([B], any stride), or g_default when it is null.
 template <bool kGrad, typename scalar_t>
 void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                 const at::Tensor& target, const at::Tensor* grad_loss, scalar_t* loss_all, float* saved_all,
+                 const at::Tensor& target, const at::Tensor* grad_loss, float g_default, scalar_t* loss_all, float* saved_all,
                  float* gl_all, float* gm_all, float* gs_all, float* gt_all) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
@@ -291,7 +291,7 @@ void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Te
         lg = w.in_lg.data(), mu = w.in_mu.data(), ls = w.in_ls.data(), y = w.in_y.data();
       }
       for (int64_t i = 0; i < kLanes; ++i)
-        g8[i] = i >= nb ? 0.0f : g_ptr ? static_cast<float>(g_ptr[(b0 + i) * g_stride]) : 1.0f;
+        g8[i] = i >= nb ? 0.0f : g_ptr ? static_cast<float>(g_ptr[(b0 + i) * g_stride]) : g_default;
       const bool direct_out = nb == kLanes;
       GroupOut out{loss8, saved_all && direct_out ? saved_all + math::kSavedPerSample * b0 : saved8, nullptr,
                    nullptr, nullptr, nullptr};

@@ -231,7 +231,8 @@ struct CudaBackend {
 
   // No single-pass variant on the GPU yet: op_impl runs forward, then backward with a unit gradient.
   static bool mixture_nll_forward_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&) {
+                                       at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
+                                       double) {
     return false;
   }
 

@@ -72,7 +72,7 @@ def autocast_inputs(*tensors):
 # ----- mixture_nll ----------------------------------------------------------------------------------
 
 @torch.library.register_fake("physmdn::mixture_nll_fwd")
-def _mixture_nll_fwd_fake(logits, means, log_scales, target, compute_grad=False):
+def _mixture_nll_fwd_fake(logits, means, log_scales, target, compute_grad=False, grad_scale=1.0):
     check_mixture_inputs(logits, means, log_scales, target)
     B = means.shape[0]
     if compute_grad:
@@ -89,13 +89,21 @@ def _mixture_nll_bwd_fake(grad_loss, logits, means, log_scales, target, saved):
             means.new_empty(target.shape))
 
 
+def _eager(*tensors) -> bool:
+    """True outside any tracing (dynamo, AOT autograd, fake or functional tensors): only then may the autograd
+    formulas mutate the forward's outputs or read tensor values."""
+    return not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
+
+
 def _mixture_nll_setup_context(ctx, inputs, output):
-    logits, means, log_scales, target, compute_grad = inputs
+    logits, means, log_scales, target, compute_grad, grad_scale = inputs
     _, saved, *grads = output
     ctx.compute_grad = bool(compute_grad)
+    # the value the kernel used (it computes in the accumulation dtype), to compare the upstream gradient with
+    ctx.grad_scale = float(torch.tensor(float(grad_scale), dtype=acc_dtype(means.dtype)))
     ctx.mark_non_differentiable(saved, *grads)
     ctx.set_materialize_grads(False)  # no zero-filled [B, K, D] gradients for the auxiliary outputs
-    if ctx.compute_grad and not torch.compiler.is_compiling():
+    if ctx.compute_grad and _eager(*grads):
         # Eager: keep the unit-gradient outputs aside so the first backward can scale them in place (no extra
         # [B, K, D] buffers); a second backward (retain_graph) recomputes through mixture_nll_bwd.
         ctx.save_for_backward(logits, means, log_scales, target, saved)
@@ -105,22 +113,40 @@ def _mixture_nll_setup_context(ctx, inputs, output):
         ctx.unit_grads = None
 
 
+def _upstream_factor(grad_loss, saved, dtype, grad_scale: float):
+    """Per-sample factor ``grad_loss / grad_scale`` turning the forward's gradients (computed for an upstream
+    gradient of ``grad_scale``) into the requested ones, or None when it is exactly 1: an expanded CPU upstream
+    gradient equal to ``grad_scale``, as ``loss.sum()`` (scale 1) or the op's own mean reduction (scale 1/B)
+    produce. (On CUDA the value is not inspected: that would synchronize.)"""
+    if grad_loss is None:
+        return torch.zeros_like(saved[:, 0], dtype=dtype)
+    if (grad_loss.device.type == "cpu" and grad_loss.numel() > 0 and grad_loss.stride(0) == 0
+            and _eager(grad_loss) and float(grad_loss[0]) == grad_scale):
+        return None
+    g = grad_loss.to(dtype)
+    return g if grad_scale == 1.0 else g / grad_scale
+
+
 def _mixture_nll_backward(ctx, grad_loss, _grad_saved, *_grad_grads):
     logits, means, log_scales, target, saved, *grads = ctx.saved_tensors
     if ctx.compute_grad and ctx.unit_grads is not None:
         gl, gm, gs, gt = ctx.unit_grads
         ctx.unit_grads = None
-        g = torch.zeros_like(saved[:, 0], dtype=gl.dtype) if grad_loss is None else grad_loss.to(gl.dtype)
-        return gl.mul_(g[:, None]), gm.mul_(g[:, None, None]), gs.mul_(g[:, None, None]), gt.mul_(g[:, None]), None
+        g = _upstream_factor(grad_loss, saved, gl.dtype, ctx.grad_scale)
+        if g is None:  # the forward's gradients are the answer: hand them over as they are
+            return gl, gm, gs, gt, None, None
+        return gl.mul_(g[:, None]), gm.mul_(g[:, None, None]), gs.mul_(g[:, None, None]), gt.mul_(g[:, None]), None, None
     if ctx.compute_grad and grads:
-        # The forward computed the gradients for a unit upstream gradient: scale them per sample.
-        g = torch.zeros_like(saved[:, 0], dtype=grads[0].dtype) if grad_loss is None else grad_loss.to(grads[0].dtype)
+        # The forward computed the gradients for an upstream gradient of grad_scale: rescale them per sample.
+        g = _upstream_factor(grad_loss, saved, grads[0].dtype, ctx.grad_scale)
         gl, gm, gs, gt = grads
-        return gl * g[:, None], gm * g[:, None, None], gs * g[:, None, None], gt * g[:, None], None
+        if g is None:
+            g = torch.ones_like(saved[:, 0], dtype=gl.dtype)  # copies: these tensors stay saved for a second backward
+        return gl * g[:, None], gm * g[:, None, None], gs * g[:, None, None], gt * g[:, None], None, None
     if grad_loss is None:
         grad_loss = torch.zeros_like(saved[:, 0], dtype=means.dtype)
     gl, gm, gs, gt = torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, saved)
-    return gl, gm, gs, gt, None
+    return gl, gm, gs, gt, None, None
 
 
 torch.library.register_autograd(
@@ -128,8 +154,9 @@ torch.library.register_autograd(
 )
 
 
-def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample negative log-likelihood of a diagonal Gaussian mixture, fused in one kernel.
+def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, target: torch.Tensor,
+                reduction: str = "none") -> torch.Tensor:
+    """Negative log-likelihood of a diagonal Gaussian mixture, fused in one kernel.
 
     ``loss_b = -log sum_k softmax(logits_b)_k N(target_b | means_bk, diag(exp(log_scales_bk))^2)``
 
@@ -138,17 +165,31 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
         means: ``[B, K, D]`` component means.
         log_scales: ``[B, K, D]`` log standard deviations.
         target: ``[B, D]`` observations.
+        reduction: ``"none"`` (``[B]``), ``"mean"`` or ``"sum"`` (scalars). With a reduction the kernel computes
+            the gradients already scaled for it, so a backward from the scalar needs no pass over them; prefer
+            ``reduction="mean"`` to ``mixture_nll(...).mean()`` in training loops.
 
     Returns:
-        ``[B]`` loss in the input dtype. float16/bfloat16 inputs accumulate in float32; under
+        The loss in the input dtype. float16/bfloat16 inputs accumulate in float32; under
         ``torch.autocast`` the inputs are cast to float32 and the loss is float32.
         Non-contiguous and expanded inputs are read in place. A NaN in one sample's inputs gives NaN
-        for that sample only. ``B = 0`` gives an empty tensor.
+        for that sample only. ``B = 0`` gives an empty tensor (NaN for the mean, 0 for the sum, as torch).
     """
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
     check_mixture_inputs(logits, means, log_scales, target)
-    # Gradients are computed in the forward pass when they will be needed (one pass over the inputs); the
-    # backward then only scales them by the upstream gradient.
+    # Gradients are computed in the forward pass when they will be needed (one pass over the inputs), for the
+    # upstream gradient the reduction will send (1/B for the mean); the backward then rescales them only if the
+    # actual upstream gradient differs.
     compute_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (logits, means, log_scales, target))
-    return torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target, compute_grad)[0]
+    B = means.shape[0]
+    # (under torch.compile the scale stays 1: 1/B would specialize a dynamic batch size)
+    grad_scale = 1.0 / B if reduction == "mean" and B > 0 and not torch.compiler.is_compiling() else 1.0
+    loss = torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target, compute_grad, grad_scale)[0]
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss

@@ -574,7 +574,7 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     items = _normalize_physics(physics)
     if not items or weight == 0.0:
-        return _reduce(mixture_nll(logits, means, log_scales, target), reduction)
+        return mixture_nll(logits, means, log_scales, target, reduction=reduction)
     from ._fused import fused_mdn_loss  # the fused kernels; they fall back to the references per spec
 
     return _reduce(fused_mdn_loss(logits, means, log_scales, target, items, float(weight)), reduction)

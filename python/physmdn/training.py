@@ -58,7 +58,7 @@ def mixture_loss(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Te
     ``(spec, weight)`` pairs bound to this batch.
     """
     if physics is None or weight == 0.0:
-        return mixture_nll(logits, means, log_scales, target).mean()
+        return mixture_nll(logits, means, log_scales, target, reduction="mean")
     try:
         from .physics import mdn_loss
     except ImportError as exc:  # pragma: no cover - physics ships with the package
@@ -142,7 +142,7 @@ class _Objective(nn.Module):
         total = mixture_loss(mixture.logits, mixture.means, mixture.log_scales, y, specs, physics_weight)
         if specs is not None and physics_weight != 0.0:
             with torch.no_grad():
-                nll = mixture_nll(mixture.logits, mixture.means, mixture.log_scales, y).mean()
+                nll = mixture_nll(mixture.logits, mixture.means, mixture.log_scales, y, reduction="mean")
             # derived, not recomputed (that would evaluate the physics twice): absolute error ~ 1e-7 |nll| / weight
             penalty = ((total.detach() - nll) / physics_weight).clamp_min(0.0)
         else:
