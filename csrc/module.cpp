@@ -5,6 +5,8 @@
 
 #include <string>
 
+#include "cpu/buffer_pool.h"
+
 namespace physmdn {
 std::string cpu_isa();
 std::string set_cpu_isa(const std::string& isa);
@@ -39,4 +41,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", &physmdn::cpu_isa, "The CPU kernel variant in use: 'default' or 'avx2'.");
   m.def("set_cpu_isa", &physmdn::set_cpu_isa, "Select the CPU kernel variant; returns the previous one.");
   m.def("get_num_threads", [] { return at::get_num_threads(); });
+  m.def("cpu_pool_stats", [] {
+    const auto s = physmdn::cpu::pool_stats();
+    pybind11::dict d;
+    d["limit_bytes"] = s.limit_bytes;
+    d["cached_bytes"] = s.cached_bytes;
+    d["live_bytes"] = s.live_bytes;
+    d["hits"] = s.hits;
+    d["misses"] = s.misses;
+    return d;
+  }, "Buffer pool of the CPU ops' outputs: limit, cached (free) and live bytes, hits and misses.");
+  m.def("set_cpu_pool_limit", &physmdn::cpu::set_pool_limit, pybind11::arg("bytes"),
+        "Set the CPU buffer pool's cache limit in bytes (0 disables caching); returns the previous limit.");
+  m.def("cpu_pool_release_cached", &physmdn::cpu::pool_release_cached, "Free the CPU buffer pool's cached blocks.");
 }

@@ -35,16 +35,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_mixture_inputs(logits, means, log_scales, target);
   Backend::check_device(means);
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  auto loss = at::empty({B}, means.options());
+  auto loss = Backend::empty({B}, means.options());
   const auto acc_opts = means.options().dtype(acc_dtype(means.scalar_type()));
-  auto saved = at::empty({B, math::kSavedPerSample}, acc_opts);
+  auto saved = Backend::empty({B, math::kSavedPerSample}, acc_opts);
   if (!compute_grad) {
-    const auto none = [&] { return at::empty({0}, means.options()); };  // distinct tensors: outputs must not alias
+    const auto none = [&] { return Backend::empty({0}, means.options()); };  // distinct tensors: outputs must not alias
     if (B > 0) Backend::mixture_nll_forward(logits, means, log_scales, target, loss, saved);
     return {loss, saved, none(), none(), none(), none()};
   }
-  auto gl = at::empty({B, K}, acc_opts), gm = at::empty({B, K, D}, acc_opts), gs = at::empty({B, K, D}, acc_opts),
-       gt = at::empty({B, D}, acc_opts);
+  auto gl = Backend::empty({B, K}, acc_opts), gm = Backend::empty({B, K, D}, acc_opts), gs = Backend::empty({B, K, D}, acc_opts),
+       gt = Backend::empty({B, D}, acc_opts);
   if (B > 0 && !Backend::mixture_nll_forward_grad(logits, means, log_scales, target, loss, saved, gl, gm, gs, gt,
                                                   grad_scale)) {
     Backend::mixture_nll_forward(logits, means, log_scales, target, loss, saved);
@@ -65,8 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_bwd_impl(
   check_saved(saved, means, math::kSavedPerSample, "mixture_nll_fwd");
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
   auto opts = means.options().dtype(acc_dtype(means.scalar_type()));
-  auto gl = at::empty({B, K}, opts), gm = at::empty({B, K, D}, opts), gs = at::empty({B, K, D}, opts),
-       gt = at::empty({B, D}, opts);
+  auto gl = Backend::empty({B, K}, opts), gm = Backend::empty({B, K, D}, opts), gs = Backend::empty({B, K, D}, opts),
+       gt = Backend::empty({B, D}, opts);
   if (B > 0) Backend::mixture_nll_backward(grad_loss, logits, means, log_scales, target, saved, gl, gm, gs, gt);
   const auto dt = means.scalar_type();
   return {gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt)};
@@ -84,8 +84,8 @@ std::tuple<at::Tensor, at::Tensor> mdn_loss_fwd_impl(const at::Tensor& logits, c
   const PhysicsArgs args{family, exact, weight, spacing, boundary, noise_scale};
   const auto [order, rows] = check_physics_args(means, p0, p1, extra, args);
   const auto B = means.size(0);
-  auto loss = at::empty({B}, means.options());
-  auto saved = at::empty({B, math::kSavedPerSampleLoss}, means.options().dtype(acc_dtype(means.scalar_type())));
+  auto loss = Backend::empty({B}, means.options());
+  auto saved = Backend::empty({B, math::kSavedPerSampleLoss}, means.options().dtype(acc_dtype(means.scalar_type())));
   if (B > 0) Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
   return {loss, saved};
 }
@@ -104,13 +104,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto [order, rows] = check_physics_args(means, p0, p1, extra, args);
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
   auto opts = means.options().dtype(acc_dtype(means.scalar_type()));
-  auto gl = at::empty({B, K}, opts), gm = at::empty({B, K, D}, opts), gs = at::empty({B, K, D}, opts),
-       gt = at::empty({B, D}, opts);
+  auto gl = Backend::empty({B, K}, opts), gm = Backend::empty({B, K, D}, opts), gs = Backend::empty({B, K, D}, opts),
+       gt = Backend::empty({B, D}, opts);
   const bool has_family = family != math::kFamilyNone;
   // Parameter gradients are full-size [B, K, ...]; autograd reduces them over the broadcast dimensions.
-  auto gp0 = (p0_grad && has_family) ? at::empty(p0.sizes(), opts) : at::empty({0}, opts);
-  auto gp1 = (p1_grad && has_family && family != math::kPolynomial) ? at::empty(p1.sizes(), opts) : at::empty({0}, opts);
-  auto ge = extra.has_value() ? at::empty({B, K}, opts) : at::empty({0}, opts);
+  auto gp0 = (p0_grad && has_family) ? Backend::empty(p0.sizes(), opts) : Backend::empty({0}, opts);
+  auto gp1 = (p1_grad && has_family && family != math::kPolynomial) ? Backend::empty(p1.sizes(), opts) : Backend::empty({0}, opts);
+  auto ge = extra.has_value() ? Backend::empty({B, K}, opts) : Backend::empty({0}, opts);
   if (B > 0)
     Backend::mdn_loss_backward(grad_loss, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved, gl,
                                gm, gs, gt, gp0, gp1, ge);

@@ -230,6 +230,7 @@ struct CudaBackend {
   }
 
   // No single-pass variant on the GPU yet: op_impl runs forward, then backward with a unit gradient.
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
   static bool mixture_nll_forward_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                        at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
                                        double) {

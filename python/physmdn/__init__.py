@@ -29,11 +29,37 @@ def build_info() -> dict:
     info["cpu_isa"] = _C.cpu_isa()
     info["cpu_threads"] = torch.get_num_threads()
     info["cuda_available"] = torch.cuda.is_available()
+    info["cpu_pool"] = cpu_pool_stats()
     return info
+
+
+def cpu_pool_stats() -> dict:
+    """The CPU buffer pool behind the ops' large outputs (gradients): ``limit_bytes``, ``cached_bytes`` (freed
+    blocks kept for reuse), ``live_bytes`` (blocks in tensors now), ``hits`` and ``misses``.
+
+    A training loop frees last step's gradients and allocates the same sizes again; glibc hands such
+    multi-megabyte blocks back to the kernel, so each step would page-fault (and zero) them in anew, which costs
+    more than the kernels. The pool keeps up to ``limit_bytes`` of freed blocks of exact sizes (default 256 MiB,
+    environment variable ``PHYSMDN_CPU_POOL_MB``). Pooled memory is reported to the torch profiler."""
+    return dict(_C.cpu_pool_stats())
+
+
+def set_cpu_pool_limit(limit_bytes: int) -> int:
+    """Set the CPU buffer pool's cache limit in bytes (0 turns caching off and frees what is cached); returns
+    the previous limit."""
+    if not isinstance(limit_bytes, int) or isinstance(limit_bytes, bool) or limit_bytes < 0:
+        raise ValueError(f"limit_bytes must be an int >= 0, got {limit_bytes!r}")
+    return int(_C.set_cpu_pool_limit(limit_bytes))
+
+
+def cpu_pool_release() -> None:
+    """Free the blocks the CPU buffer pool has cached (tensors in use are not affected)."""
+    _C.cpu_pool_release_cached()
 
 
 __all__ = [
     "mixture_nll", "mdn_loss", "reference", "physics", "build_info", "__version__",
+    "cpu_pool_stats", "set_cpu_pool_limit", "cpu_pool_release",
     "GaussianMixture", "Modes", "MDN", "CFM", "fit", "load", "FitResult", "LinearWarmup",
     "distributions", "transport", "models", "training", "problems", "metrics",
 ]

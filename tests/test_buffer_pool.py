@@ -1,0 +1,124 @@
+"""The CPU buffer pool behind the ops' large outputs (csrc/cpu/buffer_pool.cpp)."""
+
+import multiprocessing as mp
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import physmdn
+from physmdn import reference
+from conftest import rel_err
+
+B, K, D = 4096, 8, 4  # gradients of means: 512 KiB, above the pool's 256 KiB threshold
+
+
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, K, generator=g), torch.randn(B, K, D, generator=g), 0.3 * torch.randn(B, K, D, generator=g),
+            torch.randn(B, D, generator=g)]
+
+
+def grads(ps):
+    ps = [p.detach().clone().requires_grad_(True) for p in ps]
+    return torch.autograd.grad(physmdn.mixture_nll(*ps, reduction="mean"), ps)
+
+
+@pytest.fixture
+def pool_limit():
+    previous = physmdn.set_cpu_pool_limit(64 << 20)
+    physmdn.cpu_pool_release()
+    yield
+    physmdn.set_cpu_pool_limit(previous)
+
+
+def test_freed_gradients_are_reused(pool_limit):
+    ps = inputs()
+    first = [g.clone() for g in grads(ps)]  # the op's outputs are freed at the end of the call
+    before = physmdn.cpu_pool_stats()
+    assert before["cached_bytes"] >= 2 * B * K * D * 4
+    second = grads(ps)
+    after = physmdn.cpu_pool_stats()
+    assert after["hits"] >= before["hits"] + 2  # grad_means, grad_log_scales at least
+    assert after["live_bytes"] >= 2 * B * K * D * 4
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # reused memory, same numbers
+    exact = [p.double().requires_grad_(True) for p in ps]
+    for g, rg in zip(second, torch.autograd.grad(reference.mixture_nll(*exact).mean(), exact)):
+        assert rel_err(g.double(), rg) <= 1e-5
+
+
+def test_limit_zero_caches_nothing(pool_limit):
+    assert physmdn.set_cpu_pool_limit(0) == 64 << 20
+    grads(inputs())
+    stats = physmdn.cpu_pool_stats()
+    assert stats["cached_bytes"] == 0 and stats["limit_bytes"] == 0
+    with pytest.raises(ValueError, match="limit_bytes must be an int >= 0, got -1"):
+        physmdn.set_cpu_pool_limit(-1)
+
+
+def test_limit_bounds_the_cache(pool_limit):
+    physmdn.set_cpu_pool_limit(600 * 1024)  # room for one 512 KiB block
+    grads(inputs())
+    assert 0 < physmdn.cpu_pool_stats()["cached_bytes"] <= 600 * 1024
+    physmdn.cpu_pool_release()
+    assert physmdn.cpu_pool_stats()["cached_bytes"] == 0
+
+
+def test_pooled_tensors_behave_like_torch_tensors(pool_limit):
+    gm = grads(inputs())[1]
+    ref = gm.clone()
+    gm.resize_(2 * B, K, D)  # resizable storage (reallocated through the pool allocator)
+    assert torch.equal(gm[:B], ref)
+    gm = grads(inputs())[1]
+    assert np.array_equal(gm.numpy(), ref.numpy())  # numpy shares the memory
+    assert torch.equal(pickle.loads(pickle.dumps(gm)), ref)
+    gm2 = grads(inputs())[1]
+    gm2.share_memory_()
+    assert gm2.is_shared() and torch.equal(gm2, ref)
+
+
+def test_profiler_sees_pooled_memory(pool_limit):
+    from torch.profiler import ProfilerActivity, profile
+
+    ps = [p.requires_grad_(True) for p in inputs()]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = physmdn.mixture_nll(*ps, reduction="mean")
+    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+    assert allocated >= 2 * B * K * D * 4, allocated
+    del out
+
+
+def _child(q):
+    q.put(physmdn.cpu_pool_stats())
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_fork_child_gets_a_fresh_pool(pool_limit):
+    """A forked child must not inherit the parent's pool (its mutex may be held by another thread at the fork):
+    the atfork handler gives it a new, empty one."""
+    keep = grads(inputs())  # the parent's pool has live blocks and counters
+    assert physmdn.cpu_pool_stats()["misses"] > 0
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    stats = q.get(timeout=60)
+    p.join(60)
+    assert p.exitcode == 0
+    assert stats["live_bytes"] == 0 and stats["misses"] == 0 and stats["cached_bytes"] == 0
+    del keep
+
+
+def test_environment_variable():
+    code = "import physmdn; print(physmdn.cpu_pool_stats()['limit_bytes'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PHYSMDN_CPU_POOL_MB": "3"},
+                         capture_output=True, text=True, check=True).stdout
+    assert int(out.strip().splitlines()[-1]) == 3 << 20
+    bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PHYSMDN_CPU_POOL_MB": "lots"},
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "PHYSMDN_CPU_POOL_MB must be a number of MiB >= 0, got 'lots'" in bad.stderr
