@@ -29,30 +29,64 @@ namespace physmdn::cpu::soa {
 
 constexpr int64_t kLanes = 8;
 
-// exp of 8 floats. Cody-Waite reduction x = n ln2 + r (|r| <= ln2 / 2) and Cephes' degree-7 polynomial
-// (about 1 ulp on the normal range). 2^n is applied as two normal factors 2^(n/2) 2^(n - n/2), so results
-// underflow gradually to 0 and overflow to +inf like std::exp; NaN propagates (the clamps keep NaN).
+// exp of 8 floats. Cody-Waite reduction x = n ln2 + r (|r| <= ln2 / 2) and a degree-6 minimax polynomial
+// for e^r (fitted here, ~2 ulp in float32), scaled by 2^n through the exponent bits. Results below 2^-126
+// (x < -87.3, denormal range) are flushed to 0, results from x > 88.38 are +inf (the top 0.4% of the float range
+// overflows early); NaN propagates.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(89.0f), x);  // min/max return their second operand for NaN: x
-  x = _mm256_max_ps(_mm256_set1_ps(-104.0f), x);
-  const __m256i n = _mm256_cvtps_epi32(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)));
-  const __m256 fn = _mm256_cvtepi32_ps(n);
+  x = _mm256_min_ps(_mm256_set1_ps(88.7f), x);  // min returns its second operand for NaN: x
+  const __m256 fn = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 p = _mm256_set1_ps(1.381461275741458e-3f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.368710055947304e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166838899254799e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666652113199234e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999999403953552e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i n1 = _mm256_srai_epi32(n, 1), n2 = _mm256_sub_epi32(n, n1), bias = _mm256_set1_epi32(127);
-  const __m256 f1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
-  const __m256 f2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
-  return _mm256_mul_ps(_mm256_mul_ps(p, f1), f2);
+  // 2^n for n in [-126, 128] (128: the exponent field of +inf); n < -126 is masked to 0 below
+  const __m256i n = _mm256_cvtps_epi32(fn);
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+  const __m256 tiny = _mm256_cmp_ps(fn, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
+  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, scale));
 }
 
-inline __m256 log8(__m256 x) { return __m256(at::vec::Vectorized<float>(x).log()); }
+// log of 8 floats: Cephes' logf (mantissa in [sqrt(1/2), sqrt(2)), degree-9 polynomial, about 1 ulp) for
+// positive normal x; 0 -> -inf, +inf -> +inf, negative or NaN -> NaN. Denormal inputs (which the log-sum-exps,
+// with sums of 0 or >= 1, never pass) go through Sleef.
+inline __m256 log8(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i exp_field = _mm256_srli_epi32(bits, 23);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(exp_field, _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F000000)));
+  // m in [0.5, 1): below sqrt(1/2) use 2m - 1 and e - 1, else m - 1
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
+  m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), one);
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.1514610310e-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(1.1676998740e-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.2420140846e-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(1.4249322787e-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-1.6668057665e-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(2.0000714765e-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(-2.4999993993e-1f));
+  p = _mm256_fmadd_ps(p, m, _mm256_set1_ps(3.3333331174e-1f));
+  p = _mm256_mul_ps(_mm256_mul_ps(p, m), z);
+  p = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), p);
+  p = _mm256_fmadd_ps(z, _mm256_set1_ps(-0.5f), p);
+  __m256 r = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, p));
+  // special inputs: zero or denormal (exponent field 0), negative, inf or NaN (exponent field 255)
+  const __m256i special = _mm256_or_si256(
+      _mm256_or_si256(_mm256_cmpeq_epi32(exp_field, _mm256_setzero_si256()), _mm256_srai_epi32(bits, 31)),
+      _mm256_cmpeq_epi32(exp_field, _mm256_set1_epi32(255)));
+  if (_mm256_testz_si256(special, special)) return r;
+  return _mm256_blendv_ps(r, __m256(at::vec::Vectorized<float>(x).log()), _mm256_castsi256_ps(special));
+}
 
 // In-register transpose of an 8x8 block of floats (its own inverse).
 inline void transpose8(__m256 (&r)[8]) {
