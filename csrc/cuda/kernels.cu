@@ -1,6 +1,8 @@
 // CUDA drivers: thin kernels over the per-sample math of mixture_math.h / physics_math.h (the same code the
-// CPU runs). Schedule chosen from K: a thread per sample for few components (a sample's parameters are read
-// by one thread, consecutive threads read consecutive samples); a warp per sample from 16 components on.
+// CPU runs). Schedule chosen from K and K * D: for the mixture NLL with contiguous inputs and fewer than 16
+// components, a tiled thread per sample (coalesced vector loads through shared memory, one pass for loss and
+// gradients) while a sample fits in shared memory; a warp per sample from 16 components on; otherwise (strided
+// inputs, the fused physics loss) a plain thread per sample reading its parameters in place.
 // Accumulation in float32 (float64 for double inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -9,6 +11,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
 
 #include "mixture_math.h"
 #include "op_impl.h"
@@ -72,6 +78,162 @@ __global__ void mdn_loss_bwd_kernel(math::MixtureView<scalar_t> v, math::Physics
                                         gp1 ? gp1 + b * K * n1 : nullptr, ge ? ge + b * K : nullptr);
 }
 
+
+// ----- tiled thread-per-sample schedule (contiguous inputs, few components) ----------------------------
+// A block of T threads owns T consecutive samples. Their [T, K, D] means / log_scales, [T, K] logits and
+// [T, D] targets are contiguous in global memory: the block loads them with coalesced (16-byte vector where
+// aligned) loads into shared memory, rows padded to an odd length so that thread t reading row t hits distinct
+// banks. Each thread then runs the per-sample math of mixture_math.h on its row in shared memory (the same
+// functions as the CPU), writes the gradients over its input rows (the math reads each element before it
+// writes the gradient at that place), and the block stores them with coalesced writes. One pass over the
+// inputs gives the loss and, with kGrad, the gradients.
+constexpr int kTileMaxThreads = 256;
+constexpr int64_t kWarpMinComponentsTiled = 16;  // from 16 components on, the warp-per-sample kernels
+constexpr int64_t kTileSharedBytes = 48 * 1024;  // the default dynamic shared-memory limit per block
+
+template <typename acc_t>
+int64_t tile_bytes_per_sample(int64_t K, int64_t D) {
+  return static_cast<int64_t>(sizeof(acc_t)) * (2 * (K * D + 1) + (K + 1) + 2 * (D + 1));
+}
+
+// Threads per block for the tiled kernel (a multiple of 32), 0 when a sample does not fit.
+template <typename acc_t>
+int tile_threads(int64_t K, int64_t D) {
+  const int64_t t = std::min<int64_t>(kTileMaxThreads, kTileSharedBytes / tile_bytes_per_sample<acc_t>(K, D));
+  return t >= 32 ? static_cast<int>(t / 32 * 32) : 0;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ bool vec4_ok(const void* p, int64_t count) {
+  return std::is_same<scalar_t, float>::value && (reinterpret_cast<uintptr_t>(p) % 16 == 0) && count % 4 == 0;
+}
+
+// src: nrows contiguous rows of n elements -> dst rows of stride pad (as acc_t).
+template <typename scalar_t, typename acc_t>
+__device__ void load_rows(const scalar_t* __restrict__ src, int nrows, int n, acc_t* dst, int pad) {
+  const int count = nrows * n;
+  if (vec4_ok<scalar_t>(src, count)) {
+    const float4* src4 = reinterpret_cast<const float4*>(src);
+    for (int i = threadIdx.x; i < count / 4; i += blockDim.x) {
+      const float4 q = __ldg(src4 + i);
+      const float vals[4] = {q.x, q.y, q.z, q.w};
+      for (int j = 0; j < 4; ++j) {
+        const int e = 4 * i + j;
+        dst[(e / n) * pad + e % n] = static_cast<acc_t>(vals[j]);
+      }
+    }
+  } else {
+    for (int e = threadIdx.x; e < count; e += blockDim.x) dst[(e / n) * pad + e % n] = static_cast<acc_t>(src[e]);
+  }
+}
+
+// The inverse: rows of stride pad in shared memory -> nrows contiguous rows of n elements.
+template <typename acc_t>
+__device__ void store_rows(const acc_t* src, int pad, int nrows, int n, acc_t* __restrict__ dst) {
+  const int count = nrows * n;
+  if (vec4_ok<acc_t>(dst, count)) {
+    float4* dst4 = reinterpret_cast<float4*>(dst);
+    for (int i = threadIdx.x; i < count / 4; i += blockDim.x) {
+      float vals[4];
+      for (int j = 0; j < 4; ++j) {
+        const int e = 4 * i + j;
+        vals[j] = static_cast<float>(src[(e / n) * pad + e % n]);
+      }
+      dst4[i] = make_float4(vals[0], vals[1], vals[2], vals[3]);
+    }
+  } else {
+    for (int e = threadIdx.x; e < count; e += blockDim.x) dst[e] = src[(e / n) * pad + e % n];
+  }
+}
+
+// loss / saved may be null (not written); with kGrad, grad_loss (null: every sample's upstream gradient is
+// g_default) scales the gradients gl / gm / gs / gt.
+template <typename scalar_t, typename acc_t, bool kGrad>
+__global__ void tiled_nll_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means,
+                                 const scalar_t* __restrict__ log_scales, const scalar_t* __restrict__ target,
+                                 int64_t B, int K, int D, const scalar_t* __restrict__ grad_loss, int64_t grad_stride,
+                                 acc_t g_default, scalar_t* __restrict__ loss, acc_t* __restrict__ saved,
+                                 acc_t* __restrict__ gl, acc_t* __restrict__ gm, acc_t* __restrict__ gs,
+                                 acc_t* __restrict__ gt) {
+  extern __shared__ __align__(16) unsigned char tile_smem[];
+  const int T = blockDim.x, KD = K * D;
+  const int pm = KD + 1, pl = K + 1, py = D + 1;
+  acc_t* s_mu = reinterpret_cast<acc_t*>(tile_smem);
+  acc_t* s_ls = s_mu + T * pm;
+  acc_t* s_lg = s_ls + T * pm;
+  acc_t* s_y = s_lg + T * pl;
+  acc_t* s_gt = s_y + T * py;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * T;
+  const int nb = static_cast<int>(B - b0 < T ? B - b0 : T);
+  load_rows(means + b0 * KD, nb, KD, s_mu, pm);
+  load_rows(log_scales + b0 * KD, nb, KD, s_ls, pm);
+  load_rows(logits + b0 * K, nb, K, s_lg, pl);
+  load_rows(target + b0 * D, nb, D, s_y, py);
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t < nb) {
+    math::MixtureView<acc_t> v;
+    v.logits = s_lg, v.means = s_mu, v.log_scales = s_ls, v.target = s_y;
+    v.logits_sb = pl, v.logits_sk = 1;
+    v.means_sb = pm, v.means_sk = D, v.means_sd = 1;
+    v.scales_sb = pm, v.scales_sk = D, v.scales_sd = 1;
+    v.target_sb = py, v.target_sd = 1;
+    v.K = K, v.D = D;
+    acc_t s[math::kSavedPerSample];
+    const acc_t nll = math::mixture_nll_sample<acc_t>(v, t, s);
+    const int64_t b = b0 + t;
+    if (loss) loss[b] = static_cast<scalar_t>(nll);
+    if (saved)
+      for (int i = 0; i < math::kSavedPerSample; ++i) saved[math::kSavedPerSample * b + i] = s[i];
+    if constexpr (kGrad) {
+      const acc_t g = grad_loss ? static_cast<acc_t>(grad_loss[b * grad_stride]) : g_default;
+      // in place over this thread's rows: logits -> grad_logits, means -> grad_means, log_scales -> grad_log_scales
+      math::mixture_nll_sample_backward<acc_t>(v, t, g, s, s_lg + t * pl, s_mu + t * pm, s_ls + t * pm,
+                                               s_gt + t * py);
+    }
+  }
+  if constexpr (kGrad) {
+    __syncthreads();
+    store_rows(s_mu, pm, nb, KD, gm + b0 * KD);
+    store_rows(s_ls, pm, nb, KD, gs + b0 * KD);
+    store_rows(s_lg, pl, nb, K, gl + b0 * K);
+    store_rows(s_gt, py, nb, D, gt + b0 * D);
+  }
+}
+
+bool tiled_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target) {
+  return means.size(1) < kWarpMinComponentsTiled && logits.is_contiguous() && means.is_contiguous() &&
+         log_scales.is_contiguous() && target.is_contiguous() && means.numel() < (int64_t(1) << 31);
+}
+
+// Launches the tiled kernel; false when a sample does not fit in shared memory (the caller falls back).
+template <bool kGrad>
+bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target, const at::Tensor* grad_loss, double g_default, at::Tensor* loss,
+                  at::Tensor* saved, at::Tensor* gl, at::Tensor* gm, at::Tensor* gs, at::Tensor* gt) {
+  if (!tiled_inputs(logits, means, log_scales, target)) return false;
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  bool launched = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_tiled_nll", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int threads = tile_threads<acc_t>(K, D);
+    if (threads == 0) return;
+    const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
+    const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D);
+    tiled_nll_kernel<scalar_t, acc_t, kGrad><<<blocks, threads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+        logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
+        target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D),
+        grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
+        static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
+        saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<acc_t>() : nullptr,
+        gm ? gm->data_ptr<acc_t>() : nullptr, gs ? gs->data_ptr<acc_t>() : nullptr,
+        gt ? gt->data_ptr<acc_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launched = true;
+  });
+  return launched;
+}
 
 // ----- warp-per-sample schedule (many components) -----------------------------------------------------
 // Lanes take components k = lane, lane + 32, ...; the log-sum-exps combine across the warp with shuffles;
@@ -212,6 +374,9 @@ struct CudaBackend {
   static void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                                   const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
     const c10::cuda::CUDAGuard guard(means.device());
+    if (launch_tiled<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
+                            nullptr))
+      return;
     const int64_t B = means.size(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_fwd", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -229,18 +394,25 @@ struct CudaBackend {
     });
   }
 
-  // No single-pass variant on the GPU yet: op_impl runs forward, then backward with a unit gradient.
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
-  static bool mixture_nll_forward_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                       at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&,
-                                       double) {
-    return false;
+
+  // Single pass (loss and gradients) with the tiled kernel; otherwise false and op_impl runs forward, then
+  // backward with grad_scale.
+  static bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                                       const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& gl,
+                                       at::Tensor& gm, at::Tensor& gs, at::Tensor& gt, double grad_scale) {
+    const c10::cuda::CUDAGuard guard(means.device());
+    return launch_tiled<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs,
+                              &gt);
   }
 
   static void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
                                    const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
                                    at::Tensor& gl, at::Tensor& gm, at::Tensor& gs, at::Tensor& gt) {
     const c10::cuda::CUDAGuard guard(means.device());
+    // the tiled kernel recomputes the forward per sample (the saved state is not needed)
+    if (launch_tiled<true>(logits, means, log_scales, target, &grad_loss, 1.0, nullptr, nullptr, &gl, &gm, &gs, &gt))
+      return;
     const int64_t B = means.size(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_bwd", [&] {
       using acc_t = at::opmath_type<scalar_t>;
