@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -304,11 +305,17 @@ void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Te
   const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
   const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
   const int64_t groups = (B + kLanes - 1) / kLanes;
-  const int64_t grain = std::max<int64_t>(1, 2048 / (KD + K + D));
-  at::parallel_for(0, groups, grain, [&](int64_t begin, int64_t end) {
+  // Dynamic schedule: threads take chunks of groups from a shared counter, so a thread that is preempted (shared
+  // or virtual CPUs) does not leave the others waiting at the end; each chunk is a contiguous stretch of memory.
+  const int64_t chunk = std::max<int64_t>(1, 8192 / (KD + K + D));
+  const int64_t chunks = (groups + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     Scratch w(K, D);
     alignas(32) float loss8[8], saved8[24], g8[8];
-    for (int64_t grp = begin; grp < end; ++grp) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+    for (int64_t grp = c * chunk, grp_end = std::min(groups, grp + chunk); grp < grp_end; ++grp) {
       const int64_t b0 = grp * kLanes, nb = std::min(kLanes, B - b0);
       const bool direct_in = std::is_same_v<scalar_t, float> && nb == kLanes;
       const float *lg = nullptr, *mu = nullptr, *ls = nullptr, *y = nullptr;
