@@ -345,3 +345,12 @@ def test_opcheck_with_grad_scale():
     unit = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)[2:]
     for g, u in zip(grads, unit):
         torch.testing.assert_close(g, 0.25 * u)
+
+
+@pytest.mark.parametrize("B,K,D", [(8, 8, 4), (9, 8, 4), (4999, 8, 4), (3001, 3, 5), (1500, 16, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_batches_spanning_many_chunks(B, K, D, dtype, cpu_isa):
+    """Batches that span several parallel chunks and groups of 8 samples, with a partial last group (the
+    lane-parallel AVX2 kernel pads it), against the reference."""
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}[dtype]
+    check_against_reference(make_inputs(B, K, D, dtype, seed=B + K + D), dtype, *tol)
