@@ -2,7 +2,7 @@
 
 Meant to run under ``compute-sanitizer --tool memcheck`` (see bench/gpu_check.sh), so the sizes are small and odd
 (block tails, K and D that are not powers of two, B = 1). Covers ``mixture_nll`` (gradients computed in the forward,
-and the recomputing backward kernel) and the fused ``mdn_loss`` with the polynomial, linear and stencil families,
+for a unit and a 1/B upstream gradient, and the recomputing backward kernel) and the fused ``mdn_loss`` with the polynomial, linear and stencil families,
 in float32, bfloat16 and float64.
 
     python bench/sanitizer_case.py --device cuda      # exit 0: all matched; 1: a mismatch (printed)
@@ -67,6 +67,11 @@ def main(argv=None) -> int:
             def recompute(logits, means, log_scales, target):  # compute_grad=False: the backward kernel recomputes
                 return torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target, False)[0]
             check("mixture_nll (recomputing bwd)", recompute, reference.mixture_nll, cpu_in, dev_in, dtype, failures)
+
+            def mean_scaled(logits, means, log_scales, target):  # gradients computed for grad_scale = 1/B, rescaled
+                return torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target, True, 1.0 / B)[0] * B
+            check("mixture_nll (grad_scale 1/B)", mean_scaled, lambda *t: B * reference.mixture_nll(*t), cpu_in, dev_in,
+                  dtype, failures)
 
             g = torch.Generator().manual_seed(7)
             coeffs = 0.3 * torch.randn(B, K, 1, 4, generator=g, dtype=torch.float64)
