@@ -31,6 +31,10 @@ while [ $# -gt 0 ]; do
 done
 
 PY=${PYTHON:-$(command -v python3 || command -v python)}
+case "$PY" in  # absolute (steps run from other directories); a venv's python stays the venv's (no symlink resolving)
+  */*) [ "${PY#/}" = "$PY" ] && PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;;
+  *) PY=$(command -v "$PY" || echo "$PY") ;;
+esac
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 if [ "$DRY" = 1 ]; then OUTDIR=bench/results/dry-run; DEVICE=cpu; else OUTDIR=bench/results; DEVICE=cuda; fi
 mkdir -p "$OUTDIR"
