@@ -408,3 +408,46 @@ def test_fused_polynomial_fast_path_float32(shape, mode, noise, coeff_layout, cp
     assert rel_err(loss, ref) <= 1e-5
     for name, gr, rg in zip(("logits", "means", "log_scales"), grads, ref_grads):
         assert rel_err(gr, rg) <= 1e-4, (name, rel_err(gr, rg))
+
+
+@pytest.mark.parametrize("dtype,shape,order", [
+    (dt, sh, o) for dt in (torch.bfloat16, torch.float16, torch.float32)
+    for sh, o in (((2003, 8, 4), 3), ((77, 5, 3), 8), ((9, 1, 1), 1))
+    if not (dt == torch.float16 and o == 8)])  # order 8: moments up to 16th, beyond float16's range (inf, correctly)
+@pytest.mark.parametrize("coeff_layout", ["per_sample_component", "shared"])
+def test_fused_polynomial_fast_path_dtypes_and_batches(shape, order, dtype, coeff_layout, cpu_isa):
+    """The lane-parallel AVX2 path takes float32 / bfloat16 / float16 (float32 accumulation), batches spanning many
+    chunks with a partial last group, orders up to kMaxOrder = 8, an extra [B, K] penalty from a second spec."""
+    B, K, D = shape
+    g = torch.Generator().manual_seed(B + order)
+    layout = (B, K, 1, order + 1) if coeff_layout == "per_sample_component" else (1, 1, 1, order + 1)
+    coeffs = (0.6 / (order + 1)) * torch.randn(*layout, generator=g, dtype=torch.float64)
+    inputs = [t.to(dtype).requires_grad_(True) for t in mixture(B, K, D, seed=B + 1)]
+    items = [(P.Polynomial(coeffs.to(dtype), noise_scale=0.2), 0.8), (P.Bounds(-1.5, 1.5), 0.3)]
+    loss = P.mdn_loss(*inputs, physics=items, weight=0.9, reduction="none")
+    weights = torch.linspace(0.5, 1.5, B)
+    grads = torch.autograd.grad((loss.float() * weights).sum(), inputs[:3])
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref_items = [(P.Polynomial(coeffs.to(dtype).double(), noise_scale=0.2), 0.8), (P.Bounds(-1.5, 1.5), 0.3)]
+    ref = reference_loss(*ref_inputs, ref_items, 0.9)
+    ref_grads = torch.autograd.grad((ref * weights.double()).sum(), ref_inputs[:3])
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float16: (2e-3, 1e-2)}[dtype]
+    assert loss.dtype == dtype
+    assert rel_err(loss.double(), ref) <= tol[0], rel_err(loss.double(), ref)
+    for name, gr, rg in zip(("logits", "means", "log_scales"), grads, ref_grads):
+        assert gr.dtype == dtype
+        assert rel_err(gr.double(), rg) <= tol[1], (name, rel_err(gr.double(), rg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_polynomial_order_zero(dtype, cpu_isa):
+    """J = 0 (a constant 'law' c0): the penalty is c0^2 for every component, whatever the means and scales."""
+    B, K, D = 131, 3, 2
+    inputs = [t.to(dtype).requires_grad_(True) for t in mixture(B, K, D, seed=5)]
+    c0 = torch.full((1, K, 1, 1), 0.7, dtype=dtype)
+    loss = P.mdn_loss(*inputs, physics=P.Polynomial(c0), weight=2.0, reduction="none")
+    nll = physmdn.mixture_nll(*[t.detach() for t in inputs])
+    torch.testing.assert_close(loss.detach(), nll + 2.0 * D * 0.49, rtol=1e-5, atol=1e-5)
+    g_mu = torch.autograd.grad(loss.sum(), inputs[1])[0]
+    g_ref = torch.autograd.grad(physmdn.mixture_nll(*inputs).sum(), inputs[1])[0]
+    torch.testing.assert_close(g_mu, g_ref, rtol=1e-5, atol=1e-6)

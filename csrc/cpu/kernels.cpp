@@ -357,8 +357,9 @@ void poly_terms(const float* mu, const float* ls, int64_t E, const float* q_elem
       dvdls = Vec::blendv(zero, two * raw, raw > nvv);
     }
     Vec m_prev2(1.0f), m_prev = m;
-    Vec P = Vec::loadu(q_elem + e) + Vec::loadu(q_elem + E + e) * m;
-    Vec dm = Vec::loadu(q_elem + E + e), dv = zero;
+    const Vec q1 = nq > 1 ? Vec::loadu(q_elem + E + e) : zero;  // J = 0: a constant, no q_1
+    Vec P = Vec::loadu(q_elem + e) + q1 * m;
+    Vec dm = q1, dv = zero;
     for (int n = 2; n < nq; ++n) {
       const Vec qn = Vec::loadu(q_elem + n * E + e);
       if constexpr (kGrad) {
@@ -384,7 +385,8 @@ void poly_terms(const float* mu, const float* ls, int64_t E, const float* q_elem
       v = raw > noise_var ? raw - noise_var : 0.0f;
       dvdls = raw > noise_var ? 2.0f * raw : 0.0f;
     }
-    float m_prev2 = 1.0f, m_prev = m, P = q_elem[e] + q_elem[E + e] * m, dmv = q_elem[E + e], dvv = 0.0f;
+    const float q1 = nq > 1 ? q_elem[E + e] : 0.0f;
+    float m_prev2 = 1.0f, m_prev = m, P = q_elem[e] + q1 * m, dmv = q1, dvv = 0.0f;
     for (int n = 2; n < nq; ++n) {
       const float qn = q_elem[n * E + e];
       dmv += qn * static_cast<float>(n) * m_prev;
@@ -540,6 +542,33 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
   });
 }
 
+#ifdef PHYSMDN_SOA_KERNELS
+// The lane-parallel AVX2 kernel takes the fused polynomial loss for contiguous float32 / bfloat16 / float16
+// inputs with coefficients shared over D and no coefficient gradient.
+bool use_soa_poly(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target, const at::Tensor& p0, const PhysicsArgs& args, int order, bool p0_grad) {
+  return args.family == math::kPolynomial && !p0_grad && order <= math::kMaxOrder &&
+         use_fast_path(logits, means, log_scales, target) && p0.stride(2) == 0;
+}
+
+template <typename scalar_t>
+soa::PolyPhysics<scalar_t> soa_poly(const at::Tensor& p0, const c10::optional<at::Tensor>& extra,
+                                    const PhysicsArgs& args, int order) {
+  soa::PolyPhysics<scalar_t> phys;
+  phys.c = make_strided<scalar_t>(p0);
+  phys.order = order;
+  phys.exact = args.exact;
+  phys.weight = static_cast<float>(args.weight);
+  phys.noise_var = static_cast<float>(args.noise_scale * args.noise_scale);
+  if (extra.has_value()) {
+    phys.extra = extra->const_data_ptr<scalar_t>();
+    phys.extra_sb = extra->stride(0);
+    phys.extra_sk = extra->stride(1);
+  }
+  return phys;
+}
+#endif
+
 // Calls fn.template operator()<kD>() with kD = D for the common small dimensions, 0 (run time) otherwise.
 template <typename Fn>
 void dispatch_dim(int64_t D, Fn&& fn) {
@@ -653,6 +682,14 @@ void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const a
                       const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                       at::Tensor& loss, at::Tensor& saved) {
+#ifdef PHYSMDN_SOA_KERNELS
+  if (use_soa_poly(logits, means, log_scales, target, p0, args, order, /*p0_grad=*/false))
+    return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+      soa::run<false, scalar_t>(logits, means, log_scales, target, soa_poly<scalar_t>(p0, extra, args, order), nullptr,
+                                1.0f, loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), nullptr, nullptr, nullptr,
+                                nullptr, nullptr);
+    });
+#endif
   if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/false))
     return mdn_loss_forward_poly_fast(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_forward", [&] {
@@ -676,6 +713,16 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, co
                        int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
                        at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                        at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra) {
+#ifdef PHYSMDN_SOA_KERNELS
+  // recomputes the forward per group (the saved state is not needed by the lane-parallel kernel)
+  if (use_soa_poly(logits, means, log_scales, target, p0, args, order, /*p0_grad=*/grad_p0.numel() > 0))
+    return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+      soa::run<true, scalar_t>(logits, means, log_scales, target, soa_poly<scalar_t>(p0, extra, args, order),
+                               &grad_loss, 1.0f, nullptr, nullptr, grad_logits.data_ptr<float>(),
+                               grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
+                               grad_target.data_ptr<float>(), grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr);
+    });
+#endif
   if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/grad_p0.numel() > 0))
     return mdn_loss_backward_poly_fast(grad_loss, logits, means, log_scales, target, p0, extra, args, order, saved,
                                        grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "mixture_math.h"
+#include "physics_math.h"
 
 namespace physmdn::cpu::soa {
 
@@ -187,37 +188,131 @@ inline __m256 lse_shift(__m256 mx) {
 struct Scratch {
   int64_t K, D;
   std::vector<__m256> mu, ls, y, lg, pi, joint, gl, gt;
-  std::vector<float> in_mu, in_ls, in_lg, in_y, out_gl, out_gm, out_gs, out_gt;
+  std::vector<__m256> qk, ge;  // the fused loss: per-component penalty Q_k, d loss / d extra_k
+  std::vector<float> in_mu, in_ls, in_lg, in_y, out_gl, out_gm, out_gs, out_gt, out_ge;
   Scratch(int64_t K_, int64_t D_)
       : K(K_), D(D_), mu(K_ * D_), ls(K_ * D_), y(D_), lg(K_), pi(K_), joint(K_), gl(K_), gt(D_),
         in_mu(kLanes * K_ * D_), in_ls(kLanes * K_ * D_), in_lg(kLanes * K_), in_y(kLanes * D_),
-        out_gl(kLanes * K_), out_gm(kLanes * K_ * D_), out_gs(kLanes * K_ * D_), out_gt(kLanes * D_) {}
+        out_gl(kLanes * K_), out_gm(kLanes * K_ * D_), out_gs(kLanes * K_ * D_), out_gt(kLanes * D_),
+        out_ge(kLanes * K_) {}
 };
 
 struct GroupOut {
   float* loss;   // [8]
-  float* saved;  // [8, 3]
-  float *gl, *gm, *gs, *gt;  // [8, K], [8, K, D], [8, K, D], [8, D] (with kGrad)
+  float* saved;  // [8, Phys::kSaved]
+  float *gl, *gm, *gs, *gt, *ge;  // [8, K], [8, K, D], [8, K, D], [8, D], [8, K] (with kGrad; ge: fused loss)
+};
+
+// The mixture NLL alone: no physics hooks.
+struct NoPhysics {
+  static constexpr bool kActive = false;
+  static constexpr int kSaved = math::kSavedPerSample;
+  void begin_group(int64_t, int64_t) {}
+  void begin_component(int64_t) {}
+  template <bool kGrad>
+  void element(int64_t, __m256, __m256) {}
+  __m256 end_component(int64_t) { return _mm256_setzero_ps(); }
+};
+
+// The fused loss's polynomial family with coefficients shared over D: per component k the penalty
+// Q_k = weight * sum_d E[p_k(Y_d)^2] + extra_k, Y_d ~ N(mu_kd, v_kd), v = max(exp(2 log_scale) - noise^2, 0) in
+// the exact mode and 0 in the mean mode (physics_math.h's formulas: with q = c * c, E[p^2] = sum_n q_n M_n,
+// M_n = mu M_{n-1} + (n - 1) v M_{n-2}, dE/dmu = sum_n q_n n M_{n-1}, dE/dv = sum_n q_n n (n - 1) / 2 M_{n-2}).
+// Coefficients and extra are gathered per lane (broadcast when shared over the batch).
+template <typename coef_t>
+struct PolyPhysics {
+  static constexpr bool kActive = true;
+  static constexpr int kSaved = math::kSavedPerSampleLoss;
+  math::Strided4<coef_t> c;
+  int order = 0;
+  bool exact = true;
+  float weight = 1.0f, noise_var = 0.0f;
+  const coef_t* extra = nullptr;
+  int64_t extra_sb = 0, extra_sk = 0;
+  // per group / component state
+  int64_t b0 = 0, nb = 0;
+  __m256 q[2 * math::kMaxOrder + 1];
+  __m256 acc;
+  std::vector<__m256> dmu, dls;  // [K * D] with kGrad: dE/dmu, dE/dlog_scale
+
+  void begin_group(int64_t b0_, int64_t nb_) { b0 = b0_, nb = nb_; }
+  // 8 lanes of a [B, K] or [B, K, 1, J + 1] quantity (padding lanes repeat the last valid sample)
+  template <typename F>
+  __m256 lanes(F&& at) const {
+    alignas(32) float v[8];
+    for (int64_t i = 0; i < 8; ++i) v[i] = static_cast<float>(at(b0 + std::min(i, nb - 1)));
+    return _mm256_load_ps(v);
+  }
+  void begin_component(int64_t k) {
+    __m256 cv[math::kMaxOrder + 1];
+    for (int i = 0; i <= order; ++i)
+      cv[i] = c.s0 == 0 ? _mm256_set1_ps(static_cast<float>(c(0, k, 0, i)))
+                        : lanes([&](int64_t b) { return c(b, k, 0, i); });
+    for (int n = 0; n <= std::max(1, 2 * order); ++n) q[n] = _mm256_setzero_ps();  // q[1] is read for J = 0 too
+    for (int i = 0; i <= order; ++i)
+      for (int j = 0; j <= order; ++j) q[i + j] = _mm256_fmadd_ps(cv[i], cv[j], q[i + j]);
+    acc = _mm256_setzero_ps();
+  }
+  template <bool kGrad>
+  void element(int64_t e, __m256 m, __m256 l) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 v = zero, dvdls = zero;
+    if (exact) {
+      const __m256 raw = exp8(_mm256_add_ps(l, l));
+      const __m256 nv = _mm256_set1_ps(noise_var);
+      const __m256 above = _mm256_cmp_ps(raw, nv, _CMP_GT_OQ);
+      v = _mm256_and_ps(above, _mm256_sub_ps(raw, nv));
+      dvdls = _mm256_and_ps(above, _mm256_add_ps(raw, raw));
+    }
+    __m256 m_prev2 = _mm256_set1_ps(1.0f), m_prev = m;
+    __m256 pen = _mm256_fmadd_ps(q[1], m, q[0]);
+    __m256 dm = q[1], dv = zero;
+    for (int n = 2; n <= 2 * order; ++n) {
+      if constexpr (kGrad) {
+        dm = _mm256_fmadd_ps(_mm256_mul_ps(q[n], _mm256_set1_ps(static_cast<float>(n))), m_prev, dm);
+        dv = _mm256_fmadd_ps(_mm256_mul_ps(q[n], _mm256_set1_ps(static_cast<float>(n * (n - 1) / 2))), m_prev2, dv);
+      }
+      const __m256 mn =
+          _mm256_fmadd_ps(m, m_prev, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(static_cast<float>(n - 1)), v), m_prev2));
+      pen = _mm256_fmadd_ps(q[n], mn, pen);
+      m_prev2 = m_prev;
+      m_prev = mn;
+    }
+    acc = _mm256_add_ps(acc, pen);
+    if constexpr (kGrad) {
+      dmu[e] = dm;
+      dls[e] = _mm256_mul_ps(dv, dvdls);
+    }
+  }
+  __m256 end_component(int64_t k) {
+    __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), acc);
+    if (extra) qk = _mm256_add_ps(qk, lanes([&](int64_t b) { return extra[b * extra_sb + k * extra_sk]; }));
+    return qk;
+  }
 };
 
 // One group of 8 samples (rows of lg [8, K], mu / ls [8, K, D], y [8, D]); g: upstream gradient per lane.
-template <bool kGrad>
+// With an active Phys, the loss is the fused one: NLL + sum_k pi_k Q_k (saved[3] = sum_k pi_k Q_k).
+template <bool kGrad, typename Phys>
 void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, const float* y_rows, __m256 g,
-            Scratch& w, const GroupOut& out) {
+            Scratch& w, Phys& phys, const GroupOut& out) {
   const int64_t K = w.K, D = w.D, KD = K * D;
   to_lanes(mu_rows, KD, w.mu.data());
   to_lanes(ls_rows, KD, w.ls.data());
   to_lanes(y_rows, D, w.y.data());
   to_lanes(lg_rows, K, w.lg.data());
   const __m256 sign = _mm256_set1_ps(-0.0f), nhalf = _mm256_set1_ps(-0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps();
   const __m256 offset = _mm256_set1_ps(static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi));
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  // log N_k = sum_d (-z^2 / 2 - log_scale) - D log(2 pi) / 2
+  // log N_k = sum_d (-z^2 / 2 - log_scale) - D log(2 pi) / 2 (and the physics terms, before the rows are reused)
   for (int64_t k = 0; k < K; ++k) {
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc = zero;
     __m256 *mu = w.mu.data() + k * D, *ls = w.ls.data() + k * D;
+    if constexpr (Phys::kActive) phys.begin_component(k);
     for (int64_t d = 0; d < D; ++d) {
       const __m256 l = ls[d];
+      if constexpr (Phys::kActive) phys.template element<kGrad>(k * D + d, mu[d], l);
       const __m256 inv = exp8(_mm256_xor_ps(l, sign));
       const __m256 z = _mm256_mul_ps(_mm256_sub_ps(w.y[d], mu[d]), inv);
       const __m256 zz = _mm256_mul_ps(z, z);
@@ -228,12 +323,13 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
       }
     }
     w.joint[k] = _mm256_sub_ps(acc, offset);
+    if constexpr (Phys::kActive) w.qk[k] = phys.end_component(k);
   }
   // log pi = (logit - max) - log sum exp(logit - max)
   __m256 mx = ninf;
   for (int64_t k = 0; k < K; ++k) mx = _mm256_max_ps(w.lg[k], mx);  // NaN logits are skipped by the max
   const __m256 shift = lse_shift(mx);
-  __m256 sum = _mm256_setzero_ps();
+  __m256 sum = zero;
   for (int64_t k = 0; k < K; ++k) {
     w.lg[k] = _mm256_sub_ps(w.lg[k], shift);
     w.pi[k] = exp8(w.lg[k]);
@@ -246,44 +342,65 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
     mx2 = _mm256_max_ps(w.joint[k], mx2);
   }
   const __m256 shift2 = lse_shift(mx2);
-  __m256 sum2 = _mm256_setzero_ps();
+  __m256 sum2 = zero;
   for (int64_t k = 0; k < K; ++k) {
     w.joint[k] = exp8(_mm256_sub_ps(w.joint[k], shift2));
     sum2 = _mm256_add_ps(sum2, w.joint[k]);
   }
   const __m256 lse = _mm256_add_ps(shift2, log8(sum2));
-  _mm256_storeu_ps(out.loss, _mm256_xor_ps(lse, sign));
-  {
-    alignas(32) float s0[8], s1[8], s2[8];
-    _mm256_store_ps(s0, shift);
-    _mm256_store_ps(s1, log_sum);
-    _mm256_store_ps(s2, lse);
-    for (int i = 0; i < 8; ++i) {
-      out.saved[3 * i] = s0[i];
-      out.saved[3 * i + 1] = s1[i];
-      out.saved[3 * i + 2] = s2[i];
+  const __m256 inv_sum = _mm256_div_ps(one, sum);
+  // mixture-weighted penalty: sum over components with mass (pi > 0: no 0 * inf)
+  __m256 pbar = zero;
+  if constexpr (Phys::kActive) {
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 pi = _mm256_mul_ps(w.pi[k], inv_sum);
+      pbar = _mm256_add_ps(pbar, _mm256_and_ps(_mm256_cmp_ps(pi, zero, _CMP_GT_OQ), _mm256_mul_ps(pi, w.qk[k])));
     }
   }
+  _mm256_storeu_ps(out.loss, Phys::kActive ? _mm256_sub_ps(pbar, lse) : _mm256_xor_ps(lse, sign));
+  {
+    alignas(32) float s[4][8];
+    _mm256_store_ps(s[0], shift);
+    _mm256_store_ps(s[1], log_sum);
+    _mm256_store_ps(s[2], lse);
+    _mm256_store_ps(s[3], pbar);
+    for (int i = 0; i < 8; ++i)
+      for (int j = 0; j < Phys::kSaved; ++j) out.saved[Phys::kSaved * i + j] = s[j][i];
+  }
   if constexpr (kGrad) {
-    const __m256 inv_sum = _mm256_div_ps(one, sum), inv_sum2 = _mm256_div_ps(one, sum2);
-    for (int64_t d = 0; d < D; ++d) w.gt[d] = _mm256_setzero_ps();
+    const __m256 inv_sum2 = _mm256_div_ps(one, sum2);
+    for (int64_t d = 0; d < D; ++d) w.gt[d] = zero;
     for (int64_t k = 0; k < K; ++k) {
       const __m256 pi = _mm256_mul_ps(w.pi[k], inv_sum), gamma = _mm256_mul_ps(w.joint[k], inv_sum2);
       w.gl[k] = _mm256_mul_ps(g, _mm256_sub_ps(pi, gamma));
       const __m256 c = _mm256_xor_ps(_mm256_mul_ps(g, gamma), sign);
       // no responsibility, no gradient (avoids 0 * inf for far-away targets)
-      const __m256 none = _mm256_cmp_ps(gamma, _mm256_setzero_ps(), _CMP_EQ_OQ);
+      const __m256 none = _mm256_cmp_ps(gamma, zero, _CMP_EQ_OQ);
       __m256 *gm = w.mu.data() + k * D, *gs = w.ls.data() + k * D;
       for (int64_t d = 0; d < D; ++d) {
         gm[d] = _mm256_andnot_ps(none, _mm256_mul_ps(gm[d], c));
         gs[d] = _mm256_andnot_ps(none, _mm256_mul_ps(gs[d], c));
         w.gt[d] = _mm256_sub_ps(w.gt[d], gm[d]);
       }
+      if constexpr (Phys::kActive) {
+        // penalty part (not through the target): d/dlogit_k = g pi_k (Q_k - pbar), d/dmu = g w pi_k dE/dmu, ...
+        const __m256 mass = _mm256_cmp_ps(pi, zero, _CMP_GT_OQ);
+        const __m256 gpi = _mm256_mul_ps(g, pi);
+        w.ge[k] = gpi;
+        w.gl[k] = _mm256_add_ps(w.gl[k], _mm256_and_ps(mass, _mm256_mul_ps(gpi, _mm256_sub_ps(w.qk[k], pbar))));
+        const __m256 scale = _mm256_and_ps(mass, _mm256_mul_ps(_mm256_set1_ps(phys.weight), gpi));
+        for (int64_t d = 0; d < D; ++d) {
+          gm[d] = _mm256_fmadd_ps(scale, phys.dmu[k * D + d], gm[d]);
+          gs[d] = _mm256_fmadd_ps(scale, phys.dls[k * D + d], gs[d]);
+        }
+      }
     }
     from_lanes<true>(w.mu.data(), KD, out.gm);
     from_lanes<true>(w.ls.data(), KD, out.gs);
     from_lanes(w.gl.data(), K, out.gl);
     from_lanes(w.gt.data(), D, out.gt);
+    if constexpr (Phys::kActive)
+      if (out.ge) from_lanes(w.ge.data(), K, out.ge);
   }
 }
 
@@ -293,13 +410,15 @@ void to_float_rows(const scalar_t* src, int64_t n, int64_t nvalid, float* dst) {
   for (int64_t e = nvalid; e < n; ++e) dst[e] = 0.0f;  // padding rows: finite, discarded
 }
 
-// Driver over the batch. loss_all [B] and saved_all [B, 3] may be null (not written); the gradients (float32,
-// written with kGrad) are for the upstream gradient grad_loss ([B], any stride), or g_default when it is null.
-template <bool kGrad, typename scalar_t>
-void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                 const at::Tensor& target, const at::Tensor* grad_loss, float g_default, scalar_t* loss_all, float* saved_all,
-                 float* gl_all, float* gm_all, float* gs_all, float* gt_all) {
+// Driver over the batch. loss_all [B] and saved_all [B, Phys::kSaved] may be null (not written); the gradients
+// (float32, written with kGrad; ge_all only with physics, may be null) are for the upstream gradient grad_loss
+// ([B], any stride), or g_default when it is null.
+template <bool kGrad, typename scalar_t, typename Phys>
+void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
+         const Phys& phys_proto, const at::Tensor* grad_loss, float g_default, scalar_t* loss_all, float* saved_all,
+         float* gl_all, float* gm_all, float* gs_all, float* gt_all, float* ge_all) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
+  constexpr int kSaved = Phys::kSaved;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
   const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
   const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
@@ -312,7 +431,12 @@ void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Te
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     Scratch w(K, D);
-    alignas(32) float loss8[8], saved8[24], g8[8];
+    Phys phys = phys_proto;
+    if constexpr (Phys::kActive) {
+      if constexpr (kGrad) phys.dmu.resize(KD), phys.dls.resize(KD);
+      w.qk.resize(K), w.ge.resize(K);
+    }
+    alignas(32) float loss8[8], saved8[8 * kSaved], g8[8];
     for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
          c = next.fetch_add(1, std::memory_order_relaxed))
     for (int64_t grp = c * chunk, grp_end = std::min(groups, grp + chunk); grp < grp_end; ++grp) {
@@ -334,29 +458,40 @@ void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Te
       for (int64_t i = 0; i < kLanes; ++i)
         g8[i] = i >= nb ? 0.0f : g_ptr ? static_cast<float>(g_ptr[(b0 + i) * g_stride]) : g_default;
       const bool direct_out = nb == kLanes;
-      GroupOut out{loss8, saved_all && direct_out ? saved_all + math::kSavedPerSample * b0 : saved8, nullptr,
-                   nullptr, nullptr, nullptr};
+      GroupOut out{loss8, saved_all && direct_out ? saved_all + kSaved * b0 : saved8, nullptr, nullptr, nullptr,
+                   nullptr, nullptr};
       if constexpr (kGrad) {
         out.gl = direct_out ? gl_all + b0 * K : w.out_gl.data();
         out.gm = direct_out ? gm_all + b0 * KD : w.out_gm.data();
         out.gs = direct_out ? gs_all + b0 * KD : w.out_gs.data();
         out.gt = direct_out ? gt_all + b0 * D : w.out_gt.data();
+        if (ge_all) out.ge = direct_out ? ge_all + b0 * K : w.out_ge.data();
       }
-      group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, out);
+      phys.begin_group(b0, nb);
+      group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, phys, out);
       if (loss_all)
         for (int64_t i = 0; i < nb; ++i) loss_all[b0 + i] = static_cast<scalar_t>(loss8[i]);
       if (!direct_out) {
-        if (saved_all) std::copy(saved8, saved8 + math::kSavedPerSample * nb, saved_all + math::kSavedPerSample * b0);
+        if (saved_all) std::copy(saved8, saved8 + kSaved * nb, saved_all + kSaved * b0);
         if constexpr (kGrad) {
           std::copy(w.out_gl.begin(), w.out_gl.begin() + nb * K, gl_all + b0 * K);
           std::copy(w.out_gm.begin(), w.out_gm.begin() + nb * KD, gm_all + b0 * KD);
           std::copy(w.out_gs.begin(), w.out_gs.begin() + nb * KD, gs_all + b0 * KD);
           std::copy(w.out_gt.begin(), w.out_gt.begin() + nb * D, gt_all + b0 * D);
+          if (ge_all) std::copy(w.out_ge.begin(), w.out_ge.begin() + nb * K, ge_all + b0 * K);
         }
       }
     }
     _mm_sfence();  // order the non-temporal stores before the results are read
   });
+}
+
+template <bool kGrad, typename scalar_t>
+void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                 const at::Tensor& target, const at::Tensor* grad_loss, float g_default, scalar_t* loss_all,
+                 float* saved_all, float* gl_all, float* gm_all, float* gs_all, float* gt_all) {
+  run<kGrad, scalar_t>(logits, means, log_scales, target, NoPhysics{}, grad_loss, g_default, loss_all, saved_all,
+                       gl_all, gm_all, gs_all, gt_all, nullptr);
 }
 
 }  // namespace physmdn::cpu::soa
