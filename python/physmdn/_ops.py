@@ -113,6 +113,10 @@ def _mixture_nll_setup_context(ctx, inputs, output):
         ctx.unit_grads = None
 
 
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(value, dtype=dtype))
+
+
 def _upstream_factor(grad_loss, saved, dtype, grad_scale: float):
     """Per-sample factor ``grad_loss / grad_scale`` turning the forward's gradients (computed for an upstream
     gradient of ``grad_scale``) into the requested ones, or None when it is exactly 1: an expanded CPU upstream
@@ -121,8 +125,8 @@ def _upstream_factor(grad_loss, saved, dtype, grad_scale: float):
     if grad_loss is None:
         return torch.zeros_like(saved[:, 0], dtype=dtype)
     if (grad_loss.device.type == "cpu" and grad_loss.numel() > 0 and grad_loss.stride(0) == 0
-            and _eager(grad_loss) and float(grad_loss[0]) == grad_scale):
-        return None
+            and _eager(grad_loss) and float(grad_loss[0]) in (grad_scale, _rounded(grad_scale, grad_loss.dtype))):
+        return None  # (a bfloat16 loss's 1/B differs from the float32 one only by its own rounding)
     g = grad_loss.to(dtype)
     return g if grad_scale == 1.0 else g / grad_scale
 
