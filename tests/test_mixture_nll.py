@@ -354,3 +354,33 @@ def test_cpu_batches_spanning_many_chunks(B, K, D, dtype, cpu_isa):
     lane-parallel AVX2 kernel pads it), against the reference."""
     tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}[dtype]
     check_against_reference(make_inputs(B, K, D, dtype, seed=B + K + D), dtype, *tol)
+
+
+@pytest.mark.parametrize("reduction,upstream,expect_pass", [
+    ("mean", 1.0, False), ("sum", 1.0, False), ("none+sum", 1.0, False), ("mean", 0.5, True), ("none+mean", 1.0, True)])
+def test_backward_skips_the_rescaling_pass_when_it_can(reduction, upstream, expect_pass):
+    """The performance contract of the reductions: when the upstream gradient is the one the forward assumed, the
+    backward runs no op over the [B, K, D] gradients; otherwise it rescales them (values are tested elsewhere)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BigOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(a, torch.Tensor) and a.dim() == 3 for a in args):
+                self.seen.append(str(func))
+            return out
+
+    inputs = [t.requires_grad_(True) for t in make_inputs(100, 4, 3, torch.float32, seed=4)]
+    if reduction == "none+sum":
+        out = physmdn.mixture_nll(*inputs).sum()
+    elif reduction == "none+mean":
+        out = physmdn.mixture_nll(*inputs).mean()
+    else:
+        out = physmdn.mixture_nll(*inputs, reduction=reduction)
+    with BigOps() as mode:
+        torch.autograd.grad(out * upstream if upstream != 1.0 else out, inputs)
+    assert bool(mode.seen) == expect_pass, mode.seen

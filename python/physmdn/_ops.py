@@ -119,14 +119,18 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
 
 def _upstream_factor(grad_loss, saved, dtype, grad_scale: float):
     """Per-sample factor ``grad_loss / grad_scale`` turning the forward's gradients (computed for an upstream
-    gradient of ``grad_scale``) into the requested ones, or None when it is exactly 1: an expanded CPU upstream
-    gradient equal to ``grad_scale``, as ``loss.sum()`` (scale 1) or the op's own mean reduction (scale 1/B)
-    produce. (On CUDA the value is not inspected: that would synchronize.)"""
+    gradient of ``grad_scale``) into the requested ones, or None when it is exactly 1: a CPU upstream gradient whose
+    every element equals ``grad_scale``, as ``loss.sum()`` (scale 1, an expanded tensor) or the op's own mean
+    reduction (scale 1/B) produce. The check reads B numbers, the rescaling it saves reads and writes the
+    [B, K, D] gradients. (On CUDA the values are not inspected: that would synchronize.)"""
     if grad_loss is None:
         return torch.zeros_like(saved[:, 0], dtype=dtype)
-    if (grad_loss.device.type == "cpu" and grad_loss.numel() > 0 and grad_loss.stride(0) == 0
-            and _eager(grad_loss) and float(grad_loss[0]) in (grad_scale, _rounded(grad_scale, grad_loss.dtype))):
-        return None  # (a bfloat16 loss's 1/B differs from the float32 one only by its own rounding)
+    if grad_loss.device.type == "cpu" and grad_loss.numel() > 0 and _eager(grad_loss):
+        first = grad_loss[0]
+        # (a bfloat16 loss's 1/B differs from the float32 one only by its own rounding)
+        if float(first) in (grad_scale, _rounded(grad_scale, grad_loss.dtype)) and (
+                grad_loss.stride(0) == 0 or bool((grad_loss == first).all())):
+            return None
     g = grad_loss.to(dtype)
     return g if grad_scale == 1.0 else g / grad_scale
 
