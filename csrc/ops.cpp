@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 
 #include "cpu/buffer_pool.h"
 #include "cpu/kernels.h"
@@ -59,6 +60,16 @@ std::string set_cpu_isa(const std::string& isa) {
     }                                                     \
   } while (0)
 
+// The CPU kernels' vector exp and log (selected ISA) on a contiguous float32 tensor: (exp(x), log(x)).
+std::tuple<at::Tensor, at::Tensor> cpu_vector_exp_log(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "x must be a float32 CPU tensor, got ",
+              x.scalar_type(), " on ", x.device());
+  const auto xc = x.contiguous();
+  auto e = at::empty_like(xc), l = at::empty_like(xc);
+  PHYSMDN_CPU_CALL(vector_exp_log, xc, e, l);
+  return {e, l};
+}
+
 // ----- CPU backend ---------------------------------------------------------------------------------
 struct CpuBackend {
   // outputs come from the buffer pool (csrc/cpu/buffer_pool.h): no page faults for a loop's recurring sizes
@@ -81,8 +92,15 @@ struct CpuBackend {
   static void mdn_loss_backward(Args&&... args) { PHYSMDN_CPU_CALL(mdn_loss_backward, args...); }
 };
 
-TORCH_LIBRARY(physmdn, m) { PHYSMDN_OP_SCHEMAS(m); }
+TORCH_LIBRARY(physmdn, m) {
+  PHYSMDN_OP_SCHEMAS(m);
+  // tests only: the CPU kernels' vector exp / log (selected ISA) on a float32 tensor
+  m.def("_vector_exp_log(Tensor x) -> (Tensor exp, Tensor log)");
+}
 
-TORCH_LIBRARY_IMPL(physmdn, CPU, m) { PHYSMDN_OP_IMPLS(m, CpuBackend); }
+TORCH_LIBRARY_IMPL(physmdn, CPU, m) {
+  PHYSMDN_OP_IMPLS(m, CpuBackend);
+  m.impl("_vector_exp_log", &cpu_vector_exp_log);
+}
 
 }  // namespace physmdn
