@@ -72,22 +72,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_bwd_impl(
   return {gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt)};
 }
 
+// As mixture_nll_fwd: with compute_grad the forward also returns the gradients with respect to logits, means,
+// log_scales, target and extra (when given) for an upstream gradient of grad_scale per sample; the parameters'
+// gradients (p0, p1) always come from mdn_loss_bwd.
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor> mdn_loss_fwd_impl(const at::Tensor& logits, const at::Tensor& means,
-                                                     const at::Tensor& log_scales, const at::Tensor& target,
-                                                     const at::Tensor& p0, const at::Tensor& p1,
-                                                     const c10::optional<at::Tensor>& extra, int64_t family, bool exact,
-                                                     double weight, double spacing, int64_t boundary,
-                                                     double noise_scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdn_loss_fwd_impl(
+    const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
+    const at::Tensor& p0, const at::Tensor& p1, const c10::optional<at::Tensor>& extra, int64_t family, bool exact,
+    double weight, double spacing, int64_t boundary, double noise_scale, bool compute_grad, double grad_scale) {
   check_mixture_inputs(logits, means, log_scales, target);
   Backend::check_device(means);
   const PhysicsArgs args{family, exact, weight, spacing, boundary, noise_scale};
   const auto [order, rows] = check_physics_args(means, p0, p1, extra, args);
-  const auto B = means.size(0);
+  const auto B = means.size(0), K = means.size(1), D = means.size(2);
   auto loss = Backend::empty({B}, means.options());
-  auto saved = Backend::empty({B, math::kSavedPerSampleLoss}, means.options().dtype(acc_dtype(means.scalar_type())));
-  if (B > 0) Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
-  return {loss, saved};
+  const auto acc_opts = means.options().dtype(acc_dtype(means.scalar_type()));
+  auto saved = Backend::empty({B, math::kSavedPerSampleLoss}, acc_opts);
+  if (!compute_grad) {
+    const auto none = [&] { return Backend::empty({0}, means.options()); };  // distinct: outputs must not alias
+    if (B > 0)
+      Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
+    return {loss, saved, none(), none(), none(), none(), none()};
+  }
+  auto gl = Backend::empty({B, K}, acc_opts), gm = Backend::empty({B, K, D}, acc_opts);
+  auto gs = Backend::empty({B, K, D}, acc_opts), gt = Backend::empty({B, D}, acc_opts);
+  auto ge = extra.has_value() ? Backend::empty({B, K}, acc_opts) : Backend::empty({0}, acc_opts);
+  if (B > 0 && !Backend::mdn_loss_forward_grad(logits, means, log_scales, target, p0, p1, extra, args, order, rows,
+                                               loss, saved, gl, gm, gs, gt, ge, grad_scale)) {
+    Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
+    const auto g = at::full({1}, grad_scale, means.options()).expand({B});
+    auto no_gp0 = Backend::empty({0}, acc_opts), no_gp1 = Backend::empty({0}, acc_opts);
+    Backend::mdn_loss_backward(g, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved, gl, gm,
+                               gs, gt, no_gp0, no_gp1, ge);
+  }
+  const auto dt = means.scalar_type();
+  return {loss, saved, gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt), ge.to(dt)};
 }
 
 template <typename Backend>
@@ -125,8 +144,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   m.def("mixture_nll_bwd(Tensor grad_loss, Tensor logits, Tensor means, Tensor log_scales, Tensor target, "            \
         "Tensor saved) -> (Tensor grad_logits, Tensor grad_means, Tensor grad_log_scales, Tensor grad_target)");         \
   m.def("mdn_loss_fwd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, Tensor p0, Tensor p1, "           \
-        "Tensor? extra, int family, bool exact, float weight, float spacing, int boundary, float noise_scale) "         \
-        "-> (Tensor loss, Tensor saved)");                                                                              \
+        "Tensor? extra, int family, bool exact, float weight, float spacing, int boundary, float noise_scale, "         \
+        "bool compute_grad=False, float grad_scale=1.0) -> (Tensor loss, Tensor saved, Tensor grad_logits, "           \
+        "Tensor grad_means, Tensor grad_log_scales, Tensor grad_target, Tensor grad_extra)");                         \
   m.def("mdn_loss_bwd(Tensor grad_loss, Tensor logits, Tensor means, Tensor log_scales, Tensor target, Tensor p0, "    \
         "Tensor p1, Tensor? extra, int family, bool exact, float weight, float spacing, int boundary, "                 \
         "float noise_scale, Tensor saved, bool p0_grad, bool p1_grad) -> (Tensor grad_logits, Tensor grad_means, "      \

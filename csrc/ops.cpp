@@ -90,6 +90,11 @@ struct CpuBackend {
   static void mdn_loss_forward(Args&&... args) { PHYSMDN_CPU_CALL(mdn_loss_forward, args...); }
   template <typename... Args>
   static void mdn_loss_backward(Args&&... args) { PHYSMDN_CPU_CALL(mdn_loss_backward, args...); }
+  template <typename... Args>
+  static bool mdn_loss_forward_grad(Args&&... args) {
+    return cpu_isa_state().load() == 1 ? cpu::avx2::mdn_loss_forward_grad(args...)
+                                       : cpu::default_isa::mdn_loss_forward_grad(args...);
+  }
 };
 
 TORCH_LIBRARY(physmdn, m) {

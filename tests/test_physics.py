@@ -174,7 +174,7 @@ def test_opcheck_fused(requires_grad, device):
         for extra in (None, torch.rand(B, K, device=device, requires_grad=requires_grad)):
             args = (*inputs, p0, p1, extra, family, exact, 0.5, spacing, boundary, noise)
             torch.library.opcheck(torch.ops.physmdn.mdn_loss_fwd.default, args)
-            loss, saved = torch.ops.physmdn.mdn_loss_fwd(*args)
+            loss, saved = torch.ops.physmdn.mdn_loss_fwd(*args)[:2]
             torch.library.opcheck(torch.ops.physmdn.mdn_loss_bwd.default,
                                   (torch.ones_like(loss), *[t.detach() for t in args[:6]], None if extra is None else extra.detach(), family, exact, 0.5,
                                    spacing, boundary, noise, saved, True, True))
@@ -451,3 +451,82 @@ def test_fused_polynomial_order_zero(dtype, cpu_isa):
     g_mu = torch.autograd.grad(loss.sum(), inputs[1])[0]
     g_ref = torch.autograd.grad(physmdn.mixture_nll(*inputs).sum(), inputs[1])[0]
     torch.testing.assert_close(g_mu, g_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("reduction,upstream", [("mean", 1.0), ("sum", 1.0), ("mean", 0.37), ("none", 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_loss_forward_gradients(kind, reduction, upstream, dtype, device, cpu_isa):
+    """Spec parameters without gradient: the forward computes the gradients for the reduction's upstream gradient
+    (one pass on the CPU's polynomial path, forward + backward kernels otherwise) and the backward hands them over
+    or rescales them; with an extra [B, K] penalty from a second spec whose input needs a gradient."""
+    B, K, D = 61, 3, 4
+    inputs = [t.requires_grad_(True) for t in mixture(B, K, D, dtype, device, seed=11)]
+    spec = make_spec(kind, B, K, D, dtype, device, noise=0.3, grad=False)
+    items = [(spec, 0.7), (P.Bounds(-1.2, 1.2), 0.4)]
+    out = P.mdn_loss(*inputs, physics=items, weight=1.3, reduction=reduction)
+    weights = torch.linspace(0.5, 1.5, B, device=device, dtype=dtype) if reduction == "none" else upstream
+    grads = torch.autograd.grad((out * weights).sum(), inputs)
+    ref_inputs = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
+    ref_spec = make_spec(kind, B, K, D, torch.float64, "cpu", noise=0.3, grad=False)
+    ref = reference_loss(*ref_inputs, [(ref_spec, 0.7), (P.Bounds(-1.2, 1.2), 0.4)], 1.3)
+    ref = {"mean": ref.mean(), "sum": ref.sum(), "none": ref}[reduction]
+    ref_w = weights.double().cpu() if reduction == "none" else upstream
+    ref_grads = torch.autograd.grad((ref * ref_w).sum(), ref_inputs)
+    tol = (1e-12, 1e-11) if dtype == torch.float64 else (1e-5, 1e-4)
+    assert rel_err(out.detach().double().cpu(), ref.detach()) <= tol[0]
+    for name, g, rg in zip(("logits", "means", "log_scales", "target"), grads, ref_grads):
+        assert rel_err(g.double().cpu(), rg) <= tol[1], (name, rel_err(g.double().cpu(), rg))
+
+
+def test_fused_loss_forward_gradients_retain_graph_and_skip():
+    """A retained second backward recomputes (same numbers); the mean reduction's backward runs no op over the
+    [B, K, D] gradients; opcheck of the compute_grad variant."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BigOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(isinstance(a, torch.Tensor) and a.dim() == 3 for a in args):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    B, K, D = 64, 4, 3
+    inputs = [t.float().requires_grad_(True) for t in mixture(B, K, D, seed=2)]
+    coeffs = torch.tensor([0.0, 1.0, 0.0, -1.0])
+    out = P.mdn_loss(*inputs, physics=P.Polynomial(coeffs), weight=0.5, reduction="mean")
+    with BigOps() as mode:
+        first = torch.autograd.grad(out, inputs, retain_graph=True)
+    assert not mode.seen, mode.seen
+    second = torch.autograd.grad(out, inputs)
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    from physmdn._fused import _kernel_args
+    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(P.Polynomial(coeffs), B, K, D, inputs[1])
+    plain = [t.detach() for t in inputs]
+    for extra in (None, torch.rand(B, K)):
+        torch.library.opcheck(torch.ops.physmdn.mdn_loss_fwd.default,
+                              (*plain, p0, p1, extra, family, exact, 0.5, spacing, boundary, noise, True, 0.25))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_loss_reduction_under_torch_compile(device):
+    torch._dynamo.reset()
+    coeffs = torch.tensor([0.0, 1.0, 0.0, -1.0], device=device)
+
+    def step(logits, means, log_scales, target):
+        return 2.0 * P.mdn_loss(logits, means, log_scales, target, physics=P.Polynomial(coeffs), weight=0.5,
+                                reduction="mean")
+
+    inputs = [t.float().requires_grad_(True) for t in mixture(33, 4, 3, device=device)]
+    out = torch.compile(step, fullgraph=True)(*inputs)
+    grads = torch.autograd.grad(out, inputs)
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ref = step(*ref_inputs)
+    torch.testing.assert_close(out, ref)
+    for g, rg in zip(grads, torch.autograd.grad(ref, ref_inputs)):
+        torch.testing.assert_close(g, rg)

@@ -727,6 +727,31 @@ void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const a
   });
 }
 
+bool mdn_loss_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                           const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
+                           const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
+                           at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
+                           at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra,
+                           double grad_scale) {
+#ifdef PHYSMDN_SOA_KERNELS
+  // one pass for the loss and the gradients (lane-parallel kernel); otherwise op_impl runs forward + backward
+  if (use_soa_poly(logits, means, log_scales, target, p0, args, order, /*p0_grad=*/false)) {
+    dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+      soa::run<true, scalar_t>(logits, means, log_scales, target, soa_poly<scalar_t>(p0, extra, args, order), nullptr,
+                               static_cast<float>(grad_scale), loss.data_ptr<scalar_t>(), saved.data_ptr<float>(),
+                               grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
+                               grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>(),
+                               grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr);
+    });
+    return true;
+  }
+#endif
+  (void)logits, (void)means, (void)log_scales, (void)target, (void)p0, (void)p1, (void)extra, (void)args, (void)order;
+  (void)rows, (void)loss, (void)saved, (void)grad_logits, (void)grad_means, (void)grad_log_scales, (void)grad_target;
+  (void)grad_extra, (void)grad_scale;
+  return false;
+}
+
 void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
                        const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
                        const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,

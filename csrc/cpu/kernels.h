@@ -23,6 +23,12 @@
                         const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,                     \
                         const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows, \
                         at::Tensor& loss, at::Tensor& saved);                                                     \
+  bool mdn_loss_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,     \
+                             const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,                \
+                             const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order,          \
+                             int64_t rows, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,          \
+                             at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,        \
+                             at::Tensor& grad_extra, double grad_scale);                                          \
   void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,           \
                          const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,            \
                          const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,   \

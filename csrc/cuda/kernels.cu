@@ -432,6 +432,14 @@ struct CudaBackend {
     });
   }
 
+  // No single pass for the fused loss on the GPU: op_impl runs forward, then backward with grad_scale.
+  static bool mdn_loss_forward_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                    const PhysicsArgs&, int, int64_t, at::Tensor&, at::Tensor&, at::Tensor&,
+                                    at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, double) {
+    return false;
+  }
+
   static void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                                const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
                                const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order,

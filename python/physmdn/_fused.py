@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import acc_dtype
+from ._ops import acc_dtype, forward_grads, keep_forward_grads
 
 FAMILY_NONE, FAMILY_POLYNOMIAL, FAMILY_LINEAR, FAMILY_STENCIL = -1, 0, 1, 2
 MAX_ORDER = 8
@@ -20,9 +20,14 @@ SAVED_PER_SAMPLE = 4
 
 @torch.library.register_fake("physmdn::mdn_loss_fwd")
 def _mdn_loss_fwd_fake(logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
-                       noise_scale):
+                       noise_scale, compute_grad=False, grad_scale=1.0):
     B = means.shape[0]
-    return means.new_empty((B,)), means.new_empty((B, SAVED_PER_SAMPLE), dtype=acc_dtype(means.dtype))
+    if compute_grad:
+        grads = (means.new_empty(logits.shape), means.new_empty(means.shape), means.new_empty(log_scales.shape),
+                 means.new_empty(target.shape), means.new_empty(logits.shape if extra is not None else (0,)))
+    else:
+        grads = tuple(means.new_empty((0,)) for _ in range(5))
+    return (means.new_empty((B,)), means.new_empty((B, SAVED_PER_SAMPLE), dtype=acc_dtype(means.dtype)), *grads)
 
 
 @torch.library.register_fake("physmdn::mdn_loss_bwd")
@@ -37,25 +42,33 @@ def _mdn_loss_bwd_fake(grad_loss, logits, means, log_scales, target, p0, p1, ext
 
 
 def _setup_context(ctx, inputs, output):
-    logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary, noise_scale = inputs
-    _, saved = output
-    ctx.save_for_backward(logits, means, log_scales, target, p0, p1, extra, saved)
+    (logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary, noise_scale,
+     compute_grad, grad_scale) = inputs
+    _, saved, *grads = output
     ctx.scalars = (family, exact, weight, spacing, boundary, noise_scale)
-    ctx.mark_non_differentiable(saved)
+    ctx.has_extra = extra is not None
+    ctx.mark_non_differentiable(saved, *grads)
     ctx.set_materialize_grads(False)
+    keep_forward_grads(ctx, compute_grad, grad_scale, means.dtype, grads,
+                       (logits, means, log_scales, target, p0, p1, extra, saved))
 
 
-def _backward(ctx, grad_loss, _grad_saved):
-    logits, means, log_scales, target, p0, p1, extra, saved = ctx.saved_tensors
+def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):
+    logits, means, log_scales, target, p0, p1, extra, saved, *saved_grads = ctx.saved_tensors
     family, exact, weight, spacing, boundary, noise_scale = ctx.scalars
     needs = ctx.needs_input_grad
+    rest = (None,) * 8  # family ... grad_scale
+    grads = forward_grads(ctx, grad_loss, saved, saved_grads)
+    if grads is not None:  # computed by the forward (only when p0 / p1 need no gradient)
+        gl, gm, gs, gt, ge = grads
+        return (gl, gm, gs, gt, None, None, ge if (ctx.has_extra and needs[6]) else None, *rest)
     if grad_loss is None:
         grad_loss = torch.zeros_like(saved[:, 0], dtype=means.dtype)
     gl, gm, gs, gt, gp0, gp1, ge = torch.ops.physmdn.mdn_loss_bwd(
         grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
         noise_scale, saved, bool(needs[4]), bool(needs[5]))
     return (gl, gm, gs, gt, gp0 if needs[4] else None, gp1 if needs[5] else None,
-            ge if (extra is not None and needs[6]) else None, None, None, None, None, None, None)
+            ge if (extra is not None and needs[6]) else None, *rest)
 
 
 torch.library.register_autograd("physmdn::mdn_loss_fwd", _backward, setup_context=_setup_context)
@@ -92,8 +105,10 @@ def is_fusable(spec) -> bool:
     return isinstance(spec, physics.Linear)
 
 
-def fused_mdn_loss(logits, means, log_scales, target, items, weight: float) -> torch.Tensor:
-    """Per-sample ``NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk`` ``[B]`` through one fused kernel."""
+def fused_mdn_loss(logits, means, log_scales, target, items, weight: float, reduction: str = "none") -> torch.Tensor:
+    """``NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk`` through one fused kernel: ``[B]`` (``reduction="none"``),
+    or its mean / sum. When gradients will be needed and the kernel spec's parameters need none, the forward
+    computes them for the reduction's upstream gradient (as :func:`physmdn.mixture_nll`)."""
     B, K, D = means.shape
     for spec, _ in items:
         spec.validate(B, K, D)
@@ -113,6 +128,15 @@ def fused_mdn_loss(logits, means, log_scales, target, items, weight: float) -> t
         spec, w = items[fused_index]
         family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, means)
         kernel_weight = weight * w
-    loss, _ = torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, p0, p1, extra, family, exact,
-                                             float(kernel_weight), float(spacing), int(boundary), float(noise))
+    differentiable = [logits, means, log_scales, target] + ([extra] if extra is not None else [])
+    compute_grad = (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
+                    and not (p0.requires_grad or p1.requires_grad))
+    grad_scale = 1.0 / B if reduction == "mean" and B > 0 and not torch.compiler.is_compiling() else 1.0
+    loss = torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, p0, p1, extra, family, exact,
+                                          float(kernel_weight), float(spacing), int(boundary), float(noise),
+                                          compute_grad, grad_scale)[0]
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
     return loss

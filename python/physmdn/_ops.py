@@ -95,22 +95,51 @@ def _eager(*tensors) -> bool:
     return not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in tensors)
 
 
+def keep_forward_grads(ctx, compute_grad, grad_scale, dtype, grads, to_save) -> None:
+    """setup_context for ops whose forward may also compute the gradients (``compute_grad``), for an upstream
+    gradient of ``grad_scale`` per sample. Eager: the gradient outputs are kept aside (not saved) so that the first
+    backward hands them over or rescales them in place (no extra buffers); a second backward (retain_graph)
+    recomputes through the op's backward. Traced (torch.compile): they are saved and the backward rescales copies."""
+    ctx.compute_grad = bool(compute_grad)
+    # the value the kernel used (it computes in the accumulation dtype), to compare the upstream gradient with
+    ctx.grad_scale = _rounded(float(grad_scale), acc_dtype(dtype))
+    if ctx.compute_grad and _eager(*grads):
+        ctx.save_for_backward(*to_save)
+        ctx.unit_grads = list(grads)
+    else:
+        ctx.save_for_backward(*to_save, *(grads if ctx.compute_grad else ()))
+        ctx.unit_grads = None
+
+
+def _per_sample(g, t):
+    return g.view(-1, *([1] * (t.dim() - 1)))
+
+
+def forward_grads(ctx, grad_loss, saved, saved_grads):
+    """The gradients for ``grad_loss`` made from the forward's (see :func:`keep_forward_grads`), or None when the
+    backward must recompute (no forward gradients, or a second backward in eager). Empty outputs stay empty."""
+    if not ctx.compute_grad:
+        return None
+    if ctx.unit_grads is not None:
+        grads, ctx.unit_grads = ctx.unit_grads, None
+        g = _upstream_factor(grad_loss, saved, grads[0].dtype, ctx.grad_scale)
+        if g is None:  # the forward's gradients are the answer: hand them over as they are
+            return grads
+        return [t.mul_(_per_sample(g, t)) if t.numel() else t for t in grads]
+    if saved_grads:
+        g = _upstream_factor(grad_loss, saved, saved_grads[0].dtype, ctx.grad_scale)
+        if g is None:
+            g = torch.ones_like(saved[:, 0], dtype=saved_grads[0].dtype)  # copies: the saved tensors stay
+        return [t * _per_sample(g, t) if t.numel() else t for t in saved_grads]
+    return None
+
+
 def _mixture_nll_setup_context(ctx, inputs, output):
     logits, means, log_scales, target, compute_grad, grad_scale = inputs
     _, saved, *grads = output
-    ctx.compute_grad = bool(compute_grad)
-    # the value the kernel used (it computes in the accumulation dtype), to compare the upstream gradient with
-    ctx.grad_scale = float(torch.tensor(float(grad_scale), dtype=acc_dtype(means.dtype)))
     ctx.mark_non_differentiable(saved, *grads)
     ctx.set_materialize_grads(False)  # no zero-filled [B, K, D] gradients for the auxiliary outputs
-    if ctx.compute_grad and _eager(*grads):
-        # Eager: keep the unit-gradient outputs aside so the first backward can scale them in place (no extra
-        # [B, K, D] buffers); a second backward (retain_graph) recomputes through mixture_nll_bwd.
-        ctx.save_for_backward(logits, means, log_scales, target, saved)
-        ctx.unit_grads = list(grads)
-    else:
-        ctx.save_for_backward(logits, means, log_scales, target, saved, *grads)
-        ctx.unit_grads = None
+    keep_forward_grads(ctx, compute_grad, grad_scale, means.dtype, grads, (logits, means, log_scales, target, saved))
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -136,21 +165,10 @@ def _upstream_factor(grad_loss, saved, dtype, grad_scale: float):
 
 
 def _mixture_nll_backward(ctx, grad_loss, _grad_saved, *_grad_grads):
-    logits, means, log_scales, target, saved, *grads = ctx.saved_tensors
-    if ctx.compute_grad and ctx.unit_grads is not None:
-        gl, gm, gs, gt = ctx.unit_grads
-        ctx.unit_grads = None
-        g = _upstream_factor(grad_loss, saved, gl.dtype, ctx.grad_scale)
-        if g is None:  # the forward's gradients are the answer: hand them over as they are
-            return gl, gm, gs, gt, None, None
-        return gl.mul_(g[:, None]), gm.mul_(g[:, None, None]), gs.mul_(g[:, None, None]), gt.mul_(g[:, None]), None, None
-    if ctx.compute_grad and grads:
-        # The forward computed the gradients for an upstream gradient of grad_scale: rescale them per sample.
-        g = _upstream_factor(grad_loss, saved, grads[0].dtype, ctx.grad_scale)
-        gl, gm, gs, gt = grads
-        if g is None:
-            g = torch.ones_like(saved[:, 0], dtype=gl.dtype)  # copies: these tensors stay saved for a second backward
-        return gl * g[:, None], gm * g[:, None, None], gs * g[:, None, None], gt * g[:, None], None, None
+    logits, means, log_scales, target, saved, *saved_grads = ctx.saved_tensors
+    grads = forward_grads(ctx, grad_loss, saved, saved_grads)
+    if grads is not None:
+        return (*grads, None, None)
     if grad_loss is None:
         grad_loss = torch.zeros_like(saved[:, 0], dtype=means.dtype)
     gl, gm, gs, gt = torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, saved)

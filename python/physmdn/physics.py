@@ -547,16 +547,6 @@ def physics_penalty(logits, means, log_scales, physics) -> torch.Tensor:
     return (torch.softmax(logits, dim=-1) * total).sum(-1)
 
 
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-
-
 def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.0, reduction: str = "mean"):
     """Mixture NLL plus mixture-weighted physics penalties:
 
@@ -577,4 +567,4 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
         return mixture_nll(logits, means, log_scales, target, reduction=reduction)
     from ._fused import fused_mdn_loss  # the fused kernels; they fall back to the references per spec
 
-    return _reduce(fused_mdn_loss(logits, means, log_scales, target, items, float(weight)), reduction)
+    return fused_mdn_loss(logits, means, log_scales, target, items, float(weight), reduction=reduction)
