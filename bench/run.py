@@ -476,10 +476,10 @@ def main(argv=None) -> int:
     notes = ("physmdn_speedup / x_eager / x_compile / x_distr: that implementation's median time divided by "
              "physmdn's (> 1: physmdn faster). %copy: (inputs read + outputs written) / median time, as a percentage "
              "of the copy bandwidth above; above 100% means the data sat in cache. bwd: autograd.grad on a graph whose "
-             "forward ran outside the timed region; physmdn's mixture_nll computes its gradients inside a grad-enabled "
-             "forward, so its bwd only hands them over (loss.sum(): upstream gradient 1) and the fwd+bwd column is the "
-             "one to compare; the fused loss recomputes in its bwd. peak_mb: allocations during the call beyond its "
-             "inputs.")
+             "forward ran outside the timed region; physmdn's ops compute their gradients inside a grad-enabled forward "
+             "(the fused loss: when the law's coefficients need no gradient), so their bwd only hands them over "
+             "(loss.sum(): upstream gradient 1) and the fwd+bwd column is the one to compare. peak_mb: allocations "
+             "during the call beyond its inputs.")
     text = info_header(title, info)
     if op_rows:
         text += ("### Ops (physmdn per shape and pass)\n\n" + format_table(op_summary(op_rows), OP_SUMMARY_COLUMNS)
