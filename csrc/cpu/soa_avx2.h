@@ -426,10 +426,13 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
   const int64_t groups = (B + kLanes - 1) / kLanes;
   // Dynamic schedule: threads take chunks of groups from a shared counter, so a thread that is preempted (shared
   // or virtual CPUs) does not leave the others waiting at the end; each chunk is a contiguous stretch of memory.
-  const int64_t chunk = std::max<int64_t>(1, 8192 / (KD + K + D));
+  // Chunks of about 8K floats of input, and at least 4 per thread (mid-size batches stay balanced).
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(
+      1, std::min<int64_t>(8192 / (KD + K + D), (groups + 4 * threads - 1) / (4 * threads)));
   const int64_t chunks = (groups + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(chunks, threads), 1, [&](int64_t, int64_t) {
     Scratch w(K, D);
     Phys phys = phys_proto;
     if constexpr (Phys::kActive) {

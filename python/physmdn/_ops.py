@@ -5,6 +5,8 @@ The compiled kernels live in ``torch.ops.physmdn.*`` (registered when ``physmdn.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 _FLOATING = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -143,6 +145,11 @@ def _mixture_nll_setup_context(ctx, inputs, output):
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (float32 without creating a tensor: this runs on every call)."""
+    if dtype == torch.float64:
+        return float(value)
+    if dtype == torch.float32:
+        return struct.unpack("f", struct.pack("f", value))[0]
     return float(torch.tensor(value, dtype=dtype))
 
 
@@ -156,8 +163,9 @@ def _upstream_factor(grad_loss, saved, dtype, grad_scale: float):
         return torch.zeros_like(saved[:, 0], dtype=dtype)
     if grad_loss.device.type == "cpu" and grad_loss.numel() > 0 and _eager(grad_loss):
         first = grad_loss[0]
+        value = first.item()
         # (a bfloat16 loss's 1/B differs from the float32 one only by its own rounding)
-        if float(first) in (grad_scale, _rounded(grad_scale, grad_loss.dtype)) and (
+        if (value == grad_scale or value == _rounded(grad_scale, grad_loss.dtype)) and (
                 grad_loss.stride(0) == 0 or bool((grad_loss == first).all())):
             return None
     g = grad_loss.to(dtype)
