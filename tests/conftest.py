@@ -43,3 +43,32 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def assert_compiled_matches_eager(step, inputs):
+    """``torch.compile(step, fullgraph=True)`` gives eager's output and input gradients."""
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True)(*inputs)
+    grads = torch.autograd.grad(out, inputs)
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ref = step(*ref_inputs)
+    torch.testing.assert_close(out, ref)
+    for g, rg in zip(grads, torch.autograd.grad(ref, ref_inputs)):
+        torch.testing.assert_close(g, rg)
+
+
+def ops_on_3d():
+    """A dispatch mode recording (in ``.seen``) the ops that take a 3-D tensor ([B, K, D] gradients) while active."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpsOn3D(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if any(isinstance(a, torch.Tensor) and a.dim() == 3 for a in args):
+                self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return OpsOn3D()

@@ -7,7 +7,7 @@ import torch
 
 import physmdn
 from physmdn import reference
-from conftest import DEVICES, rel_err
+from conftest import DEVICES, assert_compiled_matches_eager, ops_on_3d, rel_err
 
 SHAPES = list(itertools.product([1, 3, 257], [1, 2, 5, 33], [1, 3, 17]))
 
@@ -320,19 +320,10 @@ def test_reduction_bad_value_and_empty_batch():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_reduction_under_torch_compile(device):
-    torch._dynamo.reset()
-
     def step(logits, means, log_scales, target):
         return physmdn.mixture_nll(logits, means, log_scales, target, reduction="mean") * 3.0
 
-    inputs = [t.requires_grad_(True) for t in make_inputs(33, 4, 3, torch.float32, device)]
-    out = torch.compile(step, fullgraph=True)(*inputs)
-    grads = torch.autograd.grad(out, inputs)
-    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    ref = step(*ref_inputs)
-    torch.testing.assert_close(out, ref)
-    for g, rg in zip(grads, torch.autograd.grad(ref, ref_inputs)):
-        torch.testing.assert_close(g, rg)
+    assert_compiled_matches_eager(step, [t.requires_grad_(True) for t in make_inputs(33, 4, 3, torch.float32, device)])
 
 
 def test_opcheck_with_grad_scale():
@@ -361,19 +352,6 @@ def test_cpu_batches_spanning_many_chunks(B, K, D, dtype, cpu_isa):
 def test_backward_skips_the_rescaling_pass_when_it_can(reduction, upstream, expect_pass):
     """The performance contract of the reductions: when the upstream gradient is the one the forward assumed, the
     backward runs no op over the [B, K, D] gradients; otherwise it rescales them (values are tested elsewhere)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class BigOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if any(isinstance(a, torch.Tensor) and a.dim() == 3 for a in args):
-                self.seen.append(str(func))
-            return out
-
     inputs = [t.requires_grad_(True) for t in make_inputs(100, 4, 3, torch.float32, seed=4)]
     if reduction == "none+sum":
         out = physmdn.mixture_nll(*inputs).sum()
@@ -381,6 +359,6 @@ def test_backward_skips_the_rescaling_pass_when_it_can(reduction, upstream, expe
         out = physmdn.mixture_nll(*inputs).mean()
     else:
         out = physmdn.mixture_nll(*inputs, reduction=reduction)
-    with BigOps() as mode:
+    with ops_on_3d() as mode:
         torch.autograd.grad(out * upstream if upstream != 1.0 else out, inputs)
     assert bool(mode.seen) == expect_pass, mode.seen

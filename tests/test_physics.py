@@ -9,7 +9,7 @@ import torch
 import physmdn
 from physmdn import physics as P
 from physmdn.reference import mixture_nll as reference_nll
-from conftest import DEVICES, rel_err
+from conftest import DEVICES, assert_compiled_matches_eager, ops_on_3d, rel_err
 
 
 def mixture(B, K, D, dtype=torch.float64, device="cpu", seed=0, scale=0.3):
@@ -483,23 +483,11 @@ def test_fused_loss_forward_gradients(kind, reduction, upstream, dtype, device, 
 def test_fused_loss_forward_gradients_retain_graph_and_skip():
     """A retained second backward recomputes (same numbers); the mean reduction's backward runs no op over the
     [B, K, D] gradients; opcheck of the compute_grad variant."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class BigOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if any(isinstance(a, torch.Tensor) and a.dim() == 3 for a in args):
-                self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     B, K, D = 64, 4, 3
     inputs = [t.float().requires_grad_(True) for t in mixture(B, K, D, seed=2)]
     coeffs = torch.tensor([0.0, 1.0, 0.0, -1.0])
     out = P.mdn_loss(*inputs, physics=P.Polynomial(coeffs), weight=0.5, reduction="mean")
-    with BigOps() as mode:
+    with ops_on_3d() as mode:
         first = torch.autograd.grad(out, inputs, retain_graph=True)
     assert not mode.seen, mode.seen
     second = torch.autograd.grad(out, inputs)
@@ -515,18 +503,10 @@ def test_fused_loss_forward_gradients_retain_graph_and_skip():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_loss_reduction_under_torch_compile(device):
-    torch._dynamo.reset()
     coeffs = torch.tensor([0.0, 1.0, 0.0, -1.0], device=device)
 
     def step(logits, means, log_scales, target):
         return 2.0 * P.mdn_loss(logits, means, log_scales, target, physics=P.Polynomial(coeffs), weight=0.5,
                                 reduction="mean")
 
-    inputs = [t.float().requires_grad_(True) for t in mixture(33, 4, 3, device=device)]
-    out = torch.compile(step, fullgraph=True)(*inputs)
-    grads = torch.autograd.grad(out, inputs)
-    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    ref = step(*ref_inputs)
-    torch.testing.assert_close(out, ref)
-    for g, rg in zip(grads, torch.autograd.grad(ref, ref_inputs)):
-        torch.testing.assert_close(g, rg)
+    assert_compiled_matches_eager(step, [t.float().requires_grad_(True) for t in mixture(33, 4, 3, device=device)])
