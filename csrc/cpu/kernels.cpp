@@ -543,29 +543,37 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
 }
 
 #ifdef PHYSMDN_SOA_KERNELS
-// The lane-parallel AVX2 kernel takes the fused polynomial loss for contiguous float32 / bfloat16 / float16
-// inputs with coefficients shared over D and no coefficient gradient.
-bool use_soa_poly(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                  const at::Tensor& target, const at::Tensor& p0, const PhysicsArgs& args, int order, bool p0_grad) {
-  return args.family == math::kPolynomial && !p0_grad && order <= math::kMaxOrder &&
-         use_fast_path(logits, means, log_scales, target) && p0.stride(2) == 0;
-}
-
-template <typename scalar_t>
-soa::PolyPhysics<scalar_t> soa_poly(const at::Tensor& p0, const c10::optional<at::Tensor>& extra,
-                                    const PhysicsArgs& args, int order) {
-  soa::PolyPhysics<scalar_t> phys;
-  phys.c = make_strided<scalar_t>(p0);
-  phys.order = order;
-  phys.exact = args.exact;
-  phys.weight = static_cast<float>(args.weight);
-  phys.noise_var = static_cast<float>(args.noise_scale * args.noise_scale);
-  if (extra.has_value()) {
-    phys.extra = extra->const_data_ptr<scalar_t>();
-    phys.extra_sb = extra->stride(0);
-    phys.extra_sk = extra->stride(1);
-  }
-  return phys;
+// The lane-parallel AVX2 kernel takes the fused loss's polynomial family (coefficients shared over D) and linear
+// family for contiguous float32 / bfloat16 / float16 inputs when the family's parameters need no gradient:
+// calls fn.template operator()<scalar_t>(physics policy) and returns true, or returns false.
+template <typename Fn>
+bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                      const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
+                      const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
+                      bool param_grad, Fn&& fn) {
+  if (param_grad || !use_fast_path(logits, means, log_scales, target)) return false;
+  const bool poly = args.family == math::kPolynomial && order <= math::kMaxOrder && p0.stride(2) == 0;
+  const bool linear = args.family == math::kLinear && rows > 0;
+  if (!poly && !linear) return false;
+  dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
+    const scalar_t* ex = extra.has_value() ? extra->const_data_ptr<scalar_t>() : nullptr;
+    const int64_t ex_sb = extra.has_value() ? extra->stride(0) : 0, ex_sk = extra.has_value() ? extra->stride(1) : 0;
+    const float w = static_cast<float>(args.weight), nv = static_cast<float>(args.noise_scale * args.noise_scale);
+    if (poly) {
+      soa::PolyPhysics<scalar_t> phys;
+      phys.c = make_strided<scalar_t>(p0);
+      phys.order = order, phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
+      phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
+      fn.template operator()<scalar_t>(phys);
+    } else {
+      soa::LinearPhysics<scalar_t> phys;
+      phys.A = make_strided<scalar_t>(p0), phys.b = make_strided<scalar_t>(p1);
+      phys.rows = rows, phys.D = means.size(2), phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
+      phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
+      fn.template operator()<scalar_t>(phys);
+    }
+  });
+  return true;
 }
 #endif
 
@@ -703,12 +711,13 @@ void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const a
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                       at::Tensor& loss, at::Tensor& saved) {
 #ifdef PHYSMDN_SOA_KERNELS
-  if (use_soa_poly(logits, means, log_scales, target, p0, args, order, /*p0_grad=*/false))
-    return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
-      soa::run<false, scalar_t>(logits, means, log_scales, target, soa_poly<scalar_t>(p0, extra, args, order), nullptr,
-                                1.0f, loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), nullptr, nullptr, nullptr,
-                                nullptr, nullptr);
-    });
+  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false,
+                       [&]<typename scalar_t>(const auto& phys) {
+                         soa::run<false, scalar_t>(logits, means, log_scales, target, phys, nullptr, 1.0f,
+                                                   loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), nullptr,
+                                                   nullptr, nullptr, nullptr, nullptr);
+                       }))
+    return;
 #endif
   if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/false))
     return mdn_loss_forward_poly_fast(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
@@ -735,16 +744,16 @@ bool mdn_loss_forward_grad(const at::Tensor& logits, const at::Tensor& means, co
                            double grad_scale) {
 #ifdef PHYSMDN_SOA_KERNELS
   // one pass for the loss and the gradients (lane-parallel kernel); otherwise op_impl runs forward + backward
-  if (use_soa_poly(logits, means, log_scales, target, p0, args, order, /*p0_grad=*/false)) {
-    dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
-      soa::run<true, scalar_t>(logits, means, log_scales, target, soa_poly<scalar_t>(p0, extra, args, order), nullptr,
-                               static_cast<float>(grad_scale), loss.data_ptr<scalar_t>(), saved.data_ptr<float>(),
-                               grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
-                               grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>(),
-                               grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr);
-    });
+  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false,
+                       [&]<typename scalar_t>(const auto& phys) {
+                         soa::run<true, scalar_t>(logits, means, log_scales, target, phys, nullptr,
+                                                  static_cast<float>(grad_scale), loss.data_ptr<scalar_t>(),
+                                                  saved.data_ptr<float>(), grad_logits.data_ptr<float>(),
+                                                  grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
+                                                  grad_target.data_ptr<float>(),
+                                                  grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr);
+                       }))
     return true;
-  }
 #endif
   (void)logits, (void)means, (void)log_scales, (void)target, (void)p0, (void)p1, (void)extra, (void)args, (void)order;
   (void)rows, (void)loss, (void)saved, (void)grad_logits, (void)grad_means, (void)grad_log_scales, (void)grad_target;
@@ -760,13 +769,14 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, co
                        at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra) {
 #ifdef PHYSMDN_SOA_KERNELS
   // recomputes the forward per group (the saved state is not needed by the lane-parallel kernel)
-  if (use_soa_poly(logits, means, log_scales, target, p0, args, order, /*p0_grad=*/grad_p0.numel() > 0))
-    return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
-      soa::run<true, scalar_t>(logits, means, log_scales, target, soa_poly<scalar_t>(p0, extra, args, order),
-                               &grad_loss, 1.0f, nullptr, nullptr, grad_logits.data_ptr<float>(),
-                               grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
-                               grad_target.data_ptr<float>(), grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr);
-    });
+  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows,
+                       grad_p0.numel() > 0 || grad_p1.numel() > 0, [&]<typename scalar_t>(const auto& phys) {
+                         soa::run<true, scalar_t>(logits, means, log_scales, target, phys, &grad_loss, 1.0f, nullptr,
+                                                  nullptr, grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
+                                                  grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>(),
+                                                  grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr);
+                       }))
+    return;
 #endif
   if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/grad_p0.numel() > 0))
     return mdn_loss_backward_poly_fast(grad_loss, logits, means, log_scales, target, p0, extra, args, order, saved,

@@ -291,6 +291,78 @@ struct PolyPhysics {
   }
 };
 
+// The fused loss's linear family: per component k the penalty Q_k = weight * sum_m E[(A_k Y - b_k)_m^2] + extra_k
+// = weight * sum_m (e_m^2 + sum_d A_md^2 v_d) + extra_k with e = A_k mu_k - b_k and v as for the polynomial
+// (physics_math.h's linear_penalty); dQ/dmu_d = 2 sum_m e_m A_md, dQ/dv_d = sum_m A_md^2.
+template <typename coef_t>
+struct LinearPhysics {
+  static constexpr bool kActive = true;
+  static constexpr int kSaved = math::kSavedPerSampleLoss;
+  math::Strided4<coef_t> A, b;  // A [B, K, M, D], b [B, K, M] (stride 0 where broadcast)
+  int64_t rows = 0, D = 0;
+  bool exact = true;
+  float weight = 1.0f, noise_var = 0.0f;
+  const coef_t* extra = nullptr;
+  int64_t extra_sb = 0, extra_sk = 0;
+  int64_t b0 = 0, nb = 0;
+  std::vector<__m256> e;        // [M] residual at the means, accumulated over d
+  __m256 acc;                   // sum_d v_d sum_m A_md^2
+  std::vector<__m256> dmu, dls;  // [K * D] with kGrad
+
+  void begin_group(int64_t b0_, int64_t nb_) { b0 = b0_, nb = nb_; }
+  template <typename F>
+  __m256 lanes(F&& at) const {
+    alignas(32) float v[8];
+    for (int64_t i = 0; i < 8; ++i) v[i] = static_cast<float>(at(b0 + std::min(i, nb - 1)));
+    return _mm256_load_ps(v);
+  }
+  __m256 a_at(int64_t k, int64_t r, int64_t d) const {
+    return A.s0 == 0 ? _mm256_set1_ps(static_cast<float>(A(0, k, r, d)))
+                     : lanes([&](int64_t bb) { return A(bb, k, r, d); });
+  }
+  void begin_component(int64_t k) {
+    e.resize(rows);
+    for (int64_t r = 0; r < rows; ++r)
+      e[r] = _mm256_xor_ps(b.s0 == 0 ? _mm256_set1_ps(static_cast<float>(b(0, k, r)))
+                                     : lanes([&](int64_t bb) { return b(bb, k, r); }),
+                           _mm256_set1_ps(-0.0f));
+    acc = _mm256_setzero_ps();
+  }
+  template <bool kGrad>
+  void element(int64_t idx, __m256 m, __m256 l) {
+    const int64_t k = idx / D, d = idx % D;
+    __m256 col = _mm256_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 a = a_at(k, r, d);
+      e[r] = _mm256_fmadd_ps(a, m, e[r]);
+      col = _mm256_fmadd_ps(a, a, col);
+    }
+    if (exact) {
+      const __m256 raw = exp8(_mm256_add_ps(l, l));
+      const __m256 nv = _mm256_set1_ps(noise_var);
+      const __m256 above = _mm256_cmp_ps(raw, nv, _CMP_GT_OQ);
+      acc = _mm256_fmadd_ps(_mm256_and_ps(above, _mm256_sub_ps(raw, nv)), col, acc);
+      if constexpr (kGrad) dls[idx] = _mm256_mul_ps(col, _mm256_and_ps(above, _mm256_add_ps(raw, raw)));
+    } else if constexpr (kGrad) {
+      dls[idx] = _mm256_setzero_ps();
+    }
+  }
+  __m256 end_component(int64_t k) {
+    __m256 total = acc;
+    for (int64_t r = 0; r < rows; ++r) total = _mm256_fmadd_ps(e[r], e[r], total);
+    if (!dmu.empty()) {  // kGrad: dQ/dmu_d = 2 sum_m e_m A_md
+      for (int64_t d = 0; d < D; ++d) {
+        __m256 g = _mm256_setzero_ps();
+        for (int64_t r = 0; r < rows; ++r) g = _mm256_fmadd_ps(e[r], a_at(k, r, d), g);
+        dmu[k * D + d] = _mm256_add_ps(g, g);
+      }
+    }
+    __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), total);
+    if (extra) qk = _mm256_add_ps(qk, lanes([&](int64_t bb) { return extra[bb * extra_sb + k * extra_sk]; }));
+    return qk;
+  }
+};
+
 // One group of 8 samples (rows of lg [8, K], mu / ls [8, K, D], y [8, D]); g: upstream gradient per lane.
 // With an active Phys, the loss is the fused one: NLL + sum_k pi_k Q_k (saved[3] = sum_k pi_k Q_k).
 template <bool kGrad, typename Phys>
