@@ -538,3 +538,33 @@ def test_fused_linear_fast_path(shape, M, layout, mode, noise, dtype, cpu_isa):
     assert rel_err(out.double(), ref) <= tol[0], rel_err(out.double(), ref)
     for name, gr, rg in zip(("logits", "means", "log_scales", "target"), grads, ref_grads):
         assert rel_err(gr.double(), rg) <= tol[1], (name, rel_err(gr.double(), rg))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("boundary", ["periodic", "neumann"])
+@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.3), ("mean", 0.0)])
+@pytest.mark.parametrize("shape,J", [((1003, 3, 16), 3), ((17, 2, 1), 0), ((9, 4, 2), 2), ((40, 1, 3), 1)])
+def test_fused_stencil_fast_path(shape, J, boundary, mode, noise, dtype, cpu_isa):
+    """The stencil family on the CPU's lane-parallel path (parameters without gradient), including fields of 1-3
+    points where neighbours fold onto the point itself, against the float64 reference."""
+    B, K, D = shape
+    g = torch.Generator().manual_seed(B + D + J)
+    diffusion = torch.rand(B, 1, generator=g, dtype=torch.float64) + 0.2
+    reaction = 0.5 * torch.randn(1, K, J + 1, generator=g, dtype=torch.float64)
+    inputs = [t.to(dtype).requires_grad_(True) for t in mixture(B, K, D, seed=D + 7)]
+
+    def spec(dt):
+        return P.Stencil1D(diffusion.to(dtype).to(dt), reaction.to(dtype).to(dt), spacing=0.8, boundary=boundary,
+                           mode=mode, noise_scale=noise)
+
+    items = [(spec(dtype), 0.5), (P.Bounds(-1.4, 1.4), 0.2)]
+    out = P.mdn_loss(*inputs, physics=items, weight=0.7, reduction="none")
+    weights = torch.linspace(0.5, 1.5, B)
+    grads = torch.autograd.grad((out.float() * weights).sum(), inputs)
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ref = reference_loss(*ref_inputs, [(spec(torch.float64), 0.5), (P.Bounds(-1.4, 1.4), 0.2)], 0.7)
+    ref_grads = torch.autograd.grad((ref * weights.double()).sum(), ref_inputs)
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}[dtype]
+    assert rel_err(out.double(), ref) <= tol[0], rel_err(out.double(), ref)
+    for name, gr, rg in zip(("logits", "means", "log_scales", "target"), grads, ref_grads):
+        assert rel_err(gr.double(), rg) <= tol[1], (name, rel_err(gr.double(), rg))

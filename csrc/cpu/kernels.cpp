@@ -543,8 +543,8 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
 }
 
 #ifdef PHYSMDN_SOA_KERNELS
-// The lane-parallel AVX2 kernel takes the fused loss's polynomial family (coefficients shared over D) and linear
-// family for contiguous float32 / bfloat16 / float16 inputs when the family's parameters need no gradient:
+// The lane-parallel AVX2 kernel takes the fused loss's polynomial family (coefficients shared over D), linear
+// and stencil families for contiguous float32 / bfloat16 / float16 inputs when the family's parameters need no gradient:
 // calls fn.template operator()<scalar_t>(physics policy) and returns true, or returns false.
 template <typename Fn>
 bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
@@ -554,7 +554,8 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
   if (param_grad || !use_fast_path(logits, means, log_scales, target)) return false;
   const bool poly = args.family == math::kPolynomial && order <= math::kMaxOrder && p0.stride(2) == 0;
   const bool linear = args.family == math::kLinear && rows > 0;
-  if (!poly && !linear) return false;
+  const bool stencil = args.family == math::kStencil && order <= math::kMaxOrder;
+  if (!poly && !linear && !stencil) return false;
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
     const scalar_t* ex = extra.has_value() ? extra->const_data_ptr<scalar_t>() : nullptr;
     const int64_t ex_sb = extra.has_value() ? extra->stride(0) : 0, ex_sk = extra.has_value() ? extra->stride(1) : 0;
@@ -563,6 +564,14 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
       soa::PolyPhysics<scalar_t> phys;
       phys.c = make_strided<scalar_t>(p0);
       phys.order = order, phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
+      phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
+      fn.template operator()<scalar_t>(phys);
+    } else if (stencil) {
+      soa::StencilPhysics<scalar_t> phys;
+      phys.diffusion = make_strided<scalar_t>(p0), phys.reaction = make_strided<scalar_t>(p1);
+      phys.order = order, phys.boundary = static_cast<int>(args.boundary), phys.D = means.size(2);
+      phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
+      phys.inv_h2 = static_cast<float>(1.0 / (args.spacing * args.spacing));
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
       fn.template operator()<scalar_t>(phys);
     } else {

@@ -206,6 +206,7 @@ struct GroupOut {
 // The mixture NLL alone: no physics hooks.
 struct NoPhysics {
   static constexpr bool kActive = false;
+  static constexpr bool kRowHook = false;
   static constexpr int kSaved = math::kSavedPerSample;
   void begin_group(int64_t, int64_t) {}
   void begin_component(int64_t) {}
@@ -222,6 +223,7 @@ struct NoPhysics {
 template <typename coef_t>
 struct PolyPhysics {
   static constexpr bool kActive = true;
+  static constexpr bool kRowHook = false;
   static constexpr int kSaved = math::kSavedPerSampleLoss;
   math::Strided4<coef_t> c;
   int order = 0;
@@ -297,6 +299,7 @@ struct PolyPhysics {
 template <typename coef_t>
 struct LinearPhysics {
   static constexpr bool kActive = true;
+  static constexpr bool kRowHook = false;
   static constexpr int kSaved = math::kSavedPerSampleLoss;
   math::Strided4<coef_t> A, b;  // A [B, K, M, D], b [B, K, M] (stride 0 where broadcast)
   int64_t rows = 0, D = 0;
@@ -363,6 +366,129 @@ struct LinearPhysics {
   }
 };
 
+// The fused loss's 1-D stencil family: per grid point i the residual r_i = a (L u)_i + f(u_i), a = diffusion / h^2,
+// f the reaction polynomial c; Q_k = weight * sum_i E[r_i^2] + extra_k with E[r_i^2] = (a N_i + E f')^2
+// + a^2 Var(N_i) + Var(f'), f' = f + a diag_i u_i, N_i the neighbour sum (physics_math.h's stencil_penalty; its
+// derivatives scatter to the neighbours). Needs the whole row of a component at once: the row hook.
+template <typename coef_t>
+struct StencilPhysics {
+  static constexpr bool kActive = true;
+  static constexpr bool kRowHook = true;
+  static constexpr int kSaved = math::kSavedPerSampleLoss;
+  math::Strided4<coef_t> diffusion, reaction;  // [B, K], [B, K, J + 1] (stride 0 where broadcast)
+  int order = 0, boundary = math::kPeriodic;
+  int64_t D = 0;
+  bool exact = true;
+  float weight = 1.0f, noise_var = 0.0f, inv_h2 = 1.0f;
+  const coef_t* extra = nullptr;
+  int64_t extra_sb = 0, extra_sk = 0;
+  int64_t b0 = 0, nb = 0;
+  __m256 total;
+  std::vector<__m256> var, dvar;  // [D] per component
+  std::vector<__m256> dmu, dls;   // [K * D] with kGrad
+
+  void begin_group(int64_t b0_, int64_t nb_) { b0 = b0_, nb = nb_; }
+  template <typename F>
+  __m256 lanes(F&& at) const {
+    alignas(32) float v[8];
+    for (int64_t i = 0; i < 8; ++i) v[i] = static_cast<float>(at(b0 + std::min(i, nb - 1)));
+    return _mm256_load_ps(v);
+  }
+  void begin_component(int64_t) {}
+  template <bool kGrad>
+  void element(int64_t, __m256, __m256) {}
+
+  template <bool kGrad>
+  void component_rows(int64_t k, const __m256* mu, const __m256* ls) {
+    const __m256 zero = _mm256_setzero_ps(), two = _mm256_set1_ps(2.0f);
+    const int J = order, Jp = J < 1 ? 1 : J;
+    const __m256 a = _mm256_mul_ps(
+        diffusion.s0 == 0 ? _mm256_set1_ps(static_cast<float>(diffusion(0, k)))
+                          : lanes([&](int64_t bb) { return diffusion(bb, k); }),
+        _mm256_set1_ps(inv_h2));
+    __m256 c0[math::kMaxOrder + 1];
+    for (int j = 0; j <= Jp; ++j)
+      c0[j] = j > J ? zero
+                    : reaction.s0 == 0 ? _mm256_set1_ps(static_cast<float>(reaction(0, k, j)))
+                                       : lanes([&](int64_t bb) { return reaction(bb, k, j); });
+    var.resize(D), dvar.resize(D);
+    for (int64_t d = 0; d < D; ++d) {
+      if (exact) {
+        const __m256 raw = exp8(_mm256_add_ps(ls[d], ls[d]));
+        const __m256 nv = _mm256_set1_ps(noise_var);
+        const __m256 above = _mm256_cmp_ps(raw, nv, _CMP_GT_OQ);
+        var[d] = _mm256_and_ps(above, _mm256_sub_ps(raw, nv));
+        dvar[d] = _mm256_and_ps(above, _mm256_add_ps(raw, raw));
+      } else {
+        var[d] = dvar[d] = zero;
+      }
+    }
+    if constexpr (kGrad)
+      for (int64_t d = 0; d < D; ++d) dmu[k * D + d] = dls[k * D + d] = zero;
+    total = zero;
+    for (int64_t i = 0; i < D; ++i) {
+      const math::StencilRow row = math::stencil_row(i, D, boundary);
+      __m256 c[math::kMaxOrder + 1];
+      for (int j = 0; j <= Jp; ++j) c[j] = c0[j];
+      c[1] = _mm256_fmadd_ps(a, _mm256_set1_ps(static_cast<float>(row.diag)), c[1]);
+      __m256 nsum = zero, nvar = zero;
+      for (int t = 0; t < row.n; ++t) {
+        const __m256 w = _mm256_set1_ps(static_cast<float>(row.w[t]));
+        nsum = _mm256_fmadd_ps(w, mu[row.j[t]], nsum);
+        nvar = _mm256_fmadd_ps(_mm256_mul_ps(w, w), var[row.j[t]], nvar);
+      }
+      const __m256 n_mean = _mm256_mul_ps(a, nsum);
+      // moments of u_i ~ N(mu_i, var_i) up to 2 Jp
+      __m256 M[2 * math::kMaxOrder + 1];
+      M[0] = _mm256_set1_ps(1.0f);
+      M[1] = mu[i];
+      for (int n = 2; n <= 2 * Jp; ++n)
+        M[n] = _mm256_fmadd_ps(mu[i], M[n - 1],
+                               _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(static_cast<float>(n - 1)), var[i]), M[n - 2]));
+      __m256 ep = zero, ep2 = zero, dep_dm = zero, dep_dv = zero, dep2_dm = zero, dep2_dv = zero;
+      for (int j = 0; j <= Jp; ++j) {
+        ep = _mm256_fmadd_ps(c[j], M[j], ep);
+        if constexpr (kGrad) {
+          if (j >= 1) dep_dm = _mm256_fmadd_ps(_mm256_mul_ps(c[j], _mm256_set1_ps(static_cast<float>(j))), M[j - 1], dep_dm);
+          if (j >= 2)
+            dep_dv = _mm256_fmadd_ps(_mm256_mul_ps(c[j], _mm256_set1_ps(static_cast<float>(j * (j - 1) / 2))),
+                                     M[j - 2], dep_dv);
+        }
+        for (int l = 0; l <= Jp; ++l) {
+          const __m256 cc = _mm256_mul_ps(c[l], c[j]);
+          const int n = l + j;
+          ep2 = _mm256_fmadd_ps(cc, M[n], ep2);
+          if constexpr (kGrad) {
+            if (n >= 1) dep2_dm = _mm256_fmadd_ps(_mm256_mul_ps(cc, _mm256_set1_ps(static_cast<float>(n))), M[n - 1], dep2_dm);
+            if (n >= 2)
+              dep2_dv = _mm256_fmadd_ps(_mm256_mul_ps(cc, _mm256_set1_ps(static_cast<float>(n * (n - 1) / 2))),
+                                        M[n - 2], dep2_dv);
+          }
+        }
+      }
+      const __m256 er = _mm256_add_ps(n_mean, ep);
+      total = _mm256_add_ps(total, _mm256_fmadd_ps(er, er, _mm256_fmadd_ps(_mm256_mul_ps(a, a), nvar,
+                                                                             _mm256_fnmadd_ps(ep, ep, ep2))));
+      if constexpr (kGrad) {
+        for (int t = 0; t < row.n; ++t) {
+          const __m256 w = _mm256_set1_ps(static_cast<float>(row.w[t]));
+          const int64_t jt = k * D + row.j[t];
+          dmu[jt] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(two, er), a), w, dmu[jt]);
+          dls[jt] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(w, w)), dvar[row.j[t]], dls[jt]);
+        }
+        dmu[k * D + i] = _mm256_add_ps(dmu[k * D + i], _mm256_fmadd_ps(_mm256_mul_ps(two, n_mean), dep_dm, dep2_dm));
+        dls[k * D + i] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_mul_ps(two, n_mean), dep_dv, dep2_dv), dvar[i],
+                                         dls[k * D + i]);
+      }
+    }
+  }
+  __m256 end_component(int64_t k) {
+    __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), total);
+    if (extra) qk = _mm256_add_ps(qk, lanes([&](int64_t bb) { return extra[bb * extra_sb + k * extra_sk]; }));
+    return qk;
+  }
+};
+
 // One group of 8 samples (rows of lg [8, K], mu / ls [8, K, D], y [8, D]); g: upstream gradient per lane.
 // With an active Phys, the loss is the fused one: NLL + sum_k pi_k Q_k (saved[3] = sum_k pi_k Q_k).
 template <bool kGrad, typename Phys>
@@ -382,6 +508,7 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
     __m256 acc = zero;
     __m256 *mu = w.mu.data() + k * D, *ls = w.ls.data() + k * D;
     if constexpr (Phys::kActive) phys.begin_component(k);
+    if constexpr (Phys::kRowHook) phys.template component_rows<kGrad>(k, mu, ls);
     for (int64_t d = 0; d < D; ++d) {
       const __m256 l = ls[d];
       if constexpr (Phys::kActive) phys.template element<kGrad>(k * D + d, mu[d], l);
