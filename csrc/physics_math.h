@@ -271,19 +271,54 @@ PHYSMDN_HD acc_t stencil_penalty(const MixtureView<scalar_t>& v, const PhysicsVi
   return total;
 }
 
+// Whether component k's means, log-scales and family parameters are all finite (x - x == 0 only for finite x).
+template <typename acc_t, typename scalar_t>
+PHYSMDN_HD bool component_finite(const MixtureView<scalar_t>& v, const PhysicsView<scalar_t>& p, int64_t b, int64_t k) {
+  acc_t z = acc_t(0);
+  for (int64_t d = 0; d < v.D; ++d) {
+    const acc_t m = load_mu<acc_t>(v, b, k, d), l = load_ls<acc_t>(v, b, k, d);
+    z += (m - m) + (l - l);
+  }
+  if (p.family == kPolynomial) {
+    for (int64_t d = 0; d < v.D; ++d)
+      for (int j = 0; j <= p.order; ++j) {
+        const acc_t c = static_cast<acc_t>(p.p0(b, k, d, j));
+        z += c - c;
+      }
+  } else if (p.family == kLinear) {
+    for (int64_t r = 0; r < p.rows; ++r) {
+      const acc_t bb = static_cast<acc_t>(p.p1(b, k, r));
+      z += bb - bb;
+      for (int64_t d = 0; d < v.D; ++d) {
+        const acc_t a = static_cast<acc_t>(p.p0(b, k, r, d));
+        z += a - a;
+      }
+    }
+  } else if (p.family == kStencil) {
+    const acc_t a = static_cast<acc_t>(p.p0(b, k));
+    z += a - a;
+    for (int j = 0; j <= p.order; ++j) {
+      const acc_t c = static_cast<acc_t>(p.p1(b, k, j));
+      z += c - c;
+    }
+  }
+  return z == acc_t(0);
+}
+
 template <typename acc_t, bool kGrad, typename scalar_t>
 PHYSMDN_HD acc_t family_penalty(const MixtureView<scalar_t>& v, const PhysicsView<scalar_t>& p, int64_t b, int64_t k,
                                 acc_t scale, PenaltyGrads<acc_t> g) {
+  acc_t r = acc_t(0);
   switch (p.family) {
-    case kPolynomial:
-      return polynomial_penalty<acc_t, kGrad>(v, p, b, k, scale, g);
-    case kLinear:
-      return linear_penalty<acc_t, kGrad>(v, p, b, k, scale, g);
-    case kStencil:
-      return stencil_penalty<acc_t, kGrad>(v, p, b, k, scale, g);
-    default:
-      return acc_t(0);
+    case kPolynomial: r = polynomial_penalty<acc_t, kGrad>(v, p, b, k, scale, g); break;
+    case kLinear: r = linear_penalty<acc_t, kGrad>(v, p, b, k, scale, g); break;
+    case kStencil: r = stencil_penalty<acc_t, kGrad>(v, p, b, k, scale, g); break;
+    default: return acc_t(0);
   }
+  // The penalty is an expectation of a square (>= 0). From finite inputs a NaN can only be inf - inf between
+  // moments that overflowed (huge scales): the value is +inf, not NaN. NaN inputs keep their NaN.
+  if (r != r && component_finite<acc_t>(v, p, b, k)) r = std::numeric_limits<acc_t>::infinity();
+  return r;
 }
 
 // Sizes of one (b, k) row of the parameter gradients.

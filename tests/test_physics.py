@@ -568,3 +568,30 @@ def test_fused_stencil_fast_path(shape, J, boundary, mode, noise, dtype, cpu_isa
     assert rel_err(out.double(), ref) <= tol[0], rel_err(out.double(), ref)
     for name, gr, rg in zip(("logits", "means", "log_scales", "target"), grads, ref_grads):
         assert rel_err(gr.double(), rg) <= tol[1], (name, rel_err(gr.double(), rg))
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "linear", "stencil"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_penalty_overflow_is_inf_and_nan_stays_nan(kind, dtype, cpu_isa):
+    """Scales of e^30 with a cubic law: the true penalty (~1e79) overflows float32. The loss is +inf there (not the
+    NaN of inf - inf between overflowed moments); float64 represents it. A NaN input gives NaN for its sample only."""
+    B, K, D = 19, 3, 4
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, K, generator=g, dtype=torch.float64)
+    means = 1e3 * torch.randn(B, K, D, generator=g, dtype=torch.float64)
+    log_scales = torch.full((B, K, D), 30.0, dtype=torch.float64)
+    target = torch.randn(B, D, generator=g, dtype=torch.float64)
+    means[7, 1, 2] = float("nan")
+    law = torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=torch.float64)
+    spec = {"polynomial": lambda: P.Polynomial(law.to(dtype)),
+            "linear": lambda: P.Linear((1e20 * torch.ones(1, K, 2, D, dtype=torch.float64)).to(dtype),
+                                       torch.zeros(1, K, 2, dtype=dtype)),
+            "stencil": lambda: P.Stencil1D(0.5, law.to(dtype))}[kind]()
+    out = P.mdn_loss(*[t.to(dtype) for t in (logits, means, log_scales, target)], physics=spec, weight=0.5,
+                     reduction="none")
+    assert torch.isnan(out[7]) and not torch.isnan(out[torch.arange(B) != 7]).any()
+    others = out[torch.arange(B) != 7]
+    if dtype == torch.float32:
+        assert torch.isinf(others).all() and (others > 0).all()
+    else:
+        assert torch.isfinite(others).all() and (others > 1e30).all()

@@ -410,6 +410,18 @@ inline float row_sum(const float* x, int64_t D) {
   return acc;
 }
 
+// Sum over D of one component's E[p^2]: a NaN from finite means, log-scales and coefficients can only be
+// inf - inf between overflowed moments (huge scales), so the value is +inf (as physics_math.h's family_penalty).
+inline float poly_component_penalty(const float* pen, const float* mu, const float* ls, int64_t D,
+                                    const math::Strided4<float>& c, int order, int64_t b, int64_t k) {
+  const float total = row_sum(pen, D);
+  if (total == total) return total;
+  float z = 0.0f;
+  for (int64_t d = 0; d < D; ++d) z += (mu[d] - mu[d]) + (ls[d] - ls[d]);
+  for (int i = 0; i <= order; ++i) z += c(b, k, 0, i) - c(b, k, 0, i);
+  return z == 0.0f ? std::numeric_limits<float>::infinity() : total;
+}
+
 // The float32 inputs of the fused polynomial path.
 struct PolyInputs {
   const float *lg, *mu, *ls, *y;
@@ -459,7 +471,10 @@ void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& mean
           const float pi = fb.prior[r] * inv_sum;
           if (pi > 0.0f) {
             const float extra_bk = in.extra_at(b0 + i, k);
-            pbar += pi * (w * row_sum(pb.pen.data() + r * D, D) + extra_bk);
+            const int64_t row = (b0 + i) * K + k;
+            pbar += pi * (w * poly_component_penalty(pb.pen.data() + r * D, mu + row * D, ls + row * D, D, in.coeffs,
+                                                     order, b0 + i, k) +
+                          extra_bk);
           }
         }
         s[3] = pbar;
@@ -527,7 +542,9 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
           if (ge) ge[b * K + k] = g * pi;
           if (!(pi > 0.0f)) continue;  // no mass: no penalty gradient (as the generic path)
           const float extra_bk = in.extra_at(b, k);
-          const float q = w * row_sum(pb.pen.data() + r * D, D) + extra_bk;
+          const float q = w * poly_component_penalty(pb.pen.data() + r * D, mu + (b * K + k) * D,
+                                                     ls + (b * K + k) * D, D, in.coeffs, order, b, k) +
+                          extra_bk;
           gl[b * K + k] += g * pi * (q - pbar);
           const float scale = g * w * pi;
           float* gm_row = gm + (b * K + k) * D;

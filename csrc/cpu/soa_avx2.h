@@ -183,6 +183,16 @@ inline __m256 lse_shift(__m256 mx) {
   return _mm256_blendv_ps(mx, _mm256_setzero_ps(), _mm256_cmp_ps(mx, ninf, _CMP_EQ_OQ));
 }
 
+// All-ones lanes where x is finite (x - x is 0 only for finite x).
+inline __m256 finite_mask(__m256 x) { return _mm256_cmp_ps(_mm256_sub_ps(x, x), _mm256_setzero_ps(), _CMP_EQ_OQ); }
+
+// A penalty is an expectation of a square (>= 0): a NaN it takes from finite inputs (fin) can only be inf - inf
+// between overflowed terms (huge scales), so its value is +inf. NaN inputs keep their NaN (physics_math.h).
+inline __m256 overflow_to_inf(__m256 penalty, __m256 fin) {
+  const __m256 nan = _mm256_cmp_ps(penalty, penalty, _CMP_UNORD_Q);
+  return _mm256_blendv_ps(penalty, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _mm256_and_ps(nan, fin));
+}
+
 // Per-thread working set: the group's inputs in lanes (means / log_scales are overwritten with the unscaled
 // gradient terms z / s and z^2 - 1) and 8-row staging buffers for tails and reduced-precision inputs.
 struct Scratch {
@@ -234,7 +244,7 @@ struct PolyPhysics {
   // per group / component state
   int64_t b0 = 0, nb = 0;
   __m256 q[2 * math::kMaxOrder + 1];
-  __m256 acc;
+  __m256 acc, fin;
   std::vector<__m256> dmu, dls;  // [K * D] with kGrad: dE/dmu, dE/dlog_scale
 
   void begin_group(int64_t b0_, int64_t nb_) { b0 = b0_, nb = nb_; }
@@ -251,8 +261,11 @@ struct PolyPhysics {
       cv[i] = c.s0 == 0 ? _mm256_set1_ps(static_cast<float>(c(0, k, 0, i)))
                         : lanes([&](int64_t b) { return c(b, k, 0, i); });
     for (int n = 0; n <= std::max(1, 2 * order); ++n) q[n] = _mm256_setzero_ps();  // q[1] is read for J = 0 too
-    for (int i = 0; i <= order; ++i)
+    fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int i = 0; i <= order; ++i) {
+      fin = _mm256_and_ps(fin, finite_mask(cv[i]));
       for (int j = 0; j <= order; ++j) q[i + j] = _mm256_fmadd_ps(cv[i], cv[j], q[i + j]);
+    }
     acc = _mm256_setzero_ps();
   }
   template <bool kGrad>
@@ -281,13 +294,14 @@ struct PolyPhysics {
       m_prev = mn;
     }
     acc = _mm256_add_ps(acc, pen);
+    fin = _mm256_and_ps(fin, _mm256_and_ps(finite_mask(m), finite_mask(l)));
     if constexpr (kGrad) {
       dmu[e] = dm;
       dls[e] = _mm256_mul_ps(dv, dvdls);
     }
   }
   __m256 end_component(int64_t k) {
-    __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), acc);
+    __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), overflow_to_inf(acc, fin));
     if (extra) qk = _mm256_add_ps(qk, lanes([&](int64_t b) { return extra[b * extra_sb + k * extra_sk]; }));
     return qk;
   }
@@ -310,6 +324,7 @@ struct LinearPhysics {
   int64_t b0 = 0, nb = 0;
   std::vector<__m256> e;        // [M] residual at the means, accumulated over d
   __m256 acc;                   // sum_d v_d sum_m A_md^2
+  __m256 fin;                   // lanes whose inputs are all finite
   std::vector<__m256> dmu, dls;  // [K * D] with kGrad
 
   void begin_group(int64_t b0_, int64_t nb_) { b0 = b0_, nb = nb_; }
@@ -325,10 +340,13 @@ struct LinearPhysics {
   }
   void begin_component(int64_t k) {
     e.resize(rows);
-    for (int64_t r = 0; r < rows; ++r)
+    fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for (int64_t r = 0; r < rows; ++r) {
       e[r] = _mm256_xor_ps(b.s0 == 0 ? _mm256_set1_ps(static_cast<float>(b(0, k, r)))
                                      : lanes([&](int64_t bb) { return b(bb, k, r); }),
                            _mm256_set1_ps(-0.0f));
+      fin = _mm256_and_ps(fin, finite_mask(e[r]));
+    }
     acc = _mm256_setzero_ps();
   }
   template <bool kGrad>
@@ -339,7 +357,9 @@ struct LinearPhysics {
       const __m256 a = a_at(k, r, d);
       e[r] = _mm256_fmadd_ps(a, m, e[r]);
       col = _mm256_fmadd_ps(a, a, col);
+      fin = _mm256_and_ps(fin, finite_mask(a));
     }
+    fin = _mm256_and_ps(fin, _mm256_and_ps(finite_mask(m), finite_mask(l)));
     if (exact) {
       const __m256 raw = exp8(_mm256_add_ps(l, l));
       const __m256 nv = _mm256_set1_ps(noise_var);
@@ -353,6 +373,7 @@ struct LinearPhysics {
   __m256 end_component(int64_t k) {
     __m256 total = acc;
     for (int64_t r = 0; r < rows; ++r) total = _mm256_fmadd_ps(e[r], e[r], total);
+    total = overflow_to_inf(total, fin);
     if (!dmu.empty()) {  // kGrad: dQ/dmu_d = 2 sum_m e_m A_md
       for (int64_t d = 0; d < D; ++d) {
         __m256 g = _mm256_setzero_ps();
@@ -412,7 +433,10 @@ struct StencilPhysics {
                     : reaction.s0 == 0 ? _mm256_set1_ps(static_cast<float>(reaction(0, k, j)))
                                        : lanes([&](int64_t bb) { return reaction(bb, k, j); });
     var.resize(D), dvar.resize(D);
+    __m256 fin = finite_mask(a);
+    for (int j = 0; j <= Jp; ++j) fin = _mm256_and_ps(fin, finite_mask(c0[j]));
     for (int64_t d = 0; d < D; ++d) {
+      fin = _mm256_and_ps(fin, _mm256_and_ps(finite_mask(mu[d]), finite_mask(ls[d])));
       if (exact) {
         const __m256 raw = exp8(_mm256_add_ps(ls[d], ls[d]));
         const __m256 nv = _mm256_set1_ps(noise_var);
@@ -481,6 +505,7 @@ struct StencilPhysics {
                                          dls[k * D + i]);
       }
     }
+    total = overflow_to_inf(total, fin);
   }
   __m256 end_component(int64_t k) {
     __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), total);
