@@ -225,41 +225,66 @@ struct NoPhysics {
   __m256 end_component(int64_t) { return _mm256_setzero_ps(); }
 };
 
-// The fused loss's polynomial family with coefficients shared over D: per component k the penalty
-// Q_k = weight * sum_d E[p_k(Y_d)^2] + extra_k, Y_d ~ N(mu_kd, v_kd), v = max(exp(2 log_scale) - noise^2, 0) in
-// the exact mode and 0 in the mean mode (physics_math.h's formulas: with q = c * c, E[p^2] = sum_n q_n M_n,
-// M_n = mu M_{n-1} + (n - 1) v M_{n-2}, dE/dmu = sum_n q_n n M_{n-1}, dE/dv = sum_n q_n n (n - 1) / 2 M_{n-2}).
-// Coefficients and extra are gathered per lane (broadcast when shared over the batch).
+// What the fused loss's family policies share: the scalar arguments, the extra [B, K] penalty, the gradient
+// rows, per-lane gathers (padding lanes repeat the last valid sample) and the variance under the penalty.
 template <typename coef_t>
-struct PolyPhysics {
+struct PhysicsBase {
   static constexpr bool kActive = true;
-  static constexpr bool kRowHook = false;
   static constexpr int kSaved = math::kSavedPerSampleLoss;
-  math::Strided4<coef_t> c;
-  int order = 0;
   bool exact = true;
   float weight = 1.0f, noise_var = 0.0f;
   const coef_t* extra = nullptr;
   int64_t extra_sb = 0, extra_sk = 0;
-  // per group / component state
   int64_t b0 = 0, nb = 0;
-  __m256 q[2 * math::kMaxOrder + 1];
-  __m256 acc, fin;
-  std::vector<__m256> dmu, dls;  // [K * D] with kGrad: dE/dmu, dE/dlog_scale
+  std::vector<__m256> dmu, dls;  // [K * D] with kGrad: dQ/dmu, dQ/dlog_scale (before the weight)
 
   void begin_group(int64_t b0_, int64_t nb_) { b0 = b0_, nb = nb_; }
-  // 8 lanes of a [B, K] or [B, K, 1, J + 1] quantity (padding lanes repeat the last valid sample)
   template <typename F>
   __m256 lanes(F&& at) const {
     alignas(32) float v[8];
     for (int64_t i = 0; i < 8; ++i) v[i] = static_cast<float>(at(b0 + std::min(i, nb - 1)));
     return _mm256_load_ps(v);
   }
+  // a [B|1, K|1] (s0 == 0: shared over the batch) entry of component k in lanes
+  template <typename F>
+  __m256 per_component(bool shared, F&& at) const {
+    return shared ? _mm256_set1_ps(static_cast<float>(at(int64_t(0)))) : lanes(at);
+  }
+  // variance v = max(exp(2 log_scale) - noise^2, 0) in the exact mode, 0 in the mean mode; dv / dlog_scale
+  void variance(__m256 l, __m256& v, __m256& dv) const {
+    if (!exact) {
+      v = dv = _mm256_setzero_ps();
+      return;
+    }
+    const __m256 raw = exp8(_mm256_add_ps(l, l)), nv = _mm256_set1_ps(noise_var);
+    const __m256 above = _mm256_cmp_ps(raw, nv, _CMP_GT_OQ);
+    v = _mm256_and_ps(above, _mm256_sub_ps(raw, nv));
+    dv = _mm256_and_ps(above, _mm256_add_ps(raw, raw));
+  }
+  // Q_k = weight * total + extra_k (total: the family's expectation, overflow made +inf where inputs are finite)
+  __m256 penalty(int64_t k, __m256 total, __m256 fin) const {
+    __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), overflow_to_inf(total, fin));
+    if (extra) qk = _mm256_add_ps(qk, lanes([&](int64_t bb) { return extra[bb * extra_sb + k * extra_sk]; }));
+    return qk;
+  }
+};
+
+// The fused loss's polynomial family with coefficients shared over D: per component k the penalty
+// Q_k = weight * sum_d E[p_k(Y_d)^2] + extra_k, Y_d ~ N(mu_kd, v_kd), v = max(exp(2 log_scale) - noise^2, 0) in
+// the exact mode and 0 in the mean mode (physics_math.h's formulas: with q = c * c, E[p^2] = sum_n q_n M_n,
+// M_n = mu M_{n-1} + (n - 1) v M_{n-2}, dE/dmu = sum_n q_n n M_{n-1}, dE/dv = sum_n q_n n (n - 1) / 2 M_{n-2}).
+// Coefficients and extra are gathered per lane (broadcast when shared over the batch).
+template <typename coef_t>
+struct PolyPhysics : PhysicsBase<coef_t> {
+  static constexpr bool kRowHook = false;
+  math::Strided4<coef_t> c;
+  int order = 0;
+  __m256 q[2 * math::kMaxOrder + 1];  // per component: q = c * c
+  __m256 acc, fin;
+
   void begin_component(int64_t k) {
     __m256 cv[math::kMaxOrder + 1];
-    for (int i = 0; i <= order; ++i)
-      cv[i] = c.s0 == 0 ? _mm256_set1_ps(static_cast<float>(c(0, k, 0, i)))
-                        : lanes([&](int64_t b) { return c(b, k, 0, i); });
+    for (int i = 0; i <= order; ++i) cv[i] = this->per_component(c.s0 == 0, [&](int64_t b) { return c(b, k, 0, i); });
     for (int n = 0; n <= std::max(1, 2 * order); ++n) q[n] = _mm256_setzero_ps();  // q[1] is read for J = 0 too
     fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (int i = 0; i <= order; ++i) {
@@ -271,14 +296,8 @@ struct PolyPhysics {
   template <bool kGrad>
   void element(int64_t e, __m256 m, __m256 l) {
     const __m256 zero = _mm256_setzero_ps();
-    __m256 v = zero, dvdls = zero;
-    if (exact) {
-      const __m256 raw = exp8(_mm256_add_ps(l, l));
-      const __m256 nv = _mm256_set1_ps(noise_var);
-      const __m256 above = _mm256_cmp_ps(raw, nv, _CMP_GT_OQ);
-      v = _mm256_and_ps(above, _mm256_sub_ps(raw, nv));
-      dvdls = _mm256_and_ps(above, _mm256_add_ps(raw, raw));
-    }
+    __m256 v, dvdls;
+    this->variance(l, v, dvdls);
     __m256 m_prev2 = _mm256_set1_ps(1.0f), m_prev = m;
     __m256 pen = _mm256_fmadd_ps(q[1], m, q[0]);
     __m256 dm = q[1], dv = zero;
@@ -296,54 +315,33 @@ struct PolyPhysics {
     acc = _mm256_add_ps(acc, pen);
     fin = _mm256_and_ps(fin, _mm256_and_ps(finite_mask(m), finite_mask(l)));
     if constexpr (kGrad) {
-      dmu[e] = dm;
-      dls[e] = _mm256_mul_ps(dv, dvdls);
+      this->dmu[e] = dm;
+      this->dls[e] = _mm256_mul_ps(dv, dvdls);
     }
   }
-  __m256 end_component(int64_t k) {
-    __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), overflow_to_inf(acc, fin));
-    if (extra) qk = _mm256_add_ps(qk, lanes([&](int64_t b) { return extra[b * extra_sb + k * extra_sk]; }));
-    return qk;
-  }
+  __m256 end_component(int64_t k) { return this->penalty(k, acc, fin); }
 };
 
 // The fused loss's linear family: per component k the penalty Q_k = weight * sum_m E[(A_k Y - b_k)_m^2] + extra_k
 // = weight * sum_m (e_m^2 + sum_d A_md^2 v_d) + extra_k with e = A_k mu_k - b_k and v as for the polynomial
 // (physics_math.h's linear_penalty); dQ/dmu_d = 2 sum_m e_m A_md, dQ/dv_d = sum_m A_md^2.
 template <typename coef_t>
-struct LinearPhysics {
-  static constexpr bool kActive = true;
+struct LinearPhysics : PhysicsBase<coef_t> {
   static constexpr bool kRowHook = false;
-  static constexpr int kSaved = math::kSavedPerSampleLoss;
   math::Strided4<coef_t> A, b;  // A [B, K, M, D], b [B, K, M] (stride 0 where broadcast)
   int64_t rows = 0, D = 0;
-  bool exact = true;
-  float weight = 1.0f, noise_var = 0.0f;
-  const coef_t* extra = nullptr;
-  int64_t extra_sb = 0, extra_sk = 0;
-  int64_t b0 = 0, nb = 0;
   std::vector<__m256> e;        // [M] residual at the means, accumulated over d
   __m256 acc;                   // sum_d v_d sum_m A_md^2
   __m256 fin;                   // lanes whose inputs are all finite
-  std::vector<__m256> dmu, dls;  // [K * D] with kGrad
 
-  void begin_group(int64_t b0_, int64_t nb_) { b0 = b0_, nb = nb_; }
-  template <typename F>
-  __m256 lanes(F&& at) const {
-    alignas(32) float v[8];
-    for (int64_t i = 0; i < 8; ++i) v[i] = static_cast<float>(at(b0 + std::min(i, nb - 1)));
-    return _mm256_load_ps(v);
-  }
   __m256 a_at(int64_t k, int64_t r, int64_t d) const {
-    return A.s0 == 0 ? _mm256_set1_ps(static_cast<float>(A(0, k, r, d)))
-                     : lanes([&](int64_t bb) { return A(bb, k, r, d); });
+    return this->per_component(A.s0 == 0, [&](int64_t bb) { return A(bb, k, r, d); });
   }
   void begin_component(int64_t k) {
     e.resize(rows);
     fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (int64_t r = 0; r < rows; ++r) {
-      e[r] = _mm256_xor_ps(b.s0 == 0 ? _mm256_set1_ps(static_cast<float>(b(0, k, r)))
-                                     : lanes([&](int64_t bb) { return b(bb, k, r); }),
+      e[r] = _mm256_xor_ps(this->per_component(b.s0 == 0, [&](int64_t bb) { return b(bb, k, r); }),
                            _mm256_set1_ps(-0.0f));
       fin = _mm256_and_ps(fin, finite_mask(e[r]));
     }
@@ -360,30 +358,22 @@ struct LinearPhysics {
       fin = _mm256_and_ps(fin, finite_mask(a));
     }
     fin = _mm256_and_ps(fin, _mm256_and_ps(finite_mask(m), finite_mask(l)));
-    if (exact) {
-      const __m256 raw = exp8(_mm256_add_ps(l, l));
-      const __m256 nv = _mm256_set1_ps(noise_var);
-      const __m256 above = _mm256_cmp_ps(raw, nv, _CMP_GT_OQ);
-      acc = _mm256_fmadd_ps(_mm256_and_ps(above, _mm256_sub_ps(raw, nv)), col, acc);
-      if constexpr (kGrad) dls[idx] = _mm256_mul_ps(col, _mm256_and_ps(above, _mm256_add_ps(raw, raw)));
-    } else if constexpr (kGrad) {
-      dls[idx] = _mm256_setzero_ps();
-    }
+    __m256 v, dvdls;
+    this->variance(l, v, dvdls);
+    acc = _mm256_fmadd_ps(v, col, acc);
+    if constexpr (kGrad) this->dls[idx] = _mm256_mul_ps(col, dvdls);
   }
   __m256 end_component(int64_t k) {
     __m256 total = acc;
     for (int64_t r = 0; r < rows; ++r) total = _mm256_fmadd_ps(e[r], e[r], total);
-    total = overflow_to_inf(total, fin);
-    if (!dmu.empty()) {  // kGrad: dQ/dmu_d = 2 sum_m e_m A_md
+    if (!this->dmu.empty()) {  // kGrad: dQ/dmu_d = 2 sum_m e_m A_md
       for (int64_t d = 0; d < D; ++d) {
         __m256 g = _mm256_setzero_ps();
         for (int64_t r = 0; r < rows; ++r) g = _mm256_fmadd_ps(e[r], a_at(k, r, d), g);
-        dmu[k * D + d] = _mm256_add_ps(g, g);
+        this->dmu[k * D + d] = _mm256_add_ps(g, g);
       }
     }
-    __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), total);
-    if (extra) qk = _mm256_add_ps(qk, lanes([&](int64_t bb) { return extra[bb * extra_sb + k * extra_sk]; }));
-    return qk;
+    return this->penalty(k, total, fin);
   }
 };
 
@@ -392,29 +382,15 @@ struct LinearPhysics {
 // + a^2 Var(N_i) + Var(f'), f' = f + a diag_i u_i, N_i the neighbour sum (physics_math.h's stencil_penalty; its
 // derivatives scatter to the neighbours). Needs the whole row of a component at once: the row hook.
 template <typename coef_t>
-struct StencilPhysics {
-  static constexpr bool kActive = true;
+struct StencilPhysics : PhysicsBase<coef_t> {
   static constexpr bool kRowHook = true;
-  static constexpr int kSaved = math::kSavedPerSampleLoss;
   math::Strided4<coef_t> diffusion, reaction;  // [B, K], [B, K, J + 1] (stride 0 where broadcast)
   int order = 0, boundary = math::kPeriodic;
   int64_t D = 0;
-  bool exact = true;
-  float weight = 1.0f, noise_var = 0.0f, inv_h2 = 1.0f;
-  const coef_t* extra = nullptr;
-  int64_t extra_sb = 0, extra_sk = 0;
-  int64_t b0 = 0, nb = 0;
-  __m256 total;
+  float inv_h2 = 1.0f;
+  __m256 total, fin;
   std::vector<__m256> var, dvar;  // [D] per component
-  std::vector<__m256> dmu, dls;   // [K * D] with kGrad
 
-  void begin_group(int64_t b0_, int64_t nb_) { b0 = b0_, nb = nb_; }
-  template <typename F>
-  __m256 lanes(F&& at) const {
-    alignas(32) float v[8];
-    for (int64_t i = 0; i < 8; ++i) v[i] = static_cast<float>(at(b0 + std::min(i, nb - 1)));
-    return _mm256_load_ps(v);
-  }
   void begin_component(int64_t) {}
   template <bool kGrad>
   void element(int64_t, __m256, __m256) {}
@@ -423,30 +399,20 @@ struct StencilPhysics {
   void component_rows(int64_t k, const __m256* mu, const __m256* ls) {
     const __m256 zero = _mm256_setzero_ps(), two = _mm256_set1_ps(2.0f);
     const int J = order, Jp = J < 1 ? 1 : J;
-    const __m256 a = _mm256_mul_ps(
-        diffusion.s0 == 0 ? _mm256_set1_ps(static_cast<float>(diffusion(0, k)))
-                          : lanes([&](int64_t bb) { return diffusion(bb, k); }),
-        _mm256_set1_ps(inv_h2));
+    const __m256 a = _mm256_mul_ps(this->per_component(diffusion.s0 == 0, [&](int64_t bb) { return diffusion(bb, k); }),
+                                   _mm256_set1_ps(inv_h2));
     __m256 c0[math::kMaxOrder + 1];
     for (int j = 0; j <= Jp; ++j)
-      c0[j] = j > J ? zero
-                    : reaction.s0 == 0 ? _mm256_set1_ps(static_cast<float>(reaction(0, k, j)))
-                                       : lanes([&](int64_t bb) { return reaction(bb, k, j); });
+      c0[j] = j > J ? zero : this->per_component(reaction.s0 == 0, [&](int64_t bb) { return reaction(bb, k, j); });
     var.resize(D), dvar.resize(D);
-    __m256 fin = finite_mask(a);
+    fin = finite_mask(a);
     for (int j = 0; j <= Jp; ++j) fin = _mm256_and_ps(fin, finite_mask(c0[j]));
     for (int64_t d = 0; d < D; ++d) {
       fin = _mm256_and_ps(fin, _mm256_and_ps(finite_mask(mu[d]), finite_mask(ls[d])));
-      if (exact) {
-        const __m256 raw = exp8(_mm256_add_ps(ls[d], ls[d]));
-        const __m256 nv = _mm256_set1_ps(noise_var);
-        const __m256 above = _mm256_cmp_ps(raw, nv, _CMP_GT_OQ);
-        var[d] = _mm256_and_ps(above, _mm256_sub_ps(raw, nv));
-        dvar[d] = _mm256_and_ps(above, _mm256_add_ps(raw, raw));
-      } else {
-        var[d] = dvar[d] = zero;
-      }
+      this->variance(ls[d], var[d], dvar[d]);
     }
+    auto& dmu = this->dmu;
+    auto& dls = this->dls;
     if constexpr (kGrad)
       for (int64_t d = 0; d < D; ++d) dmu[k * D + d] = dls[k * D + d] = zero;
     total = zero;
@@ -505,13 +471,8 @@ struct StencilPhysics {
                                          dls[k * D + i]);
       }
     }
-    total = overflow_to_inf(total, fin);
   }
-  __m256 end_component(int64_t k) {
-    __m256 qk = _mm256_mul_ps(_mm256_set1_ps(weight), total);
-    if (extra) qk = _mm256_add_ps(qk, lanes([&](int64_t bb) { return extra[bb * extra_sb + k * extra_sk]; }));
-    return qk;
-  }
+  __m256 end_component(int64_t k) { return this->penalty(k, total, fin); }
 };
 
 // One group of 8 samples (rows of lg [8, K], mu / ls [8, K, D], y [8, D]); g: upstream gradient per lane.
