@@ -33,12 +33,16 @@ constexpr int64_t kLanes = 8;
 
 // exp of 8 floats. Cody-Waite reduction x = n ln2 + r (|r| <= ln2 / 2) and a degree-6 minimax polynomial for e^r
 // (fitted here; max error 1.25 ulp over the float32 range, tests/test_vector_math.py), scaled by 2^n through the
-// exponent bits. Results below 2^-126 (x < -87.3, denormal range) are flushed to 0, results from x > 88.38 are
-// +inf (the top 0.4% of the float range overflows early); NaN propagates.
+// exponent bits. n comes from one FMA: x log2(e) + 1.5 2^23 + 127 rounds to the integer n + 127, which then sits in
+// the low mantissa bits (shifted into the exponent field: no float -> int conversion, no underflow mask). x is
+// clamped to [-88, 88.7] first: n = -127 (x < -87.68) gives the scale 0, so the result 0; results in
+// (-87.68, -87.34) are denormal; n = 128 (x > 88.38) gives the scale +inf (the top 0.4% of the float range
+// overflows early). NaN passes both clamps (min / max return their second operand for NaN) and propagates.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.7f), x);  // min returns its second operand for NaN: x
-  const __m256 fn = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), _mm256_min_ps(_mm256_set1_ps(88.7f), x));
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);  // 1.5 2^23 + 127
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 fn = _mm256_sub_ps(t, magic);  // n, exactly
   __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 p = _mm256_set1_ps(1.381461275741458e-3f);
@@ -47,11 +51,9 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666652113199234e-1f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999999403953552e-1f));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  // 2^n for n in [-126, 128] (128: the exponent field of +inf); n < -126 is masked to 0 below
-  const __m256i n = _mm256_cvtps_epi32(fn);
-  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
-  const __m256 tiny = _mm256_cmp_ps(fn, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
-  return _mm256_andnot_ps(tiny, _mm256_mul_ps(p, scale));
+  // 2^n: the low 9 bits of t's pattern are n + 127 in [0, 255] (0: the scale 0; 255: +inf)
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
+  return _mm256_mul_ps(p, scale);
 }
 
 // log of 8 floats: Cephes' logf (mantissa in [sqrt(1/2), sqrt(2)), degree-9 polynomial, about 1 ulp) for
@@ -498,13 +500,14 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
     for (int64_t d = 0; d < D; ++d) {
       const __m256 l = ls[d];
       if constexpr (Phys::kActive) phys.template element<kGrad>(k * D + d, mu[d], l);
-      const __m256 inv = exp8(_mm256_xor_ps(l, sign));
+      const __m256 neg_l = _mm256_xor_ps(l, sign);
+      const __m256 inv = exp8(neg_l);
       const __m256 z = _mm256_mul_ps(_mm256_sub_ps(w.y[d], mu[d]), inv);
       const __m256 zz = _mm256_mul_ps(z, z);
-      acc = _mm256_fmadd_ps(nhalf, zz, _mm256_sub_ps(acc, l));
+      acc = _mm256_add_ps(acc, _mm256_fmadd_ps(nhalf, zz, neg_l));  // one add per element on the chain
       if constexpr (kGrad) {
         mu[d] = _mm256_mul_ps(z, inv);
-        ls[d] = _mm256_sub_ps(zz, one);
+        ls[d] = zz;  // d/dlog_scale is (z^2 - 1) c_k: one fmsub below
       }
     }
     w.joint[k] = _mm256_sub_ps(acc, offset);
@@ -554,18 +557,33 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
   }
   if constexpr (kGrad) {
     const __m256 inv_sum2 = _mm256_div_ps(one, sum2);
+    // no responsibility, no gradient (gamma_k = 0 masks the component's terms: avoids 0 * inf for far-away
+    // targets); groups where every lane's every gamma is positive skip the masks
+    bool masked = false;
+    for (int64_t k = 0; k < K; ++k) {
+      w.joint[k] = _mm256_mul_ps(w.joint[k], inv_sum2);  // gamma_k
+      const __m256 none = _mm256_cmp_ps(w.joint[k], zero, _CMP_EQ_OQ);
+      masked |= !_mm256_testz_ps(none, none);
+    }
     for (int64_t d = 0; d < D; ++d) w.gt[d] = zero;
     for (int64_t k = 0; k < K; ++k) {
-      const __m256 pi = _mm256_mul_ps(w.pi[k], inv_sum), gamma = _mm256_mul_ps(w.joint[k], inv_sum2);
+      const __m256 pi = _mm256_mul_ps(w.pi[k], inv_sum), gamma = w.joint[k];
       w.gl[k] = _mm256_mul_ps(g, _mm256_sub_ps(pi, gamma));
       const __m256 c = _mm256_xor_ps(_mm256_mul_ps(g, gamma), sign);
-      // no responsibility, no gradient (avoids 0 * inf for far-away targets)
-      const __m256 none = _mm256_cmp_ps(gamma, zero, _CMP_EQ_OQ);
       __m256 *gm = w.mu.data() + k * D, *gs = w.ls.data() + k * D;
-      for (int64_t d = 0; d < D; ++d) {
-        gm[d] = _mm256_andnot_ps(none, _mm256_mul_ps(gm[d], c));
-        gs[d] = _mm256_andnot_ps(none, _mm256_mul_ps(gs[d], c));
-        w.gt[d] = _mm256_sub_ps(w.gt[d], gm[d]);
+      if (masked) {
+        const __m256 none = _mm256_cmp_ps(gamma, zero, _CMP_EQ_OQ);
+        for (int64_t d = 0; d < D; ++d) {
+          gm[d] = _mm256_andnot_ps(none, _mm256_mul_ps(gm[d], c));
+          gs[d] = _mm256_andnot_ps(none, _mm256_fmsub_ps(gs[d], c, c));
+          w.gt[d] = _mm256_sub_ps(w.gt[d], gm[d]);
+        }
+      } else {
+        for (int64_t d = 0; d < D; ++d) {
+          gm[d] = _mm256_mul_ps(gm[d], c);
+          gs[d] = _mm256_fmsub_ps(gs[d], c, c);
+          w.gt[d] = _mm256_sub_ps(w.gt[d], gm[d]);
+        }
       }
       if constexpr (Phys::kActive) {
         // penalty part (not through the target): d/dlogit_k = g pi_k (Q_k - pbar), d/dmu = g w pi_k dE/dmu, ...
