@@ -196,6 +196,12 @@ def bench_op_point(op: str, B: int, K: int, D: int, dtype_name: str, passes, imp
             stats["first_call_s"] = first.get(name, float("nan"))
             results[name] = stats
         nbytes = op_bytes(inputs, pass_name)
+        # what the call returns (the loss, or the gradients): the part of the peak no implementation can avoid
+        # (not for bwd: physmdn's gradients may already exist, made by the untimed forward)
+        returned = [expected] if pass_name == "fwd" else diff
+        out_mb = sum(t.numel() * t.element_size() for t in returned) / 2**20
+        for stats in results.values():
+            stats["beyond_out_mb"] = stats["peak_mb"] - out_mb if pass_name != "bwd" else float("nan")
         ref = results["physmdn"]["median_ms"]
         for name, stats in results.items():
             t = stats["median_ms"]
@@ -218,6 +224,8 @@ def op_summary(rows: list[dict]) -> list[dict]:
         s = {"op": op, "B": B, "K": K, "D": D, "dtype": SHORT_DTYPE[dtype], "pass": pass_name,
              "physmdn_ms": p["median_ms"], "p20-p80_ms": f"{p['p20_ms']:.3g}-{p['p80_ms']:.3g}",
              "peak_mb": p["peak_mb"], "eager_peak_mb": by_impl.get("eager", {}).get("peak_mb", float("nan")),
+             "beyond_out_mb": p["beyond_out_mb"],
+             "eager_beyond_out_mb": by_impl.get("eager", {}).get("beyond_out_mb", float("nan")),
              "GB/s": p["gb_s"], "%copy": p["pct_copy_bw"]}
         for name, label in (("eager", "x_eager"), ("torch.compile", "x_compile"), ("torch.distributions", "x_distr")):
             s[label] = by_impl[name]["physmdn_speedup"] if name in by_impl else ""
@@ -228,8 +236,9 @@ def op_summary(rows: list[dict]) -> list[dict]:
 
 
 OP_SUMMARY_COLUMNS = ["op", "B", "K", "D", "dtype", "pass", "physmdn_ms", "p20-p80_ms", "peak_mb", "eager_peak_mb",
-                      "GB/s", "%copy", "x_eager", "x_compile", "x_distr", "note"]
-OP_COLUMNS = ["op", "B", "K", "D", "dtype", "pass", "impl", "median_ms", "p20_ms", "p80_ms", "n", "peak_mb", "gb_s",
+                      "beyond_out_mb", "eager_beyond_out_mb", "GB/s", "%copy", "x_eager", "x_compile", "x_distr", "note"]
+OP_COLUMNS = ["op", "B", "K", "D", "dtype", "pass", "impl", "median_ms", "p20_ms", "p80_ms", "n", "peak_mb",
+              "beyond_out_mb", "gb_s",
               "pct_copy_bw", "physmdn_speedup", "max_rel_diff", "first_call_s", "error"]
 
 
@@ -479,7 +488,8 @@ def main(argv=None) -> int:
              "forward ran outside the timed region; physmdn's ops compute their gradients inside a grad-enabled forward "
              "(the fused loss: when the law's coefficients need no gradient), so their bwd only hands them over "
              "(loss.sum(): upstream gradient 1) and the fwd+bwd column is the one to compare. peak_mb: allocations "
-             "during the call beyond its inputs.")
+             "during the call beyond its inputs. beyond_out_mb: peak_mb less what the call returns (the loss for fwd, "
+             "the gradients for fwd+bwd), i.e. the intermediates and workspace (not given for bwd).")
     text = info_header(title, info)
     if op_rows:
         text += ("### Ops (physmdn per shape and pass)\n\n" + format_table(op_summary(op_rows), OP_SUMMARY_COLUMNS)

@@ -25,6 +25,14 @@ inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& means
               grad_loss.device());
 }
 
+// Options of the gradients a forward with compute_grad returns: the input dtype where the backend writes reduced
+// dtypes directly (Backend::kForwardGradInInputDtype: no float32 [B, K, D] copy is made), else the accumulation
+// dtype (converted on return).
+template <typename Backend>
+at::TensorOptions forward_grad_options(const at::Tensor& means) {
+  return means.options().dtype(Backend::kForwardGradInInputDtype ? means.scalar_type() : acc_dtype(means.scalar_type()));
+}
+
 // With compute_grad the forward also returns the gradients for an upstream gradient of grad_scale per sample
 // (the backward then only rescales them by grad_loss / grad_scale, or not at all when they are equal: mean or
 // sum reductions); without, the four gradient outputs are empty.
@@ -43,13 +51,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (B > 0) Backend::mixture_nll_forward(logits, means, log_scales, target, loss, saved);
     return {loss, saved, none(), none(), none(), none()};
   }
-  auto gl = Backend::empty({B, K}, acc_opts), gm = Backend::empty({B, K, D}, acc_opts), gs = Backend::empty({B, K, D}, acc_opts),
-       gt = Backend::empty({B, D}, acc_opts);
+  const auto gopts = forward_grad_options<Backend>(means);
+  auto gl = Backend::empty({B, K}, gopts), gm = Backend::empty({B, K, D}, gopts), gs = Backend::empty({B, K, D}, gopts),
+       gt = Backend::empty({B, D}, gopts);
   if (B > 0 && !Backend::mixture_nll_forward_grad(logits, means, log_scales, target, loss, saved, gl, gm, gs, gt,
                                                   grad_scale)) {
     Backend::mixture_nll_forward(logits, means, log_scales, target, loss, saved);
     const auto g = at::full({1}, grad_scale, means.options()).expand({B});
-    Backend::mixture_nll_backward(g, logits, means, log_scales, target, saved, gl, gm, gs, gt);
+    if (gopts.dtype() == acc_opts.dtype()) {
+      Backend::mixture_nll_backward(g, logits, means, log_scales, target, saved, gl, gm, gs, gt);
+    } else {  // this backward writes the accumulation dtype only
+      auto gl32 = Backend::empty({B, K}, acc_opts), gm32 = Backend::empty({B, K, D}, acc_opts);
+      auto gs32 = Backend::empty({B, K, D}, acc_opts), gt32 = Backend::empty({B, D}, acc_opts);
+      Backend::mixture_nll_backward(g, logits, means, log_scales, target, saved, gl32, gm32, gs32, gt32);
+      gl.copy_(gl32), gm.copy_(gm32), gs.copy_(gs32), gt.copy_(gt32);
+    }
   }
   const auto dt = means.scalar_type();
   return {loss, saved, gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt)};
@@ -94,16 +110,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
     return {loss, saved, none(), none(), none(), none(), none()};
   }
-  auto gl = Backend::empty({B, K}, acc_opts), gm = Backend::empty({B, K, D}, acc_opts);
-  auto gs = Backend::empty({B, K, D}, acc_opts), gt = Backend::empty({B, D}, acc_opts);
-  auto ge = extra.has_value() ? Backend::empty({B, K}, acc_opts) : Backend::empty({0}, acc_opts);
+  const auto gopts = forward_grad_options<Backend>(means);
+  auto gl = Backend::empty({B, K}, gopts), gm = Backend::empty({B, K, D}, gopts);
+  auto gs = Backend::empty({B, K, D}, gopts), gt = Backend::empty({B, D}, gopts);
+  auto ge = extra.has_value() ? Backend::empty({B, K}, gopts) : Backend::empty({0}, gopts);
   if (B > 0 && !Backend::mdn_loss_forward_grad(logits, means, log_scales, target, p0, p1, extra, args, order, rows,
                                                loss, saved, gl, gm, gs, gt, ge, grad_scale)) {
     Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
     const auto g = at::full({1}, grad_scale, means.options()).expand({B});
     auto no_gp0 = Backend::empty({0}, acc_opts), no_gp1 = Backend::empty({0}, acc_opts);
-    Backend::mdn_loss_backward(g, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved, gl, gm,
-                               gs, gt, no_gp0, no_gp1, ge);
+    if (gopts.dtype() == acc_opts.dtype()) {
+      Backend::mdn_loss_backward(g, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved, gl,
+                                 gm, gs, gt, no_gp0, no_gp1, ge);
+    } else {  // this backward writes the accumulation dtype only
+      auto gl32 = Backend::empty({B, K}, acc_opts), gm32 = Backend::empty({B, K, D}, acc_opts);
+      auto gs32 = Backend::empty({B, K, D}, acc_opts), gt32 = Backend::empty({B, D}, acc_opts);
+      auto ge32 = extra.has_value() ? Backend::empty({B, K}, acc_opts) : Backend::empty({0}, acc_opts);
+      Backend::mdn_loss_backward(g, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved, gl32,
+                                 gm32, gs32, gt32, no_gp0, no_gp1, ge32);
+      gl.copy_(gl32), gm.copy_(gm32), gs.copy_(gs32), gt.copy_(gt32), ge.copy_(ge32);
+    }
   }
   const auto dt = means.scalar_type();
   return {loss, saved, gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt), ge.to(dt)};

@@ -74,6 +74,8 @@ std::tuple<at::Tensor, at::Tensor> cpu_vector_exp_log(const at::Tensor& x) {
 struct CpuBackend {
   // outputs come from the buffer pool (csrc/cpu/buffer_pool.h): no page faults for a loop's recurring sizes
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return cpu::pooled_empty(sizes, opts); }
+  // forward-with-gradients writes bfloat16 / float16 gradients directly (cpu/kernels.cpp)
+  static constexpr bool kForwardGradInInputDtype = true;
   static void check_device(const at::Tensor& means) {
     TORCH_CHECK(means.device().is_cpu(), "means must be a CPU tensor for the CPU kernel, got ", means.device());
   }

@@ -5,9 +5,12 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -667,6 +670,27 @@ void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, cons
   });
 }
 
+// The gradient outputs of the forward-with-gradients entry points are float32 or, for bfloat16 / float16 inputs,
+// the input dtype (op_impl.h). A path that only writes float32 runs on float32 temporaries, then converts.
+template <typename Fn>
+bool with_float_grads(std::initializer_list<at::Tensor*> grads, Fn&& fn) {
+  if (std::all_of(grads.begin(), grads.end(), [](at::Tensor* g) { return g->scalar_type() == at::kFloat; }))
+    return fn();
+  std::vector<at::Tensor> keep;
+  std::vector<at::Tensor*> outs;
+  for (at::Tensor* g : grads) {
+    keep.push_back(*g);
+    outs.push_back(g);
+    *g = at::empty(g->sizes(), g->options().dtype(at::kFloat));
+  }
+  const bool done = fn();
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (done) keep[i].copy_(*outs[i]);
+    *outs[i] = keep[i];
+  }
+  return done;
+}
+
 bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                               const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
                               at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
@@ -674,13 +698,21 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
   if (!use_fast_path(logits, means, log_scales, target)) return false;
 #ifdef PHYSMDN_SOA_KERNELS
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
-    soa::mixture_nll<true, scalar_t>(logits, means, log_scales, target, nullptr, static_cast<float>(grad_scale),
-                                     loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), grad_logits.data_ptr<float>(),
-                                     grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
-                                     grad_target.data_ptr<float>());
+    const auto run = [&]<typename grad_t>() {
+      soa::mixture_nll<true, scalar_t, grad_t>(logits, means, log_scales, target, nullptr,
+                                               static_cast<float>(grad_scale), loss.data_ptr<scalar_t>(),
+                                               saved.data_ptr<float>(), grad_logits.data_ptr<grad_t>(),
+                                               grad_means.data_ptr<grad_t>(), grad_log_scales.data_ptr<grad_t>(),
+                                               grad_target.data_ptr<grad_t>());
+    };
+    if (grad_means.scalar_type() == at::kFloat)
+      run.template operator()<float>();
+    else
+      run.template operator()<scalar_t>();  // written in the input dtype, no float32 copy
   });
   return true;
 #endif
+  return with_float_grads({&grad_logits, &grad_means, &grad_log_scales, &grad_target}, [&] {
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
     dispatch_dim(means.size(2), [&]<int kD>() {
       mixture_nll_forward_fast<true, kD, scalar_t>(logits, means, log_scales, target, static_cast<float>(grad_scale),
@@ -689,6 +721,7 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
     });
   });
   return true;
+  });
 }
 
 void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
@@ -770,14 +803,21 @@ bool mdn_loss_forward_grad(const at::Tensor& logits, const at::Tensor& means, co
                            double grad_scale) {
 #ifdef PHYSMDN_SOA_KERNELS
   // one pass for the loss and the gradients (lane-parallel kernel); otherwise op_impl runs forward + backward
+  const bool float_grads = grad_means.scalar_type() == at::kFloat;
   if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false,
                        [&]<typename scalar_t>(const auto& phys) {
-                         soa::run<true, scalar_t>(logits, means, log_scales, target, phys, nullptr,
-                                                  static_cast<float>(grad_scale), loss.data_ptr<scalar_t>(),
-                                                  saved.data_ptr<float>(), grad_logits.data_ptr<float>(),
-                                                  grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
-                                                  grad_target.data_ptr<float>(),
-                                                  grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr);
+                         const auto run = [&]<typename grad_t>() {
+                           soa::run<true, scalar_t, grad_t>(
+                               logits, means, log_scales, target, phys, nullptr, static_cast<float>(grad_scale),
+                               loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), grad_logits.data_ptr<grad_t>(),
+                               grad_means.data_ptr<grad_t>(), grad_log_scales.data_ptr<grad_t>(),
+                               grad_target.data_ptr<grad_t>(),
+                               grad_extra.numel() ? grad_extra.data_ptr<grad_t>() : nullptr);
+                         };
+                         if (float_grads)
+                           run.template operator()<float>();
+                         else
+                           run.template operator()<scalar_t>();  // the input dtype, no float32 copy
                        }))
     return true;
 #endif

@@ -607,19 +607,50 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
   }
 }
 
+// Gradient rows from the float32 staging buffers to the output dtype (float32, or the input's bfloat16 / float16:
+// rounded to nearest even, NaN kept).
+inline void store_rows(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
+inline void store_rows(const float* src, int64_t n, at::BFloat16* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), at::vec::cvtfp32_bf16(_mm256_loadu_ps(src + i)));
+  for (; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
+}
+inline void store_rows(const float* src, int64_t n, at::Half* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
+}
+
 template <typename scalar_t>
 void to_float_rows(const scalar_t* src, int64_t n, int64_t nvalid, float* dst) {
-  for (int64_t e = 0; e < nvalid; ++e) dst[e] = static_cast<float>(src[e]);
-  for (int64_t e = nvalid; e < n; ++e) dst[e] = 0.0f;  // padding rows: finite, discarded
+  int64_t e = 0;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // bfloat16: the upper half of a float32
+    for (; e + 8 <= nvalid; e += 8) {
+      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e)));
+      _mm256_storeu_ps(dst + e, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+    }
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {  // F16C
+    for (; e + 8 <= nvalid; e += 8)
+      _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
+  }
+  for (; e < nvalid; ++e) dst[e] = static_cast<float>(src[e]);
+  for (; e < n; ++e) dst[e] = 0.0f;  // padding rows: finite, discarded
 }
 
 // Driver over the batch. loss_all [B] and saved_all [B, Phys::kSaved] may be null (not written); the gradients
-// (float32, written with kGrad; ge_all only with physics, may be null) are for the upstream gradient grad_loss
-// ([B], any stride), or g_default when it is null.
-template <bool kGrad, typename scalar_t, typename Phys>
+// (written with kGrad; ge_all only with physics, may be null) are for the upstream gradient grad_loss ([B], any
+// stride), or g_default when it is null. They are float32 (grad_t = float: stored straight from the registers) or
+// the input's reduced dtype (grad_t = scalar_t: converted from the group's float32 staging rows, so that no
+// float32 [B, K, D] buffer is ever made for them).
+template <bool kGrad, typename scalar_t, typename grad_t = float, typename Phys>
 void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
          const Phys& phys_proto, const at::Tensor* grad_loss, float g_default, scalar_t* loss_all, float* saved_all,
-         float* gl_all, float* gm_all, float* gs_all, float* gt_all, float* ge_all) {
+         std::type_identity_t<grad_t>* gl_all, std::type_identity_t<grad_t>* gm_all, std::type_identity_t<grad_t>* gs_all,
+         std::type_identity_t<grad_t>* gt_all, std::type_identity_t<grad_t>* ge_all) {
+  static_assert(std::is_same_v<grad_t, float> || std::is_same_v<grad_t, scalar_t>);
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
   constexpr int kSaved = Phys::kSaved;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
@@ -666,7 +697,10 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
       const bool direct_out = nb == kLanes;
       GroupOut out{loss8, saved_all && direct_out ? saved_all + kSaved * b0 : saved8, nullptr, nullptr, nullptr,
                    nullptr, nullptr};
-      if constexpr (kGrad) {
+      if constexpr (kGrad && !std::is_same_v<grad_t, float>) {
+        out.gl = w.out_gl.data(), out.gm = w.out_gm.data(), out.gs = w.out_gs.data(), out.gt = w.out_gt.data();
+        out.ge = ge_all ? w.out_ge.data() : nullptr;
+      } else if constexpr (kGrad) {
         out.gl = direct_out ? gl_all + b0 * K : w.out_gl.data();
         out.gm = direct_out ? gm_all + b0 * KD : w.out_gm.data();
         out.gs = direct_out ? gs_all + b0 * KD : w.out_gs.data();
@@ -677,14 +711,14 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
       group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, phys, out);
       if (loss_all)
         for (int64_t i = 0; i < nb; ++i) loss_all[b0 + i] = static_cast<scalar_t>(loss8[i]);
-      if (!direct_out) {
-        if (saved_all) std::copy(saved8, saved8 + kSaved * nb, saved_all + kSaved * b0);
-        if constexpr (kGrad) {
-          std::copy(w.out_gl.begin(), w.out_gl.begin() + nb * K, gl_all + b0 * K);
-          std::copy(w.out_gm.begin(), w.out_gm.begin() + nb * KD, gm_all + b0 * KD);
-          std::copy(w.out_gs.begin(), w.out_gs.begin() + nb * KD, gs_all + b0 * KD);
-          std::copy(w.out_gt.begin(), w.out_gt.begin() + nb * D, gt_all + b0 * D);
-          if (ge_all) std::copy(w.out_ge.begin(), w.out_ge.begin() + nb * K, ge_all + b0 * K);
+      if (!direct_out && saved_all) std::copy(saved8, saved8 + kSaved * nb, saved_all + kSaved * b0);
+      if constexpr (kGrad) {
+        if (!direct_out || !std::is_same_v<grad_t, float>) {
+          store_rows(w.out_gl.data(), nb * K, gl_all + b0 * K);
+          store_rows(w.out_gm.data(), nb * KD, gm_all + b0 * KD);
+          store_rows(w.out_gs.data(), nb * KD, gs_all + b0 * KD);
+          store_rows(w.out_gt.data(), nb * D, gt_all + b0 * D);
+          if (ge_all) store_rows(w.out_ge.data(), nb * K, ge_all + b0 * K);
         }
       }
     }
@@ -692,12 +726,13 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
   });
 }
 
-template <bool kGrad, typename scalar_t>
+template <bool kGrad, typename scalar_t, typename grad_t = float>
 void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                  const at::Tensor& target, const at::Tensor* grad_loss, float g_default, scalar_t* loss_all,
-                 float* saved_all, float* gl_all, float* gm_all, float* gs_all, float* gt_all) {
-  run<kGrad, scalar_t>(logits, means, log_scales, target, NoPhysics{}, grad_loss, g_default, loss_all, saved_all,
-                       gl_all, gm_all, gs_all, gt_all, nullptr);
+                 float* saved_all, std::type_identity_t<grad_t>* gl_all, std::type_identity_t<grad_t>* gm_all,
+                 std::type_identity_t<grad_t>* gs_all, std::type_identity_t<grad_t>* gt_all) {
+  run<kGrad, scalar_t, grad_t>(logits, means, log_scales, target, NoPhysics{}, grad_loss, g_default, loss_all,
+                               saved_all, gl_all, gm_all, gs_all, gt_all, nullptr);
 }
 
 }  // namespace physmdn::cpu::soa

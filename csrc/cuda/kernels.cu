@@ -408,6 +408,8 @@ struct CudaBackend {
   }
 
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
+  // the kernels write float32 gradients (converted on return for bfloat16 / float16 inputs)
+  static constexpr bool kForwardGradInInputDtype = false;
 
   // Single pass (loss and gradients) with the tiled kernel; otherwise false and op_impl runs forward, then
   // backward with grad_scale.
