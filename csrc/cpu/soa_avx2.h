@@ -146,36 +146,50 @@ inline void to_lanes(const float* src, int64_t n, __m256* out) {
                             src[6 * n + c], src[7 * n + c]);
 }
 
-// The inverse: n vectors -> [8, n] row-major at dst. With kStream, 8-column tiles that are 32-byte aligned
-// are written with non-temporal stores (write-once outputs larger than the caches: no read for ownership).
-template <bool kStream = false>
-inline void from_lanes(const __m256* in, int64_t n, float* dst) {
+// Stores of 8 / 4 floats as float32, or converted to bfloat16 / float16 (round to nearest even, NaN kept).
+inline void store8(float* p, __m256 v, bool stream) { stream ? _mm256_stream_ps(p, v) : _mm256_storeu_ps(p, v); }
+inline __m128i to_16bit(__m256 v, const at::BFloat16*) { return at::vec::cvtfp32_bf16(v); }
+inline __m128i to_16bit(__m256 v, const at::Half*) {
+  return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+template <typename T>
+inline void store8(T* p, __m256 v, bool stream) {
+  const __m128i h = to_16bit(v, p);
+  stream ? _mm_stream_si128(reinterpret_cast<__m128i*>(p), h) : _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+inline void store4(float* p, __m128 v) { _mm_storeu_ps(p, v); }
+template <typename T>
+inline void store4(T* p, __m128 v) {
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(p), to_16bit(_mm256_castps128_ps256(v), p));
+}
+
+// The inverse: n vectors -> [8, n] row-major at dst (float32, or converted to the 16-bit dst type). With
+// kStream, 8-column tiles whose rows stay aligned are written with non-temporal stores (write-once outputs larger
+// than the caches: no read for ownership).
+template <bool kStream = false, typename T>
+inline void from_lanes(const __m256* in, int64_t n, T* dst) {
   int64_t c = 0;
-  const bool stream = kStream && n % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+  const bool stream = kStream && n % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % (8 * sizeof(T)) == 0;
   for (; c + 8 <= n; c += 8) {
     __m256 r[8];
     for (int j = 0; j < 8; ++j) r[j] = in[c + j];
     transpose8(r);
-    if (stream) {
-      for (int i = 0; i < 8; ++i) _mm256_stream_ps(dst + i * n + c, r[i]);
-    } else {
-      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + i * n + c, r[i]);
-    }
+    for (int i = 0; i < 8; ++i) store8(dst + i * n + c, r[i], stream);
   }
   if (c + 4 <= n) {
     __m256 r[4];
     for (int j = 0; j < 4; ++j) r[j] = in[c + j];
     transpose4x2(r);
     for (int j = 0; j < 4; ++j) {
-      _mm_storeu_ps(dst + j * n + c, _mm256_castps256_ps128(r[j]));
-      _mm_storeu_ps(dst + (j + 4) * n + c, _mm256_extractf128_ps(r[j], 1));
+      store4(dst + j * n + c, _mm256_castps256_ps128(r[j]));
+      store4(dst + (j + 4) * n + c, _mm256_extractf128_ps(r[j], 1));
     }
     c += 4;
   }
   for (; c < n; ++c) {
     alignas(32) float col[8];
     _mm256_store_ps(col, in[c]);
-    for (int i = 0; i < 8; ++i) dst[i * n + c] = col[i];
+    for (int i = 0; i < 8; ++i) dst[i * n + c] = static_cast<T>(col[i]);
   }
 }
 
@@ -209,10 +223,11 @@ struct Scratch {
         out_ge(kLanes * K_) {}
 };
 
+template <typename grad_t>
 struct GroupOut {
   float* loss;   // [8]
   float* saved;  // [8, Phys::kSaved]
-  float *gl, *gm, *gs, *gt, *ge;  // [8, K], [8, K, D], [8, K, D], [8, D], [8, K] (with kGrad; ge: fused loss)
+  grad_t *gl, *gm, *gs, *gt, *ge;  // [8, K], [8, K, D], [8, K, D], [8, D], [8, K] (with kGrad; ge: fused loss)
 };
 
 // The mixture NLL alone: no physics hooks.
@@ -479,9 +494,9 @@ struct StencilPhysics : PhysicsBase<coef_t> {
 
 // One group of 8 samples (rows of lg [8, K], mu / ls [8, K, D], y [8, D]); g: upstream gradient per lane.
 // With an active Phys, the loss is the fused one: NLL + sum_k pi_k Q_k (saved[3] = sum_k pi_k Q_k).
-template <bool kGrad, typename Phys>
+template <bool kGrad, typename Phys, typename grad_t>
 void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, const float* y_rows, __m256 g,
-            Scratch& w, Phys& phys, const GroupOut& out) {
+            Scratch& w, Phys& phys, const GroupOut<grad_t>& out) {
   const int64_t K = w.K, D = w.D, KD = K * D;
   to_lanes(mu_rows, KD, w.mu.data());
   to_lanes(ls_rows, KD, w.ls.data());
@@ -642,9 +657,8 @@ void to_float_rows(const scalar_t* src, int64_t n, int64_t nvalid, float* dst) {
 
 // Driver over the batch. loss_all [B] and saved_all [B, Phys::kSaved] may be null (not written); the gradients
 // (written with kGrad; ge_all only with physics, may be null) are for the upstream gradient grad_loss ([B], any
-// stride), or g_default when it is null. They are float32 (grad_t = float: stored straight from the registers) or
-// the input's reduced dtype (grad_t = scalar_t: converted from the group's float32 staging rows, so that no
-// float32 [B, K, D] buffer is ever made for them).
+// stride), or g_default when it is null. They are float32 (grad_t = float) or the input's reduced dtype (grad_t =
+// scalar_t: converted in registers on the way out, so that no float32 [B, K, D] buffer is ever made for them).
 template <bool kGrad, typename scalar_t, typename grad_t = float, typename Phys>
 void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
          const Phys& phys_proto, const at::Tensor* grad_loss, float g_default, scalar_t* loss_all, float* saved_all,
@@ -694,26 +708,27 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
       }
       for (int64_t i = 0; i < kLanes; ++i)
         g8[i] = i >= nb ? 0.0f : g_ptr ? static_cast<float>(g_ptr[(b0 + i) * g_stride]) : g_default;
+      // full groups write their outputs in place (gradients in grad_t); the last, partial one goes through the
+      // float32 staging rows
       const bool direct_out = nb == kLanes;
-      GroupOut out{loss8, saved_all && direct_out ? saved_all + kSaved * b0 : saved8, nullptr, nullptr, nullptr,
-                   nullptr, nullptr};
-      if constexpr (kGrad && !std::is_same_v<grad_t, float>) {
-        out.gl = w.out_gl.data(), out.gm = w.out_gm.data(), out.gs = w.out_gs.data(), out.gt = w.out_gt.data();
-        out.ge = ge_all ? w.out_ge.data() : nullptr;
-      } else if constexpr (kGrad) {
-        out.gl = direct_out ? gl_all + b0 * K : w.out_gl.data();
-        out.gm = direct_out ? gm_all + b0 * KD : w.out_gm.data();
-        out.gs = direct_out ? gs_all + b0 * KD : w.out_gs.data();
-        out.gt = direct_out ? gt_all + b0 * D : w.out_gt.data();
-        if (ge_all) out.ge = direct_out ? ge_all + b0 * K : w.out_ge.data();
-      }
       phys.begin_group(b0, nb);
-      group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, phys, out);
-      if (loss_all)
-        for (int64_t i = 0; i < nb; ++i) loss_all[b0 + i] = static_cast<scalar_t>(loss8[i]);
-      if (!direct_out && saved_all) std::copy(saved8, saved8 + kSaved * nb, saved_all + kSaved * b0);
-      if constexpr (kGrad) {
-        if (!direct_out || !std::is_same_v<grad_t, float>) {
+      if (direct_out) {
+        GroupOut<grad_t> out{loss8, saved_all ? saved_all + kSaved * b0 : saved8, nullptr, nullptr, nullptr,
+                             nullptr, nullptr};
+        if constexpr (kGrad) {
+          out.gl = gl_all + b0 * K, out.gm = gm_all + b0 * KD, out.gs = gs_all + b0 * KD, out.gt = gt_all + b0 * D;
+          out.ge = ge_all ? ge_all + b0 * K : nullptr;
+        }
+        group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, phys, out);
+      } else {
+        GroupOut<float> out{loss8, saved8, nullptr, nullptr, nullptr, nullptr, nullptr};
+        if constexpr (kGrad) {
+          out.gl = w.out_gl.data(), out.gm = w.out_gm.data(), out.gs = w.out_gs.data(), out.gt = w.out_gt.data();
+          out.ge = ge_all ? w.out_ge.data() : nullptr;
+        }
+        group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, phys, out);
+        if (saved_all) std::copy(saved8, saved8 + kSaved * nb, saved_all + kSaved * b0);
+        if constexpr (kGrad) {
           store_rows(w.out_gl.data(), nb * K, gl_all + b0 * K);
           store_rows(w.out_gm.data(), nb * KD, gm_all + b0 * KD);
           store_rows(w.out_gs.data(), nb * KD, gs_all + b0 * KD);
@@ -721,6 +736,8 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
           if (ge_all) store_rows(w.out_ge.data(), nb * K, ge_all + b0 * K);
         }
       }
+      if (loss_all)
+        for (int64_t i = 0; i < nb; ++i) loss_all[b0 + i] = static_cast<scalar_t>(loss8[i]);
     }
     _mm_sfence();  // order the non-temporal stores before the results are read
   });
