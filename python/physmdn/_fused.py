@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import acc_dtype, forward_grads, keep_forward_grads
+from ._ops import acc_dtype, call_op, eager_function, forward_grads, keep_forward_grads
 
 FAMILY_NONE, FAMILY_POLYNOMIAL, FAMILY_LINEAR, FAMILY_STENCIL = -1, 0, 1, 2
 MAX_ORDER = 8
@@ -72,6 +72,7 @@ def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):
 
 
 torch.library.register_autograd("physmdn::mdn_loss_fwd", _backward, setup_context=_setup_context)
+_MdnLossEager = eager_function("mdn_loss_fwd", _setup_context, _backward)
 
 
 def _kernel_args(spec, B, K, D, means):
@@ -132,9 +133,11 @@ def fused_mdn_loss(logits, means, log_scales, target, items, weight: float, redu
     compute_grad = (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
                     and not (p0.requires_grad or p1.requires_grad))
     grad_scale = 1.0 / B if reduction == "mean" and B > 0 and not torch.compiler.is_compiling() else 1.0
-    loss = torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, p0, p1, extra, family, exact,
-                                          float(kernel_weight), float(spacing), int(boundary), float(noise),
-                                          compute_grad, grad_scale)[0]
+    args = (logits, means, log_scales, target, p0, p1, extra, family, exact, float(kernel_weight), float(spacing),
+            int(boundary), float(noise), compute_grad, grad_scale)
+    needs_autograd = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (*differentiable, p0, p1))
+    loss = call_op("mdn_loss_fwd", _MdnLossEager, args, needs_autograd)[0]
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

@@ -1,0 +1,96 @@
+"""The eager fast path of the ops (``physmdn._ops.call_op``): an autograd.Function around the kernel instead of the
+dispatcher's registered autograd. It must build the same graph and give bit-identical losses and gradients; tracing
+(torch.compile, tested with the ops) and functorch transforms keep the registered path."""
+
+import pytest
+import torch
+
+import physmdn
+from physmdn import _ops
+from physmdn import physics as P
+
+
+def _inputs(B=37, K=3, D=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, K, generator=g, dtype=dtype), torch.randn(B, K, D, generator=g, dtype=dtype),
+            0.3 * torch.randn(B, K, D, generator=g, dtype=dtype) - 0.5, torch.randn(B, D, generator=g, dtype=dtype)]
+
+
+def _run(fn, inputs, n_diff):
+    leaves = [t.detach().clone().requires_grad_(i < n_diff) for i, t in enumerate(inputs)]
+    loss = fn(*leaves)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype)
+    grads = torch.autograd.grad((loss * weights).sum() if loss.dim() else loss, leaves[:n_diff])
+    return loss, grads
+
+
+def _op_node(loss) -> str:
+    """Name of the op's autograd node under ``loss`` (below a reduction's Mean / Sum node)."""
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        name = type(node).__name__
+        if "_fwd" in name:
+            return name
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    raise AssertionError("no op node in the graph")
+
+
+def _both_paths(monkeypatch, fn, inputs, n_diff):
+    fast_loss, fast_grads = _run(fn, inputs, n_diff)
+    with monkeypatch.context() as m:
+        m.setattr(_ops, "_plain", lambda tensors: False)  # what tracing / functorch get: the registered autograd
+        slow_loss, slow_grads = _run(fn, inputs, n_diff)
+    assert "eager" in _op_node(fast_loss) and "eager" not in _op_node(slow_loss)
+    torch.testing.assert_close(fast_loss, slow_loss, rtol=0, atol=0)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mixture_nll_fast_path_matches_registered_autograd(monkeypatch, reduction, dtype, cpu_isa):
+    fn = lambda *t: physmdn.mixture_nll(*t, reduction=reduction)  # noqa: E731
+    _both_paths(monkeypatch, fn, _inputs(dtype=dtype), n_diff=4)
+
+
+@pytest.mark.parametrize("coeff_grad", [False, True])  # True: no forward gradients, the backward kernel runs
+def test_fused_loss_fast_path_matches_registered_autograd(monkeypatch, coeff_grad, cpu_isa):
+    inputs = _inputs()
+    B, K, D = inputs[1].shape
+    g = torch.Generator().manual_seed(3)
+    coeffs = (0.4 * torch.randn(B, K, 1, 4, generator=g, dtype=torch.float64)).requires_grad_(coeff_grad)
+    second = 0.2 * torch.randn(1, K, D, 2, generator=g, dtype=torch.float64)  # not fused: enters as `extra`
+
+    def fn(*t):
+        return P.mdn_loss(*t, physics=[P.Polynomial(coeffs), (P.Polynomial(second), 0.5)], weight=0.7,
+                          reduction="none")
+
+    _both_paths(monkeypatch, fn, inputs, n_diff=3)
+    if coeff_grad:  # the coefficient gradient flows on the fast path too
+        leaves = [t.detach().requires_grad_(True) for t in inputs[:3]] + [inputs[3]]
+        (gc,) = torch.autograd.grad(fn(*leaves).sum(), coeffs)
+        assert torch.isfinite(gc).all() and gc.abs().sum() > 0
+
+
+def test_no_grad_call_skips_autograd():
+    inputs = [t.requires_grad_(True) for t in _inputs()]
+    with torch.no_grad():
+        loss = physmdn.mixture_nll(*inputs)
+    assert loss.grad_fn is None and not loss.requires_grad
+    torch.testing.assert_close(loss, physmdn.mixture_nll(*[t.detach() for t in inputs]), rtol=0, atol=0)
+
+
+def test_second_order_gradients_raise_clearly():
+    inputs = [t.requires_grad_(True) for t in _inputs()]
+    with pytest.raises(RuntimeError, match="mixture_nll: only first-order gradients.*create_graph=True"):
+        torch.autograd.grad(physmdn.mixture_nll(*inputs).sum(), inputs[1], create_graph=True)
+
+
+def test_retain_graph_then_second_backward():
+    inputs = [t.requires_grad_(True) for t in _inputs()]
+    loss = physmdn.mixture_nll(*inputs, reduction="mean")
+    first = torch.autograd.grad(loss, inputs[:3], retain_graph=True)
+    second = torch.autograd.grad(loss, inputs[:3])  # recomputed by the backward kernel
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
