@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from physmdn.distributions import GaussianMixture
 from physmdn.models import CFM, MDN, build_model
@@ -246,3 +247,23 @@ def test_cfm_samples_match_the_bimodal_conditional(coupling):
         distance = energy_distance(samples, truth)
         assert distance < 0.03, (coupling, xv, method, distance)
         assert 0.4 < (samples > 0).float().mean() < 0.6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_softplus_matches_torch(dtype):
+    from physmdn.models import softplus
+
+    x = torch.cat([torch.linspace(-40, 40, 20001), torch.tensor([0.0, 20.0, 20.5, 1e30, -1e30])]).to(dtype)
+    x.requires_grad_(True)
+    y = softplus(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    exact = F.softplus(x.detach().double())
+    atol = {torch.float32: 2e-6, torch.bfloat16: 0.2}[dtype]  # float32: rounding of values up to 40
+    torch.testing.assert_close(y.double(), exact, rtol=0 if dtype == torch.float32 else 1e-2, atol=atol)
+    torch.testing.assert_close(g.double(), torch.sigmoid(x.detach().double()), rtol=1e-2, atol=1e-7)
+    assert g[x.detach() == 0].item() == 0.5  # the exact derivative at 0, not an autograd artefact of |x|
+    specials = torch.tensor([math.inf, -math.inf, math.nan])
+    out = softplus(specials)
+    assert out[0] == math.inf and out[1] == 0 and torch.isnan(out[2])
+    xs = torch.randn(6, 5, dtype=torch.float32).double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: softplus(t.float()).double(), (xs,), eps=1e-3, atol=1e-3)
