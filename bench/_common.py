@@ -209,6 +209,14 @@ def machine_info(device: str) -> dict:
         info["load_average"] = "%.2f %.2f %.2f" % os.getloadavg()
     except OSError:
         pass
+    # transparent huge pages: the kernel's mode and torch's opt-in for its CPU allocations (inputs of the ops);
+    # physmdn's buffer pool asks for them on its own large outputs (measured: 5-10 % per op on a VM)
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            info["thp"] = f.read().strip()
+    except OSError:
+        pass
+    info["THP_MEM_ALLOC_ENABLE"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     return info
 
 
