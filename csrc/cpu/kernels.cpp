@@ -40,29 +40,41 @@ T* data_or_null(at::Tensor& t) {
 }
 
 
-// ----- fast path (float32, bfloat16, float16) -----------------------------------------------------------
+// ----- fast path (float32, bfloat16, float16; float64) ----------------------------------------------------
 // Contiguous float32 / bfloat16 / float16 inputs take a blocked path (half types converted per block, float32
-// accumulation): the per-element work of a block of
+// accumulation), float64 ones the same path in float64 (acc_t): the per-element work of a block of
 // samples (exp(-log_scale), z, the Gaussian exponent) runs as one flat vector loop (at::vec: AVX2 + Sleef
 // exp in the AVX2 build), the per-component reductions and the log-sum-exp over K stay scalar. The math is
 // the same as mixture_math.h; the tests run both paths against the reference.
 using Vec = at::vec::Vectorized<float>;
+template <typename scalar_t>
+using block_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 constexpr int64_t kFastBlock = 64;      // samples per block (block buffers stay in L1/L2)
 constexpr int64_t kFastMaxKD = 4096;    // larger rows use the generic path
 
+bool fast_layout(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                 const at::Tensor& target) {
+  return logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
+         means.size(1) * means.size(2) <= kFastMaxKD;
+}
+// float32 / bfloat16 / float16 (the lane-parallel kernel in the AVX2 build, the blocked path otherwise)
 bool use_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                    const at::Tensor& target) {
   const auto dt = means.scalar_type();
-  return (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf) && logits.is_contiguous() && means.is_contiguous() &&
-         log_scales.is_contiguous() && target.is_contiguous() && means.size(1) * means.size(2) <= kFastMaxKD;
+  return (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf) && fast_layout(logits, means, log_scales, target);
+}
+// float64: the blocked path in float64
+bool use_double_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                     const at::Tensor& target) {
+  return means.scalar_type() == at::kDouble && fast_layout(logits, means, log_scales, target);
 }
 
 // Small D is a compile-time constant (kD > 0) so the loops over d unroll; kD = 0 reads D at run time.
 #define PHYSMDN_DIM(D) (kD > 0 ? static_cast<int64_t>(kD) : (D))
 
 // y broadcast over components: ybuf[i, k, d] = y[i, d] for the block's samples.
-template <int kD>
-void fill_target_block(const float* y, int64_t nb, int64_t K, int64_t D_, float* ybuf) {
+template <int kD, typename T>
+void fill_target_block(const T* y, int64_t nb, int64_t K, int64_t D_, T* ybuf) {
   const int64_t D = PHYSMDN_DIM(D_);
   for (int64_t i = 0; i < nb; ++i)
     for (int64_t k = 0; k < K; ++k)
@@ -70,15 +82,17 @@ void fill_target_block(const float* y, int64_t nb, int64_t K, int64_t D_, float*
 }
 
 // q = -z^2/2 - log_scale, z = (y - mu) exp(-log_scale); with kGrad also zs = z / s and z2m1 = z^2 - 1.
-template <bool kGrad>
-void gaussian_terms(const float* mu, const float* ls, const float* yb, int64_t n, float* q, float* zs, float* z2m1) {
+template <bool kGrad, typename T>
+void gaussian_terms(const T* mu, const T* ls, const T* yb, int64_t n, T* q, std::type_identity_t<T>* zs,
+                    std::type_identity_t<T>* z2m1) {
+  using V = at::vec::Vectorized<T>;
   int64_t e = 0;
-  const Vec half(-0.5f), one(1.0f);
-  for (; e + Vec::size() <= n; e += Vec::size()) {
-    const Vec l = Vec::loadu(ls + e);
-    const Vec inv = l.neg().exp();
-    const Vec z = (Vec::loadu(yb + e) - Vec::loadu(mu + e)) * inv;
-    const Vec zz = z * z;
+  const V half(T(-0.5)), one(T(1));
+  for (; e + V::size() <= n; e += V::size()) {
+    const V l = V::loadu(ls + e);
+    const V inv = l.neg().exp();
+    const V z = (V::loadu(yb + e) - V::loadu(mu + e)) * inv;
+    const V zz = z * z;
     at::vec::fmadd(half, zz, l.neg()).store(q + e);
     if constexpr (kGrad) {
       (z * inv).store(zs + e);
@@ -86,25 +100,29 @@ void gaussian_terms(const float* mu, const float* ls, const float* yb, int64_t n
     }
   }
   for (; e < n; ++e) {
-    const float inv = std::exp(-ls[e]);
-    const float z = (yb[e] - mu[e]) * inv;
-    q[e] = -0.5f * z * z - ls[e];
+    const T inv = std::exp(-ls[e]);
+    const T z = (yb[e] - mu[e]) * inv;
+    q[e] = T(-0.5) * z * z - ls[e];
     if constexpr (kGrad) {
       zs[e] = z * inv;
-      z2m1[e] = z * z - 1.0f;
+      z2m1[e] = z * z - T(1);
     }
   }
 }
 
 // out = exp(in) / log(in), elementwise, vectorized.
-void vec_exp(const float* in, float* out, int64_t n) {
+template <typename T>
+void vec_exp(const T* in, T* out, int64_t n) {
+  using V = at::vec::Vectorized<T>;
   int64_t e = 0;
-  for (; e + Vec::size() <= n; e += Vec::size()) Vec::loadu(in + e).exp().store(out + e);
+  for (; e + V::size() <= n; e += V::size()) V::loadu(in + e).exp().store(out + e);
   for (; e < n; ++e) out[e] = std::exp(in[e]);
 }
-void vec_log(const float* in, float* out, int64_t n) {
+template <typename T>
+void vec_log(const T* in, T* out, int64_t n) {
+  using V = at::vec::Vectorized<T>;
   int64_t e = 0;
-  for (; e + Vec::size() <= n; e += Vec::size()) Vec::loadu(in + e).log().store(out + e);
+  for (; e + V::size() <= n; e += V::size()) V::loadu(in + e).log().store(out + e);
   for (; e < n; ++e) out[e] = std::log(in[e]);
 }
 
@@ -112,16 +130,17 @@ void vec_log(const float* in, float* out, int64_t n) {
 // so that -inf rows give -inf and NaN rows NaN) and log_sum[i] = log sum_k exp(x[i, k] - shift[i]); the LSE is
 // shift + log_sum (kept apart: with logits near 1e4 the sum would round log_sum to the shift's ulp).
 // On return tmp [n, K] holds exp(x - shift) and sum [n] its row sums.
-void block_lse(const float* x, int64_t n, int64_t K, float* shift, float* sum, float* log_sum, float* tmp) {
+template <typename T>
+void block_lse(const T* x, int64_t n, int64_t K, T* shift, T* sum, T* log_sum, T* tmp) {
   for (int64_t i = 0; i < n; ++i) {
-    float mx = -std::numeric_limits<float>::infinity();
+    T mx = -std::numeric_limits<T>::infinity();
     for (int64_t k = 0; k < K; ++k) mx = x[i * K + k] > mx ? x[i * K + k] : mx;
-    shift[i] = mx == -std::numeric_limits<float>::infinity() ? 0.0f : mx;
+    shift[i] = mx == -std::numeric_limits<T>::infinity() ? T(0) : mx;
     for (int64_t k = 0; k < K; ++k) tmp[i * K + k] = x[i * K + k] - shift[i];
   }
   vec_exp(tmp, tmp, n * K);
   for (int64_t i = 0; i < n; ++i) {
-    float acc = 0.0f;
+    T acc = T(0);
     for (int64_t k = 0; k < K; ++k) acc += tmp[i * K + k];
     sum[i] = acc;
   }
@@ -129,36 +148,37 @@ void block_lse(const float* x, int64_t n, int64_t K, float* shift, float* sum, f
 }
 
 // Per (sample, component): log N = sum_d q - D log(2 pi) / 2.
-template <int kD>
-void component_log_densities(const float* q, int64_t nk, int64_t D_, float* log_n) {
+template <int kD, typename T>
+void component_log_densities(const T* q, int64_t nk, int64_t D_, T* log_n) {
   const int64_t D = PHYSMDN_DIM(D_);
-  const float offset = static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi);
+  const T offset = static_cast<T>(D) * static_cast<T>(math::kHalfLog2Pi);
   for (int64_t r = 0; r < nk; ++r) {
-    float acc = 0.0f;
+    T acc = T(0);
     for (int64_t d = 0; d < D; ++d) acc += q[r * D + d];
     log_n[r] = acc - offset;
   }
 }
 
-// The block's inputs as float: float32 tensors are read in place, bfloat16 / float16 ones are converted into
-// block buffers first (accumulation is float32 either way).
+// The block's inputs in the accumulation type: float32 and float64 tensors are read in place, bfloat16 / float16
+// ones are converted into block buffers first (float32 accumulation).
 template <typename scalar_t>
 struct BlockInput {
-  std::vector<float> mu_buf, ls_buf, lg_buf, y_buf;
-  const float *mu = nullptr, *ls = nullptr, *lg = nullptr, *y = nullptr;
+  using acc_t = block_acc_t<scalar_t>;
+  std::vector<acc_t> mu_buf, ls_buf, lg_buf, y_buf;
+  const acc_t *mu = nullptr, *ls = nullptr, *lg = nullptr, *y = nullptr;
   BlockInput(int64_t K, int64_t D) {
-    if constexpr (!std::is_same_v<scalar_t, float>) {
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       mu_buf.resize(kFastBlock * K * D);
       ls_buf.resize(kFastBlock * K * D);
       lg_buf.resize(kFastBlock * K);
       y_buf.resize(kFastBlock * D);
     }
   }
-  static const float* load(const scalar_t* src, int64_t n, std::vector<float>& buf) {
-    if constexpr (std::is_same_v<scalar_t, float>) {
+  static const acc_t* load(const scalar_t* src, int64_t n, std::vector<acc_t>& buf) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return src;
     } else {
-      for (int64_t e = 0; e < n; ++e) buf[e] = static_cast<float>(src[e]);
+      for (int64_t e = 0; e < n; ++e) buf[e] = static_cast<acc_t>(src[e]);
       return buf.data();
     }
   }
@@ -172,30 +192,31 @@ struct BlockInput {
 };
 
 // Block buffers of the fast path, one set per parallel task.
-struct FastBlock {
-  std::vector<float> ybuf, q, log_pi, joint, tmp, prior, shift, sum, lse;
-  FastBlock(int64_t K, int64_t D)
+template <typename T>
+struct FastBlockT {
+  std::vector<T> ybuf, q, log_pi, joint, tmp, prior, shift, sum, lse;
+  FastBlockT(int64_t K, int64_t D)
       : ybuf(kFastBlock * K * D), q(kFastBlock * K * D), log_pi(kFastBlock * K), joint(kFastBlock * K),
         tmp(kFastBlock * K), prior(kFastBlock * K), shift(kFastBlock), sum(kFastBlock), lse(kFastBlock) {}
 };
+using FastBlock = FastBlockT<float>;
 
 // Scales the unscaled (g = 1) gradient rows of sample b: gamma / pi are the component responsibilities and
 // weights, gm / gs hold z / s and z^2 - 1 on entry. Writes grad_logits, finishes grad_means / grad_log_scales
 // and grad_target.
-template <int kD>
-inline void finish_sample_grads(int64_t K, int64_t D_, float g, const float* gamma, const float* pi, float* gl,
-                                float* gm, float* gs, float* gt) {
+template <int kD, typename T>
+inline void finish_sample_grads(int64_t K, int64_t D_, T g, const T* gamma, const T* pi, T* gl, T* gm, T* gs, T* gt) {
   const int64_t D = PHYSMDN_DIM(D_);
-  for (int64_t d = 0; d < D; ++d) gt[d] = 0.0f;
+  for (int64_t d = 0; d < D; ++d) gt[d] = T(0);
   for (int64_t k = 0; k < K; ++k) {
     gl[k] = g * (pi[k] - gamma[k]);
-    float* gm_row = gm + k * D;
-    float* gs_row = gs + k * D;
-    if (gamma[k] == 0.0f) {  // no responsibility, no gradient (avoids 0 * inf)
-      for (int64_t d = 0; d < D; ++d) gm_row[d] = gs_row[d] = 0.0f;
+    T* gm_row = gm + k * D;
+    T* gs_row = gs + k * D;
+    if (gamma[k] == T(0)) {  // no responsibility, no gradient (avoids 0 * inf)
+      for (int64_t d = 0; d < D; ++d) gm_row[d] = gs_row[d] = T(0);
       continue;
     }
-    const float c = -g * gamma[k];
+    const T c = -g * gamma[k];
     for (int64_t d = 0; d < D; ++d) {
       gm_row[d] *= c;
       gs_row[d] *= c;
@@ -206,17 +227,18 @@ inline void finish_sample_grads(int64_t K, int64_t D_, float g, const float* gam
 
 // Forward; with kGrad also the gradients for an upstream gradient of grad_scale (grad_* outputs), in the same pass:
 // one exp per element and two per component, the exponentials of the log-sum-exps reused as pi and gamma.
-template <bool kGrad, int kD, typename scalar_t>
+template <bool kGrad, int kD, typename scalar_t, typename acc_t = block_acc_t<scalar_t>>
 void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                              const at::Tensor& target, float grad_scale, at::Tensor& loss, at::Tensor& saved, float* gl, float* gm,
-                              float* gs, float* gt) {
+                              const at::Tensor& target, std::type_identity_t<acc_t> grad_scale, at::Tensor& loss,
+                              at::Tensor& saved, std::type_identity_t<acc_t>* gl, std::type_identity_t<acc_t>* gm,
+                              std::type_identity_t<acc_t>* gs, std::type_identity_t<acc_t>* gt) {
   const int64_t B = means.size(0), K = means.size(1), D = PHYSMDN_DIM(means.size(2)), KD = K * D;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
   const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
   scalar_t* out = loss.data_ptr<scalar_t>();
-  float* sv = saved.data_ptr<float>();
+  acc_t* sv = saved.data_ptr<acc_t>();
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    FastBlock w(K, D);
+    FastBlockT<acc_t> w(K, D);
     BlockInput<scalar_t> in(K, D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0);
@@ -228,10 +250,10 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
       // log pi = (logit - max) - log sum exp(logit - max)
       block_lse(in.lg, nb, K, w.shift.data(), w.sum.data(), w.lse.data(), w.prior.data());
       for (int64_t i = 0; i < nb; ++i) {
-        float* s = sv + math::kSavedPerSample * (b0 + i);
+        acc_t* s = sv + math::kSavedPerSample * (b0 + i);
         s[0] = w.shift[i];
         s[1] = w.lse[i];
-        const float inv_sum = 1.0f / w.sum[i];
+        const acc_t inv_sum = acc_t(1) / w.sum[i];
         for (int64_t k = 0; k < K; ++k) {
           w.joint[i * K + k] += (in.lg[i * K + k] - s[0]) - s[1];
           if (kGrad) w.prior[i * K + k] *= inv_sum;  // pi
@@ -240,11 +262,11 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
       block_lse(w.joint.data(), nb, K, w.shift.data(), w.sum.data(), w.lse.data(), w.tmp.data());
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
-        const float lse = w.shift[i] + w.lse[i];
+        const acc_t lse = w.shift[i] + w.lse[i];
         sv[math::kSavedPerSample * b + 2] = lse;
         out[b] = static_cast<scalar_t>(-lse);
         if constexpr (kGrad) {
-          const float inv_sum = 1.0f / w.sum[i];
+          const acc_t inv_sum = acc_t(1) / w.sum[i];
           for (int64_t k = 0; k < K; ++k) w.tmp[i * K + k] *= inv_sum;  // gamma
           finish_sample_grads<kD>(K, D, grad_scale, w.tmp.data() + i * K, w.prior.data() + i * K, gl + b * K, gm + b * KD,
                                   gs + b * KD, gt + b * D);
@@ -254,7 +276,7 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
   });
 }
 
-template <int kD, typename scalar_t>
+template <int kD, typename scalar_t, typename acc_t = block_acc_t<scalar_t>>
 void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
                                const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
                                at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
@@ -264,11 +286,11 @@ void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& lo
   const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
   const scalar_t* g_ptr = grad_loss.const_data_ptr<scalar_t>();
   const int64_t g_stride = grad_loss.stride(0);
-  const float* sv = saved.const_data_ptr<float>();
-  float *gl = grad_logits.data_ptr<float>(), *gm = grad_means.data_ptr<float>();
-  float *gs = grad_log_scales.data_ptr<float>(), *gt = grad_target.data_ptr<float>();
+  const acc_t* sv = saved.const_data_ptr<acc_t>();
+  acc_t *gl = grad_logits.data_ptr<acc_t>(), *gm = grad_means.data_ptr<acc_t>();
+  acc_t *gs = grad_log_scales.data_ptr<acc_t>(), *gt = grad_target.data_ptr<acc_t>();
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    FastBlock w(K, D);
+    FastBlockT<acc_t> w(K, D);
     BlockInput<scalar_t> in(K, D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0);
@@ -278,9 +300,9 @@ void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& lo
       gaussian_terms<true>(in.mu, in.ls, w.ybuf.data(), nb * KD, w.q.data(), gm + b0 * KD, gs + b0 * KD);
       component_log_densities<kD>(w.q.data(), nb * K, D, w.joint.data());
       for (int64_t i = 0; i < nb; ++i) {
-        const float* s = sv + math::kSavedPerSample * (b0 + i);
+        const acc_t* s = sv + math::kSavedPerSample * (b0 + i);
         for (int64_t k = 0; k < K; ++k) {
-          const float log_pi = (in.lg[i * K + k] - s[0]) - s[1];
+          const acc_t log_pi = (in.lg[i * K + k] - s[0]) - s[1];
           w.log_pi[i * K + k] = log_pi;
           w.joint[i * K + k] += log_pi - s[2];
         }
@@ -289,7 +311,7 @@ void mixture_nll_backward_fast(const at::Tensor& grad_loss, const at::Tensor& lo
       vec_exp(w.log_pi.data(), w.log_pi.data(), nb * K);  // pi
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
-        finish_sample_grads<kD>(K, D, static_cast<float>(g_ptr[b * g_stride]), w.joint.data() + i * K,
+        finish_sample_grads<kD>(K, D, static_cast<acc_t>(g_ptr[b * g_stride]), w.joint.data() + i * K,
                                 w.log_pi.data() + i * K, gl + b * K, gm + b * KD, gs + b * KD, gt + b * D);
       }
     }
@@ -657,6 +679,11 @@ void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, cons
                                                       nullptr, nullptr, nullptr);
       });
     });
+  if (use_double_path(logits, means, log_scales, target))
+    return dispatch_dim(means.size(2), [&]<int kD>() {
+      mixture_nll_forward_fast<false, kD, double>(logits, means, log_scales, target, 1.0, loss, saved, nullptr, nullptr,
+                                                  nullptr, nullptr);
+    });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
@@ -695,6 +722,8 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
                               const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
                               at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                               double grad_scale) {
+  // float64 runs forward, then the backward kernel (op_impl.h): a retained graph's second backward recomputes with
+  // that kernel, and float64 gradients must not depend on which of the two made them (gradcheck's reentrancy)
   if (!use_fast_path(logits, means, log_scales, target)) return false;
 #ifdef PHYSMDN_SOA_KERNELS
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
@@ -743,6 +772,11 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
         mixture_nll_backward_fast<kD, scalar_t>(grad_loss, logits, means, log_scales, target, saved, grad_logits,
                                                 grad_means, grad_log_scales, grad_target);
       });
+    });
+  if (use_double_path(logits, means, log_scales, target))
+    return dispatch_dim(means.size(2), [&]<int kD>() {
+      mixture_nll_backward_fast<kD, double>(grad_loss, logits, means, log_scales, target, saved, grad_logits,
+                                            grad_means, grad_log_scales, grad_target);
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
