@@ -225,18 +225,23 @@ inline void finish_sample_grads(int64_t K, int64_t D_, T g, const T* gamma, cons
   }
 }
 
-// Forward; with kGrad also the gradients for an upstream gradient of grad_scale (grad_* outputs), in the same pass:
-// one exp per element and two per component, the exponentials of the log-sum-exps reused as pi and gamma.
+// Forward; with kGrad also the gradients (grad_* outputs) in the same pass, for an upstream gradient of grad_scale,
+// or of grad_loss per sample when given (then it serves as the backward: a recompute with the same arithmetic as
+// the forward's gradients). One exp per element and two per component, the exponentials of the log-sum-exps reused
+// as pi and gamma. loss / saved: null tensors are not written.
 template <bool kGrad, int kD, typename scalar_t, typename acc_t = block_acc_t<scalar_t>>
 void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                              const at::Tensor& target, std::type_identity_t<acc_t> grad_scale, at::Tensor& loss,
-                              at::Tensor& saved, std::type_identity_t<acc_t>* gl, std::type_identity_t<acc_t>* gm,
-                              std::type_identity_t<acc_t>* gs, std::type_identity_t<acc_t>* gt) {
+                              const at::Tensor& target, std::type_identity_t<acc_t> grad_scale, at::Tensor* loss,
+                              at::Tensor* saved, std::type_identity_t<acc_t>* gl, std::type_identity_t<acc_t>* gm,
+                              std::type_identity_t<acc_t>* gs, std::type_identity_t<acc_t>* gt,
+                              const at::Tensor* grad_loss = nullptr) {
   const int64_t B = means.size(0), K = means.size(1), D = PHYSMDN_DIM(means.size(2)), KD = K * D;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
   const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
-  scalar_t* out = loss.data_ptr<scalar_t>();
-  acc_t* sv = saved.data_ptr<acc_t>();
+  scalar_t* out = loss ? loss->data_ptr<scalar_t>() : nullptr;
+  acc_t* sv = saved ? saved->data_ptr<acc_t>() : nullptr;
+  const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
+  const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
     FastBlockT<acc_t> w(K, D);
     BlockInput<scalar_t> in(K, D);
@@ -250,12 +255,11 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
       // log pi = (logit - max) - log sum exp(logit - max)
       block_lse(in.lg, nb, K, w.shift.data(), w.sum.data(), w.lse.data(), w.prior.data());
       for (int64_t i = 0; i < nb; ++i) {
-        acc_t* s = sv + math::kSavedPerSample * (b0 + i);
-        s[0] = w.shift[i];
-        s[1] = w.lse[i];
+        const acc_t shift = w.shift[i], log_sum = w.lse[i];
+        if (sv) sv[math::kSavedPerSample * (b0 + i)] = shift, sv[math::kSavedPerSample * (b0 + i) + 1] = log_sum;
         const acc_t inv_sum = acc_t(1) / w.sum[i];
         for (int64_t k = 0; k < K; ++k) {
-          w.joint[i * K + k] += (in.lg[i * K + k] - s[0]) - s[1];
+          w.joint[i * K + k] += (in.lg[i * K + k] - shift) - log_sum;
           if (kGrad) w.prior[i * K + k] *= inv_sum;  // pi
         }
       }
@@ -263,12 +267,13 @@ void mixture_nll_forward_fast(const at::Tensor& logits, const at::Tensor& means,
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
         const acc_t lse = w.shift[i] + w.lse[i];
-        sv[math::kSavedPerSample * b + 2] = lse;
-        out[b] = static_cast<scalar_t>(-lse);
+        if (sv) sv[math::kSavedPerSample * b + 2] = lse;
+        if (out) out[b] = static_cast<scalar_t>(-lse);
         if constexpr (kGrad) {
           const acc_t inv_sum = acc_t(1) / w.sum[i];
           for (int64_t k = 0; k < K; ++k) w.tmp[i * K + k] *= inv_sum;  // gamma
-          finish_sample_grads<kD>(K, D, grad_scale, w.tmp.data() + i * K, w.prior.data() + i * K, gl + b * K, gm + b * KD,
+          const acc_t g = g_ptr ? static_cast<acc_t>(g_ptr[b * g_stride]) : grad_scale;
+          finish_sample_grads<kD>(K, D, g, w.tmp.data() + i * K, w.prior.data() + i * K, gl + b * K, gm + b * KD,
                                   gs + b * KD, gt + b * D);
         }
       }
@@ -675,14 +680,14 @@ void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, cons
   if (use_fast_path(logits, means, log_scales, target))
     return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
       dispatch_dim(means.size(2), [&]<int kD>() {
-        mixture_nll_forward_fast<false, kD, scalar_t>(logits, means, log_scales, target, 1.0f, loss, saved, nullptr,
+        mixture_nll_forward_fast<false, kD, scalar_t>(logits, means, log_scales, target, 1.0f, &loss, &saved, nullptr,
                                                       nullptr, nullptr, nullptr);
       });
     });
   if (use_double_path(logits, means, log_scales, target))
     return dispatch_dim(means.size(2), [&]<int kD>() {
-      mixture_nll_forward_fast<false, kD, double>(logits, means, log_scales, target, 1.0, loss, saved, nullptr, nullptr,
-                                                  nullptr, nullptr);
+      mixture_nll_forward_fast<false, kD, double>(logits, means, log_scales, target, 1.0, &loss, &saved, nullptr,
+                                                  nullptr, nullptr, nullptr);
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -722,8 +727,14 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
                               const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
                               at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                               double grad_scale) {
-  // float64 runs forward, then the backward kernel (op_impl.h): a retained graph's second backward recomputes with
-  // that kernel, and float64 gradients must not depend on which of the two made them (gradcheck's reentrancy)
+  if (use_double_path(logits, means, log_scales, target)) {
+    dispatch_dim(means.size(2), [&]<int kD>() {
+      mixture_nll_forward_fast<true, kD, double>(logits, means, log_scales, target, grad_scale, &loss, &saved,
+                                                 grad_logits.data_ptr<double>(), grad_means.data_ptr<double>(),
+                                                 grad_log_scales.data_ptr<double>(), grad_target.data_ptr<double>());
+    });
+    return true;
+  }
   if (!use_fast_path(logits, means, log_scales, target)) return false;
 #ifdef PHYSMDN_SOA_KERNELS
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
@@ -745,7 +756,7 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
     dispatch_dim(means.size(2), [&]<int kD>() {
       mixture_nll_forward_fast<true, kD, scalar_t>(logits, means, log_scales, target, static_cast<float>(grad_scale),
-                                                   loss, saved, grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
+                                                   &loss, &saved, grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
                                                    grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>());
     });
   });
@@ -773,10 +784,14 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits,
                                                 grad_means, grad_log_scales, grad_target);
       });
     });
+  // float64: recomputes with the forward's arithmetic, so that a retained graph's second backward gives the
+  // gradients the forward gave (bit for bit: gradcheck's reentrancy check)
   if (use_double_path(logits, means, log_scales, target))
     return dispatch_dim(means.size(2), [&]<int kD>() {
-      mixture_nll_backward_fast<kD, double>(grad_loss, logits, means, log_scales, target, saved, grad_logits,
-                                            grad_means, grad_log_scales, grad_target);
+      mixture_nll_forward_fast<true, kD, double>(logits, means, log_scales, target, 1.0, nullptr, nullptr,
+                                                 grad_logits.data_ptr<double>(), grad_means.data_ptr<double>(),
+                                                 grad_log_scales.data_ptr<double>(), grad_target.data_ptr<double>(),
+                                                 &grad_loss);
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
