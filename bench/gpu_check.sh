@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, one script: versions, build, CUDA tests, compute-sanitizer memcheck, GPU benchmarks, summary.
+# The GPU check, one script: versions, build, CUDA tests, compute-sanitizer memcheck, GPU benchmarks, an Nsight
+# Compute profile of the kernels (when time is left), summary.
 #
 #   bash bench/gpu_check.sh                  # on the GPU machine (no package registry needed), < 8 minutes
 #   bash bench/gpu_check.sh --dry-run        # on a CPU: every step's plumbing with tiny sizes, no build
@@ -159,6 +160,21 @@ sys.exit(0 if ok or $1 else 3)
   bench_args+=(--budget-s $(( left > 60 ? left - 45 : 15 )))
   run_step bench 600 "$PY" bench/run.py "${bench_args[@]}"
   record bench "$(status_of $STEP_RC)" "$STEP_SECONDS" "$(head -1 "$KEYS" 2>/dev/null) (key numbers below)"
+
+  # 6. kernel profile (Nsight Compute), with what is left of the budget: memory throughput, occupancy, registers
+  # and shared memory of each physmdn kernel in one fwd+bwd at B = 1M (bench/profile_case.py)
+  local ncu; ncu=$(command -v ncu || ls "${CUDA_HOME:-/usr/local/cuda}/bin/ncu" 2>/dev/null | head -1 || true)
+  if [ "$DRY" = 1 ]; then
+    run_step profile 60 "$PY" bench/profile_case.py --device cpu --B 4096
+    record profile "$(status_of $STEP_RC)" "$STEP_SECONDS" "dry run: the case on the CPU ($( [ -n "$ncu" ] && echo "found $ncu" || echo 'ncu not found'))"
+  elif [ -n "$ncu" ]; then
+    run_step profile 120 "$ncu" --profile-from-start off --target-processes all -k 'regex:nll|mdn|tiled|warp' \
+      --launch-count 12 --csv --page raw --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__shared_mem_per_block_dynamic \
+      "$PY" bench/profile_case.py --device cuda
+    record profile "$(status_of $STEP_RC)" "$STEP_SECONDS" "ncu: $(grep -c '"' "$STEPDIR/profile.out" 2>/dev/null) csv lines (in the log)"
+  else
+    record profile "SKIP(no ncu)" 0 "Nsight Compute not found"
+  fi
 }
 
 summary() {
