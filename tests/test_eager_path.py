@@ -8,18 +8,20 @@ import torch
 import physmdn
 from physmdn import _ops
 from physmdn import physics as P
+from conftest import DEVICES
 
 
-def _inputs(B=37, K=3, D=5, dtype=torch.float64, seed=0):
+def _inputs(B=37, K=3, D=5, dtype=torch.float64, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, K, generator=g, dtype=dtype), torch.randn(B, K, D, generator=g, dtype=dtype),
-            0.3 * torch.randn(B, K, D, generator=g, dtype=dtype) - 0.5, torch.randn(B, D, generator=g, dtype=dtype)]
+    t = [torch.randn(B, K, generator=g, dtype=dtype), torch.randn(B, K, D, generator=g, dtype=dtype),
+         0.3 * torch.randn(B, K, D, generator=g, dtype=dtype) - 0.5, torch.randn(B, D, generator=g, dtype=dtype)]
+    return [x.to(device) for x in t]
 
 
 def _run(fn, inputs, n_diff):
     leaves = [t.detach().clone().requires_grad_(i < n_diff) for i, t in enumerate(inputs)]
     loss = fn(*leaves)
-    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
     grads = torch.autograd.grad((loss * weights).sum() if loss.dim() else loss, leaves[:n_diff])
     return loss, grads
 
@@ -47,20 +49,22 @@ def _both_paths(monkeypatch, fn, inputs, n_diff):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_mixture_nll_fast_path_matches_registered_autograd(monkeypatch, reduction, dtype, cpu_isa):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_mixture_nll_fast_path_matches_registered_autograd(monkeypatch, reduction, dtype, device, cpu_isa):
     fn = lambda *t: physmdn.mixture_nll(*t, reduction=reduction)  # noqa: E731
-    _both_paths(monkeypatch, fn, _inputs(dtype=dtype), n_diff=4)
+    _both_paths(monkeypatch, fn, _inputs(dtype=dtype, device=device), n_diff=4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("coeff_grad", [False, True])  # True: no forward gradients, the backward kernel runs
-def test_fused_loss_fast_path_matches_registered_autograd(monkeypatch, coeff_grad, cpu_isa):
-    inputs = _inputs()
+def test_fused_loss_fast_path_matches_registered_autograd(monkeypatch, coeff_grad, device, cpu_isa):
+    inputs = _inputs(device=device)
     B, K, D = inputs[1].shape
     g = torch.Generator().manual_seed(3)
-    coeffs = (0.4 * torch.randn(B, K, 1, 4, generator=g, dtype=torch.float64)).requires_grad_(coeff_grad)
-    second = 0.2 * torch.randn(1, K, D, 2, generator=g, dtype=torch.float64)  # not fused: enters as `extra`
+    coeffs = (0.4 * torch.randn(B, K, 1, 4, generator=g, dtype=torch.float64)).to(device).requires_grad_(coeff_grad)
+    second = (0.2 * torch.randn(1, K, D, 2, generator=g, dtype=torch.float64)).to(device)  # not fused: `extra`
 
     def fn(*t):
         return P.mdn_loss(*t, physics=[P.Polynomial(coeffs), (P.Polynomial(second), 0.5)], weight=0.7,
