@@ -34,6 +34,8 @@ def make_spec(kind, B, K, D, dtype=torch.float64, device="cpu", mode="exact", no
         return P.Polynomial(rnd(1, K, D, 2), mode=mode, noise_scale=noise)
     if kind == "linear":
         return P.Linear(rnd(1, K, 2, D), rnd(B, 1, 2), mode=mode, noise_scale=noise)
+    if kind == "linear_per_sample":  # A contiguous per sample: the AVX2 kernel transposes its rows per group
+        return P.Linear(rnd(B, K, 3, D) * 0.5, rnd(B, K, 3), mode=mode, noise_scale=noise)
     if kind == "stencil_periodic":
         return P.Stencil1D(rnd(B, 1, positive=True), rnd(1, K, 4) * 0.5, spacing=0.7, mode=mode, noise_scale=noise)
     if kind == "stencil_neumann":
@@ -42,7 +44,7 @@ def make_spec(kind, B, K, D, dtype=torch.float64, device="cpu", mode="exact", no
     raise ValueError(kind)
 
 
-KINDS = ["polynomial", "polynomial_shared", "linear", "stencil_periodic", "stencil_neumann"]
+KINDS = ["polynomial", "polynomial_shared", "linear", "linear_per_sample", "stencil_periodic", "stencil_neumann"]
 
 
 def spec_params(spec):

@@ -626,6 +626,7 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
       phys.A = make_strided<scalar_t>(p0), phys.b = make_strided<scalar_t>(p1);
       phys.rows = rows, phys.D = means.size(2), phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
+      phys.setup(means.size(1));
       fn.template operator()<scalar_t>(phys);
     }
   });

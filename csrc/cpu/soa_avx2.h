@@ -347,15 +347,42 @@ struct LinearPhysics : PhysicsBase<coef_t> {
   static constexpr bool kRowHook = false;
   math::Strided4<coef_t> A, b;  // A [B, K, M, D], b [B, K, M] (stride 0 where broadcast)
   int64_t rows = 0, D = 0;
+  // A contiguous per sample ([B, K, M, D] with real B): each group's rows are transposed into lanes once
+  // (8x8 tiles) instead of gathered lane by lane
+  bool a_rows = false;
+  std::vector<__m256> a_lanes;  // [K * M * D]
+  std::vector<float> a_stage;   // [8, K * M * D] (partial groups, reduced-precision coefficients)
+
+  void setup(int64_t K) {
+    const int64_t n = K * rows * D;
+    a_rows = A.s0 == n && A.s1 == rows * D && A.s2 == D && A.s3 == 1;
+    if (a_rows) a_lanes.resize(n), a_stage.resize(kLanes * n);
+  }
+  void begin_group(int64_t b0_, int64_t nb_) {
+    PhysicsBase<coef_t>::begin_group(b0_, nb_);
+    if (!a_rows) return;
+    const int64_t n = static_cast<int64_t>(a_lanes.size());
+    const coef_t* src = A.data + b0_ * A.s0;
+    if constexpr (std::is_same_v<coef_t, float>) {
+      if (nb_ == kLanes) return to_lanes(src, n, a_lanes.data());
+    }
+    for (int64_t i = 0; i < kLanes; ++i)  // padding lanes repeat the last sample
+      for (int64_t e = 0; e < n; ++e) a_stage[i * n + e] = static_cast<float>(src[std::min(i, nb_ - 1) * n + e]);
+    to_lanes(a_stage.data(), n, a_lanes.data());
+  }
   std::vector<__m256> e;        // [M] residual at the means, accumulated over d
   std::vector<__m256> a_k;      // [M, D] the component's A in lanes (gathered once, reused for dQ/dmu)
   __m256 acc;                   // sum_d v_d sum_m A_md^2
   __m256 fin;                   // lanes whose inputs are all finite
 
   __m256 a_at(int64_t k, int64_t r, int64_t d) const {
+    if (a_rows) return a_lanes[(k * rows + r) * D + d];
     return this->per_component(A.s0 == 0, [&](int64_t bb) { return A(bb, k, r, d); });
   }
+  int64_t cur_k = 0, cur_d = 0;  // the element hook runs over d = 0 .. D - 1 of component cur_k, in order
+
   void begin_component(int64_t k) {
+    cur_k = k, cur_d = 0;
     e.resize(rows);
     a_k.resize(rows * D);
     fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
@@ -368,7 +395,7 @@ struct LinearPhysics : PhysicsBase<coef_t> {
   }
   template <bool kGrad>
   void element(int64_t idx, __m256 m, __m256 l) {
-    const int64_t k = idx / D, d = idx % D;
+    const int64_t k = cur_k, d = cur_d++;  // idx = k D + d (no integer division per element)
     __m256 col = _mm256_setzero_ps();
     for (int64_t r = 0; r < rows; ++r) {
       const __m256 a = a_k[r * D + d] = a_at(k, r, d);
