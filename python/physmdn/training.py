@@ -263,18 +263,40 @@ def _setup(device, model: nn.Module) -> tuple[_Dist, torch.device]:
         # torchrun reuses the rendezvous keys and hangs), and it is torn down when the interpreter exits
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         atexit.register(_destroy_process_group)
+        _watch_uncaught_exceptions()
     return _Dist(dist.get_world_size(), dist.get_rank(), local_rank), device
 
 
+_EXIT_STATE = {"uncaught": False}
+
+
+def _watch_uncaught_exceptions() -> None:
+    """Record an uncaught exception (sys.excepthook runs before the atexit handlers) so that a failing rank does not
+    wait for its peers at exit."""
+    previous = sys.excepthook
+
+    def hook(*exc_info):
+        _EXIT_STATE["uncaught"] = True
+        previous(*exc_info)
+
+    sys.excepthook = hook
+
+
 def _destroy_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
-        # all ranks reach the teardown together: a rank that closes its gloo connections while a peer's are still
-        # in use can make the peer abort at exit ("terminate called without an active exception", ~1 run in 8)
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    # gloo: all ranks reach the teardown together. A rank that closes its connections while a peer still uses
+    # them can make the peer abort at exit ("terminate called without an active exception", ~1 torchrun run in 8).
+    # Not after an uncaught exception (the peers may never arrive; torchrun stops them), and never for longer than
+    # a minute.
+    if dist.get_backend() == "gloo" and not _EXIT_STATE["uncaught"]:
         try:
-            dist.barrier()
-        except Exception:  # a peer already gone: tear down anyway
+            import datetime
+
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+        except Exception:  # a peer gone or late: tear down anyway
             pass
-        dist.destroy_process_group()
+    dist.destroy_process_group()
 
 
 def _all_reduce_sum(t: torch.Tensor, ctx: _Dist) -> torch.Tensor:
