@@ -193,6 +193,32 @@ inline void from_lanes(const __m256* in, int64_t n, T* dst) {
   }
 }
 
+// Gradient rows from the float32 staging buffers to the output dtype (float32, or the input's bfloat16 / float16:
+// rounded to nearest even, NaN kept).
+template <typename T>
+inline void store_rows(const float* src, int64_t n, T* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_loadu_ps(src + i), false);
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// Input rows to float32 staging: nvalid values converted, the rest of n zero (padding rows: finite, discarded).
+template <typename scalar_t>
+void to_float_rows(const scalar_t* src, int64_t n, int64_t nvalid, float* dst) {
+  int64_t e = 0;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // bfloat16: the upper half of a float32
+    for (; e + 8 <= nvalid; e += 8) {
+      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e)));
+      _mm256_storeu_ps(dst + e, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+    }
+  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {  // F16C
+    for (; e + 8 <= nvalid; e += 8)
+      _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
+  }
+  for (; e < nvalid; ++e) dst[e] = static_cast<float>(src[e]);
+  for (; e < n; ++e) dst[e] = 0.0f;  // padding rows: finite, discarded
+}
+
 // Shift of a log-sum-exp: the max, or 0 when every term is -inf (so that the LSE is -inf, not NaN).
 inline __m256 lse_shift(__m256 mx) {
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -366,8 +392,7 @@ struct LinearPhysics : PhysicsBase<coef_t> {
     if constexpr (std::is_same_v<coef_t, float>) {
       if (nb_ == kLanes) return to_lanes(src, n, a_lanes.data());
     }
-    for (int64_t i = 0; i < kLanes; ++i)  // padding lanes repeat the last sample
-      for (int64_t e = 0; e < n; ++e) a_stage[i * n + e] = static_cast<float>(src[std::min(i, nb_ - 1) * n + e]);
+    to_float_rows(src, kLanes * n, nb_ * n, a_stage.data());
     to_lanes(a_stage.data(), n, a_lanes.data());
   }
   std::vector<__m256> e;        // [M] residual at the means, accumulated over d
@@ -649,39 +674,6 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
     if constexpr (Phys::kActive)
       if (out.ge) from_lanes(w.ge.data(), K, out.ge);
   }
-}
-
-// Gradient rows from the float32 staging buffers to the output dtype (float32, or the input's bfloat16 / float16:
-// rounded to nearest even, NaN kept).
-inline void store_rows(const float* src, int64_t n, float* dst) { std::copy(src, src + n, dst); }
-inline void store_rows(const float* src, int64_t n, at::BFloat16* dst) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), at::vec::cvtfp32_bf16(_mm256_loadu_ps(src + i)));
-  for (; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);
-}
-inline void store_rows(const float* src, int64_t n, at::Half* dst) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  for (; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
-}
-
-template <typename scalar_t>
-void to_float_rows(const scalar_t* src, int64_t n, int64_t nvalid, float* dst) {
-  int64_t e = 0;
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // bfloat16: the upper half of a float32
-    for (; e + 8 <= nvalid; e += 8) {
-      const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e)));
-      _mm256_storeu_ps(dst + e, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
-    }
-  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {  // F16C
-    for (; e + 8 <= nvalid; e += 8)
-      _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
-  }
-  for (; e < nvalid; ++e) dst[e] = static_cast<float>(src[e]);
-  for (; e < n; ++e) dst[e] = 0.0f;  // padding rows: finite, discarded
 }
 
 // Driver over the batch. loss_all [B] and saved_all [B, Phys::kSaved] may be null (not written); the gradients

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import copy
 import csv
+import datetime
 import json
 import math
 import os
@@ -291,8 +292,6 @@ def _destroy_process_group() -> None:
     # a minute.
     if dist.get_backend() == "gloo" and not _EXIT_STATE["uncaught"]:
         try:
-            import datetime
-
             dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
         except Exception:  # a peer gone or late: tear down anyway
             pass
