@@ -45,12 +45,13 @@ inline __m256 exp8(__m256 x) {
   const __m256 fn = _mm256_sub_ps(t, magic);  // n, exactly
   __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.381461275741458e-3f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.368710055947304e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166838899254799e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666652113199234e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999999403953552e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // e^r = 1 + r + r^2 (c2 + c3 r + r^2 (c4 + c5 r + c6 r^2)), Estrin's scheme (short dependency chains)
+  const __m256 r2 = _mm256_mul_ps(r, r);
+  const __m256 lo = _mm256_fmadd_ps(_mm256_set1_ps(1.666652113199234e-1f), r, _mm256_set1_ps(4.999999403953552e-1f));
+  const __m256 mid = _mm256_fmadd_ps(_mm256_set1_ps(8.368710055947304e-3f), r, _mm256_set1_ps(4.166838899254799e-2f));
+  const __m256 hi = _mm256_fmadd_ps(_mm256_set1_ps(1.381461275741458e-3f), r2, mid);
+  __m256 p = _mm256_fmadd_ps(hi, r2, lo);
+  p = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   // 2^n: the low 9 bits of t's pattern are n + 127 in [0, 255] (0: the scale 0; 255: +inf)
   const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
   return _mm256_mul_ps(p, scale);
@@ -546,6 +547,54 @@ struct StencilPhysics : PhysicsBase<coef_t> {
   __m256 end_component(int64_t k) { return this->penalty(k, total, fin); }
 };
 
+// The two log-sum-exps of a group, over w.lg (logits in lanes; replaced by logit - max) and w.joint (log N_k;
+// replaced by exp(log pi_k + log N_k - max'), the unnormalized responsibilities); w.pi = exp(logit - max).
+// log pi = (logit - max) - log sum exp(logit - max) and log p = LSE_k(log pi_k + log N_k): the second LSE runs over
+// (logit - max) + log N, so that it does not wait for the first one's log (log p = LSE - log_sum); the sums over K
+// in four partial sums (short add chains).
+struct Lse {
+  __m256 shift, log_sum, lse, inv_sum, sum2;
+};
+inline Lse mixture_lse(Scratch& w) {
+  const int64_t K = w.K;
+  const __m256 zero = _mm256_setzero_ps(), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 mx = ninf;
+  for (int64_t k = 0; k < K; ++k) mx = _mm256_max_ps(w.lg[k], mx);  // NaN logits are skipped by the max
+  const __m256 shift = lse_shift(mx);
+  __m256 mx2 = ninf;
+  for (int64_t k = 0; k < K; ++k) {
+    w.lg[k] = _mm256_sub_ps(w.lg[k], shift);
+    w.joint[k] = _mm256_add_ps(w.lg[k], w.joint[k]);
+    mx2 = _mm256_max_ps(w.joint[k], mx2);
+  }
+  const __m256 shift2 = lse_shift(mx2);
+  __m256 s1[4] = {zero, zero, zero, zero}, s2[4] = {zero, zero, zero, zero};
+  for (int64_t k = 0; k < K; ++k) {
+    w.pi[k] = exp8(w.lg[k]);
+    w.joint[k] = exp8(_mm256_sub_ps(w.joint[k], shift2));
+    s1[k & 3] = _mm256_add_ps(s1[k & 3], w.pi[k]);
+    s2[k & 3] = _mm256_add_ps(s2[k & 3], w.joint[k]);
+  }
+  const __m256 sum = _mm256_add_ps(_mm256_add_ps(s1[0], s1[1]), _mm256_add_ps(s1[2], s1[3]));
+  const __m256 sum2 = _mm256_add_ps(_mm256_add_ps(s2[0], s2[1]), _mm256_add_ps(s2[2], s2[3]));
+  const __m256 log_sum = log8(sum);
+  const __m256 lse = _mm256_sub_ps(_mm256_add_ps(shift2, log8(sum2)), log_sum);
+  return {shift, log_sum, lse, _mm256_div_ps(_mm256_set1_ps(1.0f), sum), sum2};
+}
+
+// loss [8] and saved [8, kSaved] (shift, log_sum, lse[, pbar]) of a group
+template <int kSaved>
+inline void store_loss_saved(float* loss, float* saved, __m256 loss_v, const Lse& st, __m256 pbar) {
+  _mm256_storeu_ps(loss, loss_v);
+  alignas(32) float s[4][8];
+  _mm256_store_ps(s[0], st.shift);
+  _mm256_store_ps(s[1], st.log_sum);
+  _mm256_store_ps(s[2], st.lse);
+  _mm256_store_ps(s[3], pbar);
+  for (int i = 0; i < 8; ++i)
+    for (int j = 0; j < kSaved; ++j) saved[kSaved * i + j] = s[j][i];
+}
+
 // One group of 8 samples (rows of lg [8, K], mu / ls [8, K, D], y [8, D]); g: upstream gradient per lane.
 // With an active Phys, the loss is the fused one: NLL + sum_k pi_k Q_k (saved[3] = sum_k pi_k Q_k).
 template <bool kGrad, typename Phys, typename grad_t>
@@ -559,7 +608,6 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
   const __m256 sign = _mm256_set1_ps(-0.0f), nhalf = _mm256_set1_ps(-0.5f), one = _mm256_set1_ps(1.0f);
   const __m256 zero = _mm256_setzero_ps();
   const __m256 offset = _mm256_set1_ps(static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi));
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   // log N_k = sum_d (-z^2 / 2 - log_scale) - D log(2 pi) / 2 (and the physics terms, before the rows are reused)
   for (int64_t k = 0; k < K; ++k) {
     __m256 acc = zero;
@@ -582,30 +630,8 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
     w.joint[k] = _mm256_sub_ps(acc, offset);
     if constexpr (Phys::kActive) w.qk[k] = phys.end_component(k);
   }
-  // log pi = (logit - max) - log sum exp(logit - max)
-  __m256 mx = ninf;
-  for (int64_t k = 0; k < K; ++k) mx = _mm256_max_ps(w.lg[k], mx);  // NaN logits are skipped by the max
-  const __m256 shift = lse_shift(mx);
-  __m256 sum = zero;
-  for (int64_t k = 0; k < K; ++k) {
-    w.lg[k] = _mm256_sub_ps(w.lg[k], shift);
-    w.pi[k] = exp8(w.lg[k]);
-    sum = _mm256_add_ps(sum, w.pi[k]);
-  }
-  const __m256 log_sum = log8(sum);
-  __m256 mx2 = ninf;
-  for (int64_t k = 0; k < K; ++k) {
-    w.joint[k] = _mm256_add_ps(_mm256_sub_ps(w.lg[k], log_sum), w.joint[k]);
-    mx2 = _mm256_max_ps(w.joint[k], mx2);
-  }
-  const __m256 shift2 = lse_shift(mx2);
-  __m256 sum2 = zero;
-  for (int64_t k = 0; k < K; ++k) {
-    w.joint[k] = exp8(_mm256_sub_ps(w.joint[k], shift2));
-    sum2 = _mm256_add_ps(sum2, w.joint[k]);
-  }
-  const __m256 lse = _mm256_add_ps(shift2, log8(sum2));
-  const __m256 inv_sum = _mm256_div_ps(one, sum);
+  const Lse st = mixture_lse(w);
+  const __m256 lse = st.lse, inv_sum = st.inv_sum, sum2 = st.sum2;
   // mixture-weighted penalty: sum over components with mass (pi > 0: no 0 * inf)
   __m256 pbar = zero;
   if constexpr (Phys::kActive) {
@@ -614,16 +640,8 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
       pbar = _mm256_add_ps(pbar, _mm256_and_ps(_mm256_cmp_ps(pi, zero, _CMP_GT_OQ), _mm256_mul_ps(pi, w.qk[k])));
     }
   }
-  _mm256_storeu_ps(out.loss, Phys::kActive ? _mm256_sub_ps(pbar, lse) : _mm256_xor_ps(lse, sign));
-  {
-    alignas(32) float s[4][8];
-    _mm256_store_ps(s[0], shift);
-    _mm256_store_ps(s[1], log_sum);
-    _mm256_store_ps(s[2], lse);
-    _mm256_store_ps(s[3], pbar);
-    for (int i = 0; i < 8; ++i)
-      for (int j = 0; j < Phys::kSaved; ++j) out.saved[Phys::kSaved * i + j] = s[j][i];
-  }
+  store_loss_saved<Phys::kSaved>(out.loss, out.saved, Phys::kActive ? _mm256_sub_ps(pbar, lse) : _mm256_xor_ps(lse, sign), st,
+                                 pbar);
   if constexpr (kGrad) {
     const __m256 inv_sum2 = _mm256_div_ps(one, sum2);
     // no responsibility, no gradient (gamma_k = 0 masks the component's terms: avoids 0 * inf for far-away
