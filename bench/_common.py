@@ -159,14 +159,24 @@ def copy_bandwidth(device: str, nbytes: int, repeat: int = 20, max_time: float =
 
 
 def cpu_model() -> str:
+    """The model name, with the x86 family / model numbers (a VM's "AMD EPYC" alone does not tell Zen 3 from
+    Zen 4: family 25, models 0-15 and 16-31 on AMD)."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip() and fields:  # the first processor's block is enough
+                    break
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def git_revision() -> str:

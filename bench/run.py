@@ -472,6 +472,9 @@ def main(argv=None) -> int:
         interrupted = str(exc)
         print(f"interrupted ({interrupted}) after {elapsed():.0f} s: saving the rows measured so far", flush=True)
 
+    # the same probe again: on a shared host the memory system's speed drifts within a run (measured here: the
+    # same kernel 1x or 3x slower for seconds at a time); a large change says the run's absolute times are suspect
+    copy_end = copy_bandwidth(device, cfg["copy_mib"] << 20) if not interrupted else None
     info = machine_info(device)  # after the run: the load average it ran under
     info["load_average_at_start"] = load_start
     if contended:
@@ -479,6 +482,8 @@ def main(argv=None) -> int:
     info["preset"] = name + (" (dry run: tiny sizes)" if args.dry_run else "")
     info["copy_bandwidth"] = (f"{copy['gb_s']:.1f} GB/s (dst.copy_(src), {copy['buffer_mib']:.0f} MiB float32, "
                               f"read + write counted; p20-p80 {copy['p20_ms']:.3g}-{copy['p80_ms']:.3g} ms)")
+    if copy_end is not None:
+        info["copy_bandwidth_end"] = f"{copy_end['gb_s']:.1f} GB/s (the same probe after the run)"
     info["torch.compile"] = "default mode, batch dimension marked dynamic (one compile per K, D, dtype, grad mode)"
     info["wall_s"] = f"{elapsed():.0f}"
     title = f"bench/run.py --{name}" + (" --dry-run" if args.dry_run else "")
