@@ -347,6 +347,24 @@ def test_cpu_batches_spanning_many_chunks(B, K, D, dtype, cpu_isa):
     check_against_reference(make_inputs(B, K, D, dtype, seed=B + K + D), dtype, *tol)
 
 
+@pytest.mark.parametrize("dtype,B", [(torch.float32, 33001), (torch.bfloat16, 66001)])
+def test_cpu_streamed_gradient_stores(dtype, B, cpu_isa):
+    """From 8 MiB of [B, K, D] gradients on, the AVX2 kernel writes them with non-temporal stores (smaller ones with
+    regular stores, to stay in cache): the large batch (streamed) matches the reference, and its rows are bit-identical
+    to those of two halves below the threshold (regular stores)."""
+    K, D = 8, 4
+    assert 2 * B * K * D * dtype.itemsize >= 8 << 20 and 2 * (B // 2) * K * D * dtype.itemsize < 8 << 20
+    inputs = make_inputs(B, K, D, dtype, seed=7)
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}[dtype]
+    check_against_reference(inputs, dtype, *tol)
+    whole = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
+    n1 = 8 * (B // 16)  # the halves start on a group of 8 samples
+    halves = [torch.ops.physmdn.mixture_nll_fwd(*(t[lo:hi] for t in inputs), True, 1.0)
+              for lo, hi in ((0, n1), (n1, B))]
+    for i, name in enumerate(("loss", "saved", "logits", "means", "log_scales", "target")):
+        assert torch.equal(whole[i], torch.cat([h[i] for h in halves])), name
+
+
 @pytest.mark.parametrize("reduction,upstream,expect_pass", [
     ("mean", 1.0, False), ("sum", 1.0, False), ("none+sum", 1.0, False), ("mean", 0.5, True), ("none+mean", 1.0, True)])
 def test_backward_skips_the_rescaling_pass_when_it_can(reduction, upstream, expect_pass):

@@ -165,12 +165,12 @@ inline void store4(T* p, __m128 v) {
 }
 
 // The inverse: n vectors -> [8, n] row-major at dst (float32, or converted to the 16-bit dst type). With
-// kStream, 8-column tiles whose rows stay aligned are written with non-temporal stores (write-once outputs larger
+// may_stream, 8-column tiles whose rows stay aligned are written with non-temporal stores (write-once outputs larger
 // than the caches: no read for ownership).
-template <bool kStream = false, typename T>
-inline void from_lanes(const __m256* in, int64_t n, T* dst) {
+template <typename T>
+inline void from_lanes(const __m256* in, int64_t n, T* dst, bool may_stream = false) {
   int64_t c = 0;
-  const bool stream = kStream && n % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % (8 * sizeof(T)) == 0;
+  const bool stream = may_stream && n % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % (8 * sizeof(T)) == 0;
   for (; c + 8 <= n; c += 8) {
     __m256 r[8];
     for (int j = 0; j < 8; ++j) r[j] = in[c + j];
@@ -255,6 +255,7 @@ struct GroupOut {
   float* loss;   // [8]
   float* saved;  // [8, Phys::kSaved]
   grad_t *gl, *gm, *gs, *gt, *ge;  // [8, K], [8, K, D], [8, K, D], [8, D], [8, K] (with kGrad; ge: fused loss)
+  bool stream = false;             // gm / gs with non-temporal stores
 };
 
 // The mixture NLL alone: no physics hooks.
@@ -685,14 +686,21 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
         }
       }
     }
-    from_lanes<true>(w.mu.data(), KD, out.gm);
-    from_lanes<true>(w.ls.data(), KD, out.gs);
+    from_lanes(w.mu.data(), KD, out.gm, out.stream);
+    from_lanes(w.ls.data(), KD, out.gs, out.stream);
     from_lanes(w.gl.data(), K, out.gl);
     from_lanes(w.gt.data(), D, out.gt);
     if constexpr (Phys::kActive)
       if (out.ge) from_lanes(w.ge.data(), K, out.ge);
   }
 }
+
+// The [B, K, D] gradients are written with non-temporal stores from 8 MiB (both together) on. Smaller ones stay in
+// the caches, where the backward's consumers read them next; streaming them was measured slower (B = 16384, K = 8,
+// D = 4, 4 MiB of gradients: 1.26-1.50 against 0.94-0.98 ms forward + backward, p20), and faster from 16 MiB
+// (B = 65536: 3.6-3.9 against 4.4-5.3 ms). (A fixed size: the last-level cache a VM reports can be the host's,
+// e.g. 256 MiB for a 32 MiB slice.)
+constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
 
 // Driver over the batch. loss_all [B] and saved_all [B, Phys::kSaved] may be null (not written); the gradients
 // (written with kGrad; ge_all only with physics, may be null) are for the upstream gradient grad_loss ([B], any
@@ -711,6 +719,7 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
   const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
   const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
   const int64_t groups = (B + kLanes - 1) / kLanes;
+  const bool stream = 2 * B * KD * static_cast<int64_t>(sizeof(grad_t)) >= kStreamMinBytes;
   // Dynamic schedule: threads take chunks of groups from a shared counter, so a thread that is preempted (shared
   // or virtual CPUs) does not leave the others waiting at the end; each chunk is a contiguous stretch of memory.
   // Chunks of about 8K floats of input, and at least 4 per thread (mid-size batches stay balanced).
@@ -757,6 +766,7 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
         if constexpr (kGrad) {
           out.gl = gl_all + b0 * K, out.gm = gm_all + b0 * KD, out.gs = gs_all + b0 * KD, out.gt = gt_all + b0 * D;
           out.ge = ge_all ? ge_all + b0 * K : nullptr;
+          out.stream = stream;
         }
         group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, phys, out);
       } else {
