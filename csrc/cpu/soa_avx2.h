@@ -695,12 +695,15 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
   }
 }
 
-// The [B, K, D] gradients are written with non-temporal stores from 8 MiB (both together) on. Smaller ones stay in
-// the caches, where the backward's consumers read them next; streaming them was measured slower (B = 16384, K = 8,
-// D = 4, 4 MiB of gradients: 1.26-1.50 against 0.94-0.98 ms forward + backward, p20), and faster from 16 MiB
-// (B = 65536: 3.6-3.9 against 4.4-5.3 ms). (A fixed size: the last-level cache a VM reports can be the host's,
-// e.g. 256 MiB for a 32 MiB slice.)
-constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
+// The [B, K, D] gradients are written with non-temporal stores only from 32 MiB (both together) on, i.e. when they
+// cannot stay in a typical last-level cache anyway. Smaller ones are stored normally and stay in cache, where the
+// backward's consumers read them next. Measured on a 2-core VM (Zen 3, 32 MiB L3), forward + backward, K = 8, D = 4,
+// interleaved rounds, p20 / median / p80 ms: B = 16384 (4 MiB of gradients) streamed 1.26-1.50 (p20) against
+// 0.94-0.98 stored; B = 65536 (16 MiB) streamed 3.86 / 7.11 / 8.05 against 4.63 / 5.84 / 6.09 (non-temporal stores
+// are the fastest in calm phases of a shared host and 3x slower in its busy ones, regular stores 1.45x);
+// B = 262144 (64 MiB) streamed 14.8 / 25.0 / 29.4 against 16.5 / 20.6 / 22.3. (A fixed size: the last-level cache
+// a VM reports can be the host's, e.g. 256 MiB for a 32 MiB slice.)
+constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
 
 // Driver over the batch. loss_all [B] and saved_all [B, Phys::kSaved] may be null (not written); the gradients
 // (written with kGrad; ge_all only with physics, may be null) are for the upstream gradient grad_loss ([B], any
