@@ -641,8 +641,8 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
       pbar = _mm256_add_ps(pbar, _mm256_and_ps(_mm256_cmp_ps(pi, zero, _CMP_GT_OQ), _mm256_mul_ps(pi, w.qk[k])));
     }
   }
-  store_loss_saved<Phys::kSaved>(out.loss, out.saved, Phys::kActive ? _mm256_sub_ps(pbar, lse) : _mm256_xor_ps(lse, sign), st,
-                                 pbar);
+  const __m256 loss = Phys::kActive ? _mm256_sub_ps(pbar, lse) : _mm256_xor_ps(lse, sign);
+  store_loss_saved<Phys::kSaved>(out.loss, out.saved, loss, st, pbar);
   if constexpr (kGrad) {
     const __m256 inv_sum2 = _mm256_div_ps(one, sum2);
     // no responsibility, no gradient (gamma_k = 0 masks the component's terms: avoids 0 * inf for far-away
@@ -701,7 +701,9 @@ void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, co
 // interleaved rounds, p20 / median / p80 ms: B = 16384 (4 MiB of gradients) streamed 1.26-1.50 (p20) against
 // 0.94-0.98 stored; B = 65536 (16 MiB) streamed 3.86 / 7.11 / 8.05 against 4.63 / 5.84 / 6.09 (non-temporal stores
 // are the fastest in calm phases of a shared host and 3x slower in its busy ones, regular stores 1.45x);
-// B = 262144 (64 MiB) streamed 14.8 / 25.0 / 29.4 against 16.5 / 20.6 / 22.3. (A fixed size: the last-level cache
+// B = 262144 (64 MiB) streamed 14.8 / 25.0 / 29.4 against 16.5 / 20.6 / 22.3. Beyond the cache, streaming is kept
+// for its better p20 (calm phases; an earlier calm Zen 4 host measured regular stores 1.6x slower at 16 MiB),
+// although this shared host gave regular stores the better median there too. (A fixed size: the last-level cache
 // a VM reports can be the host's, e.g. 256 MiB for a 32 MiB slice.)
 constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
 
