@@ -335,33 +335,34 @@ void dispatch_fast_dtype(at::ScalarType dt, Fn&& fn) {
 }
 
 // ----- fused loss, polynomial family: fast path --------------------------------------------------------
-// Contiguous float32 inputs with coefficients shared over D ([B|1, K|1, 1, J+1], the usual case: one law per
+// Contiguous float32 / float64 inputs with coefficients shared over D ([B|1, K|1, 1, J+1], the usual case: one law per
 // component) and no coefficient gradient: the Gaussian-moment expectation runs as flat vector loops over the
 // block's elements. With q = c * c (autoconvolution, once per component), E[p^2] = sum_n q_n M_n,
 // dE/dmu = sum_n q_n n M_{n-1}, dE/dvar = sum_n q_n n (n - 1) / 2 M_{n-2} (as physics_math.h).
 bool use_poly_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                         const at::Tensor& target, const at::Tensor& p0, const PhysicsArgs& args, bool p0_grad) {
-  return args.family == math::kPolynomial && !p0_grad && means.scalar_type() == at::kFloat &&
+  return args.family == math::kPolynomial && !p0_grad && (means.scalar_type() == at::kFloat || means.scalar_type() == at::kDouble) &&
          logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
          p0.stride(2) == 0 && means.size(1) * means.size(2) <= kFastMaxKD;
 }
 
+template <typename T>
 struct PolyBlock {
-  int nq;                            // 2J + 1 autoconvolution terms
-  std::vector<float> q_row;          // [rows, nq]
-  std::vector<float> q_elem;         // [nq, elements] (per-element copies for the vector loops)
-  std::vector<float> pen, dmu, dls;  // per element: E[p^2], dE/dmu, dE/dlog_scale
-  std::vector<float> pi, gamma;      // per row
+  int nq;                        // 2J + 1 autoconvolution terms
+  std::vector<T> q_row;          // [rows, nq]
+  std::vector<T> q_elem;         // [nq, elements] (per-element copies for the vector loops)
+  std::vector<T> pen, dmu, dls;  // per element: E[p^2], dE/dmu, dE/dlog_scale
+  std::vector<T> pi, gamma;      // per row
   PolyBlock(int64_t K, int64_t D, int order)
       : nq(2 * order + 1), q_row(kFastBlock * K * nq), q_elem(static_cast<size_t>(nq) * kFastBlock * K * D),
         pen(kFastBlock * K * D), dmu(kFastBlock * K * D), dls(kFastBlock * K * D), pi(kFastBlock * K),
         gamma(kFastBlock * K) {}
 
-  void coefficients(const math::Strided4<float>& c, int order, int64_t b0, int64_t nb, int64_t K, int64_t D) {
+  void coefficients(const math::Strided4<T>& c, int order, int64_t b0, int64_t nb, int64_t K, int64_t D) {
     const int64_t rows = nb * K, E = rows * D;
     for (int64_t r = 0; r < rows; ++r) {
-      float* q = q_row.data() + r * nq;
-      for (int n = 0; n < nq; ++n) q[n] = 0.0f;
+      T* q = q_row.data() + r * nq;
+      for (int n = 0; n < nq; ++n) q[n] = T(0);
       const int64_t b = b0 + r / K, k = r % K;
       for (int i = 0; i <= order; ++i)
         for (int j = 0; j <= order; ++j) q[i + j] += c(b, k, 0, i) * c(b, k, 0, j);
@@ -373,11 +374,12 @@ struct PolyBlock {
 
 // Per element: variance under the penalty (exact: exp(2 ls) minus the noise variance, floored at 0; mean: 0),
 // the expectation E[p^2] and, with kGrad, its derivatives in mu and log_scale.
-template <bool kGrad>
-void poly_terms(const float* mu, const float* ls, int64_t E, const float* q_elem, int nq, bool exact, float noise_var,
-                float* pen, float* dmu, float* dls) {
+template <bool kGrad, typename T>
+void poly_terms(const T* mu, const T* ls, int64_t E, const T* q_elem, int nq, bool exact, T noise_var, T* pen,
+                std::type_identity_t<T>* dmu, std::type_identity_t<T>* dls) {
+  using Vec = at::vec::Vectorized<T>;
   int64_t e = 0;
-  const Vec zero(0.0f), two(2.0f), nvv(noise_var);
+  const Vec zero(T(0)), two(T(2)), nvv(noise_var);
   for (; e + Vec::size() <= E; e += Vec::size()) {
     const Vec m = Vec::loadu(mu + e);
     Vec v = zero, dvdls = zero;
@@ -386,17 +388,17 @@ void poly_terms(const float* mu, const float* ls, int64_t E, const float* q_elem
       v = at::vec::maximum(raw - nvv, zero);
       dvdls = Vec::blendv(zero, two * raw, raw > nvv);
     }
-    Vec m_prev2(1.0f), m_prev = m;
+    Vec m_prev2(T(1)), m_prev = m;
     const Vec q1 = nq > 1 ? Vec::loadu(q_elem + E + e) : zero;  // J = 0: a constant, no q_1
     Vec P = Vec::loadu(q_elem + e) + q1 * m;
     Vec dm = q1, dv = zero;
     for (int n = 2; n < nq; ++n) {
       const Vec qn = Vec::loadu(q_elem + n * E + e);
       if constexpr (kGrad) {
-        dm = at::vec::fmadd(qn * Vec(static_cast<float>(n)), m_prev, dm);
-        dv = at::vec::fmadd(qn * Vec(static_cast<float>(n * (n - 1) / 2)), m_prev2, dv);
+        dm = at::vec::fmadd(qn * Vec(static_cast<T>(n)), m_prev, dm);
+        dv = at::vec::fmadd(qn * Vec(static_cast<T>(n * (n - 1) / 2)), m_prev2, dv);
       }
-      const Vec mn = at::vec::fmadd(m, m_prev, Vec(static_cast<float>(n - 1)) * v * m_prev2);
+      const Vec mn = at::vec::fmadd(m, m_prev, Vec(static_cast<T>(n - 1)) * v * m_prev2);
       P = at::vec::fmadd(qn, mn, P);
       m_prev2 = m_prev;
       m_prev = mn;
@@ -408,20 +410,20 @@ void poly_terms(const float* mu, const float* ls, int64_t E, const float* q_elem
     }
   }
   for (; e < E; ++e) {  // scalar tail, the same formulas
-    const float m = mu[e];
-    float v = 0.0f, dvdls = 0.0f;
+    const T m = mu[e];
+    T v = T(0), dvdls = T(0);
     if (exact) {
-      const float raw = std::exp(2.0f * ls[e]);
-      v = raw > noise_var ? raw - noise_var : 0.0f;
-      dvdls = raw > noise_var ? 2.0f * raw : 0.0f;
+      const T raw = std::exp(T(2) * ls[e]);
+      v = raw > noise_var ? raw - noise_var : T(0);
+      dvdls = raw > noise_var ? T(2) * raw : T(0);
     }
-    const float q1 = nq > 1 ? q_elem[E + e] : 0.0f;
-    float m_prev2 = 1.0f, m_prev = m, P = q_elem[e] + q1 * m, dmv = q1, dvv = 0.0f;
+    const T q1 = nq > 1 ? q_elem[E + e] : T(0);
+    T m_prev2 = T(1), m_prev = m, P = q_elem[e] + q1 * m, dmv = q1, dvv = T(0);
     for (int n = 2; n < nq; ++n) {
-      const float qn = q_elem[n * E + e];
-      dmv += qn * static_cast<float>(n) * m_prev;
-      dvv += qn * static_cast<float>(n * (n - 1) / 2) * m_prev2;
-      const float mn = m * m_prev + static_cast<float>(n - 1) * v * m_prev2;
+      const T qn = q_elem[n * E + e];
+      dmv += qn * static_cast<T>(n) * m_prev;
+      dvv += qn * static_cast<T>(n * (n - 1) / 2) * m_prev2;
+      const T mn = m * m_prev + static_cast<T>(n - 1) * v * m_prev2;
       P += qn * mn;
       m_prev2 = m_prev;
       m_prev = mn;
@@ -434,52 +436,56 @@ void poly_terms(const float* mu, const float* ls, int64_t E, const float* q_elem
   }
 }
 
-inline float row_sum(const float* x, int64_t D) {
-  float acc = 0.0f;
+template <typename T>
+inline T row_sum(const T* x, int64_t D) {
+  T acc = T(0);
   for (int64_t d = 0; d < D; ++d) acc += x[d];
   return acc;
 }
 
 // Sum over D of one component's E[p^2]: a NaN from finite means, log-scales and coefficients can only be
 // inf - inf between overflowed moments (huge scales), so the value is +inf (as physics_math.h's family_penalty).
-inline float poly_component_penalty(const float* pen, const float* mu, const float* ls, int64_t D,
-                                    const math::Strided4<float>& c, int order, int64_t b, int64_t k) {
-  const float total = row_sum(pen, D);
+template <typename T>
+inline T poly_component_penalty(const T* pen, const T* mu, const T* ls, int64_t D, const math::Strided4<T>& c,
+                                int order, int64_t b, int64_t k) {
+  const T total = row_sum(pen, D);
   if (total == total) return total;
-  float z = 0.0f;
+  T z = T(0);
   for (int64_t d = 0; d < D; ++d) z += (mu[d] - mu[d]) + (ls[d] - ls[d]);
   for (int i = 0; i <= order; ++i) z += c(b, k, 0, i) - c(b, k, 0, i);
-  return z == 0.0f ? std::numeric_limits<float>::infinity() : total;
+  return z == T(0) ? std::numeric_limits<T>::infinity() : total;
 }
 
-// The float32 inputs of the fused polynomial path.
+// The float32 / float64 inputs of the fused polynomial path.
+template <typename T>
 struct PolyInputs {
-  const float *lg, *mu, *ls, *y;
-  math::Strided4<float> coeffs;
-  const float* extra;
+  const T *lg, *mu, *ls, *y;
+  math::Strided4<T> coeffs;
+  const T* extra;
   int64_t extra_sb, extra_sk;
-  float weight, noise_var;
+  T weight, noise_var;
   PolyInputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
              const at::Tensor& p0, const c10::optional<at::Tensor>& ex, const PhysicsArgs& args)
-      : lg(logits.const_data_ptr<float>()), mu(means.const_data_ptr<float>()), ls(log_scales.const_data_ptr<float>()),
-        y(target.const_data_ptr<float>()), coeffs(make_strided<float>(p0)),
-        extra(ex.has_value() ? ex->const_data_ptr<float>() : nullptr), extra_sb(ex.has_value() ? ex->stride(0) : 0),
-        extra_sk(ex.has_value() ? ex->stride(1) : 0), weight(static_cast<float>(args.weight)),
-        noise_var(static_cast<float>(args.noise_scale * args.noise_scale)) {}
-  float extra_at(int64_t b, int64_t k) const { return extra ? extra[b * extra_sb + k * extra_sk] : 0.0f; }
+      : lg(logits.const_data_ptr<T>()), mu(means.const_data_ptr<T>()), ls(log_scales.const_data_ptr<T>()),
+        y(target.const_data_ptr<T>()), coeffs(make_strided<T>(p0)),
+        extra(ex.has_value() ? ex->const_data_ptr<T>() : nullptr), extra_sb(ex.has_value() ? ex->stride(0) : 0),
+        extra_sk(ex.has_value() ? ex->stride(1) : 0), weight(static_cast<T>(args.weight)),
+        noise_var(static_cast<T>(args.noise_scale * args.noise_scale)) {}
+  T extra_at(int64_t b, int64_t k) const { return extra ? extra[b * extra_sb + k * extra_sk] : T(0); }
 };
 
+template <typename T>
 void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                                 const at::Tensor& target, const at::Tensor& p0, const c10::optional<at::Tensor>& extra,
                                 const PhysicsArgs& args, int order, at::Tensor& loss, at::Tensor& saved) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
-  const PolyInputs in(logits, means, log_scales, target, p0, extra, args);
-  const float *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
-  const float w = in.weight, nv = in.noise_var;
-  float *out = loss.data_ptr<float>(), *sv = saved.data_ptr<float>();
+  const PolyInputs<T> in(logits, means, log_scales, target, p0, extra, args);
+  const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
+  const T w = in.weight, nv = in.noise_var;
+  T *out = loss.data_ptr<T>(), *sv = saved.data_ptr<T>();
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    FastBlock fb(K, D);
-    PolyBlock pb(K, D, order);
+    FastBlockT<T> fb(K, D);
+    PolyBlock<T> pb(K, D, order);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
       fill_target_block<0>(y + b0 * D, nb, K, D, fb.ybuf.data());
@@ -490,17 +496,17 @@ void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& mean
       poly_terms<false>(mu + b0 * KD, ls + b0 * KD, E, pb.q_elem.data(), pb.nq, args.exact, nv, pb.pen.data(),
                         nullptr, nullptr);
       for (int64_t i = 0; i < nb; ++i) {
-        float* s = sv + math::kSavedPerSampleLoss * (b0 + i);
+        T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
         s[0] = fb.shift[i];
         s[1] = fb.lse[i];
-        const float inv_sum = 1.0f / fb.sum[i];
-        float pbar = 0.0f;
+        const T inv_sum = T(1) / fb.sum[i];
+        T pbar = T(0);
         for (int64_t k = 0; k < K; ++k) {
           const int64_t r = i * K + k;
           fb.joint[r] += (lg[(b0 + i) * K + k] - s[0]) - s[1];
-          const float pi = fb.prior[r] * inv_sum;
-          if (pi > 0.0f) {
-            const float extra_bk = in.extra_at(b0 + i, k);
+          const T pi = fb.prior[r] * inv_sum;
+          if (pi > T(0)) {
+            const T extra_bk = in.extra_at(b0 + i, k);
             const int64_t row = (b0 + i) * K + k;
             pbar += pi * (w * poly_component_penalty(pb.pen.data() + r * D, mu + row * D, ls + row * D, D, in.coeffs,
                                                      order, b0 + i, k) +
@@ -511,7 +517,7 @@ void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& mean
       }
       block_lse(fb.joint.data(), nb, K, fb.shift.data(), fb.sum.data(), fb.lse.data(), fb.tmp.data());
       for (int64_t i = 0; i < nb; ++i) {
-        float* s = sv + math::kSavedPerSampleLoss * (b0 + i);
+        T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
         s[2] = fb.shift[i] + fb.lse[i];
         out[b0 + i] = s[3] - s[2];
       }
@@ -519,24 +525,25 @@ void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& mean
   });
 }
 
+template <typename T>
 void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
                                  const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
                                  const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order,
                                  const at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
                                  at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
-  const PolyInputs in(logits, means, log_scales, target, p0, extra, args);
-  const float *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
-  const float w = in.weight, nv = in.noise_var;
-  const float* g_ptr = grad_loss.const_data_ptr<float>();
+  const PolyInputs<T> in(logits, means, log_scales, target, p0, extra, args);
+  const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
+  const T w = in.weight, nv = in.noise_var;
+  const T* g_ptr = grad_loss.const_data_ptr<T>();
   const int64_t g_stride = grad_loss.stride(0);
-  const float* sv = saved.const_data_ptr<float>();
-  float *gl = grad_logits.data_ptr<float>(), *gm = grad_means.data_ptr<float>();
-  float *gs = grad_log_scales.data_ptr<float>(), *gt = grad_target.data_ptr<float>();
-  float* ge = grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr;
+  const T* sv = saved.const_data_ptr<T>();
+  T *gl = grad_logits.data_ptr<T>(), *gm = grad_means.data_ptr<T>();
+  T *gs = grad_log_scales.data_ptr<T>(), *gt = grad_target.data_ptr<T>();
+  T* ge = grad_extra.numel() ? grad_extra.data_ptr<T>() : nullptr;
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    FastBlock fb(K, D);
-    PolyBlock pb(K, D, order);
+    FastBlockT<T> fb(K, D);
+    PolyBlock<T> pb(K, D, order);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
       // likelihood part, as mixture_nll_backward_fast
@@ -544,9 +551,9 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
       gaussian_terms<true>(mu + b0 * KD, ls + b0 * KD, fb.ybuf.data(), E, fb.q.data(), gm + b0 * KD, gs + b0 * KD);
       component_log_densities<0>(fb.q.data(), nb * K, D, fb.joint.data());
       for (int64_t i = 0; i < nb; ++i) {
-        const float* s = sv + math::kSavedPerSampleLoss * (b0 + i);
+        const T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
         for (int64_t k = 0; k < K; ++k) {
-          const float log_pi = (lg[(b0 + i) * K + k] - s[0]) - s[1];
+          const T log_pi = (lg[(b0 + i) * K + k] - s[0]) - s[1];
           fb.log_pi[i * K + k] = log_pi;
           fb.joint[i * K + k] += log_pi - s[2];
         }
@@ -564,21 +571,21 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
                        pb.dmu.data(), pb.dls.data());
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
-        const float g = g_ptr[b * g_stride];
-        const float pbar = sv[math::kSavedPerSampleLoss * b + 3];
+        const T g = g_ptr[b * g_stride];
+        const T pbar = sv[math::kSavedPerSampleLoss * b + 3];
         for (int64_t k = 0; k < K; ++k) {
           const int64_t r = i * K + k;
-          const float pi = pb.pi[r];
+          const T pi = pb.pi[r];
           if (ge) ge[b * K + k] = g * pi;
-          if (!(pi > 0.0f)) continue;  // no mass: no penalty gradient (as the generic path)
-          const float extra_bk = in.extra_at(b, k);
-          const float q = w * poly_component_penalty(pb.pen.data() + r * D, mu + (b * K + k) * D,
+          if (!(pi > T(0))) continue;  // no mass: no penalty gradient (as the generic path)
+          const T extra_bk = in.extra_at(b, k);
+          const T q = w * poly_component_penalty(pb.pen.data() + r * D, mu + (b * K + k) * D,
                                                      ls + (b * K + k) * D, D, in.coeffs, order, b, k) +
                           extra_bk;
           gl[b * K + k] += g * pi * (q - pbar);
-          const float scale = g * w * pi;
-          float* gm_row = gm + (b * K + k) * D;
-          float* gs_row = gs + (b * K + k) * D;
+          const T scale = g * w * pi;
+          T* gm_row = gm + (b * K + k) * D;
+          T* gs_row = gs + (b * K + k) * D;
           for (int64_t d = 0; d < D; ++d) {
             gm_row[d] += scale * pb.dmu[r * D + d];
             gs_row[d] += scale * pb.dls[r * D + d];
@@ -828,8 +835,11 @@ void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const a
                        }))
     return;
 #endif
-  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/false))
-    return mdn_loss_forward_poly_fast(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
+  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/false)) {
+    if (means.scalar_type() == at::kDouble)
+      return mdn_loss_forward_poly_fast<double>(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
+    return mdn_loss_forward_poly_fast<float>(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
@@ -894,9 +904,13 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, co
                        }))
     return;
 #endif
-  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/grad_p0.numel() > 0))
-    return mdn_loss_backward_poly_fast(grad_loss, logits, means, log_scales, target, p0, extra, args, order, saved,
-                                       grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);
+  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/grad_p0.numel() > 0)) {
+    const auto run = [&]<typename T>() {
+      mdn_loss_backward_poly_fast<T>(grad_loss, logits, means, log_scales, target, p0, extra, args, order, saved,
+                                     grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);
+    };
+    return means.scalar_type() == at::kDouble ? run.template operator()<double>() : run.template operator()<float>();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
