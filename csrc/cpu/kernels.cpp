@@ -69,6 +69,26 @@ bool use_double_path(const at::Tensor& logits, const at::Tensor& means, const at
   return means.scalar_type() == at::kDouble && fast_layout(logits, means, log_scales, target);
 }
 
+// Views with strided rows (torch.split / narrow / slicing of one network output into logits, means and
+// log-scales) are copied to contiguous tensors when that lets all four inputs take the fast paths: the copy reads and
+// writes each such input once, the generic per-sample loop is ~4x slower than copy + fast path (B = 65536, K = 8,
+// D = 4). Expanded inputs (a zero stride) are never copied (that would make a full [B, ...] tensor of a broadcast):
+// they are read in place by the generic loop.
+struct MixtureInputs {
+  at::Tensor logits, means, log_scales, target;
+  MixtureInputs(const at::Tensor& l, const at::Tensor& m, const at::Tensor& s, const at::Tensor& y)
+      : logits(l), means(m), log_scales(s), target(y) {
+    if (fast_layout(l, m, s, y) || m.size(1) * m.size(2) > kFastMaxKD) return;
+    const auto expanded = [](const at::Tensor& t) {
+      for (int64_t d = 0; d < t.dim(); ++d)
+        if (t.size(d) > 1 && t.stride(d) == 0) return true;
+      return false;
+    };
+    if (expanded(l) || expanded(m) || expanded(s) || expanded(y)) return;
+    logits = l.contiguous(), means = m.contiguous(), log_scales = s.contiguous(), target = y.contiguous();
+  }
+};
+
 // Small D is a compile-time constant (kD > 0) so the loops over d unroll; kD = 0 reads D at run time.
 #define PHYSMDN_DIM(D) (kD > 0 ? static_cast<int64_t>(kD) : (D))
 
@@ -335,13 +355,14 @@ void dispatch_fast_dtype(at::ScalarType dt, Fn&& fn) {
 }
 
 // ----- fused loss, polynomial family: fast path --------------------------------------------------------
-// Contiguous float32 / float64 inputs with coefficients shared over D ([B|1, K|1, 1, J+1], the usual case: one law per
-// component) and no coefficient gradient: the Gaussian-moment expectation runs as flat vector loops over the
+// Contiguous float32 / float64 inputs with coefficients shared over D ([B|1, K|1, 1, J+1], the usual case: one law
+// per component) and no coefficient gradient: the Gaussian-moment expectation runs as flat vector loops over the
 // block's elements. With q = c * c (autoconvolution, once per component), E[p^2] = sum_n q_n M_n,
 // dE/dmu = sum_n q_n n M_{n-1}, dE/dvar = sum_n q_n n (n - 1) / 2 M_{n-2} (as physics_math.h).
 bool use_poly_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                         const at::Tensor& target, const at::Tensor& p0, const PhysicsArgs& args, bool p0_grad) {
-  return args.family == math::kPolynomial && !p0_grad && (means.scalar_type() == at::kFloat || means.scalar_type() == at::kDouble) &&
+  const auto dt = means.scalar_type();
+  return args.family == math::kPolynomial && !p0_grad && (dt == at::kFloat || dt == at::kDouble) &&
          logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
          p0.stride(2) == 0 && means.size(1) * means.size(2) <= kFastMaxKD;
 }
@@ -676,8 +697,10 @@ void vector_exp_log(const at::Tensor& x, at::Tensor& exp_out, at::Tensor& log_ou
   for (; i < n; ++i) e[i] = std::exp(in[i]), l[i] = std::log(in[i]);
 }
 
-void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                         const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
+void mixture_nll_forward(const at::Tensor& logits_in, const at::Tensor& means_in, const at::Tensor& log_scales_in,
+                         const at::Tensor& target_in, at::Tensor& loss, at::Tensor& saved) {
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
+  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   if (use_fast_path(logits, means, log_scales, target))
     return dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
@@ -731,10 +754,13 @@ bool with_float_grads(std::initializer_list<at::Tensor*> grads, Fn&& fn) {
   return done;
 }
 
-bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                              const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
-                              at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
-                              double grad_scale) {
+bool mixture_nll_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_in,
+                              const at::Tensor& log_scales_in, const at::Tensor& target_in, at::Tensor& loss,
+                              at::Tensor& saved,
+                              at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
+                              at::Tensor& grad_target, double grad_scale) {
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
+  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
   if (use_double_path(logits, means, log_scales, target)) {
     dispatch_dim(means.size(2), [&]<int kD>() {
       mixture_nll_forward_fast<true, kD, double>(logits, means, log_scales, target, grad_scale, &loss, &saved,
@@ -772,10 +798,12 @@ bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means,
   });
 }
 
-void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
-                          const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
+void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, const at::Tensor& means_in,
+                          const at::Tensor& log_scales_in, const at::Tensor& target_in, const at::Tensor& saved,
                           at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
                           at::Tensor& grad_target) {
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
+  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // recomputes the forward (the saved state is not needed by the lane-parallel kernel)
   if (use_fast_path(logits, means, log_scales, target))
