@@ -850,10 +850,12 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits_
   });
 }
 
-void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                      const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
+void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, const at::Tensor& log_scales_in,
+                      const at::Tensor& target_in, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                       at::Tensor& loss, at::Tensor& saved) {
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
+  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false,
                        [&]<typename scalar_t>(const auto& phys) {
@@ -883,12 +885,14 @@ void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const a
   });
 }
 
-bool mdn_loss_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                           const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
+bool mdn_loss_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_in, const at::Tensor& log_scales_in,
+                           const at::Tensor& target_in, const at::Tensor& p0, const at::Tensor& p1,
                            const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                            at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
                            at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra,
                            double grad_scale) {
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
+  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // one pass for the loss and the gradients (lane-parallel kernel); otherwise op_impl runs forward + backward
   const bool float_grads = grad_means.scalar_type() == at::kFloat;
@@ -915,12 +919,14 @@ bool mdn_loss_forward_grad(const at::Tensor& logits, const at::Tensor& means, co
   return false;
 }
 
-void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
-                       const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
+void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, const at::Tensor& means_in,
+                       const at::Tensor& log_scales_in, const at::Tensor& target_in, const at::Tensor& p0,
                        const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
                        int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
                        at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                        at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra) {
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
+  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // recomputes the forward per group (the saved state is not needed by the lane-parallel kernel)
   if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows,
