@@ -219,7 +219,6 @@ struct FastBlockT {
       : ybuf(kFastBlock * K * D), q(kFastBlock * K * D), log_pi(kFastBlock * K), joint(kFastBlock * K),
         tmp(kFastBlock * K), prior(kFastBlock * K), shift(kFastBlock), sum(kFastBlock), lse(kFastBlock) {}
 };
-using FastBlock = FastBlockT<float>;
 
 // Scales the unscaled (g = 1) gradient rows of sample b: gamma / pi are the component responsibilities and
 // weights, gm / gs hold z / s and z^2 - 1 on entry. Writes grad_logits, finishes grad_means / grad_log_scales
@@ -365,6 +364,13 @@ bool use_poly_fast_path(const at::Tensor& logits, const at::Tensor& means, const
   return args.family == math::kPolynomial && !p0_grad && (dt == at::kFloat || dt == at::kDouble) &&
          logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
          p0.stride(2) == 0 && means.size(1) * means.size(2) <= kFastMaxKD;
+}
+
+// float32 or float64, the dtypes use_poly_fast_path admits
+template <typename Fn>
+void dispatch_poly_dtype(at::ScalarType dt, Fn&& fn) {
+  if (dt == at::kDouble) return fn.template operator()<double>();
+  fn.template operator()<float>();
 }
 
 template <typename T>
@@ -865,11 +871,10 @@ void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, c
                        }))
     return;
 #endif
-  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/false)) {
-    if (means.scalar_type() == at::kDouble)
-      return mdn_loss_forward_poly_fast<double>(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
-    return mdn_loss_forward_poly_fast<float>(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
-  }
+  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/false))
+    return dispatch_poly_dtype(means.scalar_type(), [&]<typename T>() {
+      mdn_loss_forward_poly_fast<T>(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
+    });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
@@ -938,13 +943,11 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
                        }))
     return;
 #endif
-  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/grad_p0.numel() > 0)) {
-    const auto run = [&]<typename T>() {
+  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/grad_p0.numel() > 0))
+    return dispatch_poly_dtype(means.scalar_type(), [&]<typename T>() {
       mdn_loss_backward_poly_fast<T>(grad_loss, logits, means, log_scales, target, p0, extra, args, order, saved,
                                      grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);
-    };
-    return means.scalar_type() == at::kDouble ? run.template operator()<double>() : run.template operator()<float>();
-  }
+    });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
