@@ -349,9 +349,10 @@ def test_cpu_batches_spanning_many_chunks(B, K, D, dtype, cpu_isa):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cpu_row_strided_views_take_the_fast_path(dtype, cpu_isa):
-    """logits / means / log_scales split from one network output (rows strided, no zero stride) are copied to
-    contiguous tensors and take the fast path: results bit-identical to the contiguous call (the generic loop's
-    arithmetic differs), and equal to the reference within tolerance; gradients reach the split parent."""
+    """logits / means / log_scales split from one network output (rows strided, no zero stride) take the fast path
+    (the AVX2 kernel reads them in place, the blocked paths on contiguous copies): results bit-identical to the
+    contiguous call (the generic loop's arithmetic differs), and equal to the reference within tolerance; gradients
+    reach the split parent."""
     B, K, D = 37, 5, 4
     g = torch.Generator().manual_seed(3)
     head = torch.randn(B, K + 2 * K * D, generator=g, dtype=torch.float64).to(dtype)
@@ -370,6 +371,48 @@ def test_cpu_row_strided_views_take_the_fast_path(dtype, cpu_isa):
     physmdn.mixture_nll(plg, pmu.view(B, K, D), pls.view(B, K, D), target).sum().backward()
     expected = torch.cat([t.reshape(B, -1) for t in dense[2:5]], dim=-1).to(dtype)
     torch.testing.assert_close(parent.grad, expected)
+
+
+@pytest.mark.parametrize("B", [37, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_batch_broadcast_inputs(B, dtype, cpu_isa):
+    """A log-scale parameter and a target broadcast over the batch (stride 0), and logits / means split from one
+    head (row-strided): the AVX2 kernel reads them in place, bit-identical to the call on contiguous copies (forward
+    with gradients and the backward); every path matches the reference, and the gradients reach the parameters."""
+    K, D = 5, 4
+    g = torch.Generator().manual_seed(11)
+    head = torch.randn(B, K + K * D + 3, generator=g, dtype=torch.float64).to(dtype)
+    lg, mu, _ = torch.split(head, [K, K * D, 3], dim=-1)
+    mu = mu.view(B, K, D)
+    scale_param = (0.5 * torch.randn(K, D, generator=g, dtype=torch.float64)).to(dtype)
+    target_param = torch.randn(1, D, generator=g, dtype=torch.float64).to(dtype)
+    views = (lg, mu, scale_param.expand(B, K, D), target_param.expand(B, D))
+    assert views[2].stride(0) == 0 and views[3].stride(0) == 0 and not views[0].is_contiguous()
+    dense = [v.contiguous() for v in views]
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float16: (2e-3, 5e-3),
+           torch.float64: (1e-12, 1e-11)}[dtype]
+    check_against_reference(list(views), dtype, *tol)
+    if cpu_isa == "avx2" and dtype != torch.float64:
+        fwd = torch.ops.physmdn.mixture_nll_fwd
+        for a, b in zip(fwd(*views, True, 0.5), fwd(*dense, True, 0.5)):
+            assert torch.equal(a, b)
+        loss, saved = fwd(*dense, False, 1.0)[:2]
+        upstream = torch.linspace(0.5, 1.5, B, dtype=dtype)
+        bwd = torch.ops.physmdn.mixture_nll_bwd
+        for a, b in zip(bwd(upstream, *views, saved), bwd(upstream, *dense, saved)):
+            assert torch.equal(a, b)
+    # gradients reach the broadcast parameters (summed over the batch by autograd)
+    params = [t.detach().double().requires_grad_(True) for t in (head, scale_param, target_param)]
+    leaves = [t.detach().clone().requires_grad_(True) for t in (head, scale_param, target_param)]
+
+    def loss_of(h, s, y, fn):
+        lg_, mu_, _ = torch.split(h, [K, K * D, 3], dim=-1)
+        return fn(lg_, mu_.view(B, K, D), s.expand(B, K, D), y.expand(B, D)).sum()
+
+    loss_of(*leaves, physmdn.mixture_nll).backward()
+    loss_of(*params, reference.mixture_nll).backward()
+    for leaf, ref in zip(leaves, params):
+        assert rel_err(leaf.grad, ref.grad) <= tol[1] * (4 if dtype in (torch.bfloat16, torch.float16) else 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -96,7 +96,8 @@ def test_mean_mode_is_point_evaluation():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fused_loss_row_strided_views_match_contiguous(dtype, cpu_isa):
     """The fused loss on logits / means / log-scales split from one network output (row-strided views) gives the
-    loss and gradients of the same call on contiguous copies, bit for bit (the views are copied for the fast paths)."""
+    loss and gradients of the same call on contiguous copies, bit for bit (read in place by the AVX2 kernel, copied
+    for the blocked paths)."""
     B, K, D = 45, 3, 4
     g = torch.Generator().manual_seed(5)
     head = (0.5 * torch.randn(B, K + 2 * K * D, generator=g, dtype=torch.float64)).to(dtype)
@@ -115,6 +116,42 @@ def test_fused_loss_row_strided_views_match_contiguous(dtype, cpu_isa):
 
     (loss_v, grad_v), (loss_c, grad_c) = run(False), run(True)
     assert torch.equal(loss_v, loss_c) and torch.equal(grad_v, grad_c)
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "linear", "stencil_periodic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_batch_broadcast_inputs(kind, dtype, cpu_isa):
+    """The fused loss with a log-scale parameter and a target broadcast over the batch (stride 0): the AVX2 kernel
+    reads them in place, bit-identical to the call on contiguous copies; loss and gradients (reaching the
+    parameters) match the float64 reference."""
+    B, K, D = 37, 3, 4
+    logits, means, log_scales, target = mixture(B, K, D, seed=6)
+    spec = make_spec(kind, B, K, D, dtype=dtype, grad=False)
+    ref_spec = make_spec(kind, B, K, D, grad=False)
+    scale_param, target_param = log_scales[0], target[:1]
+
+    def run(dt, contiguous, sp):
+        leaves = [t.detach().to(dt).requires_grad_(True) for t in (logits, means, scale_param, target_param)]
+        ls, y = leaves[2].expand(B, K, D), leaves[3].expand(B, D)
+        if contiguous:
+            ls, y = ls.contiguous(), y.contiguous()
+        loss = (P.mdn_loss if dt != torch.float64 else reference_loss)(
+            *leaves[:2], ls, y, **({"physics": sp, "weight": 0.7, "reduction": "none"} if dt != torch.float64
+                                   else {"items": [(sp, 1.0)], "weight": 0.7}))
+        grads = torch.autograd.grad((loss * torch.linspace(0.5, 1.5, B, dtype=dt)).sum(), leaves)
+        return loss.detach(), grads
+
+    loss_v, grads_v = run(dtype, False, spec)
+    loss_c, grads_c = run(dtype, True, spec)
+    if cpu_isa == "avx2":
+        assert torch.equal(loss_v, loss_c)
+        for a, b in zip(grads_v[:2], grads_c[:2]):
+            assert torch.equal(a, b)
+    loss_r, grads_r = run(torch.float64, True, ref_spec)
+    tol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 8e-2)
+    assert rel_err(loss_v.double(), loss_r) <= tol[0]
+    for name, a, b in zip(("logits", "means", "log_scale parameter", "target parameter"), grads_v, grads_r):
+        assert rel_err(a.double(), b) <= tol[1], (name, rel_err(a.double(), b))
 
 
 @pytest.mark.parametrize("device", DEVICES)

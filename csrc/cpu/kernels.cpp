@@ -57,11 +57,28 @@ bool fast_layout(const at::Tensor& logits, const at::Tensor& means, const at::Te
   return logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
          means.size(1) * means.size(2) <= kFastMaxKD;
 }
-// float32 / bfloat16 / float16 (the lane-parallel kernel in the AVX2 build, the blocked path otherwise)
+// Each sample's row (dimensions 1 and up) contiguous, the batch stride free: row-strided views (a torch.split of one
+// network output) and batch broadcasts (stride 0: a log-scale parameter or a target expanded over the batch).
+bool rows_contiguous(const at::Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
+}
+// float32 / bfloat16 / float16 (the lane-parallel kernel in the AVX2 build, which reads rows in place at any batch
+// stride; the blocked path otherwise, contiguous inputs)
 bool use_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                    const at::Tensor& target) {
   const auto dt = means.scalar_type();
-  return (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf) && fast_layout(logits, means, log_scales, target);
+  if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) return false;
+#ifdef PHYSMDN_SOA_KERNELS
+  return rows_contiguous(logits) && rows_contiguous(means) && rows_contiguous(log_scales) &&
+         rows_contiguous(target) && means.size(1) * means.size(2) <= kFastMaxKD;
+#else
+  return fast_layout(logits, means, log_scales, target);
+#endif
 }
 // float64: the blocked path in float64
 bool use_double_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
@@ -69,16 +86,23 @@ bool use_double_path(const at::Tensor& logits, const at::Tensor& means, const at
   return means.scalar_type() == at::kDouble && fast_layout(logits, means, log_scales, target);
 }
 
-// Views with strided rows (torch.split / narrow / slicing of one network output into logits, means and
-// log-scales) are copied to contiguous tensors when that lets all four inputs take the fast paths: the copy reads and
-// writes each such input once, the generic per-sample loop is ~4x slower than copy + fast path (B = 65536, K = 8,
-// D = 4). Expanded inputs (a zero stride) are never copied (that would make a full [B, ...] tensor of a broadcast):
-// they are read in place by the generic loop.
+// Inputs as the kernels read them. The lane-parallel kernel (AVX2 build; lane_kernel: the caller's family runs on it)
+// reads rows in place at any batch stride (use_fast_path). For the blocked paths, views with strided rows are copied
+// to contiguous tensors when that lets all four inputs take them: the copy reads and writes each such input once,
+// the generic per-sample loop is ~4x slower than copy + fast path (B = 65536, K = 8, D = 4). Expanded inputs (a zero
+// stride) are never copied (that would make a full [B, ...] tensor of a broadcast): the blocked paths leave them to
+// the generic loop.
 struct MixtureInputs {
   at::Tensor logits, means, log_scales, target;
-  MixtureInputs(const at::Tensor& l, const at::Tensor& m, const at::Tensor& s, const at::Tensor& y)
+  MixtureInputs(const at::Tensor& l, const at::Tensor& m, const at::Tensor& s, const at::Tensor& y,
+                bool lane_kernel = true)
       : logits(l), means(m), log_scales(s), target(y) {
     if (fast_layout(l, m, s, y) || m.size(1) * m.size(2) > kFastMaxKD) return;
+#ifdef PHYSMDN_SOA_KERNELS
+    if (lane_kernel && use_fast_path(l, m, s, y)) return;
+#else
+    (void)lane_kernel;
+#endif
     const auto expanded = [](const at::Tensor& t) {
       for (int64_t d = 0; d < t.dim(); ++d)
         if (t.size(d) > 1 && t.stride(d) == 0) return true;
@@ -623,20 +647,28 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
   });
 }
 
+// The fused loss's families the lane-parallel AVX2 kernel runs when their parameters need no gradient: polynomial
+// with coefficients shared over D, linear, stencil.
+bool soa_family(const at::Tensor& p0, const PhysicsArgs& args, int order, int64_t rows, bool param_grad) {
+  if (param_grad) return false;
+  switch (args.family) {
+    case math::kPolynomial: return order <= math::kMaxOrder && p0.stride(2) == 0;
+    case math::kLinear: return rows > 0;
+    case math::kStencil: return order <= math::kMaxOrder;
+    default: return false;
+  }
+}
+
 #ifdef PHYSMDN_SOA_KERNELS
-// The lane-parallel AVX2 kernel takes the fused loss's polynomial family (coefficients shared over D), linear
-// and stencil families for contiguous float32 / bfloat16 / float16 inputs when the family's parameters need no gradient:
-// calls fn.template operator()<scalar_t>(physics policy) and returns true, or returns false.
+// For those families and float32 / bfloat16 / float16 inputs whose rows are contiguous (use_fast_path): calls
+// fn.template operator()<scalar_t>(physics policy) and returns true, or returns false.
 template <typename Fn>
 bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                       const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                       bool param_grad, Fn&& fn) {
-  if (param_grad || !use_fast_path(logits, means, log_scales, target)) return false;
-  const bool poly = args.family == math::kPolynomial && order <= math::kMaxOrder && p0.stride(2) == 0;
-  const bool linear = args.family == math::kLinear && rows > 0;
-  const bool stencil = args.family == math::kStencil && order <= math::kMaxOrder;
-  if (!poly && !linear && !stencil) return false;
+  if (!soa_family(p0, args, order, rows, param_grad) || !use_fast_path(logits, means, log_scales, target)) return false;
+  const bool poly = args.family == math::kPolynomial, stencil = args.family == math::kStencil;
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
     const scalar_t* ex = extra.has_value() ? extra->const_data_ptr<scalar_t>() : nullptr;
     const int64_t ex_sb = extra.has_value() ? extra->stride(0) : 0, ex_sk = extra.has_value() ? extra->stride(1) : 0;
@@ -860,7 +892,7 @@ void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, c
                       const at::Tensor& target_in, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                       at::Tensor& loss, at::Tensor& saved) {
-  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(p0, args, order, rows, false));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false,
@@ -896,7 +928,7 @@ bool mdn_loss_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_
                            at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
                            at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra,
                            double grad_scale) {
-  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(p0, args, order, rows, false));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // one pass for the loss and the gradients (lane-parallel kernel); otherwise op_impl runs forward + backward
@@ -930,7 +962,8 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
                        int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
                        at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                        at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra) {
-  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in,
+                         soa_family(p0, args, order, rows, grad_p0.numel() > 0 || grad_p1.numel() > 0));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // recomputes the forward per group (the saved state is not needed by the lane-parallel kernel)

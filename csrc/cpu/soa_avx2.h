@@ -1,5 +1,6 @@
-// AVX2+FMA mixture NLL (forward, forward with gradients, backward) for contiguous float32 / bfloat16 /
-// float16 inputs, vectorized across samples: a group of 8 samples is transposed in registers (8x8 tiles) so
+// AVX2+FMA mixture NLL (forward, forward with gradients, backward) for float32 / bfloat16 / float16 inputs whose
+// per-sample rows are contiguous (any batch stride: contiguous, row-strided views, batch broadcasts), vectorized
+// across samples: a group of 8 samples is transposed in registers (8x8 tiles) so
 // that lane i holds sample i. Every per-element and per-component step then runs on full vectors with no
 // horizontal reduction (the log-sum-exps over K are vertical max / exp / add), and the gradients are
 // transposed back on the way out. Inputs are read once and the outputs written once per call.
@@ -124,28 +125,30 @@ inline void transpose4x2(__m256 (&r)[4]) {
   r[3] = _mm256_shuffle_ps(t1, t3, 0xEE);
 }
 
-// [8, n] row-major (row i at src + i n) -> n vectors, vector c holding column c of the 8 rows: 8-column
-// tiles by 8x8 transposes, a 4-column tile by 4x4 ones, the last < 4 columns element by element.
-inline void to_lanes(const float* src, int64_t n, __m256* out) {
+// 8 rows of n floats (row i at src + i rs; rs = n: row-major [8, n], 0: one row broadcast) -> n vectors, vector c
+// holding column c of the 8 rows: 8-column tiles by 8x8 transposes, a 4-column tile by 4x4 ones, the last < 4
+// columns element by element.
+inline void to_lanes(const float* src, int64_t n, __m256* out, int64_t rs) {
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
     __m256 r[8];
-    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * n + c);
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * rs + c);
     transpose8(r);
     for (int j = 0; j < 8; ++j) out[c + j] = r[j];
   }
   if (c + 4 <= n) {
     __m256 r[4];
     for (int j = 0; j < 4; ++j)
-      r[j] = _mm256_set_m128(_mm_loadu_ps(src + (j + 4) * n + c), _mm_loadu_ps(src + j * n + c));
+      r[j] = _mm256_set_m128(_mm_loadu_ps(src + (j + 4) * rs + c), _mm_loadu_ps(src + j * rs + c));
     transpose4x2(r);
     for (int j = 0; j < 4; ++j) out[c + j] = r[j];
     c += 4;
   }
   for (; c < n; ++c)
-    out[c] = _mm256_setr_ps(src[c], src[n + c], src[2 * n + c], src[3 * n + c], src[4 * n + c], src[5 * n + c],
-                            src[6 * n + c], src[7 * n + c]);
+    out[c] = _mm256_setr_ps(src[c], src[rs + c], src[2 * rs + c], src[3 * rs + c], src[4 * rs + c], src[5 * rs + c],
+                            src[6 * rs + c], src[7 * rs + c]);
 }
+inline void to_lanes(const float* src, int64_t n, __m256* out) { to_lanes(src, n, out, n); }
 
 // Stores of 8 / 4 floats as float32, or converted to bfloat16 / float16 (round to nearest even, NaN kept).
 inline void store8(float* p, __m256 v, bool stream) { stream ? _mm256_stream_ps(p, v) : _mm256_storeu_ps(p, v); }
@@ -218,6 +221,14 @@ void to_float_rows(const scalar_t* src, int64_t n, int64_t nvalid, float* dst) {
   }
   for (; e < nvalid; ++e) dst[e] = static_cast<float>(src[e]);
   for (; e < n; ++e) dst[e] = 0.0f;  // padding rows: finite, discarded
+}
+
+// nrows rows of n values (row i at src + i rs) to float32 staging [8, n]: the rows converted, the rest zero.
+template <typename scalar_t>
+void to_float_rows(const scalar_t* src, int64_t rs, int64_t n, int64_t nrows, float* dst) {
+  if (rs == n) return to_float_rows(src, kLanes * n, nrows * n, dst);
+  for (int64_t i = 0; i < nrows; ++i) to_float_rows(src + i * rs, n, n, dst + i * n);
+  std::fill(dst + nrows * n, dst + kLanes * n, 0.0f);
 }
 
 // Shift of a log-sum-exp: the max, or 0 when every term is -inf (so that the LSE is -inf, not NaN).
@@ -596,16 +607,22 @@ inline void store_loss_saved(float* loss, float* saved, __m256 loss_v, const Lse
     for (int j = 0; j < kSaved; ++j) saved[kSaved * i + j] = s[j][i];
 }
 
-// One group of 8 samples (rows of lg [8, K], mu / ls [8, K, D], y [8, D]); g: upstream gradient per lane.
+// A group's 8 input rows per tensor: lg [K], mu / ls [K, D], y [D] per sample, row i of each at its pointer + i
+// times its row stride (the batch stride in place; 0 for a batch broadcast; the row length for staging).
+struct GroupIn {
+  const float *lg, *mu, *ls, *y;
+  int64_t lg_rs, mu_rs, ls_rs, y_rs;
+};
+
+// One group of 8 samples; g: upstream gradient per lane.
 // With an active Phys, the loss is the fused one: NLL + sum_k pi_k Q_k (saved[3] = sum_k pi_k Q_k).
 template <bool kGrad, typename Phys, typename grad_t>
-void group8(const float* lg_rows, const float* mu_rows, const float* ls_rows, const float* y_rows, __m256 g,
-            Scratch& w, Phys& phys, const GroupOut<grad_t>& out) {
+void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<grad_t>& out) {
   const int64_t K = w.K, D = w.D, KD = K * D;
-  to_lanes(mu_rows, KD, w.mu.data());
-  to_lanes(ls_rows, KD, w.ls.data());
-  to_lanes(y_rows, D, w.y.data());
-  to_lanes(lg_rows, K, w.lg.data());
+  to_lanes(in.mu, KD, w.mu.data(), in.mu_rs);
+  to_lanes(in.ls, KD, w.ls.data(), in.ls_rs);
+  to_lanes(in.y, D, w.y.data(), in.y_rs);
+  to_lanes(in.lg, K, w.lg.data(), in.lg_rs);
   const __m256 sign = _mm256_set1_ps(-0.0f), nhalf = _mm256_set1_ps(-0.5f), one = _mm256_set1_ps(1.0f);
   const __m256 zero = _mm256_setzero_ps();
   const __m256 offset = _mm256_set1_ps(static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi));
@@ -721,6 +738,9 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
   constexpr int kSaved = Phys::kSaved;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
   const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
+  // batch strides (rows contiguous: use_fast_path): KD / K / D when contiguous, 0 for a batch broadcast
+  const int64_t lg_sb = logits.stride(0), mu_sb = means.stride(0), ls_sb = log_scales.stride(0);
+  const int64_t y_sb = target.stride(0);
   const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
   const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
   const int64_t groups = (B + kLanes - 1) / kLanes;
@@ -746,18 +766,18 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
     for (int64_t grp = c * chunk, grp_end = std::min(groups, grp + chunk); grp < grp_end; ++grp) {
       const int64_t b0 = grp * kLanes, nb = std::min(kLanes, B - b0);
       const bool direct_in = std::is_same_v<scalar_t, float> && nb == kLanes;
-      const float *lg = nullptr, *mu = nullptr, *ls = nullptr, *y = nullptr;
+      GroupIn in{};
       if constexpr (std::is_same_v<scalar_t, float>) {
-        if (direct_in) {
-          lg = lg_all + b0 * K, mu = mu_all + b0 * KD, ls = ls_all + b0 * KD, y = y_all + b0 * D;
-        }
+        if (direct_in)
+          in = {lg_all + b0 * lg_sb, mu_all + b0 * mu_sb, ls_all + b0 * ls_sb, y_all + b0 * y_sb,
+                lg_sb, mu_sb, ls_sb, y_sb};
       }
       if (!direct_in) {
-        to_float_rows(lg_all + b0 * K, kLanes * K, nb * K, w.in_lg.data());
-        to_float_rows(mu_all + b0 * KD, kLanes * KD, nb * KD, w.in_mu.data());
-        to_float_rows(ls_all + b0 * KD, kLanes * KD, nb * KD, w.in_ls.data());
-        to_float_rows(y_all + b0 * D, kLanes * D, nb * D, w.in_y.data());
-        lg = w.in_lg.data(), mu = w.in_mu.data(), ls = w.in_ls.data(), y = w.in_y.data();
+        to_float_rows(lg_all + b0 * lg_sb, lg_sb, K, nb, w.in_lg.data());
+        to_float_rows(mu_all + b0 * mu_sb, mu_sb, KD, nb, w.in_mu.data());
+        to_float_rows(ls_all + b0 * ls_sb, ls_sb, KD, nb, w.in_ls.data());
+        to_float_rows(y_all + b0 * y_sb, y_sb, D, nb, w.in_y.data());
+        in = {w.in_lg.data(), w.in_mu.data(), w.in_ls.data(), w.in_y.data(), K, KD, KD, D};
       }
       for (int64_t i = 0; i < kLanes; ++i)
         g8[i] = i >= nb ? 0.0f : g_ptr ? static_cast<float>(g_ptr[(b0 + i) * g_stride]) : g_default;
@@ -773,14 +793,14 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
           out.ge = ge_all ? ge_all + b0 * K : nullptr;
           out.stream = stream;
         }
-        group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, phys, out);
+        group8<kGrad>(in, _mm256_load_ps(g8), w, phys, out);
       } else {
         GroupOut<float> out{loss8, saved8, nullptr, nullptr, nullptr, nullptr, nullptr};
         if constexpr (kGrad) {
           out.gl = w.out_gl.data(), out.gm = w.out_gm.data(), out.gs = w.out_gs.data(), out.gt = w.out_gt.data();
           out.ge = ge_all ? w.out_ge.data() : nullptr;
         }
-        group8<kGrad>(lg, mu, ls, y, _mm256_load_ps(g8), w, phys, out);
+        group8<kGrad>(in, _mm256_load_ps(g8), w, phys, out);
         if (saved_all) std::copy(saved8, saved8 + kSaved * nb, saved_all + kSaved * b0);
         if constexpr (kGrad) {
           store_rows(w.out_gl.data(), nb * K, gl_all + b0 * K);

@@ -250,8 +250,9 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
     Returns:
         The loss in the input dtype. float16/bfloat16 inputs accumulate in float32; under
         ``torch.autocast`` the inputs are cast to float32 and the loss is float32.
-        Expanded inputs are read in place; other non-contiguous views (e.g. split from one network
-        output) are copied to contiguous buffers on the CPU for the fast kernels. A NaN in one sample's
+        Expanded inputs are read in place. On the CPU the AVX2 kernel reads inputs whose per-sample rows
+        are contiguous (views split from one network output, a batch broadcast such as a shared log-scale
+        parameter) at any batch stride; other views are copied to contiguous buffers for the fast kernels. A NaN in one sample's
         inputs gives NaN for that sample only. ``B = 0`` gives an empty tensor (NaN for the mean, 0 for the sum, as torch).
     """
     if reduction not in ("none", "mean", "sum"):
