@@ -1,12 +1,13 @@
 """Benchmark physmdn.mixture_nll against the eager reference, torch.compile of it and torch.distributions.
 
     python bench/bench_nll.py [--device cpu|cuda] [--B 65536 --K 8 --D 4] [--sweep 1024,16384,262144]
-                              [--layout contiguous|split|broadcast]
+                              [--layout contiguous|split|broadcast|isotropic]
 
 --layout: how the inputs are laid out, the same for every implementation. ``contiguous``: four tensors.
 ``split``: logits, means and log-scales are views split from one ``[B, K + 2 K D]`` head output (row-strided),
 differentiated through the head. ``broadcast``: a homoscedastic MDN, one ``[K, D]`` log-scale parameter expanded
-over the batch (stride 0) and differentiated as the parameter.
+over the batch (stride 0) and differentiated as the parameter. ``isotropic``: one log-scale per component,
+``[B, K, 1]`` expanded over D (the classic MDN of spherical Gaussians).
 
 Prints one table (median, p20/p80, peak memory, physmdn speedup) with machine and versions, and appends
 it to bench/results/<machine>.md / .csv.
@@ -20,7 +21,7 @@ from _impls import implementations, make_inputs, requires_grad_copy
 
 import torch
 
-LAYOUTS = ("contiguous", "split", "broadcast")
+LAYOUTS = ("contiguous", "split", "broadcast", "isotropic")
 
 
 def make_inputs_factory(B, K, D, device, dtype=None, layout="contiguous"):
@@ -31,6 +32,8 @@ def make_inputs_factory(B, K, D, device, dtype=None, layout="contiguous"):
             inputs = [torch.cat([inputs[0], inputs[1].reshape(B, -1), inputs[2].reshape(B, -1)], dim=1), inputs[3]]
         elif layout == "broadcast":  # [logits, means, log-scale parameter [K, D], target]
             inputs[2] = inputs[2][0].clone()
+        elif layout == "isotropic":  # [logits, means, log-scales [B, K, 1], target]
+            inputs[2] = inputs[2][..., :1].clone()
         if not requires_grad:
             return inputs
         leaves = [t.detach().requires_grad_(i < len(inputs) - 1) for i, t in enumerate(inputs)]
@@ -45,7 +48,7 @@ def with_layout(fn, K, D, layout):
             lg, mu, ls = torch.split(head, [K, K * D, K * D], dim=1)
             return fn(lg, mu.view(-1, K, D), ls.view(-1, K, D), target)
         return split
-    if layout == "broadcast":
+    if layout in ("broadcast", "isotropic"):
         return lambda lg, mu, scale, target: fn(lg, mu, scale.expand(mu.shape), target)
     return fn
 

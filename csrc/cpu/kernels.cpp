@@ -57,25 +57,16 @@ bool fast_layout(const at::Tensor& logits, const at::Tensor& means, const at::Te
   return logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
          means.size(1) * means.size(2) <= kFastMaxKD;
 }
-// Each sample's row (dimensions 1 and up) contiguous, the batch stride free: row-strided views (a torch.split of one
-// network output) and batch broadcasts (stride 0: a log-scale parameter or a target expanded over the batch).
-bool rows_contiguous(const at::Tensor& t) {
-  int64_t expected = 1;
-  for (int64_t d = t.dim() - 1; d >= 1; --d) {
-    if (t.size(d) != 1 && t.stride(d) != expected) return false;
-    expected *= t.size(d);
-  }
-  return true;
-}
-// float32 / bfloat16 / float16 (the lane-parallel kernel in the AVX2 build, which reads rows in place at any batch
-// stride; the blocked path otherwise, contiguous inputs)
+// float32 / bfloat16 / float16: the lane-parallel kernel in the AVX2 build (any strides: rows contiguous per sample
+// are read in place at their batch stride, other layouts gathered per group of 8 samples), the blocked path
+// otherwise (contiguous inputs)
 bool use_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                    const at::Tensor& target) {
   const auto dt = means.scalar_type();
   if (dt != at::kFloat && dt != at::kBFloat16 && dt != at::kHalf) return false;
 #ifdef PHYSMDN_SOA_KERNELS
-  return rows_contiguous(logits) && rows_contiguous(means) && rows_contiguous(log_scales) &&
-         rows_contiguous(target) && means.size(1) * means.size(2) <= kFastMaxKD;
+  (void)logits, (void)log_scales, (void)target;
+  return means.size(1) * means.size(2) <= kFastMaxKD;
 #else
   return fast_layout(logits, means, log_scales, target);
 #endif
@@ -87,7 +78,7 @@ bool use_double_path(const at::Tensor& logits, const at::Tensor& means, const at
 }
 
 // Inputs as the kernels read them. The lane-parallel kernel (AVX2 build; lane_kernel: the caller's family runs on it)
-// reads rows in place at any batch stride (use_fast_path). For the blocked paths, views with strided rows are copied
+// takes every layout in place (use_fast_path). For the blocked paths, views with strided rows are copied
 // to contiguous tensors when that lets all four inputs take them: the copy reads and writes each such input once,
 // the generic per-sample loop is ~4x slower than copy + fast path (B = 65536, K = 8, D = 4). Expanded inputs (a zero
 // stride) are never copied (that would make a full [B, ...] tensor of a broadcast): the blocked paths leave them to

@@ -1,6 +1,6 @@
 // AVX2+FMA mixture NLL (forward, forward with gradients, backward) for float32 / bfloat16 / float16 inputs whose
-// per-sample rows are contiguous (any batch stride: contiguous, row-strided views, batch broadcasts), vectorized
-// across samples: a group of 8 samples is transposed in registers (8x8 tiles) so
+// per-sample rows are contiguous, at any batch stride (contiguous, row-strided views, batch broadcasts; other
+// layouts are gathered per group of 8 samples), vectorized across samples: a group of 8 samples is transposed in registers (8x8 tiles) so
 // that lane i holds sample i. Every per-element and per-component step then runs on full vectors with no
 // horizontal reduction (the log-sum-exps over K are vertical max / exp / add), and the gradients are
 // transposed back on the way out. Inputs are read once and the outputs written once per call.
@@ -229,6 +229,50 @@ void to_float_rows(const scalar_t* src, int64_t rs, int64_t n, int64_t nrows, fl
   if (rs == n) return to_float_rows(src, kLanes * n, nrows * n, dst);
   for (int64_t i = 0; i < nrows; ++i) to_float_rows(src + i * rs, n, n, dst + i * n);
   std::fill(dst + nrows * n, dst + kLanes * n, 0.0f);
+}
+
+// An input's layout, [B, n1, n2] at strides s0, s1, s2 (n2 = 1 for the 2-D logits and target). rows: each sample's
+// n1 n2 values are contiguous (read in place at the batch stride s0, which may be anything, 0 for a batch broadcast);
+// otherwise (inputs broadcast over K or D, transposed or sliced views) they are gathered into the staging rows.
+struct InLayout {
+  int64_t s0, s1, s2, n1, n2;
+  bool rows;
+  explicit InLayout(const at::Tensor& t)
+      : s0(t.stride(0)), s1(t.stride(1)), s2(t.dim() > 2 ? t.stride(2) : 0), n1(t.size(1)),
+        n2(t.dim() > 2 ? t.size(2) : 1),
+        rows((n2 == 1 || s2 == 1) && (n1 == 1 || s1 == n2)) {}
+};
+
+// A group's rows of one input as float32 rows at *rs apart: in place (float32 rows, a full group), else converted or
+// gathered into buf [8, n1 n2] (padding rows zero: finite, discarded).
+template <typename scalar_t>
+const float* group_rows(const scalar_t* all, const InLayout& in, int64_t b0, int64_t nb, float* buf, int64_t& rs) {
+  const int64_t n = in.n1 * in.n2;
+  rs = n;
+  if (in.rows) {
+    const scalar_t* src = all + b0 * in.s0;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (nb == kLanes) {
+        rs = in.s0;
+        return src;
+      }
+    }
+    to_float_rows(src, in.s0, n, nb, buf);
+    return buf;
+  }
+  for (int64_t i = 0; i < nb; ++i) {
+    const scalar_t* src = all + (b0 + i) * in.s0;
+    float* dst = buf + i * n;
+    for (int64_t a = 0; a < in.n1; ++a) {
+      if (in.s2 == 0) {  // broadcast over the last dimension (isotropic components)
+        std::fill(dst + a * in.n2, dst + (a + 1) * in.n2, static_cast<float>(src[a * in.s1]));
+        continue;
+      }
+      for (int64_t c = 0; c < in.n2; ++c) dst[a * in.n2 + c] = static_cast<float>(src[a * in.s1 + c * in.s2]);
+    }
+  }
+  std::fill(buf + nb * n, buf + kLanes * n, 0.0f);
+  return buf;
 }
 
 // Shift of a log-sum-exp: the max, or 0 when every term is -inf (so that the LSE is -inf, not NaN).
@@ -738,9 +782,7 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
   constexpr int kSaved = Phys::kSaved;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
   const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
-  // batch strides (rows contiguous: use_fast_path): KD / K / D when contiguous, 0 for a batch broadcast
-  const int64_t lg_sb = logits.stride(0), mu_sb = means.stride(0), ls_sb = log_scales.stride(0);
-  const int64_t y_sb = target.stride(0);
+  const InLayout lg_in(logits), mu_in(means), ls_in(log_scales), y_in(target);
   const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
   const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
   const int64_t groups = (B + kLanes - 1) / kLanes;
@@ -765,20 +807,11 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
          c = next.fetch_add(1, std::memory_order_relaxed))
     for (int64_t grp = c * chunk, grp_end = std::min(groups, grp + chunk); grp < grp_end; ++grp) {
       const int64_t b0 = grp * kLanes, nb = std::min(kLanes, B - b0);
-      const bool direct_in = std::is_same_v<scalar_t, float> && nb == kLanes;
-      GroupIn in{};
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (direct_in)
-          in = {lg_all + b0 * lg_sb, mu_all + b0 * mu_sb, ls_all + b0 * ls_sb, y_all + b0 * y_sb,
-                lg_sb, mu_sb, ls_sb, y_sb};
-      }
-      if (!direct_in) {
-        to_float_rows(lg_all + b0 * lg_sb, lg_sb, K, nb, w.in_lg.data());
-        to_float_rows(mu_all + b0 * mu_sb, mu_sb, KD, nb, w.in_mu.data());
-        to_float_rows(ls_all + b0 * ls_sb, ls_sb, KD, nb, w.in_ls.data());
-        to_float_rows(y_all + b0 * y_sb, y_sb, D, nb, w.in_y.data());
-        in = {w.in_lg.data(), w.in_mu.data(), w.in_ls.data(), w.in_y.data(), K, KD, KD, D};
-      }
+      GroupIn in;
+      in.lg = group_rows(lg_all, lg_in, b0, nb, w.in_lg.data(), in.lg_rs);
+      in.mu = group_rows(mu_all, mu_in, b0, nb, w.in_mu.data(), in.mu_rs);
+      in.ls = group_rows(ls_all, ls_in, b0, nb, w.in_ls.data(), in.ls_rs);
+      in.y = group_rows(y_all, y_in, b0, nb, w.in_y.data(), in.y_rs);
       for (int64_t i = 0; i < kLanes; ++i)
         g8[i] = i >= nb ? 0.0f : g_ptr ? static_cast<float>(g_ptr[(b0 + i) * g_stride]) : g_default;
       // full groups write their outputs in place (gradients in grad_t); the last, partial one goes through the
