@@ -2,6 +2,11 @@
 composition (reference NLL + plain-torch penalty) and torch.compile of it.
 
     python bench/bench_physics.py [--device cpu|cuda] [--B 65536 --K 8 --D 4 --J 3] [--family polynomial|linear|stencil]
+                                  [--coeff-grad]
+
+--coeff-grad: the family's coefficients are one learnable ``[1, K, 1, J + 1]`` tensor (an inverse problem: laws
+identified from data), differentiated in the forward + backward pass; otherwise they are component-specific
+``[B, K, 1, J + 1]`` data.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--J", type=int, default=3)
     p.add_argument("--family", default="polynomial", choices=["polynomial", "linear", "stencil"])
+    p.add_argument("--coeff-grad", action="store_true", help="learnable [1, K, 1, J + 1] coefficients")
     args = p.parse_args(argv)
     B, K, D, J, device = args.B, args.K, args.D, args.J, args.device
 
@@ -35,9 +41,9 @@ def main(argv=None):
             g = torch.Generator().manual_seed(0)
             ts = [torch.randn(B, K, generator=g), torch.randn(B, K, D, generator=g),
                   0.3 * torch.randn(B, K, D, generator=g) - 1.0, torch.randn(B, D, generator=g),
-                  0.3 * torch.randn(B, K, 1, max(J + 1, 2), generator=g)]  # component-specific coefficients
+                  0.3 * torch.randn(1 if args.coeff_grad else B, K, 1, max(J + 1, 2), generator=g)]
             ts = [t.to(device) for t in ts]
-            for t in ts[:3]:
+            for t in ts[:3] + (ts[4:] if args.coeff_grad else []):
                 t.requires_grad_(requires_grad)
             return ts
         return make
@@ -55,7 +61,8 @@ def main(argv=None):
     rows = []
     for b in shapes:
         B = b
-        rows += compare_impls(impls, make_inputs_factory(b), device, f"B={b} K={K} D={D} J={J} {args.family}",
+        shape = f"B={b} K={K} D={D} J={J} {args.family}" + (" coeff-grad" if args.coeff_grad else "")
+        rows += compare_impls(impls, make_inputs_factory(b), device, shape,
                               repeat=args.repeat, memory=not args.no_memory)
     main_rows = [r for r in rows if r["shape"].startswith(f"B={shapes[0]} ") and r["pass"] == "fwd+bwd"]
     notes = "fused physics loss forward+backward speedup: " + ", ".join(
@@ -63,7 +70,7 @@ def main(argv=None):
     if args.no_save:
         print(format_table(rows, COLUMNS)); print(notes)
     else:
-        write_results(f"mdn_loss_{args.family}", device, machine_info(device), rows, COLUMNS, notes)
+        write_results(f"mdn_loss_{args.family}" + ("_coeff_grad" if args.coeff_grad else ""), device, machine_info(device), rows, COLUMNS, notes)
     return rows
 
 

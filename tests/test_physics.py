@@ -9,7 +9,7 @@ import torch
 import physmdn
 from physmdn import physics as P
 from physmdn.reference import mixture_nll as reference_nll
-from conftest import DEVICES, assert_compiled_matches_eager, ops_on_3d, rel_err
+from conftest import DEVICES, assert_compiled_matches_eager, cpu_isas, ops_on_3d, rel_err
 
 
 def mixture(B, K, D, dtype=torch.float64, device="cpu", seed=0, scale=0.3):
@@ -500,6 +500,62 @@ def test_fused_polynomial_fast_path_dtypes_and_batches(shape, order, dtype, coef
     for name, gr, rg in zip(("logits", "means", "log_scales"), grads, ref_grads):
         assert gr.dtype == dtype
         assert rel_err(gr.double(), rg) <= tol[1], (name, rel_err(gr.double(), rg))
+
+
+@pytest.mark.parametrize("B", [37, 2003])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.4), ("mean", 0.0)])
+def test_fused_polynomial_coefficient_gradient(B, dtype, mode, noise, cpu_isa):
+    """Learnable coefficients (an inverse problem: the pitchfork's r, and per-component corrections [1, K, 1, 4]):
+    the AVX2 kernel's backward writes d loss / d c (shared over D), against the float64 reference."""
+    K, D = 5, 3
+    g = torch.Generator().manual_seed(B)
+    inputs = [t.to(dtype).requires_grad_(True) for t in mixture(B, K, D, seed=B + 2)]
+    r0, corr0 = torch.tensor(0.7, dtype=torch.float64), 0.2 * torch.randn(1, K, 1, 4, generator=g, dtype=torch.float64)
+
+    def coeffs(r, corr):
+        return torch.stack([torch.zeros_like(r), r, torch.zeros_like(r), -torch.ones_like(r)]) + corr
+
+    r, corr = r0.to(dtype).requires_grad_(True), corr0.to(dtype).requires_grad_(True)
+    spec = P.Polynomial(coeffs(r, corr), mode=mode, noise_scale=noise)
+    weights = torch.linspace(0.5, 1.5, B)
+    loss = P.mdn_loss(*inputs, physics=spec, weight=0.8, reduction="none")
+    grads = torch.autograd.grad((loss.float() * weights).sum(), inputs[:3] + [r, corr])
+    ref_inputs = [t.detach().double().requires_grad_(True) for t in inputs]
+    rr, rc = r.detach().double().requires_grad_(True), corr.detach().double().requires_grad_(True)
+    ref = reference_loss(*ref_inputs, [(P.Polynomial(coeffs(rr, rc), mode=mode, noise_scale=noise), 1.0)], 0.8)
+    ref_grads = torch.autograd.grad((ref * weights.double()).sum(), ref_inputs[:3] + [rr, rc])
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}[dtype]
+    assert rel_err(loss.double(), ref) <= tol[0]
+    for name, gr, rg in zip(("logits", "means", "log_scales", "r", "corrections"), grads, ref_grads):
+        assert gr.dtype == dtype
+        assert rel_err(gr.double(), rg) <= tol[1], (name, rel_err(gr.double(), rg))
+
+
+def test_fused_polynomial_coefficient_gradient_without_mass():
+    """A component without mass (pi = 0 exactly) whose penalty overflows (scales of e^30): it contributes nothing to
+    the coefficient gradient (0, not 0 * inf = NaN), on every CPU kernel; the kernels agree."""
+    B, K, D = 21, 3, 4
+    logits, means, log_scales, target = [t.float() for t in mixture(B, K, D, seed=4)]
+    logits[:, 1] = -1e4
+    log_scales[:, 1] = 30.0
+    results = []
+    for isa in cpu_isas():
+        prev = physmdn._C.set_cpu_isa(isa)
+        try:
+            c = torch.tensor([0.0, 0.7, 0.0, -1.0], requires_grad=True)
+            loss = P.mdn_loss(logits, means, log_scales, target, physics=P.Polynomial(c), weight=0.5)
+            results.append(torch.autograd.grad(loss, c)[0])
+        finally:
+            physmdn._C.set_cpu_isa(prev)
+    assert all(torch.isfinite(r).all() for r in results)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-5, atol=1e-6)
+    # the same as without the massless component
+    keep = [0, 2]
+    c = torch.tensor([0.0, 0.7, 0.0, -1.0], requires_grad=True)
+    loss = P.mdn_loss(logits[:, keep], means[:, keep], log_scales[:, keep], target, physics=P.Polynomial(c), weight=0.5)
+    torch.testing.assert_close(torch.autograd.grad(loss, c)[0], results[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

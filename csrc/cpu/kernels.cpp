@@ -638,14 +638,13 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
   });
 }
 
-// The fused loss's families the lane-parallel AVX2 kernel runs when their parameters need no gradient: polynomial
-// with coefficients shared over D, linear, stencil.
+// The fused loss's families the lane-parallel AVX2 kernel runs: polynomial with coefficients shared over D (also when
+// they need a gradient), linear and stencil when their parameters need none.
 bool soa_family(const at::Tensor& p0, const PhysicsArgs& args, int order, int64_t rows, bool param_grad) {
-  if (param_grad) return false;
   switch (args.family) {
-    case math::kPolynomial: return order <= math::kMaxOrder && p0.stride(2) == 0;
-    case math::kLinear: return rows > 0;
-    case math::kStencil: return order <= math::kMaxOrder;
+    case math::kPolynomial: return order <= math::kMaxOrder && p0.stride(2) == 0;  // with its coefficient gradient
+    case math::kLinear: return rows > 0 && !param_grad;
+    case math::kStencil: return order <= math::kMaxOrder && !param_grad;
     default: return false;
   }
 }
@@ -657,7 +656,7 @@ template <typename Fn>
 bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                       const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
-                      bool param_grad, Fn&& fn) {
+                      bool param_grad, float* poly_gp0, Fn&& fn) {
   if (!soa_family(p0, args, order, rows, param_grad) || !use_fast_path(logits, means, log_scales, target)) return false;
   const bool poly = args.family == math::kPolynomial, stencil = args.family == math::kStencil;
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
@@ -669,6 +668,7 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
       phys.c = make_strided<scalar_t>(p0);
       phys.order = order, phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
+      phys.gp0 = poly_gp0, phys.K = means.size(1), phys.D = means.size(2);
       fn.template operator()<scalar_t>(phys);
     } else if (stencil) {
       soa::StencilPhysics<scalar_t> phys;
@@ -886,7 +886,7 @@ void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, c
   const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(p0, args, order, rows, false));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
-  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false,
+  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false, nullptr,
                        [&]<typename scalar_t>(const auto& phys) {
                          soa::run<false, scalar_t>(logits, means, log_scales, target, phys, nullptr, 1.0f,
                                                    loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), nullptr,
@@ -924,7 +924,7 @@ bool mdn_loss_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_
 #ifdef PHYSMDN_SOA_KERNELS
   // one pass for the loss and the gradients (lane-parallel kernel); otherwise op_impl runs forward + backward
   const bool float_grads = grad_means.scalar_type() == at::kFloat;
-  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false,
+  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false, nullptr,
                        [&]<typename scalar_t>(const auto& phys) {
                          const auto run = [&]<typename grad_t>() {
                            soa::run<true, scalar_t, grad_t>(
@@ -959,7 +959,9 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
 #ifdef PHYSMDN_SOA_KERNELS
   // recomputes the forward per group (the saved state is not needed by the lane-parallel kernel)
   if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows,
-                       grad_p0.numel() > 0 || grad_p1.numel() > 0, [&]<typename scalar_t>(const auto& phys) {
+                       grad_p0.numel() > 0 || grad_p1.numel() > 0,
+                       grad_p0.numel() > 0 && grad_p0.scalar_type() == at::kFloat ? grad_p0.data_ptr<float>() : nullptr,
+                       [&]<typename scalar_t>(const auto& phys) {
                          soa::run<true, scalar_t>(logits, means, log_scales, target, phys, &grad_loss, 1.0f, nullptr,
                                                   nullptr, grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
                                                   grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>(),

@@ -339,6 +339,9 @@ struct PhysicsBase {
   std::vector<__m256> dmu, dls;  // [K * D] with kGrad: dQ/dmu, dQ/dlog_scale (before the weight)
 
   void begin_group(int64_t b0_, int64_t nb_) { b0 = b0_, nb = nb_; }
+  // family parameter gradients (a family that has them hides these): scaled per component, stored per group
+  void scale_param_grads(int64_t, __m256, __m256) {}
+  void store_param_grads() {}
   template <typename F>
   __m256 lanes(F&& at) const {
     // built in registers (8 scalar stores then one vector load would miss store forwarding, ~15 cycles a gather)
@@ -373,17 +376,23 @@ struct PhysicsBase {
 // Q_k = weight * sum_d E[p_k(Y_d)^2] + extra_k, Y_d ~ N(mu_kd, v_kd), v = max(exp(2 log_scale) - noise^2, 0) in
 // the exact mode and 0 in the mean mode (physics_math.h's formulas: with q = c * c, E[p^2] = sum_n q_n M_n,
 // M_n = mu M_{n-1} + (n - 1) v M_{n-2}, dE/dmu = sum_n q_n n M_{n-1}, dE/dv = sum_n q_n n (n - 1) / 2 M_{n-2}).
-// Coefficients and extra are gathered per lane (broadcast when shared over the batch).
+// Coefficients and extra are gathered per lane (broadcast when shared over the batch). With gp0 (a backward whose
+// coefficients need a gradient) also d loss / d c_bkdj = g w pi_k dE[p(Y_d)^2]/dc_j, dE/dc_j = 2 sum_i c_i M_{i+j}
+// (0 where pi_k = 0), into the full [B, K, D, J + 1] gradient that autograd reduces over the broadcast dimensions.
 template <typename coef_t>
 struct PolyPhysics : PhysicsBase<coef_t> {
   static constexpr bool kRowHook = false;
   math::Strided4<coef_t> c;
   int order = 0;
   __m256 q[2 * math::kMaxOrder + 1];  // per component: q = c * c
+  __m256 cv[math::kMaxOrder + 1];     // per component: c
   __m256 acc, fin;
+  float* gp0 = nullptr;               // [B, K, D, J + 1] or null
+  int64_t K = 0, D = 0;
+  std::vector<__m256> dc;             // [K, D, J + 1] of the group in lanes: dE/dc, then its share of the gradient
+  std::vector<float> dc_stage;        // [8, K D (J + 1)] for a partial group
 
   void begin_component(int64_t k) {
-    __m256 cv[math::kMaxOrder + 1];
     for (int i = 0; i <= order; ++i) cv[i] = this->per_component(c.s0 == 0, [&](int64_t b) { return c(b, k, 0, i); });
     for (int n = 0; n <= std::max(1, 2 * order); ++n) q[n] = _mm256_setzero_ps();  // q[1] is read for J = 0 too
     fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
@@ -401,6 +410,8 @@ struct PolyPhysics : PhysicsBase<coef_t> {
     __m256 m_prev2 = _mm256_set1_ps(1.0f), m_prev = m;
     __m256 pen = _mm256_fmadd_ps(q[1], m, q[0]);
     __m256 dm = q[1], dv = zero;
+    __m256 M[2 * math::kMaxOrder + 1];  // the moments, kept for the coefficient gradient
+    M[0] = m_prev2, M[1] = m;
     for (int n = 2; n <= 2 * order; ++n) {
       if constexpr (kGrad) {
         dm = _mm256_fmadd_ps(_mm256_mul_ps(q[n], _mm256_set1_ps(static_cast<float>(n))), m_prev, dm);
@@ -409,6 +420,7 @@ struct PolyPhysics : PhysicsBase<coef_t> {
       const __m256 mn =
           _mm256_fmadd_ps(m, m_prev, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(static_cast<float>(n - 1)), v), m_prev2));
       pen = _mm256_fmadd_ps(q[n], mn, pen);
+      M[n] = mn;
       m_prev2 = m_prev;
       m_prev = mn;
     }
@@ -417,9 +429,37 @@ struct PolyPhysics : PhysicsBase<coef_t> {
     if constexpr (kGrad) {
       this->dmu[e] = dm;
       this->dls[e] = _mm256_mul_ps(dv, dvdls);
+      if (gp0) {
+        __m256* out = dc.data() + e * (order + 1);
+        for (int j = 0; j <= order; ++j) {
+          __m256 s = zero;
+          for (int i = 0; i <= order; ++i) s = _mm256_fmadd_ps(cv[i], M[i + j], s);
+          out[j] = _mm256_add_ps(s, s);
+        }
+      }
     }
   }
   __m256 end_component(int64_t k) { return this->penalty(k, acc, fin); }
+  void begin_group(int64_t b0_, int64_t nb_) {
+    PhysicsBase<coef_t>::begin_group(b0_, nb_);
+    if (gp0 && dc.empty()) {
+      dc.resize(static_cast<size_t>(K * D * (order + 1)));
+      dc_stage.resize(kLanes * dc.size());
+    }
+  }
+  // scale: g w pi_k of component k, mass: pi_k > 0 (no mass, no gradient: 0, not 0 * inf)
+  void scale_param_grads(int64_t k, __m256 scale, __m256 mass) {
+    if (!gp0) return;
+    const int64_t n = D * (order + 1);
+    for (__m256 *p = dc.data() + k * n, *end = p + n; p != end; ++p) *p = _mm256_and_ps(mass, _mm256_mul_ps(scale, *p));
+  }
+  void store_param_grads() {
+    if (!gp0) return;
+    const int64_t n = static_cast<int64_t>(dc.size());
+    if (this->nb == kLanes) return from_lanes(dc.data(), n, gp0 + this->b0 * n);
+    from_lanes(dc.data(), n, dc_stage.data());
+    std::copy(dc_stage.data(), dc_stage.data() + this->nb * n, gp0 + this->b0 * n);
+  }
 };
 
 // The fused loss's linear family: per component k the penalty Q_k = weight * sum_m E[(A_k Y - b_k)_m^2] + extra_k
@@ -745,14 +785,17 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
           gm[d] = _mm256_fmadd_ps(scale, phys.dmu[k * D + d], gm[d]);
           gs[d] = _mm256_fmadd_ps(scale, phys.dls[k * D + d], gs[d]);
         }
+        phys.scale_param_grads(k, scale, mass);
       }
     }
     from_lanes(w.mu.data(), KD, out.gm, out.stream);
     from_lanes(w.ls.data(), KD, out.gs, out.stream);
     from_lanes(w.gl.data(), K, out.gl);
     from_lanes(w.gt.data(), D, out.gt);
-    if constexpr (Phys::kActive)
+    if constexpr (Phys::kActive) {
       if (out.ge) from_lanes(w.ge.data(), K, out.ge);
+      phys.store_param_grads();
+    }
   }
 }
 
