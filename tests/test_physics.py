@@ -532,30 +532,39 @@ def test_fused_polynomial_coefficient_gradient(B, dtype, mode, noise, cpu_isa):
         assert rel_err(gr.double(), rg) <= tol[1], (name, rel_err(gr.double(), rg))
 
 
-def test_fused_polynomial_coefficient_gradient_without_mass():
-    """A component without mass (pi = 0 exactly) whose penalty overflows (scales of e^30): it contributes nothing to
-    the coefficient gradient (0, not 0 * inf = NaN), on every CPU kernel; the kernels agree."""
+@pytest.mark.parametrize("kind", ["polynomial", "linear", "stencil"])
+def test_fused_parameter_gradient_without_mass(kind):
+    """A component without mass (pi = 0 exactly) whose penalty overflows (scales of e^50): it contributes nothing to
+    the family parameters' gradients (0, not 0 * inf = NaN), on every CPU kernel; the kernels agree, and equal the
+    call without that component."""
     B, K, D = 21, 3, 4
     logits, means, log_scales, target = [t.float() for t in mixture(B, K, D, seed=4)]
     logits[:, 1] = -1e4
-    log_scales[:, 1] = 30.0
+    log_scales[:, 1] = 50.0
+    g = torch.Generator().manual_seed(9)
+    law = torch.tensor([0.0, 0.7, 0.0, -1.0])
+    base = {"polynomial": [law], "linear": [torch.randn(1, 1, 2, D, generator=g), torch.randn(1, 1, 2, generator=g)],
+            "stencil": [torch.full((1, 1), 0.4), law[None, None]]}[kind]
+
+    def param_grads(keep=slice(None)):
+        params = [t.clone().requires_grad_(True) for t in base]
+        spec = {"polynomial": P.Polynomial, "linear": P.Linear, "stencil": P.Stencil1D}[kind](*params)
+        loss = P.mdn_loss(logits[:, keep], means[:, keep], log_scales[:, keep], target, physics=spec, weight=0.5)
+        return torch.autograd.grad(loss, params)
+
     results = []
     for isa in cpu_isas():
         prev = physmdn._C.set_cpu_isa(isa)
         try:
-            c = torch.tensor([0.0, 0.7, 0.0, -1.0], requires_grad=True)
-            loss = P.mdn_loss(logits, means, log_scales, target, physics=P.Polynomial(c), weight=0.5)
-            results.append(torch.autograd.grad(loss, c)[0])
+            results.append(param_grads())
         finally:
             physmdn._C.set_cpu_isa(prev)
-    assert all(torch.isfinite(r).all() for r in results)
-    for other in results[1:]:
-        torch.testing.assert_close(other, results[0], rtol=1e-5, atol=1e-6)
-    # the same as without the massless component
-    keep = [0, 2]
-    c = torch.tensor([0.0, 0.7, 0.0, -1.0], requires_grad=True)
-    loss = P.mdn_loss(logits[:, keep], means[:, keep], log_scales[:, keep], target, physics=P.Polynomial(c), weight=0.5)
-    torch.testing.assert_close(torch.autograd.grad(loss, c)[0], results[0], rtol=1e-5, atol=1e-6)
+    for grads in results:
+        assert all(torch.isfinite(t).all() for t in grads)
+        for a, b in zip(grads, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(param_grads([0, 2]), results[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -638,13 +638,13 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
   });
 }
 
-// The fused loss's families the lane-parallel AVX2 kernel runs: polynomial with coefficients shared over D (also when
-// they need a gradient), linear and stencil when their parameters need none.
-bool soa_family(const at::Tensor& p0, const PhysicsArgs& args, int order, int64_t rows, bool param_grad) {
+// The fused loss's families the lane-parallel AVX2 kernel runs (also when their parameters need a gradient):
+// polynomial with coefficients shared over D, linear, stencil.
+bool soa_family(const at::Tensor& p0, const PhysicsArgs& args, int order, int64_t rows) {
   switch (args.family) {
-    case math::kPolynomial: return order <= math::kMaxOrder && p0.stride(2) == 0;  // with its coefficient gradient
-    case math::kLinear: return rows > 0 && !param_grad;
-    case math::kStencil: return order <= math::kMaxOrder && !param_grad;
+    case math::kPolynomial: return order <= math::kMaxOrder && p0.stride(2) == 0;
+    case math::kLinear: return rows > 0;
+    case math::kStencil: return order <= math::kMaxOrder;
     default: return false;
   }
 }
@@ -652,12 +652,15 @@ bool soa_family(const at::Tensor& p0, const PhysicsArgs& args, int order, int64_
 #ifdef PHYSMDN_SOA_KERNELS
 // For those families and float32 / bfloat16 / float16 inputs whose rows are contiguous (use_fast_path): calls
 // fn.template operator()<scalar_t>(physics policy) and returns true, or returns false.
+// A float32 gradient output's data, or null (not requested: empty; other dtypes: not the lane kernel's)
+float* float_data_or_null(at::Tensor& t) { return t.numel() > 0 && t.scalar_type() == at::kFloat ? t.data_ptr<float>() : nullptr; }
+
 template <typename Fn>
 bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                       const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
-                      bool param_grad, float* poly_gp0, Fn&& fn) {
-  if (!soa_family(p0, args, order, rows, param_grad) || !use_fast_path(logits, means, log_scales, target)) return false;
+                      float* gp0, float* gp1, Fn&& fn) {
+  if (!soa_family(p0, args, order, rows) || !use_fast_path(logits, means, log_scales, target)) return false;
   const bool poly = args.family == math::kPolynomial, stencil = args.family == math::kStencil;
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
     const scalar_t* ex = extra.has_value() ? extra->const_data_ptr<scalar_t>() : nullptr;
@@ -668,7 +671,7 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
       phys.c = make_strided<scalar_t>(p0);
       phys.order = order, phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
-      phys.gp0 = poly_gp0, phys.K = means.size(1), phys.D = means.size(2);
+      phys.gp0 = gp0, phys.K = means.size(1), phys.D = means.size(2);
       fn.template operator()<scalar_t>(phys);
     } else if (stencil) {
       soa::StencilPhysics<scalar_t> phys;
@@ -677,12 +680,14 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
       phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
       phys.inv_h2 = static_cast<float>(1.0 / (args.spacing * args.spacing));
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
+      phys.gp0 = gp0, phys.gp1 = gp1, phys.K = means.size(1);
       fn.template operator()<scalar_t>(phys);
     } else {
       soa::LinearPhysics<scalar_t> phys;
       phys.A = make_strided<scalar_t>(p0), phys.b = make_strided<scalar_t>(p1);
       phys.rows = rows, phys.D = means.size(2), phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
+      phys.gp0 = gp0, phys.gp1 = gp1;
       phys.setup(means.size(1));
       fn.template operator()<scalar_t>(phys);
     }
@@ -883,10 +888,10 @@ void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, c
                       const at::Tensor& target_in, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                       at::Tensor& loss, at::Tensor& saved) {
-  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(p0, args, order, rows, false));
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(p0, args, order, rows));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
-  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false, nullptr,
+  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, nullptr, nullptr,
                        [&]<typename scalar_t>(const auto& phys) {
                          soa::run<false, scalar_t>(logits, means, log_scales, target, phys, nullptr, 1.0f,
                                                    loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), nullptr,
@@ -919,12 +924,12 @@ bool mdn_loss_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_
                            at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
                            at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra,
                            double grad_scale) {
-  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(p0, args, order, rows, false));
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(p0, args, order, rows));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // one pass for the loss and the gradients (lane-parallel kernel); otherwise op_impl runs forward + backward
   const bool float_grads = grad_means.scalar_type() == at::kFloat;
-  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, false, nullptr,
+  if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, nullptr, nullptr,
                        [&]<typename scalar_t>(const auto& phys) {
                          const auto run = [&]<typename grad_t>() {
                            soa::run<true, scalar_t, grad_t>(
@@ -954,13 +959,12 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
                        at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                        at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra) {
   const MixtureInputs in(logits_in, means_in, log_scales_in, target_in,
-                         soa_family(p0, args, order, rows, grad_p0.numel() > 0 || grad_p1.numel() > 0));
+                         soa_family(p0, args, order, rows));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // recomputes the forward per group (the saved state is not needed by the lane-parallel kernel)
   if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows,
-                       grad_p0.numel() > 0 || grad_p1.numel() > 0,
-                       grad_p0.numel() > 0 && grad_p0.scalar_type() == at::kFloat ? grad_p0.data_ptr<float>() : nullptr,
+                       float_data_or_null(grad_p0), float_data_or_null(grad_p1),
                        [&]<typename scalar_t>(const auto& phys) {
                          soa::run<true, scalar_t>(logits, means, log_scales, target, phys, &grad_loss, 1.0f, nullptr,
                                                   nullptr, grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),

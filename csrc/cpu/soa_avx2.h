@@ -342,6 +342,17 @@ struct PhysicsBase {
   // family parameter gradients (a family that has them hides these): scaled per component, stored per group
   void scale_param_grads(int64_t, __m256, __m256) {}
   void store_param_grads() {}
+  // n lanes vectors times scale = g w pi_k where mass (pi_k > 0), 0 elsewhere (no mass, no gradient: not 0 * inf)
+  static void scale_masked(__m256* p, int64_t n, __m256 scale, __m256 mass) {
+    for (__m256* end = p + n; p != end; ++p) *p = _mm256_and_ps(mass, _mm256_mul_ps(scale, *p));
+  }
+  // the group's rows of a full-size [B, n] parameter gradient from n lanes vectors (stage: [8, >= n] floats)
+  void store_lanes(const std::vector<__m256>& v, float* all, std::vector<float>& stage) const {
+    const int64_t n = static_cast<int64_t>(v.size());
+    if (nb == kLanes) return from_lanes(v.data(), n, all + b0 * n);
+    from_lanes(v.data(), n, stage.data());
+    std::copy(stage.data(), stage.data() + nb * n, all + b0 * n);
+  }
   template <typename F>
   __m256 lanes(F&& at) const {
     // built in registers (8 scalar stores then one vector load would miss store forwarding, ~15 cycles a gather)
@@ -447,27 +458,26 @@ struct PolyPhysics : PhysicsBase<coef_t> {
       dc_stage.resize(kLanes * dc.size());
     }
   }
-  // scale: g w pi_k of component k, mass: pi_k > 0 (no mass, no gradient: 0, not 0 * inf)
   void scale_param_grads(int64_t k, __m256 scale, __m256 mass) {
-    if (!gp0) return;
-    const int64_t n = D * (order + 1);
-    for (__m256 *p = dc.data() + k * n, *end = p + n; p != end; ++p) *p = _mm256_and_ps(mass, _mm256_mul_ps(scale, *p));
+    if (gp0) this->scale_masked(dc.data() + k * D * (order + 1), D * (order + 1), scale, mass);
   }
   void store_param_grads() {
-    if (!gp0) return;
-    const int64_t n = static_cast<int64_t>(dc.size());
-    if (this->nb == kLanes) return from_lanes(dc.data(), n, gp0 + this->b0 * n);
-    from_lanes(dc.data(), n, dc_stage.data());
-    std::copy(dc_stage.data(), dc_stage.data() + this->nb * n, gp0 + this->b0 * n);
+    if (gp0) this->store_lanes(dc, gp0, dc_stage);
   }
 };
 
 // The fused loss's linear family: per component k the penalty Q_k = weight * sum_m E[(A_k Y - b_k)_m^2] + extra_k
 // = weight * sum_m (e_m^2 + sum_d A_md^2 v_d) + extra_k with e = A_k mu_k - b_k and v as for the polynomial
-// (physics_math.h's linear_penalty); dQ/dmu_d = 2 sum_m e_m A_md, dQ/dv_d = sum_m A_md^2.
+// (physics_math.h's linear_penalty); dQ/dmu_d = 2 sum_m e_m A_md, dQ/dv_d = sum_m A_md^2. With gp0 / gp1 (a
+// backward whose A / b need a gradient) also d loss / dA_md = g w pi_k 2 (e_m mu_d + A_md v_d) and
+// d loss / db_m = -g w pi_k 2 e_m (0 where pi_k = 0), full-size [B, K, M, D] / [B, K, M].
 template <typename coef_t>
 struct LinearPhysics : PhysicsBase<coef_t> {
   static constexpr bool kRowHook = false;
+  float *gp0 = nullptr, *gp1 = nullptr;  // [B, K, M, D], [B, K, M] or null
+  std::vector<__m256> mv;                // [2 D] the component's means and variances (for gp0)
+  std::vector<__m256> da, db;            // [K, M, D], [K, M] of the group in lanes
+  std::vector<float> stage;              // [8, K M D] for a partial group
   math::Strided4<coef_t> A, b;  // A [B, K, M, D], b [B, K, M] (stride 0 where broadcast)
   int64_t rows = 0, D = 0;
   // A contiguous per sample ([B, K, M, D] with real B): each group's rows are transposed into lanes once
@@ -476,13 +486,19 @@ struct LinearPhysics : PhysicsBase<coef_t> {
   std::vector<__m256> a_lanes;  // [K * M * D]
   std::vector<float> a_stage;   // [8, K * M * D] (partial groups, reduced-precision coefficients)
 
-  void setup(int64_t K) {
+  int64_t K = 0;
+  void setup(int64_t K_) {
+    K = K_;
     const int64_t n = K * rows * D;
     a_rows = A.s0 == n && A.s1 == rows * D && A.s2 == D && A.s3 == 1;
     if (a_rows) a_lanes.resize(n), a_stage.resize(kLanes * n);
   }
   void begin_group(int64_t b0_, int64_t nb_) {
     PhysicsBase<coef_t>::begin_group(b0_, nb_);
+    if ((gp0 || gp1) && stage.empty()) {
+      mv.resize(2 * D), da.resize(gp0 ? K * rows * D : 0), db.resize(gp1 ? K * rows : 0);
+      stage.resize(kLanes * K * rows * D);
+    }
     if (!a_rows) return;
     const int64_t n = static_cast<int64_t>(a_lanes.size());
     const coef_t* src = A.data + b0_ * A.s0;
@@ -529,6 +545,7 @@ struct LinearPhysics : PhysicsBase<coef_t> {
     __m256 v, dvdls;
     this->variance(l, v, dvdls);
     acc = _mm256_fmadd_ps(v, col, acc);
+    if (gp0) mv[2 * d] = m, mv[2 * d + 1] = v;
     if constexpr (kGrad) this->dls[idx] = _mm256_mul_ps(col, dvdls);
   }
   __m256 end_component(int64_t k) {
@@ -540,8 +557,23 @@ struct LinearPhysics : PhysicsBase<coef_t> {
         for (int64_t r = 0; r < rows; ++r) g = _mm256_fmadd_ps(e[r], a_k[r * D + d], g);
         this->dmu[k * D + d] = _mm256_add_ps(g, g);
       }
+      for (int64_t r = 0; gp0 && r < rows; ++r)  // dE/dA_rd = 2 (e_r mu_d + A_rd v_d)
+        for (int64_t d = 0; d < D; ++d) {
+          const __m256 t = _mm256_fmadd_ps(e[r], mv[2 * d], _mm256_mul_ps(a_k[r * D + d], mv[2 * d + 1]));
+          da[(k * rows + r) * D + d] = _mm256_add_ps(t, t);
+        }
+      for (int64_t r = 0; gp1 && r < rows; ++r)  // dE/db_r = -2 e_r
+        db[k * rows + r] = _mm256_mul_ps(_mm256_set1_ps(-2.0f), e[r]);
     }
     return this->penalty(k, total, fin);
+  }
+  void scale_param_grads(int64_t k, __m256 scale, __m256 mass) {
+    if (gp0) this->scale_masked(da.data() + k * rows * D, rows * D, scale, mass);
+    if (gp1) this->scale_masked(db.data() + k * rows, rows, scale, mass);
+  }
+  void store_param_grads() {
+    if (gp0) this->store_lanes(da, gp0, stage);
+    if (gp1) this->store_lanes(db, gp1, stage);
   }
 };
 
@@ -554,7 +586,25 @@ struct StencilPhysics : PhysicsBase<coef_t> {
   static constexpr bool kRowHook = true;
   math::Strided4<coef_t> diffusion, reaction;  // [B, K], [B, K, J + 1] (stride 0 where broadcast)
   int order = 0, boundary = math::kPeriodic;
-  int64_t D = 0;
+  int64_t K = 0, D = 0;
+  // With gp0 / gp1 (a backward whose diffusion / reaction need a gradient), as physics_math.h's stencil_penalty:
+  // dP/dc_j = sum_i 2 (N_i M_j + sum_l c'_l M_{j+l}), dP/da = sum_i (2 er_i nsum_i + 2 a Var(N_i) + diag_i dP_i/dc'_1)
+  // (then times 1 / h^2 for the diffusion), into full-size [B, K] / [B, K, J + 1] gradients.
+  float *gp0 = nullptr, *gp1 = nullptr;
+  std::vector<__m256> ga, gc;  // [K], [K, J + 1] of the group in lanes
+  std::vector<float> stage;    // [8, K (J + 1)] for a partial group
+  void begin_group(int64_t b0_, int64_t nb_) {
+    PhysicsBase<coef_t>::begin_group(b0_, nb_);
+    if ((gp0 || gp1) && stage.empty()) ga.resize(K), gc.resize(K * (order + 1)), stage.resize(kLanes * K * (order + 1));
+  }
+  void scale_param_grads(int64_t k, __m256 scale, __m256 mass) {
+    if (gp0) this->scale_masked(ga.data() + k, 1, scale, mass);
+    if (gp1) this->scale_masked(gc.data() + k * (order + 1), order + 1, scale, mass);
+  }
+  void store_param_grads() {
+    if (gp0) this->store_lanes(ga, gp0, stage);
+    if (gp1) this->store_lanes(gc, gp1, stage);
+  }
   float inv_h2 = 1.0f;
   __m256 total, fin;
   std::vector<__m256> var, dvar;  // [D] per component
@@ -581,8 +631,12 @@ struct StencilPhysics : PhysicsBase<coef_t> {
     }
     auto& dmu = this->dmu;
     auto& dls = this->dls;
+    const bool params = kGrad && (gp0 || gp1);
     if constexpr (kGrad)
       for (int64_t d = 0; d < D; ++d) dmu[k * D + d] = dls[k * D + d] = zero;
+    __m256 grad_a = zero;
+    if (params)
+      for (int j = 0; j <= J; ++j) gc[k * (J + 1) + j] = zero;
     total = zero;
     for (int64_t i = 0; i < D; ++i) {
       const math::StencilRow row = math::stencil_row(i, D, boundary);
@@ -637,8 +691,22 @@ struct StencilPhysics : PhysicsBase<coef_t> {
         dmu[k * D + i] = _mm256_add_ps(dmu[k * D + i], _mm256_fmadd_ps(_mm256_mul_ps(two, n_mean), dep_dm, dep2_dm));
         dls[k * D + i] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_mul_ps(two, n_mean), dep_dv, dep2_dv), dvar[i],
                                          dls[k * D + i]);
+        if (params) {  // dP_i/dc'_j = 2 (N_i M_j + sum_l c'_l M_{j+l})
+          __m256 dc1 = zero;
+          for (int j = 0; j <= Jp; ++j) {
+            __m256 sum = _mm256_mul_ps(n_mean, M[j]);
+            for (int l = 0; l <= Jp; ++l) sum = _mm256_fmadd_ps(c[l], M[j + l], sum);
+            const __m256 dcj = _mm256_add_ps(sum, sum);
+            if (j == 1) dc1 = dcj;
+            if (j <= J) gc[k * (J + 1) + j] = _mm256_add_ps(gc[k * (J + 1) + j], dcj);
+          }
+          const __m256 t = _mm256_fmadd_ps(er, nsum, _mm256_mul_ps(a, nvar));
+          grad_a = _mm256_add_ps(grad_a,
+                                 _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(row.diag)), dc1, _mm256_add_ps(t, t)));
+        }
       }
     }
+    if (params) ga[k] = _mm256_mul_ps(grad_a, _mm256_set1_ps(inv_h2));
   }
   __m256 end_component(int64_t k) { return this->penalty(k, total, fin); }
 };
