@@ -452,12 +452,15 @@ def test_field_stability_separates_stable_and_unstable_states(boundary):
 
 @pytest.mark.parametrize("shape", [(131, 5, 3), (64, 8, 4), (1, 1, 1), (70, 3, 17)])
 @pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.6), ("mean", 0.0)])
-@pytest.mark.parametrize("coeff_layout", ["per_sample_component", "per_component", "shared"])
+@pytest.mark.parametrize("coeff_layout", ["per_sample_component", "per_component", "shared", "per_dim",
+                                          "per_sample_dim"])
 def test_fused_polynomial_fast_path_float32(shape, mode, noise, coeff_layout, cpu_isa):
-    """float32, coefficients shared over D and no coefficient gradient: the CPU's vectorized polynomial path."""
+    """float32, coefficients shared over D or per dimension (the AVX2 kernel loads those per element), no coefficient
+    gradient: the CPU's vectorized polynomial path."""
     B, K, D = shape
     g = torch.Generator().manual_seed(B + K + D)
-    layout = {"per_sample_component": (B, K, 1, 4), "per_component": (1, K, 1, 6), "shared": (1, 1, 1, 3)}[coeff_layout]
+    layout = {"per_sample_component": (B, K, 1, 4), "per_component": (1, K, 1, 6), "shared": (1, 1, 1, 3),
+              "per_dim": (1, K, D, 4), "per_sample_dim": (B, 1, D, 3)}[coeff_layout]
     coeffs = 0.5 * torch.randn(*layout, generator=g, dtype=torch.float64)
     inputs = [t.float().requires_grad_(True) for t in mixture(B, K, D, seed=B * 7 + D)]
     items = [(P.Polynomial(coeffs.float(), mode=mode, noise_scale=noise), 0.8), (P.Bounds(-1.5, 1.5), 0.3)]
@@ -477,13 +480,14 @@ def test_fused_polynomial_fast_path_float32(shape, mode, noise, coeff_layout, cp
     (dt, sh, o) for dt in (torch.bfloat16, torch.float16, torch.float32)
     for sh, o in (((2003, 8, 4), 3), ((77, 5, 3), 8), ((9, 1, 1), 1))
     if not (dt == torch.float16 and o == 8)])  # order 8: moments up to 16th, beyond float16's range (inf, correctly)
-@pytest.mark.parametrize("coeff_layout", ["per_sample_component", "shared"])
+@pytest.mark.parametrize("coeff_layout", ["per_sample_component", "shared", "per_dim"])
 def test_fused_polynomial_fast_path_dtypes_and_batches(shape, order, dtype, coeff_layout, cpu_isa):
     """The lane-parallel AVX2 path takes float32 / bfloat16 / float16 (float32 accumulation), batches spanning many
     chunks with a partial last group, orders up to kMaxOrder = 8, an extra [B, K] penalty from a second spec."""
     B, K, D = shape
     g = torch.Generator().manual_seed(B + order)
-    layout = (B, K, 1, order + 1) if coeff_layout == "per_sample_component" else (1, 1, 1, order + 1)
+    layout = {"per_sample_component": (B, K, 1, order + 1), "shared": (1, 1, 1, order + 1),
+              "per_dim": (1, K, D, order + 1)}[coeff_layout]
     coeffs = (0.6 / (order + 1)) * torch.randn(*layout, generator=g, dtype=torch.float64)
     inputs = [t.to(dtype).requires_grad_(True) for t in mixture(B, K, D, seed=B + 1)]
     items = [(P.Polynomial(coeffs.to(dtype), noise_scale=0.2), 0.8), (P.Bounds(-1.5, 1.5), 0.3)]

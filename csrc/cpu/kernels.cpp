@@ -639,10 +639,10 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
 }
 
 // The fused loss's families the lane-parallel AVX2 kernel runs (also when their parameters need a gradient):
-// polynomial with coefficients shared over D, linear, stencil.
+// polynomial, linear, stencil.
 bool soa_family(const at::Tensor& p0, const PhysicsArgs& args, int order, int64_t rows) {
   switch (args.family) {
-    case math::kPolynomial: return order <= math::kMaxOrder && p0.stride(2) == 0;
+    case math::kPolynomial: return order <= math::kMaxOrder;
     case math::kLinear: return rows > 0;
     case math::kStencil: return order <= math::kMaxOrder;
     default: return false;
@@ -671,7 +671,7 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
       phys.c = make_strided<scalar_t>(p0);
       phys.order = order, phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
-      phys.gp0 = gp0, phys.K = means.size(1), phys.D = means.size(2);
+      phys.gp0 = gp0, phys.K = means.size(1), phys.D = means.size(2), phys.per_dim = p0.stride(2) != 0;
       fn.template operator()<scalar_t>(phys);
     } else if (stencil) {
       soa::StencilPhysics<scalar_t> phys;

@@ -383,7 +383,7 @@ struct PhysicsBase {
   }
 };
 
-// The fused loss's polynomial family with coefficients shared over D: per component k the penalty
+// The fused loss's polynomial family (coefficients per component, or per component and dimension): the penalty
 // Q_k = weight * sum_d E[p_k(Y_d)^2] + extra_k, Y_d ~ N(mu_kd, v_kd), v = max(exp(2 log_scale) - noise^2, 0) in
 // the exact mode and 0 in the mean mode (physics_math.h's formulas: with q = c * c, E[p^2] = sum_n q_n M_n,
 // M_n = mu M_{n-1} + (n - 1) v M_{n-2}, dE/dmu = sum_n q_n n M_{n-1}, dE/dv = sum_n q_n n (n - 1) / 2 M_{n-2}).
@@ -395,26 +395,33 @@ struct PolyPhysics : PhysicsBase<coef_t> {
   static constexpr bool kRowHook = false;
   math::Strided4<coef_t> c;
   int order = 0;
-  __m256 q[2 * math::kMaxOrder + 1];  // per component: q = c * c
-  __m256 cv[math::kMaxOrder + 1];     // per component: c
+  __m256 q[2 * math::kMaxOrder + 1];  // per component (per element when per_dim): q = c * c
+  __m256 cv[math::kMaxOrder + 1];     // per component (per element when per_dim): c
   __m256 acc, fin;
   float* gp0 = nullptr;               // [B, K, D, J + 1] or null
-  int64_t K = 0, D = 0;
+  int64_t K = 0, D = 0, cur_k = 0;
+  bool per_dim = false;               // coefficients that vary over D (c.s2 != 0): loaded per element
   std::vector<__m256> dc;             // [K, D, J + 1] of the group in lanes: dE/dc, then its share of the gradient
   std::vector<float> dc_stage;        // [8, K D (J + 1)] for a partial group
 
-  void begin_component(int64_t k) {
-    for (int i = 0; i <= order; ++i) cv[i] = this->per_component(c.s0 == 0, [&](int64_t b) { return c(b, k, 0, i); });
+  // c and q = c * c of component k, dimension d, in lanes (fin: and their finiteness)
+  void load_coefficients(int64_t k, int64_t d) {
+    for (int i = 0; i <= order; ++i) cv[i] = this->per_component(c.s0 == 0, [&](int64_t b) { return c(b, k, d, i); });
     for (int n = 0; n <= std::max(1, 2 * order); ++n) q[n] = _mm256_setzero_ps();  // q[1] is read for J = 0 too
-    fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (int i = 0; i <= order; ++i) {
       fin = _mm256_and_ps(fin, finite_mask(cv[i]));
       for (int j = 0; j <= order; ++j) q[i + j] = _mm256_fmadd_ps(cv[i], cv[j], q[i + j]);
     }
+  }
+  void begin_component(int64_t k) {
+    cur_k = k;
+    fin = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    if (!per_dim) load_coefficients(k, 0);
     acc = _mm256_setzero_ps();
   }
   template <bool kGrad>
   void element(int64_t e, __m256 m, __m256 l) {
+    if (per_dim) load_coefficients(cur_k, e - cur_k * D);
     const __m256 zero = _mm256_setzero_ps();
     __m256 v, dvdls;
     this->variance(l, v, dvdls);
