@@ -244,24 +244,41 @@ def test_opcheck_fused(requires_grad, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph_fused(device):
+@pytest.mark.parametrize("learn", [False, True])
+def test_torch_compile_fullgraph_fused(device, learn):
+    """fullgraph torch.compile of the fused loss, with the law's parameter r as data or learnable (its gradient
+    through the kernel's full-size coefficient gradient and the batch-first reduction of its expand)."""
     torch._dynamo.reset()
-    B, K, D = 16, 3, 1
+    B, K, D = 16, 3, 2
 
     def step(logits, means, log_scales, target, r):
         coeffs = torch.stack([torch.zeros_like(r), r, torch.zeros_like(r), -torch.ones_like(r)], -1)[:, None, None, :]
         return P.mdn_loss(logits, means, log_scales, target, physics=P.Polynomial(coeffs), weight=0.5)
 
     inputs = [t.requires_grad_(True) for t in mixture(B, K, D, torch.float32, device)]
-    r = torch.rand(B, device=device)
+    r = (torch.rand(1, device=device) + 0.5).requires_grad_(learn)
+    wrt = inputs[:3] + ([r] if learn else [])
     compiled = torch.compile(step, fullgraph=True)
     out = compiled(*inputs, r)
-    grads = torch.autograd.grad(out, inputs[:3])
+    grads = torch.autograd.grad(out, wrt)
     ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    ref = step(*ref_inputs, r)
+    ref_r = r.detach().clone().requires_grad_(learn)
+    ref = step(*ref_inputs, ref_r)
     torch.testing.assert_close(out, ref)
-    for g, rg in zip(grads, torch.autograd.grad(ref, ref_inputs[:3])):
+    for g, rg in zip(grads, torch.autograd.grad(ref, ref_inputs[:3] + ([ref_r] if learn else []))):
         torch.testing.assert_close(g, rg)
+
+
+@pytest.mark.parametrize("in_shape,out_shape", [((1, 3, 1, 4), (7, 3, 5, 4)), ((1, 1), (6, 2)), ((4,), (5, 3, 2, 4)),
+                                                ((2, 1, 3), (2, 4, 3)), ((2, 3), (2, 3)), ((1, 1, 1), (1, 1, 1))])
+def test_expand_backward_reduces_batch_first(in_shape, out_shape):
+    """The family parameters' expand: its backward (batch dimension first) is sum_to_size."""
+    from physmdn._fused import _Expand, _sum_to
+
+    g = torch.randn(out_shape, dtype=torch.float64)
+    torch.testing.assert_close(_sum_to(g, in_shape), g.sum_to_size(in_shape))
+    t = torch.randn(in_shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: _Expand.apply(x, out_shape), (t,))
 
 
 # ----- behaviour -----------------------------------------------------------------------------------------

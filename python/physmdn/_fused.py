@@ -75,13 +75,45 @@ torch.library.register_autograd("physmdn::mdn_loss_fwd", _backward, setup_contex
 _MdnLossEager = eager_function("mdn_loss_fwd", _setup_context, _backward)
 
 
+def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:
+    """``grad.sum_to_size(shape)``, the batch dimension first: a ``[B, n]`` column sum (one pass over ``grad``), then
+    the other broadcast dimensions on the small result. torch's reduction over dimensions 0 and 2 of a contiguous
+    ``[B, K, D, J + 1]`` at once is ~10x slower (B = 65536, K = 8, D = 4, J = 3: 14 ms against 1.3 ms)."""
+    shape = tuple(shape)
+    lead = grad.dim() - len(shape)
+    if lead:
+        grad = grad.sum(tuple(range(lead)))
+    if shape and shape[0] == 1 and grad.shape[0] != 1:
+        grad = grad.reshape(grad.shape[0], -1).sum(0).reshape((1, *grad.shape[1:]))
+    dims = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+class _Expand(torch.autograd.Function):
+    """``t.expand(shape)`` with :func:`_sum_to` as its backward (the kernels' family parameter gradients are
+    full-size ``[B, K, ...]``, reduced here to the parameter's shape)."""
+
+    @staticmethod
+    def forward(t, shape):
+        return t.expand(shape)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.in_shape = inputs[0].shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sum_to(grad, ctx.in_shape), None
+
+
 def _kernel_args(spec, B, K, D, means):
     """(family, p0, p1, exact, spacing, boundary, noise_scale) of a built-in spec, parameters expanded to
     ``[B, K, ...]`` in the dtype and on the device of ``means`` (differentiably)."""
     from . import physics
 
     def prep(t, shape):
-        return t.to(device=means.device, dtype=means.dtype).expand(*shape)
+        t = t.to(device=means.device, dtype=means.dtype)
+        return _Expand.apply(t, shape) if t.requires_grad else t.expand(*shape)
 
     exact = spec.mode == "exact"
     empty = means.new_empty((0,))
