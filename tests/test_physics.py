@@ -588,6 +588,27 @@ def test_fused_parameter_gradient_without_mass(kind):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", [(1, 5, 3, 4), (37, 1, 3, 3), (37, 5, 3, 2)])
+@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.4), ("mean", 0.0)])
+def test_fused_polynomial_float64_coefficients_per_dimension(layout, mode, noise, cpu_isa):
+    """float64, coefficients that vary over D: the blocked vector path (q = c * c per element), tight against the
+    reference, loss and gradients."""
+    B, K, D = 37, 5, 3
+    g = torch.Generator().manual_seed(sum(layout))
+    coeffs = 0.5 * torch.randn(*layout, generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_(True) for t in mixture(B, K, D, seed=12)]
+    spec = P.Polynomial(coeffs, mode=mode, noise_scale=noise)
+    weights = torch.linspace(0.5, 1.5, B, dtype=torch.float64)
+    loss = P.mdn_loss(*inputs, physics=spec, weight=0.9, reduction="none")
+    grads = torch.autograd.grad((loss * weights).sum(), inputs[:3])
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ref = reference_loss(*ref_inputs, [(spec, 1.0)], 0.9)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), ref_inputs[:3])
+    assert rel_err(loss, ref) <= 1e-12
+    for name, gr, rg in zip(("logits", "means", "log_scales"), grads, ref_grads):
+        assert rel_err(gr, rg) <= 1e-11, (name, rel_err(gr, rg))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_fused_polynomial_order_zero(dtype, cpu_isa):
     """J = 0 (a constant 'law' c0): the penalty is c0^2 for every component, whatever the means and scales."""

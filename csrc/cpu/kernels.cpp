@@ -369,16 +369,17 @@ void dispatch_fast_dtype(at::ScalarType dt, Fn&& fn) {
 }
 
 // ----- fused loss, polynomial family: fast path --------------------------------------------------------
-// Contiguous float32 / float64 inputs with coefficients shared over D ([B|1, K|1, 1, J+1], the usual case: one law
-// per component) and no coefficient gradient: the Gaussian-moment expectation runs as flat vector loops over the
-// block's elements. With q = c * c (autoconvolution, once per component), E[p^2] = sum_n q_n M_n,
+// Contiguous float32 / float64 inputs ([B|1, K|1, D|1, J+1] coefficients: one law per component, or per component and
+// dimension) and no coefficient gradient: the Gaussian-moment expectation runs as flat vector loops over the
+// block's elements. With q = c * c (autoconvolution, once per component, or per element when the coefficients vary
+// over D), E[p^2] = sum_n q_n M_n,
 // dE/dmu = sum_n q_n n M_{n-1}, dE/dvar = sum_n q_n n (n - 1) / 2 M_{n-2} (as physics_math.h).
 bool use_poly_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                         const at::Tensor& target, const at::Tensor& p0, const PhysicsArgs& args, bool p0_grad) {
   const auto dt = means.scalar_type();
   return args.family == math::kPolynomial && !p0_grad && (dt == at::kFloat || dt == at::kDouble) &&
          logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
-         p0.stride(2) == 0 && means.size(1) * means.size(2) <= kFastMaxKD;
+         means.size(1) * means.size(2) <= kFastMaxKD;
 }
 
 // float32 or float64, the dtypes use_poly_fast_path admits
@@ -400,16 +401,32 @@ struct PolyBlock {
         pen(kFastBlock * K * D), dmu(kFastBlock * K * D), dls(kFastBlock * K * D), pi(kFastBlock * K),
         gamma(kFastBlock * K) {}
 
+  std::vector<T> q_batch;  // [K, D, nq]: q of coefficients shared over the batch (c.s0 == 0), computed once
+  // q = c * c per element: once per row when the coefficients are shared over D (c.s2 == 0), else per dimension;
+  // once for the whole batch when they are shared over it
   void coefficients(const math::Strided4<T>& c, int order, int64_t b0, int64_t nb, int64_t K, int64_t D) {
     const int64_t rows = nb * K, E = rows * D;
+    const auto q_of = [&](int64_t b, int64_t k, int64_t d, T* q) {
+      for (int n = 0; n < nq; ++n) q[n] = T(0);
+      for (int i = 0; i <= order; ++i)
+        for (int j = 0; j <= order; ++j) q[i + j] += c(b, k, d, i) * c(b, k, d, j);
+    };
+    if (c.s0 == 0 && q_batch.empty()) {
+      q_batch.resize(static_cast<size_t>(K * D * nq));
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t d = 0; d < D; ++d) q_of(0, k, d, q_batch.data() + (k * D + d) * nq);
+    }
     for (int64_t r = 0; r < rows; ++r) {
       T* q = q_row.data() + r * nq;
-      for (int n = 0; n < nq; ++n) q[n] = T(0);
       const int64_t b = b0 + r / K, k = r % K;
-      for (int i = 0; i <= order; ++i)
-        for (int j = 0; j <= order; ++j) q[i + j] += c(b, k, 0, i) * c(b, k, 0, j);
-      for (int n = 0; n < nq; ++n)
-        for (int64_t d = 0; d < D; ++d) q_elem[n * E + r * D + d] = q[n];
+      for (int64_t d = 0; d < D; ++d) {
+        const T* qd = q;
+        if (c.s0 == 0)
+          qd = q_batch.data() + (k * D + d) * nq;
+        else if (d == 0 || c.s2 != 0)
+          q_of(b, k, d, q);
+        for (int n = 0; n < nq; ++n) q_elem[n * E + r * D + d] = qd[n];
+      }
     }
   }
 };
@@ -493,8 +510,10 @@ inline T poly_component_penalty(const T* pen, const T* mu, const T* ls, int64_t 
   const T total = row_sum(pen, D);
   if (total == total) return total;
   T z = T(0);
-  for (int64_t d = 0; d < D; ++d) z += (mu[d] - mu[d]) + (ls[d] - ls[d]);
-  for (int i = 0; i <= order; ++i) z += c(b, k, 0, i) - c(b, k, 0, i);
+  for (int64_t d = 0; d < D; ++d) {
+    z += (mu[d] - mu[d]) + (ls[d] - ls[d]);
+    for (int i = 0; i <= order; ++i) z += c(b, k, d, i) - c(b, k, d, i);
+  }
   return z == T(0) ? std::numeric_limits<T>::infinity() : total;
 }
 
