@@ -682,13 +682,14 @@ def test_fused_loss_reduction_under_torch_compile(device):
     assert_compiled_matches_eager(step, [t.float().requires_grad_(True) for t in mixture(33, 4, 3, device=device)])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.4), ("mean", 0.0)])
 @pytest.mark.parametrize("layout", ["A_shared_b_per_sample", "A_per_sample_b_shared"])
 @pytest.mark.parametrize("shape,M", [((1003, 5, 3), 2), ((9, 1, 1), 1), ((40, 3, 9), 4)])
 def test_fused_linear_fast_path(shape, M, layout, mode, noise, dtype, cpu_isa):
-    """The linear family on the CPU's lane-parallel path (parameters without gradient): loss and gradients
-    against the float64 reference, with an extra [B, K] penalty, over chunked batches with a partial group."""
+    """The linear family on the CPU's lane-parallel path (float32 / bfloat16) and blocked path (float64; float32
+    without AVX2), parameters without gradient: loss and gradients against the float64 reference, with an extra
+    [B, K] penalty, over chunked batches with a partial group."""
     B, K, D = shape
     g = torch.Generator().manual_seed(B * M + D)
     a_shape, b_shape = ((1, K, M, D), (B, 1, M)) if layout == "A_shared_b_per_sample" else ((B, K, M, D), (1, K, M))
@@ -704,7 +705,7 @@ def test_fused_linear_fast_path(shape, M, layout, mode, noise, dtype, cpu_isa):
                  (P.Bounds(-1.4, 1.4), 0.2)]
     ref = reference_loss(*ref_inputs, ref_items, 1.2)
     ref_grads = torch.autograd.grad((ref * weights.double()).sum(), ref_inputs)
-    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}[dtype]
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float64: (1e-12, 1e-11)}[dtype]
     assert rel_err(out.double(), ref) <= tol[0], rel_err(out.double(), ref)
     for name, gr, rg in zip(("logits", "means", "log_scales", "target"), grads, ref_grads):
         assert rel_err(gr.double(), rg) <= tol[1], (name, rel_err(gr.double(), rg))

@@ -374,15 +374,17 @@ void dispatch_fast_dtype(at::ScalarType dt, Fn&& fn) {
 // block's elements. With q = c * c (autoconvolution, once per component, or per element when the coefficients vary
 // over D), E[p^2] = sum_n q_n M_n,
 // dE/dmu = sum_n q_n n M_{n-1}, dE/dvar = sum_n q_n n (n - 1) / 2 M_{n-2} (as physics_math.h).
-bool use_poly_fast_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                        const at::Tensor& target, const at::Tensor& p0, const PhysicsArgs& args, bool p0_grad) {
+// The linear family takes the same blocked path (LinearFamily below).
+bool use_blocked_family_path(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                             const at::Tensor& target, const PhysicsArgs& args, int64_t rows, bool param_grad) {
   const auto dt = means.scalar_type();
-  return args.family == math::kPolynomial && !p0_grad && (dt == at::kFloat || dt == at::kDouble) &&
-         logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
+  const bool family = args.family == math::kPolynomial || (args.family == math::kLinear && rows > 0);
+  return family && !param_grad && (dt == at::kFloat || dt == at::kDouble) && logits.is_contiguous() &&
+         means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
          means.size(1) * means.size(2) <= kFastMaxKD;
 }
 
-// float32 or float64, the dtypes use_poly_fast_path admits
+// float32 or float64, the dtypes use_blocked_family_path admits
 template <typename Fn>
 void dispatch_poly_dtype(at::ScalarType dt, Fn&& fn) {
   if (dt == at::kDouble) return fn.template operator()<double>();
@@ -395,11 +397,9 @@ struct PolyBlock {
   std::vector<T> q_row;          // [rows, nq]
   std::vector<T> q_elem;         // [nq, elements] (per-element copies for the vector loops)
   std::vector<T> pen, dmu, dls;  // per element: E[p^2], dE/dmu, dE/dlog_scale
-  std::vector<T> pi, gamma;      // per row
   PolyBlock(int64_t K, int64_t D, int order)
       : nq(2 * order + 1), q_row(kFastBlock * K * nq), q_elem(static_cast<size_t>(nq) * kFastBlock * K * D),
-        pen(kFastBlock * K * D), dmu(kFastBlock * K * D), dls(kFastBlock * K * D), pi(kFastBlock * K),
-        gamma(kFastBlock * K) {}
+        pen(kFastBlock * K * D), dmu(kFastBlock * K * D), dls(kFastBlock * K * D) {}
 
   std::vector<T> q_batch;  // [K, D, nq]: q of coefficients shared over the batch (c.s0 == 0), computed once
   // q = c * c per element: once per row when the coefficients are shared over D (c.s2 == 0), else per dimension;
@@ -535,27 +535,127 @@ struct PolyInputs {
   T extra_at(int64_t b, int64_t k) const { return extra ? extra[b * extra_sb + k * extra_sk] : T(0); }
 };
 
+// The blocked fused path's families (one object per parallel task). prepare<kGrad>(b0, nb) computes a block's
+// per-element terms; penalty(r, b, k) is the family penalty of row r = (sample b - b0, component k) before the weight
+// (a NaN from finite inputs made +inf, as physics_math.h's family_penalty); after prepare<true>, dmu(r) / dls(r) are
+// its derivatives' rows [D].
 template <typename T>
-void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                                const at::Tensor& target, const at::Tensor& p0, const c10::optional<at::Tensor>& extra,
-                                const PhysicsArgs& args, int order, at::Tensor& loss, at::Tensor& saved) {
+struct PolyFamily {
+  const PolyInputs<T>& in;
+  int order;
+  bool exact;
+  int64_t K, D;
+  PolyBlock<T> pb;
+  PolyFamily(const PolyInputs<T>& in_, const PhysicsArgs& args, int order_, int64_t K_, int64_t D_)
+      : in(in_), order(order_), exact(args.exact), K(K_), D(D_), pb(K_, D_, order_) {}
+  template <bool kGrad>
+  void prepare(int64_t b0, int64_t nb) {
+    pb.coefficients(in.coeffs, order, b0, nb, K, D);
+    poly_terms<kGrad>(in.mu + b0 * K * D, in.ls + b0 * K * D, nb * K * D, pb.q_elem.data(), pb.nq, exact,
+                      in.noise_var, pb.pen.data(), kGrad ? pb.dmu.data() : nullptr, kGrad ? pb.dls.data() : nullptr);
+  }
+  T penalty(int64_t r, int64_t b, int64_t k) {
+    const int64_t row = (b * K + k) * D;
+    return poly_component_penalty(pb.pen.data() + r * D, in.mu + row, in.ls + row, D, in.coeffs, order, b, k);
+  }
+  const T* dmu(int64_t r) const { return pb.dmu.data() + r * D; }
+  const T* dls(int64_t r) const { return pb.dls.data() + r * D; }
+};
+
+// The linear family (physics_math.h's linear_penalty): with e = A mu - b, P = sum_m e_m^2 + sum_d v_d sum_m A_md^2,
+// dP/dmu_d = 2 sum_m e_m A_md, dP/dlog_scale_d = sum_m A_md^2 dv_d/dlog_scale; the variances v = exp(2 log_scale)
+// (less the noise variance, at least 0; 0 in the mean mode) as one vector exp per block, the rest per row.
+template <typename T>
+struct LinearFamily {
+  const PolyInputs<T>& in;
+  math::Strided4<T> A, bias;  // [B, K, M, D], [B, K, M] (stride 0 where broadcast)
+  int64_t rows, K, D;
+  bool exact, grads = false;
+  std::vector<T> var, dvar, gm, gs;  // per block element
+  LinearFamily(const PolyInputs<T>& in_, const at::Tensor& p0, const at::Tensor& p1, const PhysicsArgs& args,
+               int64_t rows_, int64_t K_, int64_t D_)
+      : in(in_), A(make_strided<T>(p0)), bias(make_strided<T>(p1)), rows(rows_), K(K_), D(D_), exact(args.exact),
+        var(kFastBlock * K_ * D_), dvar(kFastBlock * K_ * D_), gm(kFastBlock * K_ * D_), gs(kFastBlock * K_ * D_) {}
+  template <bool kGrad>
+  void prepare(int64_t b0, int64_t nb) {
+    grads = kGrad;
+    const int64_t E = nb * K * D;
+    const T* ls = in.ls + b0 * K * D;
+    if (!exact) {
+      std::fill(var.begin(), var.begin() + E, T(0));
+      std::fill(dvar.begin(), dvar.begin() + E, T(0));
+      return;
+    }
+    for (int64_t e = 0; e < E; ++e) dvar[e] = T(2) * ls[e];
+    vec_exp(dvar.data(), dvar.data(), E);
+    for (int64_t e = 0; e < E; ++e) {
+      const T raw = dvar[e];
+      const bool above = raw > in.noise_var;
+      var[e] = above ? raw - in.noise_var : T(0);
+      dvar[e] = above ? T(2) * raw : T(0);
+    }
+  }
+  T penalty(int64_t r, int64_t b, int64_t k) {
+    const T* m = in.mu + (b * K + k) * D;
+    const T* v = var.data() + r * D;
+    T *g_mu = gm.data() + r * D, *g_ls = gs.data() + r * D;
+    if (grads) std::fill(g_mu, g_mu + D, T(0)), std::fill(g_ls, g_ls + D, T(0));
+    T total = T(0), z = T(0);  // z: 0 when every input is finite
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      T e = -bias(b, k, rr);
+      z += e - e;
+      for (int64_t d = 0; d < D; ++d) e += A(b, k, rr, d) * m[d];
+      total += e * e;
+      for (int64_t d = 0; grads && d < D; ++d) g_mu[d] += T(2) * e * A(b, k, rr, d);
+    }
+    for (int64_t d = 0; exact && d < D; ++d) {
+      T col = T(0);
+      for (int64_t rr = 0; rr < rows; ++rr) col += A(b, k, rr, d) * A(b, k, rr, d);
+      total += v[d] * col;
+      if (grads) g_ls[d] = col * dvar[r * D + d];
+    }
+    if (total == total) return total;
+    const T* l = in.ls + (b * K + k) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      z += (m[d] - m[d]) + (l[d] - l[d]);
+      for (int64_t rr = 0; rr < rows; ++rr) z += A(b, k, rr, d) - A(b, k, rr, d);
+    }
+    return z == T(0) ? std::numeric_limits<T>::infinity() : total;
+  }
+  const T* dmu(int64_t r) const { return gm.data() + r * D; }
+  const T* dls(int64_t r) const { return gs.data() + r * D; }
+};
+
+// Calls fn(make_family) with a factory of the call's family policy (one per parallel task).
+template <typename T, typename Fn>
+void with_blocked_family(const PolyInputs<T>& in, const at::Tensor& p0, const at::Tensor& p1, const PhysicsArgs& args,
+                         int order, int64_t rows, int64_t K, int64_t D, Fn&& fn) {
+  if (args.family == math::kLinear)
+    return fn([&] { return LinearFamily<T>(in, p0, p1, args, rows, K, D); });
+  fn([&] { return PolyFamily<T>(in, args, order, K, D); });
+}
+
+template <typename T>
+void mdn_loss_forward_blocked(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                              const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
+                              const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
+                              at::Tensor& loss, at::Tensor& saved) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
   const PolyInputs<T> in(logits, means, log_scales, target, p0, extra, args);
   const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
-  const T w = in.weight, nv = in.noise_var;
+  const T w = in.weight;
   T *out = loss.data_ptr<T>(), *sv = saved.data_ptr<T>();
+  with_blocked_family(in, p0, p1, args, order, rows, K, D, [&](auto&& make_family) {
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
     FastBlockT<T> fb(K, D);
-    PolyBlock<T> pb(K, D, order);
+    auto fam = make_family();
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
       fill_target_block<0>(y + b0 * D, nb, K, D, fb.ybuf.data());
       gaussian_terms<false>(mu + b0 * KD, ls + b0 * KD, fb.ybuf.data(), E, fb.q.data(), nullptr, nullptr);
       component_log_densities<0>(fb.q.data(), nb * K, D, fb.joint.data());
       block_lse(lg + b0 * K, nb, K, fb.shift.data(), fb.sum.data(), fb.lse.data(), fb.prior.data());
-      pb.coefficients(in.coeffs, order, b0, nb, K, D);
-      poly_terms<false>(mu + b0 * KD, ls + b0 * KD, E, pb.q_elem.data(), pb.nq, args.exact, nv, pb.pen.data(),
-                        nullptr, nullptr);
+      fam.template prepare<false>(b0, nb);
       for (int64_t i = 0; i < nb; ++i) {
         T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
         s[0] = fb.shift[i];
@@ -566,13 +666,7 @@ void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& mean
           const int64_t r = i * K + k;
           fb.joint[r] += (lg[(b0 + i) * K + k] - s[0]) - s[1];
           const T pi = fb.prior[r] * inv_sum;
-          if (pi > T(0)) {
-            const T extra_bk = in.extra_at(b0 + i, k);
-            const int64_t row = (b0 + i) * K + k;
-            pbar += pi * (w * poly_component_penalty(pb.pen.data() + r * D, mu + row * D, ls + row * D, D, in.coeffs,
-                                                     order, b0 + i, k) +
-                          extra_bk);
-          }
+          if (pi > T(0)) pbar += pi * (w * fam.penalty(r, b0 + i, k) + in.extra_at(b0 + i, k));
         }
         s[3] = pbar;
       }
@@ -584,27 +678,31 @@ void mdn_loss_forward_poly_fast(const at::Tensor& logits, const at::Tensor& mean
       }
     }
   });
+  });
 }
 
 template <typename T>
-void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
-                                 const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
-                                 const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order,
-                                 const at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
-                                 at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra) {
+void mdn_loss_backward_blocked(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
+                               const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
+                               const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
+                               int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
+                               at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
+                               at::Tensor& grad_extra) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
   const PolyInputs<T> in(logits, means, log_scales, target, p0, extra, args);
   const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
-  const T w = in.weight, nv = in.noise_var;
+  const T w = in.weight;
   const T* g_ptr = grad_loss.const_data_ptr<T>();
   const int64_t g_stride = grad_loss.stride(0);
   const T* sv = saved.const_data_ptr<T>();
   T *gl = grad_logits.data_ptr<T>(), *gm = grad_means.data_ptr<T>();
   T *gs = grad_log_scales.data_ptr<T>(), *gt = grad_target.data_ptr<T>();
   T* ge = grad_extra.numel() ? grad_extra.data_ptr<T>() : nullptr;
+  with_blocked_family(in, p0, p1, args, order, rows, K, D, [&](auto&& make_family) {
   at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
     FastBlockT<T> fb(K, D);
-    PolyBlock<T> pb(K, D, order);
+    auto fam = make_family();
+    std::vector<T> pi_blk(kFastBlock * K), gamma_blk(kFastBlock * K);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
       const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
       // likelihood part, as mixture_nll_backward_fast
@@ -619,41 +717,38 @@ void mdn_loss_backward_poly_fast(const at::Tensor& grad_loss, const at::Tensor& 
           fb.joint[i * K + k] += log_pi - s[2];
         }
       }
-      vec_exp(fb.joint.data(), pb.gamma.data(), nb * K);
-      vec_exp(fb.log_pi.data(), pb.pi.data(), nb * K);
+      vec_exp(fb.joint.data(), gamma_blk.data(), nb * K);
+      vec_exp(fb.log_pi.data(), pi_blk.data(), nb * K);
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
-        finish_sample_grads<0>(K, D, g_ptr[b * g_stride], pb.gamma.data() + i * K, pb.pi.data() + i * K, gl + b * K,
+        finish_sample_grads<0>(K, D, g_ptr[b * g_stride], gamma_blk.data() + i * K, pi_blk.data() + i * K, gl + b * K,
                                gm + b * KD, gs + b * KD, gt + b * D);
       }
       // penalty part
-      pb.coefficients(in.coeffs, order, b0, nb, K, D);
-      poly_terms<true>(mu + b0 * KD, ls + b0 * KD, E, pb.q_elem.data(), pb.nq, args.exact, nv, pb.pen.data(),
-                       pb.dmu.data(), pb.dls.data());
+      fam.template prepare<true>(b0, nb);
       for (int64_t i = 0; i < nb; ++i) {
         const int64_t b = b0 + i;
         const T g = g_ptr[b * g_stride];
         const T pbar = sv[math::kSavedPerSampleLoss * b + 3];
         for (int64_t k = 0; k < K; ++k) {
           const int64_t r = i * K + k;
-          const T pi = pb.pi[r];
+          const T pi = pi_blk[r];
           if (ge) ge[b * K + k] = g * pi;
           if (!(pi > T(0))) continue;  // no mass: no penalty gradient (as the generic path)
-          const T extra_bk = in.extra_at(b, k);
-          const T q = w * poly_component_penalty(pb.pen.data() + r * D, mu + (b * K + k) * D,
-                                                     ls + (b * K + k) * D, D, in.coeffs, order, b, k) +
-                          extra_bk;
+          const T q = w * fam.penalty(r, b, k) + in.extra_at(b, k);
           gl[b * K + k] += g * pi * (q - pbar);
           const T scale = g * w * pi;
           T* gm_row = gm + (b * K + k) * D;
           T* gs_row = gs + (b * K + k) * D;
+          const T *dmu = fam.dmu(r), *dls = fam.dls(r);
           for (int64_t d = 0; d < D; ++d) {
-            gm_row[d] += scale * pb.dmu[r * D + d];
-            gs_row[d] += scale * pb.dls[r * D + d];
+            gm_row[d] += scale * dmu[d];
+            gs_row[d] += scale * dls[d];
           }
         }
       }
     }
+  });
   });
 }
 
@@ -918,9 +1013,9 @@ void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, c
                        }))
     return;
 #endif
-  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/false))
+  if (use_blocked_family_path(logits, means, log_scales, target, args, rows, /*param_grad=*/false))
     return dispatch_poly_dtype(means.scalar_type(), [&]<typename T>() {
-      mdn_loss_forward_poly_fast<T>(logits, means, log_scales, target, p0, extra, args, order, loss, saved);
+      mdn_loss_forward_blocked<T>(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -992,10 +1087,11 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
                        }))
     return;
 #endif
-  if (use_poly_fast_path(logits, means, log_scales, target, p0, args, /*p0_grad=*/grad_p0.numel() > 0))
+  if (use_blocked_family_path(logits, means, log_scales, target, args, rows,
+                              /*param_grad=*/grad_p0.numel() > 0 || grad_p1.numel() > 0))
     return dispatch_poly_dtype(means.scalar_type(), [&]<typename T>() {
-      mdn_loss_backward_poly_fast<T>(grad_loss, logits, means, log_scales, target, p0, extra, args, order, saved,
-                                     grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);
+      mdn_loss_backward_blocked<T>(grad_loss, logits, means, log_scales, target, p0, p1, extra, args, order, rows,
+                                   saved, grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
