@@ -368,7 +368,7 @@ void dispatch_fast_dtype(at::ScalarType dt, Fn&& fn) {
   }
 }
 
-// ----- fused loss, polynomial family: fast path --------------------------------------------------------
+// ----- fused loss, blocked path: polynomial and linear families -----------------------------------------
 // Contiguous float32 / float64 inputs ([B|1, K|1, D|1, J+1] coefficients: one law per component, or per component and
 // dimension) and no coefficient gradient: the Gaussian-moment expectation runs as flat vector loops over the
 // block's elements. With q = c * c (autoconvolution, once per component, or per element when the coefficients vary
@@ -386,7 +386,7 @@ bool use_blocked_family_path(const at::Tensor& logits, const at::Tensor& means, 
 
 // float32 or float64, the dtypes use_blocked_family_path admits
 template <typename Fn>
-void dispatch_poly_dtype(at::ScalarType dt, Fn&& fn) {
+void dispatch_blocked_dtype(at::ScalarType dt, Fn&& fn) {
   if (dt == at::kDouble) return fn.template operator()<double>();
   fn.template operator()<float>();
 }
@@ -517,16 +517,17 @@ inline T poly_component_penalty(const T* pen, const T* mu, const T* ls, int64_t 
   return z == T(0) ? std::numeric_limits<T>::infinity() : total;
 }
 
-// The float32 / float64 inputs of the fused polynomial path.
+// The float32 / float64 inputs of the fused loss's blocked path (coeffs: the polynomial family's).
 template <typename T>
-struct PolyInputs {
+struct BlockedInputs {
   const T *lg, *mu, *ls, *y;
   math::Strided4<T> coeffs;
   const T* extra;
   int64_t extra_sb, extra_sk;
   T weight, noise_var;
-  PolyInputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
-             const at::Tensor& p0, const c10::optional<at::Tensor>& ex, const PhysicsArgs& args)
+  BlockedInputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                const at::Tensor& target, const at::Tensor& p0, const c10::optional<at::Tensor>& ex,
+                const PhysicsArgs& args)
       : lg(logits.const_data_ptr<T>()), mu(means.const_data_ptr<T>()), ls(log_scales.const_data_ptr<T>()),
         y(target.const_data_ptr<T>()), coeffs(make_strided<T>(p0)),
         extra(ex.has_value() ? ex->const_data_ptr<T>() : nullptr), extra_sb(ex.has_value() ? ex->stride(0) : 0),
@@ -541,12 +542,12 @@ struct PolyInputs {
 // its derivatives' rows [D].
 template <typename T>
 struct PolyFamily {
-  const PolyInputs<T>& in;
+  const BlockedInputs<T>& in;
   int order;
   bool exact;
   int64_t K, D;
   PolyBlock<T> pb;
-  PolyFamily(const PolyInputs<T>& in_, const PhysicsArgs& args, int order_, int64_t K_, int64_t D_)
+  PolyFamily(const BlockedInputs<T>& in_, const PhysicsArgs& args, int order_, int64_t K_, int64_t D_)
       : in(in_), order(order_), exact(args.exact), K(K_), D(D_), pb(K_, D_, order_) {}
   template <bool kGrad>
   void prepare(int64_t b0, int64_t nb) {
@@ -567,12 +568,12 @@ struct PolyFamily {
 // (less the noise variance, at least 0; 0 in the mean mode) as one vector exp per block, the rest per row.
 template <typename T>
 struct LinearFamily {
-  const PolyInputs<T>& in;
+  const BlockedInputs<T>& in;
   math::Strided4<T> A, bias;  // [B, K, M, D], [B, K, M] (stride 0 where broadcast)
   int64_t rows, K, D;
   bool exact, grads = false;
   std::vector<T> var, dvar, gm, gs;  // per block element
-  LinearFamily(const PolyInputs<T>& in_, const at::Tensor& p0, const at::Tensor& p1, const PhysicsArgs& args,
+  LinearFamily(const BlockedInputs<T>& in_, const at::Tensor& p0, const at::Tensor& p1, const PhysicsArgs& args,
                int64_t rows_, int64_t K_, int64_t D_)
       : in(in_), A(make_strided<T>(p0)), bias(make_strided<T>(p1)), rows(rows_), K(K_), D(D_), exact(args.exact),
         var(kFastBlock * K_ * D_), dvar(kFastBlock * K_ * D_), gm(kFastBlock * K_ * D_), gs(kFastBlock * K_ * D_) {}
@@ -628,7 +629,7 @@ struct LinearFamily {
 
 // Calls fn(make_family) with a factory of the call's family policy (one per parallel task).
 template <typename T, typename Fn>
-void with_blocked_family(const PolyInputs<T>& in, const at::Tensor& p0, const at::Tensor& p1, const PhysicsArgs& args,
+void with_blocked_family(const BlockedInputs<T>& in, const at::Tensor& p0, const at::Tensor& p1, const PhysicsArgs& args,
                          int order, int64_t rows, int64_t K, int64_t D, Fn&& fn) {
   if (args.family == math::kLinear)
     return fn([&] { return LinearFamily<T>(in, p0, p1, args, rows, K, D); });
@@ -641,7 +642,7 @@ void mdn_loss_forward_blocked(const at::Tensor& logits, const at::Tensor& means,
                               const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                               at::Tensor& loss, at::Tensor& saved) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
-  const PolyInputs<T> in(logits, means, log_scales, target, p0, extra, args);
+  const BlockedInputs<T> in(logits, means, log_scales, target, p0, extra, args);
   const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
   const T w = in.weight;
   T *out = loss.data_ptr<T>(), *sv = saved.data_ptr<T>();
@@ -689,7 +690,7 @@ void mdn_loss_backward_blocked(const at::Tensor& grad_loss, const at::Tensor& lo
                                at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                                at::Tensor& grad_extra) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
-  const PolyInputs<T> in(logits, means, log_scales, target, p0, extra, args);
+  const BlockedInputs<T> in(logits, means, log_scales, target, p0, extra, args);
   const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
   const T w = in.weight;
   const T* g_ptr = grad_loss.const_data_ptr<T>();
@@ -754,27 +755,27 @@ void mdn_loss_backward_blocked(const at::Tensor& grad_loss, const at::Tensor& lo
 
 // The fused loss's families the lane-parallel AVX2 kernel runs (also when their parameters need a gradient):
 // polynomial, linear, stencil.
-bool soa_family(const at::Tensor& p0, const PhysicsArgs& args, int order, int64_t rows) {
+bool soa_family(const PhysicsArgs& args, int order, int64_t rows) {
   switch (args.family) {
-    case math::kPolynomial: return order <= math::kMaxOrder;
-    case math::kLinear: return rows > 0;
+    case math::kPolynomial:
     case math::kStencil: return order <= math::kMaxOrder;
+    case math::kLinear: return rows > 0;
     default: return false;
   }
 }
 
 #ifdef PHYSMDN_SOA_KERNELS
-// For those families and float32 / bfloat16 / float16 inputs whose rows are contiguous (use_fast_path): calls
-// fn.template operator()<scalar_t>(physics policy) and returns true, or returns false.
 // A float32 gradient output's data, or null (not requested: empty; other dtypes: not the lane kernel's)
 float* float_data_or_null(at::Tensor& t) { return t.numel() > 0 && t.scalar_type() == at::kFloat ? t.data_ptr<float>() : nullptr; }
 
+// For those families and float32 / bfloat16 / float16 inputs (use_fast_path; gp0 / gp1: the family parameters'
+// gradients, or null): calls fn.template operator()<scalar_t>(physics policy) and returns true, or returns false.
 template <typename Fn>
 bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                       const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                       float* gp0, float* gp1, Fn&& fn) {
-  if (!soa_family(p0, args, order, rows) || !use_fast_path(logits, means, log_scales, target)) return false;
+  if (!soa_family(args, order, rows) || !use_fast_path(logits, means, log_scales, target)) return false;
   const bool poly = args.family == math::kPolynomial, stencil = args.family == math::kStencil;
   dispatch_fast_dtype(means.scalar_type(), [&]<typename scalar_t>() {
     const scalar_t* ex = extra.has_value() ? extra->const_data_ptr<scalar_t>() : nullptr;
@@ -1002,7 +1003,7 @@ void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, c
                       const at::Tensor& target_in, const at::Tensor& p0, const at::Tensor& p1,
                       const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
                       at::Tensor& loss, at::Tensor& saved) {
-  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(p0, args, order, rows));
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(args, order, rows));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   if (with_soa_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, nullptr, nullptr,
@@ -1014,7 +1015,7 @@ void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, c
     return;
 #endif
   if (use_blocked_family_path(logits, means, log_scales, target, args, rows, /*param_grad=*/false))
-    return dispatch_poly_dtype(means.scalar_type(), [&]<typename T>() {
+    return dispatch_blocked_dtype(means.scalar_type(), [&]<typename T>() {
       mdn_loss_forward_blocked<T>(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_forward", [&] {
@@ -1038,7 +1039,7 @@ bool mdn_loss_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_
                            at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
                            at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra,
                            double grad_scale) {
-  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(p0, args, order, rows));
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(args, order, rows));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // one pass for the loss and the gradients (lane-parallel kernel); otherwise op_impl runs forward + backward
@@ -1073,7 +1074,7 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
                        at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                        at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra) {
   const MixtureInputs in(logits_in, means_in, log_scales_in, target_in,
-                         soa_family(p0, args, order, rows));
+                         soa_family(args, order, rows));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // recomputes the forward per group (the saved state is not needed by the lane-parallel kernel)
@@ -1089,7 +1090,7 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
 #endif
   if (use_blocked_family_path(logits, means, log_scales, target, args, rows,
                               /*param_grad=*/grad_p0.numel() > 0 || grad_p1.numel() > 0))
-    return dispatch_poly_dtype(means.scalar_type(), [&]<typename T>() {
+    return dispatch_blocked_dtype(means.scalar_type(), [&]<typename T>() {
       mdn_loss_backward_blocked<T>(grad_loss, logits, means, log_scales, target, p0, p1, extra, args, order, rows,
                                    saved, grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);
     });

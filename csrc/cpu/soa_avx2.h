@@ -1,7 +1,7 @@
-// AVX2+FMA mixture NLL (forward, forward with gradients, backward) for float32 / bfloat16 / float16 inputs whose
-// per-sample rows are contiguous, at any batch stride (contiguous, row-strided views, batch broadcasts; other
-// layouts are gathered per group of 8 samples), vectorized across samples: a group of 8 samples is transposed in registers (8x8 tiles) so
-// that lane i holds sample i. Every per-element and per-component step then runs on full vectors with no
+// AVX2+FMA mixture NLL (forward, forward with gradients, backward) for float32 / bfloat16 / float16 inputs of any
+// layout (rows contiguous per sample are read in place at any batch stride, other layouts gathered per group of 8
+// samples), vectorized across samples: a group of 8 samples is transposed in registers (8x8 tiles) so that lane i
+// holds sample i. Every per-element and per-component step then runs on full vectors with no
 // horizontal reduction (the log-sum-exps over K are vertical max / exp / add), and the gradients are
 // transposed back on the way out. Inputs are read once and the outputs written once per call.
 //
