@@ -456,12 +456,14 @@ def test_cpu_any_layout(B, dtype, cpu_isa):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_streamed_gradient_stores(dtype, cpu_isa):
-    """From 32 MiB of [B, K, D] gradients on, the AVX2 kernel writes them with non-temporal stores (smaller ones with
-    regular stores, to stay in cache): the large batch (streamed) matches the reference, and its rows are bit-identical
-    to those of two halves below the threshold (regular stores)."""
+    """From a working set (inputs and gradients) of 32 MiB on, the AVX2 kernel writes the [B, K, D] gradients with
+    non-temporal stores, whole rows in address order (smaller ones with regular stores, to stay in cache): the large
+    batch (streamed) matches the reference, and its rows are bit-identical to those of two halves below the threshold
+    (regular stores)."""
     K, D = 8, 4
-    B = (32 << 20) // (2 * K * D * dtype.itemsize) + 1  # just above the threshold, a partial last group of 8
-    assert 2 * B * K * D * dtype.itemsize >= 32 << 20 and 2 * (B // 2 + 8) * K * D * dtype.itemsize < 32 << 20
+    per_sample = (2 * K * D + K + D) * 2 * dtype.itemsize  # inputs and gradients, same dtype
+    B = (32 << 20) // per_sample + 1  # just above the threshold, a partial last group of 8
+    assert B * per_sample >= 32 << 20 and (B // 2 + 8) * per_sample < 32 << 20 and B % 8
     inputs = make_inputs(B, K, D, dtype, seed=7)
     tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2)}[dtype]
     check_against_reference(inputs, dtype, *tol)

@@ -169,11 +169,24 @@ inline void store4(T* p, __m128 v) {
 
 // The inverse: n vectors -> [8, n] row-major at dst (float32, or converted to the 16-bit dst type). With
 // may_stream, 8-column tiles whose rows stay aligned are written with non-temporal stores (write-once outputs larger
-// than the caches: no read for ownership).
+// than the caches: no read for ownership). With rows (n vectors of scratch) and n a multiple of 8, the tiles are
+// transposed into rows first and the rows stored in address order: every cache line written whole, one after the
+// other (not 8 partial lines per tile, which overflow the write-combining buffers of non-temporal stores).
 template <typename T>
-inline void from_lanes(const __m256* in, int64_t n, T* dst, bool may_stream = false) {
+inline void from_lanes(const __m256* in, int64_t n, T* dst, bool may_stream = false, __m256* rows = nullptr) {
   int64_t c = 0;
   const bool stream = may_stream && n % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % (8 * sizeof(T)) == 0;
+  if (rows && n % 8 == 0) {
+    const int64_t tiles = n / 8;
+    for (; c < n; c += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) r[j] = in[c + j];
+      transpose8(r);
+      for (int i = 0; i < 8; ++i) rows[i * tiles + c / 8] = r[i];
+    }
+    for (int64_t v = 0; v < n; ++v) store8(dst + 8 * v, rows[v], stream);
+    return;
+  }
   for (; c + 8 <= n; c += 8) {
     __m256 r[8];
     for (int j = 0; j < 8; ++j) r[j] = in[c + j];
@@ -295,11 +308,11 @@ inline __m256 overflow_to_inf(__m256 penalty, __m256 fin) {
 // gradient terms z / s and z^2 - 1) and 8-row staging buffers for tails and reduced-precision inputs.
 struct Scratch {
   int64_t K, D;
-  std::vector<__m256> mu, ls, y, lg, pi, joint, gl, gt;
+  std::vector<__m256> mu, ls, y, lg, pi, joint, gl, gt, rows;
   std::vector<__m256> qk, ge;  // the fused loss: per-component penalty Q_k, d loss / d extra_k
   std::vector<float> in_mu, in_ls, in_lg, in_y, out_gl, out_gm, out_gs, out_gt, out_ge;
   Scratch(int64_t K_, int64_t D_)
-      : K(K_), D(D_), mu(K_ * D_), ls(K_ * D_), y(D_), lg(K_), pi(K_), joint(K_), gl(K_), gt(D_),
+      : K(K_), D(D_), mu(K_ * D_), ls(K_ * D_), y(D_), rows(K_ * D_), lg(K_), pi(K_), joint(K_), gl(K_), gt(D_),
         in_mu(kLanes * K_ * D_), in_ls(kLanes * K_ * D_), in_lg(kLanes * K_), in_y(kLanes * D_),
         out_gl(kLanes * K_), out_gm(kLanes * K_ * D_), out_gs(kLanes * K_ * D_), out_gt(kLanes * D_),
         out_ge(kLanes * K_) {}
@@ -863,8 +876,8 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
         phys.scale_param_grads(k, scale, mass);
       }
     }
-    from_lanes(w.mu.data(), KD, out.gm, out.stream);
-    from_lanes(w.ls.data(), KD, out.gs, out.stream);
+    from_lanes(w.mu.data(), KD, out.gm, out.stream, w.rows.data());
+    from_lanes(w.ls.data(), KD, out.gs, out.stream, w.rows.data());
     from_lanes(w.gl.data(), K, out.gl);
     from_lanes(w.gt.data(), D, out.gt);
     if constexpr (Phys::kActive) {
@@ -874,16 +887,18 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
   }
 }
 
-// The [B, K, D] gradients are written with non-temporal stores only from 32 MiB (both together) on, i.e. when they
-// cannot stay in a typical last-level cache anyway. Smaller ones are stored normally and stay in cache, where the
-// backward's consumers read them next. Measured on a 2-core VM (Zen 3, 32 MiB L3), forward + backward, K = 8, D = 4,
-// interleaved rounds, p20 / median / p80 ms: B = 16384 (4 MiB of gradients) streamed 1.26-1.50 (p20) against
-// 0.94-0.98 stored; B = 65536 (16 MiB) streamed 3.86 / 7.11 / 8.05 against 4.63 / 5.84 / 6.09 (non-temporal stores
-// are the fastest in calm phases of a shared host and 3x slower in its busy ones, regular stores 1.45x);
-// B = 262144 (64 MiB) streamed 14.8 / 25.0 / 29.4 against 16.5 / 20.6 / 22.3. Beyond the cache, streaming is kept
-// for its better p20 (calm phases; an earlier calm Zen 4 host measured regular stores 1.6x slower at 16 MiB),
-// although this shared host gave regular stores the better median there too. (A fixed size: the last-level cache
-// a VM reports can be the host's, e.g. 256 MiB for a 32 MiB slice.)
+// The [B, K, D] gradients are written with non-temporal stores (no read for ownership, no eviction of the inputs
+// still to be read) when the call's working set, inputs and gradients, is at least 32 MiB: then it cannot stay in a
+// typical last-level cache anyway. Smaller ones are stored normally and stay in cache, where the backward's
+// consumers read them next. Measured on a 2-core VM (Zen 3, 32 MiB L3), the kernel alone with K = 8, D = 4, inputs
+// evicted from the cache before each call, the variants interleaved in one process, p20 / median / p80 ms:
+// B = 65536 (38 MiB: 19 of inputs, 19 of gradients) streamed 4.44 / 5.10 / 8.22 against 5.31 / 6.85 / 8.72 stored;
+// B = 262144 streamed 17.4 / 19.2 / 22.5 against 21.8 / 25.7 / 36.7. Streamed rows are written whole (from_lanes'
+// row order): written tile by tile (8 rows x 32 bytes at a time) the same stores had a p80 of 12.1 and 51.2 ms, the
+// partial lines overflowing the write-combining buffers. Through autograd (forward + backward at B = 65536, an
+// eager reference run between calls), medians 5.98-6.66 ms before (tile order, regular stores: the gradients alone
+// were under 32 MiB) against 5.18-5.37 ms. (A fixed size: the last-level cache a VM reports can be
+// the host's, e.g. 256 MiB for a 32 MiB slice.)
 constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
 
 // Driver over the batch. loss_all [B] and saved_all [B, Phys::kSaved] may be null (not written); the gradients
@@ -904,7 +919,7 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
   const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
   const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
   const int64_t groups = (B + kLanes - 1) / kLanes;
-  const bool stream = 2 * B * KD * static_cast<int64_t>(sizeof(grad_t)) >= kStreamMinBytes;
+  const bool stream = B * (2 * KD + K + D) * static_cast<int64_t>(sizeof(scalar_t) + sizeof(grad_t)) >= kStreamMinBytes;
   // Dynamic schedule: threads take chunks of groups from a shared counter, so a thread that is preempted (shared
   // or virtual CPUs) does not leave the others waiting at the end; each chunk is a contiguous stretch of memory.
   // Chunks of about 8K floats of input, and at least 4 per thread (mid-size batches stay balanced).
