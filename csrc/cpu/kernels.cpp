@@ -647,38 +647,38 @@ void mdn_loss_forward_blocked(const at::Tensor& logits, const at::Tensor& means,
   const T w = in.weight;
   T *out = loss.data_ptr<T>(), *sv = saved.data_ptr<T>();
   with_blocked_family(in, p0, p1, args, order, rows, K, D, [&](auto&& make_family) {
-  at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    FastBlockT<T> fb(K, D);
-    auto fam = make_family();
-    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
-      const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
-      fill_target_block<0>(y + b0 * D, nb, K, D, fb.ybuf.data());
-      gaussian_terms<false>(mu + b0 * KD, ls + b0 * KD, fb.ybuf.data(), E, fb.q.data(), nullptr, nullptr);
-      component_log_densities<0>(fb.q.data(), nb * K, D, fb.joint.data());
-      block_lse(lg + b0 * K, nb, K, fb.shift.data(), fb.sum.data(), fb.lse.data(), fb.prior.data());
-      fam.template prepare<false>(b0, nb);
-      for (int64_t i = 0; i < nb; ++i) {
-        T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
-        s[0] = fb.shift[i];
-        s[1] = fb.lse[i];
-        const T inv_sum = T(1) / fb.sum[i];
-        T pbar = T(0);
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t r = i * K + k;
-          fb.joint[r] += (lg[(b0 + i) * K + k] - s[0]) - s[1];
-          const T pi = fb.prior[r] * inv_sum;
-          if (pi > T(0)) pbar += pi * (w * fam.penalty(r, b0 + i, k) + in.extra_at(b0 + i, k));
+    at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
+      FastBlockT<T> fb(K, D);
+      auto fam = make_family();
+      for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+        const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
+        fill_target_block<0>(y + b0 * D, nb, K, D, fb.ybuf.data());
+        gaussian_terms<false>(mu + b0 * KD, ls + b0 * KD, fb.ybuf.data(), E, fb.q.data(), nullptr, nullptr);
+        component_log_densities<0>(fb.q.data(), nb * K, D, fb.joint.data());
+        block_lse(lg + b0 * K, nb, K, fb.shift.data(), fb.sum.data(), fb.lse.data(), fb.prior.data());
+        fam.template prepare<false>(b0, nb);
+        for (int64_t i = 0; i < nb; ++i) {
+          T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
+          s[0] = fb.shift[i];
+          s[1] = fb.lse[i];
+          const T inv_sum = T(1) / fb.sum[i];
+          T pbar = T(0);
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t r = i * K + k;
+            fb.joint[r] += (lg[(b0 + i) * K + k] - s[0]) - s[1];
+            const T pi = fb.prior[r] * inv_sum;
+            if (pi > T(0)) pbar += pi * (w * fam.penalty(r, b0 + i, k) + in.extra_at(b0 + i, k));
+          }
+          s[3] = pbar;
         }
-        s[3] = pbar;
+        block_lse(fb.joint.data(), nb, K, fb.shift.data(), fb.sum.data(), fb.lse.data(), fb.tmp.data());
+        for (int64_t i = 0; i < nb; ++i) {
+          T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
+          s[2] = fb.shift[i] + fb.lse[i];
+          out[b0 + i] = s[3] - s[2];
+        }
       }
-      block_lse(fb.joint.data(), nb, K, fb.shift.data(), fb.sum.data(), fb.lse.data(), fb.tmp.data());
-      for (int64_t i = 0; i < nb; ++i) {
-        T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
-        s[2] = fb.shift[i] + fb.lse[i];
-        out[b0 + i] = s[3] - s[2];
-      }
-    }
-  });
+    });
   });
 }
 
@@ -700,56 +700,56 @@ void mdn_loss_backward_blocked(const at::Tensor& grad_loss, const at::Tensor& lo
   T *gs = grad_log_scales.data_ptr<T>(), *gt = grad_target.data_ptr<T>();
   T* ge = grad_extra.numel() ? grad_extra.data_ptr<T>() : nullptr;
   with_blocked_family(in, p0, p1, args, order, rows, K, D, [&](auto&& make_family) {
-  at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
-    FastBlockT<T> fb(K, D);
-    auto fam = make_family();
-    std::vector<T> pi_blk(kFastBlock * K), gamma_blk(kFastBlock * K);
-    for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
-      const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
-      // likelihood part, as mixture_nll_backward_fast
-      fill_target_block<0>(y + b0 * D, nb, K, D, fb.ybuf.data());
-      gaussian_terms<true>(mu + b0 * KD, ls + b0 * KD, fb.ybuf.data(), E, fb.q.data(), gm + b0 * KD, gs + b0 * KD);
-      component_log_densities<0>(fb.q.data(), nb * K, D, fb.joint.data());
-      for (int64_t i = 0; i < nb; ++i) {
-        const T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
-        for (int64_t k = 0; k < K; ++k) {
-          const T log_pi = (lg[(b0 + i) * K + k] - s[0]) - s[1];
-          fb.log_pi[i * K + k] = log_pi;
-          fb.joint[i * K + k] += log_pi - s[2];
+    at::parallel_for(0, (B + kFastBlock - 1) / kFastBlock, 1, [&](int64_t blk_begin, int64_t blk_end) {
+      FastBlockT<T> fb(K, D);
+      auto fam = make_family();
+      std::vector<T> pi_blk(kFastBlock * K), gamma_blk(kFastBlock * K);
+      for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+        const int64_t b0 = blk * kFastBlock, nb = std::min(kFastBlock, B - b0), E = nb * KD;
+        // likelihood part, as mixture_nll_backward_fast
+        fill_target_block<0>(y + b0 * D, nb, K, D, fb.ybuf.data());
+        gaussian_terms<true>(mu + b0 * KD, ls + b0 * KD, fb.ybuf.data(), E, fb.q.data(), gm + b0 * KD, gs + b0 * KD);
+        component_log_densities<0>(fb.q.data(), nb * K, D, fb.joint.data());
+        for (int64_t i = 0; i < nb; ++i) {
+          const T* s = sv + math::kSavedPerSampleLoss * (b0 + i);
+          for (int64_t k = 0; k < K; ++k) {
+            const T log_pi = (lg[(b0 + i) * K + k] - s[0]) - s[1];
+            fb.log_pi[i * K + k] = log_pi;
+            fb.joint[i * K + k] += log_pi - s[2];
+          }
         }
-      }
-      vec_exp(fb.joint.data(), gamma_blk.data(), nb * K);
-      vec_exp(fb.log_pi.data(), pi_blk.data(), nb * K);
-      for (int64_t i = 0; i < nb; ++i) {
-        const int64_t b = b0 + i;
-        finish_sample_grads<0>(K, D, g_ptr[b * g_stride], gamma_blk.data() + i * K, pi_blk.data() + i * K, gl + b * K,
-                               gm + b * KD, gs + b * KD, gt + b * D);
-      }
-      // penalty part
-      fam.template prepare<true>(b0, nb);
-      for (int64_t i = 0; i < nb; ++i) {
-        const int64_t b = b0 + i;
-        const T g = g_ptr[b * g_stride];
-        const T pbar = sv[math::kSavedPerSampleLoss * b + 3];
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t r = i * K + k;
-          const T pi = pi_blk[r];
-          if (ge) ge[b * K + k] = g * pi;
-          if (!(pi > T(0))) continue;  // no mass: no penalty gradient (as the generic path)
-          const T q = w * fam.penalty(r, b, k) + in.extra_at(b, k);
-          gl[b * K + k] += g * pi * (q - pbar);
-          const T scale = g * w * pi;
-          T* gm_row = gm + (b * K + k) * D;
-          T* gs_row = gs + (b * K + k) * D;
-          const T *dmu = fam.dmu(r), *dls = fam.dls(r);
-          for (int64_t d = 0; d < D; ++d) {
-            gm_row[d] += scale * dmu[d];
-            gs_row[d] += scale * dls[d];
+        vec_exp(fb.joint.data(), gamma_blk.data(), nb * K);
+        vec_exp(fb.log_pi.data(), pi_blk.data(), nb * K);
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t b = b0 + i;
+          finish_sample_grads<0>(K, D, g_ptr[b * g_stride], gamma_blk.data() + i * K, pi_blk.data() + i * K, gl + b * K,
+                                 gm + b * KD, gs + b * KD, gt + b * D);
+        }
+        // penalty part
+        fam.template prepare<true>(b0, nb);
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t b = b0 + i;
+          const T g = g_ptr[b * g_stride];
+          const T pbar = sv[math::kSavedPerSampleLoss * b + 3];
+          for (int64_t k = 0; k < K; ++k) {
+            const int64_t r = i * K + k;
+            const T pi = pi_blk[r];
+            if (ge) ge[b * K + k] = g * pi;
+            if (!(pi > T(0))) continue;  // no mass: no penalty gradient (as the generic path)
+            const T q = w * fam.penalty(r, b, k) + in.extra_at(b, k);
+            gl[b * K + k] += g * pi * (q - pbar);
+            const T scale = g * w * pi;
+            T* gm_row = gm + (b * K + k) * D;
+            T* gs_row = gs + (b * K + k) * D;
+            const T *dmu = fam.dmu(r), *dls = fam.dls(r);
+            for (int64_t d = 0; d < D; ++d) {
+              gm_row[d] += scale * dmu[d];
+              gs_row[d] += scale * dls[d];
+            }
           }
         }
       }
-    }
-  });
+    });
   });
 }
 
@@ -766,7 +766,9 @@ bool soa_family(const PhysicsArgs& args, int order, int64_t rows) {
 
 #ifdef PHYSMDN_SOA_KERNELS
 // A float32 gradient output's data, or null (not requested: empty; other dtypes: not the lane kernel's)
-float* float_data_or_null(at::Tensor& t) { return t.numel() > 0 && t.scalar_type() == at::kFloat ? t.data_ptr<float>() : nullptr; }
+float* float_data_or_null(at::Tensor& t) {
+  return t.numel() > 0 && t.scalar_type() == at::kFloat ? t.data_ptr<float>() : nullptr;
+}
 
 // For those families and float32 / bfloat16 / float16 inputs (use_fast_path; gp0 / gp1: the family parameters'
 // gradients, or null): calls fn.template operator()<scalar_t>(physics policy) and returns true, or returns false.
@@ -905,9 +907,8 @@ bool with_float_grads(std::initializer_list<at::Tensor*> grads, Fn&& fn) {
 
 bool mixture_nll_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_in,
                               const at::Tensor& log_scales_in, const at::Tensor& target_in, at::Tensor& loss,
-                              at::Tensor& saved,
-                              at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
-                              at::Tensor& grad_target, double grad_scale) {
+                              at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
+                              at::Tensor& grad_log_scales, at::Tensor& grad_target, double grad_scale) {
   const MixtureInputs in(logits_in, means_in, log_scales_in, target_in);
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
   if (use_double_path(logits, means, log_scales, target)) {
@@ -1073,8 +1074,7 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
                        int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
                        at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
                        at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra) {
-  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in,
-                         soa_family(args, order, rows));
+  const MixtureInputs in(logits_in, means_in, log_scales_in, target_in, soa_family(args, order, rows));
   const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_SOA_KERNELS
   // recomputes the forward per group (the saved state is not needed by the lane-parallel kernel)

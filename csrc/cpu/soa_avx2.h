@@ -169,22 +169,23 @@ inline void store4(T* p, __m128 v) {
 
 // The inverse: n vectors -> [8, n] row-major at dst (float32, or converted to the 16-bit dst type). With
 // may_stream, 8-column tiles whose rows stay aligned are written with non-temporal stores (write-once outputs larger
-// than the caches: no read for ownership). With rows (n vectors of scratch) and n a multiple of 8, the tiles are
+// than the caches: no read for ownership). With row_stage (n vectors of scratch) and n a multiple of 8, the tiles are
 // transposed into rows first and the rows stored in address order: every cache line written whole, one after the
 // other (not 8 partial lines per tile, which overflow the write-combining buffers of non-temporal stores).
 template <typename T>
-inline void from_lanes(const __m256* in, int64_t n, T* dst, bool may_stream = false, __m256* rows = nullptr) {
+inline void from_lanes(const __m256* in, int64_t n, T* dst, bool may_stream = false,
+                       __m256* row_stage = nullptr) {
   int64_t c = 0;
   const bool stream = may_stream && n % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % (8 * sizeof(T)) == 0;
-  if (rows && n % 8 == 0) {
+  if (row_stage && n % 8 == 0) {
     const int64_t tiles = n / 8;
     for (; c < n; c += 8) {
       __m256 r[8];
       for (int j = 0; j < 8; ++j) r[j] = in[c + j];
       transpose8(r);
-      for (int i = 0; i < 8; ++i) rows[i * tiles + c / 8] = r[i];
+      for (int i = 0; i < 8; ++i) row_stage[i * tiles + c / 8] = r[i];
     }
-    for (int64_t v = 0; v < n; ++v) store8(dst + 8 * v, rows[v], stream);
+    for (int64_t v = 0; v < n; ++v) store8(dst + 8 * v, row_stage[v], stream);
     return;
   }
   for (; c + 8 <= n; c += 8) {
@@ -308,11 +309,11 @@ inline __m256 overflow_to_inf(__m256 penalty, __m256 fin) {
 // gradient terms z / s and z^2 - 1) and 8-row staging buffers for tails and reduced-precision inputs.
 struct Scratch {
   int64_t K, D;
-  std::vector<__m256> mu, ls, y, lg, pi, joint, gl, gt, rows;
+  std::vector<__m256> mu, ls, y, lg, pi, joint, gl, gt, row_stage;  // row_stage: from_lanes' gradient rows
   std::vector<__m256> qk, ge;  // the fused loss: per-component penalty Q_k, d loss / d extra_k
   std::vector<float> in_mu, in_ls, in_lg, in_y, out_gl, out_gm, out_gs, out_gt, out_ge;
   Scratch(int64_t K_, int64_t D_)
-      : K(K_), D(D_), mu(K_ * D_), ls(K_ * D_), y(D_), rows(K_ * D_), lg(K_), pi(K_), joint(K_), gl(K_), gt(D_),
+      : K(K_), D(D_), mu(K_ * D_), ls(K_ * D_), y(D_), row_stage(K_ * D_), lg(K_), pi(K_), joint(K_), gl(K_), gt(D_),
         in_mu(kLanes * K_ * D_), in_ls(kLanes * K_ * D_), in_lg(kLanes * K_), in_y(kLanes * D_),
         out_gl(kLanes * K_), out_gm(kLanes * K_ * D_), out_gs(kLanes * K_ * D_), out_gt(kLanes * D_),
         out_ge(kLanes * K_) {}
@@ -876,8 +877,8 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
         phys.scale_param_grads(k, scale, mass);
       }
     }
-    from_lanes(w.mu.data(), KD, out.gm, out.stream, w.rows.data());
-    from_lanes(w.ls.data(), KD, out.gs, out.stream, w.rows.data());
+    from_lanes(w.mu.data(), KD, out.gm, out.stream, w.row_stage.data());
+    from_lanes(w.ls.data(), KD, out.gs, out.stream, w.row_stage.data());
     from_lanes(w.gl.data(), K, out.gl);
     from_lanes(w.gt.data(), D, out.gt);
     if constexpr (Phys::kActive) {
@@ -919,7 +920,8 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
   const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
   const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
   const int64_t groups = (B + kLanes - 1) / kLanes;
-  const bool stream = B * (2 * KD + K + D) * static_cast<int64_t>(sizeof(scalar_t) + sizeof(grad_t)) >= kStreamMinBytes;
+  const int64_t working_set = B * (2 * KD + K + D) * static_cast<int64_t>(sizeof(scalar_t) + sizeof(grad_t));
+  const bool stream = working_set >= kStreamMinBytes;
   // Dynamic schedule: threads take chunks of groups from a shared counter, so a thread that is preempted (shared
   // or virtual CPUs) does not leave the others waiting at the end; each chunk is a contiguous stretch of memory.
   // Chunks of about 8K floats of input, and at least 4 per thread (mid-size batches stay balanced).

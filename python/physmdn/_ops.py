@@ -250,10 +250,13 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
     Returns:
         The loss in the input dtype. float16/bfloat16 inputs accumulate in float32; under
         ``torch.autocast`` the inputs are cast to float32 and the loss is float32.
-        Expanded inputs are read in place. On the CPU the AVX2 kernel reads inputs whose per-sample rows
-        are contiguous (views split from one network output, a batch broadcast such as a shared log-scale
-        parameter) at any batch stride; other views are copied to contiguous buffers for the fast kernels. A NaN in one sample's
-        inputs gives NaN for that sample only. ``B = 0`` gives an empty tensor (NaN for the mean, 0 for the sum, as torch).
+        Views need no copy by the caller: on the CPU the AVX2 kernel reads inputs whose per-sample rows are
+        contiguous (views split from one network output, a batch broadcast such as a shared log-scale
+        parameter) in place at any batch stride and gathers other layouts per group of 8 samples; the
+        blocked paths (float64, builds without AVX2) copy strided views to contiguous buffers, and expanded
+        inputs are read in place by the generic loop. A NaN in one sample's inputs gives NaN for that
+        sample only. ``B = 0`` gives an empty tensor (NaN for the
+        mean, 0 for the sum, as torch).
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
