@@ -179,13 +179,19 @@ inline void from_lanes(const __m256* in, int64_t n, T* dst, bool may_stream = fa
   const bool stream = may_stream && n % 8 == 0 && reinterpret_cast<uintptr_t>(dst) % (8 * sizeof(T)) == 0;
   if (row_stage && n % 8 == 0) {
     const int64_t tiles = n / 8;
-    for (; c < n; c += 8) {
+    for (int64_t t = 0; t < tiles; ++t) {
       __m256 r[8];
-      for (int j = 0; j < 8; ++j) r[j] = in[c + j];
+      for (int j = 0; j < 8; ++j) r[j] = in[8 * t + j];
       transpose8(r);
-      for (int i = 0; i < 8; ++i) row_stage[i * tiles + c / 8] = r[i];
+      for (int i = 0; i < 8; ++i) row_stage[i * tiles + t] = r[i];  // row i's tile t
     }
-    for (int64_t v = 0; v < n; ++v) store8(dst + 8 * v, row_stage[v], stream);
+    // (the stream test hoisted out of the store loops, 8 stores per iteration)
+    if (stream)
+      for (int64_t v = 0; v < n; v += 8)
+        for (int u = 0; u < 8; ++u) store8(dst + 8 * (v + u), row_stage[v + u], true);
+    else
+      for (int64_t v = 0; v < n; v += 8)
+        for (int u = 0; u < 8; ++u) store8(dst + 8 * (v + u), row_stage[v + u], false);
     return;
   }
   for (; c + 8 <= n; c += 8) {
@@ -742,23 +748,25 @@ struct Lse {
 };
 inline Lse mixture_lse(Scratch& w) {
   const int64_t K = w.K;
+  // (the rows through local pointers: stores through __m256* may alias anything, the vectors' own pointers too)
+  __m256 *const lg = w.lg.data(), *const joint = w.joint.data(), *const pi = w.pi.data();
   const __m256 zero = _mm256_setzero_ps(), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 mx = ninf;
-  for (int64_t k = 0; k < K; ++k) mx = _mm256_max_ps(w.lg[k], mx);  // NaN logits are skipped by the max
+  for (int64_t k = 0; k < K; ++k) mx = _mm256_max_ps(lg[k], mx);  // NaN logits are skipped by the max
   const __m256 shift = lse_shift(mx);
   __m256 mx2 = ninf;
   for (int64_t k = 0; k < K; ++k) {
-    w.lg[k] = _mm256_sub_ps(w.lg[k], shift);
-    w.joint[k] = _mm256_add_ps(w.lg[k], w.joint[k]);
-    mx2 = _mm256_max_ps(w.joint[k], mx2);
+    lg[k] = _mm256_sub_ps(lg[k], shift);
+    joint[k] = _mm256_add_ps(lg[k], joint[k]);
+    mx2 = _mm256_max_ps(joint[k], mx2);
   }
   const __m256 shift2 = lse_shift(mx2);
   __m256 s1[4] = {zero, zero, zero, zero}, s2[4] = {zero, zero, zero, zero};
   for (int64_t k = 0; k < K; ++k) {
-    w.pi[k] = exp8(w.lg[k]);
-    w.joint[k] = exp8(_mm256_sub_ps(w.joint[k], shift2));
-    s1[k & 3] = _mm256_add_ps(s1[k & 3], w.pi[k]);
-    s2[k & 3] = _mm256_add_ps(s2[k & 3], w.joint[k]);
+    pi[k] = exp8(lg[k]);
+    joint[k] = exp8(_mm256_sub_ps(joint[k], shift2));
+    s1[k & 3] = _mm256_add_ps(s1[k & 3], pi[k]);
+    s2[k & 3] = _mm256_add_ps(s2[k & 3], joint[k]);
   }
   const __m256 sum = _mm256_add_ps(_mm256_add_ps(s1[0], s1[1]), _mm256_add_ps(s1[2], s1[3]));
   const __m256 sum2 = _mm256_add_ps(_mm256_add_ps(s2[0], s2[1]), _mm256_add_ps(s2[2], s2[3]));
@@ -799,6 +807,7 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
   const __m256 sign = _mm256_set1_ps(-0.0f), nhalf = _mm256_set1_ps(-0.5f), one = _mm256_set1_ps(1.0f);
   const __m256 zero = _mm256_setzero_ps();
   const __m256 offset = _mm256_set1_ps(static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi));
+  const __m256* const y = w.y.data();  // (as in mixture_lse: no reload after every store)
   // log N_k = sum_d (-z^2 / 2 - log_scale) - D log(2 pi) / 2 (and the physics terms, before the rows are reused)
   for (int64_t k = 0; k < K; ++k) {
     __m256 acc = zero;
@@ -810,7 +819,7 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
       if constexpr (Phys::kActive) phys.template element<kGrad>(k * D + d, mu[d], l);
       const __m256 neg_l = _mm256_xor_ps(l, sign);
       const __m256 inv = exp8(neg_l);
-      const __m256 z = _mm256_mul_ps(_mm256_sub_ps(w.y[d], mu[d]), inv);
+      const __m256 z = _mm256_mul_ps(_mm256_sub_ps(y[d], mu[d]), inv);
       const __m256 zz = _mm256_mul_ps(z, z);
       acc = _mm256_add_ps(acc, _mm256_fmadd_ps(nhalf, zz, neg_l));  // one add per element on the chain
       if constexpr (kGrad) {
@@ -843,7 +852,8 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
       const __m256 none = _mm256_cmp_ps(w.joint[k], zero, _CMP_EQ_OQ);
       masked |= !_mm256_testz_ps(none, none);
     }
-    for (int64_t d = 0; d < D; ++d) w.gt[d] = zero;
+    __m256* const gt = w.gt.data();
+    for (int64_t d = 0; d < D; ++d) gt[d] = zero;
     for (int64_t k = 0; k < K; ++k) {
       const __m256 pi = _mm256_mul_ps(w.pi[k], inv_sum), gamma = w.joint[k];
       w.gl[k] = _mm256_mul_ps(g, _mm256_sub_ps(pi, gamma));
@@ -854,13 +864,13 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
         for (int64_t d = 0; d < D; ++d) {
           gm[d] = _mm256_andnot_ps(none, _mm256_mul_ps(gm[d], c));
           gs[d] = _mm256_andnot_ps(none, _mm256_fmsub_ps(gs[d], c, c));
-          w.gt[d] = _mm256_sub_ps(w.gt[d], gm[d]);
+          gt[d] = _mm256_sub_ps(gt[d], gm[d]);
         }
       } else {
         for (int64_t d = 0; d < D; ++d) {
           gm[d] = _mm256_mul_ps(gm[d], c);
           gs[d] = _mm256_fmsub_ps(gs[d], c, c);
-          w.gt[d] = _mm256_sub_ps(w.gt[d], gm[d]);
+          gt[d] = _mm256_sub_ps(gt[d], gm[d]);
         }
       }
       if constexpr (Phys::kActive) {
