@@ -266,18 +266,11 @@ struct InLayout {
 // A group's rows of one input as float32 rows at *rs apart: in place (float32 rows, a full group), else converted or
 // gathered into buf [8, n1 n2] (padding rows zero: finite, discarded).
 template <typename scalar_t>
-const float* group_rows(const scalar_t* all, const InLayout& in, int64_t b0, int64_t nb, float* buf, int64_t& rs) {
+const float* gather_rows(const scalar_t* all, const InLayout& in, int64_t b0, int64_t nb, float* buf, int64_t& rs) {
   const int64_t n = in.n1 * in.n2;
   rs = n;
   if (in.rows) {
-    const scalar_t* src = all + b0 * in.s0;
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (nb == kLanes) {
-        rs = in.s0;
-        return src;
-      }
-    }
-    to_float_rows(src, in.s0, n, nb, buf);
+    to_float_rows(all + b0 * in.s0, in.s0, n, nb, buf);
     return buf;
   }
   for (int64_t i = 0; i < nb; ++i) {
@@ -293,6 +286,17 @@ const float* group_rows(const scalar_t* all, const InLayout& in, int64_t b0, int
   }
   std::fill(buf + nb * n, buf + kLanes * n, 0.0f);
   return buf;
+}
+template <typename scalar_t>
+inline const float* group_rows(const scalar_t* all, const InLayout& in, int64_t b0, int64_t nb, float* buf,
+                               int64_t& rs) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (in.rows && nb == kLanes) {  // in place (inlined: the common case costs a few instructions per group)
+      rs = in.s0;
+      return all + b0 * in.s0;
+    }
+  }
+  return gather_rows(all, in, b0, nb, buf, rs);
 }
 
 // Shift of a log-sum-exp: the max, or 0 when every term is -inf (so that the LSE is -inf, not NaN).
@@ -957,28 +961,37 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
       in.mu = group_rows(mu_all, mu_in, b0, nb, w.in_mu.data(), in.mu_rs);
       in.ls = group_rows(ls_all, ls_in, b0, nb, w.in_ls.data(), in.ls_rs);
       in.y = group_rows(y_all, y_in, b0, nb, w.in_y.data(), in.y_rs);
-      for (int64_t i = 0; i < kLanes; ++i)
-        g8[i] = i >= nb ? 0.0f : g_ptr ? static_cast<float>(g_ptr[(b0 + i) * g_stride]) : g_default;
-      // full groups write their outputs in place (gradients in grad_t); the last, partial one goes through the
-      // float32 staging rows
+      __m256 g;
+      if (!g_ptr && nb == kLanes) {
+        g = _mm256_set1_ps(g_default);
+      } else {
+        for (int64_t i = 0; i < kLanes; ++i)
+          g8[i] = i >= nb ? 0.0f : g_ptr ? static_cast<float>(g_ptr[(b0 + i) * g_stride]) : g_default;
+        g = _mm256_load_ps(g8);
+      }
+      // full groups write their outputs in place (gradients in grad_t; the loss too when float32); the last,
+      // partial one goes through the float32 staging rows
       const bool direct_out = nb == kLanes;
+      float* loss_out = loss8;
+      if constexpr (std::is_same_v<scalar_t, float>)
+        if (direct_out && loss_all) loss_out = loss_all + b0;
       phys.begin_group(b0, nb);
       if (direct_out) {
-        GroupOut<grad_t> out{loss8, saved_all ? saved_all + kSaved * b0 : saved8, nullptr, nullptr, nullptr,
+        GroupOut<grad_t> out{loss_out, saved_all ? saved_all + kSaved * b0 : saved8, nullptr, nullptr, nullptr,
                              nullptr, nullptr};
         if constexpr (kGrad) {
           out.gl = gl_all + b0 * K, out.gm = gm_all + b0 * KD, out.gs = gs_all + b0 * KD, out.gt = gt_all + b0 * D;
           out.ge = ge_all ? ge_all + b0 * K : nullptr;
           out.stream = stream;
         }
-        group8<kGrad>(in, _mm256_load_ps(g8), w, phys, out);
+        group8<kGrad>(in, g, w, phys, out);
       } else {
         GroupOut<float> out{loss8, saved8, nullptr, nullptr, nullptr, nullptr, nullptr};
         if constexpr (kGrad) {
           out.gl = w.out_gl.data(), out.gm = w.out_gm.data(), out.gs = w.out_gs.data(), out.gt = w.out_gt.data();
           out.ge = ge_all ? w.out_ge.data() : nullptr;
         }
-        group8<kGrad>(in, _mm256_load_ps(g8), w, phys, out);
+        group8<kGrad>(in, g, w, phys, out);
         if (saved_all) std::copy(saved8, saved8 + kSaved * nb, saved_all + kSaved * b0);
         if constexpr (kGrad) {
           store_rows(w.out_gl.data(), nb * K, gl_all + b0 * K);
@@ -988,7 +1001,7 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
           if (ge_all) store_rows(w.out_ge.data(), nb * K, ge_all + b0 * K);
         }
       }
-      if (loss_all)
+      if (loss_all && loss_out == loss8)
         for (int64_t i = 0; i < nb; ++i) loss_all[b0 + i] = static_cast<scalar_t>(loss8[i]);
     }
     _mm_sfence();  // order the non-temporal stores before the results are read
