@@ -60,13 +60,15 @@ std::string set_cpu_isa(const std::string& isa) {
     }                                                     \
   } while (0)
 
-// The CPU kernels' vector exp and log (selected ISA) on a contiguous float32 tensor: (exp(x), log(x)).
-std::tuple<at::Tensor, at::Tensor> cpu_vector_exp_log(const at::Tensor& x) {
+// The CPU kernels' vector exp and log (selected ISA) on a contiguous float32 tensor: (exp(x), log(x)). variant 1:
+// the kernels' e^-x routine (exp = exp(-x)); 2: their e^x routine for arguments <= 0 (or NaN; x must be).
+std::tuple<at::Tensor, at::Tensor> cpu_vector_exp_log(const at::Tensor& x, int64_t variant) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "x must be a float32 CPU tensor, got ",
               x.scalar_type(), " on ", x.device());
+  TORCH_CHECK(variant >= 0 && variant <= 2, "variant must be 0, 1 or 2, got ", variant);
   const auto xc = x.contiguous();
   auto e = at::empty_like(xc), l = at::empty_like(xc);
-  PHYSMDN_CPU_CALL(vector_exp_log, xc, e, l);
+  PHYSMDN_CPU_CALL(vector_exp_log, xc, variant, e, l);
   return {e, l};
 }
 
@@ -102,7 +104,7 @@ struct CpuBackend {
 TORCH_LIBRARY(physmdn, m) {
   PHYSMDN_OP_SCHEMAS(m);
   // tests only: the CPU kernels' vector exp / log (selected ISA) on a float32 tensor
-  m.def("_vector_exp_log(Tensor x) -> (Tensor exp, Tensor log)");
+  m.def("_vector_exp_log(Tensor x, int variant=0) -> (Tensor exp, Tensor log)");
 }
 
 TORCH_LIBRARY_IMPL(physmdn, CPU, m) {

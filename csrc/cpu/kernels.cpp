@@ -828,7 +828,7 @@ void dispatch_dim(int64_t D, Fn&& fn) {
 
 }  // namespace
 
-void vector_exp_log(const at::Tensor& x, at::Tensor& exp_out, at::Tensor& log_out) {
+void vector_exp_log(const at::Tensor& x, int64_t variant, at::Tensor& exp_out, at::Tensor& log_out) {
   const float* in = x.const_data_ptr<float>();
   float *e = exp_out.data_ptr<float>(), *l = log_out.data_ptr<float>();
   const int64_t n = x.numel();
@@ -836,16 +836,16 @@ void vector_exp_log(const at::Tensor& x, at::Tensor& exp_out, at::Tensor& log_ou
 #ifdef PHYSMDN_SOA_KERNELS
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(in + i);
-    _mm256_storeu_ps(e + i, soa::exp8(v));
+    _mm256_storeu_ps(e + i, variant == 1 ? soa::exp_neg8(v) : variant == 2 ? soa::exp_nonpos8(v) : soa::exp8(v));
     _mm256_storeu_ps(l + i, soa::log8(v));
   }
 #else
   for (; i + Vec::size() <= n; i += Vec::size()) {
-    Vec::loadu(in + i).exp().store(e + i);
+    (variant == 1 ? Vec::loadu(in + i).neg() : Vec::loadu(in + i)).exp().store(e + i);
     Vec::loadu(in + i).log().store(l + i);
   }
 #endif
-  for (; i < n; ++i) e[i] = std::exp(in[i]), l[i] = std::log(in[i]);
+  for (; i < n; ++i) e[i] = std::exp(variant == 1 ? -in[i] : in[i]), l[i] = std::log(in[i]);
 }
 
 void mixture_nll_forward(const at::Tensor& logits_in, const at::Tensor& means_in, const at::Tensor& log_scales_in,

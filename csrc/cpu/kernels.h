@@ -8,7 +8,7 @@
 #define PHYSMDN_DECLARE_CPU_KERNELS(isa)                                                                          \
   namespace physmdn::cpu::isa {                                                                                   \
   /* the vector exp / log the kernels use, on a contiguous float32 tensor (tests of their accuracy) */             \
-  void vector_exp_log(const at::Tensor& x, at::Tensor& exp_out, at::Tensor& log_out);                           \
+  void vector_exp_log(const at::Tensor& x, int64_t variant, at::Tensor& exp_out, at::Tensor& log_out);           \
   void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,        \
                            const at::Tensor& target, at::Tensor& loss, at::Tensor& saved);                        \
   bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,    \

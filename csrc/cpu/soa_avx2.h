@@ -39,12 +39,24 @@ constexpr int64_t kLanes = 8;
 // clamped to [-88, 88.7] first: n = -127 (x < -87.68) gives the scale 0, so the result 0; results in
 // (-87.68, -87.34) are denormal; n = 128 (x > 88.38) gives the scale +inf (the top 0.4% of the float range
 // overflows early). NaN passes both clamps (min / max return their second operand for NaN) and propagates.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), _mm256_min_ps(_mm256_set1_ps(88.7f), x));
+//
+// exp8_impl<kNeg, kUpper>: kNeg computes e^-x with the negation folded into the clamp and the reduction (bit for bit
+// exp8(-x), one instruction less); kUpper = false drops the upper clamp, for arguments known to be <= 0 or NaN (the
+// shifted terms of a log-sum-exp).
+template <bool kNeg, bool kUpper>
+inline __m256 exp8_impl(__m256 x) {
+  if constexpr (kNeg)
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-88.7f), x));  // -x in [-88, 88.7]
+  else if constexpr (kUpper)
+    x = _mm256_max_ps(_mm256_set1_ps(-88.0f), _mm256_min_ps(_mm256_set1_ps(88.7f), x));
+  else
+    x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);
   const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);  // 1.5 2^23 + 127
-  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(kNeg ? -1.44269504088896341f : 1.44269504088896341f), magic);
   const __m256 fn = _mm256_sub_ps(t, magic);  // n, exactly
-  __m256 r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
+  // r = (+-x) - n ln2_hi: -(n ln2_hi) - x for e^-x
+  __m256 r = kNeg ? _mm256_fnmsub_ps(fn, _mm256_set1_ps(0.693359375f), x)
+                  : _mm256_fnmadd_ps(fn, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(fn, _mm256_set1_ps(-2.12194440e-4f), r);
   // e^r = 1 + r + r^2 (c2 + c3 r + r^2 (c4 + c5 r + c6 r^2)), Estrin's scheme (short dependency chains)
   const __m256 r2 = _mm256_mul_ps(r, r);
@@ -57,6 +69,9 @@ inline __m256 exp8(__m256 x) {
   const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23));
   return _mm256_mul_ps(p, scale);
 }
+inline __m256 exp8(__m256 x) { return exp8_impl<false, true>(x); }
+inline __m256 exp_neg8(__m256 x) { return exp8_impl<true, true>(x); }      // e^-x
+inline __m256 exp_nonpos8(__m256 x) { return exp8_impl<false, false>(x); }  // e^x for x <= 0 or NaN
 
 // log of 8 floats: Cephes' logf (mantissa in [sqrt(1/2), sqrt(2)), degree-9 polynomial, about 1 ulp) for
 // positive normal x; 0 -> -inf, +inf -> +inf, negative or NaN -> NaN. Denormal inputs (which the log-sum-exps,
@@ -769,8 +784,8 @@ inline Lse mixture_lse(Scratch& w) {
   __m256 s1[4] = {zero, zero, zero, zero}, s2[4] = {zero, zero, zero, zero};
 #pragma GCC unroll 4
   for (int64_t k = 0; k < K; ++k) {
-    pi[k] = exp8(lg[k]);
-    joint[k] = exp8(_mm256_sub_ps(joint[k], shift2));
+    pi[k] = exp_nonpos8(lg[k]);  // (both arguments are shifted by their max: <= 0, or NaN)
+    joint[k] = exp_nonpos8(_mm256_sub_ps(joint[k], shift2));
     s1[k & 3] = _mm256_add_ps(s1[k & 3], pi[k]);
     s2[k & 3] = _mm256_add_ps(s2[k & 3], joint[k]);
   }
@@ -825,11 +840,10 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
     for (int64_t d = 0; d < D; ++d) {
       const __m256 l = ls[d];
       if constexpr (Phys::kActive) phys.template element<kGrad>(k * D + d, mu[d], l);
-      const __m256 neg_l = _mm256_xor_ps(l, sign);
-      const __m256 inv = exp8(neg_l);
+      const __m256 inv = exp_neg8(l);
       const __m256 z = _mm256_mul_ps(_mm256_sub_ps(y[d], mu[d]), inv);
       const __m256 zz = _mm256_mul_ps(z, z);
-      acc = _mm256_add_ps(acc, _mm256_fmadd_ps(nhalf, zz, neg_l));  // one add per element on the chain
+      acc = _mm256_add_ps(acc, _mm256_fmsub_ps(nhalf, zz, l));  // one add per element on the chain
       if constexpr (kGrad) {
         mu[d] = _mm256_mul_ps(z, inv);
         ls[d] = zz;  // d/dlog_scale is (z^2 - 1) c_k: one fmsub below
