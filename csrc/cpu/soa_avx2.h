@@ -278,8 +278,8 @@ struct InLayout {
         rows((n2 == 1 || s2 == 1) && (n1 == 1 || s1 == n2)) {}
 };
 
-// A group's rows of one input as float32 rows at *rs apart: in place (float32 rows, a full group), else converted or
-// gathered into buf [8, n1 n2] (padding rows zero: finite, discarded).
+// A group's rows of one input as float32 rows at *rs apart: in place (float32 rows, a full group: group_rows, inline),
+// else converted or gathered into buf [8, n1 n2] (gather_rows; padding rows zero: finite, discarded).
 template <typename scalar_t>
 const float* gather_rows(const scalar_t* all, const InLayout& in, int64_t b0, int64_t nb, float* buf, int64_t& rs) {
   const int64_t n = in.n1 * in.n2;
@@ -306,7 +306,7 @@ template <typename scalar_t>
 inline const float* group_rows(const scalar_t* all, const InLayout& in, int64_t b0, int64_t nb, float* buf,
                                int64_t& rs) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (in.rows && nb == kLanes) {  // in place (inlined: the common case costs a few instructions per group)
+    if (in.rows && nb == kLanes) {  // in place (the common case: a few instructions per group)
       rs = in.s0;
       return all + b0 * in.s0;
     }
