@@ -200,13 +200,12 @@ inline void from_lanes(const __m256* in, int64_t n, T* dst, bool may_stream = fa
       transpose8(r);
       for (int i = 0; i < 8; ++i) row_stage[i * tiles + t] = r[i];  // row i's tile t
     }
-    // (the stream test hoisted out of the store loops, 8 stores per iteration)
-    if (stream)
+    // (the stream test hoisted out of the store loop: streamed is std::true_type / std::false_type)
+    const auto store_all = [&](auto streamed) {
       for (int64_t v = 0; v < n; v += 8)
-        for (int u = 0; u < 8; ++u) store8(dst + 8 * (v + u), row_stage[v + u], true);
-    else
-      for (int64_t v = 0; v < n; v += 8)
-        for (int u = 0; u < 8; ++u) store8(dst + 8 * (v + u), row_stage[v + u], false);
+        for (int u = 0; u < 8; ++u) store8(dst + 8 * (v + u), row_stage[v + u], streamed());
+    };
+    stream ? store_all(std::true_type{}) : store_all(std::false_type{});
     return;
   }
   for (; c + 8 <= n; c += 8) {
@@ -988,12 +987,13 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
   const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
   const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
   const int64_t groups = (B + kLanes - 1) / kLanes;
-  const int64_t working_set = B * (2 * KD + K + D) * static_cast<int64_t>(sizeof(scalar_t) + sizeof(grad_t));
+  const int64_t values = B * (2 * KD + K + D);  // input values (and as many gradient values)
+  const int64_t working_set = values * static_cast<int64_t>(sizeof(scalar_t) + sizeof(grad_t));
   const bool stream = working_set >= kStreamMinBytes;
   // inputs of 4 MiB and more are prefetched (smaller ones stay in the caches: the prefetches only cost); gradients
   // stored normally (not streamed) from a 16 MiB working set on are prefetched for writing (their read for ownership
-  // one group early: 1.06-1.09x at B = 32768 and 49152, K = 8, D = 4; 0.99x at 16384)
-  const bool prefetch = B * (2 * KD + K + D) * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMinBytes;
+  // one group early: 1.03-1.09x at B = 32768 and 49152, K = 8, D = 4)
+  const bool prefetch = values * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMinBytes;
   const bool prefetch_out = prefetch && !stream && working_set >= kStreamMinBytes / 2;
   // Dynamic schedule: threads take chunks of groups from a shared counter, so a thread that is preempted (shared
   // or virtual CPUs) does not leave the others waiting at the end; each chunk is a contiguous stretch of memory.
