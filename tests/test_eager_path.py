@@ -1,5 +1,6 @@
-"""The eager fast path of the ops (``physmdn._ops.call_op``): an autograd.Function around the kernel instead of the
-dispatcher's registered autograd. It must build the same graph and give bit-identical losses and gradients; tracing
+"""The eager fast path of the ops (``physmdn._ops.call_op``): a C++ autograd node around the kernel
+(``torch.ops.physmdn._mixture_nll_autograd`` / ``_mdn_loss_autograd``, csrc/autograd.cpp) instead of the autograd
+formula registered in Python. It must build the same graph and give bit-identical losses and gradients; tracing
 (torch.compile, tested with the ops) and functorch transforms keep the registered path."""
 
 import pytest
@@ -18,11 +19,12 @@ def _inputs(B=37, K=3, D=5, dtype=torch.float64, seed=0, device="cpu"):
     return [x.to(device) for x in t]
 
 
-def _run(fn, inputs, n_diff):
+def _run(fn, inputs, n_diff, params=()):
+    """The loss and the gradients with respect to the first ``n_diff`` inputs and ``params`` (which ``fn`` uses)."""
     leaves = [t.detach().clone().requires_grad_(i < n_diff) for i, t in enumerate(inputs)]
     loss = fn(*leaves)
     weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype, device=loss.device)
-    grads = torch.autograd.grad((loss * weights).sum() if loss.dim() else loss, leaves[:n_diff])
+    grads = torch.autograd.grad((loss * weights).sum() if loss.dim() else loss, [*leaves[:n_diff], *params])
     return loss, grads
 
 
@@ -31,19 +33,21 @@ def _op_node(loss) -> str:
     stack = [loss.grad_fn]
     while stack:
         node = stack.pop()
-        name = type(node).__name__
-        if "_fwd" in name:
+        name = node.name()
+        if "_fwd" in name or "physmdn::" in name:
             return name
         stack.extend(n for n, _ in node.next_functions if n is not None)
     raise AssertionError("no op node in the graph")
 
 
-def _both_paths(monkeypatch, fn, inputs, n_diff):
-    fast_loss, fast_grads = _run(fn, inputs, n_diff)
+def _both_paths(monkeypatch, fn, inputs, n_diff, params=()):
+    fast_loss, fast_grads = _run(fn, inputs, n_diff, params)
     with monkeypatch.context() as m:
         m.setattr(_ops, "_plain", lambda tensors: False)  # what tracing / functorch get: the registered autograd
-        slow_loss, slow_grads = _run(fn, inputs, n_diff)
-    assert "eager" in _op_node(fast_loss) and "eager" not in _op_node(slow_loss)
+        slow_loss, slow_grads = _run(fn, inputs, n_diff, params)
+    fast, slow = _op_node(fast_loss), _op_node(slow_loss)
+    assert fast in ("torch::autograd::CppNode<physmdn::MixtureNll>", "torch::autograd::CppNode<physmdn::MdnLoss>"), fast
+    assert "_fwd" in slow, slow
     torch.testing.assert_close(fast_loss, slow_loss, rtol=0, atol=0)
     for a, b in zip(fast_grads, slow_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -70,11 +74,57 @@ def test_fused_loss_fast_path_matches_registered_autograd(monkeypatch, coeff_gra
         return P.mdn_loss(*t, physics=[P.Polynomial(coeffs), (P.Polynomial(second), 0.5)], weight=0.7,
                           reduction="none")
 
-    _both_paths(monkeypatch, fn, inputs, n_diff=3)
+    # (the coefficients' gradient is asked for as well: the C++ node, like torch's own, computes a parameter gradient
+    # only when this backward needs it, and the kernel's other gradients then differ in the last bits)
+    _both_paths(monkeypatch, fn, inputs, n_diff=3, params=(coeffs,) if coeff_grad else ())
     if coeff_grad:  # the coefficient gradient flows on the fast path too
         leaves = [t.detach().requires_grad_(True) for t in inputs[:3]] + [inputs[3]]
         (gc,) = torch.autograd.grad(fn(*leaves).sum(), coeffs)
         assert torch.isfinite(gc).all() and gc.abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param_grad", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_linear_without_extra_matches_registered_autograd(monkeypatch, param_grad, device, cpu_isa):
+    """Both family parameters (A -> p0, b -> p1), each with or without a gradient, and no ``extra`` (an absent
+    optional input: the C++ node's input positions must still line up)."""
+    inputs = _inputs(device=device)
+    B, K, D = inputs[1].shape
+    g = torch.Generator().manual_seed(5)
+    A = (0.5 * torch.randn(1, K, 2, D, generator=g, dtype=torch.float64)).to(device).requires_grad_(param_grad[0])
+    b = (0.3 * torch.randn(B, 1, 2, generator=g, dtype=torch.float64)).to(device).requires_grad_(param_grad[1])
+
+    def fn(*t):
+        return P.mdn_loss(*t, physics=P.Linear(A, b), weight=0.6, reduction="mean")
+
+    params = tuple(p for p in (A, b) if p.requires_grad)
+    _both_paths(monkeypatch, fn, inputs, n_diff=4, params=params)
+
+
+def test_backward_twice_without_retain_graph_raises():
+    inputs = [t.requires_grad_(True) for t in _inputs()]
+    loss = physmdn.mixture_nll(*inputs, reduction="sum")
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_accumulated_grads_match_registered_autograd(monkeypatch, reduction):
+    """``.backward()`` into ``.grad`` (AccumulateGrad takes the handed-over gradients), twice: the second step adds."""
+    def grads():
+        leaves = [t.detach().clone().requires_grad_(True) for t in _inputs(dtype=torch.float32)]
+        for _ in range(2):
+            loss = physmdn.mixture_nll(*leaves, reduction=reduction)
+            (loss if loss.dim() == 0 else loss[: loss.numel() // 2].sum()).backward()
+        return [t.grad for t in leaves]
+
+    fast = grads()
+    with monkeypatch.context() as m:
+        m.setattr(_ops, "_plain", lambda tensors: False)
+        slow = grads()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_no_grad_call_skips_autograd():
@@ -89,6 +139,9 @@ def test_second_order_gradients_raise_clearly():
     inputs = [t.requires_grad_(True) for t in _inputs()]
     with pytest.raises(RuntimeError, match="mixture_nll: only first-order gradients.*create_graph=True"):
         torch.autograd.grad(physmdn.mixture_nll(*inputs).sum(), inputs[1], create_graph=True)
+    coeffs = torch.randn(1, 3, 5, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="mdn_loss: only first-order gradients.*create_graph=True"):
+        torch.autograd.grad(P.mdn_loss(*inputs, physics=P.Polynomial(coeffs)).sum(), inputs[1], create_graph=True)
 
 
 def test_retain_graph_then_second_backward():

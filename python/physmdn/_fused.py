@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import acc_dtype, call_op, eager_function, forward_grads, keep_forward_grads
+from ._ops import acc_dtype, call_op, forward_grads, keep_forward_grads
 
 FAMILY_NONE, FAMILY_POLYNOMIAL, FAMILY_LINEAR, FAMILY_STENCIL = -1, 0, 1, 2
 MAX_ORDER = 8
@@ -72,7 +72,6 @@ def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):
 
 
 torch.library.register_autograd("physmdn::mdn_loss_fwd", _backward, setup_context=_setup_context)
-_MdnLossEager = eager_function("mdn_loss_fwd", _setup_context, _backward)
 
 
 def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:
@@ -169,7 +168,7 @@ def fused_mdn_loss(logits, means, log_scales, target, items, weight: float, redu
             int(boundary), float(noise), compute_grad, grad_scale)
     needs_autograd = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (*differentiable, p0, p1))
-    loss = call_op("mdn_loss_fwd", _MdnLossEager, args, needs_autograd)[0]
+    loss = call_op("mdn_loss", args, needs_autograd)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":

@@ -103,41 +103,18 @@ def _plain(tensors) -> bool:
     return _eager(*(t for t in tensors if isinstance(t, torch.Tensor))) and not torch._C._are_functorch_transforms_active()
 
 
-def eager_function(name: str, setup_context, backward):
-    """An ``autograd.Function`` running a custom op below autograd with the op's own ``setup_context`` and
-    ``backward`` (those given to ``torch.library.register_autograd``). Same graph and gradients as the registered
-    autograd kernel, without its per-call Python dispatch (default filling, redispatch): about 30 us less per
-    forward + backward (of ~125 us of Python and autograd around a small batch)."""
-    overload = getattr(torch.ops.physmdn, name).default
-
-    def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = overload(*args)
-        setup_context(ctx, args, out)
-        return out
-
-    def backward_once(ctx, *grads):
-        if torch.is_grad_enabled():  # create_graph=True: the gradients would silently be constants
-            raise RuntimeError(
-                f"physmdn.{name.removesuffix('_fwd')}: only first-order gradients are supported; this backward was "
-                "called with create_graph=True (a higher-order gradient through it would be wrong)")
-        return backward(ctx, *grads)
-
-    # (grad_fn: <name>_eagerBackward)
-    return type(f"{name}_eager", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward_once)})
-
-
-def call_op(name: str, function, args, needs_autograd: bool):
-    """``torch.ops.physmdn.<name>(*args)``: in eager mode without autograd straight to the kernel, with autograd
-    through ``function`` (:func:`eager_function`); traced (torch.compile), under functorch transforms or with tensor
-    subclasses through the dispatcher and the registered autograd (which tracing needs)."""
+def call_op(name: str, args, needs_autograd: bool) -> torch.Tensor:
+    """The loss of ``torch.ops.physmdn.<name>_fwd(*args)``. In eager mode without autograd straight to the kernel;
+    with autograd through ``_<name>_autograd`` (the same arguments), whose autograd node is C++ (csrc/autograd.cpp:
+    the same graph and gradients as the autograd formula registered here, without the Python around every forward
+    and backward); traced (torch.compile), under functorch transforms or with tensor subclasses through the
+    dispatcher and the autograd registered here (which tracing needs)."""
     if _plain(args):
         if not needs_autograd:
             with torch._C._AutoDispatchBelowAutograd():
-                return getattr(torch.ops.physmdn, name).default(*args)
-        return function.apply(*args)
-    return getattr(torch.ops.physmdn, name)(*args)
+                return getattr(torch.ops.physmdn, f"{name}_fwd").default(*args)[0]
+        return getattr(torch.ops.physmdn, f"_{name}_autograd").default(*args)
+    return getattr(torch.ops.physmdn, f"{name}_fwd")(*args)[0]
 
 
 def keep_forward_grads(ctx, compute_grad, grad_scale, dtype, grads, to_save) -> None:
@@ -229,7 +206,6 @@ def _mixture_nll_backward(ctx, grad_loss, _grad_saved, *_grad_grads):
 torch.library.register_autograd(
     "physmdn::mixture_nll_fwd", _mixture_nll_backward, setup_context=_mixture_nll_setup_context
 )
-_MixtureNLLEager = eager_function("mixture_nll_fwd", _mixture_nll_setup_context, _mixture_nll_backward)
 
 
 def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, target: torch.Tensor,
@@ -270,8 +246,8 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
     B = means.shape[0]
     # (under torch.compile the scale stays 1: 1/B would specialize a dynamic batch size)
     grad_scale = 1.0 / B if reduction == "mean" and B > 0 and not torch.compiler.is_compiling() else 1.0
-    loss = call_op("mixture_nll_fwd", _MixtureNLLEager, (logits, means, log_scales, target, compute_grad, grad_scale),
-                   needs_autograd=compute_grad)[0]
+    loss = call_op("mixture_nll", (logits, means, log_scales, target, compute_grad, grad_scale),
+                   needs_autograd=compute_grad)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
