@@ -63,6 +63,26 @@ void check_first_order(const char* op) {
               "higher-order gradient through it would be wrong)");
 }
 
+// reduction: 0 none ([B]), 1 mean, 2 sum (scalars), as loss.mean() / loss.sum() would compute them.
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+Tensor reduce(AutogradContext* ctx, const Tensor& loss, int64_t reduction) {
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, "reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
+              reduction);
+  ctx->saved_data["reduction"] = reduction;
+  ctx->saved_data["batch"] = loss.size(0);
+  return reduction == kMean ? loss.mean() : reduction == kSum ? loss.sum() : loss;
+}
+
+// The per-sample upstream gradient [B] for the reduced loss's gradient: what MeanBackward (grad / B, the same value
+// in every element) or SumBackward would send, as an expanded scalar (so the check of its values reads one).
+Tensor per_sample_upstream(AutogradContext* ctx, const Tensor& grad) {
+  const auto reduction = ctx->saved_data["reduction"].toInt();
+  if (reduction == kNone) return grad;
+  const auto B = ctx->saved_data["batch"].toInt();
+  return (reduction == kMean ? grad / B : grad).expand({B});
+}
+
 // The forward's gradients (computed for an upstream gradient of grad_scale per sample) kept aside, not saved: the
 // first backward hands them over or rescales them in place (no extra buffers).
 void keep_forward_grads(AutogradContext* ctx, bool compute_grad, double grad_scale, const Tensor& means,
@@ -106,20 +126,20 @@ using Tensor7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 // Arguments as in mixture_nll_fwd's schema.
 struct MixtureNll : public torch::autograd::Function<MixtureNll> {
   static Tensor forward(AutogradContext* ctx, const Tensor& logits, const Tensor& means, const Tensor& log_scales,
-                        const Tensor& target, bool compute_grad, double grad_scale) {
+                        const Tensor& target, bool compute_grad, double grad_scale, int64_t reduction) {
     static const auto fwd = op_handle<Tensor6(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, double)>(
         "physmdn::mixture_nll_fwd");
     auto [loss, saved, gl, gm, gs, gt] = fwd.call(logits, means, log_scales, target, compute_grad, grad_scale);
     ctx->save_for_backward({logits, means, log_scales, target, saved});
     keep_forward_grads(ctx, compute_grad, grad_scale, means, {gl, gm, gs, gt});
-    return loss;
+    return reduce(ctx, loss, reduction);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     check_first_order("mixture_nll");
-    const auto& grad_loss = grad_outputs[0];
-    variable_list out(6);  // logits, means, log_scales, target; none for the two scalars
-    if (!grad_loss.defined()) return out;
+    variable_list out(7);  // logits, means, log_scales, target; none for the three scalars
+    if (!grad_outputs[0].defined()) return out;
+    const auto grad_loss = per_sample_upstream(ctx, grad_outputs[0]);
     auto grads = take_forward_grads(ctx, grad_loss);
     if (grads.empty()) {
       static const auto bwd = op_handle<Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -139,7 +159,7 @@ struct MdnLoss : public torch::autograd::Function<MdnLoss> {
   static Tensor forward(AutogradContext* ctx, const Tensor& logits, const Tensor& means, const Tensor& log_scales,
                         const Tensor& target, const Tensor& p0, const Tensor& p1, const c10::optional<Tensor>& extra,
                         int64_t family, bool exact, double weight, double spacing, int64_t boundary,
-                        double noise_scale, bool compute_grad, double grad_scale) {
+                        double noise_scale, bool compute_grad, double grad_scale, int64_t reduction) {
     static const auto fwd = op_handle<Tensor7(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                               const Tensor&, const c10::optional<Tensor>&, int64_t, bool, double,
                                               double, int64_t, double, bool, double)>("physmdn::mdn_loss_fwd");
@@ -153,14 +173,14 @@ struct MdnLoss : public torch::autograd::Function<MdnLoss> {
     ctx->saved_data["boundary"] = boundary;
     ctx->saved_data["noise_scale"] = noise_scale;
     keep_forward_grads(ctx, compute_grad, grad_scale, means, {gl, gm, gs, gt, ge});
-    return loss;
+    return reduce(ctx, loss, reduction);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     check_first_order("mdn_loss");
-    const auto& grad_loss = grad_outputs[0];
-    variable_list out(15);  // the seven tensors; none for the eight scalars
-    if (!grad_loss.defined()) return out;
+    variable_list out(16);  // the seven tensors; none for the nine scalars
+    if (!grad_outputs[0].defined()) return out;
+    const auto grad_loss = per_sample_upstream(ctx, grad_outputs[0]);
     const auto s = ctx->get_saved_variables();
     const bool has_extra = s[6].defined();
     auto grads = take_forward_grads(ctx, grad_loss);
@@ -190,28 +210,28 @@ struct MdnLoss : public torch::autograd::Function<MdnLoss> {
 namespace {
 
 Tensor mixture_nll_autograd(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
-                            bool compute_grad, double grad_scale) {
-  return MixtureNll::apply(logits, means, log_scales, target, compute_grad, grad_scale);
+                            bool compute_grad, double grad_scale, int64_t reduction) {
+  return MixtureNll::apply(logits, means, log_scales, target, compute_grad, grad_scale, reduction);
 }
 
 Tensor mdn_loss_autograd(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
                          const Tensor& p0, const Tensor& p1, const c10::optional<Tensor>& extra, int64_t family,
                          bool exact, double weight, double spacing, int64_t boundary, double noise_scale,
-                         bool compute_grad, double grad_scale) {
-  return MdnLoss::apply(logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing,
-                                boundary, noise_scale, compute_grad, grad_scale);
+                         bool compute_grad, double grad_scale, int64_t reduction) {
+  return MdnLoss::apply(logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
+                        noise_scale, compute_grad, grad_scale, reduction);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(physmdn, m) {
-  // eager mode only (see the top of this file): the loss [B] of mixture_nll_fwd / mdn_loss_fwd (same arguments)
-  // with a C++ autograd node
+  // eager mode only (see the top of this file): the loss of mixture_nll_fwd / mdn_loss_fwd (same arguments), [B] or
+  // reduced (reduction 0 none, 1 mean, 2 sum), with a C++ autograd node
   m.def("_mixture_nll_autograd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, bool compute_grad, "
-        "float grad_scale) -> Tensor");
+        "float grad_scale, int reduction) -> Tensor");
   m.def("_mdn_loss_autograd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, Tensor p0, Tensor p1, "
         "Tensor? extra, int family, bool exact, float weight, float spacing, int boundary, float noise_scale, "
-        "bool compute_grad, float grad_scale) -> Tensor");
+        "bool compute_grad, float grad_scale, int reduction) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(physmdn, Autograd, m) {

@@ -168,9 +168,4 @@ def fused_mdn_loss(logits, means, log_scales, target, items, weight: float, redu
             int(boundary), float(noise), compute_grad, grad_scale)
     needs_autograd = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (*differentiable, p0, p1))
-    loss = call_op("mdn_loss", args, needs_autograd)
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return call_op("mdn_loss", args, needs_autograd, reduction)

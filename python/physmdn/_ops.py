@@ -103,18 +103,28 @@ def _plain(tensors) -> bool:
     return _eager(*(t for t in tensors if isinstance(t, torch.Tensor))) and not torch._C._are_functorch_transforms_active()
 
 
-def call_op(name: str, args, needs_autograd: bool) -> torch.Tensor:
-    """The loss of ``torch.ops.physmdn.<name>_fwd(*args)``. In eager mode without autograd straight to the kernel;
-    with autograd through ``_<name>_autograd`` (the same arguments), whose autograd node is C++ (csrc/autograd.cpp:
-    the same graph and gradients as the autograd formula registered here, without the Python around every forward
-    and backward); traced (torch.compile), under functorch transforms or with tensor subclasses through the
-    dispatcher and the autograd registered here (which tracing needs)."""
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def call_op(name: str, args, needs_autograd: bool, reduction: str = "none") -> torch.Tensor:
+    """The loss of ``torch.ops.physmdn.<name>_fwd(*args)``, reduced (``"none"``, ``"mean"`` or ``"sum"``). In eager
+    mode without autograd straight to the kernel; with autograd through ``_<name>_autograd`` (the same arguments and
+    the reduction), whose autograd node is C++ (csrc/autograd.cpp: the same graph and gradients as the autograd
+    formula registered here, without the Python around every forward and backward, and the reduction inside the
+    node); traced (torch.compile), under functorch transforms or with tensor subclasses through the dispatcher and
+    the autograd registered here (which tracing needs)."""
     if _plain(args):
-        if not needs_autograd:
-            with torch._C._AutoDispatchBelowAutograd():
-                return getattr(torch.ops.physmdn, f"{name}_fwd").default(*args)[0]
-        return getattr(torch.ops.physmdn, f"_{name}_autograd").default(*args)
-    return getattr(torch.ops.physmdn, f"{name}_fwd")(*args)[0]
+        if needs_autograd:
+            return getattr(torch.ops.physmdn, f"_{name}_autograd").default(*args, _REDUCTIONS[reduction])
+        with torch._C._AutoDispatchBelowAutograd():
+            loss = getattr(torch.ops.physmdn, f"{name}_fwd").default(*args)[0]
+    else:
+        loss = getattr(torch.ops.physmdn, f"{name}_fwd")(*args)[0]
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
 
 
 def keep_forward_grads(ctx, compute_grad, grad_scale, dtype, grads, to_save) -> None:
@@ -246,10 +256,5 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
     B = means.shape[0]
     # (under torch.compile the scale stays 1: 1/B would specialize a dynamic batch size)
     grad_scale = 1.0 / B if reduction == "mean" and B > 0 and not torch.compiler.is_compiling() else 1.0
-    loss = call_op("mixture_nll", (logits, means, log_scales, target, compute_grad, grad_scale),
-                   needs_autograd=compute_grad)
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
+    return call_op("mixture_nll", (logits, means, log_scales, target, compute_grad, grad_scale),
+                   needs_autograd=compute_grad, reduction=reduction)
