@@ -129,6 +129,8 @@ struct MixtureNll : public torch::autograd::Function<MixtureNll> {
                         const Tensor& target, bool compute_grad, double grad_scale, int64_t reduction) {
     static const auto fwd = op_handle<Tensor6(const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, double)>(
         "physmdn::mixture_nll_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // (Function::apply only turns grad mode off: without
+    // this guard the call would still enter the Python autograd kernel registered for mixture_nll_fwd)
     auto [loss, saved, gl, gm, gs, gt] = fwd.call(logits, means, log_scales, target, compute_grad, grad_scale);
     ctx->save_for_backward({logits, means, log_scales, target, saved});
     keep_forward_grads(ctx, compute_grad, grad_scale, means, {gl, gm, gs, gt});
@@ -145,6 +147,7 @@ struct MixtureNll : public torch::autograd::Function<MixtureNll> {
       static const auto bwd = op_handle<Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                 const Tensor&, const Tensor&)>("physmdn::mixture_nll_bwd");
       const auto s = ctx->get_saved_variables();
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [gl, gm, gs, gt] = bwd.call(grad_loss, s[0], s[1], s[2], s[3], s[4]);
       grads = {gl, gm, gs, gt};
     }
@@ -163,6 +166,7 @@ struct MdnLoss : public torch::autograd::Function<MdnLoss> {
     static const auto fwd = op_handle<Tensor7(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                               const Tensor&, const c10::optional<Tensor>&, int64_t, bool, double,
                                               double, int64_t, double, bool, double)>("physmdn::mdn_loss_fwd");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // (as in MixtureNll::forward)
     auto [loss, saved, gl, gm, gs, gt, ge] = fwd.call(logits, means, log_scales, target, p0, p1, extra, family, exact,
                                                       weight, spacing, boundary, noise_scale, compute_grad, grad_scale);
     ctx->save_for_backward({logits, means, log_scales, target, p0, p1, extra.value_or(Tensor()), saved});
@@ -195,6 +199,7 @@ struct MdnLoss : public torch::autograd::Function<MdnLoss> {
                                               double, const Tensor&, bool, bool)>("physmdn::mdn_loss_bwd");
     const auto& d = ctx->saved_data;
     const bool p0_grad = ctx->needs_input_grad(4), p1_grad = ctx->needs_input_grad(5);
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [gl, gm, gs, gt, gp0, gp1, ge] =
         bwd.call(grad_loss, s[0], s[1], s[2], s[3], s[4], s[5], has_extra ? c10::optional<Tensor>(s[6]) : c10::nullopt,
                  d.at("family").toInt(), d.at("exact").toBool(), d.at("weight").toDouble(), d.at("spacing").toDouble(),

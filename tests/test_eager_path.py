@@ -40,10 +40,16 @@ def _op_node(loss) -> str:
     raise AssertionError("no op node in the graph")
 
 
+def _registered_path(m):
+    """What tracing / functorch get: the autograd registered in Python, through the dispatcher."""
+    m.setattr(_ops, "_plain", lambda tensors: False)
+    m.setattr(_ops, "fast_mixture_inputs", lambda *tensors: False)
+
+
 def _both_paths(monkeypatch, fn, inputs, n_diff, params=()):
     fast_loss, fast_grads = _run(fn, inputs, n_diff, params)
     with monkeypatch.context() as m:
-        m.setattr(_ops, "_plain", lambda tensors: False)  # what tracing / functorch get: the registered autograd
+        _registered_path(m)
         slow_loss, slow_grads = _run(fn, inputs, n_diff, params)
     fast, slow = _op_node(fast_loss), _op_node(slow_loss)
     assert fast in ("torch::autograd::CppNode<physmdn::MixtureNll>", "torch::autograd::CppNode<physmdn::MdnLoss>"), fast
@@ -121,7 +127,7 @@ def test_accumulated_grads_match_registered_autograd(monkeypatch, reduction):
 
     fast = grads()
     with monkeypatch.context() as m:
-        m.setattr(_ops, "_plain", lambda tensors: False)
+        _registered_path(m)
         slow = grads()
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -151,3 +157,52 @@ def test_retain_graph_then_second_backward():
     second = torch.autograd.grad(loss, inputs[:3])  # recomputed by the backward kernel
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_fast_input_check_declines_what_the_full_checks_reject():
+    """``fast_mixture_inputs`` lets mixture_nll skip its detailed checks: it must decline every input the full
+    checks would reject or transform (those then get the full path and its error), and accept the plain cases."""
+    logits, means, log_scales, target = _inputs(B=6, K=3, D=2, dtype=torch.float32)
+    ok = (logits, means, log_scales, target)
+    assert _ops.fast_mixture_inputs(*ok)
+    assert _ops.fast_mixture_inputs(torch.nn.Parameter(logits), means, log_scales[:, :, :1].expand(6, 3, 2), target)
+    assert _ops.fast_mixture_inputs(*(t[:0] for t in ok))  # B = 0
+    bad = [
+        (logits[:, :2], means, log_scales, target),  # K mismatch
+        (logits, means, log_scales[:, :, :1], target),  # log_scales shape
+        (logits, means, log_scales, target[:, :1]),  # D mismatch
+        (logits, means[:5], log_scales, target),  # B mismatch
+        (logits[:5], means[:5], log_scales[:5], target),  # target's B
+        (logits, means.reshape(6, 6), log_scales, target),  # means not 3-D
+        (logits[:, :0], means[:, :0], log_scales[:, :0], target),  # K = 0
+        (logits, means[:, :, :0], log_scales[:, :, :0], target[:, :0]),  # D = 0
+        (logits.double(), means, log_scales, target),  # dtype mismatch
+        (logits, means, log_scales, target.double()),
+        (logits.int(), means.int(), log_scales.int(), target.int()),  # not floating
+        (logits, means, log_scales, target.numpy()),  # not a tensor
+        (logits, means, log_scales, None),
+    ]
+    for i, args in enumerate(bad):
+        assert not _ops.fast_mixture_inputs(*args), i
+        if args[3] is not None and not isinstance(args[3], torch.Tensor):
+            continue
+        with pytest.raises((TypeError, ValueError)):  # the full path's detailed error
+            physmdn.mixture_nll(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _ops.fast_mixture_inputs(*ok)
+    if torch.cuda.is_available():
+        assert not _ops.fast_mixture_inputs(logits.cuda(), means, log_scales, target)
+    with torch.no_grad():
+        assert _ops.fast_mixture_inputs(*ok)
+
+
+def test_parameter_inputs_take_the_cpp_node():
+    logits, means, log_scales, target = _inputs()
+    params = [torch.nn.Parameter(t) for t in (logits, means, log_scales)]
+    loss = physmdn.mixture_nll(*params, target, reduction="mean")
+    assert loss.grad_fn.name() == "torch::autograd::CppNode<physmdn::MixtureNll>"
+    loss.backward()
+    ref = [t.detach().requires_grad_(True) for t in (logits, means, log_scales)]
+    physmdn.reference.mixture_nll(*ref, target).mean().backward()
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.grad, r.grad, rtol=1e-10, atol=1e-12)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import acc_dtype, call_op, forward_grads, keep_forward_grads
+from ._ops import _PLAIN_TYPES, acc_dtype, call_op, forward_grads, keep_forward_grads
 
 FAMILY_NONE, FAMILY_POLYNOMIAL, FAMILY_LINEAR, FAMILY_STENCIL = -1, 0, 1, 2
 MAX_ORDER = 8
@@ -137,10 +137,12 @@ def is_fusable(spec) -> bool:
     return isinstance(spec, physics.Linear)
 
 
-def fused_mdn_loss(logits, means, log_scales, target, items, weight: float, reduction: str = "none") -> torch.Tensor:
+def fused_mdn_loss(logits, means, log_scales, target, items, weight: float, reduction: str = "none",
+                   fast: bool = False) -> torch.Tensor:
     """``NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk`` through one fused kernel: ``[B]`` (``reduction="none"``),
     or its mean / sum. When gradients will be needed and the kernel spec's parameters need none, the forward
-    computes them for the reduction's upstream gradient (as :func:`physmdn.mixture_nll`)."""
+    computes them for the reduction's upstream gradient (as :func:`physmdn.mixture_nll`). ``fast``: the inputs passed
+    :func:`physmdn._ops.fast_mixture_inputs` (eager, plain tensors)."""
     B, K, D = means.shape
     for spec, _ in items:
         spec.validate(B, K, D)
@@ -168,4 +170,7 @@ def fused_mdn_loss(logits, means, log_scales, target, items, weight: float, redu
             int(boundary), float(noise), compute_grad, grad_scale)
     needs_autograd = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (*differentiable, p0, p1))
-    return call_op("mdn_loss", args, needs_autograd, reduction)
+    plain = None  # (call_op tests it) unless the inputs are known plain and so are the parameters and extra
+    if fast and type(p0) in _PLAIN_TYPES and type(p1) in _PLAIN_TYPES and (extra is None or type(extra) in _PLAIN_TYPES):
+        plain = True
+    return call_op("mdn_loss", args, needs_autograd, reduction, plain=plain)

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import _ops
 from ._ops import autocast_inputs, check_mixture_inputs, mixture_nll
 
 __all__ = [
@@ -558,8 +559,10 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
         weight: the global physics weight ``lambda``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]``).
     """
-    logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
-    check_mixture_inputs(logits, means, log_scales, target)
+    fast = _ops.fast_mixture_inputs(logits, means, log_scales, target)  # (checked, no autocast, eager)
+    if not fast:
+        logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
+        check_mixture_inputs(logits, means, log_scales, target)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     items = _normalize_physics(physics)
@@ -567,4 +570,4 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
         return mixture_nll(logits, means, log_scales, target, reduction=reduction)
     from ._fused import fused_mdn_loss  # the fused kernels; they fall back to the references per spec
 
-    return fused_mdn_loss(logits, means, log_scales, target, items, float(weight), reduction=reduction)
+    return fused_mdn_loss(logits, means, log_scales, target, items, float(weight), reduction=reduction, fast=fast)
