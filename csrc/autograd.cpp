@@ -66,12 +66,38 @@ void check_first_order(const char* op) {
 // reduction: 0 none ([B]), 1 mean, 2 sum (scalars), as loss.mean() / loss.sum() would compute them.
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-Tensor reduce(AutogradContext* ctx, const Tensor& loss, int64_t reduction) {
+Tensor reduce(AutogradContext* ctx, const Tensor& loss, int64_t reduction, double grad_scale) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, "reduction must be 0 (none), 1 (mean) or 2 (sum), got ",
               reduction);
+  const auto B = loss.size(0);
   ctx->saved_data["reduction"] = reduction;
-  ctx->saved_data["batch"] = loss.size(0);
-  return reduction == kMean ? loss.mean() : reduction == kSum ? loss.sum() : loss;
+  ctx->saved_data["batch"] = B;
+  // whether the forward's gradients are those of a unit gradient of the reduced loss (grad_scale 1/B for the mean,
+  // 1 for the sum, as python/physmdn passes them): the backward then hands them over without a look at the values
+  ctx->saved_data["unit"] = (reduction == kMean && B > 0 && grad_scale == 1.0 / static_cast<double>(B)) ||
+                            (reduction == kSum && grad_scale == 1.0);
+  if (reduction == kSum) return loss.sum();
+  if (reduction == kNone) return loss;
+  // torch's CPU mean of float32 / float64 is this sum divided by B in the same dtype (the same bits, compared in
+  // tests/test_eager_path.py), without mean's and div_'s dispatch (~15 us); the half types keep mean (it sums them
+  // in float32)
+  const auto dt = loss.scalar_type();
+  if (!loss.is_cpu() || (dt != at::kFloat && dt != at::kDouble)) return loss.mean();
+  auto total = loss.sum();
+  if (dt == at::kFloat) {
+    float* v = total.data_ptr<float>();
+    *v = *v / static_cast<float>(B);
+  } else {
+    double* v = total.data_ptr<double>();
+    *v = *v / static_cast<double>(B);
+  }
+  return total;
+}
+
+// True when grad, the gradient of the reduced loss, is a CPU 1 and the forward's gradients were made for it.
+bool unit_upstream(AutogradContext* ctx, const Tensor& grad) {
+  return ctx->saved_data["reduction"].toInt() != kNone && ctx->saved_data["unit"].toBool() && grad.is_cpu() &&
+         grad.numel() == 1 && grad.item<double>() == 1.0;
 }
 
 // The per-sample upstream gradient [B] for the reduced loss's gradient: what MeanBackward (grad / B, the same value
@@ -94,13 +120,15 @@ void keep_forward_grads(AutogradContext* ctx, bool compute_grad, double grad_sca
   ctx->saved_data["grad_scale"] = rounded(grad_scale, acc_dtype(means.scalar_type()));
 }
 
-// The forward's gradients (first backward) for grad_loss, handed over or rescaled in place; an empty vector when
-// the backward must recompute (a second backward: the first took them).
-std::vector<Tensor> take_forward_grads(AutogradContext* ctx, const Tensor& grad_loss) {
+// The forward's gradients (first backward) for grad, the gradient of the node's output, handed over or rescaled in
+// place; an empty vector when the backward must recompute (a second backward: the first took them).
+std::vector<Tensor> take_forward_grads(AutogradContext* ctx, const Tensor& grad) {
   auto it = ctx->saved_data.find("grads");
   if (it == ctx->saved_data.end() || it->second.isNone()) return {};
   auto grads = it->second.toTensorVector();
   it->second = c10::IValue();
+  if (unit_upstream(ctx, grad)) return grads;
+  const auto grad_loss = per_sample_upstream(ctx, grad);
   const double grad_scale = ctx->saved_data["grad_scale"].toDouble();
   if (upstream_is_scale(grad_loss, grad_scale)) return grads;
   auto g = grad_loss.to(grads[0].scalar_type());
@@ -134,16 +162,16 @@ struct MixtureNll : public torch::autograd::Function<MixtureNll> {
     auto [loss, saved, gl, gm, gs, gt] = fwd.call(logits, means, log_scales, target, compute_grad, grad_scale);
     ctx->save_for_backward({logits, means, log_scales, target, saved});
     keep_forward_grads(ctx, compute_grad, grad_scale, means, {gl, gm, gs, gt});
-    return reduce(ctx, loss, reduction);
+    return reduce(ctx, loss, reduction, grad_scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     check_first_order("mixture_nll");
     variable_list out(7);  // logits, means, log_scales, target; none for the three scalars
     if (!grad_outputs[0].defined()) return out;
-    const auto grad_loss = per_sample_upstream(ctx, grad_outputs[0]);
-    auto grads = take_forward_grads(ctx, grad_loss);
+    auto grads = take_forward_grads(ctx, grad_outputs[0]);
     if (grads.empty()) {
+      const auto grad_loss = per_sample_upstream(ctx, grad_outputs[0]);
       static const auto bwd = op_handle<Tensor4(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                 const Tensor&, const Tensor&)>("physmdn::mixture_nll_bwd");
       const auto s = ctx->get_saved_variables();
@@ -177,17 +205,16 @@ struct MdnLoss : public torch::autograd::Function<MdnLoss> {
     ctx->saved_data["boundary"] = boundary;
     ctx->saved_data["noise_scale"] = noise_scale;
     keep_forward_grads(ctx, compute_grad, grad_scale, means, {gl, gm, gs, gt, ge});
-    return reduce(ctx, loss, reduction);
+    return reduce(ctx, loss, reduction, grad_scale);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     check_first_order("mdn_loss");
     variable_list out(16);  // the seven tensors; none for the nine scalars
     if (!grad_outputs[0].defined()) return out;
-    const auto grad_loss = per_sample_upstream(ctx, grad_outputs[0]);
     const auto s = ctx->get_saved_variables();
     const bool has_extra = s[6].defined();
-    auto grads = take_forward_grads(ctx, grad_loss);
+    auto grads = take_forward_grads(ctx, grad_outputs[0]);
     if (!grads.empty()) {  // computed by the forward (only when p0 / p1 need no gradient)
       std::copy(grads.begin(), grads.begin() + 4, out.begin());
       if (has_extra && ctx->needs_input_grad(6)) out[6] = grads[4];
@@ -199,6 +226,7 @@ struct MdnLoss : public torch::autograd::Function<MdnLoss> {
                                               double, const Tensor&, bool, bool)>("physmdn::mdn_loss_bwd");
     const auto& d = ctx->saved_data;
     const bool p0_grad = ctx->needs_input_grad(4), p1_grad = ctx->needs_input_grad(5);
+    const auto grad_loss = per_sample_upstream(ctx, grad_outputs[0]);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [gl, gm, gs, gt, gp0, gp1, ge] =
         bwd.call(grad_loss, s[0], s[1], s[2], s[3], s[4], s[5], has_extra ? c10::optional<Tensor>(s[6]) : c10::nullopt,

@@ -232,3 +232,20 @@ def test_cpp_node_calls_the_kernels_below_autograd(monkeypatch):
         _registered_path(m)
         physmdn.mixture_nll(*inputs)
     assert redispatched == ["physmdn.mixture_nll_fwd.default"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B", [1, 37, 1000, 65537])
+def test_mean_inside_the_node_is_torchs_mean(B, dtype):
+    """The node reduces ``mean`` itself (a sum and a division for float32 / float64): bit for bit torch's ``mean`` of
+    the per-sample losses, and its gradients those of the per-sample losses scaled by 1 / B."""
+    inputs = [t.to(dtype).requires_grad_(i < 3) for i, t in enumerate(_inputs(B=B, K=2, D=3, seed=B))]
+    loss = physmdn.mixture_nll(*inputs, reduction="mean")
+    assert loss.grad_fn.name() == "torch::autograd::CppNode<physmdn::MixtureNll>"
+    per_sample = physmdn.mixture_nll(*inputs)
+    torch.testing.assert_close(loss, per_sample.mean(), rtol=0, atol=0)
+    total = physmdn.mixture_nll(*inputs, reduction="sum")
+    torch.testing.assert_close(total, per_sample.sum(), rtol=0, atol=0)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for got, want in zip(torch.autograd.grad(loss, inputs[:3]), torch.autograd.grad(per_sample.sum() / B, inputs[:3])):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol / B)
