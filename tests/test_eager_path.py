@@ -249,3 +249,21 @@ def test_mean_inside_the_node_is_torchs_mean(B, dtype):
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     for got, want in zip(torch.autograd.grad(loss, inputs[:3]), torch.autograd.grad(per_sample.sum() / B, inputs[:3])):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol / B)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_non_unit_upstream_of_a_reduction_matches_registered_autograd(monkeypatch, reduction, device, cpu_isa):
+    """A scalar upstream gradient other than 1 (a loss weight): the node rescales the forward's gradients in place,
+    bit for bit as the registered path does after torch's Mean / Sum backward."""
+    def grads():
+        leaves = [t.detach().clone().requires_grad_(True) for t in _inputs(dtype=torch.float32, device=device)]
+        loss = physmdn.mixture_nll(*leaves, reduction=reduction)
+        return torch.autograd.grad(loss, leaves, torch.tensor(2.5, device=device))
+
+    fast = grads()
+    with monkeypatch.context() as m:
+        _registered_path(m)
+        slow = grads()
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
