@@ -267,3 +267,31 @@ def test_non_unit_upstream_of_a_reduction_matches_registered_autograd(monkeypatc
         slow = grads()
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_and_anomaly_mode(use_reentrant):
+    """The C++ node inside ``torch.utils.checkpoint`` (its forward recomputed in the backward) and under anomaly
+    detection: the same gradients as a plain forward + backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2 + 2 * 2 * 3)
+    x, y = torch.randn(17, 3, requires_grad=True), torch.randn(17, 3)
+
+    def f(x):
+        out = net(x)
+        return physmdn.mixture_nll(out[:, :2], out[:, 2:8].reshape(17, 2, 3), out[:, 8:].reshape(17, 2, 3), y,
+                                   reduction="mean")
+
+    def grads(run):
+        net.zero_grad()
+        run().backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    plain = grads(lambda: f(x))
+    for a, b in zip(grads(lambda: checkpoint(f, x, use_reentrant=use_reentrant)), plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.autograd.set_detect_anomaly(True):
+        for a, b in zip(grads(lambda: f(x)), plain):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
