@@ -470,14 +470,14 @@ def test_field_stability_separates_stable_and_unstable_states(boundary):
 @pytest.mark.parametrize("shape", [(131, 5, 3), (64, 8, 4), (1, 1, 1), (70, 3, 17)])
 @pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.6), ("mean", 0.0)])
 @pytest.mark.parametrize("coeff_layout", ["per_sample_component", "per_component", "shared", "per_dim",
-                                          "per_sample_dim"])
+                                          "per_sample_dim", "per_sample"])
 def test_fused_polynomial_fast_path_float32(shape, mode, noise, coeff_layout, cpu_isa):
     """float32, coefficients shared over D or per dimension (the AVX2 kernel loads those per element), no coefficient
     gradient: the CPU's vectorized polynomial path."""
     B, K, D = shape
     g = torch.Generator().manual_seed(B + K + D)
     layout = {"per_sample_component": (B, K, 1, 4), "per_component": (1, K, 1, 6), "shared": (1, 1, 1, 3),
-              "per_dim": (1, K, D, 4), "per_sample_dim": (B, 1, D, 3)}[coeff_layout]
+              "per_dim": (1, K, D, 4), "per_sample_dim": (B, 1, D, 3), "per_sample": (B, 1, 1, 4)}[coeff_layout]
     coeffs = 0.5 * torch.randn(*layout, generator=g, dtype=torch.float64)
     inputs = [t.float().requires_grad_(True) for t in mixture(B, K, D, seed=B * 7 + D)]
     items = [(P.Polynomial(coeffs.float(), mode=mode, noise_scale=noise), 0.8), (P.Bounds(-1.5, 1.5), 0.3)]
@@ -491,6 +491,25 @@ def test_fused_polynomial_fast_path_float32(shape, mode, noise, coeff_layout, cp
     assert rel_err(loss, ref) <= 1e-5
     for name, gr, rg in zip(("logits", "means", "log_scales"), grads, ref_grads):
         assert rel_err(gr, rg) <= 1e-4, (name, rel_err(gr, rg))
+
+
+@pytest.mark.parametrize("layout", [(19, 1, 1, 4), (19, 3, 1, 4), (1, 1, 1, 4)])
+def test_fused_polynomial_non_finite_coefficient_stays_in_its_samples(layout, cpu_isa):
+    """The AVX2 kernel gathers and squares coefficients once per group (or once for all) when they are broadcast
+    over components or the batch: a NaN coefficient must still reach exactly the samples that use it, and the
+    others must match the reference."""
+    B, K, D = 19, 3, 2
+    coeffs = 0.5 * torch.randn(*layout, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    bad = 9 if layout[0] == B else slice(None)
+    coeffs[bad, 0, 0, 2] = float("nan")
+    inputs = [t.float() for t in mixture(B, K, D, seed=11)]
+    loss = P.mdn_loss(*inputs, physics=P.Polynomial(coeffs.float()), weight=0.5, reduction="none")
+    ref = reference_loss(*[t.double() for t in inputs], [(P.Polynomial(coeffs), 1.0)], 0.5)
+    nan = torch.zeros(B, dtype=torch.bool)
+    nan[bad] = True
+    assert torch.isnan(loss[nan]).all() and torch.isnan(ref[nan]).all()
+    if (~nan).any():
+        assert rel_err(loss[~nan].double(), ref[~nan]) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype,shape,order", [

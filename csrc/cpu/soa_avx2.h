@@ -475,14 +475,27 @@ struct PolyPhysics : PhysicsBase<coef_t> {
   std::vector<__m256> dc;             // [K, D, J + 1] of the group in lanes: dE/dc, then its share of the gradient
   std::vector<float> dc_stage;        // [8, K D (J + 1)] for a partial group
 
-  // c and q = c * c of component k, dimension d, in lanes (fin: and their finiteness)
+  __m256 fin_c;  // the loaded coefficients' finiteness
+  // which coefficients cv / q hold: (group or -2 when shared over the batch, component, dimension) after broadcasting
+  int64_t loaded_b = -1, loaded_k = -1, loaded_d = -1;
+
+  // c and q = c * c of component k, dimension d, in lanes (fin: and their finiteness). Coefficients broadcast over
+  // the batch, the components or the dimensions (stride 0) are gathered and squared once, not per component of every
+  // group (a context-dependent law [B, 1, 1, J + 1] shared by the components, or one law for all).
   void load_coefficients(int64_t k, int64_t d) {
-    for (int i = 0; i <= order; ++i) cv[i] = this->per_component(c.s0 == 0, [&](int64_t b) { return c(b, k, d, i); });
-    for (int n = 0; n <= std::max(1, 2 * order); ++n) q[n] = _mm256_setzero_ps();  // q[1] is read for J = 0 too
-    for (int i = 0; i <= order; ++i) {
-      fin = _mm256_and_ps(fin, finite_mask(cv[i]));
-      for (int j = 0; j <= order; ++j) q[i + j] = _mm256_fmadd_ps(cv[i], cv[j], q[i + j]);
+    const int64_t lb = c.s0 == 0 ? -2 : this->b0, lk = c.s1 == 0 ? 0 : k, ld = c.s2 == 0 ? 0 : d;
+    if (lb != loaded_b || lk != loaded_k || ld != loaded_d) {
+      loaded_b = lb, loaded_k = lk, loaded_d = ld;
+      for (int i = 0; i <= order; ++i)
+        cv[i] = this->per_component(c.s0 == 0, [&](int64_t b) { return c(b, lk, ld, i); });
+      for (int n = 0; n <= std::max(1, 2 * order); ++n) q[n] = _mm256_setzero_ps();  // q[1] is read for J = 0 too
+      fin_c = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+      for (int i = 0; i <= order; ++i) {
+        fin_c = _mm256_and_ps(fin_c, finite_mask(cv[i]));
+        for (int j = 0; j <= order; ++j) q[i + j] = _mm256_fmadd_ps(cv[i], cv[j], q[i + j]);
+      }
     }
+    fin = _mm256_and_ps(fin, fin_c);
   }
   void begin_component(int64_t k) {
     cur_k = k;
