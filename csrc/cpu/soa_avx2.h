@@ -486,7 +486,14 @@ struct PolyPhysics : PhysicsBase<coef_t> {
     const int64_t lb = c.s0 == 0 ? -2 : this->b0, lk = c.s1 == 0 ? 0 : k, ld = c.s2 == 0 ? 0 : d;
     if (lb != loaded_b || lk != loaded_k || ld != loaded_d) {
       loaded_b = lb, loaded_k = lk, loaded_d = ld;
-      for (int i = 0; i <= order; ++i)
+      bool transposed = false;
+      if constexpr (std::is_same_v<coef_t, float>) {  // a full group's float32 rows of J + 1 contiguous coefficients
+        if (c.s0 != 0 && c.s3 == 1 && this->nb == kLanes) {
+          to_lanes(c.data + this->b0 * c.s0 + lk * c.s1 + ld * c.s2, order + 1, cv, c.s0);
+          transposed = true;
+        }
+      }
+      for (int i = 0; i <= order && !transposed; ++i)
         cv[i] = this->per_component(c.s0 == 0, [&](int64_t b) { return c(b, lk, ld, i); });
       for (int n = 0; n <= std::max(1, 2 * order); ++n) q[n] = _mm256_setzero_ps();  // q[1] is read for J = 0 too
       fin_c = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
