@@ -493,8 +493,9 @@ struct PolyPhysics : PhysicsBase<coef_t> {
           transposed = true;
         }
       }
-      for (int i = 0; i <= order && !transposed; ++i)
-        cv[i] = this->per_component(c.s0 == 0, [&](int64_t b) { return c(b, lk, ld, i); });
+      if (!transposed)
+        for (int i = 0; i <= order; ++i)
+          cv[i] = this->per_component(c.s0 == 0, [&](int64_t b) { return c(b, lk, ld, i); });
       for (int n = 0; n <= std::max(1, 2 * order); ++n) q[n] = _mm256_setzero_ps();  // q[1] is read for J = 0 too
       fin_c = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
       for (int i = 0; i <= order; ++i) {

@@ -280,15 +280,10 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if fast_mixture_inputs(logits, means, log_scales, target):  # (checked, no autocast, eager: the same call, faster)
-        compute_grad = torch.is_grad_enabled() and (
-            logits.requires_grad or means.requires_grad or log_scales.requires_grad or target.requires_grad)
-        B = means.shape[0]
-        grad_scale = 1.0 / B if reduction == "mean" and B > 0 else 1.0
-        return call_op("mixture_nll", (logits, means, log_scales, target, compute_grad, grad_scale),
-                       needs_autograd=compute_grad, reduction=reduction, plain=True)
-    logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
-    check_mixture_inputs(logits, means, log_scales, target)
+    fast = fast_mixture_inputs(logits, means, log_scales, target)  # (checked, no autocast, eager)
+    if not fast:
+        logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
+        check_mixture_inputs(logits, means, log_scales, target)
     # Gradients are computed in the forward pass when they will be needed (one pass over the inputs), for the
     # upstream gradient the reduction will send (1/B for the mean); the backward then rescales them only if the
     # actual upstream gradient differs.
@@ -298,4 +293,4 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
     # (under torch.compile the scale stays 1: 1/B would specialize a dynamic batch size)
     grad_scale = 1.0 / B if reduction == "mean" and B > 0 and not torch.compiler.is_compiling() else 1.0
     return call_op("mixture_nll", (logits, means, log_scales, target, compute_grad, grad_scale),
-                   needs_autograd=compute_grad, reduction=reduction)
+                   needs_autograd=compute_grad, reduction=reduction, plain=True if fast else None)
