@@ -41,7 +41,7 @@ def _mdn_loss_bwd_fake(grad_loss, logits, means, log_scales, target, p0, p1, ext
             means.new_empty(target.shape), gp0, gp1, ge)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, eager: bool | None = None):
     (logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary, noise_scale,
      compute_grad, grad_scale) = inputs
     _, saved, *grads = output
@@ -50,7 +50,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(saved, *grads)
     ctx.set_materialize_grads(False)
     keep_forward_grads(ctx, compute_grad, grad_scale, means.dtype, grads,
-                       (logits, means, log_scales, target, p0, p1, extra, saved))
+                       (logits, means, log_scales, target, p0, p1, extra, saved), eager)
 
 
 def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):
@@ -91,6 +91,8 @@ def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:
 class _Expand(torch.autograd.Function):
     """``t.expand(shape)`` with :func:`_sum_to` as its backward (the kernels' family parameter gradients are
     full-size ``[B, K, ...]``, reduced here to the parameter's shape)."""
+
+    generate_vmap_rule = True  # (torch.func.vmap over a loss with learnable physics parameters)
 
     @staticmethod
     def forward(t, shape):

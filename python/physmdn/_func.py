@@ -1,0 +1,139 @@
+"""torch.func (functorch) support for the custom ops: batching rules and autograd.Functions.
+
+- **vmap.** Every op is per sample along the batch dimension B, so a vmapped call folds the vmap dimension into
+  the batch (``[N, B, ...] -> [N B, ...]``: one kernel call, no per-example loop) and unfolds the outputs. Inputs
+  not mapped over are expanded (a view; ``reshape`` copies them only when it must).
+- **grad, vjp, jacrev.** The autograd that ``torch.library.register_autograd`` installs is an ``autograd.Function``
+  without a ``setup_context`` staticmethod, which functorch refuses (pytorch/pytorch#168393, #179652: "it must
+  override the setup_context staticmethod"). Under functorch transforms :func:`physmdn._ops.call_op` goes through
+  the Functions below instead: the same setup_context and backward as the registered autograd, and
+  ``generate_vmap_rule`` (so that ``vmap(grad(...))`` and ``jacrev`` work, through the batching rules).
+- Forward-mode AD (``jvp``, ``jacfwd``) is not supported: the ops have no forward-mode formula.
+- Under ``torch.compile`` the registered autograd stays (the Functions are for eager transforms): ``vmap`` compiles
+  (through the batching rules), ``grad`` over the ops does not (torch's error above, pytorch/pytorch#170834). The
+  Functions are not offered to dynamo because it differentiates an autograd.Function it inlines through the
+  forward's trace: with the op called below its autograd, the gradients came out as zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _fused, _ops
+
+
+def _per_sample(t, d, n):
+    """``t`` (mapped at ``d``, or unmapped when ``d`` is None) as ``[n * B, ...]``, the vmap dimension folded into
+    the batch dimension."""
+    t = t.unsqueeze(0).expand(n, *t.shape) if d is None else t.movedim(d, 0)
+    return t.reshape(n * t.shape[1], *t.shape[2:])
+
+
+def _one(t, d):
+    """A tensor that is not per sample (an empty placeholder): one example's, mapped or not."""
+    return t if d is None else t.select(d, 0)
+
+
+def _fold(info, in_dims, args, per_sample):
+    """The op arguments with the vmap dimension folded into the batch for ``per_sample[i]`` tensors; other tensors
+    (placeholders) taken as one example's; non-tensors passed through."""
+    n = info.batch_size
+    out = []
+    for a, d, ps in zip(args, in_dims, per_sample):
+        if isinstance(a, torch.Tensor):
+            a = _per_sample(a, d, n) if ps else _one(a, d)
+        out.append(a)
+    return out
+
+
+def _unfold(outputs, n, per_sample):
+    """Outputs ``[n * B, ...]`` back to ``[n, B, ...]`` (out_dim 0); placeholders unmapped (out_dim None)."""
+    res, dims = [], []
+    for t, ps in zip(outputs, per_sample):
+        if ps:
+            res.append(t.reshape(n, t.shape[0] // n if n else 0, *t.shape[1:]))
+            dims.append(0)
+        else:
+            res.append(t)
+            dims.append(None)
+    return tuple(res), tuple(dims)
+
+
+def _placeholder(t, d) -> bool:
+    """True for the ops' empty ``(0,)`` stand-ins (family parameters of no family, absent gradients)."""
+    shape = t.shape if d is None else t.shape[:d] + t.shape[d + 1:]
+    return len(shape) == 1 and shape[0] == 0
+
+
+@torch.library.register_vmap("physmdn::mixture_nll_fwd")
+def _mixture_nll_fwd_vmap(info, in_dims, logits, means, log_scales, target, compute_grad=False, grad_scale=1.0):
+    args = _fold(info, in_dims, (logits, means, log_scales, target), (True,) * 4)
+    out = torch.ops.physmdn.mixture_nll_fwd(*args, compute_grad, grad_scale)
+    return _unfold(out, info.batch_size, (True, True) + (bool(compute_grad),) * 4)
+
+
+@torch.library.register_vmap("physmdn::mixture_nll_bwd")
+def _mixture_nll_bwd_vmap(info, in_dims, grad_loss, logits, means, log_scales, target, saved):
+    args = _fold(info, in_dims, (grad_loss, logits, means, log_scales, target, saved), (True,) * 6)
+    return _unfold(torch.ops.physmdn.mixture_nll_bwd(*args), info.batch_size, (True,) * 4)
+
+
+@torch.library.register_vmap("physmdn::mdn_loss_fwd")
+def _mdn_loss_fwd_vmap(info, in_dims, logits, means, log_scales, target, p0, p1, extra, family, exact, weight,
+                       spacing, boundary, noise_scale, compute_grad=False, grad_scale=1.0):
+    tensors = (logits, means, log_scales, target, p0, p1, extra)
+    dims = in_dims[:7]
+    per_sample = (True,) * 4 + (not _placeholder(p0, dims[4]), not _placeholder(p1, dims[5]), True)
+    args = _fold(info, dims, tensors, per_sample)
+    out = torch.ops.physmdn.mdn_loss_fwd(*args, family, exact, weight, spacing, boundary, noise_scale, compute_grad,
+                                         grad_scale)
+    g = bool(compute_grad)
+    return _unfold(out, info.batch_size, (True, True, g, g, g, g, g and extra is not None))
+
+
+@torch.library.register_vmap("physmdn::mdn_loss_bwd")
+def _mdn_loss_bwd_vmap(info, in_dims, grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact,
+                       weight, spacing, boundary, noise_scale, saved, p0_grad, p1_grad):
+    p0_ps, p1_ps = not _placeholder(p0, in_dims[5]), not _placeholder(p1, in_dims[6])
+    tensors = (grad_loss, logits, means, log_scales, target, p0, p1, extra)
+    args = _fold(info, in_dims[:8], tensors, (True,) * 5 + (p0_ps, p1_ps, True))
+    (saved,) = _fold(info, in_dims[14:15], (saved,), (True,))
+    out = torch.ops.physmdn.mdn_loss_bwd(*args, family, exact, weight, spacing, boundary, noise_scale, saved,
+                                         p0_grad, p1_grad)
+    has_family = family != _fused.FAMILY_NONE
+    gp0 = bool(p0_grad) and has_family
+    gp1 = bool(p1_grad) and has_family and family != _fused.FAMILY_POLYNOMIAL
+    return _unfold(out, info.batch_size, (True,) * 4 + (gp0, gp1, extra is not None))
+
+
+class MixtureNllFunction(torch.autograd.Function):
+    """``mixture_nll_fwd`` with the registered autograd's setup_context / backward, for functorch transforms."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, means, log_scales, target, compute_grad, grad_scale):
+        return torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target, compute_grad, grad_scale)
+
+    setup_context = staticmethod(functools.partial(_ops._mixture_nll_setup_context, eager=False))
+    backward = staticmethod(_ops._mixture_nll_backward)
+
+
+class MdnLossFunction(torch.autograd.Function):
+    """``mdn_loss_fwd`` with the registered autograd's setup_context / backward, for functorch transforms."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary, noise_scale,
+                compute_grad, grad_scale):
+        return torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, p0, p1, extra, family, exact, weight,
+                                              spacing, boundary, noise_scale, compute_grad, grad_scale)
+
+    setup_context = staticmethod(functools.partial(_fused._setup_context, eager=False))
+    backward = staticmethod(_fused._backward)
+
+
+FUNCTIONS = {"mixture_nll": MixtureNllFunction, "mdn_loss": MdnLossFunction}
