@@ -41,7 +41,7 @@ def _mdn_loss_bwd_fake(grad_loss, logits, means, log_scales, target, p0, p1, ext
             means.new_empty(target.shape), gp0, gp1, ge)
 
 
-def _setup_context(ctx, inputs, output, eager: bool | None = None):
+def _setup_context(ctx, inputs, output):
     (logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary, noise_scale,
      compute_grad, grad_scale) = inputs
     _, saved, *grads = output
@@ -50,7 +50,7 @@ def _setup_context(ctx, inputs, output, eager: bool | None = None):
     ctx.mark_non_differentiable(saved, *grads)
     ctx.set_materialize_grads(False)
     keep_forward_grads(ctx, compute_grad, grad_scale, means.dtype, grads,
-                       (logits, means, log_scales, target, p0, p1, extra, saved), eager)
+                       (logits, means, log_scales, target, p0, p1, extra, saved))
 
 
 def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):

@@ -146,19 +146,18 @@ def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plai
     the reduction), whose autograd node is C++ (csrc/autograd.cpp: the same graph and gradients as the autograd
     formula registered here, without the Python around every forward and backward, and the reduction inside the
     node); traced (torch.compile) or with tensor subclasses through the dispatcher and the autograd registered here
-    (which tracing needs); under functorch transforms in eager mode through ``_func.FUNCTIONS`` (the same autograd
-    formulas).
-    ``plain``: the caller's :func:`_plain` (None: test it)."""
+    (which tracing needs); under functorch transforms in eager mode through ``_func.apply`` (the same autograd
+    formulas). ``plain``: the caller's :func:`_plain` (None: test it)."""
     if plain if plain is not None else _plain(args):
         if needs_autograd:
             return getattr(torch.ops.physmdn, f"_{name}_autograd").default(*args, _REDUCTIONS[reduction])
         with torch._C._AutoDispatchBelowAutograd():
             loss = getattr(torch.ops.physmdn, f"{name}_fwd").default(*args)[0]
     elif torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-        from ._func import FUNCTIONS  # (_func.py: register_autograd's Function lacks setup_context, which
-        # functorch requires)
+        from ._func import apply  # (_func.py: register_autograd's Function lacks setup_context, which functorch
+        # requires)
 
-        loss = FUNCTIONS[name].apply(*args)[0]
+        loss = apply(name, args)
     else:
         loss = getattr(torch.ops.physmdn, f"{name}_fwd")(*args)[0]
     if reduction == "mean":
@@ -168,17 +167,16 @@ def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plai
     return loss
 
 
-def keep_forward_grads(ctx, compute_grad, grad_scale, dtype, grads, to_save, eager: bool | None = None) -> None:
+def keep_forward_grads(ctx, compute_grad, grad_scale, dtype, grads, to_save) -> None:
     """setup_context for ops whose forward may also compute the gradients (``compute_grad``), for an upstream
     gradient of ``grad_scale`` per sample. Eager: the gradient outputs are kept aside (not saved) so that the first
     backward hands them over or rescales them in place (no extra buffers); a second backward (retain_graph)
-    recomputes through the op's backward. Traced (torch.compile) or under functorch transforms (``eager=False``):
-    they are saved and the backward rescales copies, without reading the upstream gradient's values."""
+    recomputes through the op's backward. Traced (torch.compile): they are saved and the backward rescales copies.
+    (Under functorch transforms the forward computes none: see ``_func.apply``.)"""
     ctx.compute_grad = bool(compute_grad)
-    ctx.eager = _eager(*grads) if eager is None else eager
     # the value the kernel used (it computes in the accumulation dtype), to compare the upstream gradient with
     ctx.grad_scale = _rounded(float(grad_scale), acc_dtype(dtype))
-    if ctx.compute_grad and ctx.eager:
+    if ctx.compute_grad and _eager(*grads):
         ctx.save_for_backward(*to_save)
         ctx.unit_grads = list(grads)
     else:
@@ -197,25 +195,24 @@ def forward_grads(ctx, grad_loss, saved, saved_grads):
         return None
     if ctx.unit_grads is not None:
         grads, ctx.unit_grads = ctx.unit_grads, None
-        g = _upstream_factor(grad_loss, saved, grads[0].dtype, ctx.grad_scale, ctx.eager)
+        g = _upstream_factor(grad_loss, saved, grads[0].dtype, ctx.grad_scale)
         if g is None:  # the forward's gradients are the answer: hand them over as they are
             return grads
         return [t.mul_(_per_sample(g, t)) if t.numel() else t for t in grads]
     if saved_grads:
-        g = _upstream_factor(grad_loss, saved, saved_grads[0].dtype, ctx.grad_scale, ctx.eager)
+        g = _upstream_factor(grad_loss, saved, saved_grads[0].dtype, ctx.grad_scale)
         if g is None:
             g = torch.ones_like(saved[:, 0], dtype=saved_grads[0].dtype)  # copies: the saved tensors stay
         return [t * _per_sample(g, t) if t.numel() else t for t in saved_grads]
     return None
 
 
-def _mixture_nll_setup_context(ctx, inputs, output, eager: bool | None = None):
+def _mixture_nll_setup_context(ctx, inputs, output):
     logits, means, log_scales, target, compute_grad, grad_scale = inputs
     _, saved, *grads = output
     ctx.mark_non_differentiable(saved, *grads)
     ctx.set_materialize_grads(False)  # no zero-filled [B, K, D] gradients for the auxiliary outputs
-    keep_forward_grads(ctx, compute_grad, grad_scale, means.dtype, grads, (logits, means, log_scales, target, saved),
-                       eager)
+    keep_forward_grads(ctx, compute_grad, grad_scale, means.dtype, grads, (logits, means, log_scales, target, saved))
 
 
 def _rounded(value: float, dtype: torch.dtype) -> float:
@@ -227,16 +224,15 @@ def _rounded(value: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(value, dtype=dtype))
 
 
-def _upstream_factor(grad_loss, saved, dtype, grad_scale: float, inspect: bool = True):
+def _upstream_factor(grad_loss, saved, dtype, grad_scale: float):
     """Per-sample factor ``grad_loss / grad_scale`` turning the forward's gradients (computed for an upstream
     gradient of ``grad_scale``) into the requested ones, or None when it is exactly 1: a CPU upstream gradient whose
     every element equals ``grad_scale``, as ``loss.sum()`` (scale 1, an expanded tensor) or the op's own mean
     reduction (scale 1/B) produce. The check reads B numbers, the rescaling it saves reads and writes the
-    [B, K, D] gradients. (On CUDA the values are not inspected: that would synchronize; nor under functorch
-    transforms, ``inspect=False``, where they may be batched.)"""
+    [B, K, D] gradients. (On CUDA the values are not inspected: that would synchronize.)"""
     if grad_loss is None:
         return torch.zeros_like(saved[:, 0], dtype=dtype)
-    if inspect and grad_loss.device.type == "cpu" and grad_loss.numel() > 0 and _eager(grad_loss):
+    if grad_loss.device.type == "cpu" and grad_loss.numel() > 0 and _eager(grad_loss):
         first = grad_loss[0]
         value = first.item()
         # (a bfloat16 loss's 1/B differs from the float32 one only by its own rounding)
