@@ -151,23 +151,39 @@ def test_vmap_and_grad_of_the_fused_loss(family):
             _close(a[n], b)
 
 
-def test_grad_with_respect_to_the_law():
-    """An inverse problem under torch.func: the gradient of the fused loss with respect to learnable polynomial
-    coefficients (the kernel's parameter gradient, reduced by _Expand), per example under vmap."""
-    N, B, K, D = 3, 7, 2, 1
+_LAWS = {  # a family's learnable parameters per example (leading N) and the spec made from them
+    "polynomial": (lambda N, K, D, g: [torch.tensor([0.1, 1.0, 0.0, -1.0], dtype=torch.float64)
+                                       + 0.1 * torch.randn(N, 1, 1, 1, 4, dtype=torch.float64, generator=g)],
+                   lambda c: P.Polynomial(c)),
+    "linear": (lambda N, K, D, g: [torch.randn(N, 1, K, 2, D, dtype=torch.float64, generator=g),
+                                   torch.randn(N, 1, K, 2, dtype=torch.float64, generator=g)],
+               lambda A, b: P.Linear(A, b)),
+    "stencil": (lambda N, K, D, g: [torch.rand(N, 1, 1, dtype=torch.float64, generator=g) + 0.2,
+                                    0.5 * torch.randn(N, 1, K, 4, dtype=torch.float64, generator=g)],
+                lambda diffusion, reaction: P.Stencil1D(diffusion, reaction, spacing=0.7)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_LAWS))
+def test_grad_with_respect_to_the_law(family):
+    """An inverse problem under torch.func: the gradient of the fused loss with respect to a law's learnable
+    parameters (the kernel's parameter gradients, reduced by _Expand), per example under vmap."""
+    N, B, K, D = 3, 7, 2, 4
     x = _inputs(N, B=B, K=K, D=D)
-    coeffs = torch.tensor([[[[0.1, 1.0, 0.0, -1.0]]]], dtype=torch.float64).expand(N, 1, 1, 1, 4).clone()
-    coeffs = coeffs + 0.1 * torch.randn(N, 1, 1, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    make, spec = _LAWS[family]
+    params = make(N, K, D, torch.Generator().manual_seed(1))
+    n = len(params)
 
-    def f(c, *a):
-        return P.mdn_loss(*a, physics=P.Polynomial(c), weight=0.5, reduction="sum")
+    def f(*a):
+        return P.mdn_loss(*a[n:], physics=spec(*a[:n]), weight=0.5, reduction="sum")
 
-    got = _no_fallback(lambda: vmap(grad(f))(coeffs, *x))
-    assert got.shape == coeffs.shape
-    for n in range(N):
-        c = coeffs[n].clone().requires_grad_()
-        (want,) = torch.autograd.grad(f(c, *(t[n] for t in x)), c)
-        _close(got[n], want)
+    got = _no_fallback(lambda: vmap(grad(f, argnums=tuple(range(n))))(*params, *x))
+    for i in range(N):
+        leaves = [p[i].clone().requires_grad_() for p in params]
+        want = torch.autograd.grad(f(*leaves, *(t[i] for t in x)), leaves)
+        for a, b in zip(got, want, strict=True):
+            assert a[i].shape == b.shape
+            _close(a[i], b)
 
 
 def test_ensemble_of_mdns_under_vmap():
