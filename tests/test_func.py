@@ -211,11 +211,31 @@ def test_ensemble_of_mdns_under_vmap():
             torch.testing.assert_close(grads[name][i], wg, rtol=1e-4, atol=1e-6)
 
 
-def test_forward_mode_is_refused_not_wrong():
-    """No forward-mode formula: jvp raises (torch's error) instead of returning a wrong tangent."""
+@pytest.mark.parametrize("how", ["jvp", "jacfwd", "forward_ad", "fused"])
+def test_forward_mode_is_refused_not_wrong(how):
+    """No forward-mode formula: a dual input raises a clear error instead of losing its tangent (the kernels run
+    below autograd: the tangent came back None from forward_ad and zeros from torch.func.jvp)."""
     logits, means, log_scales, target = _inputs(None)
-    with pytest.raises(RuntimeError, match="jvp"):
-        torch.func.jvp(lambda m: physmdn.mixture_nll(logits, m, log_scales, target), (means,), (torch.ones_like(means),))
+    f = lambda m: physmdn.mixture_nll(logits, m, log_scales, target)  # noqa: E731
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        if how == "jvp":
+            torch.func.jvp(f, (means,), (torch.ones_like(means),))
+        elif how == "jacfwd":
+            torch.func.jacfwd(f)(means)
+        elif how == "fused":
+            law = P.Polynomial(torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=torch.float64))
+            torch.func.jvp(lambda m: P.mdn_loss(logits, m, log_scales, target, physics=law), (means,),
+                           (torch.ones_like(means),))
+        else:
+            import torch.autograd.forward_ad as fwAD
+
+            with fwAD.dual_level():
+                f(fwAD.make_dual(means, torch.ones_like(means)))
+    # a dual level open around inputs without tangents is fine
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        torch.testing.assert_close(f(means), reference.mixture_nll(logits, means, log_scales, target))
 
 
 def test_compiled_transforms_fullgraph():

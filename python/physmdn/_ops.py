@@ -8,6 +8,7 @@ from __future__ import annotations
 import struct
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 _FLOATING = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 
@@ -140,20 +141,34 @@ def fast_mixture_inputs(logits, means, log_scales, target) -> bool:
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
+def _refuse_forward_ad(name: str, args) -> None:
+    """Forward-mode AD has no formula in the ops: a dual input (torch.autograd.forward_ad, torch.func.jvp / jacfwd)
+    raises here instead of losing its tangent (the kernels run below autograd and would return none, or zeros)."""
+    for t in args:
+        if isinstance(t, torch.Tensor) and _fwad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"physmdn.{name}: forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) is not "
+                f"supported: the op has no forward-mode formula; use reverse mode (backward, torch.func.grad / vjp / "
+                f"jacrev)")
+
+
 def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plain: bool | None = None) -> torch.Tensor:
     """The loss of ``torch.ops.physmdn.<name>_fwd(*args)``, reduced (``"none"``, ``"mean"`` or ``"sum"``). In eager
     mode without autograd straight to the kernel; with autograd through ``_<name>_autograd`` (the same arguments and
     the reduction), whose autograd node is C++ (csrc/autograd.cpp: the same graph and gradients as the autograd
     formula registered here, without the Python around every forward and backward, and the reduction inside the
     node); traced (torch.compile) or with tensor subclasses through the dispatcher and the autograd registered here
-    (which tracing needs); under functorch transforms in eager mode through ``_func.apply`` (the same autograd
-    formulas). ``plain``: the caller's :func:`_plain` (None: test it)."""
+    (which tracing needs); with autograd under functorch transforms in eager mode through ``_func.apply`` (the same
+    autograd formulas; without, ``vmap`` needs only the batching rules). ``plain``: the caller's :func:`_plain`
+    (None: test it)."""
+    if _fwad._current_level >= 0:  # (a dual level is open: one module attribute read otherwise)
+        _refuse_forward_ad(name, args)
     if plain if plain is not None else _plain(args):
         if needs_autograd:
             return getattr(torch.ops.physmdn, f"_{name}_autograd").default(*args, _REDUCTIONS[reduction])
         with torch._C._AutoDispatchBelowAutograd():
             loss = getattr(torch.ops.physmdn, f"{name}_fwd").default(*args)[0]
-    elif torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+    elif needs_autograd and torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
         from ._func import apply  # (_func.py: register_autograd's Function lacks setup_context, which functorch
         # requires)
 
