@@ -238,6 +238,33 @@ def test_forward_mode_is_refused_not_wrong(how):
         torch.testing.assert_close(f(means), reference.mixture_nll(logits, means, log_scales, target))
 
 
+@pytest.mark.parametrize("op", ["mixture_nll", "mdn_loss"])
+@pytest.mark.parametrize("how", ["grad(grad)", "jacrev(jacrev)", "create_graph, registered path"])
+def test_second_order_is_refused_not_zero(op, how, monkeypatch):
+    """The ops' backward has no derivative: differentiating it raises (functorch runs every backward with
+    create_graph, so a nested reverse level used to get silent zeros)."""
+    from physmdn import _ops
+
+    logits, means, log_scales, target = _inputs(None)
+    law = P.Polynomial(torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=torch.float64))
+    if op == "mixture_nll":
+        f = lambda m: physmdn.mixture_nll(logits, m, log_scales, target, reduction="sum")  # noqa: E731
+    else:
+        f = lambda m: P.mdn_loss(logits, m, log_scales, target, physics=law, reduction="sum")  # noqa: E731
+    m = means.clone().requires_grad_()
+    _close(grad(f)(means), torch.autograd.grad(f(m), m)[0])  # (first order works)
+    with pytest.raises(NotImplementedError, match="only first-order gradients"):
+        if how == "grad(grad)":
+            grad(lambda m: grad(f)(m).sum())(means)
+        elif how == "jacrev(jacrev)":
+            jacrev(jacrev(f))(means)
+        else:  # the autograd registered in Python (tracing, tensor subclasses) in eager mode
+            monkeypatch.setattr(_ops, "_plain", lambda tensors: False)
+            monkeypatch.setattr(_ops, "fast_mixture_inputs", lambda *tensors: False)
+            m = means.clone().requires_grad_()
+            torch.autograd.grad(f(m), m, create_graph=True)
+
+
 def test_compiled_transforms_fullgraph():
     """torch.compile(fullgraph=True) of vmap (the batching rules, the registered autograd) gives eager's values and
     gradients; of grad over the op it raises (a PyTorch limitation, see _func.py) instead of returning zeros."""

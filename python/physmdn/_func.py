@@ -107,6 +107,50 @@ def _mdn_loss_bwd_vmap(info, in_dims, grad_loss, logits, means, log_scales, targ
     return _unfold(out, info.batch_size, (True,) * 4 + (gp0, gp1, extra is not None))
 
 
+class _FirstOrder(torch.autograd.Function):
+    """Base of the backward ops' Functions: calling the op records it on the tape of any outer reverse level, so that
+    differentiating the backward itself (``grad`` of a ``grad``, ``jacrev`` of a ``jacrev``; functorch runs every
+    backward with create_graph) raises instead of giving zero second derivatives. A first-order gradient never
+    calls their backward."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "physmdn: only first-order gradients are supported; the ops' backward is itself being differentiated "
+            "(a nested torch.func.grad / jacrev, or create_graph=True), which would give wrong (zero) second "
+            "derivatives")
+
+
+class _MixtureNllBwd(_FirstOrder):
+    @staticmethod
+    def forward(grad_loss, logits, means, log_scales, target, saved):
+        return torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, saved)
+
+
+class _MdnLossBwd(_FirstOrder):
+    @staticmethod
+    def forward(grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing,
+                boundary, noise_scale, saved, p0_grad, p1_grad):
+        return torch.ops.physmdn.mdn_loss_bwd(grad_loss, logits, means, log_scales, target, p0, p1, extra, family,
+                                              exact, weight, spacing, boundary, noise_scale, saved, p0_grad, p1_grad)
+
+
+def _with_bwd(setup_context, bwd):
+    """``setup_context`` that also has the backward call the op through ``bwd`` (a :class:`_FirstOrder`)."""
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.bwd_op = bwd.apply
+
+    return staticmethod(setup)
+
+
 class MixtureNllFunction(torch.autograd.Function):
     """``mixture_nll_fwd`` with the registered autograd's setup_context / backward, for functorch transforms."""
 
@@ -116,7 +160,7 @@ class MixtureNllFunction(torch.autograd.Function):
     def forward(logits, means, log_scales, target, compute_grad, grad_scale):
         return torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target, compute_grad, grad_scale)
 
-    setup_context = staticmethod(_ops._mixture_nll_setup_context)
+    setup_context = _with_bwd(_ops._mixture_nll_setup_context, _MixtureNllBwd)
     backward = staticmethod(_ops._mixture_nll_backward)
 
 
@@ -131,7 +175,7 @@ class MdnLossFunction(torch.autograd.Function):
         return torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, p0, p1, extra, family, exact, weight,
                                               spacing, boundary, noise_scale, compute_grad, grad_scale)
 
-    setup_context = staticmethod(_fused._setup_context)
+    setup_context = _with_bwd(_fused._setup_context, _MdnLossBwd)
     backward = staticmethod(_fused._backward)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ops import _PLAIN_TYPES, acc_dtype, call_op, forward_grads, keep_forward_grads
+from ._ops import _PLAIN_TYPES, acc_dtype, call_op, check_first_order, forward_grads, keep_forward_grads
 
 FAMILY_NONE, FAMILY_POLYNOMIAL, FAMILY_LINEAR, FAMILY_STENCIL = -1, 0, 1, 2
 MAX_ORDER = 8
@@ -54,6 +54,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):
+    check_first_order("mdn_loss", ctx, grad_loss)
     logits, means, log_scales, target, p0, p1, extra, saved, *saved_grads = ctx.saved_tensors
     family, exact, weight, spacing, boundary, noise_scale = ctx.scalars
     needs = ctx.needs_input_grad
@@ -64,7 +65,8 @@ def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):
         return (gl, gm, gs, gt, None, None, ge if (ctx.has_extra and needs[6]) else None, *rest)
     if grad_loss is None:
         grad_loss = torch.zeros_like(saved[:, 0], dtype=means.dtype)
-    gl, gm, gs, gt, gp0, gp1, ge = torch.ops.physmdn.mdn_loss_bwd(
+    bwd = getattr(ctx, "bwd_op", torch.ops.physmdn.mdn_loss_bwd)  # (_func.py's under functorch transforms)
+    gl, gm, gs, gt, gp0, gp1, ge = bwd(
         grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
         noise_scale, saved, bool(needs[4]), bool(needs[5]))
     return (gl, gm, gs, gt, gp0 if needs[4] else None, gp1 if needs[5] else None,

@@ -258,14 +258,33 @@ def _upstream_factor(grad_loss, saved, dtype, grad_scale: float):
     return g if grad_scale == 1.0 else g / grad_scale
 
 
+def check_first_order(name: str, ctx, grad_loss) -> None:
+    """The ops' backward has no derivative of its own: a backward whose inputs are themselves differentiated
+    (``create_graph=True``) raises instead of returning zero second derivatives. Checked here for the registered
+    autograd in eager mode (tracing decides nothing here); under functorch transforms see ``_func.py``."""
+    if not torch.is_grad_enabled() or hasattr(ctx, "bwd_op"):
+        # (a plain first-order backward runs without grad mode; functorch runs every backward with create_graph,
+        # so _func's Functions call the backward op through a Function whose own backward raises if a second
+        # derivative is taken)
+        return
+    tensors = [t for t in (grad_loss, *ctx.saved_tensors) if t is not None]
+    if _eager(*tensors) and any(t.requires_grad for t in tensors):
+        raise NotImplementedError(
+            f"physmdn.{name}: only first-order gradients are supported; this backward is itself being "
+            f"differentiated (create_graph=True, or a nested torch.func.grad / jacrev), which would give wrong "
+            f"(zero) second derivatives")
+
+
 def _mixture_nll_backward(ctx, grad_loss, _grad_saved, *_grad_grads):
+    check_first_order("mixture_nll", ctx, grad_loss)
     logits, means, log_scales, target, saved, *saved_grads = ctx.saved_tensors
     grads = forward_grads(ctx, grad_loss, saved, saved_grads)
     if grads is not None:
         return (*grads, None, None)
     if grad_loss is None:
         grad_loss = torch.zeros_like(saved[:, 0], dtype=means.dtype)
-    gl, gm, gs, gt = torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, saved)
+    bwd = getattr(ctx, "bwd_op", torch.ops.physmdn.mixture_nll_bwd)  # (_func.py's under functorch transforms)
+    gl, gm, gs, gt = bwd(grad_loss, logits, means, log_scales, target, saved)
     return gl, gm, gs, gt, None, None
 
 
