@@ -94,6 +94,16 @@ Tensor reduce(AutogradContext* ctx, const Tensor& loss, int64_t reduction, doubl
   return total;
 }
 
+// True for a batched upstream gradient (torch.autograd.grad(..., is_grads_batched=True), which
+// torch.autograd.functional.jacobian(vectorize=True) uses: the legacy Batched key; or a functorch wrapper): its
+// values cannot be read and the forward's unbatched gradients cannot be rescaled by it in place, so the backward
+// recomputes through the op.
+bool batched(const Tensor& t) {
+  const auto ks = t.key_set();
+  return ks.has(c10::DispatchKey::Batched) || ks.has(c10::DispatchKey::FuncTorchBatched) ||
+         ks.has(c10::DispatchKey::FuncTorchGradWrapper);
+}
+
 // True when grad, the gradient of the reduced loss, is a CPU 1 and the forward's gradients were made for it.
 bool unit_upstream(AutogradContext* ctx, const Tensor& grad) {
   return ctx->saved_data["reduction"].toInt() != kNone && ctx->saved_data["unit"].toBool() && grad.is_cpu() &&
@@ -121,12 +131,14 @@ void keep_forward_grads(AutogradContext* ctx, bool compute_grad, double grad_sca
 }
 
 // The forward's gradients (first backward) for grad, the gradient of the node's output, handed over or rescaled in
-// place; an empty vector when the backward must recompute (a second backward: the first took them).
+// place; an empty vector when the backward must recompute (a second backward: the first took them; a batched
+// upstream gradient).
 std::vector<Tensor> take_forward_grads(AutogradContext* ctx, const Tensor& grad) {
   auto it = ctx->saved_data.find("grads");
   if (it == ctx->saved_data.end() || it->second.isNone()) return {};
   auto grads = it->second.toTensorVector();
   it->second = c10::IValue();
+  if (batched(grad)) return {};
   if (unit_upstream(ctx, grad)) return grads;
   const auto grad_loss = per_sample_upstream(ctx, grad);
   const double grad_scale = ctx->saved_data["grad_scale"].toDouble();

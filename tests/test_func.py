@@ -265,6 +265,46 @@ def test_second_order_is_refused_not_zero(op, how, monkeypatch):
             torch.autograd.grad(f(m), m, create_graph=True)
 
 
+@pytest.mark.parametrize("path", ["eager node", "registered"])
+@pytest.mark.parametrize("kind", ["mixture_nll", "mdn_loss"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_batched_upstream_gradients(path, kind, reduction, monkeypatch):
+    """torch.autograd.grad(..., is_grads_batched=True) (a legacy-vmapped backward, which
+    torch.autograd.functional.jacobian(vectorize=True) uses): the backward cannot read or rescale by a batched
+    upstream gradient and recomputes through the op. It raised on aten::item before."""
+    from physmdn import _ops
+
+    if path == "registered":
+        monkeypatch.setattr(_ops, "_plain", lambda tensors: False)
+        monkeypatch.setattr(_ops, "fast_mixture_inputs", lambda *tensors: False)
+    logits, means, log_scales, target = _inputs(None)
+    law = P.Polynomial(torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=torch.float64))
+
+    def f(m, ours=True):
+        if kind == "mixture_nll":
+            loss = (physmdn.mixture_nll(logits, m, log_scales, target, reduction=reduction) if ours
+                    else reference.mixture_nll(logits, m, log_scales, target))
+        else:
+            loss = (P.mdn_loss(logits, m, log_scales, target, physics=law, weight=0.5, reduction=reduction) if ours
+                    else reference.mixture_nll(logits, m, log_scales, target)
+                    + 0.5 * P.physics_penalty(logits, m, log_scales, law))
+        if ours:
+            return loss
+        return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+    m = means.clone().requires_grad_()
+    out = f(m)
+    cot = torch.randn(3, *out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (got,) = torch.autograd.grad(out, m, grad_outputs=cot, is_grads_batched=True)
+    (want,) = torch.autograd.grad(f(m, ours=False), m, grad_outputs=cot, is_grads_batched=True)
+    assert got.shape == (3, *means.shape)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    if reduction == "none":
+        jac = torch.autograd.functional.jacobian(f, means, vectorize=True)
+        torch.testing.assert_close(jac, torch.autograd.functional.jacobian(lambda x: f(x, ours=False), means),
+                                   rtol=1e-10, atol=1e-10)
+
+
 def test_compiled_transforms_fullgraph():
     """torch.compile(fullgraph=True) of vmap (the batching rules, the registered autograd) gives eager's values and
     gradients; of grad over the op it raises (a PyTorch limitation, see _func.py) instead of returning zeros."""

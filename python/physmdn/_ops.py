@@ -203,10 +203,21 @@ def _per_sample(g, t):
     return g.view(-1, *([1] * (t.dim() - 1)))
 
 
+def _batched(t) -> bool:
+    """True for a vmap-batched tensor: legacy (``torch.autograd.grad(..., is_grads_batched=True)``) or functorch."""
+    return torch._C._functorch.is_legacy_batchedtensor(t) or torch._C._functorch.is_batchedtensor(t)
+
+
 def forward_grads(ctx, grad_loss, saved, saved_grads):
     """The gradients for ``grad_loss`` made from the forward's (see :func:`keep_forward_grads`), or None when the
-    backward must recompute (no forward gradients, or a second backward in eager). Empty outputs stay empty."""
+    backward must recompute (no forward gradients, a second backward in eager, a batched ``grad_loss``). Empty
+    outputs stay empty."""
     if not ctx.compute_grad:
+        return None
+    if grad_loss is not None and _batched(grad_loss):
+        # a batched upstream gradient (is_grads_batched=True): its values cannot be read, nor can the unbatched
+        # forward gradients be rescaled by it in place; the backward recomputes through the op
+        ctx.unit_grads = None
         return None
     if ctx.unit_grads is not None:
         grads, ctx.unit_grads = ctx.unit_grads, None
