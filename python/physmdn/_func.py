@@ -5,11 +5,14 @@
   not mapped over are expanded (a view; ``reshape`` copies them only when it must).
 - **grad, vjp, jacrev.** The autograd that ``torch.library.register_autograd`` installs is an ``autograd.Function``
   without a ``setup_context`` staticmethod, which functorch refuses (pytorch/pytorch#168393, #179652: "it must
-  override the setup_context staticmethod"). Under functorch transforms :func:`physmdn._ops.call_op` goes through
-  the Functions below instead: the same setup_context and backward as the registered autograd, and
+  override the setup_context staticmethod"). With autograd under functorch transforms :func:`physmdn._ops.call_op`
+  goes through the Functions below instead: the same setup_context and backward as the registered autograd, and
   ``generate_vmap_rule`` (so that ``vmap(grad(...))`` and ``jacrev`` work, through the batching rules). Their
   forward computes no gradients; the backward's kernel does, for the actual upstream gradient (see :func:`apply`).
-- Forward-mode AD (``jvp``, ``jacfwd``) is not supported: the ops have no forward-mode formula.
+- Second derivatives raise: functorch runs every backward with create_graph, so the backward op is called
+  through a Function (:class:`_FirstOrder`) whose own backward raises (otherwise they came out as zeros).
+- Forward-mode AD (``jvp``, ``jacfwd``) is not supported: the ops have no forward-mode formula; a dual input raises
+  in :func:`physmdn._ops.call_op`.
 - Under ``torch.compile`` the registered autograd stays (the Functions are for eager transforms): ``vmap`` compiles
   (through the batching rules), ``grad`` over the ops does not (torch's error above, pytorch/pytorch#170834). The
   Functions are not offered to dynamo because it differentiates an autograd.Function it inlines through the
