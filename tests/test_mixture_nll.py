@@ -335,6 +335,30 @@ def test_reduction_under_torch_compile(device):
     assert_compiled_matches_eager(step, [t.requires_grad_(True) for t in make_inputs(33, 4, 3, torch.float32, device)])
 
 
+def test_torch_compile_dynamic_batch_compiles_once():
+    """``torch.compile(dynamic=True)``: batch sizes from 7 to 1000 through one graph (no recompilation: the fake
+    kernels' shapes stay symbolic and the mean's gradient scale is not specialized on B), values and gradients as
+    eager, for the NLL and the fused loss."""
+    from physmdn import physics as P
+
+    torch._dynamo.reset()
+    law = P.Polynomial(torch.tensor([0.0, 1.0, 0.0, -1.0]))
+
+    def step(logits, means, log_scales, target):
+        return (physmdn.mixture_nll(logits, means, log_scales, target, reduction="mean")
+                + P.mdn_loss(logits, means, log_scales, target, physics=law, reduction="mean"))
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for B in (7, 33, 100, 1000):
+            inputs = [t.requires_grad_(i < 3) for i, t in enumerate(make_inputs(B, 3, 2, torch.float32, seed=B))]
+            out = compiled(*inputs)
+            ref = step(*inputs)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            for a, b in zip(torch.autograd.grad(out, inputs[:3]), torch.autograd.grad(ref, inputs[:3])):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_opcheck_with_grad_scale():
     """compute_grad=True with a grad_scale: schema, fake kernel and AOT tracing. (Without requires_grad: in eager
     the gradient outputs belong to autograd, whose backward scales them in place, so opcheck's comparison of
