@@ -186,6 +186,23 @@ def test_grad_with_respect_to_the_law(family):
             _close(a[i], b)
 
 
+def test_vmap_over_laws_only():
+    """Several candidate laws on the same data: only the coefficients are mapped (the mixture inputs are expanded
+    into the folded batch). Losses and coefficient gradients as per law, without the transform."""
+    B, K, D = 6, 3, 2
+    logits, means, log_scales, target = _inputs(None, B=B, K=K, D=D)
+    coeffs = torch.randn(4, 1, 1, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def f(c):
+        return P.mdn_loss(logits, means, log_scales, target, physics=P.Polynomial(c), weight=0.5)
+
+    _close(_no_fallback(lambda: vmap(f)(coeffs)), torch.stack([f(c) for c in coeffs]))
+    got = _no_fallback(lambda: vmap(grad(f))(coeffs))
+    for n in range(4):
+        c = coeffs[n].clone().requires_grad_()
+        _close(got[n], torch.autograd.grad(f(c), c)[0])
+
+
 def test_ensemble_of_mdns_under_vmap():
     """Stacked parameters of several MDNs, one vmapped call: losses and parameter gradients equal each model's."""
     torch.manual_seed(0)
