@@ -117,26 +117,28 @@ class _FirstOrder(torch.autograd.Function):
     calls their backward."""
 
     generate_vmap_rule = True
+    op = ""  # the forward op's name, for the error
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            "physmdn: only first-order gradients are supported; the ops' backward is itself being differentiated "
-            "(a nested torch.func.grad / jacrev, or create_graph=True), which would give wrong (zero) second "
-            "derivatives")
+    @classmethod
+    def backward(cls, ctx, *grads):
+        raise _ops.second_order_error(cls.op)
 
 
 class _MixtureNllBwd(_FirstOrder):
+    op = "mixture_nll"
+
     @staticmethod
     def forward(grad_loss, logits, means, log_scales, target, saved):
         return torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, saved)
 
 
 class _MdnLossBwd(_FirstOrder):
+    op = "mdn_loss"
+
     @staticmethod
     def forward(grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing,
                 boundary, noise_scale, saved, p0_grad, p1_grad):
@@ -158,6 +160,7 @@ class MixtureNllFunction(torch.autograd.Function):
     """``mixture_nll_fwd`` with the registered autograd's setup_context / backward, for functorch transforms."""
 
     generate_vmap_rule = True
+    compute_grad_index = 4  # (see apply)
 
     @staticmethod
     def forward(logits, means, log_scales, target, compute_grad, grad_scale):
@@ -171,6 +174,7 @@ class MdnLossFunction(torch.autograd.Function):
     """``mdn_loss_fwd`` with the registered autograd's setup_context / backward, for functorch transforms."""
 
     generate_vmap_rule = True
+    compute_grad_index = 13
 
     @staticmethod
     def forward(logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary, noise_scale,
@@ -183,7 +187,6 @@ class MdnLossFunction(torch.autograd.Function):
 
 
 FUNCTIONS = {"mixture_nll": MixtureNllFunction, "mdn_loss": MdnLossFunction}
-_COMPUTE_GRAD = {"mixture_nll": 4, "mdn_loss": 13}  # the compute_grad argument's position
 
 
 def apply(name: str, args) -> torch.Tensor:
@@ -191,6 +194,6 @@ def apply(name: str, args) -> torch.Tensor:
     the upstream gradient cannot be read, so forward gradients would always be rescaled (a multiplication of every
     ``[B, K, D]`` gradient: at N = 16 vmapped examples of B = 4096 it took 3.6 ms each, more than the kernel);
     the backward's kernel computes them for the actual upstream gradient in one pass instead."""
-    i = _COMPUTE_GRAD[name]
-    args = (*args[:i], False, *args[i + 1:])
-    return FUNCTIONS[name].apply(*args)[0]
+    function = FUNCTIONS[name]
+    i = function.compute_grad_index
+    return function.apply(*args[:i], False, *args[i + 1:])[0]

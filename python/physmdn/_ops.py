@@ -141,6 +141,16 @@ def fast_mixture_inputs(logits, means, log_scales, target) -> bool:
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
+def prepared_inputs(logits, means, log_scales, target):
+    """``(fast, (logits, means, log_scales, target))``: the inputs as they are when they pass
+    :func:`fast_mixture_inputs` (``fast`` True), else cast for autocast and checked in detail."""
+    if fast_mixture_inputs(logits, means, log_scales, target):
+        return True, (logits, means, log_scales, target)
+    logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
+    check_mixture_inputs(logits, means, log_scales, target)
+    return False, (logits, means, log_scales, target)
+
+
 def _refuse_forward_ad(name: str, args) -> None:
     """Forward-mode AD has no formula in the ops: a dual input (torch.autograd.forward_ad, torch.func.jvp / jacfwd)
     raises here instead of losing its tangent (the kernels run below autograd and would return none, or zeros)."""
@@ -269,6 +279,14 @@ def _upstream_factor(grad_loss, saved, dtype, grad_scale: float):
     return g if grad_scale == 1.0 else g / grad_scale
 
 
+def second_order_error(name: str) -> NotImplementedError:
+    """The error for a second derivative through an op's backward (which has no derivative of its own)."""
+    return NotImplementedError(
+        f"physmdn.{name}: only first-order gradients are supported; the op's backward is itself being "
+        f"differentiated (create_graph=True, or a nested torch.func.grad / jacrev), which would give wrong (zero) "
+        f"second derivatives")
+
+
 def check_first_order(name: str, ctx, grad_loss) -> None:
     """The ops' backward has no derivative of its own: a backward whose inputs are themselves differentiated
     (``create_graph=True``) raises instead of returning zero second derivatives. Checked here for the registered
@@ -280,10 +298,7 @@ def check_first_order(name: str, ctx, grad_loss) -> None:
         return
     tensors = [t for t in (grad_loss, *ctx.saved_tensors) if t is not None]
     if _eager(*tensors) and any(t.requires_grad for t in tensors):
-        raise NotImplementedError(
-            f"physmdn.{name}: only first-order gradients are supported; this backward is itself being "
-            f"differentiated (create_graph=True, or a nested torch.func.grad / jacrev), which would give wrong "
-            f"(zero) second derivatives")
+        raise second_order_error(name)
 
 
 def _mixture_nll_backward(ctx, grad_loss, _grad_saved, *_grad_grads):
@@ -332,10 +347,7 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    fast = fast_mixture_inputs(logits, means, log_scales, target)  # (checked, no autocast, eager)
-    if not fast:
-        logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
-        check_mixture_inputs(logits, means, log_scales, target)
+    fast, (logits, means, log_scales, target) = prepared_inputs(logits, means, log_scales, target)
     # Gradients are computed in the forward pass when they will be needed (one pass over the inputs), for the
     # upstream gradient the reduction will send (1/B for the mean); the backward then rescales them only if the
     # actual upstream gradient differs.

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ops
-from ._ops import autocast_inputs, check_mixture_inputs, mixture_nll
+from ._ops import mixture_nll
 
 __all__ = [
     "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability", "FieldStability", "Monotonic",
@@ -559,10 +559,7 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
         weight: the global physics weight ``lambda``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]``).
     """
-    fast = _ops.fast_mixture_inputs(logits, means, log_scales, target)  # (checked, no autocast, eager)
-    if not fast:
-        logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
-        check_mixture_inputs(logits, means, log_scales, target)
+    fast, (logits, means, log_scales, target) = _ops.prepared_inputs(logits, means, log_scales, target)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     items = _normalize_physics(physics)
