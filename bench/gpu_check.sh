@@ -152,6 +152,16 @@ sys.exit(0 if ok or $1 else 3)
     record sanitizer "SKIP(no compute-sanitizer)" "$STEP_SECONDS" "the case without it: $(status_of $STEP_RC)"
   fi
 
+  # 5a. gradient strategy on the device: forward-made gradients rescaled in the backward (what mixture_nll does)
+  # against the backward op recomputing them (one pass less over [B, K, D] on CUDA, where the rescale is a pass)
+  if [ "$DRY" = 1 ]; then
+    run_step grad_strategy 60 "$PY" bench/bench_grad_strategy.py --device cpu --B 4096 --repeat 3 --no-memory --no-save
+  else
+    run_step grad_strategy 60 bash -c 'for b in 1048576 4194304; do "$0" bench/bench_grad_strategy.py --device cuda --B $b || exit; done' "$PY"
+  fi
+  record grad_strategy "$(status_of $STEP_RC)" "$STEP_SECONDS" \
+    "recompute time / forward-grad time: $(awk -F'|' '/\| recompute \|/ {gsub(/^ +| +$/, "", $2); gsub(/ /, "", $9); printf "%s %sx; ", $2, $9}' "$STEPDIR/grad_strategy.out" 2>/dev/null)"
+
   # 5. benchmarks ----------------------------------------------------------------------------------------
   local left=$(( BUDGET - ($(date +%s) - T0) - RESERVE ))
   local bench_args=(--gpu-check --device "$DEVICE" --key-numbers "$KEYS" --results-dir "$OUTDIR")
