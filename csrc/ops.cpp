@@ -37,6 +37,12 @@ std::atomic<int>& cpu_isa_state() {
 }
 }  // namespace
 
+std::atomic<bool>& cpu::rows_path_enabled() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+bool set_cpu_rows_path(bool enabled) { return cpu::rows_path_enabled().exchange(enabled); }
+
 std::string cpu_isa() { return cpu_isa_state().load() == 1 ? "avx2" : "default"; }
 std::string set_cpu_isa(const std::string& isa) {
   std::string previous = cpu_isa();

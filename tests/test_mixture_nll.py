@@ -143,8 +143,9 @@ def test_extremes_float64(device, cpu_isa):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["logits", "tiny_scales", "huge_scales", "far_target"])
-def test_extremes_float32(case, device, cpu_isa):
-    B, K, D = 64, 5, 3
+@pytest.mark.parametrize("K,D", [(5, 3), (8, 4), (8, 1)])  # (8, 4), (8, 1): the AVX2 row-wise path
+def test_extremes_float32(case, K, D, device, cpu_isa):
+    B = 64
     logits, means, log_scales, target = make_inputs(B, K, D, torch.float32, device, seed=9)
     if case == "logits":
         logits = torch.where(logits > 0, 1e4, -1e4).to(logits)
@@ -177,8 +178,9 @@ def test_k1_d1_and_empty_batch(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_nan_stays_in_its_sample(device, cpu_isa):
-    logits, means, log_scales, target = make_inputs(6, 3, 2, torch.float32, device)
+@pytest.mark.parametrize("K,D", [(3, 2), (4, 2)])  # (4, 2): the AVX2 row-wise path
+def test_nan_stays_in_its_sample(K, D, device, cpu_isa):
+    logits, means, log_scales, target = make_inputs(6, K, D, torch.float32, device)
     means[2, 1, 0] = float("nan")
     inputs = [t.requires_grad_(True) for t in (logits, means, log_scales, target)]
     loss = physmdn.mixture_nll(*inputs)
@@ -381,12 +383,13 @@ def test_cpu_batches_spanning_many_chunks(B, K, D, dtype, cpu_isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cpu_row_strided_views_take_the_fast_path(dtype, cpu_isa):
+@pytest.mark.parametrize("K", [5, 8])  # K = 8 (K D = 32): the AVX2 row-wise path
+def test_cpu_row_strided_views_take_the_fast_path(K, dtype, cpu_isa):
     """logits / means / log_scales split from one network output (rows strided, no zero stride) take the fast path
     (the AVX2 kernel reads them in place, the blocked paths on contiguous copies): results bit-identical to the
     contiguous call (the generic loop's arithmetic differs), and equal to the reference within tolerance; gradients
     reach the split parent."""
-    B, K, D = 37, 5, 4
+    B, D = 37, 4
     g = torch.Generator().manual_seed(3)
     head = torch.randn(B, K + 2 * K * D, generator=g, dtype=torch.float64).to(dtype)
     target = torch.randn(B, D, generator=g, dtype=torch.float64).to(dtype)
@@ -408,11 +411,12 @@ def test_cpu_row_strided_views_take_the_fast_path(dtype, cpu_isa):
 
 @pytest.mark.parametrize("B", [37, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_cpu_batch_broadcast_inputs(B, dtype, cpu_isa):
+@pytest.mark.parametrize("K", [5, 6])  # K = 6 (K D = 24): the AVX2 row-wise path
+def test_cpu_batch_broadcast_inputs(B, K, dtype, cpu_isa):
     """A log-scale parameter and a target broadcast over the batch (stride 0), and logits / means split from one
     head (row-strided): the AVX2 kernel reads them in place, bit-identical to the call on contiguous copies (forward
     with gradients and the backward); every path matches the reference, and the gradients reach the parameters."""
-    K, D = 5, 4
+    D = 4
     g = torch.Generator().manual_seed(11)
     head = torch.randn(B, K + K * D + 3, generator=g, dtype=torch.float64).to(dtype)
     lg, mu, _ = torch.split(head, [K, K * D, 3], dim=-1)
@@ -450,12 +454,12 @@ def test_cpu_batch_broadcast_inputs(B, dtype, cpu_isa):
 
 @pytest.mark.parametrize("B", [37, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cpu_any_layout(B, dtype, cpu_isa):
+@pytest.mark.parametrize("K,D", [(5, 3), (8, 2)])  # (8, 2): the AVX2 row-wise path, its rows gathered
+def test_cpu_any_layout(B, K, D, dtype, cpu_isa):
     """Layouts whose rows are not contiguous: isotropic components (one log-scale per component, [B, K, 1] expanded
     over D), means transposed from [B, D, K], logits a column slice, a target from a [D, B] tensor. The AVX2 kernel
     gathers them per group of 8 samples: bit-identical to the call on contiguous copies (forward with gradients,
     backward); every path matches the reference and the gradients reach the compact tensors."""
-    K, D = 5, 3
     g = torch.Generator().manual_seed(13)
 
     def rnd(*shape, scale=1.0):
@@ -523,3 +527,77 @@ def test_backward_skips_the_rescaling_pass_when_it_can(reduction, upstream, expe
     with ops_on_3d() as mode:
         torch.autograd.grad(out * upstream if upstream != 1.0 else out, inputs)
     assert bool(mode.seen) == expect_pass, mode.seen
+
+
+# ----- the AVX2 row-wise path ---------------------------------------------------------------------------
+# For D in {1, 2, 4} and K D a multiple of 8 the AVX2 float kernel works on each sample's rows as they lie in
+# memory (8 / D components per vector) instead of on transposed lanes; physmdn._C.set_cpu_rows_path(False) sends
+# those shapes down the lane path too.
+
+ROWS_SHAPES = [(1, 8, 1), (37, 16, 1), (13, 4, 2), (67, 12, 2), (9, 2, 4), (41, 6, 4), (64, 8, 4), (29, 10, 4)]
+
+
+@pytest.fixture
+def lanes_path():
+    """Inside the with-block the row-wise path is off (the lane path runs every shape)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def off():
+        prev = physmdn._C.set_cpu_rows_path(False)
+        try:
+            yield
+        finally:
+            physmdn._C.set_cpu_rows_path(prev)
+    return off
+
+
+def test_set_cpu_rows_path_returns_the_previous_setting():
+    assert physmdn._C.set_cpu_rows_path(False) is True
+    try:
+        assert physmdn._C.set_cpu_rows_path(False) is False
+    finally:
+        assert physmdn._C.set_cpu_rows_path(True) is False
+
+
+@pytest.mark.parametrize("B,K,D", ROWS_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_rows_path_matches_reference_and_lane_path(B, K, D, dtype, cpu_isa, lanes_path):
+    """Forward with gradients and the backward op (recompute, a per-sample upstream) on the row-wise path: the
+    reference within tolerance, and the lane path within a few float32 roundings (the sums over D and K run in
+    another order)."""
+    inputs = make_inputs(B, K, D, dtype, seed=B + 10 * K + D)
+    tol = {torch.float32: (1e-5, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float16: (2e-3, 5e-3)}[dtype]
+    check_against_reference(inputs, dtype, *tol)
+    fwd, bwd = torch.ops.physmdn.mixture_nll_fwd, torch.ops.physmdn.mixture_nll_bwd
+    upstream = torch.linspace(0.5, 1.5, B).to(dtype)
+
+    def run():
+        out = fwd(*inputs, True, 0.75)
+        return [*out, *bwd(upstream, *inputs, out[1])]
+    rows = run()
+    with lanes_path():
+        lanes = run()
+    close = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    for a, b in zip(rows, lanes):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert rel_err(a, b) <= close, rel_err(a, b)
+
+
+@pytest.mark.parametrize("D", [1, 2, 4])
+def test_cpu_rows_path_masks_components_without_responsibility(D, cpu_isa, lanes_path):
+    """A target far from some components (responsibility exactly 0 in float32) in some samples of a group: those
+    components get zero gradients (no 0 * inf), the others match the lane path and the reference."""
+    B, K = 19, 8
+    logits, means, log_scales, target = make_inputs(B, K, D, torch.float32, seed=5)
+    means[::3, :3] += 1e4  # components 0-2 of every third sample: far away
+    log_scales[::3, :3] = -2.0
+    inputs = [logits, means, log_scales, target]
+    out = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
+    assert all(torch.isfinite(t).all() for t in out)
+    assert (out[3][::3, :3] == 0).all() and (out[4][::3, :3] == 0).all()
+    with lanes_path():
+        lanes = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
+    for a, b in zip(out, lanes):
+        assert rel_err(a, b) <= 2e-6
+    check_against_reference(inputs, torch.float32, 1e-5, 1e-4)

@@ -3,6 +3,8 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <atomic>
+
 #include "views.h"
 
 #define PHYSMDN_DECLARE_CPU_KERNELS(isa)                                                                          \
@@ -36,6 +38,12 @@
                          at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,            \
                          at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra);                       \
   }
+
+namespace physmdn::cpu {
+// The AVX2 mixture NLL's row-wise path (soa_avx2.h, group8_rows) for D in {1, 2, 4} and K D a multiple of 8: on by
+// default; off, those shapes take the lane path like the others (tests compare the two; benchmarks time both).
+std::atomic<bool>& rows_path_enabled();
+}  // namespace physmdn::cpu
 
 PHYSMDN_DECLARE_CPU_KERNELS(default_isa)
 PHYSMDN_DECLARE_CPU_KERNELS(avx2)

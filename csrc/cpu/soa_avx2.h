@@ -369,11 +369,19 @@ struct Scratch {
   std::vector<__m256> mu, ls, y, lg, pi, joint, gl, gt, row_stage;  // row_stage: from_lanes' gradient rows
   std::vector<__m256> qk, ge;  // the fused loss: per-component penalty Q_k, d loss / d extra_k
   std::vector<float> in_mu, in_ls, in_lg, in_y, out_gl, out_gm, out_gs, out_gt, out_ge;
+  // the row-wise path of the mixture NLL (group8_rows): per-sample [K] rows (+ 8 floats of padding, for the last
+  // row's 8-wide stores) of log N_k, then of -g gamma_k, and of the gamma_k = 0 masks
+  bool rows_path;
+  std::vector<float> rk, rk_mask;
   Scratch(int64_t K_, int64_t D_)
       : K(K_), D(D_), mu(K_ * D_), ls(K_ * D_), y(D_), row_stage(K_ * D_), lg(K_), pi(K_), joint(K_), gl(K_), gt(D_),
         in_mu(kLanes * K_ * D_), in_ls(kLanes * K_ * D_), in_lg(kLanes * K_), in_y(kLanes * D_),
         out_gl(kLanes * K_), out_gm(kLanes * K_ * D_), out_gs(kLanes * K_ * D_), out_gt(kLanes * D_),
-        out_ge(kLanes * K_) {}
+        out_ge(kLanes * K_), rows_path(rows_path_applies(K_, D_)), rk(kLanes * K_ + 8), rk_mask(kLanes * K_ + 8) {}
+  // D in {1, 2, 4} and whole vectors per row (K D a multiple of 8): a vector of a row holds 8 / D whole components
+  static bool rows_path_applies(int64_t K, int64_t D) {
+    return rows_path_enabled().load(std::memory_order_relaxed) && (D == 1 || D == 2 || D == 4) && (K * D) % 8 == 0;
+  }
 };
 
 template <typename grad_t>
@@ -869,10 +877,159 @@ struct GroupIn {
   int64_t lg_rs, mu_rs, ls_rs, y_rs;
 };
 
+// The row-wise path of the mixture NLL alone (Scratch::rows_path: D in {1, 2, 4}, K D a multiple of 8): the
+// element-wise work runs on each sample's [K, D] rows as they lie in memory, 8 / D components per vector, instead
+// of on transposed lanes. Only what is per component goes through lanes: log N_k (summed over D within the vectors
+// by horizontal adds, then the [8, K] rows transposed for the log-sum-exps, as in group8) and -g gamma_k (transposed
+// back to rows and spread over each component's D lanes). The [B, K, D] inputs are read and the gradients written
+// row by row, without the 8x8 transposes of both (measured: see the README, "rows path").
+template <int D>
+inline __m256 spread_components(const float* row, int64_t j) {  // vector j's 8 / D values, each D times
+  if constexpr (D == 4) {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(row + 2 * j)));
+    const __m256 pair = _mm256_castps128_ps256(two);
+    return _mm256_permutevar8x32_ps(pair, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  } else if constexpr (D == 2) {
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(row + 4 * j)),
+                                    _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+  } else {
+    return _mm256_loadu_ps(row + 8 * j);
+  }
+}
+
+template <bool kGrad, int D, typename grad_t>
+void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>& out) {
+  const int64_t K = w.K, KD = K * D, nv = KD / 8;
+  const __m256 sign = _mm256_set1_ps(-0.0f), nhalf = _mm256_set1_ps(-0.5f), one = _mm256_set1_ps(1.0f);
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 offset = _mm256_set1_ps(static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi));
+  // the horizontal adds leave the components of 8 in the order {0, 2, 4, 6 | 1, 3, 5, 7} (D = 4) or
+  // {0, 1, 4, 5 | 2, 3, 6, 7} (D = 2): one permute back
+  const __m256i order =
+      D == 4 ? _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7) : _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  float* const rk = w.rk.data();
+  for (int64_t i = 0; i < kLanes; ++i) {
+    const float *mu = in.mu + i * in.mu_rs, *ls = in.ls + i * in.ls_rs, *y = in.y + i * in.y_rs;
+    __m256 yv;
+    if constexpr (D == 4) {
+      yv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(y));
+    } else if constexpr (D == 2) {
+      yv = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(y)));
+    } else {
+      yv = _mm256_broadcast_ss(y);
+    }
+    __m256 *const zi = w.mu.data() + i * nv, *const zs = w.ls.data() + i * nv;  // z / s and z^2 per vector
+    float* const row = rk + i * K;  // log N_k + D log(2 pi) / 2 (rows in order: the 8-wide stores spill forward)
+    // vectors of 8 / D components; D of them hold 8 components (the last group padded with zero vectors)
+    for (int64_t j0 = 0; j0 < nv; j0 += D) {
+      __m256 t[4];
+      for (int64_t u = 0; u < D; ++u) {
+        const int64_t j = j0 + u;
+        if (j >= nv) {
+          t[u] = zero;
+          continue;
+        }
+        const __m256 l = _mm256_loadu_ps(ls + 8 * j);
+        const __m256 inv = exp_neg8(l);
+        const __m256 z = _mm256_mul_ps(_mm256_sub_ps(yv, _mm256_loadu_ps(mu + 8 * j)), inv);
+        const __m256 zz = _mm256_mul_ps(z, z);
+        t[u] = _mm256_fmsub_ps(nhalf, zz, l);
+        if constexpr (kGrad) {
+          zi[j] = _mm256_mul_ps(z, inv);
+          zs[j] = zz;
+        }
+      }
+      __m256 s8;
+      if constexpr (D == 4) {
+        s8 = _mm256_permutevar8x32_ps(_mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3])), order);
+      } else if constexpr (D == 2) {
+        s8 = _mm256_permutevar8x32_ps(_mm256_hadd_ps(t[0], t[1]), order);
+      } else {
+        s8 = t[0];
+      }
+      _mm256_storeu_ps(row + j0 * 8 / D, s8);
+    }
+  }
+  to_lanes(rk, K, w.joint.data());
+  to_lanes(in.lg, K, w.lg.data(), in.lg_rs);
+  for (int64_t k = 0; k < K; ++k) w.joint[k] = _mm256_sub_ps(w.joint[k], offset);
+  const Lse st = mixture_lse(w);
+  store_loss_saved<NoPhysics::kSaved>(out.loss, out.saved, _mm256_xor_ps(st.lse, sign), st, zero);
+  if constexpr (kGrad) {
+    const __m256 inv_sum2 = _mm256_div_ps(one, st.sum2);
+    bool masked = false;
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 pi = _mm256_mul_ps(w.pi[k], st.inv_sum), gamma = _mm256_mul_ps(w.joint[k], inv_sum2);
+      const __m256 none = _mm256_cmp_ps(gamma, zero, _CMP_EQ_OQ);
+      masked |= !_mm256_testz_ps(none, none);
+      w.gl[k] = _mm256_mul_ps(g, _mm256_sub_ps(pi, gamma));
+      w.joint[k] = _mm256_xor_ps(_mm256_mul_ps(g, gamma), sign);  // c_k = -g gamma_k
+      w.pi[k] = none;
+    }
+    from_lanes(w.joint.data(), K, rk);
+    if (masked) from_lanes(w.pi.data(), K, w.rk_mask.data());
+    const bool stream = out.stream && reinterpret_cast<uintptr_t>(out.gm) % (8 * sizeof(grad_t)) == 0 &&
+                        reinterpret_cast<uintptr_t>(out.gs) % (8 * sizeof(grad_t)) == 0;
+    // the 8 rows of d/dmu, then the 8 rows of d/dlog_scale: each output written in address order, every cache line
+    // whole (streamed stores of the two outputs interleaved leave partial write-combining lines, see from_lanes)
+    const auto rows = [&](auto streamed, auto with_masks) {
+      for (int64_t i = 0; i < kLanes; ++i) {
+        const float* const c = rk + i * K;
+        const __m256* const zi = w.mu.data() + i * nv;
+        grad_t* const gm = out.gm + i * KD;
+        __m256 gt = zero;
+        for (int64_t j = 0; j < nv; ++j) {
+          __m256 m = _mm256_mul_ps(zi[j], spread_components<D>(c, j));
+          if constexpr (with_masks())  // no responsibility, no gradient (group8's masks)
+            m = _mm256_andnot_ps(spread_components<D>(w.rk_mask.data() + i * K, j), m);
+          gt = _mm256_sub_ps(gt, m);
+          store8(gm + 8 * j, m, streamed());
+        }
+        // d/dy_d = -sum_k (component k's d/dmu_kd): the 8 / D components of the vector summed
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(gt), _mm256_extractf128_ps(gt, 1));
+        grad_t* const gy = out.gt + i * D;
+        if constexpr (D == 4) {
+          store4(gy, h);
+        } else {
+          h = _mm_add_ps(h, _mm_movehl_ps(h, h));  // D = 2: [d0, d1, .., ..]
+          if constexpr (D == 1) h = _mm_add_ss(h, _mm_movehdup_ps(h));
+          alignas(16) float v[4];
+          _mm_store_ps(v, h);
+          for (int64_t d = 0; d < D; ++d) gy[d] = static_cast<grad_t>(v[d]);
+        }
+      }
+      for (int64_t i = 0; i < kLanes; ++i) {
+        const float* const c = rk + i * K;
+        const __m256* const zs = w.ls.data() + i * nv;
+        grad_t* const gs = out.gs + i * KD;
+        for (int64_t j = 0; j < nv; ++j) {
+          const __m256 cv = spread_components<D>(c, j);
+          __m256 v = _mm256_fmsub_ps(zs[j], cv, cv);
+          if constexpr (with_masks()) v = _mm256_andnot_ps(spread_components<D>(w.rk_mask.data() + i * K, j), v);
+          store8(gs + 8 * j, v, streamed());
+        }
+      }
+    };
+    if (masked) {
+      stream ? rows(std::true_type{}, std::true_type{}) : rows(std::false_type{}, std::true_type{});
+    } else {
+      stream ? rows(std::true_type{}, std::false_type{}) : rows(std::false_type{}, std::false_type{});
+    }
+    from_lanes(w.gl.data(), K, out.gl);
+  }
+}
+
 // One group of 8 samples; g: upstream gradient per lane.
 // With an active Phys, the loss is the fused one: NLL + sum_k pi_k Q_k (saved[3] = sum_k pi_k Q_k).
 template <bool kGrad, typename Phys, typename grad_t>
 void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<grad_t>& out) {
+  if constexpr (!Phys::kActive && !Phys::kRowHook) {
+    if (w.rows_path) {
+      if (w.D == 4) return group8_rows<kGrad, 4>(in, g, w, out);
+      if (w.D == 2) return group8_rows<kGrad, 2>(in, g, w, out);
+      return group8_rows<kGrad, 1>(in, g, w, out);
+    }
+  }
   const int64_t K = w.K, D = w.D, KD = K * D;
   to_lanes(in.mu, KD, w.mu.data(), in.mu_rs);
   to_lanes(in.ls, KD, w.ls.data(), in.ls_rs);
