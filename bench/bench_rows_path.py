@@ -2,7 +2,7 @@
 
     python bench/bench_rows_path.py [--repeat 30] [--no-save]
 
-For D in {1, 2, 4} and K D a multiple of 8 the float kernel works on each sample's [K, D] rows as they lie in memory
+For D in {1, 2, 4, 8} and K D a multiple of 8 the float kernel works on each sample's [K, D] rows as they lie in memory
 (8 / D components per vector); ``physmdn._C.set_cpu_rows_path(False)`` sends those shapes down the lane path (8
 samples transposed into lanes, every input and gradient through 8x8 transposes). Each round calls both, alternating
 the setting, so background load hits both alike. Timed: the op alone, ``mixture_nll_fwd`` with gradients (the
@@ -19,7 +19,7 @@ import physmdn
 from _common import base_parser, format_table, machine_info, timeit_interleaved, write_results
 
 COLUMNS = ["shape", "dtype", "pass", "threads", "lanes_ms", "rows_ms", "lanes_p20_p80", "rows_p20_p80", "rows_speedup"]
-SHAPES = [(65536, 8, 4), (65536, 8, 1), (65536, 16, 2), (16384, 32, 4), (4096, 8, 4)]
+SHAPES = [(65536, 8, 4), (65536, 8, 1), (65536, 16, 2), (32768, 8, 8), (16384, 32, 4), (4096, 8, 4)]
 
 
 def main(argv=None):

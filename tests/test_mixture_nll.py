@@ -143,7 +143,7 @@ def test_extremes_float64(device, cpu_isa):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["logits", "tiny_scales", "huge_scales", "far_target"])
-@pytest.mark.parametrize("K,D", [(5, 3), (8, 4), (8, 1)])  # (8, 4), (8, 1): the AVX2 row-wise path
+@pytest.mark.parametrize("K,D", [(5, 3), (8, 4), (8, 1), (3, 8)])  # all but (5, 3): the AVX2 row-wise path
 def test_extremes_float32(case, K, D, device, cpu_isa):
     B = 64
     logits, means, log_scales, target = make_inputs(B, K, D, torch.float32, device, seed=9)
@@ -530,11 +530,12 @@ def test_backward_skips_the_rescaling_pass_when_it_can(reduction, upstream, expe
 
 
 # ----- the AVX2 row-wise path ---------------------------------------------------------------------------
-# For D in {1, 2, 4} and K D a multiple of 8 the AVX2 float kernel works on each sample's rows as they lie in
+# For D in {1, 2, 4, 8} and K D a multiple of 8 the AVX2 float kernel works on each sample's rows as they lie in
 # memory (8 / D components per vector) instead of on transposed lanes; physmdn._C.set_cpu_rows_path(False) sends
 # those shapes down the lane path too.
 
-ROWS_SHAPES = [(1, 8, 1), (37, 16, 1), (13, 4, 2), (67, 12, 2), (9, 2, 4), (41, 6, 4), (64, 8, 4), (29, 10, 4)]
+ROWS_SHAPES = [(1, 8, 1), (37, 16, 1), (13, 4, 2), (67, 12, 2), (9, 2, 4), (41, 6, 4), (64, 8, 4), (29, 10, 4),
+               (5, 1, 8), (27, 3, 8), (40, 8, 8)]
 
 
 @pytest.fixture
@@ -584,7 +585,7 @@ def test_cpu_rows_path_matches_reference_and_lane_path(B, K, D, dtype, cpu_isa, 
         assert rel_err(a, b) <= close, rel_err(a, b)
 
 
-@pytest.mark.parametrize("D", [1, 2, 4])
+@pytest.mark.parametrize("D", [1, 2, 4, 8])
 def test_cpu_rows_path_masks_components_without_responsibility(D, cpu_isa, lanes_path):
     """A target far from some components (responsibility exactly 0 in float32) in some samples of a group: those
     components get zero gradients (no 0 * inf), the others match the lane path and the reference."""

@@ -378,9 +378,10 @@ struct Scratch {
         in_mu(kLanes * K_ * D_), in_ls(kLanes * K_ * D_), in_lg(kLanes * K_), in_y(kLanes * D_),
         out_gl(kLanes * K_), out_gm(kLanes * K_ * D_), out_gs(kLanes * K_ * D_), out_gt(kLanes * D_),
         out_ge(kLanes * K_), rows_path(rows_path_applies(K_, D_)), rk(kLanes * K_ + 8), rk_mask(kLanes * K_ + 8) {}
-  // D in {1, 2, 4} and whole vectors per row (K D a multiple of 8): a vector of a row holds 8 / D whole components
+  // D in {1, 2, 4, 8} and whole vectors per row (K D a multiple of 8): a vector of a row holds 8 / D whole components
   static bool rows_path_applies(int64_t K, int64_t D) {
-    return rows_path_enabled().load(std::memory_order_relaxed) && (D == 1 || D == 2 || D == 4) && (K * D) % 8 == 0;
+    return rows_path_enabled().load(std::memory_order_relaxed) && (D == 1 || D == 2 || D == 4 || D == 8) &&
+           (K * D) % 8 == 0;
   }
 };
 
@@ -877,7 +878,7 @@ struct GroupIn {
   int64_t lg_rs, mu_rs, ls_rs, y_rs;
 };
 
-// The row-wise path of the mixture NLL alone (Scratch::rows_path: D in {1, 2, 4}, K D a multiple of 8): the
+// The row-wise path of the mixture NLL alone (Scratch::rows_path: D in {1, 2, 4, 8}, K D a multiple of 8): the
 // element-wise work runs on each sample's [K, D] rows as they lie in memory, 8 / D components per vector, instead
 // of on transposed lanes. Only what is per component goes through lanes: log N_k (summed over D within the vectors
 // by horizontal adds, then the [8, K] rows transposed for the log-sum-exps, as in group8) and -g gamma_k (transposed
@@ -885,7 +886,9 @@ struct GroupIn {
 // row by row, without the 8x8 transposes of both (measured: see the README, "rows path").
 template <int D>
 inline __m256 spread_components(const float* row, int64_t j) {  // vector j's 8 / D values, each D times
-  if constexpr (D == 4) {
+  if constexpr (D == 8) {
+    return _mm256_broadcast_ss(row + j);
+  } else if constexpr (D == 4) {
     const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(row + 2 * j)));
     const __m256 pair = _mm256_castps128_ps256(two);
     return _mm256_permutevar8x32_ps(pair, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
@@ -911,7 +914,9 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
   for (int64_t i = 0; i < kLanes; ++i) {
     const float *mu = in.mu + i * in.mu_rs, *ls = in.ls + i * in.ls_rs, *y = in.y + i * in.y_rs;
     __m256 yv;
-    if constexpr (D == 4) {
+    if constexpr (D == 8) {
+      yv = _mm256_loadu_ps(y);
+    } else if constexpr (D == 4) {
       yv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(y));
     } else if constexpr (D == 2) {
       yv = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(y)));
@@ -922,7 +927,7 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
     float* const row = rk + i * K;  // log N_k + D log(2 pi) / 2 (rows in order: the 8-wide stores spill forward)
     // vectors of 8 / D components; D of them hold 8 components (the last group padded with zero vectors)
     for (int64_t j0 = 0; j0 < nv; j0 += D) {
-      __m256 t[4];
+      __m256 t[8];
       for (int64_t u = 0; u < D; ++u) {
         const int64_t j = j0 + u;
         if (j >= nv) {
@@ -940,7 +945,11 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
         }
       }
       __m256 s8;
-      if constexpr (D == 4) {
+      if constexpr (D == 8) {  // one component per vector: [sums of the low halves | high halves] of 4, added
+        const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
+        const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(t[4], t[5]), _mm256_hadd_ps(t[6], t[7]));
+        s8 = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+      } else if constexpr (D == 4) {
         s8 = _mm256_permutevar8x32_ps(_mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3])), order);
       } else if constexpr (D == 2) {
         s8 = _mm256_permutevar8x32_ps(_mm256_hadd_ps(t[0], t[1]), order);
@@ -986,11 +995,13 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
           store8(gm + 8 * j, m, streamed());
         }
         // d/dy_d = -sum_k (component k's d/dmu_kd): the 8 / D components of the vector summed
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(gt), _mm256_extractf128_ps(gt, 1));
         grad_t* const gy = out.gt + i * D;
-        if constexpr (D == 4) {
-          store4(gy, h);
+        if constexpr (D == 8) {
+          store8(gy, gt, false);
+        } else if constexpr (D == 4) {
+          store4(gy, _mm_add_ps(_mm256_castps256_ps128(gt), _mm256_extractf128_ps(gt, 1)));
         } else {
+          __m128 h = _mm_add_ps(_mm256_castps256_ps128(gt), _mm256_extractf128_ps(gt, 1));
           h = _mm_add_ps(h, _mm_movehl_ps(h, h));  // D = 2: [d0, d1, .., ..]
           if constexpr (D == 1) h = _mm_add_ss(h, _mm_movehdup_ps(h));
           alignas(16) float v[4];
@@ -1025,6 +1036,7 @@ template <bool kGrad, typename Phys, typename grad_t>
 void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<grad_t>& out) {
   if constexpr (!Phys::kActive && !Phys::kRowHook) {
     if (w.rows_path) {
+      if (w.D == 8) return group8_rows<kGrad, 8>(in, g, w, out);
       if (w.D == 4) return group8_rows<kGrad, 4>(in, g, w, out);
       if (w.D == 2) return group8_rows<kGrad, 2>(in, g, w, out);
       return group8_rows<kGrad, 1>(in, g, w, out);
