@@ -561,6 +561,17 @@ def test_set_cpu_rows_path_returns_the_previous_setting():
         assert physmdn._C.set_cpu_rows_path(True) is False
 
 
+def test_cpu_rows_path_switch_changes_the_kernel(cpu_isa, lanes_path):
+    """The comparisons below are not vacuous: with AVX2 the two paths sum in different orders, so some float32
+    output differs in its last bits; the baseline build has no row-wise path and ignores the switch."""
+    inputs = make_inputs(64, 8, 4, torch.float32, seed=1)
+    rows = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
+    with lanes_path():
+        lanes = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
+    identical = all(torch.equal(a, b) for a, b in zip(rows, lanes))
+    assert identical == (cpu_isa == "default")
+
+
 @pytest.mark.parametrize("B,K,D", ROWS_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cpu_rows_path_matches_reference_and_lane_path(B, K, D, dtype, cpu_isa, lanes_path):

@@ -883,7 +883,7 @@ struct GroupIn {
 // of on transposed lanes. Only what is per component goes through lanes: log N_k (summed over D within the vectors
 // by horizontal adds, then the [8, K] rows transposed for the log-sum-exps, as in group8) and -g gamma_k (transposed
 // back to rows and spread over each component's D lanes). The [B, K, D] inputs are read and the gradients written
-// row by row, without the 8x8 transposes of both (measured: see the README, "rows path").
+// row by row, without the 8x8 transposes of both (measured: see the README, "row-wise path").
 template <int D>
 inline __m256 spread_components(const float* row, int64_t j) {  // vector j's 8 / D values, each D times
   if constexpr (D == 8) {
