@@ -19,7 +19,8 @@ import physmdn
 from _common import base_parser, format_table, machine_info, timeit_interleaved, write_results
 
 COLUMNS = ["shape", "dtype", "pass", "threads", "lanes_ms", "rows_ms", "lanes_p20_p80", "rows_p20_p80", "rows_speedup"]
-SHAPES = [(65536, 8, 4), (65536, 8, 1), (65536, 16, 2), (32768, 8, 8), (16384, 32, 4), (4096, 8, 4)]
+SHAPES = [(65536, 8, 4), (65536, 8, 1), (65536, 16, 2), (32768, 8, 8), (16384, 8, 16), (8192, 8, 32), (16384, 32, 4),
+          (4096, 8, 4)]
 
 
 def main(argv=None):

@@ -530,12 +530,12 @@ def test_backward_skips_the_rescaling_pass_when_it_can(reduction, upstream, expe
 
 
 # ----- the AVX2 row-wise path ---------------------------------------------------------------------------
-# For D in {1, 2, 4, 8} and K D a multiple of 8 the AVX2 float kernel works on each sample's rows as they lie in
-# memory (8 / D components per vector) instead of on transposed lanes; physmdn._C.set_cpu_rows_path(False) sends
+# For D in {1, 2, 4} with K D a multiple of 8, or D a multiple of 8, the AVX2 float kernel works on each sample's rows
+# as they lie in memory (8 / D components per vector, or D / 8 vectors per component) instead of on transposed lanes; physmdn._C.set_cpu_rows_path(False) sends
 # those shapes down the lane path too.
 
 ROWS_SHAPES = [(1, 8, 1), (37, 16, 1), (13, 4, 2), (67, 12, 2), (9, 2, 4), (41, 6, 4), (64, 8, 4), (29, 10, 4),
-               (5, 1, 8), (27, 3, 8), (40, 8, 8)]
+               (5, 1, 8), (27, 3, 8), (40, 8, 8), (11, 9, 16), (17, 3, 24), (8, 8, 32), (3, 2, 64)]
 
 
 @pytest.fixture
@@ -590,13 +590,14 @@ def test_cpu_rows_path_matches_reference_and_lane_path(B, K, D, dtype, cpu_isa, 
     rows = run()
     with lanes_path():
         lanes = run()
-    close = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    # (float32 roundings of the sums over D grow with D: the terms are summed in another order)
+    close = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype] * max(1, D // 16)
     for a, b in zip(rows, lanes):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert rel_err(a, b) <= close, rel_err(a, b)
 
 
-@pytest.mark.parametrize("D", [1, 2, 4, 8])
+@pytest.mark.parametrize("D", [1, 2, 4, 8, 24])
 def test_cpu_rows_path_masks_components_without_responsibility(D, cpu_isa, lanes_path):
     """A target far from some components (responsibility exactly 0 in float32) in some samples of a group: those
     components get zero gradients (no 0 * inf), the others match the lane path and the reference."""

@@ -378,10 +378,11 @@ struct Scratch {
         in_mu(kLanes * K_ * D_), in_ls(kLanes * K_ * D_), in_lg(kLanes * K_), in_y(kLanes * D_),
         out_gl(kLanes * K_), out_gm(kLanes * K_ * D_), out_gs(kLanes * K_ * D_), out_gt(kLanes * D_),
         out_ge(kLanes * K_), rows_path(rows_path_applies(K_, D_)), rk(kLanes * K_ + 8), rk_mask(kLanes * K_ + 8) {}
-  // D in {1, 2, 4, 8} and whole vectors per row (K D a multiple of 8): a vector of a row holds 8 / D whole components
+  // D in {1, 2, 4} with K D a multiple of 8 (a vector of a row holds 8 / D whole components), or D a multiple of 8
+  // (a component spans D / 8 whole vectors)
   static bool rows_path_applies(int64_t K, int64_t D) {
-    return rows_path_enabled().load(std::memory_order_relaxed) && (D == 1 || D == 2 || D == 4 || D == 8) &&
-           (K * D) % 8 == 0;
+    return rows_path_enabled().load(std::memory_order_relaxed) &&
+           ((D == 1 || D == 2 || D == 4) ? (K * D) % 8 == 0 : D % 8 == 0);
   }
 };
 
@@ -878,17 +879,16 @@ struct GroupIn {
   int64_t lg_rs, mu_rs, ls_rs, y_rs;
 };
 
-// The row-wise path of the mixture NLL alone (Scratch::rows_path: D in {1, 2, 4, 8}, K D a multiple of 8): the
-// element-wise work runs on each sample's [K, D] rows as they lie in memory, 8 / D components per vector, instead
+// The row-wise path of the mixture NLL alone (Scratch::rows_path: D in {1, 2, 4} with K D a multiple of 8, or D a
+// multiple of 8): the element-wise work runs on each sample's [K, D] rows as they lie in memory, 8 / D components
+// per vector (D <= 8) or D / 8 vectors per component (D >= 8; template argument 0: D read at run time), instead
 // of on transposed lanes. Only what is per component goes through lanes: log N_k (summed over D within the vectors
 // by horizontal adds, then the [8, K] rows transposed for the log-sum-exps, as in group8) and -g gamma_k (transposed
 // back to rows and spread over each component's D lanes). The [B, K, D] inputs are read and the gradients written
 // row by row, without the 8x8 transposes of both (measured: see the README, "row-wise path").
 template <int D>
-inline __m256 spread_components(const float* row, int64_t j) {  // vector j's 8 / D values, each D times
-  if constexpr (D == 8) {
-    return _mm256_broadcast_ss(row + j);
-  } else if constexpr (D == 4) {
+inline __m256 spread_components(const float* row, int64_t j) {  // vector j's 8 / D values, each D times (D <= 4)
+  if constexpr (D == 4) {
     const __m128 two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(row + 2 * j)));
     const __m256 pair = _mm256_castps128_ps256(two);
     return _mm256_permutevar8x32_ps(pair, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
@@ -902,10 +902,12 @@ inline __m256 spread_components(const float* row, int64_t j) {  // vector j's 8 
 
 template <bool kGrad, int D, typename grad_t>
 void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>& out) {
-  const int64_t K = w.K, KD = K * D, nv = KD / 8;
+  constexpr bool kWide = D == 8 || D == 0;  // D = 0: a multiple of 8 read at run time
+  const int64_t K = w.K, Dn = D == 0 ? w.D : D, KD = K * Dn, nv = KD / 8;
+  const int64_t vpc = D == 0 ? Dn / 8 : 1;  // vectors per component (D >= 8)
   const __m256 sign = _mm256_set1_ps(-0.0f), nhalf = _mm256_set1_ps(-0.5f), one = _mm256_set1_ps(1.0f);
   const __m256 zero = _mm256_setzero_ps();
-  const __m256 offset = _mm256_set1_ps(static_cast<float>(D) * static_cast<float>(math::kHalfLog2Pi));
+  const __m256 offset = _mm256_set1_ps(static_cast<float>(Dn) * static_cast<float>(math::kHalfLog2Pi));
   // the horizontal adds leave the components of 8 in the order {0, 2, 4, 6 | 1, 3, 5, 7} (D = 4) or
   // {0, 1, 4, 5 | 2, 3, 6, 7} (D = 2): one permute back
   const __m256i order =
@@ -913,50 +915,73 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
   float* const rk = w.rk.data();
   for (int64_t i = 0; i < kLanes; ++i) {
     const float *mu = in.mu + i * in.mu_rs, *ls = in.ls + i * in.ls_rs, *y = in.y + i * in.y_rs;
-    __m256 yv;
-    if constexpr (D == 8) {
-      yv = _mm256_loadu_ps(y);
-    } else if constexpr (D == 4) {
+    __m256 yv = zero;  // (D >= 8: the target's vectors are read per element vector)
+    if constexpr (D == 4) {
       yv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(y));
     } else if constexpr (D == 2) {
       yv = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(y)));
-    } else {
+    } else if constexpr (D == 1) {
       yv = _mm256_broadcast_ss(y);
     }
     __m256 *const zi = w.mu.data() + i * nv, *const zs = w.ls.data() + i * nv;  // z / s and z^2 per vector
     float* const row = rk + i * K;  // log N_k + D log(2 pi) / 2 (rows in order: the 8-wide stores spill forward)
-    // vectors of 8 / D components; D of them hold 8 components (the last group padded with zero vectors)
-    for (int64_t j0 = 0; j0 < nv; j0 += D) {
-      __m256 t[8];
-      for (int64_t u = 0; u < D; ++u) {
-        const int64_t j = j0 + u;
-        if (j >= nv) {
+    if constexpr (kWide) {  // D / 8 vectors per component, summed; 8 components at a time (the last padded)
+      for (int64_t k0 = 0; k0 < K; k0 += 8) {
+        __m256 t[8];
+        for (int64_t u = 0; u < 8; ++u) {
+          const int64_t k = k0 + u;
           t[u] = zero;
-          continue;
+          if (k >= K) continue;
+          for (int64_t v = 0; v < vpc; ++v) {
+            const int64_t j = k * vpc + v;
+            const __m256 l = _mm256_loadu_ps(ls + 8 * j);
+            const __m256 inv = exp_neg8(l);
+            const __m256 diff = _mm256_sub_ps(_mm256_loadu_ps(y + 8 * v), _mm256_loadu_ps(mu + 8 * j));
+            const __m256 z = _mm256_mul_ps(diff, inv);
+            const __m256 zz = _mm256_mul_ps(z, z);
+            t[u] = v == 0 ? _mm256_fmsub_ps(nhalf, zz, l) : _mm256_add_ps(t[u], _mm256_fmsub_ps(nhalf, zz, l));
+            if constexpr (kGrad) {
+              zi[j] = _mm256_mul_ps(z, inv);
+              zs[j] = zz;
+            }
+          }
         }
-        const __m256 l = _mm256_loadu_ps(ls + 8 * j);
-        const __m256 inv = exp_neg8(l);
-        const __m256 z = _mm256_mul_ps(_mm256_sub_ps(yv, _mm256_loadu_ps(mu + 8 * j)), inv);
-        const __m256 zz = _mm256_mul_ps(z, z);
-        t[u] = _mm256_fmsub_ps(nhalf, zz, l);
-        if constexpr (kGrad) {
-          zi[j] = _mm256_mul_ps(z, inv);
-          zs[j] = zz;
-        }
-      }
-      __m256 s8;
-      if constexpr (D == 8) {  // one component per vector: [sums of the low halves | high halves] of 4, added
+        // one component per vector: [sums of the low halves | high halves] of 4, added
         const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
         const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(t[4], t[5]), _mm256_hadd_ps(t[6], t[7]));
-        s8 = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
-      } else if constexpr (D == 4) {
-        s8 = _mm256_permutevar8x32_ps(_mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3])), order);
-      } else if constexpr (D == 2) {
-        s8 = _mm256_permutevar8x32_ps(_mm256_hadd_ps(t[0], t[1]), order);
-      } else {
-        s8 = t[0];
+        _mm256_storeu_ps(row + k0,
+                         _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)));
       }
-      _mm256_storeu_ps(row + j0 * 8 / D, s8);
+    } else {
+      // vectors of 8 / D components; D of them hold 8 components (the last group padded with zero vectors)
+      for (int64_t j0 = 0; j0 < nv; j0 += D) {
+        __m256 t[4];
+        for (int64_t u = 0; u < D; ++u) {
+          const int64_t j = j0 + u;
+          if (j >= nv) {
+            t[u] = zero;
+            continue;
+          }
+          const __m256 l = _mm256_loadu_ps(ls + 8 * j);
+          const __m256 inv = exp_neg8(l);
+          const __m256 z = _mm256_mul_ps(_mm256_sub_ps(yv, _mm256_loadu_ps(mu + 8 * j)), inv);
+          const __m256 zz = _mm256_mul_ps(z, z);
+          t[u] = _mm256_fmsub_ps(nhalf, zz, l);
+          if constexpr (kGrad) {
+            zi[j] = _mm256_mul_ps(z, inv);
+            zs[j] = zz;
+          }
+        }
+        __m256 s8;
+        if constexpr (D == 4) {
+          s8 = _mm256_permutevar8x32_ps(_mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3])), order);
+        } else if constexpr (D == 2) {
+          s8 = _mm256_permutevar8x32_ps(_mm256_hadd_ps(t[0], t[1]), order);
+        } else {
+          s8 = t[0];
+        }
+        _mm256_storeu_ps(row + j0 * 8 / D, s8);
+      }
     }
   }
   to_lanes(rk, K, w.joint.data());
@@ -983,22 +1008,45 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
     // whole (streamed stores of the two outputs interleaved leave partial write-combining lines, see from_lanes)
     const auto rows = [&](auto streamed, auto with_masks) {
       for (int64_t i = 0; i < kLanes; ++i) {
-        const float* const c = rk + i * K;
+        const float *const c = rk + i * K, *const none = w.rk_mask.data() + i * K;
         const __m256* const zi = w.mu.data() + i * nv;
         grad_t* const gm = out.gm + i * KD;
+        grad_t* const gy = out.gt + i * Dn;
+        if constexpr (kWide) {  // d/dy = -sum_k d/dmu_k, per vector of the D / 8
+          __m256* const gt = w.gt.data();  // (D = 8: one vector, kept in a register)
+          __m256 gt8 = zero;
+          if constexpr (D == 0)
+            for (int64_t v = 0; v < vpc; ++v) gt[v] = zero;
+          for (int64_t k = 0; k < K; ++k) {
+            const __m256 cv = _mm256_broadcast_ss(c + k);
+            for (int64_t v = 0, j = k * vpc; v < vpc; ++v, ++j) {
+              __m256 m = _mm256_mul_ps(zi[j], cv);
+              if constexpr (with_masks()) m = _mm256_andnot_ps(_mm256_broadcast_ss(none + k), m);
+              if constexpr (D == 8) {
+                gt8 = _mm256_sub_ps(gt8, m);
+              } else {
+                gt[v] = _mm256_sub_ps(gt[v], m);
+              }
+              store8(gm + 8 * j, m, streamed());
+            }
+          }
+          if constexpr (D == 8) {
+            store8(gy, gt8, false);
+          } else {
+            for (int64_t v = 0; v < vpc; ++v) store8(gy + 8 * v, gt[v], false);
+          }
+          continue;
+        }
         __m256 gt = zero;
         for (int64_t j = 0; j < nv; ++j) {
           __m256 m = _mm256_mul_ps(zi[j], spread_components<D>(c, j));
           if constexpr (with_masks())  // no responsibility, no gradient (group8's masks)
-            m = _mm256_andnot_ps(spread_components<D>(w.rk_mask.data() + i * K, j), m);
+            m = _mm256_andnot_ps(spread_components<D>(none, j), m);
           gt = _mm256_sub_ps(gt, m);
           store8(gm + 8 * j, m, streamed());
         }
         // d/dy_d = -sum_k (component k's d/dmu_kd): the 8 / D components of the vector summed
-        grad_t* const gy = out.gt + i * D;
-        if constexpr (D == 8) {
-          store8(gy, gt, false);
-        } else if constexpr (D == 4) {
+        if constexpr (D == 4) {
           store4(gy, _mm_add_ps(_mm256_castps256_ps128(gt), _mm256_extractf128_ps(gt, 1)));
         } else {
           __m128 h = _mm_add_ps(_mm256_castps256_ps128(gt), _mm256_extractf128_ps(gt, 1));
@@ -1006,18 +1054,29 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
           if constexpr (D == 1) h = _mm_add_ss(h, _mm_movehdup_ps(h));
           alignas(16) float v[4];
           _mm_store_ps(v, h);
-          for (int64_t d = 0; d < D; ++d) gy[d] = static_cast<grad_t>(v[d]);
+          for (int64_t d = 0; d < Dn; ++d) gy[d] = static_cast<grad_t>(v[d]);
         }
       }
       for (int64_t i = 0; i < kLanes; ++i) {
-        const float* const c = rk + i * K;
+        const float *const c = rk + i * K, *const none = w.rk_mask.data() + i * K;
         const __m256* const zs = w.ls.data() + i * nv;
         grad_t* const gs = out.gs + i * KD;
+        if constexpr (kWide) {
+          for (int64_t k = 0; k < K; ++k) {
+            const __m256 cv = _mm256_broadcast_ss(c + k);
+            for (int64_t v = 0, j = k * vpc; v < vpc; ++v, ++j) {
+              __m256 x = _mm256_fmsub_ps(zs[j], cv, cv);
+              if constexpr (with_masks()) x = _mm256_andnot_ps(_mm256_broadcast_ss(none + k), x);
+              store8(gs + 8 * j, x, streamed());
+            }
+          }
+          continue;
+        }
         for (int64_t j = 0; j < nv; ++j) {
           const __m256 cv = spread_components<D>(c, j);
-          __m256 v = _mm256_fmsub_ps(zs[j], cv, cv);
-          if constexpr (with_masks()) v = _mm256_andnot_ps(spread_components<D>(w.rk_mask.data() + i * K, j), v);
-          store8(gs + 8 * j, v, streamed());
+          __m256 x = _mm256_fmsub_ps(zs[j], cv, cv);
+          if constexpr (with_masks()) x = _mm256_andnot_ps(spread_components<D>(none, j), x);
+          store8(gs + 8 * j, x, streamed());
         }
       }
     };
@@ -1037,6 +1096,7 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
   if constexpr (!Phys::kActive && !Phys::kRowHook) {
     if (w.rows_path) {
       if (w.D == 8) return group8_rows<kGrad, 8>(in, g, w, out);
+      if (w.D % 8 == 0) return group8_rows<kGrad, 0>(in, g, w, out);  // D / 8 vectors per component
       if (w.D == 4) return group8_rows<kGrad, 4>(in, g, w, out);
       if (w.D == 2) return group8_rows<kGrad, 2>(in, g, w, out);
       return group8_rows<kGrad, 1>(in, g, w, out);
