@@ -2,8 +2,9 @@
 
     python bench/bench_rows_path.py [--repeat 30] [--no-save]
 
-For D in {1, 2, 4, 8} and K D a multiple of 8 the float kernel works on each sample's [K, D] rows as they lie in memory
-(8 / D components per vector); ``physmdn._C.set_cpu_rows_path(False)`` sends those shapes down the lane path (8
+For D in {1, 2, 4} with K D a multiple of 8, or D a multiple of 8, the float kernel works on each sample's [K, D] rows
+as they lie in memory (8 / D components per vector, or D / 8 vectors per component);
+``physmdn._C.set_cpu_rows_path(False)`` sends those shapes down the lane path (8
 samples transposed into lanes, every input and gradient through 8x8 transposes). Each round calls both, alternating
 the setting, so background load hits both alike. Timed: the op alone, ``mixture_nll_fwd`` with gradients (the
 kernel the eager forward + backward runs) and without (the forward alone), float32 and bfloat16, over shapes.

@@ -42,8 +42,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", &physmdn::cpu_isa, "The CPU kernel variant in use: 'default' or 'avx2'.");
   m.def("set_cpu_isa", &physmdn::set_cpu_isa, "Select the CPU kernel variant; returns the previous one.");
   m.def("set_cpu_rows_path", &physmdn::set_cpu_rows_path,
-        "Whether the AVX2 float mixture NLL takes its row-wise path where it applies (D in {1, 2, 4, 8}, K D a "
-        "multiple of 8; on by default); returns the previous setting. For tests and benchmarks.");
+        "Whether the AVX2 float mixture NLL takes its row-wise path where it applies (D in {1, 2, 4} with K D a "
+        "multiple of 8, or D a multiple of 8; on by default); returns the previous setting. For tests and "
+        "benchmarks.");
   m.def("get_num_threads", [] { return at::get_num_threads(); });
   m.def("cpu_pool_stats", [] {
     const auto s = physmdn::cpu::pool_stats();

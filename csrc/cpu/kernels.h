@@ -40,8 +40,9 @@
   }
 
 namespace physmdn::cpu {
-// The AVX2 mixture NLL's row-wise path (soa_avx2.h, group8_rows) for D in {1, 2, 4, 8} and K D a multiple of 8: on by
-// default; off, those shapes take the lane path like the others (tests compare the two; benchmarks time both).
+// The AVX2 mixture NLL's row-wise path (soa_avx2.h, group8_rows) for D in {1, 2, 4} with K D a multiple of 8, or D a
+// multiple of 8: on by default; off, those shapes take the lane path like the others (tests compare the two;
+// benchmarks time both).
 std::atomic<bool>& rows_path_enabled();
 }  // namespace physmdn::cpu
 
