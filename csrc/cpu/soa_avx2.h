@@ -915,14 +915,6 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
   float* const rk = w.rk.data();
   for (int64_t i = 0; i < kLanes; ++i) {
     const float *mu = in.mu + i * in.mu_rs, *ls = in.ls + i * in.ls_rs, *y = in.y + i * in.y_rs;
-    __m256 yv = zero;  // (D >= 8: the target's vectors are read per element vector)
-    if constexpr (D == 4) {
-      yv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(y));
-    } else if constexpr (D == 2) {
-      yv = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(y)));
-    } else if constexpr (D == 1) {
-      yv = _mm256_broadcast_ss(y);
-    }
     __m256 *const zi = w.mu.data() + i * nv, *const zs = w.ls.data() + i * nv;  // z / s and z^2 per vector
     float* const row = rk + i * K;  // log N_k + D log(2 pi) / 2 (rows in order: the 8-wide stores spill forward)
     if constexpr (kWide) {  // D / 8 vectors per component, summed; 8 components at a time (the last padded)
@@ -953,6 +945,15 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
                          _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)));
       }
     } else {
+      // the target's D values repeated over the vector's 8 / D components
+      __m256 yv;
+      if constexpr (D == 4) {
+        yv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(y));
+      } else if constexpr (D == 2) {
+        yv = _mm256_castpd_ps(_mm256_broadcast_sd(reinterpret_cast<const double*>(y)));
+      } else {
+        yv = _mm256_broadcast_ss(y);
+      }
       // vectors of 8 / D components; D of them hold 8 components (the last group padded with zero vectors)
       for (int64_t j0 = 0; j0 < nv; j0 += D) {
         __m256 t[4];
@@ -1004,80 +1005,65 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
     if (masked) from_lanes(w.pi.data(), K, w.rk_mask.data());
     const bool stream = out.stream && reinterpret_cast<uintptr_t>(out.gm) % (8 * sizeof(grad_t)) == 0 &&
                         reinterpret_cast<uintptr_t>(out.gs) % (8 * sizeof(grad_t)) == 0;
+    // f(j, v, cv, none) over sample i's vectors j: cv = -g gamma_k of the vector's component(s) over their lanes,
+    // none their gamma_k = 0 masks (with_masks), v the vector's place in its component (D >= 8; else 0)
+    const auto each_vector = [&](int64_t i, auto with_masks, auto&& f) {
+      const float *const c = rk + i * K, *const none = w.rk_mask.data() + i * K;
+      if constexpr (kWide) {
+        for (int64_t k = 0; k < K; ++k) {
+          const __m256 cv = _mm256_broadcast_ss(c + k);
+          const __m256 nk = with_masks() ? _mm256_broadcast_ss(none + k) : zero;
+          for (int64_t v = 0, j = k * vpc; v < vpc; ++v, ++j) f(j, v, cv, nk);
+        }
+      } else {
+        for (int64_t j = 0; j < nv; ++j)
+          f(j, int64_t{0}, spread_components<D>(c, j), with_masks() ? spread_components<D>(none, j) : zero);
+      }
+    };
     // the 8 rows of d/dmu, then the 8 rows of d/dlog_scale: each output written in address order, every cache line
     // whole (streamed stores of the two outputs interleaved leave partial write-combining lines, see from_lanes)
     const auto rows = [&](auto streamed, auto with_masks) {
       for (int64_t i = 0; i < kLanes; ++i) {
-        const float *const c = rk + i * K, *const none = w.rk_mask.data() + i * K;
         const __m256* const zi = w.mu.data() + i * nv;
-        grad_t* const gm = out.gm + i * KD;
-        grad_t* const gy = out.gt + i * Dn;
-        if constexpr (kWide) {  // d/dy = -sum_k d/dmu_k, per vector of the D / 8
-          __m256* const gt = w.gt.data();  // (D = 8: one vector, kept in a register)
-          __m256 gt8 = zero;
-          if constexpr (D == 0)
-            for (int64_t v = 0; v < vpc; ++v) gt[v] = zero;
-          for (int64_t k = 0; k < K; ++k) {
-            const __m256 cv = _mm256_broadcast_ss(c + k);
-            for (int64_t v = 0, j = k * vpc; v < vpc; ++v, ++j) {
-              __m256 m = _mm256_mul_ps(zi[j], cv);
-              if constexpr (with_masks()) m = _mm256_andnot_ps(_mm256_broadcast_ss(none + k), m);
-              if constexpr (D == 8) {
-                gt8 = _mm256_sub_ps(gt8, m);
-              } else {
-                gt[v] = _mm256_sub_ps(gt[v], m);
-              }
-              store8(gm + 8 * j, m, streamed());
-            }
-          }
-          if constexpr (D == 8) {
-            store8(gy, gt8, false);
+        grad_t *const gm = out.gm + i * KD, *const gy = out.gt + i * Dn;
+        // d/dy = -sum_k d/dmu_k: D >= 16 per vector of the D / 8 (in w.gt), else in one vector (gt1)
+        __m256* const gt = w.gt.data();
+        __m256 gt1 = zero;
+        if constexpr (D == 0)
+          for (int64_t v = 0; v < vpc; ++v) gt[v] = zero;
+        each_vector(i, with_masks, [&](int64_t j, int64_t v, __m256 cv, __m256 none) {
+          __m256 m = _mm256_mul_ps(zi[j], cv);
+          if constexpr (with_masks()) m = _mm256_andnot_ps(none, m);  // no responsibility, no gradient
+          if constexpr (D == 0) {
+            gt[v] = _mm256_sub_ps(gt[v], m);
           } else {
-            for (int64_t v = 0; v < vpc; ++v) store8(gy + 8 * v, gt[v], false);
+            gt1 = _mm256_sub_ps(gt1, m);
           }
-          continue;
-        }
-        __m256 gt = zero;
-        for (int64_t j = 0; j < nv; ++j) {
-          __m256 m = _mm256_mul_ps(zi[j], spread_components<D>(c, j));
-          if constexpr (with_masks())  // no responsibility, no gradient (group8's masks)
-            m = _mm256_andnot_ps(spread_components<D>(none, j), m);
-          gt = _mm256_sub_ps(gt, m);
           store8(gm + 8 * j, m, streamed());
-        }
-        // d/dy_d = -sum_k (component k's d/dmu_kd): the 8 / D components of the vector summed
-        if constexpr (D == 4) {
-          store4(gy, _mm_add_ps(_mm256_castps256_ps128(gt), _mm256_extractf128_ps(gt, 1)));
+        });
+        if constexpr (D == 0) {
+          for (int64_t v = 0; v < vpc; ++v) store8(gy + 8 * v, gt[v], false);
+        } else if constexpr (D == 8) {
+          store8(gy, gt1, false);
+        } else if constexpr (D == 4) {  // the vector's 8 / D components summed
+          store4(gy, _mm_add_ps(_mm256_castps256_ps128(gt1), _mm256_extractf128_ps(gt1, 1)));
         } else {
-          __m128 h = _mm_add_ps(_mm256_castps256_ps128(gt), _mm256_extractf128_ps(gt, 1));
+          __m128 h = _mm_add_ps(_mm256_castps256_ps128(gt1), _mm256_extractf128_ps(gt1, 1));
           h = _mm_add_ps(h, _mm_movehl_ps(h, h));  // D = 2: [d0, d1, .., ..]
           if constexpr (D == 1) h = _mm_add_ss(h, _mm_movehdup_ps(h));
           alignas(16) float v[4];
           _mm_store_ps(v, h);
-          for (int64_t d = 0; d < Dn; ++d) gy[d] = static_cast<grad_t>(v[d]);
+          for (int64_t d = 0; d < D; ++d) gy[d] = static_cast<grad_t>(v[d]);
         }
       }
       for (int64_t i = 0; i < kLanes; ++i) {
-        const float *const c = rk + i * K, *const none = w.rk_mask.data() + i * K;
         const __m256* const zs = w.ls.data() + i * nv;
         grad_t* const gs = out.gs + i * KD;
-        if constexpr (kWide) {
-          for (int64_t k = 0; k < K; ++k) {
-            const __m256 cv = _mm256_broadcast_ss(c + k);
-            for (int64_t v = 0, j = k * vpc; v < vpc; ++v, ++j) {
-              __m256 x = _mm256_fmsub_ps(zs[j], cv, cv);
-              if constexpr (with_masks()) x = _mm256_andnot_ps(_mm256_broadcast_ss(none + k), x);
-              store8(gs + 8 * j, x, streamed());
-            }
-          }
-          continue;
-        }
-        for (int64_t j = 0; j < nv; ++j) {
-          const __m256 cv = spread_components<D>(c, j);
+        each_vector(i, with_masks, [&](int64_t j, int64_t, __m256 cv, __m256 none) {
           __m256 x = _mm256_fmsub_ps(zs[j], cv, cv);
-          if constexpr (with_masks()) x = _mm256_andnot_ps(spread_components<D>(none, j), x);
+          if constexpr (with_masks()) x = _mm256_andnot_ps(none, x);
           store8(gs + 8 * j, x, streamed());
-        }
+        });
       }
     };
     if (masked) {
