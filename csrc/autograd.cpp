@@ -30,14 +30,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Tensor = at::Tensor;
 
-// value rounded to dtype (what the kernel computed with, or what a loss of that dtype holds)
-double rounded(double value, at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return static_cast<double>(static_cast<float>(value));
-    case at::kBFloat16: return static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(value))));
-    case at::kHalf: return static_cast<double>(static_cast<float>(c10::Half(static_cast<float>(value))));
-    default: return value;
-  }
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
 // True when every element of the CPU upstream gradient grad_loss equals grad_scale (as loss.sum() or the op's own
@@ -143,16 +138,19 @@ std::vector<Tensor> take_forward_grads(AutogradContext* ctx, const Tensor& grad)
   const auto grad_loss = per_sample_upstream(ctx, grad);
   const double grad_scale = ctx->saved_data["grad_scale"].toDouble();
   if (upstream_is_scale(grad_loss, grad_scale)) return grads;
+  if (!grad.is_cpu() && grad_loss.numel() > 0 && (grad_loss.stride(0) == 0 || grad_loss.numel() == 1)) {
+    // one upstream value on the device (a reduced loss, or loss.sum() / .mean() of the per-sample losses): compared
+    // with grad_scale inside the kernel (_scale_by_), without synchronizing; when it is grad_scale (the unit
+    // gradient of the reduction the forward's gradients were made for) nothing passes over the gradients
+    static const auto scale_by = op_handle<void(at::TensorList, const Tensor&, double)>("physmdn::_scale_by_");
+    scale_by.call(grads, grad_loss.select(0, 0), grad_scale);
+    return grads;
+  }
   auto g = grad_loss.to(grads[0].scalar_type());
   if (grad_scale != 1.0) g = g / grad_scale;
   for (auto& t : grads)
     if (t.numel()) t.mul_(per_sample(g, t));
   return grads;
-}
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;

@@ -78,6 +78,29 @@ std::tuple<at::Tensor, at::Tensor> cpu_vector_exp_log(const at::Tensor& x, int64
   return {e, l};
 }
 
+// The eager backward's in-place rescaling of the forward's gradients (csrc/autograd.cpp, python/physmdn/_ops.py):
+// tensors, gradients computed for an upstream gradient of scale per sample, become those for upstream (one value
+// for every sample): multiplied in place by upstream / scale (upstream.to(dtype) / scale in each tensor's dtype, as
+// torch computes it), untouched when upstream equals scale (in upstream's dtype, or exactly). On CUDA the
+// comparison runs on the device, inside the kernel (csrc/cuda/kernels.cu): no synchronization, and for the usual
+// unit upstream gradient of loss.sum() / the op's own mean no pass over the [B, K, D] gradients at all.
+void scale_by_on_host(at::TensorList tensors, const at::Tensor& upstream, double scale) {
+  const auto u = upstream.reshape({});
+  const double v = u.item<double>();
+  if (v == scale || v == rounded(scale, u.scalar_type())) return;
+  for (const auto& t : tensors) {
+    if (!t.numel()) continue;
+    auto g = u.to(t.scalar_type());
+    if (scale != 1.0) g = g / scale;
+    const_cast<at::Tensor&>(t).mul_(g);
+  }
+}
+
+void cpu_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double scale) {
+  check_scale_by_args(tensors, upstream);
+  scale_by_on_host(tensors, upstream, scale);
+}
+
 // ----- CPU backend ---------------------------------------------------------------------------------
 struct CpuBackend {
   // outputs come from the buffer pool (csrc/cpu/buffer_pool.h): no page faults for a loop's recurring sizes
@@ -111,11 +134,14 @@ TORCH_LIBRARY(physmdn, m) {
   PHYSMDN_OP_SCHEMAS(m);
   // tests only: the CPU kernels' vector exp / log (selected ISA) on a float32 tensor
   m.def("_vector_exp_log(Tensor x, int variant=0) -> (Tensor exp, Tensor log)");
+  // the eager backward's rescaling of the forward's gradients in place (see cpu_scale_by_)
+  m.def("_scale_by_(Tensor(a!)[] tensors, Tensor upstream, float scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(physmdn, CPU, m) {
   PHYSMDN_OP_IMPLS(m, CpuBackend);
   m.impl("_vector_exp_log", &cpu_vector_exp_log);
+  m.impl("_scale_by_", &cpu_scale_by_);
 }
 
 }  // namespace physmdn

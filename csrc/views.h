@@ -13,6 +13,16 @@ inline at::ScalarType acc_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
+// value rounded to dtype (what a kernel computing in dtype used, or what a loss of that dtype holds)
+inline double rounded(double value, at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return static_cast<double>(static_cast<float>(value));
+    case at::kBFloat16: return static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(value))));
+    case at::kHalf: return static_cast<double>(static_cast<float>(c10::Half(static_cast<float>(value))));
+    default: return value;
+  }
+}
+
 template <typename scalar_t>
 math::MixtureView<scalar_t> make_mixture_view(const at::Tensor& logits, const at::Tensor& means,
                                               const at::Tensor& log_scales, const at::Tensor& target) {

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "mixture_math.h"
 #include "op_impl.h"
@@ -379,6 +380,84 @@ unsigned int warp_blocks_for(int64_t B) {
   return static_cast<unsigned int>((B + kWarpsPerBlock - 1) / kWarpsPerBlock);
 }
 
+// ----- the eager backward's in-place rescaling (_scale_by_, csrc/ops.cpp) ------------------------------
+// tensors *= factor, the factor read on the device: 1 when the upstream value equals the scale the forward's
+// gradients were made for (the unit gradient of loss.sum() or of the op's own mean, the usual case), and then every
+// block returns before touching the tensors: the backward hands the forward's gradients over without a pass over
+// them and without synchronizing. Otherwise one grid-stride pass per tensor.
+constexpr int kMaxScaleTensors = 8;
+struct ScaleTargets {
+  void* data[kMaxScaleTensors];
+  int64_t numel[kMaxScaleTensors];
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void scale_by_kernel(ScaleTargets targets, const acc_t* __restrict__ factor) {
+  const acc_t f = *factor;
+  if (f == acc_t(1)) return;
+  scalar_t* const p = static_cast<scalar_t*>(targets.data[blockIdx.y]);
+  const int64_t n = targets.numel[blockIdx.y];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    p[i] = static_cast<scalar_t>(static_cast<acc_t>(p[i]) * f);
+}
+
+void cuda_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double scale) {
+  check_scale_by_args(tensors, upstream);
+  if (upstream.device().is_cpu()) return scale_by_on_host(tensors, upstream, scale);  // a host value: no sync
+  const c10::cuda::CUDAGuard guard(upstream.device());
+  const auto u = upstream.reshape({});
+  const auto is_scale = u.eq(scale);  // (scale rounded to u's dtype)
+  // the factor in dtype, as torch computes upstream.to(dtype) / scale; exactly 1 where upstream is the scale
+  const auto factor_in = [&](at::ScalarType dtype) {
+    auto f = u.to(dtype);
+    if (scale != 1.0) f = f / scale;
+    return f.masked_fill(is_scale, 1);
+  };
+  // batches of up to kMaxScaleTensors dense tensors of one dtype, one launch each (blockIdx.y: the tensor); a
+  // tensor that is not dense (its elements not one block of memory) is multiplied by torch (the same values)
+  std::vector<at::Tensor> pending;
+  for (const auto& t : tensors) {
+    if (t.numel() == 0) continue;
+    if (t.is_non_overlapping_and_dense()) {
+      pending.push_back(t);
+    } else {
+      const_cast<at::Tensor&>(t).mul_(factor_in(t.scalar_type()));
+    }
+  }
+  int sms = 0;  // (ATen/cuda/CUDAContext.h would need the cuSPARSE headers)
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, upstream.device().index()));
+  while (!pending.empty()) {
+    const auto dtype = pending.front().scalar_type();
+    ScaleTargets targets{};
+    int count = 0;
+    int64_t most = 0;
+    std::vector<at::Tensor> rest;
+    for (auto& t : pending) {
+      if (t.scalar_type() == dtype && count < kMaxScaleTensors) {
+        targets.data[count] = t.data_ptr();
+        targets.numel[count] = t.numel();
+        most = std::max(most, t.numel());
+        ++count;
+      } else {
+        rest.push_back(t);
+      }
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "physmdn_scale_by_", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      // (the factor rounded to dtype first, as torch's mul_ by it would use it; stream-ordered: freeing it after
+      // the launch is safe)
+      const auto f = factor_in(dtype).to(c10::CppTypeToScalarType<acc_t>::value);
+      const int64_t blocks = std::min<int64_t>((most + 255) / 256, 8 * static_cast<int64_t>(sms));
+      const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(count));
+      scale_by_kernel<scalar_t, acc_t><<<grid, 256, 0, c10::cuda::getCurrentCUDAStream()>>>(targets,
+                                                                                            f.const_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    pending = std::move(rest);
+  }
+}
+
 struct CudaBackend {
   static void check_device(const at::Tensor& means) {
     TORCH_CHECK(means.is_cuda(), "means must be a CUDA tensor for the CUDA kernel, got ", means.device());
@@ -509,6 +588,9 @@ struct CudaBackend {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(physmdn, CUDA, m) { PHYSMDN_OP_IMPLS(m, CudaBackend); }
+TORCH_LIBRARY_IMPL(physmdn, CUDA, m) {
+  PHYSMDN_OP_IMPLS(m, CudaBackend);
+  m.impl("_scale_by_", &cuda_scale_by_);
+}
 
 }  // namespace physmdn

@@ -86,6 +86,11 @@ def _mixture_nll_fwd_fake(logits, means, log_scales, target, compute_grad=False,
     return (means.new_empty((B,)), means.new_empty((B, 3), dtype=acc_dtype(means.dtype)), *grads)
 
 
+@torch.library.register_fake("physmdn::_scale_by_")
+def _scale_by_fake(tensors, upstream, scale):
+    return None
+
+
 @torch.library.register_fake("physmdn::mixture_nll_bwd")
 def _mixture_nll_bwd_fake(grad_loss, logits, means, log_scales, target, saved):
     return (means.new_empty(logits.shape), means.new_empty(means.shape), means.new_empty(log_scales.shape),
@@ -231,6 +236,11 @@ def forward_grads(ctx, grad_loss, saved, saved_grads):
         return None
     if ctx.unit_grads is not None:
         grads, ctx.unit_grads = ctx.unit_grads, None
+        if _device_scalar(grad_loss):
+            # one upstream value on a GPU (loss.sum() / .mean()): compared with grad_scale inside the kernel, no
+            # synchronization, and no pass over the gradients when it is that (see _scale_by_ in csrc/ops.cpp)
+            torch.ops.physmdn._scale_by_(grads, grad_loss[0], ctx.grad_scale)
+            return grads
         g = _upstream_factor(grad_loss, saved, grads[0].dtype, ctx.grad_scale)
         if g is None:  # the forward's gradients are the answer: hand them over as they are
             return grads
@@ -241,6 +251,12 @@ def forward_grads(ctx, grad_loss, saved, saved_grads):
             g = torch.ones_like(saved[:, 0], dtype=saved_grads[0].dtype)  # copies: the saved tensors stay
         return [t * _per_sample(g, t) if t.numel() else t for t in saved_grads]
     return None
+
+
+def _device_scalar(grad_loss) -> bool:
+    """True for a plain upstream gradient off the CPU holding one value for every sample (an expanded scalar)."""
+    return (grad_loss is not None and grad_loss.device.type != "cpu" and grad_loss.numel() > 0
+            and (grad_loss.stride(0) == 0 or grad_loss.numel() == 1) and _eager(grad_loss))
 
 
 def _mixture_nll_setup_context(ctx, inputs, output):
