@@ -152,15 +152,15 @@ sys.exit(0 if ok or $1 else 3)
     record sanitizer "SKIP(no compute-sanitizer)" "$STEP_SECONDS" "the case without it: $(status_of $STEP_RC)"
   fi
 
-  # 5a. gradient strategy on the device: forward-made gradients rescaled in the backward (what mixture_nll does)
-  # against the backward op recomputing them (one pass less over [B, K, D] on CUDA, where the rescale is a pass)
+  # 5a. the lane-per-element schedule of the CUDA mixture NLL (off by default until measured) against the default
+  # schedules, interleaved, after checking that both agree; exits non-zero on a disagreement (bench_cuda_schedules.py)
   if [ "$DRY" = 1 ]; then
-    run_step grad_strategy 60 "$PY" bench/bench_grad_strategy.py --device cpu --B 4096 --repeat 3 --no-memory --no-save
+    run_step schedules 90 "$PY" bench/bench_cuda_schedules.py --device cpu --quick --repeat 3 --no-save
   else
-    run_step grad_strategy 60 bash -c 'for b in 1048576 4194304; do "$0" bench/bench_grad_strategy.py --device cuda --B $b || exit; done' "$PY"
+    run_step schedules 90 bash -c 'cd bench && "$0" bench_cuda_schedules.py --device cuda --quick --repeat 15 --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
   fi
-  record grad_strategy "$(status_of $STEP_RC)" "$STEP_SECONDS" \
-    "recompute time / forward-grad time: $(awk -F'|' '/\| recompute \|/ {gsub(/^ +| +$/, "", $2); gsub(/ /, "", $9); printf "%s %sx; ", $2, $9}' "$STEPDIR/grad_strategy.out" 2>/dev/null)"
+  record schedules "$(status_of $STEP_RC)" "$STEP_SECONDS" \
+    "lanes speedup (default / lanes), GB/s, % copy: $(awk -F'|' '/\| B=[0-9]+ K=[0-9]+ D=[0-9]+ \| float32 \| (fwd\+grads|train) \|/ && !seen[$0]++ {gsub(/^ +| +$/, "", $2); gsub(/^ +| +$/, "", $4); gsub(/ /, "", $9); gsub(/ /, "", $10); gsub(/ /, "", $11); printf "%s %s %sx %sGB/s %s%%; ", $2, $4, $9, $10, $11}' "$STEPDIR/schedules.out" 2>/dev/null | head -c 600)"
 
   # 5. benchmarks ----------------------------------------------------------------------------------------
   local left=$(( BUDGET - ($(date +%s) - T0) - RESERVE ))

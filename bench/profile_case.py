@@ -1,6 +1,6 @@
 """One forward + backward of ``mixture_nll`` (float32, then bfloat16) and of the fused polynomial loss at a large
 batch, after a warm-up, for a kernel profiler: the GPU check runs it under Nsight Compute (``ncu``) to report each
-physmdn kernel's memory throughput (% of peak DRAM bandwidth), achieved occupancy, registers and shared memory per
+physmdn kernel's memory throughput (the mixture NLL also with the lane-per-element schedule) (% of peak DRAM bandwidth), achieved occupancy, registers and shared memory per
 block, which is what the GPU targets (75 % of copy bandwidth) are about.
 
     ncu --profile-from-start off -k 'regex:nll|mdn|tiled|warp' --launch-count 12 --csv --page raw \\
@@ -39,12 +39,24 @@ def main(argv=None) -> int:
              torch.randn(B, D, generator=g, device=args.device)]
         return [x.to(dtype).requires_grad_(i < 3) for i, x in enumerate(t)]
 
+    def lanes(fn):
+        def run(*t):
+            prev = physmdn._C.set_cuda_lanes_schedule(True)
+            try:
+                return fn(*t)
+            finally:
+                physmdn._C.set_cuda_lanes_schedule(prev)
+        return run
+
     coeffs = 0.3 * torch.randn(args.B, args.K, 1, 4, generator=g, device=args.device)
     cases = [
         ("mixture_nll fp32", inputs(torch.float32), lambda *t: physmdn.mixture_nll(*t, reduction="mean")),
         ("mixture_nll bf16", inputs(torch.bfloat16), lambda *t: physmdn.mixture_nll(*t, reduction="mean")),
         ("mdn_loss+poly fp32", inputs(torch.float32),
          lambda *t: P.mdn_loss(*t, physics=P.Polynomial(coeffs), weight=0.5, reduction="mean")),
+        # the CUDA lane-per-element schedule (off by default until measured; lanes_nll_kernel)
+        ("mixture_nll fp32, lanes schedule", inputs(torch.float32), lanes(lambda *t: physmdn.mixture_nll(*t, reduction="mean"))),
+        ("mixture_nll bf16, lanes schedule", inputs(torch.bfloat16), lanes(lambda *t: physmdn.mixture_nll(*t, reduction="mean"))),
     ]
     for _, x, fn in cases:  # warm-up (lazy init, allocator), outside the profiled range
         torch.autograd.grad(fn(*x), x[:3])

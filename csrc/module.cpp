@@ -11,6 +11,7 @@ namespace physmdn {
 std::string cpu_isa();
 std::string set_cpu_isa(const std::string& isa);
 bool set_cpu_rows_path(bool enabled);
+bool set_cuda_lanes_schedule(bool enabled);
 }  // namespace physmdn
 
 #ifndef PHYSMDN_CUDA_VERSION
@@ -45,6 +46,10 @@ PYBIND11_MODULE(_C, m) {
         "Whether the AVX2 float mixture NLL takes its row-wise path where it applies (D in {1, 2, 4} with K D a "
         "multiple of 8, or D a multiple of 8; on by default); returns the previous setting. For tests and "
         "benchmarks.");
+  m.def("set_cuda_lanes_schedule", &physmdn::set_cuda_lanes_schedule,
+        "Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (contiguous inputs, D a "
+        "power of two up to 32, K D <= 256; off by default: not yet measured on a GPU); returns the previous "
+        "setting. For tests and benchmarks.");
   m.def("get_num_threads", [] { return at::get_num_threads(); });
   m.def("cpu_pool_stats", [] {
     const auto s = physmdn::cpu::pool_stats();

@@ -3,11 +3,16 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <tuple>
 
 #include "views.h"
 
 namespace physmdn {
+
+// Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (csrc/cuda/kernels.cu;
+// physmdn._C.set_cuda_lanes_schedule; off by default until measured on a GPU). Defined in csrc/ops.cpp.
+std::atomic<bool>& cuda_lanes_schedule_enabled();
 
 inline void check_saved(const at::Tensor& saved, const at::Tensor& means, int64_t per_sample, const char* producer) {
   const auto acc = acc_dtype(means.scalar_type());

@@ -43,6 +43,12 @@ std::atomic<bool>& cpu::rows_path_enabled() {
 }
 bool set_cpu_rows_path(bool enabled) { return cpu::rows_path_enabled().exchange(enabled); }
 
+std::atomic<bool>& cuda_lanes_schedule_enabled() {
+  static std::atomic<bool> enabled{false};
+  return enabled;
+}
+bool set_cuda_lanes_schedule(bool enabled) { return cuda_lanes_schedule_enabled().exchange(enabled); }
+
 std::string cpu_isa() { return cpu_isa_state().load() == 1 ? "avx2" : "default"; }
 std::string set_cpu_isa(const std::string& isa) {
   std::string previous = cpu_isa();

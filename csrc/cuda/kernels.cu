@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -249,6 +250,186 @@ bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::T
   return launched;
 }
 
+// ----- lane-per-element schedule (physmdn._C.set_cuda_lanes_schedule; contiguous inputs, D a power of two <= 32,
+// K D <= 256) ---------------------------------------------------------------------------------------------------
+// G lanes per sample, G = the power of two >= K D (at most 32; a multiple of D). Lane l of a group holds the
+// sample's elements e = l + j G (j < J, e < K D): component e / D, dimension l % D (the same for every j). The
+// loads go straight from global memory into registers, all issued before the arithmetic (consecutive lanes read
+// consecutive elements, consecutive groups consecutive samples: coalesced, no shared memory, no tile staging); the
+// sum of log N_k over d runs by shuffles within each aligned run of D lanes; the log-sum-exps over k and the target
+// gradient's sum over k by shuffles across those runs (the lanes of one dimension class hold every component once).
+// The math is the two-pass form of the CPU kernels (csrc/cpu/soa_avx2.h, mixture_lse): shift by the max logit (0
+// when all are -inf), log pi = (logit - shift) - log sum exp(logit - shift), the joint term shifted by its max.
+// Loss, saved state (shift, log_sum, lse) and, with kGrad, the gradients in one pass; grad_loss null: every
+// sample's upstream gradient is g_default (the forward with gradients).
+constexpr int kLanesThreads = 256;
+constexpr int64_t kLanesMaxElements = 256;  // K D; J = K D / 32 up to 8 elements per lane
+
+__host__ __device__ constexpr int pow2_at_least(int64_t n) {
+  int p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+// x combined over the lanes of a G-lane group whose index differs from this lane's in bits [from, G): the max
+// (NaN-free inputs) or the sum
+template <typename acc_t>
+__device__ __forceinline__ acc_t group_max(acc_t x, int from, int G) {
+  for (int o = from; o < G; o *= 2) {
+    const acc_t other = __shfl_xor_sync(0xffffffffu, x, o);
+    x = other > x ? other : x;
+  }
+  return x;
+}
+template <typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t x, int from, int G) {
+  for (int o = from; o < G; o *= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <typename scalar_t, typename acc_t, bool kGrad, int J>
+__global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
+    const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means, const scalar_t* __restrict__ log_scales,
+    const scalar_t* __restrict__ target, int64_t B, int K, int D, int log2_D, int G,
+    const scalar_t* __restrict__ grad_loss, int64_t grad_stride, acc_t g_default, scalar_t* __restrict__ loss,
+    acc_t* __restrict__ saved, acc_t* __restrict__ gl, acc_t* __restrict__ gm, acc_t* __restrict__ gs,
+    acc_t* __restrict__ gt) {
+  constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t b = thread / G;  // (G divides 32 and the block: a group never straddles warps)
+  const int l = static_cast<int>(thread % G), d = l & (D - 1), KD = K * D;
+  const bool active = b < B;  // inactive lanes still take part in every shuffle
+  // 1. every load first
+  acc_t mu[J], ls[J], lg[J];
+  bool valid[J];
+  acc_t y = acc_t(0);
+  if (active) y = static_cast<acc_t>(target[b * D + d]);
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    const int e = l + j * G;
+    valid[j] = active && e < KD;
+    mu[j] = ls[j] = acc_t(0);
+    lg[j] = ninf;
+    if (valid[j]) {
+      mu[j] = static_cast<acc_t>(means[b * KD + e]);
+      ls[j] = static_cast<acc_t>(log_scales[b * KD + e]);
+      lg[j] = static_cast<acc_t>(logits[b * K + (e >> log2_D)]);
+    }
+  }
+  // 2. the logits' shift: their max (NaN skipped), 0 when every logit is -inf
+  acc_t mx = ninf;
+#pragma unroll
+  for (int j = 0; j < J; ++j) mx = lg[j] > mx ? lg[j] : mx;
+  mx = group_max(mx, D, G);
+  const acc_t shift = mx == ninf ? acc_t(0) : mx;
+  // 3. per element: 1 / s, z, and the component's sum over d of -z^2 / 2 - log s (shuffles within D lanes)
+  const acc_t offset = static_cast<acc_t>(D) * static_cast<acc_t>(math::kHalfLog2Pi);
+  acc_t inv[J], z[J], joint[J], pi[J];
+  acc_t s1 = acc_t(0);
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    inv[j] = math::exp_(-ls[j]);
+    z[j] = (y - mu[j]) * inv[j];
+    acc_t t = valid[j] ? acc_t(-0.5) * z[j] * z[j] - ls[j] : acc_t(0);
+    t = group_sum(t, 1, D);
+    pi[j] = valid[j] ? math::exp_(lg[j] - shift) : acc_t(0);  // (exp(-inf) = 0 for a -inf logit; NaN stays)
+    joint[j] = valid[j] ? (lg[j] - shift) + (t - offset) : ninf;
+    s1 += pi[j];
+  }
+  s1 = group_sum(s1, D, G);
+  acc_t mx2 = ninf;
+#pragma unroll
+  for (int j = 0; j < J; ++j) mx2 = joint[j] > mx2 ? joint[j] : mx2;
+  mx2 = group_max(mx2, D, G);
+  const acc_t shift2 = mx2 == ninf ? acc_t(0) : mx2;
+  acc_t s2 = acc_t(0);
+#pragma unroll
+  for (int j = 0; j < J; ++j) {
+    joint[j] = valid[j] ? math::exp_(joint[j] - shift2) : acc_t(0);  // (NaN joint terms poison the sum)
+    s2 += joint[j];
+  }
+  s2 = group_sum(s2, D, G);
+  const acc_t log_sum = math::log_(s1);
+  const acc_t lse = (shift2 + math::log_(s2)) - log_sum;
+  if (active && l == 0) {
+    if (loss) loss[b] = static_cast<scalar_t>(-lse);
+    if (saved) {
+      saved[math::kSavedPerSample * b] = shift;
+      saved[math::kSavedPerSample * b + 1] = log_sum;
+      saved[math::kSavedPerSample * b + 2] = lse;
+    }
+  }
+  if constexpr (kGrad) {
+    const acc_t g = active ? (grad_loss ? static_cast<acc_t>(grad_loss[b * grad_stride]) : g_default) : acc_t(0);
+    const acc_t inv_s1 = acc_t(1) / s1, inv_s2 = acc_t(1) / s2;
+    acc_t gy = acc_t(0);
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+      const int e = l + j * G;
+      if (valid[j]) {
+        const acc_t gamma = joint[j] * inv_s2;
+        const acc_t c = -(g * gamma);
+        // a component with no responsibility gets no gradient (avoids 0 * inf for far-away targets)
+        const acc_t dmu = gamma == acc_t(0) ? acc_t(0) : c * z[j] * inv[j];
+        const acc_t dls = gamma == acc_t(0) ? acc_t(0) : c * (z[j] * z[j] - acc_t(1));
+        gm[b * KD + e] = dmu;
+        gs[b * KD + e] = dls;
+        gy -= dmu;
+        if (d == 0) gl[b * K + (e >> log2_D)] = g * (pi[j] * inv_s1 - gamma);
+      }
+    }
+    gy = group_sum(gy, D, G);
+    if (active && l < D) gt[b * D + l] = gy;
+  }
+}
+
+bool lanes_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target) {
+  const int64_t K = means.size(1), D = means.size(2);
+  return cuda_lanes_schedule_enabled().load(std::memory_order_relaxed) && D <= 32 && (D & (D - 1)) == 0 &&
+         K * D <= kLanesMaxElements && logits.is_contiguous() && means.is_contiguous() &&
+         log_scales.is_contiguous() && target.is_contiguous() && means.numel() < (int64_t(1) << 31);
+}
+
+// Launches the lane-per-element kernel; false when it does not apply (the caller takes another schedule).
+template <bool kGrad>
+bool launch_lanes(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target, const at::Tensor* grad_loss, double g_default, at::Tensor* loss,
+                  at::Tensor* saved, at::Tensor* gl, at::Tensor* gm, at::Tensor* gs, at::Tensor* gt) {
+  if (!lanes_inputs(logits, means, log_scales, target)) return false;
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  if (B == 0) return true;
+  const int G = std::min(32, pow2_at_least(K * D));
+  const int64_t per_lane = (K * D + G - 1) / G;
+  int log2_D = 0;
+  while ((int64_t(1) << log2_D) < D) ++log2_D;
+  const auto blocks = static_cast<unsigned int>((B * G + kLanesThreads - 1) / kLanesThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_lanes_nll", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto launch = [&](auto kernel) {
+      kernel<<<blocks, kLanesThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
+          target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), log2_D, G,
+          grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
+          static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
+          saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<acc_t>() : nullptr,
+          gm ? gm->data_ptr<acc_t>() : nullptr, gs ? gs->data_ptr<acc_t>() : nullptr,
+          gt ? gt->data_ptr<acc_t>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (per_lane <= 1) {
+      launch(lanes_nll_kernel<scalar_t, acc_t, kGrad, 1>);
+    } else if (per_lane <= 2) {
+      launch(lanes_nll_kernel<scalar_t, acc_t, kGrad, 2>);
+    } else if (per_lane <= 4) {
+      launch(lanes_nll_kernel<scalar_t, acc_t, kGrad, 4>);
+    } else {
+      launch(lanes_nll_kernel<scalar_t, acc_t, kGrad, 8>);
+    }
+  });
+  return true;
+}
+
 // ----- warp-per-sample schedule (many components) -----------------------------------------------------
 // Lanes take components k = lane, lane + 32, ...; the log-sum-exps combine across the warp with shuffles;
 // grad_target is reduced over components by lanes over d after a __syncwarp (no atomics).
@@ -466,7 +647,9 @@ struct CudaBackend {
   static void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                                   const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
     const c10::cuda::CUDAGuard guard(means.device());
-    if (launch_tiled<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
+    if (launch_lanes<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
+                            nullptr) ||
+        launch_tiled<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
                             nullptr))
       return;
     const int64_t B = means.size(0);
@@ -496,7 +679,9 @@ struct CudaBackend {
                                        const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& gl,
                                        at::Tensor& gm, at::Tensor& gs, at::Tensor& gt, double grad_scale) {
     const c10::cuda::CUDAGuard guard(means.device());
-    return launch_tiled<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs,
+    return launch_lanes<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs,
+                              &gt) ||
+           launch_tiled<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs,
                               &gt);
   }
 
@@ -505,7 +690,8 @@ struct CudaBackend {
                                    at::Tensor& gl, at::Tensor& gm, at::Tensor& gs, at::Tensor& gt) {
     const c10::cuda::CUDAGuard guard(means.device());
     // the tiled kernel recomputes the forward per sample (the saved state is not needed)
-    if (launch_tiled<true>(logits, means, log_scales, target, &grad_loss, 1.0, nullptr, nullptr, &gl, &gm, &gs, &gt))
+    if (launch_lanes<true>(logits, means, log_scales, target, &grad_loss, 1.0, nullptr, nullptr, &gl, &gm, &gs, &gt) ||
+        launch_tiled<true>(logits, means, log_scales, target, &grad_loss, 1.0, nullptr, nullptr, &gl, &gm, &gs, &gt))
       return;
     const int64_t B = means.size(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_bwd", [&] {
