@@ -290,14 +290,15 @@ __device__ __forceinline__ acc_t group_sum(acc_t x, int from, int G) {
 template <typename scalar_t, typename acc_t, bool kGrad, int J>
 __global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
     const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means, const scalar_t* __restrict__ log_scales,
-    const scalar_t* __restrict__ target, int64_t B, int K, int D, int log2_D, int G,
+    const scalar_t* __restrict__ target, int64_t B, int K, int D, int log2_D, int log2_G,
     const scalar_t* __restrict__ grad_loss, int64_t grad_stride, acc_t g_default, scalar_t* __restrict__ loss,
     acc_t* __restrict__ saved, acc_t* __restrict__ gl, acc_t* __restrict__ gm, acc_t* __restrict__ gs,
     acc_t* __restrict__ gt) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t b = thread / G;  // (G divides 32 and the block: a group never straddles warps)
-  const int l = static_cast<int>(thread % G), d = l & (D - 1), KD = K * D;
+  const int G = 1 << log2_G;
+  const int64_t b = thread >> log2_G;  // (G divides 32 and the block: a group never straddles warps)
+  const int l = static_cast<int>(thread & (G - 1)), d = l & (D - 1), KD = K * D;
   const bool active = b < B;  // inactive lanes still take part in every shuffle
   // 1. every load first
   acc_t mu[J], ls[J], lg[J];
@@ -401,15 +402,16 @@ bool launch_lanes(const at::Tensor& logits, const at::Tensor& means, const at::T
   if (B == 0) return true;
   const int G = std::min(32, pow2_at_least(K * D));
   const int64_t per_lane = (K * D + G - 1) / G;
-  int log2_D = 0;
+  int log2_D = 0, log2_G = 0;
   while ((int64_t(1) << log2_D) < D) ++log2_D;
+  while ((1 << log2_G) < G) ++log2_G;
   const auto blocks = static_cast<unsigned int>((B * G + kLanesThreads - 1) / kLanesThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_lanes_nll", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto launch = [&](auto kernel) {
       kernel<<<blocks, kLanesThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
-          target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), log2_D, G,
+          target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), log2_D, log2_G,
           grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
           static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
           saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<acc_t>() : nullptr,
