@@ -95,7 +95,7 @@ def main(argv=None):
                 mismatch = True
             elem = x[0].element_size()
             inputs_bytes = (B * K + 2 * B * K * D + B * D) * elem
-            grads_bytes = (B * K + 2 * B * K * D + B * D) * (4 if dtype != torch.float64 else 8)
+            grads_bytes = (B * K + 2 * B * K * D + B * D) * elem  # (returned in the input dtype)
             passes = {"fwd": (lambda: fwd(*x, False, 1.0), inputs_bytes + B * elem),
                       "fwd+grads": (lambda: fwd(*x, True, 1.0), inputs_bytes + grads_bytes),
                       "train": (train, inputs_bytes + grads_bytes)}

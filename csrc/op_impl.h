@@ -38,6 +38,16 @@ at::TensorOptions forward_grad_options(const at::Tensor& means) {
   return means.options().dtype(Backend::kForwardGradInInputDtype ? means.scalar_type() : acc_dtype(means.scalar_type()));
 }
 
+// The mixture NLL's gradient outputs: in the input dtype where the backend's kernel for these inputs writes it
+// directly (Backend::mixture_grads_in_input_dtype: CPU forward with gradients, the CUDA lane-per-element kernel),
+// else in the accumulation dtype (converted on return).
+template <typename Backend>
+at::TensorOptions mixture_grad_options(bool backward, const at::Tensor& logits, const at::Tensor& means,
+                                       const at::Tensor& log_scales, const at::Tensor& target) {
+  const bool direct = Backend::mixture_grads_in_input_dtype(backward, logits, means, log_scales, target);
+  return means.options().dtype(direct ? means.scalar_type() : acc_dtype(means.scalar_type()));
+}
+
 // With compute_grad the forward also returns the gradients for an upstream gradient of grad_scale per sample
 // (the backward then only rescales them by grad_loss / grad_scale, or not at all when they are equal: mean or
 // sum reductions); without, the four gradient outputs are empty.
@@ -56,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (B > 0) Backend::mixture_nll_forward(logits, means, log_scales, target, loss, saved);
     return {loss, saved, none(), none(), none(), none()};
   }
-  const auto gopts = forward_grad_options<Backend>(means);
+  const auto gopts = mixture_grad_options<Backend>(false, logits, means, log_scales, target);
   auto gl = Backend::empty({B, K}, gopts), gm = Backend::empty({B, K, D}, gopts), gs = Backend::empty({B, K, D}, gopts),
        gt = Backend::empty({B, D}, gopts);
   if (B > 0 && !Backend::mixture_nll_forward_grad(logits, means, log_scales, target, loss, saved, gl, gm, gs, gt,
@@ -85,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_bwd_impl(
   check_grad_loss(grad_loss, means);
   check_saved(saved, means, math::kSavedPerSample, "mixture_nll_fwd");
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  auto opts = means.options().dtype(acc_dtype(means.scalar_type()));
+  auto opts = mixture_grad_options<Backend>(true, logits, means, log_scales, target);
   auto gl = Backend::empty({B, K}, opts), gm = Backend::empty({B, K, D}, opts), gs = Backend::empty({B, K, D}, opts),
        gt = Backend::empty({B, D}, opts);
   if (B > 0) Backend::mixture_nll_backward(grad_loss, logits, means, log_scales, target, saved, gl, gm, gs, gt);

@@ -287,13 +287,13 @@ __device__ __forceinline__ acc_t group_sum(acc_t x, int from, int G) {
   return x;
 }
 
-template <typename scalar_t, typename acc_t, bool kGrad, int J>
+template <typename scalar_t, typename acc_t, typename grad_t, bool kGrad, int J>
 __global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
     const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means, const scalar_t* __restrict__ log_scales,
     const scalar_t* __restrict__ target, int64_t B, int K, int D, int log2_D, int log2_G,
     const scalar_t* __restrict__ grad_loss, int64_t grad_stride, acc_t g_default, scalar_t* __restrict__ loss,
-    acc_t* __restrict__ saved, acc_t* __restrict__ gl, acc_t* __restrict__ gm, acc_t* __restrict__ gs,
-    acc_t* __restrict__ gt) {
+    acc_t* __restrict__ saved, grad_t* __restrict__ gl, grad_t* __restrict__ gm, grad_t* __restrict__ gs,
+    grad_t* __restrict__ gt) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int G = 1 << log2_G;
@@ -373,14 +373,14 @@ __global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
         // a component with no responsibility gets no gradient (avoids 0 * inf for far-away targets)
         const acc_t dmu = gamma == acc_t(0) ? acc_t(0) : c * z[j] * inv[j];
         const acc_t dls = gamma == acc_t(0) ? acc_t(0) : c * (z[j] * z[j] - acc_t(1));
-        gm[b * KD + e] = dmu;
-        gs[b * KD + e] = dls;
+        gm[b * KD + e] = static_cast<grad_t>(dmu);
+        gs[b * KD + e] = static_cast<grad_t>(dls);
         gy -= dmu;
-        if (d == 0) gl[b * K + (e >> log2_D)] = g * (pi[j] * inv_s1 - gamma);
+        if (d == 0) gl[b * K + (e >> log2_D)] = static_cast<grad_t>(g * (pi[j] * inv_s1 - gamma));
       }
     }
     gy = group_sum(gy, D, G);
-    if (active && l < D) gt[b * D + l] = gy;
+    if (active && l < D) gt[b * D + l] = static_cast<grad_t>(gy);
   }
 }
 
@@ -392,6 +392,36 @@ bool lanes_inputs(const at::Tensor& logits, const at::Tensor& means, const at::T
          log_scales.is_contiguous() && target.is_contiguous() && means.numel() < (int64_t(1) << 31);
 }
 
+template <bool kGrad, typename scalar_t, typename acc_t, typename grad_t>
+void launch_lanes_typed(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                        const at::Tensor& target, const at::Tensor* grad_loss, double g_default, at::Tensor* loss,
+                        at::Tensor* saved, at::Tensor* gl, at::Tensor* gm, at::Tensor* gs, at::Tensor* gt, int64_t B,
+                        int64_t K, int64_t D, int log2_D, int log2_G) {
+  const int G = 1 << log2_G;
+  const int64_t per_lane = (K * D + G - 1) / G;
+  const auto blocks = static_cast<unsigned int>((B * G + kLanesThreads - 1) / kLanesThreads);
+  const auto launch = [&](auto kernel) {
+    kernel<<<blocks, kLanesThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
+        target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), log2_D, log2_G,
+        grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
+        static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
+        saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<grad_t>() : nullptr,
+        gm ? gm->data_ptr<grad_t>() : nullptr, gs ? gs->data_ptr<grad_t>() : nullptr,
+        gt ? gt->data_ptr<grad_t>() : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (per_lane <= 1) {
+    launch(lanes_nll_kernel<scalar_t, acc_t, grad_t, kGrad, 1>);
+  } else if (per_lane <= 2) {
+    launch(lanes_nll_kernel<scalar_t, acc_t, grad_t, kGrad, 2>);
+  } else if (per_lane <= 4) {
+    launch(lanes_nll_kernel<scalar_t, acc_t, grad_t, kGrad, 4>);
+  } else {
+    launch(lanes_nll_kernel<scalar_t, acc_t, grad_t, kGrad, 8>);
+  }
+}
+
 // Launches the lane-per-element kernel; false when it does not apply (the caller takes another schedule).
 template <bool kGrad>
 bool launch_lanes(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
@@ -401,32 +431,20 @@ bool launch_lanes(const at::Tensor& logits, const at::Tensor& means, const at::T
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
   if (B == 0) return true;
   const int G = std::min(32, pow2_at_least(K * D));
-  const int64_t per_lane = (K * D + G - 1) / G;
   int log2_D = 0, log2_G = 0;
   while ((int64_t(1) << log2_D) < D) ++log2_D;
   while ((1 << log2_G) < G) ++log2_G;
-  const auto blocks = static_cast<unsigned int>((B * G + kLanesThreads - 1) / kLanesThreads);
+  // the gradients in the input dtype (mixture_grads_in_input_dtype: no float32 [B, K, D] copies for bfloat16 /
+  // float16 inputs) or in the accumulation dtype
+  const bool direct = gm != nullptr && gm->scalar_type() == means.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_lanes_nll", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto launch = [&](auto kernel) {
-      kernel<<<blocks, kLanesThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-          logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
-          target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), log2_D, log2_G,
-          grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
-          static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
-          saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<acc_t>() : nullptr,
-          gm ? gm->data_ptr<acc_t>() : nullptr, gs ? gs->data_ptr<acc_t>() : nullptr,
-          gt ? gt->data_ptr<acc_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    if (per_lane <= 1) {
-      launch(lanes_nll_kernel<scalar_t, acc_t, kGrad, 1>);
-    } else if (per_lane <= 2) {
-      launch(lanes_nll_kernel<scalar_t, acc_t, kGrad, 2>);
-    } else if (per_lane <= 4) {
-      launch(lanes_nll_kernel<scalar_t, acc_t, kGrad, 4>);
+    if (direct || std::is_same<acc_t, scalar_t>::value) {
+      launch_lanes_typed<kGrad, scalar_t, acc_t, scalar_t>(logits, means, log_scales, target, grad_loss, g_default,
+                                                          loss, saved, gl, gm, gs, gt, B, K, D, log2_D, log2_G);
     } else {
-      launch(lanes_nll_kernel<scalar_t, acc_t, kGrad, 8>);
+      launch_lanes_typed<kGrad, scalar_t, acc_t, acc_t>(logits, means, log_scales, target, grad_loss, g_default, loss,
+                                                       saved, gl, gm, gs, gt, B, K, D, log2_D, log2_G);
     }
   });
   return true;
@@ -674,6 +692,12 @@ struct CudaBackend {
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
   // the kernels write float32 gradients (converted on return for bfloat16 / float16 inputs)
   static constexpr bool kForwardGradInInputDtype = false;
+  // the mixture NLL's lane-per-element kernel writes the input dtype directly (forward and backward op); the others
+  // float32 (converted on return)
+  static bool mixture_grads_in_input_dtype(bool, const at::Tensor& logits, const at::Tensor& means,
+                                           const at::Tensor& log_scales, const at::Tensor& target) {
+    return lanes_inputs(logits, means, log_scales, target);
+  }
 
   // Single pass (loss and gradients) with the tiled kernel; otherwise false and op_impl runs forward, then
   // backward with grad_scale.
