@@ -47,8 +47,8 @@ PYBIND11_MODULE(_C, m) {
         "multiple of 8, or D a multiple of 8; on by default); returns the previous setting. For tests and "
         "benchmarks.");
   m.def("set_cuda_lanes_schedule", &physmdn::set_cuda_lanes_schedule,
-        "Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (contiguous inputs, D a "
-        "power of two up to 32, K D <= 256; off by default: not yet measured on a GPU); returns the previous "
+        "Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (contiguous inputs, D <= "
+        "32, K times D rounded up to a power of two <= 256; off by default: not yet measured on a GPU); returns the previous "
         "setting. For tests and benchmarks.");
   m.def("get_num_threads", [] { return at::get_num_threads(); });
   m.def("cpu_pool_stats", [] {

@@ -1,5 +1,5 @@
 """The CUDA mixture NLL's lane-per-element schedule (``physmdn._C.set_cuda_lanes_schedule(True)``; contiguous
-inputs, D a power of two up to 32, K D <= 256; csrc/cuda/kernels.cu, ``lanes_nll_kernel``). Off by default until
+inputs, D <= 32, K Dp <= 256 with Dp = D rounded up to a power of two; csrc/cuda/kernels.cu, ``lanes_nll_kernel``). Off by default until
 measured on a GPU (``bench/bench_cuda_schedules.py``, a step of ``bench/gpu_check.sh``): these tests run the
 mixture NLL's correctness checks with it on, against the float64 reference, on shapes that take it and on shapes
 that fall back to the other schedules. They need a GPU; only the switch itself is tested without one."""
@@ -14,10 +14,11 @@ from conftest import CUDA
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels")
 
 # (B, K, D): every power-of-two D up to 32, K D from 1 to 256 (1 to 8 elements per lane, lanes idle where K D is
-# not a power of two), odd B (partial blocks); the last three fall back (K D > 256, D not a power of two)
+# not a power of two), D not a power of two (padding lanes), odd B (partial blocks); the last three fall back
+# (K Dp > 256, D > 32)
 LANES_SHAPES = [(1, 1, 1), (37, 1, 4), (33, 3, 4), (257, 5, 2), (64, 8, 4), (1031, 8, 1), (100, 16, 4), (50, 8, 8),
-                (29, 3, 16), (17, 4, 32), (9, 15, 16), (7, 64, 4), (5, 8, 32), (13, 33, 1), (11, 9, 32), (20, 5, 3),
-                (3, 2, 64)]
+                (29, 3, 16), (17, 4, 32), (9, 15, 16), (7, 64, 4), (5, 8, 32), (13, 33, 1), (20, 5, 3), (33, 7, 5),
+                (19, 3, 12), (7, 4, 17), (6, 2, 31), (11, 9, 32), (5, 9, 31), (3, 2, 64)]
 
 
 @pytest.fixture
@@ -43,21 +44,21 @@ def test_cuda_lanes_float32_matches_reference(B, K, D, lanes_on):
 
 
 @cuda_only
-@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (64, 8, 4), (9, 15, 16), (7, 64, 4), (257, 5, 2)])
+@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (64, 8, 4), (9, 15, 16), (7, 64, 4), (257, 5, 2), (40, 5, 3)])
 def test_cuda_lanes_float64_matches_reference_tightly(B, K, D, lanes_on):
     T.check_against_reference(T.make_inputs(B, K, D, torch.float64, "cuda", seed=7), torch.float64, 1e-12, 1e-11)
 
 
 @cuda_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,K,D", [(3, 2, 4), (257, 5, 16), (33, 33, 1), (64, 8, 4)])
+@pytest.mark.parametrize("B,K,D", [(3, 2, 4), (257, 5, 16), (33, 33, 1), (64, 8, 4), (31, 6, 3)])
 def test_cuda_lanes_half_types(B, K, D, dtype, lanes_on):
     T.check_against_reference(T.make_inputs(B, K, D, dtype, "cuda", seed=3), dtype, loss_tol=5e-2, grad_tol=5e-2)
 
 
 @cuda_only
 @pytest.mark.parametrize("case", ["logits", "tiny_scales", "huge_scales", "far_target"])
-@pytest.mark.parametrize("K,D", [(5, 4), (8, 4), (8, 1), (3, 8), (16, 16)])
+@pytest.mark.parametrize("K,D", [(5, 4), (8, 4), (8, 1), (3, 8), (16, 16), (5, 3), (4, 6)])
 def test_cuda_lanes_extremes_float32(case, K, D, lanes_on):
     T.test_extremes_float32(case, K, D, "cuda", None)
 

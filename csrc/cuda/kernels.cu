@@ -250,20 +250,21 @@ bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::T
   return launched;
 }
 
-// ----- lane-per-element schedule (physmdn._C.set_cuda_lanes_schedule; contiguous inputs, D a power of two <= 32,
-// K D <= 256) ---------------------------------------------------------------------------------------------------
-// G lanes per sample, G = the power of two >= K D (at most 32; a multiple of D). Lane l of a group holds the
-// sample's elements e = l + j G (j < J, e < K D): component e / D, dimension l % D (the same for every j). The
-// loads go straight from global memory into registers, all issued before the arithmetic (consecutive lanes read
-// consecutive elements, consecutive groups consecutive samples: coalesced, no shared memory, no tile staging); the
-// sum of log N_k over d runs by shuffles within each aligned run of D lanes; the log-sum-exps over k and the target
-// gradient's sum over k by shuffles across those runs (the lanes of one dimension class hold every component once).
-// The math is the two-pass form of the CPU kernels (csrc/cpu/soa_avx2.h, mixture_lse): shift by the max logit (0
-// when all are -inf), log pi = (logit - shift) - log sum exp(logit - shift), the joint term shifted by its max.
-// Loss, saved state (shift, log_sum, lse) and, with kGrad, the gradients in one pass; grad_loss null: every
-// sample's upstream gradient is g_default (the forward with gradients).
+// ----- lane-per-element schedule (physmdn._C.set_cuda_lanes_schedule; contiguous inputs, D <= 32, K Dp <= 256
+// with Dp = D rounded up to a power of two) -------------------------------------------------------------------------
+// G lanes per sample, G = the power of two >= K Dp (at most 32; a multiple of Dp). Lane l of a group holds the
+// sample's virtual elements e = l + j G (j < J, e < K Dp): component e / Dp, dimension d = l % Dp (the same for every
+// j); lanes with d >= D (D not a power of two) or past the last component are padding: they load nothing, add 0 and
+// write nothing. The loads go straight from global memory into registers, all issued before the arithmetic
+// (consecutive lanes read consecutive elements, consecutive groups consecutive samples: coalesced, no shared memory,
+// no tile staging); the sum of log N_k over d runs by shuffles within each aligned run of Dp lanes; the log-sum-exps
+// over k and the target gradient's sum over k by shuffles across those runs (the lanes of one dimension class hold
+// every component once). The math is the two-pass form of the CPU kernels (csrc/cpu/soa_avx2.h, mixture_lse):
+// shift by the max logit (0 when all are -inf), log pi = (logit - shift) - log sum exp(logit - shift), the joint
+// term shifted by its max. Loss, saved state (shift, log_sum, lse) and, with kGrad, the gradients in one pass;
+// grad_loss null: every sample's upstream gradient is g_default (the forward with gradients).
 constexpr int kLanesThreads = 256;
-constexpr int64_t kLanesMaxElements = 256;  // K D; J = K D / 32 up to 8 elements per lane
+constexpr int64_t kLanesMaxElements = 256;  // K Dp; J = K Dp / 32 up to 8 elements per lane
 
 __host__ __device__ constexpr int pow2_at_least(int64_t n) {
   int p = 1;
@@ -290,40 +291,41 @@ __device__ __forceinline__ acc_t group_sum(acc_t x, int from, int G) {
 template <typename scalar_t, typename acc_t, typename grad_t, bool kGrad, int J>
 __global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
     const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means, const scalar_t* __restrict__ log_scales,
-    const scalar_t* __restrict__ target, int64_t B, int K, int D, int log2_D, int log2_G,
+    const scalar_t* __restrict__ target, int64_t B, int K, int D, int log2_Dp, int log2_G,
     const scalar_t* __restrict__ grad_loss, int64_t grad_stride, acc_t g_default, scalar_t* __restrict__ loss,
     acc_t* __restrict__ saved, grad_t* __restrict__ gl, grad_t* __restrict__ gm, grad_t* __restrict__ gs,
     grad_t* __restrict__ gt) {
   constexpr acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int G = 1 << log2_G;
+  const int G = 1 << log2_G, Dp = 1 << log2_Dp;
   const int64_t b = thread >> log2_G;  // (G divides 32 and the block: a group never straddles warps)
-  const int l = static_cast<int>(thread & (G - 1)), d = l & (D - 1), KD = K * D;
+  const int l = static_cast<int>(thread & (G - 1)), d = l & (Dp - 1), KD = K * D;
   const bool active = b < B;  // inactive lanes still take part in every shuffle
   // 1. every load first
   acc_t mu[J], ls[J], lg[J];
   bool valid[J];
   acc_t y = acc_t(0);
-  if (active) y = static_cast<acc_t>(target[b * D + d]);
+  if (active && d < D) y = static_cast<acc_t>(target[b * D + d]);
 #pragma unroll
   for (int j = 0; j < J; ++j) {
-    const int e = l + j * G;
-    valid[j] = active && e < KD;
+    const int k = (l + j * G) >> log2_Dp;  // (the same k for the Dp lanes of a run)
+    valid[j] = active && k < K && d < D;
     mu[j] = ls[j] = acc_t(0);
     lg[j] = ninf;
     if (valid[j]) {
-      mu[j] = static_cast<acc_t>(means[b * KD + e]);
-      ls[j] = static_cast<acc_t>(log_scales[b * KD + e]);
-      lg[j] = static_cast<acc_t>(logits[b * K + (e >> log2_D)]);
+      mu[j] = static_cast<acc_t>(means[b * KD + k * D + d]);
+      ls[j] = static_cast<acc_t>(log_scales[b * KD + k * D + d]);
+      lg[j] = static_cast<acc_t>(logits[b * K + k]);
     }
   }
   // 2. the logits' shift: their max (NaN skipped), 0 when every logit is -inf
   acc_t mx = ninf;
 #pragma unroll
   for (int j = 0; j < J; ++j) mx = lg[j] > mx ? lg[j] : mx;
-  mx = group_max(mx, D, G);
+  mx = group_max(mx, Dp, G);
   const acc_t shift = mx == ninf ? acc_t(0) : mx;
-  // 3. per element: 1 / s, z, and the component's sum over d of -z^2 / 2 - log s (shuffles within D lanes)
+  // 3. per element: 1 / s, z, and the component's sum over d of -z^2 / 2 - log s (shuffles within Dp lanes; the
+  // lanes of padding dimensions d >= D add 0)
   const acc_t offset = static_cast<acc_t>(D) * static_cast<acc_t>(math::kHalfLog2Pi);
   acc_t inv[J], z[J], joint[J], pi[J];
   acc_t s1 = acc_t(0);
@@ -332,16 +334,16 @@ __global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
     inv[j] = math::exp_(-ls[j]);
     z[j] = (y - mu[j]) * inv[j];
     acc_t t = valid[j] ? acc_t(-0.5) * z[j] * z[j] - ls[j] : acc_t(0);
-    t = group_sum(t, 1, D);
+    t = group_sum(t, 1, Dp);
     pi[j] = valid[j] ? math::exp_(lg[j] - shift) : acc_t(0);  // (exp(-inf) = 0 for a -inf logit; NaN stays)
     joint[j] = valid[j] ? (lg[j] - shift) + (t - offset) : ninf;
     s1 += pi[j];
   }
-  s1 = group_sum(s1, D, G);
+  s1 = group_sum(s1, Dp, G);
   acc_t mx2 = ninf;
 #pragma unroll
   for (int j = 0; j < J; ++j) mx2 = joint[j] > mx2 ? joint[j] : mx2;
-  mx2 = group_max(mx2, D, G);
+  mx2 = group_max(mx2, Dp, G);
   const acc_t shift2 = mx2 == ninf ? acc_t(0) : mx2;
   acc_t s2 = acc_t(0);
 #pragma unroll
@@ -349,7 +351,7 @@ __global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
     joint[j] = valid[j] ? math::exp_(joint[j] - shift2) : acc_t(0);  // (NaN joint terms poison the sum)
     s2 += joint[j];
   }
-  s2 = group_sum(s2, D, G);
+  s2 = group_sum(s2, Dp, G);
   const acc_t log_sum = math::log_(s1);
   const acc_t lse = (shift2 + math::log_(s2)) - log_sum;
   if (active && l == 0) {
@@ -366,20 +368,20 @@ __global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
     acc_t gy = acc_t(0);
 #pragma unroll
     for (int j = 0; j < J; ++j) {
-      const int e = l + j * G;
+      const int k = (l + j * G) >> log2_Dp;
       if (valid[j]) {
         const acc_t gamma = joint[j] * inv_s2;
         const acc_t c = -(g * gamma);
         // a component with no responsibility gets no gradient (avoids 0 * inf for far-away targets)
         const acc_t dmu = gamma == acc_t(0) ? acc_t(0) : c * z[j] * inv[j];
         const acc_t dls = gamma == acc_t(0) ? acc_t(0) : c * (z[j] * z[j] - acc_t(1));
-        gm[b * KD + e] = static_cast<grad_t>(dmu);
-        gs[b * KD + e] = static_cast<grad_t>(dls);
+        gm[b * KD + k * D + d] = static_cast<grad_t>(dmu);
+        gs[b * KD + k * D + d] = static_cast<grad_t>(dls);
         gy -= dmu;
-        if (d == 0) gl[b * K + (e >> log2_D)] = static_cast<grad_t>(g * (pi[j] * inv_s1 - gamma));
+        if (d == 0) gl[b * K + k] = static_cast<grad_t>(g * (pi[j] * inv_s1 - gamma));
       }
     }
-    gy = group_sum(gy, D, G);
+    gy = group_sum(gy, Dp, G);
     if (active && l < D) gt[b * D + l] = static_cast<grad_t>(gy);
   }
 }
@@ -387,8 +389,8 @@ __global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
 bool lanes_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                   const at::Tensor& target) {
   const int64_t K = means.size(1), D = means.size(2);
-  return cuda_lanes_schedule_enabled().load(std::memory_order_relaxed) && D <= 32 && (D & (D - 1)) == 0 &&
-         K * D <= kLanesMaxElements && logits.is_contiguous() && means.is_contiguous() &&
+  return cuda_lanes_schedule_enabled().load(std::memory_order_relaxed) && D <= 32 &&
+         K * pow2_at_least(D) <= kLanesMaxElements && logits.is_contiguous() && means.is_contiguous() &&
          log_scales.is_contiguous() && target.is_contiguous() && means.numel() < (int64_t(1) << 31);
 }
 
@@ -396,14 +398,14 @@ template <bool kGrad, typename scalar_t, typename acc_t, typename grad_t>
 void launch_lanes_typed(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                         const at::Tensor& target, const at::Tensor* grad_loss, double g_default, at::Tensor* loss,
                         at::Tensor* saved, at::Tensor* gl, at::Tensor* gm, at::Tensor* gs, at::Tensor* gt, int64_t B,
-                        int64_t K, int64_t D, int log2_D, int log2_G) {
+                        int64_t K, int64_t D, int log2_Dp, int log2_G) {
   const int G = 1 << log2_G;
-  const int64_t per_lane = (K * D + G - 1) / G;
+  const int64_t per_lane = ((K << log2_Dp) + G - 1) / G;
   const auto blocks = static_cast<unsigned int>((B * G + kLanesThreads - 1) / kLanesThreads);
   const auto launch = [&](auto kernel) {
     kernel<<<blocks, kLanesThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
-        target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), log2_D, log2_G,
+        target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), log2_Dp, log2_G,
         grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
         static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
         saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<grad_t>() : nullptr,
@@ -430,9 +432,9 @@ bool launch_lanes(const at::Tensor& logits, const at::Tensor& means, const at::T
   if (!lanes_inputs(logits, means, log_scales, target)) return false;
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
   if (B == 0) return true;
-  const int G = std::min(32, pow2_at_least(K * D));
-  int log2_D = 0, log2_G = 0;
-  while ((int64_t(1) << log2_D) < D) ++log2_D;
+  int log2_Dp = 0, log2_G = 0;  // Dp: D padded to a power of two
+  while ((int64_t(1) << log2_Dp) < D) ++log2_Dp;
+  const int G = std::min(32, pow2_at_least(K << log2_Dp));
   while ((1 << log2_G) < G) ++log2_G;
   // the gradients in the input dtype (mixture_grads_in_input_dtype: no float32 [B, K, D] copies for bfloat16 /
   // float16 inputs) or in the accumulation dtype
@@ -441,10 +443,10 @@ bool launch_lanes(const at::Tensor& logits, const at::Tensor& means, const at::T
     using acc_t = at::opmath_type<scalar_t>;
     if (direct || std::is_same<acc_t, scalar_t>::value) {
       launch_lanes_typed<kGrad, scalar_t, acc_t, scalar_t>(logits, means, log_scales, target, grad_loss, g_default,
-                                                          loss, saved, gl, gm, gs, gt, B, K, D, log2_D, log2_G);
+                                                          loss, saved, gl, gm, gs, gt, B, K, D, log2_Dp, log2_G);
     } else {
       launch_lanes_typed<kGrad, scalar_t, acc_t, acc_t>(logits, means, log_scales, target, grad_loss, g_default, loss,
-                                                       saved, gl, gm, gs, gt, B, K, D, log2_D, log2_G);
+                                                       saved, gl, gm, gs, gt, B, K, D, log2_Dp, log2_G);
     }
   });
   return true;
