@@ -215,6 +215,8 @@ def machine_info(device: str) -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
         info["physmdn_cuda_arch"] = build.get("cuda_arch_list", "")
+        if hasattr(physmdn._C, "cuda_lanes_schedule"):
+            info["cuda_lanes_schedule"] = physmdn._C.cuda_lanes_schedule()
     try:
         info["load_average"] = "%.2f %.2f %.2f" % os.getloadavg()
     except OSError:

@@ -127,13 +127,25 @@ sys.exit(0 if ok or $1 else 3)
   record build_info "$(status_of $STEP_RC)" "$STEP_SECONDS" "$(grep -m1 '^CUDA kernels' "$STEPDIR/build_info.out" 2>/dev/null)"
 
   # 3. CUDA tests (the device-parametrized tests: ids contain "cuda"; plus the device-mismatch check) --------
-  run_step tests 150 "$PY" -m pytest -q -x -rs -p no:cacheprovider tests -k "cuda or device_mismatch"
+  # (the lane-per-element schedule's tests run in their own step below, without -x: a failure there must not hide
+  # the others)
+  run_step tests 150 "$PY" -m pytest -q -x -rs -p no:cacheprovider tests -k "(cuda or device_mismatch) and not lanes"
   local summary; summary=$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$STEPDIR/tests.out" | tail -1 | sed 's/=//g; s/^ *//')
   local st; st=$(status_of $STEP_RC)
   if [ "$DRY" = 0 ] && [ "$STEP_RC" = 0 ] && ! grep -qE '[1-9][0-9]* passed' <<<"$summary"; then
     st="FAIL(no test ran)"  # every CUDA test skipped: no GPU or no CUDA kernels
   fi
   record tests "$st" "$STEP_SECONDS" "$summary"
+
+  # 3b. the lane-per-element schedule of the CUDA mixture NLL (off by default until it passes here) -------------
+  run_step lanes_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_lanes.py
+  summary=$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$STEPDIR/lanes_tests.out" | tail -1 | sed 's/=//g; s/^ *//')
+  st=$(status_of $STEP_RC)
+  if [ "$DRY" = 0 ] && [ "$STEP_RC" = 0 ] && ! grep -qE '[1-9][0-9]* passed' <<<"$summary"; then
+    st="FAIL(no test ran)"
+  fi
+  LANES_TESTS_RC=$STEP_RC
+  record lanes_tests "$st" "$STEP_SECONDS" "$summary"
 
   # 4. compute-sanitizer memcheck on a tiny fwd+bwd of every kernel ------------------------------------------
   local sanitizer; sanitizer=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
@@ -159,6 +171,7 @@ sys.exit(0 if ok or $1 else 3)
   else
     run_step schedules 90 bash -c 'cd bench && "$0" bench_cuda_schedules.py --device cuda --quick --repeat 15 --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
   fi
+  SCHEDULES_RC=$STEP_RC
   record schedules "$(status_of $STEP_RC)" "$STEP_SECONDS" \
     "lanes speedup (default / lanes), GB/s, % copy: $(awk -F'|' '/\| B=[0-9]+ K=[0-9]+ D=[0-9]+ \| float32 \| (fwd\+grads|train) \|/ && !seen[$0]++ {gsub(/^ +| +$/, "", $2); gsub(/^ +| +$/, "", $4); gsub(/ /, "", $9); gsub(/ /, "", $10); gsub(/ /, "", $11); printf "%s %s %sx %sGB/s %s%%; ", $2, $4, $9, $10, $11}' "$STEPDIR/schedules.out" 2>/dev/null | head -c 600)"
 
@@ -168,8 +181,12 @@ sys.exit(0 if ok or $1 else 3)
   [ "$DRY" = 1 ] && bench_args+=(--dry-run)
   # soft budget: stop starting new op points 45 s before the hard timeout (run.py also saves what it has on SIGTERM)
   bench_args+=(--budget-s $(( left > 60 ? left - 45 : 15 )))
-  run_step bench 600 "$PY" bench/run.py "${bench_args[@]}"
-  record bench "$(status_of $STEP_RC)" "$STEP_SECONDS" "$(head -1 "$KEYS" 2>/dev/null) (key numbers below)"
+  # with the lane-per-element schedule on when its tests and its agreement check passed (the numbers the default
+  # would give if it were turned on; the schedules step has the ratio to the default schedules)
+  local lanes_env=0
+  [ "$DRY" = 0 ] && [ "${LANES_TESTS_RC:-1}" = 0 ] && [ "${SCHEDULES_RC:-1}" = 0 ] && lanes_env=1
+  run_step bench 600 env PHYSMDN_CUDA_LANES=$lanes_env "$PY" bench/run.py "${bench_args[@]}"
+  record bench "$(status_of $STEP_RC)" "$STEP_SECONDS" "$(head -1 "$KEYS" 2>/dev/null) (key numbers below; lanes schedule $([ $lanes_env = 1 ] && echo ON || echo off))"
 
   # 6. kernel profile (Nsight Compute), with what is left of the budget: memory throughput, occupancy, registers
   # and shared memory of each physmdn kernel in one fwd+bwd at B = 1M (bench/profile_case.py)

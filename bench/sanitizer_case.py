@@ -2,7 +2,8 @@
 
 Meant to run under ``compute-sanitizer --tool memcheck`` (see bench/gpu_check.sh), so the sizes are small and odd
 (block tails, K and D that are not powers of two, B = 1). Covers ``mixture_nll`` (gradients computed in the forward,
-for a unit and a 1/B upstream gradient, and the recomputing backward kernel) and the fused ``mdn_loss`` with the polynomial, linear and stencil families,
+for a unit and a 1/B upstream gradient, and the recomputing backward kernel; also with the CUDA lane-per-element
+schedule) and the fused ``mdn_loss`` with the polynomial, linear and stencil families,
 in float32, bfloat16 and float64.
 
     python bench/sanitizer_case.py --device cuda      # exit 0: all matched; 1: a mismatch (printed)
@@ -94,6 +95,22 @@ def main(argv=None) -> int:
                 dev_params = tuple(t.to(device=device, dtype=dtype) for t in params)
                 cpu_params = tuple(t.to(dtype) for t in params)
                 check(name, fused, eager, cpu_in, dev_in, dtype, failures, dev_extra=dev_params, cpu_extra=cpu_params)
+        # the CUDA lane-per-element schedule (off by default): G lanes per sample with padding lanes (K D not a power
+        # of two, D = 3, 17 padded to 4, 32), 1 to 8 elements per lane; forward with gradients and the recomputing
+        # backward (a no-op switch on the CPU)
+        prev = physmdn._C.set_cuda_lanes_schedule(True)
+        try:
+            for B, K, D in ((1, 1, 1), (37, 5, 3), (300, 8, 4), (65, 3, 17), (33, 16, 16)):
+                cpu_in, dev_in = make(B, K, D, dtype, device, seed=B + K + D + 1)
+                check("mixture_nll, lanes schedule", physmdn.mixture_nll, reference.mixture_nll, cpu_in, dev_in, dtype,
+                      failures)
+
+                def recompute(logits, means, log_scales, target):
+                    return torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target, False)[0]
+                check("mixture_nll, lanes schedule (bwd)", recompute, reference.mixture_nll, cpu_in, dev_in, dtype,
+                      failures)
+        finally:
+            physmdn._C.set_cuda_lanes_schedule(prev)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     print(f"{'FAILED: ' + ', '.join(sorted(set(failures))) if failures else 'all kernels matched the reference'}")

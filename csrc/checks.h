@@ -40,12 +40,13 @@ inline void check_scale_by_args(at::TensorList tensors, const at::Tensor& factor
   TORCH_CHECK(factor.numel() == 1, "_scale_by_: upstream must have exactly one element, got shape ", factor.sizes());
   TORCH_CHECK(at::isFloatingType(factor.scalar_type()), "_scale_by_: upstream must be a floating-point tensor, got ",
               factor.scalar_type());
-  for (size_t i = 0; i < tensors.size(); ++i)
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!tensors[i].defined()) continue;  // (skipped: undefined gradients from C++ callers)
     TORCH_CHECK(at::isFloatingType(tensors[i].scalar_type()), "_scale_by_: tensors[", i,
                 "] must be a floating-point tensor, got ", tensors[i].scalar_type());
-  for (size_t i = 0; i < tensors.size(); ++i)
     TORCH_CHECK(tensors[i].device() == factor.device() || factor.device().is_cpu(), "_scale_by_: tensors[", i,
                 "] is on ", tensors[i].device(), " but upstream is on ", factor.device());
+  }
 }
 
 // _scale_by_ with a host upstream value (csrc/ops.cpp): decided on the host, multiplied by torch

@@ -12,6 +12,7 @@ std::string cpu_isa();
 std::string set_cpu_isa(const std::string& isa);
 bool set_cpu_rows_path(bool enabled);
 bool set_cuda_lanes_schedule(bool enabled);
+bool cuda_lanes_schedule();
 }  // namespace physmdn
 
 #ifndef PHYSMDN_CUDA_VERSION
@@ -50,6 +51,9 @@ PYBIND11_MODULE(_C, m) {
         "Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (contiguous inputs, D <= "
         "32, K times D rounded up to a power of two <= 256; off by default: not yet measured on a GPU); returns the previous "
         "setting. For tests and benchmarks.");
+  m.def("cuda_lanes_schedule", &physmdn::cuda_lanes_schedule,
+        "Whether the CUDA mixture NLL takes its lane-per-element schedule (see set_cuda_lanes_schedule; the "
+        "environment variable PHYSMDN_CUDA_LANES=1 turns it on at import).");
   m.def("get_num_threads", [] { return at::get_num_threads(); });
   m.def("cpu_pool_stats", [] {
     const auto s = physmdn::cpu::pool_stats();

@@ -44,9 +44,14 @@ std::atomic<bool>& cpu::rows_path_enabled() {
 bool set_cpu_rows_path(bool enabled) { return cpu::rows_path_enabled().exchange(enabled); }
 
 std::atomic<bool>& cuda_lanes_schedule_enabled() {
-  static std::atomic<bool> enabled{false};
+  // off by default; PHYSMDN_CUDA_LANES=1 turns it on from the start (bench/gpu_check.sh's benchmarks once it passed)
+  static std::atomic<bool> enabled{[] {
+    const char* env = std::getenv("PHYSMDN_CUDA_LANES");
+    return env != nullptr && std::strcmp(env, "1") == 0;
+  }()};
   return enabled;
 }
+bool cuda_lanes_schedule() { return cuda_lanes_schedule_enabled().load(); }
 bool set_cuda_lanes_schedule(bool enabled) { return cuda_lanes_schedule_enabled().exchange(enabled); }
 
 std::string cpu_isa() { return cpu_isa_state().load() == 1 ? "avx2" : "default"; }
@@ -95,7 +100,7 @@ void scale_by_on_host(at::TensorList tensors, const at::Tensor& upstream, double
   const double v = u.item<double>();
   if (v == scale || v == rounded(scale, u.scalar_type())) return;
   for (const auto& t : tensors) {
-    if (!t.numel()) continue;
+    if (!t.defined() || !t.numel()) continue;
     auto g = u.to(t.scalar_type());
     if (scale != 1.0) g = g / scale;
     const_cast<at::Tensor&>(t).mul_(g);

@@ -4,6 +4,8 @@ measured on a GPU (``bench/bench_cuda_schedules.py``, a step of ``bench/gpu_chec
 mixture NLL's correctness checks with it on, against the float64 reference, on shapes that take it and on shapes
 that fall back to the other schedules. They need a GPU; only the switch itself is tested without one."""
 
+import os
+
 import pytest
 import torch
 
@@ -29,11 +31,13 @@ def lanes_on():
 
 
 def test_set_cuda_lanes_schedule_returns_the_previous_setting():
-    assert physmdn._C.set_cuda_lanes_schedule(True) is False  # off by default
+    default = os.environ.get("PHYSMDN_CUDA_LANES") == "1"  # (off unless the environment turns it on)
+    assert physmdn._C.cuda_lanes_schedule() is default
+    assert physmdn._C.set_cuda_lanes_schedule(True) is default
     try:
-        assert physmdn._C.set_cuda_lanes_schedule(True) is True
+        assert physmdn._C.set_cuda_lanes_schedule(True) is True and physmdn._C.cuda_lanes_schedule() is True
     finally:
-        assert physmdn._C.set_cuda_lanes_schedule(False) is True
+        assert physmdn._C.set_cuda_lanes_schedule(default) is True
 
 
 @cuda_only
@@ -137,16 +141,13 @@ def test_cuda_lanes_opcheck_and_compile(lanes_on):
 
 
 @cuda_only
-def test_cuda_lanes_switch_changes_the_kernel():
+def test_cuda_lanes_switch_changes_the_kernel(lanes_on):
     """The comparisons above are not vacuous: the lane schedule sums over D and K in another order than the tiled
     kernel, so some float32 output differs in its last bits."""
     inputs = T.make_inputs(256, 8, 4, torch.float32, "cuda", seed=1)
+    lanes = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
+    physmdn._C.set_cuda_lanes_schedule(False)
     tiled = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
-    prev = physmdn._C.set_cuda_lanes_schedule(True)
-    try:
-        lanes = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
-    finally:
-        physmdn._C.set_cuda_lanes_schedule(prev)
     assert not all(torch.equal(a, b) for a, b in zip(lanes, tiled))
     for a, b in zip(lanes, tiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

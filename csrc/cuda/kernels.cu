@@ -621,7 +621,7 @@ void cuda_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double s
   // tensor that is not dense (its elements not one block of memory) is multiplied by torch (the same values)
   std::vector<at::Tensor> pending;
   for (const auto& t : tensors) {
-    if (t.numel() == 0) continue;
+    if (!t.defined() || t.numel() == 0) continue;
     if (t.is_non_overlapping_and_dense()) {
       pending.push_back(t);
     } else {
