@@ -833,24 +833,38 @@ inline Lse mixture_lse(Scratch& w) {
   // (the rows through local pointers: stores through __m256* may alias anything, the vectors' own pointers too)
   __m256 *const lg = w.lg.data(), *const joint = w.joint.data(), *const pi = w.pi.data();
   const __m256 zero = _mm256_setzero_ps(), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 mx = ninf;
-  for (int64_t k = 0; k < K; ++k) mx = _mm256_max_ps(lg[k], mx);  // NaN logits are skipped by the max
-  const __m256 shift = lse_shift(mx);
-  __m256 mx2 = ninf;
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < K; ++k) {
+  // (the loops over K four components at a time, the partial sums / maxima in registers; the tail adds into the
+  // same partial sums k & 3, so the order of the additions does not depend on K's remainder)
+  const int64_t K4 = K & ~int64_t(3);
+  __m256 m[4] = {ninf, ninf, ninf, ninf};
+  for (int64_t k = 0; k < K4; k += 4)
+    for (int u = 0; u < 4; ++u) m[u] = _mm256_max_ps(lg[k + u], m[u]);  // NaN logits are skipped by the max
+  for (int64_t k = K4; k < K; ++k) m[0] = _mm256_max_ps(lg[k], m[0]);
+  const __m256 shift = lse_shift(_mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
+  m[0] = m[1] = m[2] = m[3] = ninf;
+  const auto shift_joint = [&](int64_t k, int u) {
     lg[k] = _mm256_sub_ps(lg[k], shift);
     joint[k] = _mm256_add_ps(lg[k], joint[k]);
-    mx2 = _mm256_max_ps(joint[k], mx2);
-  }
-  const __m256 shift2 = lse_shift(mx2);
+    m[u] = _mm256_max_ps(joint[k], m[u]);
+  };
+  for (int64_t k = 0; k < K4; k += 4)
+    for (int u = 0; u < 4; ++u) shift_joint(k + u, u);
+  for (int64_t k = K4; k < K; ++k) shift_joint(k, 0);
+  const __m256 shift2 = lse_shift(_mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3])));
   __m256 s1[4] = {zero, zero, zero, zero}, s2[4] = {zero, zero, zero, zero};
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < K; ++k) {
+  const auto exps = [&](int64_t k, __m256& a1, __m256& a2) {
     pi[k] = exp_nonpos8(lg[k]);  // (both arguments are shifted by their max: <= 0, or NaN)
     joint[k] = exp_nonpos8(_mm256_sub_ps(joint[k], shift2));
-    s1[k & 3] = _mm256_add_ps(s1[k & 3], pi[k]);
-    s2[k & 3] = _mm256_add_ps(s2[k & 3], joint[k]);
+    a1 = _mm256_add_ps(a1, pi[k]);
+    a2 = _mm256_add_ps(a2, joint[k]);
+  };
+  for (int64_t k = 0; k < K4; k += 4)
+    for (int u = 0; u < 4; ++u) exps(k + u, s1[u], s2[u]);
+  switch (K - K4) {  // (constant indices: the partial sums stay in registers)
+    case 3: exps(K4 + 2, s1[2], s2[2]); [[fallthrough]];
+    case 2: exps(K4 + 1, s1[1], s2[1]); [[fallthrough]];
+    case 1: exps(K4, s1[0], s2[0]); break;
+    default: break;
   }
   const __m256 sum = _mm256_add_ps(_mm256_add_ps(s1[0], s1[1]), _mm256_add_ps(s1[2], s1[3]));
   const __m256 sum2 = _mm256_add_ps(_mm256_add_ps(s2[0], s2[1]), _mm256_add_ps(s2[2], s2[3]));
@@ -913,10 +927,15 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
   const __m256i order =
       D == 4 ? _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7) : _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
   float* const rk = w.rk.data();
+  // (the inputs' pointers and strides, and the scratch rows, in locals: the stores through __m256* below may alias
+  // anything, so members would be reloaded in every iteration)
+  const float *const mu_all = in.mu, *const ls_all = in.ls, *const y_all = in.y;
+  const int64_t mu_rs = in.mu_rs, ls_rs = in.ls_rs, y_rs = in.y_rs;
+  __m256 *const zi_all = w.mu.data(), *const zs_all = w.ls.data();
   for (int64_t i = 0; i < kLanes; ++i) {
-    const float *mu = in.mu + i * in.mu_rs, *ls = in.ls + i * in.ls_rs, *y = in.y + i * in.y_rs;
-    __m256 *const zi = w.mu.data() + i * nv, *const zs = w.ls.data() + i * nv;  // z / s and z^2 per vector
-    float* const row = rk + i * K;  // log N_k + D log(2 pi) / 2 (rows in order: the 8-wide stores spill forward)
+    const float *mu = mu_all + i * mu_rs, *ls = ls_all + i * ls_rs, *y = y_all + i * y_rs;
+    __m256 *const zi = zi_all + i * nv, *const zs = zs_all + i * nv;  // z / s and z^2 per vector
+    float* const row = rk + i * K;  // log N_k (rows in order: the 8-wide stores spill forward)
     if constexpr (kWide) {  // D / 8 vectors per component, summed; 8 components at a time (the last padded)
       for (int64_t k0 = 0; k0 < K; k0 += 8) {
         __m256 t[8];
@@ -941,8 +960,8 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
         // one component per vector: [sums of the low halves | high halves] of 4, added
         const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
         const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(t[4], t[5]), _mm256_hadd_ps(t[6], t[7]));
-        _mm256_storeu_ps(row + k0,
-                         _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31)));
+        const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+        _mm256_storeu_ps(row + k0, _mm256_sub_ps(sums, offset));
       }
     } else {
       // the target's D values repeated over the vector's 8 / D components
@@ -954,14 +973,17 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
       } else {
         yv = _mm256_broadcast_ss(y);
       }
-      // vectors of 8 / D components; D of them hold 8 components (the last group padded with zero vectors)
-      for (int64_t j0 = 0; j0 < nv; j0 += D) {
+      // vectors of 8 / D components; D of them hold 8 components (the last block padded with zero vectors: only
+      // that block checks the vector count)
+      const auto block = [&](int64_t j0, auto whole) {
         __m256 t[4];
         for (int64_t u = 0; u < D; ++u) {
           const int64_t j = j0 + u;
-          if (j >= nv) {
-            t[u] = zero;
-            continue;
+          if constexpr (!whole()) {
+            if (j >= nv) {
+              t[u] = zero;
+              continue;
+            }
           }
           const __m256 l = _mm256_loadu_ps(ls + 8 * j);
           const __m256 inv = exp_neg8(l);
@@ -981,13 +1003,15 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
         } else {
           s8 = t[0];
         }
-        _mm256_storeu_ps(row + j0 * 8 / D, s8);
-      }
+        _mm256_storeu_ps(row + j0 * 8 / D, _mm256_sub_ps(s8, offset));
+      };
+      int64_t j0 = 0;
+      for (; j0 + D <= nv; j0 += D) block(j0, std::true_type{});
+      if (j0 < nv) block(j0, std::false_type{});
     }
   }
   to_lanes(rk, K, w.joint.data());
   to_lanes(in.lg, K, w.lg.data(), in.lg_rs);
-  for (int64_t k = 0; k < K; ++k) w.joint[k] = _mm256_sub_ps(w.joint[k], offset);
   const Lse st = mixture_lse(w);
   store_loss_saved<NoPhysics::kSaved>(out.loss, out.saved, _mm256_xor_ps(st.lse, sign), st, zero);
   if constexpr (kGrad) {
@@ -1007,8 +1031,11 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
                         reinterpret_cast<uintptr_t>(out.gs) % (8 * sizeof(grad_t)) == 0;
     // f(j, v, cv, none) over sample i's vectors j: cv = -g gamma_k of the vector's component(s) over their lanes,
     // none their gamma_k = 0 masks (with_masks), v the vector's place in its component (D >= 8; else 0)
+    const float* const rk_mask = w.rk_mask.data();
+    grad_t *const gm_all = out.gm, *const gs_all = out.gs, *const gt_all = out.gt;
+    __m256* const gt = w.gt.data();
     const auto each_vector = [&](int64_t i, auto with_masks, auto&& f) {
-      const float *const c = rk + i * K, *const none = w.rk_mask.data() + i * K;
+      const float *const c = rk + i * K, *const none = rk_mask + i * K;
       if constexpr (kWide) {
         for (int64_t k = 0; k < K; ++k) {
           const __m256 cv = _mm256_broadcast_ss(c + k);
@@ -1024,10 +1051,9 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
     // whole (streamed stores of the two outputs interleaved leave partial write-combining lines, see from_lanes)
     const auto rows = [&](auto streamed, auto with_masks) {
       for (int64_t i = 0; i < kLanes; ++i) {
-        const __m256* const zi = w.mu.data() + i * nv;
-        grad_t *const gm = out.gm + i * KD, *const gy = out.gt + i * Dn;
+        const __m256* const zi = zi_all + i * nv;
+        grad_t *const gm = gm_all + i * KD, *const gy = gt_all + i * Dn;
         // d/dy = -sum_k d/dmu_k: D >= 16 per vector of the D / 8 (in w.gt), else in one vector (gt1)
-        __m256* const gt = w.gt.data();
         __m256 gt1 = zero;
         if constexpr (D == 0)
           for (int64_t v = 0; v < vpc; ++v) gt[v] = zero;
@@ -1057,8 +1083,8 @@ void group8_rows(const GroupIn& in, __m256 g, Scratch& w, const GroupOut<grad_t>
         }
       }
       for (int64_t i = 0; i < kLanes; ++i) {
-        const __m256* const zs = w.ls.data() + i * nv;
-        grad_t* const gs = out.gs + i * KD;
+        const __m256* const zs = zs_all + i * nv;
+        grad_t* const gs = gs_all + i * KD;
         each_vector(i, with_masks, [&](int64_t j, int64_t, __m256 cv, __m256 none) {
           __m256 x = _mm256_fmsub_ps(zs[j], cv, cv);
           if constexpr (with_masks()) x = _mm256_andnot_ps(none, x);
