@@ -145,6 +145,20 @@ def peak_memory_bytes(fn, device: str = "cpu", setup=None, warm: bool = True) ->
     return int(max(totals)) if totals else 0
 
 
+def with_cuda_lanes(on: bool, fn):
+    """``fn`` wrapped to run with the CUDA lane-per-element schedule of the mixture NLL on / off
+    (``physmdn._C.set_cuda_lanes_schedule``), the previous setting restored after each call."""
+    import physmdn
+
+    def run(*args):
+        prev = physmdn._C.set_cuda_lanes_schedule(on)
+        try:
+            return fn(*args)
+        finally:
+            physmdn._C.set_cuda_lanes_schedule(prev)
+    return run
+
+
 def copy_bandwidth(device: str, nbytes: int, repeat: int = 20, max_time: float = 2.0) -> dict:
     """The roofline: achieved bandwidth of ``dst.copy_(src)`` on ``device`` for ``nbytes``-byte float32 buffers,
     counting read + write (``2 * nbytes`` per call). Returns bytes, median/p20/p80 ms and ``gb_s`` (1e9 B/s)."""

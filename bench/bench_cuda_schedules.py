@@ -24,7 +24,7 @@ import torch
 import physmdn
 
 from _common import (RESULTS_DIR, base_parser, copy_bandwidth, format_table, machine_info, timeit_interleaved,
-                     write_results)
+                     with_cuda_lanes, write_results)
 
 COLUMNS = ["shape", "dtype", "pass", "default_ms", "lanes_ms", "default_p20_p80", "lanes_p20_p80", "lanes_speedup",
            "lanes_GB/s", "lanes_%copy", "max_rel_diff"]
@@ -38,16 +38,6 @@ def _inputs(B, K, D, dtype, device):
     x = [torch.randn(B, K, generator=g), torch.randn(B, K, D, generator=g),
          0.3 * torch.randn(B, K, D, generator=g) - 0.3, torch.randn(B, D, generator=g)]
     return [t.to(device=device, dtype=dtype) for t in x]
-
-
-def _with(on, fn):
-    def run(*args):
-        prev = physmdn._C.set_cuda_lanes_schedule(on)
-        try:
-            return fn(*args)
-        finally:
-            physmdn._C.set_cuda_lanes_schedule(prev)
-    return run
 
 
 def _max_rel_diff(a, b) -> float:
@@ -88,8 +78,8 @@ def main(argv=None):
                 return (loss, *torch.autograd.grad(loss, leaves))
 
             # agreement first (loss, saved and gradients of the op; the end-to-end gradients)
-            diff = max(_max_rel_diff(_with(True, fwd)(*x, True, 1.0), _with(False, fwd)(*x, True, 1.0)),
-                       _max_rel_diff(_with(True, train)(), _with(False, train)()))
+            diff = max(_max_rel_diff(with_cuda_lanes(True, fwd)(*x, True, 1.0), with_cuda_lanes(False, fwd)(*x, True, 1.0)),
+                       _max_rel_diff(with_cuda_lanes(True, train)(), with_cuda_lanes(False, train)()))
             tol = 1e-4 if dtype == torch.float32 else 2e-2
             if diff > tol:
                 mismatch = True
@@ -100,7 +90,7 @@ def main(argv=None):
                       "fwd+grads": (lambda: fwd(*x, True, 1.0), inputs_bytes + grads_bytes),
                       "train": (train, inputs_bytes + grads_bytes)}
             for name, (fn, nbytes) in passes.items():
-                stats = timeit_interleaved({"default": _with(False, fn), "lanes": _with(True, fn)}, dev,
+                stats = timeit_interleaved({"default": with_cuda_lanes(False, fn), "lanes": with_cuda_lanes(True, fn)}, dev,
                                            repeat=args.repeat)
                 d, l = stats["default"], stats["lanes"]
                 if "error" in d or "error" in l:

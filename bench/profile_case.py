@@ -21,6 +21,8 @@ import torch
 import physmdn
 from physmdn import physics as P
 
+from _common import with_cuda_lanes
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,13 +42,7 @@ def main(argv=None) -> int:
         return [x.to(dtype).requires_grad_(i < 3) for i, x in enumerate(t)]
 
     def lanes(fn):
-        def run(*t):
-            prev = physmdn._C.set_cuda_lanes_schedule(True)
-            try:
-                return fn(*t)
-            finally:
-                physmdn._C.set_cuda_lanes_schedule(prev)
-        return run
+        return with_cuda_lanes(True, fn)
 
     coeffs = 0.3 * torch.randn(args.B, args.K, 1, 4, generator=g, device=args.device)
     cases = [
