@@ -151,3 +151,26 @@ def test_cuda_lanes_switch_changes_the_kernel(lanes_on):
     assert not all(torch.equal(a, b) for a, b in zip(lanes, tiled))
     for a, b in zip(lanes, tiled):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@cuda_only
+@pytest.mark.parametrize("B,K,D", [(100003, 8, 4), (65537, 3, 5), (40001, 16, 16)])
+def test_cuda_lanes_large_batches_agree_with_the_default_schedule(B, K, D, lanes_on):
+    """Many blocks (B G threads, partial last block): the same losses and gradients as the default schedule (float32,
+    up to summation order), the backward op with per-sample upstream gradients included."""
+    inputs = T.make_inputs(B, K, D, torch.float32, "cuda", seed=B)
+    grad_loss = torch.rand(B, device="cuda")
+    lanes = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
+    lanes_bwd = torch.ops.physmdn.mixture_nll_bwd(grad_loss, *inputs, lanes[1])
+    physmdn._C.set_cuda_lanes_schedule(False)
+    default = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
+    default_bwd = torch.ops.physmdn.mixture_nll_bwd(grad_loss, *inputs, default[1])
+    for a, b in zip((*lanes[:1], *lanes[2:], *lanes_bwd), (*default[:1], *default[2:], *default_bwd)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@cuda_only
+def test_cuda_lanes_falls_back_for_layouts_it_does_not_take(lanes_on):
+    """Strided / expanded inputs (the lane kernel needs contiguous ones) and D > 32 take the other kernels."""
+    T.test_noncontiguous_and_expanded_inputs("cuda", None)
+    T.check_against_reference(T.make_inputs(9, 3, 40, torch.float32, "cuda", seed=2), torch.float32, 1e-5, 1e-4)
