@@ -118,10 +118,10 @@ struct CpuBackend {
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return cpu::pooled_empty(sizes, opts); }
   // forward-with-gradients writes bfloat16 / float16 gradients directly (cpu/kernels.cpp)
   static constexpr bool kForwardGradInInputDtype = true;
-  // the mixture NLL: the forward with gradients writes reduced dtypes directly, the backward op float32
+  // the mixture NLL: the forward with gradients as above, the backward op float32
   static bool mixture_grads_in_input_dtype(bool backward, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&) {
-    return !backward;
+    return !backward && kForwardGradInInputDtype;
   }
   static void check_device(const at::Tensor& means) {
     TORCH_CHECK(means.device().is_cpu(), "means must be a CPU tensor for the CPU kernel, got ", means.device());
