@@ -1,0 +1,322 @@
+// The CUDA backend: the launchers, the schedule chosen from K and K * D, and CudaBackend (the op_impl.h backend the
+// CUDA ops run through; kernels.cu registers it). For the mixture NLL with contiguous inputs and fewer than 16
+// components, a tiled thread per sample (coalesced vector loads through shared memory, one pass for loss and
+// gradients) while a sample fits in shared memory; a warp per sample from 16 components on; otherwise (strided
+// inputs, the fused physics loss) a plain thread per sample reading its parameters in place. With
+// physmdn._C.set_cuda_lanes_schedule(True), the lane-per-element kernel first where it applies. Accumulation in
+// float32 (float64 for double inputs). The kernels themselves are in device_kernels.cuh.
+//
+// A header so that the same code also runs on the CPU under the simulator of tests/cuda_sim/host_sim.h
+// (tests/test_cuda_sim.py). The includer provides, before including it:
+//   PHYSMDN_LAUNCH(grid, block, shared_bytes, kernel)(args...)  launches kernel on the current stream
+//   PHYSMDN_LAUNCH_CHECK()                                      checks the last launch
+//   PHYSMDN_DEVICE_GUARD(device)                                a statement: makes device current for the scope
+//   PHYSMDN_ON_DEVICE(tensor)                                   whether the tensor lives on the device
+//   int physmdn::multiprocessor_count(int device_index)
+#pragma once
+#if !defined(PHYSMDN_LAUNCH) || !defined(PHYSMDN_LAUNCH_CHECK) || !defined(PHYSMDN_DEVICE_GUARD) || \
+    !defined(PHYSMDN_ON_DEVICE)
+#error "csrc/cuda/backend.cuh: define the launch hooks first (see its header comment)"
+#endif
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cuda/device_kernels.cuh"
+#include "mixture_math.h"
+#include "op_impl.h"
+#include "physics_math.h"
+#include "views.h"
+
+namespace physmdn {
+namespace {
+
+template <typename T>
+T* data_or_null(at::Tensor& t) {
+  return t.numel() ? t.data_ptr<T>() : nullptr;
+}
+
+bool tiled_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target) {
+  return means.size(1) < kWarpMinComponentsTiled && logits.is_contiguous() && means.is_contiguous() &&
+         log_scales.is_contiguous() && target.is_contiguous() && means.numel() < (int64_t(1) << 31);
+}
+
+// Launches the tiled kernel; false when a sample does not fit in shared memory (the caller falls back).
+template <bool kGrad>
+bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target, const at::Tensor* grad_loss, double g_default, at::Tensor* loss,
+                  at::Tensor* saved, at::Tensor* gl, at::Tensor* gm, at::Tensor* gs, at::Tensor* gt) {
+  if (!tiled_inputs(logits, means, log_scales, target)) return false;
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  bool launched = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_tiled_nll", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int threads = tile_threads<acc_t>(K, D);
+    if (threads == 0) return;
+    const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
+    const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D);
+    PHYSMDN_LAUNCH(blocks, threads, smem, tiled_nll_kernel<scalar_t, acc_t, kGrad>)(
+        logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
+        target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D),
+        grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
+        static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
+        saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<acc_t>() : nullptr,
+        gm ? gm->data_ptr<acc_t>() : nullptr, gs ? gs->data_ptr<acc_t>() : nullptr,
+        gt ? gt->data_ptr<acc_t>() : nullptr);
+    PHYSMDN_LAUNCH_CHECK();
+    launched = true;
+  });
+  return launched;
+}
+
+bool lanes_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target) {
+  const int64_t K = means.size(1), D = means.size(2);
+  return cuda_lanes_schedule_enabled().load(std::memory_order_relaxed) && D <= 32 &&
+         K * pow2_at_least(D) <= kLanesMaxElements && logits.is_contiguous() && means.is_contiguous() &&
+         log_scales.is_contiguous() && target.is_contiguous() && means.numel() < (int64_t(1) << 31);
+}
+
+template <bool kGrad, typename scalar_t, typename acc_t, typename grad_t>
+void launch_lanes_typed(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                        const at::Tensor& target, const at::Tensor* grad_loss, double g_default, at::Tensor* loss,
+                        at::Tensor* saved, at::Tensor* gl, at::Tensor* gm, at::Tensor* gs, at::Tensor* gt, int64_t B,
+                        int64_t K, int64_t D) {
+  const LanesLaunch c = lanes_launch(B, K, D);
+  const auto kernel = lanes_kernel_for<kGrad, scalar_t, acc_t, grad_t>(c.J);
+  PHYSMDN_LAUNCH(static_cast<unsigned int>(c.blocks), kLanesThreads, 0, kernel)(
+      logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
+      target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), c.log2_Dp, c.log2_G,
+      grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
+      static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
+      saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<grad_t>() : nullptr,
+      gm ? gm->data_ptr<grad_t>() : nullptr, gs ? gs->data_ptr<grad_t>() : nullptr,
+      gt ? gt->data_ptr<grad_t>() : nullptr);
+  PHYSMDN_LAUNCH_CHECK();
+}
+
+// Launches the lane-per-element kernel; false when it does not apply (the caller takes another schedule).
+template <bool kGrad>
+bool launch_lanes(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target, const at::Tensor* grad_loss, double g_default, at::Tensor* loss,
+                  at::Tensor* saved, at::Tensor* gl, at::Tensor* gm, at::Tensor* gs, at::Tensor* gt) {
+  if (!lanes_inputs(logits, means, log_scales, target)) return false;
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  if (B == 0) return true;
+  // the gradients in the input dtype (mixture_grads_in_input_dtype: no float32 [B, K, D] copies for bfloat16 /
+  // float16 inputs) or in the accumulation dtype
+  const bool direct = gm != nullptr && gm->scalar_type() == means.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_lanes_nll", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (direct || std::is_same<acc_t, scalar_t>::value) {
+      launch_lanes_typed<kGrad, scalar_t, acc_t, scalar_t>(logits, means, log_scales, target, grad_loss, g_default,
+                                                          loss, saved, gl, gm, gs, gt, B, K, D);
+    } else {
+      launch_lanes_typed<kGrad, scalar_t, acc_t, acc_t>(logits, means, log_scales, target, grad_loss, g_default, loss,
+                                                       saved, gl, gm, gs, gt, B, K, D);
+    }
+  });
+  return true;
+}
+
+
+void cuda_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double scale) {
+  check_scale_by_args(tensors, upstream);
+  if (!PHYSMDN_ON_DEVICE(upstream)) return scale_by_on_host(tensors, upstream, scale);  // a host value: no sync
+  PHYSMDN_DEVICE_GUARD(upstream.device());
+  const auto u = upstream.reshape({});
+  const auto is_scale = u.eq(scale);  // (scale rounded to u's dtype)
+  // the factor in dtype, as torch computes upstream.to(dtype) / scale; exactly 1 where upstream is the scale
+  const auto factor_in = [&](at::ScalarType dtype) {
+    auto f = u.to(dtype);
+    if (scale != 1.0) f = f / scale;
+    return f.masked_fill(is_scale, 1);
+  };
+  // batches of up to kMaxScaleTensors dense tensors of one dtype, one launch each (blockIdx.y: the tensor); a
+  // tensor that is not dense (its elements not one block of memory) is multiplied by torch (the same values)
+  std::vector<at::Tensor> pending;
+  for (const auto& t : tensors) {
+    if (!t.defined() || t.numel() == 0) continue;
+    if (t.is_non_overlapping_and_dense()) {
+      pending.push_back(t);
+    } else {
+      const_cast<at::Tensor&>(t).mul_(factor_in(t.scalar_type()));
+    }
+  }
+  const int sms = multiprocessor_count(upstream.device().index());
+  while (!pending.empty()) {
+    const auto dtype = pending.front().scalar_type();
+    ScaleTargets targets{};
+    int count = 0;
+    int64_t most = 0;
+    std::vector<at::Tensor> rest;
+    for (auto& t : pending) {
+      if (t.scalar_type() == dtype && count < kMaxScaleTensors) {
+        targets.data[count] = t.data_ptr();
+        targets.numel[count] = t.numel();
+        most = std::max(most, t.numel());
+        ++count;
+      } else {
+        rest.push_back(t);
+      }
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "physmdn_scale_by_", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      // (the factor rounded to dtype first, as torch's mul_ by it would use it; stream-ordered: freeing it after
+      // the launch is safe)
+      const auto f = factor_in(dtype).to(c10::CppTypeToScalarType<acc_t>::value);
+      const int64_t blocks = std::min<int64_t>((most + 255) / 256, 8 * static_cast<int64_t>(sms));
+      const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(count));
+      PHYSMDN_LAUNCH(grid, 256, 0, scale_by_kernel<scalar_t, acc_t>)(targets,
+                                                                                            f.const_data_ptr<acc_t>());
+      PHYSMDN_LAUNCH_CHECK();
+    });
+    pending = std::move(rest);
+  }
+}
+
+struct CudaBackend {
+  static void check_device(const at::Tensor& means) {
+    TORCH_CHECK(PHYSMDN_ON_DEVICE(means), "means must be a CUDA tensor for the CUDA kernel, got ", means.device());
+  }
+
+  static void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                                  const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
+    PHYSMDN_DEVICE_GUARD(means.device());
+    if (launch_lanes<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
+                            nullptr) ||
+        launch_tiled<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
+                            nullptr))
+      return;
+    const int64_t B = means.size(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_fwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
+      if (v.K >= kWarpMinComponents) {
+        PHYSMDN_LAUNCH(warp_blocks_for(B), 32 * kWarpsPerBlock, 0, warp_fwd_kernel<scalar_t, acc_t, false>)(
+            v, math::PhysicsView<scalar_t>{}, B, loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>(),
+            math::kSavedPerSample);
+      } else {
+        PHYSMDN_LAUNCH(blocks_for(B), kThreads, 0, mixture_nll_fwd_kernel<scalar_t, acc_t>)(
+            v, B, loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>());
+      }
+      PHYSMDN_LAUNCH_CHECK();
+    });
+  }
+
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
+  // the kernels write float32 gradients (converted on return for bfloat16 / float16 inputs)
+  static constexpr bool kForwardGradInInputDtype = false;
+  // the mixture NLL's lane-per-element kernel writes the input dtype directly (forward and backward op); the others
+  // float32 (converted on return)
+  static bool mixture_grads_in_input_dtype(bool, const at::Tensor& logits, const at::Tensor& means,
+                                           const at::Tensor& log_scales, const at::Tensor& target) {
+    return lanes_inputs(logits, means, log_scales, target);
+  }
+
+  // Single pass (loss and gradients) with the tiled kernel; otherwise false and op_impl runs forward, then
+  // backward with grad_scale.
+  static bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                                       const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& gl,
+                                       at::Tensor& gm, at::Tensor& gs, at::Tensor& gt, double grad_scale) {
+    PHYSMDN_DEVICE_GUARD(means.device());
+    return launch_lanes<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs,
+                              &gt) ||
+           launch_tiled<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs,
+                              &gt);
+  }
+
+  static void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
+                                   const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
+                                   at::Tensor& gl, at::Tensor& gm, at::Tensor& gs, at::Tensor& gt) {
+    PHYSMDN_DEVICE_GUARD(means.device());
+    // the tiled kernel recomputes the forward per sample (the saved state is not needed)
+    if (launch_lanes<true>(logits, means, log_scales, target, &grad_loss, 1.0, nullptr, nullptr, &gl, &gm, &gs, &gt) ||
+        launch_tiled<true>(logits, means, log_scales, target, &grad_loss, 1.0, nullptr, nullptr, &gl, &gm, &gs, &gt))
+      return;
+    const int64_t B = means.size(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_bwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
+      if (v.K >= kWarpMinComponents) {
+        PHYSMDN_LAUNCH(warp_blocks_for(B), 32 * kWarpsPerBlock, 0, warp_bwd_kernel<scalar_t, acc_t, false>)(
+            v, math::PhysicsView<scalar_t>{}, B, grad_loss.const_data_ptr<scalar_t>(), grad_loss.stride(0),
+            saved.const_data_ptr<acc_t>(), math::kSavedPerSample, gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(),
+            gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>(), nullptr, nullptr, nullptr, 0, 0);
+      } else {
+        PHYSMDN_LAUNCH(blocks_for(B), kThreads, 0, mixture_nll_bwd_kernel<scalar_t, acc_t>)(
+            v, B, grad_loss.const_data_ptr<scalar_t>(), grad_loss.stride(0), saved.const_data_ptr<acc_t>(),
+            gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>());
+      }
+      PHYSMDN_LAUNCH_CHECK();
+    });
+  }
+
+  // No single pass for the fused loss on the GPU: op_impl runs forward, then backward with grad_scale.
+  static bool mdn_loss_forward_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                    const PhysicsArgs&, int, int64_t, at::Tensor&, at::Tensor&, at::Tensor&,
+                                    at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, double) {
+    return false;
+  }
+
+  static void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                               const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
+                               const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order,
+                               int64_t rows, at::Tensor& loss, at::Tensor& saved) {
+    PHYSMDN_DEVICE_GUARD(means.device());
+    const int64_t B = means.size(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_fwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
+      const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
+      if (v.K >= kWarpMinComponents) {
+        PHYSMDN_LAUNCH(warp_blocks_for(B), 32 * kWarpsPerBlock, 0, warp_fwd_kernel<scalar_t, acc_t, true>)(
+            v, p, B, loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>(), math::kSavedPerSampleLoss);
+      } else {
+        PHYSMDN_LAUNCH(blocks_for(B), kThreads, 0, mdn_loss_fwd_kernel<scalar_t, acc_t>)(
+            v, p, B, loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>());
+      }
+      PHYSMDN_LAUNCH_CHECK();
+    });
+  }
+
+  static void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
+                                const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
+                                const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
+                                int order, int64_t rows, const at::Tensor& saved, at::Tensor& gl, at::Tensor& gm,
+                                at::Tensor& gs, at::Tensor& gt, at::Tensor& gp0, at::Tensor& gp1, at::Tensor& ge) {
+    PHYSMDN_DEVICE_GUARD(means.device());
+    const int64_t B = means.size(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_bwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
+      int64_t n0 = 0, n1 = 0;
+      math::param_row_sizes(p, means.size(2), &n0, &n1);
+      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
+      if (v.K >= kWarpMinComponents) {
+        PHYSMDN_LAUNCH(warp_blocks_for(B), 32 * kWarpsPerBlock, 0, warp_bwd_kernel<scalar_t, acc_t, true>)(
+            v, p, B, grad_loss.const_data_ptr<scalar_t>(), grad_loss.stride(0), saved.const_data_ptr<acc_t>(),
+            math::kSavedPerSampleLoss, gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), gs.data_ptr<acc_t>(),
+            gt.data_ptr<acc_t>(), data_or_null<acc_t>(gp0), data_or_null<acc_t>(gp1), data_or_null<acc_t>(ge), n0, n1);
+      } else {
+        PHYSMDN_LAUNCH(blocks_for(B), kThreads, 0, mdn_loss_bwd_kernel<scalar_t, acc_t>)(
+            v, p, B, grad_loss.const_data_ptr<scalar_t>(), grad_loss.stride(0), saved.const_data_ptr<acc_t>(),
+            gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>(),
+            data_or_null<acc_t>(gp0), data_or_null<acc_t>(gp1), data_or_null<acc_t>(ge), n0, n1);
+      }
+      PHYSMDN_LAUNCH_CHECK();
+    });
+  }
+};
+
+}  // namespace
+
+}  // namespace physmdn

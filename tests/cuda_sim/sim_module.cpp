@@ -1,0 +1,315 @@
+// The CUDA kernels of csrc/cuda/device_kernels.cuh run on the CPU by the simulator of host_sim.h, one function per
+// kernel family, launched with the shapes kernels.cu uses (tests/test_cuda_sim.py builds this with
+// torch.utils.cpp_extension and compares the results with the reference). CPU tensors in, CPU tensors out; the
+// outputs are allocated as the CUDA backend allocates them (gradients in the accumulation dtype, or in the input
+// dtype for the lanes kernel when asked).
+#include <torch/extension.h>
+
+#include <atomic>
+
+#include "host_sim.h"
+
+// csrc/cuda/backend.cuh's hooks: launches run in the simulator; "the device" is the CPU
+#define PHYSMDN_LAUNCH(grid, block, shared_bytes, ...) \
+  ::cuda_sim::Launch{(__VA_ARGS__), dim3(grid), dim3(block), static_cast<size_t>(shared_bytes)}
+#define PHYSMDN_LAUNCH_CHECK() ((void)0)
+#define PHYSMDN_DEVICE_GUARD(device) ((void)(device))
+#define PHYSMDN_ON_DEVICE(tensor) ((tensor).is_cpu())
+
+namespace physmdn {
+namespace {
+// the simulated shared memory of one block (tiled_nll_kernel declares it `extern __shared__`)
+constexpr size_t kSimSharedBytes = 64 * 1024;
+alignas(16) unsigned char tile_smem[kSimSharedBytes];
+int multiprocessor_count(int) { return 2; }  // (small grids: scale_by_kernel's grid-stride loop runs)
+}  // namespace
+
+// What csrc/ops.cpp defines for the real extension.
+std::atomic<bool>& cuda_lanes_schedule_enabled() {
+  static std::atomic<bool> enabled{false};
+  return enabled;
+}
+void scale_by_on_host(at::TensorList, const at::Tensor&, double) {
+  TORCH_CHECK(false, "cuda_sim: _scale_by_'s host path (an upstream value on the host) is not simulated");
+}
+}  // namespace physmdn
+
+#include "cuda/backend.cuh"
+
+namespace physmdn {
+namespace {
+
+using at::Tensor;
+using Stats = cuda_sim::Stats;
+
+struct RegisterShared {
+  RegisterShared() { cuda_sim::shared_buffer() = {tile_smem, kSimSharedBytes}; }
+} register_shared;
+
+py::dict stats_dict(const Stats& s) {
+  py::dict d;
+  d["blocks"] = s.blocks, d["threads"] = s.threads, d["shuffles"] = s.shuffles, d["syncwarps"] = s.syncwarps,
+  d["syncthreads"] = s.syncthreads;
+  return d;
+}
+
+template <typename T>
+T* ptr_or_null(Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+void check_inputs(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target) {
+  TORCH_CHECK(means.dim() == 3 && logits.dim() == 2 && log_scales.sizes() == means.sizes() && target.dim() == 2,
+              "cuda_sim: logits [B, K], means / log_scales [B, K, D], target [B, D]");
+  for (const Tensor* t : {&logits, &means, &log_scales, &target})
+    TORCH_CHECK(t->is_cpu() && t->scalar_type() == means.scalar_type(), "cuda_sim: CPU tensors of one dtype");
+}
+
+// lanes_nll_kernel (kernels.cu launch_lanes): the forward (grad = false: loss and saved state), the forward with
+// gradients (grad_loss undefined: every sample's upstream gradient is g_default) or the backward (grad_loss [B],
+// loss and saved not written). Returns loss, saved, gl, gm, gs, gt (undefined where not computed), stats.
+py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
+                    const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool grads_in_input_dtype,
+                    bool write_loss) {
+  check_inputs(logits, means, log_scales, target);
+  for (const Tensor* t : {&logits, &means, &log_scales, &target})
+    TORCH_CHECK(t->is_contiguous(), "cuda_sim: the lanes kernel takes contiguous inputs");
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  TORCH_CHECK(D <= 32 && K * pow2_at_least(D) <= kLanesMaxElements, "cuda_sim: lanes_inputs does not hold");
+  const auto dtype = means.scalar_type(), acc = acc_dtype(dtype);
+  const auto grad_dtype = grads_in_input_dtype ? dtype : acc;
+  Tensor loss, saved, gl, gm, gs, gt;
+  if (write_loss) {
+    loss = at::full({B}, std::numeric_limits<double>::quiet_NaN(), means.options());
+    saved = at::full({B, math::kSavedPerSample}, std::numeric_limits<double>::quiet_NaN(), means.options().dtype(acc));
+  }
+  if (grad) {
+    const auto o = means.options().dtype(grad_dtype);
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    gl = at::full({B, K}, nan, o), gm = at::full({B, K, D}, nan, o), gs = at::full({B, K, D}, nan, o);
+    gt = at::full({B, D}, nan, o);
+  }
+  Tensor g = grad_loss.has_value() ? grad_loss->to(dtype) : Tensor();
+  Stats stats;
+  const LanesLaunch c = lanes_launch(B, K, D);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_lanes", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto run = [&](auto grad_tag, auto kgrad) {
+      using grad_t = typename decltype(grad_tag)::type;
+      const auto kernel = lanes_kernel_for<decltype(kgrad)::value, scalar_t, acc_t, grad_t>(c.J);
+      stats = cuda_sim::launch(
+          dim3(static_cast<unsigned int>(c.blocks)), dim3(kLanesThreads), 0, kernel,
+          logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
+          target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), c.log2_Dp, c.log2_G,
+          g.defined() ? g.const_data_ptr<scalar_t>() : nullptr, g.defined() ? g.stride(0) : int64_t{0},
+          static_cast<acc_t>(g_default), ptr_or_null<scalar_t>(loss), ptr_or_null<acc_t>(saved),
+          ptr_or_null<grad_t>(gl), ptr_or_null<grad_t>(gm), ptr_or_null<grad_t>(gs), ptr_or_null<grad_t>(gt));
+    };
+    if (B == 0) return;
+    const bool direct = grads_in_input_dtype || std::is_same<acc_t, scalar_t>::value;
+    if (grad) {
+      direct ? run(std::type_identity<scalar_t>{}, std::true_type{}) : run(std::type_identity<acc_t>{}, std::true_type{});
+    } else {
+      run(std::type_identity<scalar_t>{}, std::false_type{});
+    }
+  });
+  return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(stats), c.J, c.log2_G, c.log2_Dp);
+}
+
+// tiled_nll_kernel (kernels.cu launch_tiled): as lanes_nll, gradients in the accumulation dtype.
+py::tuple tiled_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
+                    const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool write_loss) {
+  check_inputs(logits, means, log_scales, target);
+  for (const Tensor* t : {&logits, &means, &log_scales, &target})
+    TORCH_CHECK(t->is_contiguous(), "cuda_sim: the tiled kernel takes contiguous inputs");
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  const auto dtype = means.scalar_type(), acc = acc_dtype(dtype);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  Tensor loss, saved, gl, gm, gs, gt;
+  if (write_loss) {
+    loss = at::full({B}, nan, means.options());
+    saved = at::full({B, math::kSavedPerSample}, nan, means.options().dtype(acc));
+  }
+  if (grad) {
+    const auto o = means.options().dtype(acc);
+    gl = at::full({B, K}, nan, o), gm = at::full({B, K, D}, nan, o), gs = at::full({B, K, D}, nan, o);
+    gt = at::full({B, D}, nan, o);
+  }
+  Tensor g = grad_loss.has_value() ? grad_loss->to(dtype) : Tensor();
+  Stats stats;
+  int threads = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_tiled", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    threads = tile_threads<acc_t>(K, D);
+    TORCH_CHECK(threads > 0, "cuda_sim: a sample does not fit in the tile (the tiled kernel is not launched)");
+    const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D);
+    TORCH_CHECK(smem <= kSimSharedBytes, "cuda_sim: shared memory beyond the simulated buffer");
+    if (B == 0) return;
+    const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
+    const auto run = [&](auto kgrad) {
+      stats = cuda_sim::launch(
+          dim3(blocks), dim3(static_cast<unsigned int>(threads)), smem,
+          tiled_nll_kernel<scalar_t, acc_t, decltype(kgrad)::value>, logits.const_data_ptr<scalar_t>(),
+          means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
+          B, static_cast<int>(K), static_cast<int>(D), g.defined() ? g.const_data_ptr<scalar_t>() : nullptr,
+          g.defined() ? g.stride(0) : int64_t{0}, static_cast<acc_t>(g_default), ptr_or_null<scalar_t>(loss),
+          ptr_or_null<acc_t>(saved), ptr_or_null<acc_t>(gl), ptr_or_null<acc_t>(gm), ptr_or_null<acc_t>(gs),
+          ptr_or_null<acc_t>(gt));
+    };
+    grad ? run(std::true_type{}) : run(std::false_type{});
+  });
+  return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(stats), threads);
+}
+
+// The mixture NLL's per-sample kernels (kernels.cu CudaBackend::mixture_nll_forward / _backward for inputs the
+// lanes and tiled kernels do not take): warp per sample (warp = true, from kWarpMinComponents components on in
+// kernels.cu) or thread per sample; any strides. Forward: loss, saved.
+py::tuple sample_nll_fwd(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
+                         bool warp) {
+  check_inputs(logits, means, log_scales, target);
+  const int64_t B = means.size(0);
+  const auto dtype = means.scalar_type();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  Tensor loss = at::full({B}, nan, means.options());
+  Tensor saved = at::full({B, math::kSavedPerSample}, nan, means.options().dtype(acc_dtype(dtype)));
+  Stats stats;
+  if (B > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_sample_fwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
+      if (warp) {
+        stats = cuda_sim::launch(dim3(warp_blocks_for(B)), dim3(32 * kWarpsPerBlock), 0,
+                                 warp_fwd_kernel<scalar_t, acc_t, false>, v, math::PhysicsView<scalar_t>{}, B,
+                                 loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>(), math::kSavedPerSample);
+      } else {
+        stats = cuda_sim::launch(dim3(blocks_for(B)), dim3(kThreads), 0,
+                                 mixture_nll_fwd_kernel<scalar_t, acc_t>, v, B, loss.data_ptr<scalar_t>(),
+                                 saved.data_ptr<acc_t>());
+      }
+    });
+  }
+  return py::make_tuple(loss, saved, stats_dict(stats));
+}
+
+// Backward of the per-sample kernels: gl, gm, gs, gt (accumulation dtype).
+py::tuple sample_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                         const Tensor& target, const Tensor& saved, bool warp) {
+  check_inputs(logits, means, log_scales, target);
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  const auto dtype = means.scalar_type();
+  const auto o = means.options().dtype(acc_dtype(dtype));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  Tensor gl = at::full({B, K}, nan, o), gm = at::full({B, K, D}, nan, o), gs = at::full({B, K, D}, nan, o);
+  Tensor gt = at::full({B, D}, nan, o);
+  const Tensor g = grad_loss.to(dtype);
+  const Tensor sv = saved.to(acc_dtype(dtype)).contiguous();
+  Stats stats;
+  if (B > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_sample_bwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
+      if (warp) {
+        stats = cuda_sim::launch(dim3(warp_blocks_for(B)), dim3(32 * kWarpsPerBlock), 0,
+                                 warp_bwd_kernel<scalar_t, acc_t, false>, v, math::PhysicsView<scalar_t>{}, B,
+                                 g.const_data_ptr<scalar_t>(), g.stride(0), sv.const_data_ptr<acc_t>(),
+                                 math::kSavedPerSample, gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(),
+                                 gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>(), static_cast<acc_t*>(nullptr),
+                                 static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), int64_t{0}, int64_t{0});
+      } else {
+        stats = cuda_sim::launch(dim3(blocks_for(B)), dim3(kThreads), 0,
+                                 mixture_nll_bwd_kernel<scalar_t, acc_t>, v, B, g.const_data_ptr<scalar_t>(),
+                                 g.stride(0), sv.const_data_ptr<acc_t>(), gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(),
+                                 gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>());
+      }
+    });
+  }
+  return py::make_tuple(gl, gm, gs, gt, stats_dict(stats));
+}
+
+// scale_by_kernel (kernels.cu cuda_scale_by_): the dense tensors of one dtype multiplied in place by the factor
+// (a one-element tensor in the accumulation dtype), over a grid of `blocks` x len(tensors) blocks.
+py::dict scale_by(std::vector<Tensor> tensors, const Tensor& factor, int64_t blocks) {
+  TORCH_CHECK(!tensors.empty() && static_cast<int64_t>(tensors.size()) <= kMaxScaleTensors, "cuda_sim: 1 to ",
+              kMaxScaleTensors, " tensors");
+  const auto dtype = tensors[0].scalar_type();
+  ScaleTargets targets{};
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    TORCH_CHECK(tensors[i].scalar_type() == dtype && tensors[i].is_non_overlapping_and_dense(),
+                "cuda_sim: dense tensors of one dtype");
+    targets.data[i] = tensors[i].data_ptr();
+    targets.numel[i] = tensors[i].numel();
+  }
+  Stats stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_scale_by", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Tensor f = factor.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    stats = cuda_sim::launch(dim3(static_cast<unsigned int>(blocks), static_cast<unsigned int>(tensors.size())),
+                             dim3(256), 0, scale_by_kernel<scalar_t, acc_t>, targets,
+                             f.const_data_ptr<acc_t>());
+  });
+  return stats_dict(stats);
+}
+
+// A kernel that breaks the rules the simulator enforces (for the simulator's own tests): mode 0 a shuffle after
+// half the warp returned, 1 lanes at different warp operations, 2 half a warp at __syncthreads and the other half at a
+// shuffle (a deadlock on a GPU), 3 a clean shuffle (lane i gets lane i ^ 1's value), 4 __syncthreads after one warp
+// returned (valid: returned threads do not hold a barrier up).
+__global__ void misbehave_kernel(int mode, float* out) {
+  const int t = threadIdx.x;
+  if (mode == 0) {
+    if (t % 32 >= 16) return;
+    out[t] = __shfl_xor_sync(0xffffffffu, float(t), 1);
+  } else if (mode == 1) {
+    if (t % 2) __syncwarp();
+    else out[t] = __shfl_xor_sync(0xffffffffu, float(t), 1);
+  } else if (mode == 2) {
+    if (t < 48) __syncthreads();
+    else out[t] = __shfl_xor_sync(0xffffffffu, float(t), 1);
+  } else if (mode == 4) {
+    if (t >= 32) return;
+    out[t] = 1.0f;
+    __syncthreads();
+    out[32 + t] = out[t] + out[31 - t];
+  } else {
+    out[t] = __shfl_xor_sync(0xffffffffu, float(t), 1);
+  }
+}
+
+py::dict misbehave(int64_t mode, Tensor out) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() >= 64 && out.is_contiguous());
+  return stats_dict(cuda_sim::launch(dim3(1), dim3(64), 0, misbehave_kernel,
+                                     static_cast<int>(mode), out.data_ptr<float>()));
+}
+
+}  // namespace
+}  // namespace physmdn
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace physmdn;
+  // the ops as the CUDA build registers them (op_impl.h over CudaBackend, its schedules and launchers), on CPU
+  // tensors; the arguments as in the schemas of torch.ops.physmdn.*
+  m.def("mixture_nll_fwd", &mixture_nll_fwd_impl<CudaBackend>);
+  m.def("mixture_nll_bwd", &mixture_nll_bwd_impl<CudaBackend>);
+  m.def("mdn_loss_fwd", &mdn_loss_fwd_impl<CudaBackend>);
+  m.def("mdn_loss_bwd", &mdn_loss_bwd_impl<CudaBackend>);
+  m.def("scale_by_", [](std::vector<at::Tensor> tensors, const at::Tensor& upstream, double scale) {
+    cuda_scale_by_(tensors, upstream, scale);
+    return stats_dict(cuda_sim::last_stats());
+  });
+  m.def("set_lanes_schedule", [](bool on) { return cuda_lanes_schedule_enabled().exchange(on); });
+  m.def("last_launch", [] { return stats_dict(cuda_sim::last_stats()); });
+  m.def("reset_last_launch", [] { cuda_sim::last_stats() = {}; });
+  m.def("lanes_nll", &lanes_nll, py::arg("logits"), py::arg("means"), py::arg("log_scales"), py::arg("target"),
+        py::arg("grad_loss") = py::none(), py::arg("g_default") = 1.0, py::arg("grad") = true,
+        py::arg("grads_in_input_dtype") = false, py::arg("write_loss") = true);
+  m.def("tiled_nll", &tiled_nll, py::arg("logits"), py::arg("means"), py::arg("log_scales"), py::arg("target"),
+        py::arg("grad_loss") = py::none(), py::arg("g_default") = 1.0, py::arg("grad") = true,
+        py::arg("write_loss") = true);
+  m.def("sample_nll_fwd", &sample_nll_fwd);
+  m.def("sample_nll_bwd", &sample_nll_bwd);
+  m.def("scale_by", &scale_by);
+  m.def("misbehave", &misbehave);
+  m.attr("lanes_threads") = kLanesThreads;
+  m.attr("lanes_max_elements") = kLanesMaxElements;
+  m.attr("warp_min_components") = kWarpMinComponents;
+}

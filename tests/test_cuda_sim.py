@@ -1,0 +1,387 @@
+"""The CUDA kernels run on the CPU: csrc/cuda/device_kernels.cuh compiled as host C++ under a simulator of threads,
+warps, shuffles and barriers (tests/cuda_sim/host_sim.h; the module tests/cuda_sim/sim_module.cpp is built here
+with torch.utils.cpp_extension, ~1 min the first time, cached in build/cuda_sim).
+
+This checks the kernels' own source without a GPU: indexing, the lane maps and shuffle trees, the two-pass
+log-sum-exps, which outputs each thread writes (outputs start as NaN, so an element no thread wrote fails the
+comparison), partial blocks and grid-stride loops. The simulator reports a shuffle or __syncwarp with lanes that
+returned or lanes at different warp operations, and deadlocks, as errors. Not covered: the device's own exp / log
+(the host branch of mixture_math.h runs), races and memory ordering between real concurrent threads, nvcc's code
+generation, speed. The GPU itself runs these kernels in test_cuda_lanes.py, test_mixture_nll.py etc. when there is
+one (bench/gpu_check.sh)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+import physmdn
+from physmdn import reference
+from conftest import rel_err
+from test_cuda_lanes import LANES_SHAPES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def sim():
+    from torch.utils import cpp_extension
+
+    build = os.path.join(ROOT, "build", "cuda_sim")
+    os.makedirs(build, exist_ok=True)
+    # ninja comes with the virtual environment (scripts/setup.sh), which need not be on PATH
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    return cpp_extension.load(
+        name="physmdn_cuda_sim", sources=[os.path.join(ROOT, "tests", "cuda_sim", "sim_module.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "cuda_sim")],
+        extra_cflags=["-O1", "-std=c++20"], build_directory=build, verbose=False)
+
+
+def make_inputs(B, K, D, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = 2.0 * torch.randn(B, K, generator=g, dtype=torch.float64)
+    means = torch.randn(B, K, D, generator=g, dtype=torch.float64)
+    log_scales = 0.5 * torch.randn(B, K, D, generator=g, dtype=torch.float64)
+    target = torch.randn(B, D, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (logits, means, log_scales, target)]
+
+
+def expected(inputs, weights):
+    """float64 reference loss and the gradients of sum(weights * loss) on the same (rounded) numbers."""
+    x = [t.double().detach().requires_grad_(True) for t in inputs]
+    loss = reference.mixture_nll(*x)
+    grads = torch.autograd.grad((loss * weights.double()).sum(), x) if loss.numel() else [torch.zeros_like(t) for t in x]
+    return loss.detach(), grads
+
+
+def saved_of(inputs):
+    """The saved state (max logit, log sum, log-likelihood) as the CPU op computes it in float64."""
+    return torch.ops.physmdn.mixture_nll_fwd(*[t.double() for t in inputs], False, 1.0)[1]
+
+
+def check(out, inputs, weights, loss_tol, grad_tol, grad_dtype=None, grad_floor=1e-30, with_loss=True, with_grad=True):
+    loss, saved, gl, gm, gs, gt = out[:6]
+    ref_loss, ref_grads = expected(inputs, weights)
+    dtype = inputs[1].dtype
+    if with_loss:
+        assert loss.dtype == dtype
+        assert rel_err(loss, ref_loss) <= loss_tol, ("loss", rel_err(loss, ref_loss))
+        assert rel_err(saved, saved_of(inputs)) <= loss_tol, ("saved", rel_err(saved, saved_of(inputs)))
+    else:
+        assert loss is None and saved is None
+    if not with_grad:
+        assert gl is None and gm is None
+        return
+    for name, g, rg in zip(("logits", "means", "log_scales", "target"), (gl, gm, gs, gt), ref_grads):
+        assert g.shape == rg.shape and (grad_dtype is None or g.dtype == grad_dtype), (name, g.dtype)
+        err = rel_err(g, rg, grad_floor)
+        assert err <= grad_tol, (name, err, grad_tol)
+
+
+def lanes_shapes():
+    return [s for s in LANES_SHAPES if s[2] <= 32 and s[1] * (1 << (s[2] - 1).bit_length()) <= 256]
+
+
+# ----- the simulator itself -----------------------------------------------------------------------------
+
+def test_simulator_runs_a_clean_shuffle_and_barriers(sim):
+    out = torch.zeros(64)
+    stats = sim.misbehave(3, out)
+    assert out.tolist() == [float(t ^ 1) for t in range(64)]
+    assert stats["shuffles"] == 64 and stats["threads"] == 64
+    out = torch.zeros(64)
+    sim.misbehave(4, out)  # __syncthreads after one warp returned: valid, the others go on
+    assert out.tolist() == [1.0] * 32 + [2.0] * 32
+
+
+@pytest.mark.parametrize("mode,message", [(0, "lanes that have returned"), (1, "different warp operations"),
+                                          (2, "different warp operations")])
+def test_simulator_reports_undefined_warp_operations(sim, mode, message):
+    with pytest.raises(RuntimeError, match=message):
+        sim.misbehave(mode, torch.zeros(64))
+
+
+# ----- lane-per-element mixture NLL (lanes_nll_kernel, off by default on the GPU) ------------------------
+
+@pytest.mark.parametrize("B,K,D", lanes_shapes())
+def test_lanes_float64_all_three_modes(sim, B, K, D):
+    inputs = make_inputs(B, K, D, seed=B + K + D)
+    ones = torch.ones(B, dtype=torch.float64)
+    out = sim.lanes_nll(*inputs, grad=False)  # forward
+    check(out, inputs, ones, 1e-13, 0, with_grad=False)
+    out = sim.lanes_nll(*inputs, g_default=0.25)  # forward with gradients, one upstream value for every sample
+    check(out, inputs, 0.25 * ones, 1e-13, 1e-12, grad_dtype=torch.float64)
+    w = torch.linspace(-1.5, 2.0, 2 * B, dtype=torch.float64)[::2]  # backward, per-sample (strided) upstream
+    out = sim.lanes_nll(*inputs, grad_loss=w, write_loss=False)
+    check(out, inputs, w, 0, 1e-12, grad_dtype=torch.float64, with_loss=False)
+    stats = out[6]
+    assert stats["threads"] >= B * (1 << out[8]) and (stats["shuffles"] > 0) == (1 << out[8] > 1)
+
+
+@pytest.mark.parametrize("B,K,D", lanes_shapes())
+def test_lanes_float32(sim, B, K, D):
+    inputs = make_inputs(B, K, D, torch.float32, seed=B * K + D)
+    check(sim.lanes_nll(*inputs), inputs, torch.ones(B), 1e-5, 1e-4, grad_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,K,D", [(3, 2, 4), (257, 5, 16), (33, 33, 1), (64, 8, 4), (31, 6, 3)])
+@pytest.mark.parametrize("in_input_dtype", [True, False])
+def test_lanes_half_types(sim, B, K, D, dtype, in_input_dtype):
+    """float32 accumulation; gradients written in the input dtype (as the CUDA backend asks when the lanes kernel
+    runs) or in float32."""
+    inputs = make_inputs(B, K, D, dtype, seed=3)
+    out = sim.lanes_nll(*inputs, grads_in_input_dtype=in_input_dtype)
+    check(out, inputs, torch.ones(B), 1e-2, 2e-2, grad_dtype=dtype if in_input_dtype else torch.float32)
+
+
+@pytest.mark.parametrize("K,D,J,G,Dp", [(1, 1, 1, 1, 1), (1, 4, 1, 4, 4), (8, 4, 1, 32, 4), (5, 3, 1, 32, 4),
+                                        (9, 16, 8, 32, 16), (64, 4, 8, 32, 4), (3, 17, 4, 32, 32), (2, 31, 2, 32, 32),
+                                        (33, 1, 2, 32, 1), (3, 5, 1, 32, 8)])
+def test_lanes_launch_shape(sim, K, D, J, G, Dp):
+    out = sim.lanes_nll(*make_inputs(2, K, D))
+    assert (out[7], 1 << out[8], 1 << out[9]) == (J, G, Dp)
+
+
+@pytest.mark.parametrize("case", ["logits", "tiny_scales", "huge_scales", "far_target"])
+@pytest.mark.parametrize("K,D", [(5, 4), (8, 4), (8, 1), (3, 8), (16, 16), (5, 3), (4, 6)])
+def test_lanes_extremes_float32(sim, case, K, D):
+    """test_mixture_nll.test_extremes_float32's cases on the lanes kernel."""
+    B = 64
+    logits, means, log_scales, target = make_inputs(B, K, D, torch.float32, seed=9)
+    if case == "logits":
+        logits = torch.where(logits > 0, 1e4, -1e4).to(logits)
+        logits[:, 0] = 1e4 + 0.5
+    elif case == "tiny_scales":
+        log_scales = torch.full_like(log_scales, -30.0)
+        target = means[:, 0] + 1e-14 * torch.randn_like(target)
+    elif case == "huge_scales":
+        log_scales = torch.full_like(log_scales, 30.0)
+    else:
+        target = target + 1e6
+        log_scales = log_scales.clamp(-3, 3)
+    inputs = [logits, means, log_scales, target]
+    out = sim.lanes_nll(*inputs)
+    assert all(torch.isfinite(t).all() for t in out[:6])
+    check(out, inputs, torch.ones(B), 1e-5, 1e-4, grad_floor=1.0 if case == "huge_scales" else 1e-30)
+
+
+def test_lanes_special_values_against_the_cpu_op(sim):
+    """float64 logits +-1e4, log-scales in [-30, 30], targets 1e6 away; a NaN mean, a -inf logit, a sample whose
+    logits are all -inf: every output as the CPU op computes it (NaN where it has NaN), K = 1 / D = 1, empty batch."""
+    B, K, D = 64, 5, 4
+    logits, means, log_scales, target = make_inputs(B, K, D, seed=5)
+    logits = logits.sign() * 1e4
+    log_scales = torch.empty_like(log_scales).uniform_(-30, 30)
+    target = target + 1e6
+    means[3, 1, 2] = float("nan")
+    logits[4, 2] = -float("inf")
+    logits[5] = -float("inf")
+    inputs = [logits, means, log_scales, target]
+    out = sim.lanes_nll(*inputs, g_default=1.0)
+    cpu = torch.ops.physmdn.mixture_nll_fwd(*inputs, True, 1.0)
+    for name, a, e in zip(("loss", "saved", "gl", "gm", "gs", "gt"), out[:6], cpu):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+    assert torch.isnan(out[0][3]) and torch.isfinite(out[0][torch.arange(B) != 3][:4]).all()
+    for B, K, D in [(7, 1, 1), (0, 3, 2)]:
+        inputs = make_inputs(B, K, D)
+        check(sim.lanes_nll(*inputs), inputs, torch.ones(B), 1e-13, 1e-12)
+
+
+# ----- tiled thread-per-sample mixture NLL (the default for contiguous inputs, K < 16) --------------------
+
+TILED_SHAPES = [(1, 1, 1), (3, 2, 17), (257, 5, 3), (129, 8, 4), (33, 15, 2), (300, 3, 1), (70, 4, 9)]
+
+
+@pytest.mark.parametrize("B,K,D", TILED_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tiled_all_three_modes(sim, B, K, D, dtype):
+    inputs = make_inputs(B, K, D, dtype, seed=B + 2 * K + D)
+    tol = (1e-13, 1e-12) if dtype == torch.float64 else (1e-5, 1e-4)
+    ones = torch.ones(B, dtype=torch.float64)
+    check(sim.tiled_nll(*inputs, grad=False), inputs, ones, tol[0], 0, with_grad=False)
+    out = sim.tiled_nll(*inputs, g_default=2.0)
+    check(out, inputs, 2.0 * ones, *tol)
+    w = torch.linspace(-1.0, 1.0, B, dtype=dtype)
+    check(sim.tiled_nll(*inputs, grad_loss=w, write_loss=False), inputs, w, 0, tol[1], with_loss=False)
+    assert out[6]["syncthreads"] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_tiled_half_types(sim, dtype):
+    inputs = make_inputs(100, 5, 4, dtype, seed=1)
+    check(sim.tiled_nll(*inputs), inputs, torch.ones(100), 1e-2, 2e-2, grad_dtype=torch.float32)
+
+
+# ----- warp per sample (K >= 16) and thread per sample (the other layouts) --------------------------------
+
+@pytest.mark.parametrize("warp,B,K,D", [(True, 5, 16, 3), (True, 3, 33, 2), (True, 9, 64, 1), (True, 6, 40, 5),
+                                        (False, 7, 3, 2), (False, 130, 2, 5), (False, 1, 1, 1)])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_per_sample_kernels(sim, warp, B, K, D, layout):
+    inputs = make_inputs(B, K, D, seed=K + D)
+    if layout == "strided":  # transposed means, a column slice of the logits, an expanded log-scale
+        inputs[0] = torch.cat([inputs[0], inputs[0]], 1)[:, ::2]
+        inputs[1] = inputs[1].transpose(1, 2).contiguous().transpose(1, 2)
+        inputs[2] = inputs[2][:1].expand(B, K, D)
+    loss, saved, fwd_stats = sim.sample_nll_fwd(*inputs, warp)
+    ref_loss, _ = expected(inputs, torch.ones(B))
+    assert rel_err(loss, ref_loss) <= 1e-13 and rel_err(saved, saved_of(inputs)) <= 1e-13
+    w = torch.linspace(0.5, -1.5, B, dtype=torch.float64)
+    gl, gm, gs, gt, bwd_stats = sim.sample_nll_bwd(w, *inputs, saved, warp)
+    check((None, None, gl, gm, gs, gt), inputs, w, 0, 1e-12, with_loss=False)
+    # the warp kernels: shuffles in the forward's log-sum-exps, __syncwarp between the backward's phases
+    assert (fwd_stats["shuffles"] > 0) == warp and (bwd_stats["syncwarps"] > 0) == warp
+
+
+# ----- the eager backward's in-place rescaling (scale_by_kernel) ------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocks", [1, 3, 64])
+def test_scale_by_kernel(sim, dtype, blocks):
+    g = torch.Generator().manual_seed(blocks)
+    tensors = [torch.randn(n, generator=g).to(dtype) for n in (1, 300, 2049, 17)]
+    tensors[1][5] = float("nan")
+    before = [t.clone() for t in tensors]
+    sim.scale_by(tensors, torch.tensor(1.0), blocks)  # factor 1: every block returns, nothing is touched
+    for t, b in zip(tensors, before):
+        assert torch.equal(t.view(torch.uint8), b.view(torch.uint8))  # bit for bit (the NaN too)
+    factor = torch.tensor(0.37).to(dtype)
+    stats = sim.scale_by(tensors, factor, blocks)
+    assert stats["blocks"] == blocks * len(tensors)
+    for t, b in zip(tensors, before):
+        want = b.mul(factor)  # torch's arithmetic: the same bits
+        assert torch.equal(t.isnan(), want.isnan()) and torch.equal(t.nan_to_num(), want.nan_to_num())
+
+
+# ----- the whole CUDA backend (csrc/cuda/backend.cuh: op_impl.h over CudaBackend, its schedules, launchers and
+# conversions) against the CPU ops -------------------------------------------------------------------------
+
+@pytest.fixture(params=[False, True], ids=["default", "lanes"])
+def schedule(sim, request):
+    prev = sim.set_lanes_schedule(request.param)
+    yield request.param
+    sim.set_lanes_schedule(prev)
+
+
+def kernel_kind(stats):
+    """Which schedule the last launch was, from its shape: lanes (256-thread blocks, shuffles), tiled
+    (__syncthreads), warp (shuffles or __syncwarp in 128-thread blocks) or thread per sample."""
+    if not stats["blocks"]:
+        return None
+    block = stats["threads"] // stats["blocks"]
+    if stats["syncthreads"]:
+        return "tiled"
+    if block == 256:
+        return "lanes"
+    return "warp" if stats["shuffles"] or stats["syncwarps"] else "thread"
+
+
+def run(sim, op, *args):
+    """op(*args) and the kind of the last kernel it launched (None: no launch)."""
+    sim.reset_last_launch()
+    out = op(*args)
+    return out, kernel_kind(sim.last_launch())
+
+
+def assert_outputs_close(got, want, tol):
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == e.dtype and a.shape == e.shape, (i, a.dtype, e.dtype, a.shape, e.shape)
+        if e.numel():
+            assert torch.equal(a.isnan(), e.isnan()), i
+            assert rel_err(a.nan_to_num(), e.nan_to_num(), 1e-30) <= tol, (i, rel_err(a.nan_to_num(), e.nan_to_num()))
+
+
+# (B, K, D, layout): contiguous K < 16 (tiled; lanes when on), K >= 16 (warp; lanes when on and K Dp <= 256),
+# strided (thread / warp per sample), D > 32 and K Dp > 256 (no lanes)
+BACKEND_CASES = [(37, 3, 4, "contiguous"), (300, 8, 4, "contiguous"), (5, 1, 1, "contiguous"),
+                 (20, 16, 4, "contiguous"), (9, 40, 3, "contiguous"), (7, 3, 2, "strided"), (6, 20, 2, "strided"),
+                 (4, 2, 33, "contiguous"), (3, 9, 31, "contiguous"), (0, 3, 2, "contiguous")]
+
+
+def expected_kind(B, K, D, layout, lanes, dtype):
+    """The schedule kernels.cu picks (see backend.cuh)."""
+    if B == 0:
+        return None
+    contiguous = layout == "contiguous"
+    if lanes and contiguous and D <= 32 and K * (1 << (D - 1).bit_length()) <= 256:
+        return "lanes"
+    tile_bytes = (8 if dtype == torch.float64 else 4) * (2 * (K * D + 1) + (K + 1) + 2 * (D + 1))  # per sample
+    if contiguous and K < 16 and min(256, 48 * 1024 // tile_bytes) >= 32:
+        return "tiled"
+    return "warp" if K >= 16 else "thread"
+
+
+def layout_inputs(B, K, D, dtype, layout, seed=0):
+    inputs = make_inputs(B, K, D, dtype, seed)
+    if layout == "strided":
+        inputs[0] = torch.cat([inputs[0], inputs[0]], 1)[:, ::2]
+        inputs[1] = inputs[1].transpose(1, 2).contiguous().transpose(1, 2)
+    return inputs
+
+
+TOLS = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("B,K,D,layout", BACKEND_CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_backend_mixture_nll_ops_match_the_cpu_ops(sim, schedule, B, K, D, layout, dtype):
+    inputs = layout_inputs(B, K, D, dtype, layout, seed=B + K)
+    tol = TOLS[dtype]
+    kind = expected_kind(B, K, D, layout, schedule, dtype)
+    fwd, bwd = torch.ops.physmdn.mixture_nll_fwd, torch.ops.physmdn.mixture_nll_bwd
+    out, launched = run(sim, sim.mixture_nll_fwd, *inputs, False, 1.0)
+    assert_outputs_close(out, fwd(*inputs, False, 1.0), tol)
+    assert launched == kind
+    # one pass where the schedule has one (lanes, tiled), else the forward, then the backward
+    out, launched = run(sim, sim.mixture_nll_fwd, *inputs, True, 0.5)
+    assert_outputs_close(out, fwd(*inputs, True, 0.5), tol)
+    assert launched == kind
+    w = torch.linspace(-1.0, 2.0, B, dtype=torch.float64).to(dtype)
+    got, launched = run(sim, sim.mixture_nll_bwd, w, *inputs, out[1])
+    assert_outputs_close(got, bwd(w, *inputs, fwd(*inputs, False, 1.0)[1]), tol)
+    assert launched == kind
+
+
+@pytest.mark.parametrize("kind", ["polynomial", "polynomial_shared", "linear", "linear_per_sample", "stencil_periodic",
+                                  "stencil_neumann"])
+@pytest.mark.parametrize("B,K,D", [(9, 3, 4), (5, 17, 4)])  # thread per sample, warp per sample
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_backend_fused_loss_ops_match_the_cpu_ops(sim, kind, B, K, D, with_extra):
+    """mdn_loss_fwd / _bwd (the fused NLL + physics penalty; on the GPU always the per-sample kernels) for every
+    family, with and without the extra per-component penalty, parameter gradients included."""
+    from physmdn._fused import _kernel_args
+    from test_physics import make_spec, mixture
+
+    inputs = list(mixture(B, K, D, seed=K))
+    spec = make_spec(kind, B, K, D, noise=0.2)
+    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+    p0, p1 = p0.detach(), p1.detach()
+    extra = torch.rand(B, K, dtype=torch.float64) if with_extra else None
+    args = (*inputs, p0, p1, extra, family, exact, 0.7, spacing, boundary, noise)
+    for grad in (False, True):
+        got, launched = run(sim, sim.mdn_loss_fwd, *args, grad, 0.25)
+        assert_outputs_close(got, torch.ops.physmdn.mdn_loss_fwd(*args, grad, 0.25), 1e-11)
+        assert launched == ("warp" if K >= 16 else "thread")
+    w = torch.linspace(-1.0, 2.0, B, dtype=torch.float64)
+    saved = torch.ops.physmdn.mdn_loss_fwd(*args)[1]
+    got = sim.mdn_loss_bwd(w, *args, saved, True, True)
+    assert_outputs_close(got, torch.ops.physmdn.mdn_loss_bwd(w, *args, saved, True, True), 1e-11)
+
+
+@pytest.mark.parametrize("value, scale", [(2.5, 1.0), (0.125, 1 / 3), (-3.0, 0.5), (1e30, 1e-20), (0.25, 0.25)])
+@pytest.mark.parametrize("udtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_backend_scale_by_matches_torch_bit_for_bit(sim, value, scale, udtype):
+    """cuda_scale_by_ (the CUDA eager backward's rescaling): the factor made on the device, compared with the scale
+    in the kernel; t * (upstream / scale) as torch computes it, untouched when upstream == scale; tensors of mixed
+    dtypes (one launch per dtype), a non-dense one (multiplied by torch), empty ones."""
+    from test_scale_by import _reference, _tensors
+
+    tensors = _tensors("cpu") + [torch.randn(6, 4, dtype=torch.float64)[:, ::2]]
+    before = [t.clone() for t in tensors]
+    upstream = torch.tensor(value, dtype=udtype)
+    want = before if float(upstream) == float(torch.tensor(scale, dtype=udtype)) else _reference(before, upstream, scale)
+    sim.scale_by_(tensors, upstream, scale)
+    for got, w in zip(tensors, want, strict=True):
+        torch.testing.assert_close(got, w, rtol=0, atol=0, equal_nan=True)
