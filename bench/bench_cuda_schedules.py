@@ -5,7 +5,7 @@
 
 ``physmdn._C.set_cuda_lanes_schedule(True)`` sends contiguous inputs with D <= 32 and K Dp <= 256 (Dp: D rounded up
 to a power of two) to the lane-per-element kernel (G lanes per sample, loads straight into registers, shuffles for the sums over D
-and K; csrc/cuda/kernels.cu); off, they take the tiled thread-per-sample kernel (K < 16) or the warp-per-sample
+and K; csrc/cuda/backend.cuh); off, they take the tiled thread-per-sample kernel (K < 16) or the warp-per-sample
 one. Each round calls both settings, alternating, so their ratio is not skewed by drift. Timed, per shape and dtype:
 ``fwd`` (the op without gradients), ``fwd+grads`` (the op with gradients: the kernel the eager forward + backward
 runs) and ``train`` (``physmdn.mixture_nll(..., reduction="mean")`` + ``torch.autograd.grad``, end to end).

@@ -1,9 +1,10 @@
-"""A numpy model of the CUDA lane-per-element kernel's data flow (``lanes_nll_kernel`` in csrc/cuda/kernels.cu),
+"""A numpy model of the CUDA lane-per-element kernel's data flow (``lanes_nll_kernel`` in csrc/cuda/device_kernels.cuh),
 checked against ``torch.distributions`` in float64: the element-to-lane map (e = l + j G over K Dp virtual
 elements, Dp = D rounded up to a power of two; component e >> log2 Dp, dimension l % Dp), the masks of padding lanes
 (d >= D, past the last component), the sum over D by xor-shuffles within runs of Dp lanes, the max and sums over K by
 xor-shuffles with offsets Dp .. G / 2, and the gradients each lane writes. It models the kernel's
-structure, not its CUDA code: the CUDA tests (tests/test_cuda_lanes.py, on a GPU) test the kernel itself.
+structure, not its CUDA code. The kernel's own source runs on the CPU in tests/test_cuda_sim.py (a simulator of
+threads, warps and shuffles), and on a GPU in tests/test_cuda_lanes.py.
 
     python bench/lanes_dataflow_check.py
 """

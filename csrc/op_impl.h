@@ -1,5 +1,5 @@
 // Device-independent op bodies: checks, output allocation, dtype handling. Each device supplies a Backend
-// with the kernel launchers (cpu: csrc/ops.cpp, cuda: csrc/cuda/kernels.cu).
+// with the kernel launchers (cpu: csrc/ops.cpp, cuda: csrc/cuda/backend.cuh).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -10,7 +10,7 @@
 
 namespace physmdn {
 
-// Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (csrc/cuda/kernels.cu;
+// Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (csrc/cuda/backend.cuh;
 // physmdn._C.set_cuda_lanes_schedule; off by default until measured on a GPU). Defined in csrc/ops.cpp.
 std::atomic<bool>& cuda_lanes_schedule_enabled();
 

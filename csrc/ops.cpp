@@ -1,4 +1,4 @@
-// Schemas of every physmdn op and their CPU implementations. CUDA implementations: csrc/cuda/kernels.cu.
+// Schemas of every physmdn op and their CPU implementations. CUDA implementations: csrc/cuda/backend.cuh (registered in csrc/cuda/kernels.cu).
 // Autograd and fake (meta) implementations are attached in Python (python/physmdn/_ops.py).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -93,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_vector_exp_log(const at::Tensor& x, int64
 // tensors, gradients computed for an upstream gradient of scale per sample, become those for upstream (one value
 // for every sample): multiplied in place by upstream / scale (upstream.to(dtype) / scale in each tensor's dtype, as
 // torch computes it), untouched when upstream equals scale (in upstream's dtype, or exactly). On CUDA the
-// comparison runs on the device, inside the kernel (csrc/cuda/kernels.cu): no synchronization, and for the usual
+// comparison runs on the device, inside the kernel (csrc/cuda/backend.cuh): no synchronization, and for the usual
 // unit upstream gradient of loss.sum() / the op's own mean no pass over the [B, K, D] gradients at all.
 void scale_by_on_host(at::TensorList tensors, const at::Tensor& upstream, double scale) {
   const auto u = upstream.reshape({});

@@ -1,5 +1,5 @@
 """The CUDA mixture NLL's lane-per-element schedule (``physmdn._C.set_cuda_lanes_schedule(True)``; contiguous
-inputs, D <= 32, K Dp <= 256 with Dp = D rounded up to a power of two; csrc/cuda/kernels.cu, ``lanes_nll_kernel``). Off by default until
+inputs, D <= 32, K Dp <= 256 with Dp = D rounded up to a power of two; csrc/cuda/device_kernels.cuh, ``lanes_nll_kernel``). Off by default until
 measured on a GPU (``bench/bench_cuda_schedules.py``, a step of ``bench/gpu_check.sh``): these tests run the
 mixture NLL's correctness checks with it on, against the float64 reference, on shapes that take it and on shapes
 that fall back to the other schedules. They need a GPU; only the switch itself is tested without one."""

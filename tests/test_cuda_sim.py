@@ -38,13 +38,22 @@ def sim():
         extra_cflags=["-O1", "-std=c++20"], build_directory=build, verbose=False)
 
 
+def guarded(t, pad=64):
+    """t (contiguous) inside a buffer with pad NaN on either side: a kernel reading past its input gets NaN, which
+    the comparisons catch (the kernel-level functions of the module guard their outputs likewise)."""
+    flat = t.contiguous().flatten()
+    buf = torch.full((flat.numel() + 2 * pad,), float("nan"), dtype=t.dtype)
+    buf[pad:pad + flat.numel()] = flat
+    return buf[pad:pad + flat.numel()].view(t.shape)
+
+
 def make_inputs(B, K, D, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     logits = 2.0 * torch.randn(B, K, generator=g, dtype=torch.float64)
     means = torch.randn(B, K, D, generator=g, dtype=torch.float64)
     log_scales = 0.5 * torch.randn(B, K, D, generator=g, dtype=torch.float64)
     target = torch.randn(B, D, generator=g, dtype=torch.float64)
-    return [t.to(dtype) for t in (logits, means, log_scales, target)]
+    return [guarded(t.to(dtype)) for t in (logits, means, log_scales, target)]
 
 
 def expected(inputs, weights):
@@ -102,6 +111,11 @@ def test_simulator_reports_undefined_warp_operations(sim, mode, message):
         sim.misbehave(mode, torch.zeros(64))
 
 
+def test_simulated_outputs_are_guarded(sim):
+    with pytest.raises(RuntimeError, match="wrote outside output 0"):
+        sim.write_one_past()
+
+
 # ----- lane-per-element mixture NLL (lanes_nll_kernel, off by default on the GPU) ------------------------
 
 @pytest.mark.parametrize("B,K,D", lanes_shapes())
@@ -112,7 +126,7 @@ def test_lanes_float64_all_three_modes(sim, B, K, D):
     check(out, inputs, ones, 1e-13, 0, with_grad=False)
     out = sim.lanes_nll(*inputs, g_default=0.25)  # forward with gradients, one upstream value for every sample
     check(out, inputs, 0.25 * ones, 1e-13, 1e-12, grad_dtype=torch.float64)
-    w = torch.linspace(-1.5, 2.0, 2 * B, dtype=torch.float64)[::2]  # backward, per-sample (strided) upstream
+    w = guarded(torch.linspace(-1.5, 2.0, 2 * B, dtype=torch.float64))[::2]  # backward, per-sample (strided) upstream
     out = sim.lanes_nll(*inputs, grad_loss=w, write_loss=False)
     check(out, inputs, w, 0, 1e-12, grad_dtype=torch.float64, with_loss=False)
     stats = out[6]
@@ -301,7 +315,7 @@ BACKEND_CASES = [(37, 3, 4, "contiguous"), (300, 8, 4, "contiguous"), (5, 1, 1, 
 
 
 def expected_kind(B, K, D, layout, lanes, dtype):
-    """The schedule kernels.cu picks (see backend.cuh)."""
+    """The schedule csrc/cuda/backend.cuh picks."""
     if B == 0:
         return None
     contiguous = layout == "contiguous"

@@ -1,5 +1,5 @@
 // The CUDA kernels of csrc/cuda/device_kernels.cuh run on the CPU by the simulator of host_sim.h, one function per
-// kernel family, launched with the shapes kernels.cu uses (tests/test_cuda_sim.py builds this with
+// kernel family, launched with the shapes csrc/cuda/backend.cuh uses (tests/test_cuda_sim.py builds this with
 // torch.utils.cpp_extension and compares the results with the reference). CPU tensors in, CPU tensors out; the
 // outputs are allocated as the CUDA backend allocates them (gradients in the accumulation dtype, or in the input
 // dtype for the lanes kernel when asked).
@@ -58,6 +58,35 @@ T* ptr_or_null(Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// Output buffers of a simulated launch: NaN inside (an element no thread writes stays NaN and fails the tests'
+// comparisons), kGuard elements of a sentinel on either side (check() raises when a thread wrote outside the tensor).
+class Outputs {
+ public:
+  static constexpr int64_t kGuard = 64;
+  static constexpr double kSentinel = -7.0;
+
+  Tensor make(at::IntArrayRef sizes, const at::TensorOptions& o) {
+    const int64_t n = c10::multiply_integers(sizes);
+    auto base = at::full({n + 2 * kGuard}, kSentinel, o);
+    auto inner = base.narrow(0, kGuard, n);
+    inner.fill_(std::numeric_limits<double>::quiet_NaN());
+    bases_.push_back(base);
+    return inner.view(sizes);
+  }
+  void check() const {
+    for (size_t i = 0; i < bases_.size(); ++i) {
+      const auto& b = bases_[i];
+      const auto want = at::full({kGuard}, kSentinel, b.options());
+      const int64_t n = b.numel();
+      TORCH_CHECK(at::equal(b.narrow(0, 0, kGuard), want) && at::equal(b.narrow(0, n - kGuard, kGuard), want),
+                  "cuda_sim: a kernel wrote outside output ", i);
+    }
+  }
+
+ private:
+  std::vector<Tensor> bases_;
+};
+
 void check_inputs(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target) {
   TORCH_CHECK(means.dim() == 3 && logits.dim() == 2 && log_scales.sizes() == means.sizes() && target.dim() == 2,
               "cuda_sim: logits [B, K], means / log_scales [B, K, D], target [B, D]");
@@ -65,7 +94,7 @@ void check_inputs(const Tensor& logits, const Tensor& means, const Tensor& log_s
     TORCH_CHECK(t->is_cpu() && t->scalar_type() == means.scalar_type(), "cuda_sim: CPU tensors of one dtype");
 }
 
-// lanes_nll_kernel (kernels.cu launch_lanes): the forward (grad = false: loss and saved state), the forward with
+// lanes_nll_kernel (backend.cuh launch_lanes): the forward (grad = false: loss and saved state), the forward with
 // gradients (grad_loss undefined: every sample's upstream gradient is g_default) or the backward (grad_loss [B],
 // loss and saved not written). Returns loss, saved, gl, gm, gs, gt (undefined where not computed), stats.
 py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
@@ -78,16 +107,15 @@ py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log
   TORCH_CHECK(D <= 32 && K * pow2_at_least(D) <= kLanesMaxElements, "cuda_sim: lanes_inputs does not hold");
   const auto dtype = means.scalar_type(), acc = acc_dtype(dtype);
   const auto grad_dtype = grads_in_input_dtype ? dtype : acc;
+  Outputs out;
   Tensor loss, saved, gl, gm, gs, gt;
   if (write_loss) {
-    loss = at::full({B}, std::numeric_limits<double>::quiet_NaN(), means.options());
-    saved = at::full({B, math::kSavedPerSample}, std::numeric_limits<double>::quiet_NaN(), means.options().dtype(acc));
+    loss = out.make({B}, means.options());
+    saved = out.make({B, math::kSavedPerSample}, means.options().dtype(acc));
   }
   if (grad) {
     const auto o = means.options().dtype(grad_dtype);
-    const double nan = std::numeric_limits<double>::quiet_NaN();
-    gl = at::full({B, K}, nan, o), gm = at::full({B, K, D}, nan, o), gs = at::full({B, K, D}, nan, o);
-    gt = at::full({B, D}, nan, o);
+    gl = out.make({B, K}, o), gm = out.make({B, K, D}, o), gs = out.make({B, K, D}, o), gt = out.make({B, D}, o);
   }
   Tensor g = grad_loss.has_value() ? grad_loss->to(dtype) : Tensor();
   Stats stats;
@@ -113,10 +141,11 @@ py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log
       run(std::type_identity<scalar_t>{}, std::false_type{});
     }
   });
+  out.check();
   return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(stats), c.J, c.log2_G, c.log2_Dp);
 }
 
-// tiled_nll_kernel (kernels.cu launch_tiled): as lanes_nll, gradients in the accumulation dtype.
+// tiled_nll_kernel (backend.cuh launch_tiled): as lanes_nll, gradients in the accumulation dtype.
 py::tuple tiled_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
                     const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool write_loss) {
   check_inputs(logits, means, log_scales, target);
@@ -124,16 +153,15 @@ py::tuple tiled_nll(const Tensor& logits, const Tensor& means, const Tensor& log
     TORCH_CHECK(t->is_contiguous(), "cuda_sim: the tiled kernel takes contiguous inputs");
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
   const auto dtype = means.scalar_type(), acc = acc_dtype(dtype);
-  const double nan = std::numeric_limits<double>::quiet_NaN();
+  Outputs out;
   Tensor loss, saved, gl, gm, gs, gt;
   if (write_loss) {
-    loss = at::full({B}, nan, means.options());
-    saved = at::full({B, math::kSavedPerSample}, nan, means.options().dtype(acc));
+    loss = out.make({B}, means.options());
+    saved = out.make({B, math::kSavedPerSample}, means.options().dtype(acc));
   }
   if (grad) {
     const auto o = means.options().dtype(acc);
-    gl = at::full({B, K}, nan, o), gm = at::full({B, K, D}, nan, o), gs = at::full({B, K, D}, nan, o);
-    gt = at::full({B, D}, nan, o);
+    gl = out.make({B, K}, o), gm = out.make({B, K, D}, o), gs = out.make({B, K, D}, o), gt = out.make({B, D}, o);
   }
   Tensor g = grad_loss.has_value() ? grad_loss->to(dtype) : Tensor();
   Stats stats;
@@ -158,20 +186,21 @@ py::tuple tiled_nll(const Tensor& logits, const Tensor& means, const Tensor& log
     };
     grad ? run(std::true_type{}) : run(std::false_type{});
   });
+  out.check();
   return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(stats), threads);
 }
 
-// The mixture NLL's per-sample kernels (kernels.cu CudaBackend::mixture_nll_forward / _backward for inputs the
+// The mixture NLL's per-sample kernels (backend.cuh CudaBackend::mixture_nll_forward / _backward for inputs the
 // lanes and tiled kernels do not take): warp per sample (warp = true, from kWarpMinComponents components on in
-// kernels.cu) or thread per sample; any strides. Forward: loss, saved.
+// backend.cuh) or thread per sample; any strides. Forward: loss, saved.
 py::tuple sample_nll_fwd(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
                          bool warp) {
   check_inputs(logits, means, log_scales, target);
   const int64_t B = means.size(0);
   const auto dtype = means.scalar_type();
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  Tensor loss = at::full({B}, nan, means.options());
-  Tensor saved = at::full({B, math::kSavedPerSample}, nan, means.options().dtype(acc_dtype(dtype)));
+  Outputs out;
+  Tensor loss = out.make({B}, means.options());
+  Tensor saved = out.make({B, math::kSavedPerSample}, means.options().dtype(acc_dtype(dtype)));
   Stats stats;
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_sample_fwd", [&] {
@@ -188,6 +217,7 @@ py::tuple sample_nll_fwd(const Tensor& logits, const Tensor& means, const Tensor
       }
     });
   }
+  out.check();
   return py::make_tuple(loss, saved, stats_dict(stats));
 }
 
@@ -198,9 +228,8 @@ py::tuple sample_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const Te
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
   const auto dtype = means.scalar_type();
   const auto o = means.options().dtype(acc_dtype(dtype));
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  Tensor gl = at::full({B, K}, nan, o), gm = at::full({B, K, D}, nan, o), gs = at::full({B, K, D}, nan, o);
-  Tensor gt = at::full({B, D}, nan, o);
+  Outputs out;
+  Tensor gl = out.make({B, K}, o), gm = out.make({B, K, D}, o), gs = out.make({B, K, D}, o), gt = out.make({B, D}, o);
   const Tensor g = grad_loss.to(dtype);
   const Tensor sv = saved.to(acc_dtype(dtype)).contiguous();
   Stats stats;
@@ -223,10 +252,11 @@ py::tuple sample_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const Te
       }
     });
   }
+  out.check();
   return py::make_tuple(gl, gm, gs, gt, stats_dict(stats));
 }
 
-// scale_by_kernel (kernels.cu cuda_scale_by_): the dense tensors of one dtype multiplied in place by the factor
+// scale_by_kernel (backend.cuh cuda_scale_by_): the dense tensors of one dtype multiplied in place by the factor
 // (a one-element tensor in the accumulation dtype), over a grid of `blocks` x len(tensors) blocks.
 py::dict scale_by(std::vector<Tensor> tensors, const Tensor& factor, int64_t blocks) {
   TORCH_CHECK(!tensors.empty() && static_cast<int64_t>(tensors.size()) <= kMaxScaleTensors, "cuda_sim: 1 to ",
@@ -275,6 +305,17 @@ __global__ void misbehave_kernel(int mode, float* out) {
   }
 }
 
+// Writes one element past the end of a guarded output (for the guard's own test).
+__global__ void write_one_past_kernel(float* out, int n) {
+  if (static_cast<int>(threadIdx.x) <= n) out[threadIdx.x] = 1.0f;
+}
+void write_one_past() {
+  Outputs out;
+  Tensor t = out.make({32}, at::TensorOptions().dtype(at::kFloat));
+  cuda_sim::launch(dim3(1), dim3(64), 0, write_one_past_kernel, t.data_ptr<float>(), 32);
+  out.check();
+}
+
 py::dict misbehave(int64_t mode, Tensor out) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.numel() >= 64 && out.is_contiguous());
   return stats_dict(cuda_sim::launch(dim3(1), dim3(64), 0, misbehave_kernel,
@@ -309,6 +350,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_nll_bwd", &sample_nll_bwd);
   m.def("scale_by", &scale_by);
   m.def("misbehave", &misbehave);
+  m.def("write_one_past", &write_one_past);
   m.attr("lanes_threads") = kLanesThreads;
   m.attr("lanes_max_elements") = kLanesMaxElements;
   m.attr("warp_min_components") = kWarpMinComponents;
