@@ -196,7 +196,7 @@ sys.exit(0 if ok or $1 else 3)
     run_step profile 60 "$PY" bench/profile_case.py --device cpu --B 4096
     record profile "$(status_of $STEP_RC)" "$STEP_SECONDS" "dry run: the case on the CPU ($( [ -n "$ncu" ] && echo "found $ncu" || echo 'ncu not found'))"
   elif [ -n "$ncu" ]; then
-    run_step profile 120 "$ncu" --profile-from-start off --target-processes all -k 'regex:nll|mdn|tiled|warp' \
+    run_step profile 120 "$ncu" --profile-from-start off --target-processes all -k 'regex:nll|tiled|warp|sample|scale_by' \
       --launch-count 12 --csv --page raw --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__shared_mem_per_block_dynamic \
       "$PY" bench/profile_case.py --device cuda
     record profile "$(status_of $STEP_RC)" "$STEP_SECONDS" "ncu: $(grep -c '"' "$STEPDIR/profile.out" 2>/dev/null) csv lines (in the log)"

@@ -243,10 +243,12 @@ def test_per_sample_kernels(sim, warp, B, K, D, layout):
     ref_loss, _ = expected(inputs, torch.ones(B))
     assert rel_err(loss, ref_loss) <= 1e-13 and rel_err(saved, saved_of(inputs)) <= 1e-13
     w = torch.linspace(0.5, -1.5, B, dtype=torch.float64)
-    gl, gm, gs, gt, bwd_stats = sim.sample_nll_bwd(w, *inputs, saved, warp)
+    gl, gm, gs, gt, bwd_stats = sim.sample_nll_bwd(w, *inputs, warp)
     check((None, None, gl, gm, gs, gt), inputs, w, 0, 1e-12, with_loss=False)
-    # the warp kernels: shuffles in the forward's log-sum-exps, __syncwarp between the backward's phases
-    assert (fwd_stats["shuffles"] > 0) == warp and (bwd_stats["syncwarps"] > 0) == warp
+    # the warp kernel: shuffles in the forward's log-sum-exps (the backward recomputes them), __syncwarp between the
+    # backward's phases
+    assert (fwd_stats["shuffles"] > 0) == warp and (bwd_stats["shuffles"] > 0) == warp
+    assert (bwd_stats["syncwarps"] > 0) == warp
 
 
 # ----- the eager backward's in-place rescaling (scale_by_kernel) ------------------------------------------
@@ -399,3 +401,26 @@ def test_backend_scale_by_matches_torch_bit_for_bit(sim, value, scale, udtype):
     sim.scale_by_(tensors, upstream, scale)
     for got, w in zip(tensors, want, strict=True):
         torch.testing.assert_close(got, w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("B,K,D,layout", [(37, 3, 4, "contiguous"), (20, 16, 4, "contiguous"), (7, 3, 2, "strided"),
+                                          (6, 20, 2, "strided")])
+def test_backend_backward_repeats_the_forward_gradients_bit_for_bit(sim, schedule, B, K, D, layout):
+    """Every schedule's backward recomputes the forward in the kernel that made the forward's gradients: the
+    backward of a retained graph (unit upstream gradient) gives the same bits (as gradcheck requires)."""
+    inputs = layout_inputs(B, K, D, torch.float64, layout, seed=3)
+    out = sim.mixture_nll_fwd(*inputs, True, 1.0)
+    grads = sim.mixture_nll_bwd(torch.ones(B, dtype=torch.float64), *inputs, out[1])
+    for a, b in zip(out[2:], grads, strict=True):
+        assert torch.equal(a, b)
+    from physmdn._fused import _kernel_args
+    from test_physics import make_spec
+
+    spec = make_spec("polynomial", B, K, D)
+    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+    args = (*inputs, p0.detach(), p1.detach(), torch.rand(B, K, dtype=torch.float64), family, exact, 0.7, spacing,
+            boundary, noise)
+    out = sim.mdn_loss_fwd(*args, True, 1.0)
+    grads = sim.mdn_loss_bwd(torch.ones(B, dtype=torch.float64), *args, out[1], False, False)
+    for a, b in zip(out[2:], (*grads[:4], grads[6]), strict=True):
+        assert torch.equal(a, b)

@@ -37,11 +37,6 @@
 namespace physmdn {
 namespace {
 
-template <typename T>
-T* data_or_null(at::Tensor& t) {
-  return t.numel() ? t.data_ptr<T>() : nullptr;
-}
-
 bool tiled_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                   const at::Tensor& target) {
   return means.size(1) < kWarpMinComponentsTiled && logits.is_contiguous() && means.is_contiguous() &&
@@ -182,33 +177,42 @@ void cuda_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double s
   }
 }
 
+// The per-sample kernels (any strides, any K; the fused loss always): warp per sample from kWarpMinComponents
+// components on, else thread per sample. Null outputs are not written; grad_loss null: every sample's upstream
+// gradient is g_default. The gradients in acc_t.
+template <typename scalar_t, bool kPhysics, bool kGrad>
+void launch_per_sample(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                       const at::Tensor& target, const math::PhysicsView<scalar_t>& p, const at::Tensor* grad_loss,
+                       double g_default, at::Tensor* loss, at::Tensor* saved, at::Tensor* gl, at::Tensor* gm,
+                       at::Tensor* gs, at::Tensor* gt, at::Tensor* gp0, at::Tensor* gp1, at::Tensor* ge, int64_t n0,
+                       int64_t n1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t B = means.size(0);
+  const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
+  const auto out = [](at::Tensor* t) { return t != nullptr && t->numel() ? t->data_ptr<acc_t>() : nullptr; };
+  for (at::Tensor* t : {gl, gm, gs, gt, gp0, gp1, ge})
+    TORCH_INTERNAL_ASSERT(t == nullptr || t->numel() == 0 || t->scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+  const scalar_t* g = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
+  const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
+  scalar_t* loss_ptr = loss ? loss->data_ptr<scalar_t>() : nullptr;
+  if (v.K >= kWarpMinComponents) {
+    PHYSMDN_LAUNCH(warp_blocks_for(B), 32 * kWarpsPerBlock, 0, warp_kernel<scalar_t, acc_t, kPhysics, kGrad>)(
+        v, p, B, g, g_stride, static_cast<acc_t>(g_default), loss_ptr, out(saved), out(gl), out(gm), out(gs), out(gt),
+        out(gp0), out(gp1), out(ge), n0, n1);
+  } else {
+    PHYSMDN_LAUNCH(blocks_for(B), kThreads, 0, sample_kernel<scalar_t, acc_t, kPhysics, kGrad>)(
+        v, p, B, g, g_stride, static_cast<acc_t>(g_default), loss_ptr, out(saved), out(gl), out(gm), out(gs), out(gt),
+        out(gp0), out(gp1), out(ge), n0, n1);
+  }
+  PHYSMDN_LAUNCH_CHECK();
+}
+
+// The op_impl.h backend of the CUDA build. Every mode runs one kernel: the forward, the forward with gradients and
+// the backward (which recomputes the per-sample forward instead of reading the saved state: the backward of a
+// retained graph then runs the same kernel as the forward with gradients and gives the same bits).
 struct CudaBackend {
   static void check_device(const at::Tensor& means) {
     TORCH_CHECK(PHYSMDN_ON_DEVICE(means), "means must be a CUDA tensor for the CUDA kernel, got ", means.device());
-  }
-
-  static void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                                  const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
-    PHYSMDN_DEVICE_GUARD(means.device());
-    if (launch_lanes<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
-                            nullptr) ||
-        launch_tiled<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
-                            nullptr))
-      return;
-    const int64_t B = means.size(0);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_fwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
-      if (v.K >= kWarpMinComponents) {
-        PHYSMDN_LAUNCH(warp_blocks_for(B), 32 * kWarpsPerBlock, 0, warp_fwd_kernel<scalar_t, acc_t, false>)(
-            v, math::PhysicsView<scalar_t>{}, B, loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>(),
-            math::kSavedPerSample);
-      } else {
-        PHYSMDN_LAUNCH(blocks_for(B), kThreads, 0, mixture_nll_fwd_kernel<scalar_t, acc_t>)(
-            v, B, loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>());
-      }
-      PHYSMDN_LAUNCH_CHECK();
-    });
   }
 
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
@@ -221,50 +225,48 @@ struct CudaBackend {
     return lanes_inputs(logits, means, log_scales, target);
   }
 
-  // Single pass (loss and gradients) with the tiled kernel; otherwise false and op_impl runs forward, then
-  // backward with grad_scale.
+  static void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                                  const at::Tensor& target, at::Tensor& loss, at::Tensor& saved) {
+    PHYSMDN_DEVICE_GUARD(means.device());
+    if (launch_lanes<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
+                            nullptr) ||
+        launch_tiled<false>(logits, means, log_scales, target, nullptr, 1.0, &loss, &saved, nullptr, nullptr, nullptr,
+                            nullptr))
+      return;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_fwd", [&] {
+      launch_per_sample<scalar_t, false, false>(logits, means, log_scales, target, {}, nullptr, 1.0, &loss, &saved,
+                                                nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0);
+    });
+  }
+
+  // Loss and gradients in one launch: the lane-per-element or the tiled kernel where they apply, else the per-sample
+  // kernels.
   static bool mixture_nll_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                                        const at::Tensor& target, at::Tensor& loss, at::Tensor& saved, at::Tensor& gl,
                                        at::Tensor& gm, at::Tensor& gs, at::Tensor& gt, double grad_scale) {
     PHYSMDN_DEVICE_GUARD(means.device());
-    return launch_lanes<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs,
-                              &gt) ||
-           launch_tiled<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs,
-                              &gt);
+    if (launch_lanes<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs, &gt) ||
+        launch_tiled<true>(logits, means, log_scales, target, nullptr, grad_scale, &loss, &saved, &gl, &gm, &gs, &gt))
+      return true;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_fwd_grad", [&] {
+      launch_per_sample<scalar_t, false, true>(logits, means, log_scales, target, {}, nullptr, grad_scale, &loss,
+                                               &saved, &gl, &gm, &gs, &gt, nullptr, nullptr, nullptr, 0, 0);
+    });
+    return true;
   }
 
+  // (the saved state is not read: every schedule recomputes the per-sample forward)
   static void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
-                                   const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
+                                   const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor&,
                                    at::Tensor& gl, at::Tensor& gm, at::Tensor& gs, at::Tensor& gt) {
     PHYSMDN_DEVICE_GUARD(means.device());
-    // the tiled kernel recomputes the forward per sample (the saved state is not needed)
     if (launch_lanes<true>(logits, means, log_scales, target, &grad_loss, 1.0, nullptr, nullptr, &gl, &gm, &gs, &gt) ||
         launch_tiled<true>(logits, means, log_scales, target, &grad_loss, 1.0, nullptr, nullptr, &gl, &gm, &gs, &gt))
       return;
-    const int64_t B = means.size(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_bwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
-      if (v.K >= kWarpMinComponents) {
-        PHYSMDN_LAUNCH(warp_blocks_for(B), 32 * kWarpsPerBlock, 0, warp_bwd_kernel<scalar_t, acc_t, false>)(
-            v, math::PhysicsView<scalar_t>{}, B, grad_loss.const_data_ptr<scalar_t>(), grad_loss.stride(0),
-            saved.const_data_ptr<acc_t>(), math::kSavedPerSample, gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(),
-            gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>(), nullptr, nullptr, nullptr, 0, 0);
-      } else {
-        PHYSMDN_LAUNCH(blocks_for(B), kThreads, 0, mixture_nll_bwd_kernel<scalar_t, acc_t>)(
-            v, B, grad_loss.const_data_ptr<scalar_t>(), grad_loss.stride(0), saved.const_data_ptr<acc_t>(),
-            gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>());
-      }
-      PHYSMDN_LAUNCH_CHECK();
+      launch_per_sample<scalar_t, false, true>(logits, means, log_scales, target, {}, &grad_loss, 1.0, nullptr,
+                                               nullptr, &gl, &gm, &gs, &gt, nullptr, nullptr, nullptr, 0, 0);
     });
-  }
-
-  // No single pass for the fused loss on the GPU: op_impl runs forward, then backward with grad_scale.
-  static bool mdn_loss_forward_grad(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                    const PhysicsArgs&, int, int64_t, at::Tensor&, at::Tensor&, at::Tensor&,
-                                    at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, double) {
-    return false;
   }
 
   static void mdn_loss_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
@@ -272,47 +274,41 @@ struct CudaBackend {
                                const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order,
                                int64_t rows, at::Tensor& loss, at::Tensor& saved) {
     PHYSMDN_DEVICE_GUARD(means.device());
-    const int64_t B = means.size(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_fwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
       const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
-      if (v.K >= kWarpMinComponents) {
-        PHYSMDN_LAUNCH(warp_blocks_for(B), 32 * kWarpsPerBlock, 0, warp_fwd_kernel<scalar_t, acc_t, true>)(
-            v, p, B, loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>(), math::kSavedPerSampleLoss);
-      } else {
-        PHYSMDN_LAUNCH(blocks_for(B), kThreads, 0, mdn_loss_fwd_kernel<scalar_t, acc_t>)(
-            v, p, B, loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>());
-      }
-      PHYSMDN_LAUNCH_CHECK();
+      launch_per_sample<scalar_t, true, false>(logits, means, log_scales, target, p, nullptr, 1.0, &loss, &saved,
+                                               nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0);
     });
   }
 
+  // Loss and gradients in one launch (no parameter gradients: op_impl asks the backward for those).
+  static bool mdn_loss_forward_grad(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                                    const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
+                                    const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order,
+                                    int64_t rows, at::Tensor& loss, at::Tensor& saved, at::Tensor& gl, at::Tensor& gm,
+                                    at::Tensor& gs, at::Tensor& gt, at::Tensor& ge, double grad_scale) {
+    PHYSMDN_DEVICE_GUARD(means.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_fwd_grad", [&] {
+      const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
+      launch_per_sample<scalar_t, true, true>(logits, means, log_scales, target, p, nullptr, grad_scale, &loss, &saved,
+                                              &gl, &gm, &gs, &gt, nullptr, nullptr, &ge, 0, 0);
+    });
+    return true;
+  }
+
+  // (the saved state is not read: the kernels recompute the per-sample forward)
   static void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
                                 const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
                                 const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
-                                int order, int64_t rows, const at::Tensor& saved, at::Tensor& gl, at::Tensor& gm,
+                                int order, int64_t rows, const at::Tensor&, at::Tensor& gl, at::Tensor& gm,
                                 at::Tensor& gs, at::Tensor& gt, at::Tensor& gp0, at::Tensor& gp1, at::Tensor& ge) {
     PHYSMDN_DEVICE_GUARD(means.device());
-    const int64_t B = means.size(0);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_bwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
       const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
       int64_t n0 = 0, n1 = 0;
       math::param_row_sizes(p, means.size(2), &n0, &n1);
-      const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
-      if (v.K >= kWarpMinComponents) {
-        PHYSMDN_LAUNCH(warp_blocks_for(B), 32 * kWarpsPerBlock, 0, warp_bwd_kernel<scalar_t, acc_t, true>)(
-            v, p, B, grad_loss.const_data_ptr<scalar_t>(), grad_loss.stride(0), saved.const_data_ptr<acc_t>(),
-            math::kSavedPerSampleLoss, gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), gs.data_ptr<acc_t>(),
-            gt.data_ptr<acc_t>(), data_or_null<acc_t>(gp0), data_or_null<acc_t>(gp1), data_or_null<acc_t>(ge), n0, n1);
-      } else {
-        PHYSMDN_LAUNCH(blocks_for(B), kThreads, 0, mdn_loss_bwd_kernel<scalar_t, acc_t>)(
-            v, p, B, grad_loss.const_data_ptr<scalar_t>(), grad_loss.stride(0), saved.const_data_ptr<acc_t>(),
-            gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(), gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>(),
-            data_or_null<acc_t>(gp0), data_or_null<acc_t>(gp1), data_or_null<acc_t>(ge), n0, n1);
-      }
-      PHYSMDN_LAUNCH_CHECK();
+      launch_per_sample<scalar_t, true, true>(logits, means, log_scales, target, p, &grad_loss, 1.0, nullptr, nullptr,
+                                              &gl, &gm, &gs, &gt, &gp0, &gp1, &ge, n0, n1);
     });
   }
 };

@@ -23,51 +23,40 @@ constexpr int kThreads = 128;
 
 unsigned int blocks_for(int64_t B) { return static_cast<unsigned int>((B + kThreads - 1) / kThreads); }
 
-template <typename scalar_t, typename acc_t>
-__global__ void mixture_nll_fwd_kernel(math::MixtureView<scalar_t> v, int64_t B, scalar_t* loss, acc_t* saved) {
+// ----- thread per sample (any strides; the fused physics loss; the mixture NLL where no other schedule applies) ----
+// One kernel for the forward (kGrad = false: loss and saved state), the forward with gradients (grad_loss null:
+// every sample's upstream gradient is g_default) and the backward (loss and saved null: not written; the forward is
+// recomputed per sample, so the backward of a retained graph runs the same code as the forward with gradients and
+// gives the same bits). kPhysics: the fused loss (mdn_loss_sample), else the mixture NLL. Gradients in acc_t; the
+// parameters' gradients gp0 [B, K, n0] / gp1 [B, K, n1] and ge [B, K] where non-null (fused loss only).
+template <typename scalar_t, typename acc_t, bool kPhysics, bool kGrad>
+__global__ void sample_kernel(math::MixtureView<scalar_t> v, math::PhysicsView<scalar_t> p, int64_t B,
+                              const scalar_t* grad_loss, int64_t grad_stride, acc_t g_default, scalar_t* loss,
+                              acc_t* saved, acc_t* gl, acc_t* gm, acc_t* gs, acc_t* gt, acc_t* gp0, acc_t* gp1,
+                              acc_t* ge, int64_t n0, int64_t n1) {
+  constexpr int kSaved = kPhysics ? math::kSavedPerSampleLoss : math::kSavedPerSample;
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
-  acc_t s[math::kSavedPerSample];
-  loss[b] = static_cast<scalar_t>(math::mixture_nll_sample<acc_t>(v, b, s));
-  for (int i = 0; i < math::kSavedPerSample; ++i) saved[math::kSavedPerSample * b + i] = s[i];
+  acc_t s[kSaved];
+  acc_t nll;
+  if constexpr (kPhysics)
+    nll = math::mdn_loss_sample<acc_t>(v, p, b, s);
+  else
+    nll = math::mixture_nll_sample<acc_t>(v, b, s);
+  if (loss) loss[b] = static_cast<scalar_t>(nll);
+  if (saved)
+    for (int i = 0; i < kSaved; ++i) saved[kSaved * b + i] = s[i];
+  if constexpr (kGrad) {
+    const int64_t K = v.K, D = v.D;
+    const acc_t g = grad_loss ? static_cast<acc_t>(grad_loss[b * grad_stride]) : g_default;
+    if constexpr (kPhysics)
+      math::mdn_loss_sample_backward<acc_t>(v, p, b, g, s, gl + b * K, gm + b * K * D, gs + b * K * D, gt + b * D,
+                                            gp0 ? gp0 + b * K * n0 : nullptr, gp1 ? gp1 + b * K * n1 : nullptr,
+                                            ge ? ge + b * K : nullptr);
+    else
+      math::mixture_nll_sample_backward<acc_t>(v, b, g, s, gl + b * K, gm + b * K * D, gs + b * K * D, gt + b * D);
+  }
 }
-
-template <typename scalar_t, typename acc_t>
-__global__ void mixture_nll_bwd_kernel(math::MixtureView<scalar_t> v, int64_t B, const scalar_t* grad_loss,
-                                       int64_t grad_stride, const acc_t* saved, acc_t* gl, acc_t* gm, acc_t* gs,
-                                       acc_t* gt) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  const int64_t K = v.K, D = v.D;
-  math::mixture_nll_sample_backward<acc_t>(v, b, static_cast<acc_t>(grad_loss[b * grad_stride]),
-                                           saved + math::kSavedPerSample * b, gl + b * K, gm + b * K * D,
-                                           gs + b * K * D, gt + b * D);
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void mdn_loss_fwd_kernel(math::MixtureView<scalar_t> v, math::PhysicsView<scalar_t> p, int64_t B,
-                                    scalar_t* loss, acc_t* saved) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  acc_t s[math::kSavedPerSampleLoss];
-  loss[b] = static_cast<scalar_t>(math::mdn_loss_sample<acc_t>(v, p, b, s));
-  for (int i = 0; i < math::kSavedPerSampleLoss; ++i) saved[math::kSavedPerSampleLoss * b + i] = s[i];
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void mdn_loss_bwd_kernel(math::MixtureView<scalar_t> v, math::PhysicsView<scalar_t> p, int64_t B,
-                                    const scalar_t* grad_loss, int64_t grad_stride, const acc_t* saved, acc_t* gl,
-                                    acc_t* gm, acc_t* gs, acc_t* gt, acc_t* gp0, acc_t* gp1, acc_t* ge, int64_t n0,
-                                    int64_t n1) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  const int64_t K = v.K, D = v.D;
-  math::mdn_loss_sample_backward<acc_t>(v, p, b, static_cast<acc_t>(grad_loss[b * grad_stride]),
-                                        saved + math::kSavedPerSampleLoss * b, gl + b * K, gm + b * K * D,
-                                        gs + b * K * D, gt + b * D, gp0 ? gp0 + b * K * n0 : nullptr,
-                                        gp1 ? gp1 + b * K * n1 : nullptr, ge ? ge + b * K : nullptr);
-}
-
 
 // ----- tiled thread-per-sample schedule (contiguous inputs, few components) ----------------------------
 // A block of T threads owns T consecutive samples. Their [T, K, D] means / log_scales, [T, K] logits and
@@ -367,12 +356,12 @@ __device__ acc_t warp_sum(acc_t x) {
   return x;
 }
 
+// One sample's forward by the 32 lanes of a warp (every lane calls it): the saved state s (max logit, log sum,
+// log-likelihood, with kPhysics the expected penalty) in every lane (the butterfly combines give every lane the same
+// bits); returns the loss.
 template <typename scalar_t, typename acc_t, bool kPhysics>
-__global__ void warp_fwd_kernel(math::MixtureView<scalar_t> v, math::PhysicsView<scalar_t> p, int64_t B,
-                                scalar_t* loss, acc_t* saved, int saved_per_sample) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (b >= B) return;  // whole warps exit together
+__device__ acc_t warp_fwd_sample(const math::MixtureView<scalar_t>& v, const math::PhysicsView<scalar_t>& p, int64_t b,
+                                 int lane, acc_t* s) {
   const scalar_t* lg = v.logits + b * v.logits_sb;
   math::OnlineLSE<acc_t> prior;
   for (int64_t k = lane; k < v.K; k += 32) prior.add(static_cast<acc_t>(lg[k * v.logits_sk]));
@@ -393,27 +382,20 @@ __global__ void warp_fwd_kernel(math::MixtureView<scalar_t> v, math::PhysicsView
   }
   joint = warp_combine(joint);
   if constexpr (kPhysics) pbar = warp_sum(pbar);
-  if (lane == 0) {
-    acc_t* s = saved + saved_per_sample * b;
-    s[0] = max_logit;
-    s[1] = log_sum;
-    s[2] = joint.value();
-    if constexpr (kPhysics) s[3] = pbar;
-    loss[b] = static_cast<scalar_t>(pbar - s[2]);
-  }
+  s[0] = max_logit;
+  s[1] = log_sum;
+  s[2] = joint.value();
+  if constexpr (kPhysics) s[3] = pbar;
+  return pbar - s[2];
 }
 
+// One sample's backward for the upstream gradient g by the 32 lanes of a warp (every lane calls it), from the saved
+// state s.
 template <typename scalar_t, typename acc_t, bool kPhysics>
-__global__ void warp_bwd_kernel(math::MixtureView<scalar_t> v, math::PhysicsView<scalar_t> p, int64_t B,
-                                const scalar_t* grad_loss, int64_t grad_stride, const acc_t* saved,
-                                int saved_per_sample, acc_t* gl, acc_t* gm, acc_t* gs, acc_t* gt, acc_t* gp0,
-                                acc_t* gp1, acc_t* ge, int64_t n0, int64_t n1) {
-  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (b >= B) return;
+__device__ void warp_bwd_sample(const math::MixtureView<scalar_t>& v, const math::PhysicsView<scalar_t>& p, int64_t b,
+                                int lane, acc_t g, const acc_t* s, acc_t* gl, acc_t* gm, acc_t* gs, acc_t* gt,
+                                acc_t* gp0, acc_t* gp1, acc_t* ge, int64_t n0, int64_t n1) {
   const int64_t K = v.K, D = v.D;
-  const acc_t* s = saved + saved_per_sample * b;
-  const acc_t g = static_cast<acc_t>(grad_loss[b * grad_stride]);
   const scalar_t* lg = v.logits + b * v.logits_sb;
   const scalar_t* y = v.target + b * v.target_sb;
   acc_t* gl_row = gl + b * K;
@@ -464,6 +446,30 @@ __global__ void warp_bwd_kernel(math::MixtureView<scalar_t> v, math::PhysicsView
       }
       if (ge) ge[b * K + k] = g * pi;
     }
+  }
+}
+
+// Warp per sample (from kWarpMinComponents components on), the counterpart of sample_kernel (same arguments and
+// modes): forward, forward with gradients, or backward recomputing the forward.
+template <typename scalar_t, typename acc_t, bool kPhysics, bool kGrad>
+__global__ void warp_kernel(math::MixtureView<scalar_t> v, math::PhysicsView<scalar_t> p, int64_t B,
+                            const scalar_t* grad_loss, int64_t grad_stride, acc_t g_default, scalar_t* loss,
+                            acc_t* saved, acc_t* gl, acc_t* gm, acc_t* gs, acc_t* gt, acc_t* gp0, acc_t* gp1,
+                            acc_t* ge, int64_t n0, int64_t n1) {
+  constexpr int kSaved = kPhysics ? math::kSavedPerSampleLoss : math::kSavedPerSample;
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (b >= B) return;  // whole warps exit together
+  const int lane = threadIdx.x % 32;
+  acc_t s[math::kSavedPerSampleLoss];
+  const acc_t nll = warp_fwd_sample<scalar_t, acc_t, kPhysics>(v, p, b, lane, s);
+  if (lane == 0) {
+    if (loss) loss[b] = static_cast<scalar_t>(nll);
+    if (saved)
+      for (int i = 0; i < kSaved; ++i) saved[kSaved * b + i] = s[i];
+  }
+  if constexpr (kGrad) {
+    const acc_t g = grad_loss ? static_cast<acc_t>(grad_loss[b * grad_stride]) : g_default;
+    warp_bwd_sample<scalar_t, acc_t, kPhysics>(v, p, b, lane, g, s, gl, gm, gs, gt, gp0, gp1, ge, n0, n1);
   }
 }
 

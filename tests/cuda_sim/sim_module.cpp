@@ -190,9 +190,9 @@ py::tuple tiled_nll(const Tensor& logits, const Tensor& means, const Tensor& log
   return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(stats), threads);
 }
 
-// The mixture NLL's per-sample kernels (backend.cuh CudaBackend::mixture_nll_forward / _backward for inputs the
-// lanes and tiled kernels do not take): warp per sample (warp = true, from kWarpMinComponents components on in
-// backend.cuh) or thread per sample; any strides. Forward: loss, saved.
+// The per-sample kernels of the mixture NLL (backend.cuh launch_per_sample, for inputs the lanes and tiled kernels
+// do not take): warp per sample (warp = true; from kWarpMinComponents components on in backend.cuh) or thread per
+// sample; any strides. Forward: loss, saved.
 py::tuple sample_nll_fwd(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
                          bool warp) {
   check_inputs(logits, means, log_scales, target);
@@ -206,24 +206,24 @@ py::tuple sample_nll_fwd(const Tensor& logits, const Tensor& means, const Tensor
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_sample_fwd", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
-      if (warp) {
-        stats = cuda_sim::launch(dim3(warp_blocks_for(B)), dim3(32 * kWarpsPerBlock), 0,
-                                 warp_fwd_kernel<scalar_t, acc_t, false>, v, math::PhysicsView<scalar_t>{}, B,
-                                 loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>(), math::kSavedPerSample);
-      } else {
-        stats = cuda_sim::launch(dim3(blocks_for(B)), dim3(kThreads), 0,
-                                 mixture_nll_fwd_kernel<scalar_t, acc_t>, v, B, loss.data_ptr<scalar_t>(),
-                                 saved.data_ptr<acc_t>());
-      }
+      const auto kernel = warp ? &warp_kernel<scalar_t, acc_t, false, false> : &sample_kernel<scalar_t, acc_t, false, false>;
+      stats = cuda_sim::launch(warp ? dim3(warp_blocks_for(B)) : dim3(blocks_for(B)),
+                               dim3(warp ? 32 * kWarpsPerBlock : kThreads), 0, kernel, v,
+                               math::PhysicsView<scalar_t>{}, B, static_cast<const scalar_t*>(nullptr), int64_t{0},
+                               acc_t(1), loss.data_ptr<scalar_t>(), saved.data_ptr<acc_t>(),
+                               static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+                               static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+                               static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+                               static_cast<acc_t*>(nullptr), int64_t{0}, int64_t{0});
     });
   }
   out.check();
   return py::make_tuple(loss, saved, stats_dict(stats));
 }
 
-// Backward of the per-sample kernels: gl, gm, gs, gt (accumulation dtype).
+// Backward of the per-sample kernels (recomputing the forward; no saved state): gl, gm, gs, gt (accumulation dtype).
 py::tuple sample_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& means, const Tensor& log_scales,
-                         const Tensor& target, const Tensor& saved, bool warp) {
+                         const Tensor& target, bool warp) {
   check_inputs(logits, means, log_scales, target);
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
   const auto dtype = means.scalar_type();
@@ -231,25 +231,19 @@ py::tuple sample_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const Te
   Outputs out;
   Tensor gl = out.make({B, K}, o), gm = out.make({B, K, D}, o), gs = out.make({B, K, D}, o), gt = out.make({B, D}, o);
   const Tensor g = grad_loss.to(dtype);
-  const Tensor sv = saved.to(acc_dtype(dtype)).contiguous();
   Stats stats;
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_sample_bwd", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
-      if (warp) {
-        stats = cuda_sim::launch(dim3(warp_blocks_for(B)), dim3(32 * kWarpsPerBlock), 0,
-                                 warp_bwd_kernel<scalar_t, acc_t, false>, v, math::PhysicsView<scalar_t>{}, B,
-                                 g.const_data_ptr<scalar_t>(), g.stride(0), sv.const_data_ptr<acc_t>(),
-                                 math::kSavedPerSample, gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(),
-                                 gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>(), static_cast<acc_t*>(nullptr),
-                                 static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), int64_t{0}, int64_t{0});
-      } else {
-        stats = cuda_sim::launch(dim3(blocks_for(B)), dim3(kThreads), 0,
-                                 mixture_nll_bwd_kernel<scalar_t, acc_t>, v, B, g.const_data_ptr<scalar_t>(),
-                                 g.stride(0), sv.const_data_ptr<acc_t>(), gl.data_ptr<acc_t>(), gm.data_ptr<acc_t>(),
-                                 gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>());
-      }
+      const auto kernel = warp ? &warp_kernel<scalar_t, acc_t, false, true> : &sample_kernel<scalar_t, acc_t, false, true>;
+      stats = cuda_sim::launch(warp ? dim3(warp_blocks_for(B)) : dim3(blocks_for(B)),
+                               dim3(warp ? 32 * kWarpsPerBlock : kThreads), 0, kernel, v,
+                               math::PhysicsView<scalar_t>{}, B, g.const_data_ptr<scalar_t>(), g.stride(0), acc_t(1),
+                               static_cast<scalar_t*>(nullptr), static_cast<acc_t*>(nullptr), gl.data_ptr<acc_t>(),
+                               gm.data_ptr<acc_t>(), gs.data_ptr<acc_t>(), gt.data_ptr<acc_t>(),
+                               static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+                               static_cast<acc_t*>(nullptr), int64_t{0}, int64_t{0});
     });
   }
   out.check();
