@@ -20,6 +20,7 @@ import physmdn
 from physmdn import reference
 from conftest import rel_err
 from test_cuda_lanes import LANES_SHAPES
+from test_mixture_nll import extreme_inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,19 +164,7 @@ def test_lanes_launch_shape(sim, K, D, J, G, Dp):
 def test_lanes_extremes_float32(sim, case, K, D):
     """test_mixture_nll.test_extremes_float32's cases on the lanes kernel."""
     B = 64
-    logits, means, log_scales, target = make_inputs(B, K, D, torch.float32, seed=9)
-    if case == "logits":
-        logits = torch.where(logits > 0, 1e4, -1e4).to(logits)
-        logits[:, 0] = 1e4 + 0.5
-    elif case == "tiny_scales":
-        log_scales = torch.full_like(log_scales, -30.0)
-        target = means[:, 0] + 1e-14 * torch.randn_like(target)
-    elif case == "huge_scales":
-        log_scales = torch.full_like(log_scales, 30.0)
-    else:
-        target = target + 1e6
-        log_scales = log_scales.clamp(-3, 3)
-    inputs = [logits, means, log_scales, target]
+    inputs = [guarded(t) for t in extreme_inputs(case, make_inputs(B, K, D, torch.float32, seed=9))]
     out = sim.lanes_nll(*inputs)
     assert all(torch.isfinite(t).all() for t in out[:6])
     check(out, inputs, torch.ones(B), 1e-5, 1e-4, grad_floor=1.0 if case == "huge_scales" else 1e-30)

@@ -141,12 +141,10 @@ def test_extremes_float64(device, cpu_isa):
     check_against_reference(inputs, torch.float64, 1e-12, 1e-10)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", ["logits", "tiny_scales", "huge_scales", "far_target"])
-@pytest.mark.parametrize("K,D", [(5, 3), (8, 4), (8, 1), (3, 8)])  # all but (5, 3): the AVX2 row-wise path
-def test_extremes_float32(case, K, D, device, cpu_isa):
-    B = 64
-    logits, means, log_scales, target = make_inputs(B, K, D, torch.float32, device, seed=9)
+def extreme_inputs(case, inputs):
+    """float32 extremes: logits +-1e4 (one 0.5 above), log-scales of -30 with targets 1e-14 from a mean, log-scales
+    of +30, or targets 1e6 away."""
+    logits, means, log_scales, target = inputs
     if case == "logits":
         logits = torch.where(logits > 0, 1e4, -1e4).to(logits)
         logits[:, 0] = 1e4 + 0.5
@@ -158,7 +156,15 @@ def test_extremes_float32(case, K, D, device, cpu_isa):
     else:
         target = target + 1e6
         log_scales = log_scales.clamp(-3, 3)
-    inputs = [logits, means, log_scales, target]
+    return [logits, means, log_scales, target]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["logits", "tiny_scales", "huge_scales", "far_target"])
+@pytest.mark.parametrize("K,D", [(5, 3), (8, 4), (8, 1), (3, 8)])  # all but (5, 3): the AVX2 row-wise path
+def test_extremes_float32(case, K, D, device, cpu_isa):
+    B = 64
+    inputs = extreme_inputs(case, make_inputs(B, K, D, torch.float32, device, seed=9))
     loss, grads = loss_and_grads(physmdn.mixture_nll, inputs)
     assert torch.isfinite(loss).all() and all(torch.isfinite(g).all() for g in grads)
     check_against_reference(inputs, torch.float32, 1e-5, 1e-4, grad_floor=1.0 if case == "huge_scales" else 1e-30)

@@ -94,30 +94,40 @@ void check_inputs(const Tensor& logits, const Tensor& means, const Tensor& log_s
     TORCH_CHECK(t->is_cpu() && t->scalar_type() == means.scalar_type(), "cuda_sim: CPU tensors of one dtype");
 }
 
-// lanes_nll_kernel (backend.cuh launch_lanes): the forward (grad = false: loss and saved state), the forward with
-// gradients (grad_loss undefined: every sample's upstream gradient is g_default) or the backward (grad_loss [B],
-// loss and saved not written). Returns loss, saved, gl, gm, gs, gt (undefined where not computed), stats.
-py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
-                    const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool grads_in_input_dtype,
-                    bool write_loss) {
+// The lanes and tiled kernels' outputs (checks their contiguous inputs): loss and saved (with write_loss), the
+// gradients (with grad; in the input dtype or the accumulation dtype), and the upstream gradient in the input dtype.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nll_outputs(
+    Outputs& out, const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
+    const c10::optional<Tensor>& grad_loss, bool grad, bool grads_in_input_dtype, bool write_loss) {
   check_inputs(logits, means, log_scales, target);
   for (const Tensor* t : {&logits, &means, &log_scales, &target})
-    TORCH_CHECK(t->is_contiguous(), "cuda_sim: the lanes kernel takes contiguous inputs");
+    TORCH_CHECK(t->is_contiguous(), "cuda_sim: the lanes and tiled kernels take contiguous inputs");
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
-  TORCH_CHECK(D <= 32 && K * pow2_at_least(D) <= kLanesMaxElements, "cuda_sim: lanes_inputs does not hold");
   const auto dtype = means.scalar_type(), acc = acc_dtype(dtype);
-  const auto grad_dtype = grads_in_input_dtype ? dtype : acc;
-  Outputs out;
   Tensor loss, saved, gl, gm, gs, gt;
   if (write_loss) {
     loss = out.make({B}, means.options());
     saved = out.make({B, math::kSavedPerSample}, means.options().dtype(acc));
   }
   if (grad) {
-    const auto o = means.options().dtype(grad_dtype);
+    const auto o = means.options().dtype(grads_in_input_dtype ? dtype : acc);
     gl = out.make({B, K}, o), gm = out.make({B, K, D}, o), gs = out.make({B, K, D}, o), gt = out.make({B, D}, o);
   }
-  Tensor g = grad_loss.has_value() ? grad_loss->to(dtype) : Tensor();
+  return {loss, saved, gl, gm, gs, gt, grad_loss.has_value() ? grad_loss->to(dtype) : Tensor()};
+}
+
+// lanes_nll_kernel (backend.cuh launch_lanes): the forward (grad = false: loss and saved state), the forward with
+// gradients (grad_loss undefined: every sample's upstream gradient is g_default) or the backward (grad_loss [B],
+// loss and saved not written). Returns loss, saved, gl, gm, gs, gt (undefined where not computed), stats.
+py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
+                    const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool grads_in_input_dtype,
+                    bool write_loss) {
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  TORCH_CHECK(D <= 32 && K * pow2_at_least(D) <= kLanesMaxElements, "cuda_sim: lanes_inputs does not hold");
+  const auto dtype = means.scalar_type();
+  Outputs out;
+  auto [loss, saved, gl, gm, gs, gt, g] = nll_outputs(out, logits, means, log_scales, target, grad_loss, grad,
+                                                      grads_in_input_dtype, write_loss);
   Stats stats;
   const LanesLaunch c = lanes_launch(B, K, D);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_lanes", [&] {
@@ -148,22 +158,11 @@ py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log
 // tiled_nll_kernel (backend.cuh launch_tiled): as lanes_nll, gradients in the accumulation dtype.
 py::tuple tiled_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
                     const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool write_loss) {
-  check_inputs(logits, means, log_scales, target);
-  for (const Tensor* t : {&logits, &means, &log_scales, &target})
-    TORCH_CHECK(t->is_contiguous(), "cuda_sim: the tiled kernel takes contiguous inputs");
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
-  const auto dtype = means.scalar_type(), acc = acc_dtype(dtype);
+  const auto dtype = means.scalar_type();
   Outputs out;
-  Tensor loss, saved, gl, gm, gs, gt;
-  if (write_loss) {
-    loss = out.make({B}, means.options());
-    saved = out.make({B, math::kSavedPerSample}, means.options().dtype(acc));
-  }
-  if (grad) {
-    const auto o = means.options().dtype(acc);
-    gl = out.make({B, K}, o), gm = out.make({B, K, D}, o), gs = out.make({B, K, D}, o), gt = out.make({B, D}, o);
-  }
-  Tensor g = grad_loss.has_value() ? grad_loss->to(dtype) : Tensor();
+  auto [loss, saved, gl, gm, gs, gt, g] = nll_outputs(out, logits, means, log_scales, target, grad_loss, grad, false,
+                                                      write_loss);
   Stats stats;
   int threads = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_tiled", [&] {
