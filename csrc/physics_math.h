@@ -119,8 +119,8 @@ PHYSMDN_HD acc_t load_ls(const MixtureView<scalar_t>& v, int64_t b, int64_t k, i
 }
 
 // ----- polynomial -------------------------------------------------------------------------------------
-template <typename acc_t, bool kGrad, typename scalar_t>
-PHYSMDN_HD acc_t polynomial_penalty(const MixtureView<scalar_t>& v, const PhysicsView<scalar_t>& p, int64_t b,
+template <typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD acc_t polynomial_penalty(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b,
                                     int64_t k, acc_t scale, PenaltyGrads<acc_t> g) {
   const int J = p.order;
   const acc_t nv = static_cast<acc_t>(p.noise_var);
@@ -149,8 +149,8 @@ PHYSMDN_HD acc_t polynomial_penalty(const MixtureView<scalar_t>& v, const Physic
 }
 
 // ----- linear -----------------------------------------------------------------------------------------
-template <typename acc_t, bool kGrad, typename scalar_t>
-PHYSMDN_HD acc_t linear_penalty(const MixtureView<scalar_t>& v, const PhysicsView<scalar_t>& p, int64_t b,
+template <typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD acc_t linear_penalty(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b,
                                 int64_t k, acc_t scale, PenaltyGrads<acc_t> g) {
   const int64_t Mrows = p.rows, D = v.D;
   const acc_t nv = static_cast<acc_t>(p.noise_var);
@@ -218,8 +218,8 @@ PHYSMDN_HD StencilRow stencil_row(int64_t i, int64_t D, int boundary) {
   return row;
 }
 
-template <typename acc_t, bool kGrad, typename scalar_t>
-PHYSMDN_HD acc_t stencil_penalty(const MixtureView<scalar_t>& v, const PhysicsView<scalar_t>& p, int64_t b,
+template <typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD acc_t stencil_penalty(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b,
                                  int64_t k, acc_t scale, PenaltyGrads<acc_t> g) {
   const int64_t D = v.D;
   const int J = p.order;
@@ -272,8 +272,8 @@ PHYSMDN_HD acc_t stencil_penalty(const MixtureView<scalar_t>& v, const PhysicsVi
 }
 
 // Whether component k's means, log-scales and family parameters are all finite (x - x == 0 only for finite x).
-template <typename acc_t, typename scalar_t>
-PHYSMDN_HD bool component_finite(const MixtureView<scalar_t>& v, const PhysicsView<scalar_t>& p, int64_t b, int64_t k) {
+template <typename acc_t, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD bool component_finite(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b, int64_t k) {
   acc_t z = acc_t(0);
   for (int64_t d = 0; d < v.D; ++d) {
     const acc_t m = load_mu<acc_t>(v, b, k, d), l = load_ls<acc_t>(v, b, k, d);
@@ -305,8 +305,8 @@ PHYSMDN_HD bool component_finite(const MixtureView<scalar_t>& v, const PhysicsVi
   return z == acc_t(0);
 }
 
-template <typename acc_t, bool kGrad, typename scalar_t>
-PHYSMDN_HD acc_t family_penalty(const MixtureView<scalar_t>& v, const PhysicsView<scalar_t>& p, int64_t b, int64_t k,
+template <typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD acc_t family_penalty(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b, int64_t k,
                                 acc_t scale, PenaltyGrads<acc_t> g) {
   acc_t r = acc_t(0);
   switch (p.family) {
@@ -338,8 +338,8 @@ PHYSMDN_HD acc_t extra_penalty(const PhysicsView<scalar_t>& p, int64_t b, int64_
 }
 
 // Forward for one sample: returns loss_b and writes saved[0..3] (see kSavedPerSampleLoss).
-template <typename acc_t, typename scalar_t>
-PHYSMDN_HD acc_t mdn_loss_sample(const MixtureView<scalar_t>& v, const PhysicsView<scalar_t>& p, int64_t b,
+template <typename acc_t, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD acc_t mdn_loss_sample(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b,
                                  acc_t* saved) {
   logits_norm<acc_t>(v, b, saved, saved + 1);
   OnlineLSE<acc_t> joint;
@@ -362,8 +362,8 @@ PHYSMDN_HD acc_t mdn_loss_sample(const MixtureView<scalar_t>& v, const PhysicsVi
 
 // Backward for one sample. Rows: grad_logits [K], grad_means/grad_log_scales [K, D], grad_target [D],
 // grad_p0 [K, n0] / grad_p1 [K, n1] (null when not needed), grad_extra [K] (null when no extra).
-template <typename acc_t, typename scalar_t>
-PHYSMDN_HD void mdn_loss_sample_backward(const MixtureView<scalar_t>& v, const PhysicsView<scalar_t>& p, int64_t b,
+template <typename acc_t, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD void mdn_loss_sample_backward(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b,
                                          acc_t g, const acc_t* saved, acc_t* grad_logits, acc_t* grad_means,
                                          acc_t* grad_log_scales, acc_t* grad_target, acc_t* grad_p0, acc_t* grad_p1,
                                          acc_t* grad_extra) {

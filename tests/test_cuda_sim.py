@@ -351,28 +351,53 @@ def test_backend_mixture_nll_ops_match_the_cpu_ops(sim, schedule, B, K, D, layou
 
 @pytest.mark.parametrize("kind", ["polynomial", "polynomial_shared", "linear", "linear_per_sample", "stencil_periodic",
                                   "stencil_neumann"])
-@pytest.mark.parametrize("B,K,D", [(9, 3, 4), (5, 17, 4)])  # thread per sample, warp per sample
+# tiled (contiguous, K < 16; 300: several blocks), warp per sample (K >= 16), thread per sample (strided)
+@pytest.mark.parametrize("B,K,D,layout", [(9, 3, 4, "contiguous"), (300, 2, 5, "contiguous"), (5, 17, 4, "contiguous"),
+                                          (7, 3, 4, "strided")])
 @pytest.mark.parametrize("with_extra", [False, True])
-def test_backend_fused_loss_ops_match_the_cpu_ops(sim, kind, B, K, D, with_extra):
-    """mdn_loss_fwd / _bwd (the fused NLL + physics penalty; on the GPU always the per-sample kernels) for every
-    family, with and without the extra per-component penalty, parameter gradients included."""
+def test_backend_fused_loss_ops_match_the_cpu_ops(sim, kind, B, K, D, layout, with_extra):
+    """mdn_loss_fwd / _bwd (the fused NLL + physics penalty) for every family, with and without the extra
+    per-component penalty, parameter gradients included, on each schedule."""
     from physmdn._fused import _kernel_args
-    from test_physics import make_spec, mixture
+    from test_physics import make_spec
 
-    inputs = list(mixture(B, K, D, seed=K))
+    inputs = layout_inputs(B, K, D, torch.float64, layout, seed=K)
+    inputs[2] = 0.3 * inputs[2] - 0.5
     spec = make_spec(kind, B, K, D, noise=0.2)
     family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
     p0, p1 = p0.detach(), p1.detach()
     extra = torch.rand(B, K, dtype=torch.float64) if with_extra else None
     args = (*inputs, p0, p1, extra, family, exact, 0.7, spacing, boundary, noise)
+    expected = "tiled" if layout == "contiguous" and K < 16 else "warp" if K >= 16 else "thread"
     for grad in (False, True):
         got, launched = run(sim, sim.mdn_loss_fwd, *args, grad, 0.25)
         assert_outputs_close(got, torch.ops.physmdn.mdn_loss_fwd(*args, grad, 0.25), 1e-11)
-        assert launched == ("warp" if K >= 16 else "thread")
+        assert launched == expected
     w = torch.linspace(-1.0, 2.0, B, dtype=torch.float64)
     saved = torch.ops.physmdn.mdn_loss_fwd(*args)[1]
-    got = sim.mdn_loss_bwd(w, *args, saved, True, True)
+    got, launched = run(sim, sim.mdn_loss_bwd, w, *args, saved, True, True)
     assert_outputs_close(got, torch.ops.physmdn.mdn_loss_bwd(w, *args, saved, True, True), 1e-11)
+    assert launched == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K", [3, 17])
+def test_backend_fused_loss_reduced_precision(sim, dtype, K):
+    """float32 / bfloat16 / float16 inputs of the fused loss (float32 accumulation; parameters in the input dtype)
+    on the tiled and warp schedules, against the CPU op."""
+    from physmdn._fused import _kernel_args
+    from test_physics import make_spec
+
+    B, D = 70, 4
+    inputs = make_inputs(B, K, D, dtype, seed=2)
+    spec = make_spec("polynomial", B, K, D, dtype=dtype)
+    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+    args = (*inputs, p0.detach(), p1.detach(), torch.rand(B, K).to(dtype), family, exact, 0.7, spacing, boundary,
+            noise)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
+    got, launched = run(sim, sim.mdn_loss_fwd, *args, True, 1.0 / B)
+    assert_outputs_close(got, torch.ops.physmdn.mdn_loss_fwd(*args, True, 1.0 / B), tol)
+    assert launched == ("tiled" if K < 16 else "warp")
 
 
 @pytest.mark.parametrize("value, scale", [(2.5, 1.0), (0.125, 1 / 3), (-3.0, 0.5), (1e30, 1e-20), (0.25, 0.25)])

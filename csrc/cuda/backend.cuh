@@ -71,6 +71,32 @@ bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::T
   return launched;
 }
 
+// Launches the fused loss's tiled kernel (contiguous inputs, K < kWarpMinComponentsTiled); false when it does not
+// apply or a sample does not fit in shared memory (the caller takes the per-sample kernels).
+template <bool kGrad, typename scalar_t>
+bool launch_tiled_loss(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                       const at::Tensor& target, const math::PhysicsView<scalar_t>& p, const at::Tensor* grad_loss,
+                       double g_default, at::Tensor* loss, at::Tensor* saved, at::Tensor* gl, at::Tensor* gm,
+                       at::Tensor* gs, at::Tensor* gt, at::Tensor* gp0, at::Tensor* gp1, at::Tensor* ge, int64_t n0,
+                       int64_t n1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (!tiled_inputs(logits, means, log_scales, target)) return false;
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  const int threads = tile_threads<acc_t>(K, D, kGrad);
+  if (threads == 0) return false;
+  const auto out = [](at::Tensor* t) { return t != nullptr && t->numel() ? t->data_ptr<acc_t>() : nullptr; };
+  const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
+  const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D, kGrad);
+  PHYSMDN_LAUNCH(blocks, threads, smem, tiled_loss_kernel<scalar_t, acc_t, kGrad>)(
+      logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
+      target.const_data_ptr<scalar_t>(), p, B, static_cast<int>(K), static_cast<int>(D),
+      grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
+      static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr, out(saved), out(gl), out(gm),
+      out(gs), out(gt), out(gp0), out(gp1), out(ge), n0, n1);
+  PHYSMDN_LAUNCH_CHECK();
+  return true;
+}
+
 bool lanes_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                   const at::Tensor& target) {
   const int64_t K = means.size(1), D = means.size(2);
@@ -276,8 +302,10 @@ struct CudaBackend {
     PHYSMDN_DEVICE_GUARD(means.device());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_fwd", [&] {
       const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
-      launch_per_sample<scalar_t, true, false>(logits, means, log_scales, target, p, nullptr, 1.0, &loss, &saved,
-                                               nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0);
+      if (!launch_tiled_loss<false, scalar_t>(logits, means, log_scales, target, p, nullptr, 1.0, &loss, &saved,
+                                              nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0))
+        launch_per_sample<scalar_t, true, false>(logits, means, log_scales, target, p, nullptr, 1.0, &loss, &saved,
+                                                 nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 0, 0);
     });
   }
 
@@ -290,8 +318,10 @@ struct CudaBackend {
     PHYSMDN_DEVICE_GUARD(means.device());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_fwd_grad", [&] {
       const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
-      launch_per_sample<scalar_t, true, true>(logits, means, log_scales, target, p, nullptr, grad_scale, &loss, &saved,
-                                              &gl, &gm, &gs, &gt, nullptr, nullptr, &ge, 0, 0);
+      if (!launch_tiled_loss<true, scalar_t>(logits, means, log_scales, target, p, nullptr, grad_scale, &loss, &saved,
+                                             &gl, &gm, &gs, &gt, nullptr, nullptr, &ge, 0, 0))
+        launch_per_sample<scalar_t, true, true>(logits, means, log_scales, target, p, nullptr, grad_scale, &loss,
+                                                &saved, &gl, &gm, &gs, &gt, nullptr, nullptr, &ge, 0, 0);
     });
     return true;
   }
@@ -307,8 +337,10 @@ struct CudaBackend {
       const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
       int64_t n0 = 0, n1 = 0;
       math::param_row_sizes(p, means.size(2), &n0, &n1);
-      launch_per_sample<scalar_t, true, true>(logits, means, log_scales, target, p, &grad_loss, 1.0, nullptr, nullptr,
-                                              &gl, &gm, &gs, &gt, &gp0, &gp1, &ge, n0, n1);
+      if (!launch_tiled_loss<true, scalar_t>(logits, means, log_scales, target, p, &grad_loss, 1.0, nullptr, nullptr,
+                                             &gl, &gm, &gs, &gt, &gp0, &gp1, &ge, n0, n1))
+        launch_per_sample<scalar_t, true, true>(logits, means, log_scales, target, p, &grad_loss, 1.0, nullptr,
+                                                nullptr, &gl, &gm, &gs, &gt, &gp0, &gp1, &ge, n0, n1);
     });
   }
 };

@@ -70,15 +70,20 @@ constexpr int kTileMaxThreads = 256;
 constexpr int64_t kWarpMinComponentsTiled = 16;  // from 16 components on, the warp-per-sample kernels
 constexpr int64_t kTileSharedBytes = 48 * 1024;  // the default dynamic shared-memory limit per block
 
+// Shared memory per sample: the means and log-scales rows, the logits, the target and its gradient; with
+// separate_grads (the fused loss with gradients, whose penalty gradients read the inputs after the likelihood part
+// wrote its gradients) also the means', log-scales' and logits' gradient rows.
 template <typename acc_t>
-int64_t tile_bytes_per_sample(int64_t K, int64_t D) {
-  return static_cast<int64_t>(sizeof(acc_t)) * (2 * (K * D + 1) + (K + 1) + 2 * (D + 1));
+int64_t tile_bytes_per_sample(int64_t K, int64_t D, bool separate_grads = false) {
+  const int64_t rows = 2 * (K * D + 1) + (K + 1);
+  return static_cast<int64_t>(sizeof(acc_t)) * ((separate_grads ? 2 : 1) * rows + 2 * (D + 1));
 }
 
-// Threads per block for the tiled kernel (a multiple of 32), 0 when a sample does not fit.
+// Threads per block for the tiled kernels (a multiple of 32), 0 when a sample does not fit.
 template <typename acc_t>
-int tile_threads(int64_t K, int64_t D) {
-  const int64_t t = std::min<int64_t>(kTileMaxThreads, kTileSharedBytes / tile_bytes_per_sample<acc_t>(K, D));
+int tile_threads(int64_t K, int64_t D, bool separate_grads = false) {
+  const int64_t t =
+      std::min<int64_t>(kTileMaxThreads, kTileSharedBytes / tile_bytes_per_sample<acc_t>(K, D, separate_grads));
   return t >= 32 ? static_cast<int>(t / 32 * 32) : 0;
 }
 
@@ -189,6 +194,75 @@ __global__ void tiled_nll_kernel(const scalar_t* __restrict__ logits, const scal
     store_rows(s_mu, pm, nb, KD, gm + b0 * KD);
     store_rows(s_ls, pm, nb, KD, gs + b0 * KD);
     store_rows(s_lg, pl, nb, K, gl + b0 * K);
+    store_rows(s_gt, py, nb, D, gt + b0 * D);
+  }
+}
+
+// The fused loss (mixture NLL + physics penalty) on the tiled schedule: the same coalesced loads into shared memory
+// and per-thread math on the rows there, with mdn_loss_sample / mdn_loss_sample_backward; the family parameters
+// and the extra penalty are read from global memory (at sample b0 + t: their pointers are moved to the block's
+// first sample, so that the math indexes them with the thread's row t). The gradient rows are separate (the
+// penalty's gradients read the inputs after the likelihood part wrote its gradients) and stored with coalesced
+// writes; the parameters' gradients (the backward only) and the extra's are written in place from each thread.
+// Modes as sample_kernel: forward, forward with gradients (grad_loss null), backward (loss, saved null).
+template <typename scalar_t, typename acc_t, bool kGrad>
+__global__ void tiled_loss_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means,
+                                  const scalar_t* __restrict__ log_scales, const scalar_t* __restrict__ target,
+                                  math::PhysicsView<scalar_t> p, int64_t B, int K, int D,
+                                  const scalar_t* __restrict__ grad_loss, int64_t grad_stride, acc_t g_default,
+                                  scalar_t* __restrict__ loss, acc_t* __restrict__ saved, acc_t* __restrict__ gl,
+                                  acc_t* __restrict__ gm, acc_t* __restrict__ gs, acc_t* __restrict__ gt, acc_t* gp0,
+                                  acc_t* gp1, acc_t* ge, int64_t n0, int64_t n1) {
+  extern __shared__ __align__(16) unsigned char tile_smem[];
+  constexpr int kSaved = math::kSavedPerSampleLoss;
+  const int T = blockDim.x, KD = K * D;
+  const int pm = KD + 1, pl = K + 1, py = D + 1;
+  acc_t* s_mu = reinterpret_cast<acc_t*>(tile_smem);
+  acc_t* s_ls = s_mu + T * pm;
+  acc_t* s_lg = s_ls + T * pm;
+  acc_t* s_y = s_lg + T * pl;
+  acc_t* s_gt = s_y + T * py;
+  acc_t* s_gm = s_gt + T * py;  // (kGrad only)
+  acc_t* s_gs = s_gm + T * pm;
+  acc_t* s_gl = s_gs + T * pm;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * T;
+  const int nb = static_cast<int>(B - b0 < T ? B - b0 : T);
+  load_rows(means + b0 * KD, nb, KD, s_mu, pm);
+  load_rows(log_scales + b0 * KD, nb, KD, s_ls, pm);
+  load_rows(logits + b0 * K, nb, K, s_lg, pl);
+  load_rows(target + b0 * D, nb, D, s_y, py);
+  __syncthreads();
+  const int t = threadIdx.x;
+  if (t < nb) {
+    math::MixtureView<acc_t> v;
+    v.logits = s_lg, v.means = s_mu, v.log_scales = s_ls, v.target = s_y;
+    v.logits_sb = pl, v.logits_sk = 1;
+    v.means_sb = pm, v.means_sk = D, v.means_sd = 1;
+    v.scales_sb = pm, v.scales_sk = D, v.scales_sd = 1;
+    v.target_sb = py, v.target_sd = 1;
+    v.K = K, v.D = D;
+    math::PhysicsView<scalar_t> q = p;  // indexed from the block's first sample
+    if (q.p0.data) q.p0.data += b0 * q.p0.s0;
+    if (q.p1.data) q.p1.data += b0 * q.p1.s0;
+    if (q.extra) q.extra += b0 * q.extra_sb;
+    acc_t s[kSaved];
+    const acc_t nll = math::mdn_loss_sample<acc_t>(v, q, t, s);
+    const int64_t b = b0 + t;
+    if (loss) loss[b] = static_cast<scalar_t>(nll);
+    if (saved)
+      for (int i = 0; i < kSaved; ++i) saved[kSaved * b + i] = s[i];
+    if constexpr (kGrad) {
+      const acc_t g = grad_loss ? static_cast<acc_t>(grad_loss[b * grad_stride]) : g_default;
+      math::mdn_loss_sample_backward<acc_t>(v, q, t, g, s, s_gl + t * pl, s_gm + t * pm, s_gs + t * pm, s_gt + t * py,
+                                            gp0 ? gp0 + b * K * n0 : nullptr, gp1 ? gp1 + b * K * n1 : nullptr,
+                                            ge ? ge + b * K : nullptr);
+    }
+  }
+  if constexpr (kGrad) {
+    __syncthreads();
+    store_rows(s_gm, pm, nb, KD, gm + b0 * KD);
+    store_rows(s_gs, pm, nb, KD, gs + b0 * KD);
+    store_rows(s_gl, pl, nb, K, gl + b0 * K);
     store_rows(s_gt, py, nb, D, gt + b0 * D);
   }
 }
