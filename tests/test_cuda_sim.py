@@ -212,9 +212,17 @@ def test_tiled_all_three_modes(sim, B, K, D, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_tiled_half_types(sim, dtype):
+@pytest.mark.parametrize("in_input_dtype", [True, False])
+def test_tiled_half_types(sim, dtype, in_input_dtype):
+    """float32 accumulation; the gradients written in the input dtype (as the CUDA backend asks when the tiled kernel
+    runs) or in float32."""
     inputs = make_inputs(100, 5, 4, dtype, seed=1)
-    check(sim.tiled_nll(*inputs), inputs, torch.ones(100), 1e-2, 2e-2, grad_dtype=torch.float32)
+    out = sim.tiled_nll(*inputs, grads_in_input_dtype=in_input_dtype)
+    check(out, inputs, torch.ones(100), 1e-2, 2e-2, grad_dtype=dtype if in_input_dtype else torch.float32)
+    if in_input_dtype:  # the rounding of the float32 gradients, as torch's conversion does it
+        out32 = sim.tiled_nll(*inputs)
+        for a, b in zip(out[2:6], out32[2:6]):
+            assert torch.equal(a, b.to(dtype))
 
 
 # ----- warp per sample (K >= 16) and thread per sample (the other layouts) --------------------------------

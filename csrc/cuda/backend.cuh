@@ -43,32 +43,47 @@ bool tiled_inputs(const at::Tensor& logits, const at::Tensor& means, const at::T
          log_scales.is_contiguous() && target.is_contiguous() && means.numel() < (int64_t(1) << 31);
 }
 
-// Launches the tiled kernel; false when a sample does not fit in shared memory (the caller falls back).
+// Whether the mixture NLL's tiled kernel runs for these inputs (a sample fits in shared memory).
+bool tiled_nll_applies(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                       const at::Tensor& target) {
+  if (!tiled_inputs(logits, means, log_scales, target)) return false;
+  const int64_t K = means.size(1), D = means.size(2);
+  return means.scalar_type() == at::kDouble ? tile_threads<double>(K, D) > 0 : tile_threads<float>(K, D) > 0;
+}
+
+// Launches the tiled kernel; false when it does not apply (tiled_nll_applies; the caller falls back). The gradients
+// in the input dtype when gm has it (mixture_grads_in_input_dtype: no float32 [B, K, D] copies for bfloat16 /
+// float16 inputs), else in the accumulation dtype.
 template <bool kGrad>
 bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                   const at::Tensor& target, const at::Tensor* grad_loss, double g_default, at::Tensor* loss,
                   at::Tensor* saved, at::Tensor* gl, at::Tensor* gm, at::Tensor* gs, at::Tensor* gt) {
-  if (!tiled_inputs(logits, means, log_scales, target)) return false;
+  if (!tiled_nll_applies(logits, means, log_scales, target)) return false;
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
-  bool launched = false;
+  const bool direct = gm != nullptr && gm->scalar_type() == means.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_tiled_nll", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int threads = tile_threads<acc_t>(K, D);
-    if (threads == 0) return;
     const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
     const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D);
-    PHYSMDN_LAUNCH(blocks, threads, smem, tiled_nll_kernel<scalar_t, acc_t, kGrad>)(
-        logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
-        target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D),
-        grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
-        static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
-        saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<acc_t>() : nullptr,
-        gm ? gm->data_ptr<acc_t>() : nullptr, gs ? gs->data_ptr<acc_t>() : nullptr,
-        gt ? gt->data_ptr<acc_t>() : nullptr);
-    PHYSMDN_LAUNCH_CHECK();
-    launched = true;
+    const auto launch = [&](auto grad_tag) {
+      using grad_t = typename decltype(grad_tag)::type;
+      PHYSMDN_LAUNCH(blocks, threads, smem, tiled_nll_kernel<scalar_t, acc_t, grad_t, kGrad>)(
+          logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
+          target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D),
+          grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
+          static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
+          saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<grad_t>() : nullptr,
+          gm ? gm->data_ptr<grad_t>() : nullptr, gs ? gs->data_ptr<grad_t>() : nullptr,
+          gt ? gt->data_ptr<grad_t>() : nullptr);
+      PHYSMDN_LAUNCH_CHECK();
+    };
+    if (direct || std::is_same<acc_t, scalar_t>::value)
+      launch(std::type_identity<scalar_t>{});
+    else
+      launch(std::type_identity<acc_t>{});
   });
-  return launched;
+  return true;
 }
 
 // Launches the fused loss's tiled kernel (contiguous inputs, K < kWarpMinComponentsTiled); false when it does not
@@ -242,13 +257,13 @@ struct CudaBackend {
   }
 
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
-  // the kernels write float32 gradients (converted on return for bfloat16 / float16 inputs)
+  // the fused loss's kernels write float32 gradients (converted on return for bfloat16 / float16 inputs)
   static constexpr bool kForwardGradInInputDtype = false;
-  // the mixture NLL's lane-per-element kernel writes the input dtype directly (forward and backward op); the others
-  // float32 (converted on return)
+  // the mixture NLL's lane-per-element and tiled kernels write the input dtype directly (forward and backward op);
+  // the per-sample kernels float32 (converted on return)
   static bool mixture_grads_in_input_dtype(bool, const at::Tensor& logits, const at::Tensor& means,
                                            const at::Tensor& log_scales, const at::Tensor& target) {
-    return lanes_inputs(logits, means, log_scales, target);
+    return lanes_inputs(logits, means, log_scales, target) || tiled_nll_applies(logits, means, log_scales, target);
   }
 
   static void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,

@@ -126,12 +126,13 @@ __device__ void load_rows(const scalar_t* __restrict__ src, int nrows, int n, ac
   }
 }
 
-// The inverse: rows of stride pad in shared memory -> nrows contiguous rows of n elements.
-template <typename acc_t>
-__device__ void store_rows(const acc_t* src, int pad, int nrows, int n, acc_t* __restrict__ dst) {
+// The inverse: rows of stride pad in shared memory -> nrows contiguous rows of n elements (out_t: the accumulation
+// dtype, or the 16-bit input dtype, rounded to nearest even as torch's conversion does).
+template <typename acc_t, typename out_t>
+__device__ void store_rows(const acc_t* src, int pad, int nrows, int n, out_t* __restrict__ dst) {
   const int count = nrows * n;
   const float inv_n = 1.0f / static_cast<float>(n);
-  if (vec4_ok<acc_t>(dst, count)) {
+  if (vec4_ok<out_t>(dst, count)) {
     float4* dst4 = reinterpret_cast<float4*>(dst);
     for (int i = threadIdx.x; i < count / 4; i += blockDim.x) {
       float vals[4];
@@ -139,19 +140,19 @@ __device__ void store_rows(const acc_t* src, int pad, int nrows, int n, acc_t* _
       dst4[i] = make_float4(vals[0], vals[1], vals[2], vals[3]);
     }
   } else {
-    for (int e = threadIdx.x; e < count; e += blockDim.x) dst[e] = src[tile_offset(e, n, inv_n, pad)];
+    for (int e = threadIdx.x; e < count; e += blockDim.x) dst[e] = static_cast<out_t>(src[tile_offset(e, n, inv_n, pad)]);
   }
 }
 
 // loss / saved may be null (not written); with kGrad, grad_loss (null: every sample's upstream gradient is
-// g_default) scales the gradients gl / gm / gs / gt.
-template <typename scalar_t, typename acc_t, bool kGrad>
+// g_default) scales the gradients gl / gm / gs / gt, written as grad_t (the accumulation or the input dtype).
+template <typename scalar_t, typename acc_t, typename grad_t, bool kGrad>
 __global__ void tiled_nll_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means,
                                  const scalar_t* __restrict__ log_scales, const scalar_t* __restrict__ target,
                                  int64_t B, int K, int D, const scalar_t* __restrict__ grad_loss, int64_t grad_stride,
                                  acc_t g_default, scalar_t* __restrict__ loss, acc_t* __restrict__ saved,
-                                 acc_t* __restrict__ gl, acc_t* __restrict__ gm, acc_t* __restrict__ gs,
-                                 acc_t* __restrict__ gt) {
+                                 grad_t* __restrict__ gl, grad_t* __restrict__ gm, grad_t* __restrict__ gs,
+                                 grad_t* __restrict__ gt) {
   extern __shared__ __align__(16) unsigned char tile_smem[];
   const int T = blockDim.x, KD = K * D;
   const int pm = KD + 1, pl = K + 1, py = D + 1;

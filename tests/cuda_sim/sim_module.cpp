@@ -157,12 +157,13 @@ py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log
 
 // tiled_nll_kernel (backend.cuh launch_tiled): as lanes_nll, gradients in the accumulation dtype.
 py::tuple tiled_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
-                    const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool write_loss) {
+                    const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool grads_in_input_dtype,
+                    bool write_loss) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
   const auto dtype = means.scalar_type();
   Outputs out;
-  auto [loss, saved, gl, gm, gs, gt, g] = nll_outputs(out, logits, means, log_scales, target, grad_loss, grad, false,
-                                                      write_loss);
+  auto [loss, saved, gl, gm, gs, gt, g] = nll_outputs(out, logits, means, log_scales, target, grad_loss, grad,
+                                                      grads_in_input_dtype, write_loss);
   Stats stats;
   int threads = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_tiled", [&] {
@@ -173,17 +174,24 @@ py::tuple tiled_nll(const Tensor& logits, const Tensor& means, const Tensor& log
     TORCH_CHECK(smem <= kSimSharedBytes, "cuda_sim: shared memory beyond the simulated buffer");
     if (B == 0) return;
     const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
-    const auto run = [&](auto kgrad) {
+    const auto run = [&](auto grad_tag, auto kgrad) {
+      using grad_t = typename decltype(grad_tag)::type;
       stats = cuda_sim::launch(
           dim3(blocks), dim3(static_cast<unsigned int>(threads)), smem,
-          tiled_nll_kernel<scalar_t, acc_t, decltype(kgrad)::value>, logits.const_data_ptr<scalar_t>(),
+          tiled_nll_kernel<scalar_t, acc_t, grad_t, decltype(kgrad)::value>, logits.const_data_ptr<scalar_t>(),
           means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
           B, static_cast<int>(K), static_cast<int>(D), g.defined() ? g.const_data_ptr<scalar_t>() : nullptr,
           g.defined() ? g.stride(0) : int64_t{0}, static_cast<acc_t>(g_default), ptr_or_null<scalar_t>(loss),
-          ptr_or_null<acc_t>(saved), ptr_or_null<acc_t>(gl), ptr_or_null<acc_t>(gm), ptr_or_null<acc_t>(gs),
-          ptr_or_null<acc_t>(gt));
+          ptr_or_null<acc_t>(saved), ptr_or_null<grad_t>(gl), ptr_or_null<grad_t>(gm), ptr_or_null<grad_t>(gs),
+          ptr_or_null<grad_t>(gt));
     };
-    grad ? run(std::true_type{}) : run(std::false_type{});
+    const bool direct = grads_in_input_dtype || std::is_same<acc_t, scalar_t>::value;
+    if (!grad)
+      run(std::type_identity<acc_t>{}, std::false_type{});
+    else if (direct)
+      run(std::type_identity<scalar_t>{}, std::true_type{});
+    else
+      run(std::type_identity<acc_t>{}, std::true_type{});
   });
   out.check();
   return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(stats), threads);
@@ -338,7 +346,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grads_in_input_dtype") = false, py::arg("write_loss") = true);
   m.def("tiled_nll", &tiled_nll, py::arg("logits"), py::arg("means"), py::arg("log_scales"), py::arg("target"),
         py::arg("grad_loss") = py::none(), py::arg("g_default") = 1.0, py::arg("grad") = true,
-        py::arg("write_loss") = true);
+        py::arg("grads_in_input_dtype") = false, py::arg("write_loss") = true);
   m.def("sample_nll_fwd", &sample_nll_fwd);
   m.def("sample_nll_bwd", &sample_nll_bwd);
   m.def("scale_by", &scale_by);
