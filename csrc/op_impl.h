@@ -30,12 +30,14 @@ inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& means
               grad_loss.device());
 }
 
-// Options of the gradients a forward with compute_grad returns: the input dtype where the backend writes reduced
-// dtypes directly (Backend::kForwardGradInInputDtype: no float32 [B, K, D] copy is made), else the accumulation
-// dtype (converted on return).
+// Options of the gradients the fused loss's forward with compute_grad returns: the input dtype where the backend's
+// kernel for these inputs writes reduced dtypes directly (Backend::loss_grads_in_input_dtype: no float32 [B, K, D]
+// copy is made), else the accumulation dtype (converted on return).
 template <typename Backend>
-at::TensorOptions forward_grad_options(const at::Tensor& means) {
-  return means.options().dtype(Backend::kForwardGradInInputDtype ? means.scalar_type() : acc_dtype(means.scalar_type()));
+at::TensorOptions loss_grad_options(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                                    const at::Tensor& target) {
+  const bool direct = Backend::loss_grads_in_input_dtype(logits, means, log_scales, target);
+  return means.options().dtype(direct ? means.scalar_type() : acc_dtype(means.scalar_type()));
 }
 
 // The mixture NLL's gradient outputs: in the input dtype where the backend's kernel for these inputs writes it
@@ -125,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
     return {loss, saved, none(), none(), none(), none(), none()};
   }
-  const auto gopts = forward_grad_options<Backend>(means);
+  const auto gopts = loss_grad_options<Backend>(logits, means, log_scales, target);
   auto gl = Backend::empty({B, K}, gopts), gm = Backend::empty({B, K, D}, gopts);
   auto gs = Backend::empty({B, K, D}, gopts), gt = Backend::empty({B, D}, gopts);
   auto ge = extra.has_value() ? Backend::empty({B, K}, gopts) : Backend::empty({0}, gopts);

@@ -118,6 +118,10 @@ struct CpuBackend {
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return cpu::pooled_empty(sizes, opts); }
   // forward-with-gradients writes bfloat16 / float16 gradients directly (cpu/kernels.cpp)
   static constexpr bool kForwardGradInInputDtype = true;
+  // the fused loss: the forward with gradients as above
+  static bool loss_grads_in_input_dtype(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+    return kForwardGradInInputDtype;
+  }
   // the mixture NLL: the forward with gradients as above, the backward op float32
   static bool mixture_grads_in_input_dtype(bool backward, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&) {

@@ -86,8 +86,19 @@ bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::T
   return true;
 }
 
+// Whether the fused loss's tiled kernel runs with gradients for these inputs (a sample fits in shared memory).
+bool tiled_loss_applies(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                        const at::Tensor& target) {
+  if (!tiled_inputs(logits, means, log_scales, target)) return false;
+  const int64_t K = means.size(1), D = means.size(2);
+  return means.scalar_type() == at::kDouble ? tile_threads<double>(K, D, true) > 0
+                                            : tile_threads<float>(K, D, true) > 0;
+}
+
 // Launches the fused loss's tiled kernel (contiguous inputs, K < kWarpMinComponentsTiled); false when it does not
-// apply or a sample does not fit in shared memory (the caller takes the per-sample kernels).
+// apply or a sample does not fit in shared memory (the caller takes the per-sample kernels). The gradients of
+// logits, means, log-scales, target and extra in the input dtype when gm has it (loss_grads_in_input_dtype), else in
+// the accumulation dtype; the parameters' gradients in the accumulation dtype.
 template <bool kGrad, typename scalar_t>
 bool launch_tiled_loss(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                        const at::Tensor& target, const math::PhysicsView<scalar_t>& p, const at::Tensor* grad_loss,
@@ -99,16 +110,24 @@ bool launch_tiled_loss(const at::Tensor& logits, const at::Tensor& means, const 
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
   const int threads = tile_threads<acc_t>(K, D, kGrad);
   if (threads == 0) return false;
-  const auto out = [](at::Tensor* t) { return t != nullptr && t->numel() ? t->data_ptr<acc_t>() : nullptr; };
   const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
   const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D, kGrad);
-  PHYSMDN_LAUNCH(blocks, threads, smem, tiled_loss_kernel<scalar_t, acc_t, kGrad>)(
-      logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
-      target.const_data_ptr<scalar_t>(), p, B, static_cast<int>(K), static_cast<int>(D),
-      grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
-      static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr, out(saved), out(gl), out(gm),
-      out(gs), out(gt), out(gp0), out(gp1), out(ge), n0, n1);
-  PHYSMDN_LAUNCH_CHECK();
+  const auto launch = [&](auto grad_tag) {
+    using grad_t = typename decltype(grad_tag)::type;
+    const auto out = [](at::Tensor* t) { return t != nullptr && t->numel() ? t->data_ptr<grad_t>() : nullptr; };
+    const auto acc = [](at::Tensor* t) { return t != nullptr && t->numel() ? t->data_ptr<acc_t>() : nullptr; };
+    PHYSMDN_LAUNCH(blocks, threads, smem, tiled_loss_kernel<scalar_t, acc_t, grad_t, kGrad>)(
+        logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
+        target.const_data_ptr<scalar_t>(), p, B, static_cast<int>(K), static_cast<int>(D),
+        grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
+        static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr, acc(saved), out(gl), out(gm),
+        out(gs), out(gt), acc(gp0), acc(gp1), out(ge), n0, n1);
+    PHYSMDN_LAUNCH_CHECK();
+  };
+  if (gm != nullptr && gm->scalar_type() == means.scalar_type())
+    launch(std::type_identity<scalar_t>{});
+  else
+    launch(std::type_identity<acc_t>{});
   return true;
 }
 
@@ -257,8 +276,12 @@ struct CudaBackend {
   }
 
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return at::empty(sizes, opts); }
-  // the fused loss's kernels write float32 gradients (converted on return for bfloat16 / float16 inputs)
-  static constexpr bool kForwardGradInInputDtype = false;
+  // the fused loss's forward with gradients: the tiled kernel writes the input dtype directly; the per-sample kernels
+  // float32 (converted on return)
+  static bool loss_grads_in_input_dtype(const at::Tensor& logits, const at::Tensor& means,
+                                        const at::Tensor& log_scales, const at::Tensor& target) {
+    return tiled_loss_applies(logits, means, log_scales, target);
+  }
   // the mixture NLL's lane-per-element and tiled kernels write the input dtype directly (forward and backward op);
   // the per-sample kernels float32 (converted on return)
   static bool mixture_grads_in_input_dtype(bool, const at::Tensor& logits, const at::Tensor& means,

@@ -206,14 +206,16 @@ __global__ void tiled_nll_kernel(const scalar_t* __restrict__ logits, const scal
 // penalty's gradients read the inputs after the likelihood part wrote its gradients) and stored with coalesced
 // writes; the parameters' gradients (the backward only) and the extra's are written in place from each thread.
 // Modes as sample_kernel: forward, forward with gradients (grad_loss null), backward (loss, saved null).
-template <typename scalar_t, typename acc_t, bool kGrad>
+// grad_t: the gradients of logits, means, log-scales, target and extra (the accumulation or the input dtype); the
+// parameters' gradients gp0 / gp1 in acc_t.
+template <typename scalar_t, typename acc_t, typename grad_t, bool kGrad>
 __global__ void tiled_loss_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means,
                                   const scalar_t* __restrict__ log_scales, const scalar_t* __restrict__ target,
                                   math::PhysicsView<scalar_t> p, int64_t B, int K, int D,
                                   const scalar_t* __restrict__ grad_loss, int64_t grad_stride, acc_t g_default,
-                                  scalar_t* __restrict__ loss, acc_t* __restrict__ saved, acc_t* __restrict__ gl,
-                                  acc_t* __restrict__ gm, acc_t* __restrict__ gs, acc_t* __restrict__ gt, acc_t* gp0,
-                                  acc_t* gp1, acc_t* ge, int64_t n0, int64_t n1) {
+                                  scalar_t* __restrict__ loss, acc_t* __restrict__ saved, grad_t* __restrict__ gl,
+                                  grad_t* __restrict__ gm, grad_t* __restrict__ gs, grad_t* __restrict__ gt,
+                                  acc_t* gp0, acc_t* gp1, grad_t* ge, int64_t n0, int64_t n1) {
   extern __shared__ __align__(16) unsigned char tile_smem[];
   constexpr int kSaved = math::kSavedPerSampleLoss;
   const int T = blockDim.x, KD = K * D;
@@ -254,9 +256,12 @@ __global__ void tiled_loss_kernel(const scalar_t* __restrict__ logits, const sca
       for (int i = 0; i < kSaved; ++i) saved[kSaved * b + i] = s[i];
     if constexpr (kGrad) {
       const acc_t g = grad_loss ? static_cast<acc_t>(grad_loss[b * grad_stride]) : g_default;
+      acc_t ge_row[kWarpMinComponentsTiled];  // (K < kWarpMinComponentsTiled on this schedule)
       math::mdn_loss_sample_backward<acc_t>(v, q, t, g, s, s_gl + t * pl, s_gm + t * pm, s_gs + t * pm, s_gt + t * py,
                                             gp0 ? gp0 + b * K * n0 : nullptr, gp1 ? gp1 + b * K * n1 : nullptr,
-                                            ge ? ge + b * K : nullptr);
+                                            ge ? ge_row : nullptr);
+      if (ge)
+        for (int k = 0; k < K; ++k) ge[b * K + k] = static_cast<grad_t>(ge_row[k]);
     }
   }
   if constexpr (kGrad) {
