@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -87,9 +88,10 @@ int tile_threads(int64_t K, int64_t D, bool separate_grads = false) {
   return t >= 32 ? static_cast<int>(t / 32 * 32) : 0;
 }
 
-template <typename scalar_t>
-__device__ __forceinline__ bool vec4_ok(const void* p, int64_t count) {
-  return std::is_same<scalar_t, float>::value && (reinterpret_cast<uintptr_t>(p) % 16 == 0) && count % 4 == 0;
+// Whether count elements of T at p can move as 16-byte vectors (4 float, 8 bfloat16 / half, 2 double).
+template <typename T>
+__device__ __forceinline__ bool vec16_ok(const void* p, int64_t count) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && count % (16 / static_cast<int64_t>(sizeof(T))) == 0;
 }
 
 // Offset in the padded tile of flat element e of rows of n elements: row e / n, column e % n, without an integer
@@ -108,17 +110,19 @@ __device__ __forceinline__ int tile_offset(int e, int n, float inv_n, int pad) {
   return r * pad + c;
 }
 
-// src: nrows contiguous rows of n elements -> dst rows of stride pad (as acc_t).
+// src: nrows contiguous rows of n elements -> dst rows of stride pad (as acc_t); 16-byte loads where aligned.
 template <typename scalar_t, typename acc_t>
 __device__ void load_rows(const scalar_t* __restrict__ src, int nrows, int n, acc_t* dst, int pad) {
+  constexpr int N = 16 / sizeof(scalar_t);
   const int count = nrows * n;
   const float inv_n = 1.0f / static_cast<float>(n);
-  if (vec4_ok<scalar_t>(src, count)) {
-    const float4* src4 = reinterpret_cast<const float4*>(src);
-    for (int i = threadIdx.x; i < count / 4; i += blockDim.x) {
-      const float4 q = __ldg(src4 + i);
-      const float vals[4] = {q.x, q.y, q.z, q.w};
-      for (int j = 0; j < 4; ++j) dst[tile_offset(4 * i + j, n, inv_n, pad)] = static_cast<acc_t>(vals[j]);
+  if (vec16_ok<scalar_t>(src, count)) {
+    const uint4* src16 = reinterpret_cast<const uint4*>(src);
+    for (int i = threadIdx.x; i < count / N; i += blockDim.x) {
+      const uint4 q = __ldg(src16 + i);
+      scalar_t vals[N];
+      memcpy(vals, &q, sizeof(q));
+      for (int j = 0; j < N; ++j) dst[tile_offset(N * i + j, n, inv_n, pad)] = static_cast<acc_t>(vals[j]);
     }
   } else {
     for (int e = threadIdx.x; e < count; e += blockDim.x)
@@ -127,17 +131,20 @@ __device__ void load_rows(const scalar_t* __restrict__ src, int nrows, int n, ac
 }
 
 // The inverse: rows of stride pad in shared memory -> nrows contiguous rows of n elements (out_t: the accumulation
-// dtype, or the 16-bit input dtype, rounded to nearest even as torch's conversion does).
+// dtype, or the 16-bit input dtype, rounded to nearest even as torch's conversion does); 16-byte stores where aligned.
 template <typename acc_t, typename out_t>
 __device__ void store_rows(const acc_t* src, int pad, int nrows, int n, out_t* __restrict__ dst) {
+  constexpr int N = 16 / sizeof(out_t);
   const int count = nrows * n;
   const float inv_n = 1.0f / static_cast<float>(n);
-  if (vec4_ok<out_t>(dst, count)) {
-    float4* dst4 = reinterpret_cast<float4*>(dst);
-    for (int i = threadIdx.x; i < count / 4; i += blockDim.x) {
-      float vals[4];
-      for (int j = 0; j < 4; ++j) vals[j] = static_cast<float>(src[tile_offset(4 * i + j, n, inv_n, pad)]);
-      dst4[i] = make_float4(vals[0], vals[1], vals[2], vals[3]);
+  if (vec16_ok<out_t>(dst, count)) {
+    uint4* dst16 = reinterpret_cast<uint4*>(dst);
+    for (int i = threadIdx.x; i < count / N; i += blockDim.x) {
+      out_t vals[N];
+      for (int j = 0; j < N; ++j) vals[j] = static_cast<out_t>(src[tile_offset(N * i + j, n, inv_n, pad)]);
+      uint4 q;
+      memcpy(&q, vals, sizeof(q));
+      dst16[i] = q;
     }
   } else {
     for (int e = threadIdx.x; e < count; e += blockDim.x) dst[e] = static_cast<out_t>(src[tile_offset(e, n, inv_n, pad)]);

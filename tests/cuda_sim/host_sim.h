@@ -46,6 +46,9 @@ struct dim3 {
 struct float4 {
   float x, y, z, w;
 };
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 // the running thread's coordinates (set by the scheduler before it resumes a fiber)
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
