@@ -43,24 +43,37 @@ bool tiled_inputs(const at::Tensor& logits, const at::Tensor& means, const at::T
          log_scales.is_contiguous() && target.is_contiguous() && means.numel() < (int64_t(1) << 31);
 }
 
-// Whether the mixture NLL's tiled kernel runs for these inputs (a sample fits in shared memory).
-bool tiled_nll_applies(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                       const at::Tensor& target) {
+// Whether the tiled kernels run for these inputs: contiguous, K < kWarpMinComponentsTiled, and a sample fits in
+// shared memory (separate_grads: the fused loss with gradients, see tile_bytes_per_sample).
+bool tiled_applies(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                   const at::Tensor& target, bool separate_grads) {
   if (!tiled_inputs(logits, means, log_scales, target)) return false;
   const int64_t K = means.size(1), D = means.size(2);
-  return means.scalar_type() == at::kDouble ? tile_threads<double>(K, D) > 0 : tile_threads<float>(K, D) > 0;
+  return means.scalar_type() == at::kDouble ? tile_threads<double>(K, D, separate_grads) > 0
+                                            : tile_threads<float>(K, D, separate_grads) > 0;
 }
 
-// Launches the tiled kernel; false when it does not apply (tiled_nll_applies; the caller falls back). The gradients
+// f(std::type_identity<grad_t>{}) with grad_t the input dtype when the gradient outputs have it (gm), else the
+// accumulation dtype: for the kernels that can write reduced-precision gradients directly.
+template <typename scalar_t, typename F>
+void with_grad_type(const at::Tensor* gm, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (std::is_same<acc_t, scalar_t>::value ||
+      (gm != nullptr && gm->scalar_type() == c10::CppTypeToScalarType<scalar_t>::value))
+    f(std::type_identity<scalar_t>{});
+  else
+    f(std::type_identity<acc_t>{});
+}
+
+// Launches the tiled kernel; false when it does not apply (tiled_applies; the caller falls back). The gradients
 // in the input dtype when gm has it (mixture_grads_in_input_dtype: no float32 [B, K, D] copies for bfloat16 /
 // float16 inputs), else in the accumulation dtype.
 template <bool kGrad>
 bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                   const at::Tensor& target, const at::Tensor* grad_loss, double g_default, at::Tensor* loss,
                   at::Tensor* saved, at::Tensor* gl, at::Tensor* gm, at::Tensor* gs, at::Tensor* gt) {
-  if (!tiled_nll_applies(logits, means, log_scales, target)) return false;
+  if (!tiled_applies(logits, means, log_scales, target, false)) return false;
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
-  const bool direct = gm != nullptr && gm->scalar_type() == means.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_tiled_nll", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int threads = tile_threads<acc_t>(K, D);
@@ -78,21 +91,9 @@ bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::T
           gt ? gt->data_ptr<grad_t>() : nullptr);
       PHYSMDN_LAUNCH_CHECK();
     };
-    if (direct || std::is_same<acc_t, scalar_t>::value)
-      launch(std::type_identity<scalar_t>{});
-    else
-      launch(std::type_identity<acc_t>{});
+    with_grad_type<scalar_t>(gm, launch);
   });
   return true;
-}
-
-// Whether the fused loss's tiled kernel runs with gradients for these inputs (a sample fits in shared memory).
-bool tiled_loss_applies(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                        const at::Tensor& target) {
-  if (!tiled_inputs(logits, means, log_scales, target)) return false;
-  const int64_t K = means.size(1), D = means.size(2);
-  return means.scalar_type() == at::kDouble ? tile_threads<double>(K, D, true) > 0
-                                            : tile_threads<float>(K, D, true) > 0;
 }
 
 // Launches the fused loss's tiled kernel (contiguous inputs, K < kWarpMinComponentsTiled); false when it does not
@@ -106,10 +107,9 @@ bool launch_tiled_loss(const at::Tensor& logits, const at::Tensor& means, const 
                        at::Tensor* gs, at::Tensor* gt, at::Tensor* gp0, at::Tensor* gp1, at::Tensor* ge, int64_t n0,
                        int64_t n1) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (!tiled_inputs(logits, means, log_scales, target)) return false;
+  if (!tiled_applies(logits, means, log_scales, target, kGrad)) return false;
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
   const int threads = tile_threads<acc_t>(K, D, kGrad);
-  if (threads == 0) return false;
   const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
   const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D, kGrad);
   const auto launch = [&](auto grad_tag) {
@@ -124,10 +124,7 @@ bool launch_tiled_loss(const at::Tensor& logits, const at::Tensor& means, const 
         out(gs), out(gt), acc(gp0), acc(gp1), out(ge), n0, n1);
     PHYSMDN_LAUNCH_CHECK();
   };
-  if (gm != nullptr && gm->scalar_type() == means.scalar_type())
-    launch(std::type_identity<scalar_t>{});
-  else
-    launch(std::type_identity<acc_t>{});
+  with_grad_type<scalar_t>(gm, launch);
   return true;
 }
 
@@ -167,16 +164,12 @@ bool launch_lanes(const at::Tensor& logits, const at::Tensor& means, const at::T
   if (B == 0) return true;
   // the gradients in the input dtype (mixture_grads_in_input_dtype: no float32 [B, K, D] copies for bfloat16 /
   // float16 inputs) or in the accumulation dtype
-  const bool direct = gm != nullptr && gm->scalar_type() == means.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_lanes_nll", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (direct || std::is_same<acc_t, scalar_t>::value) {
-      launch_lanes_typed<kGrad, scalar_t, acc_t, scalar_t>(logits, means, log_scales, target, grad_loss, g_default,
-                                                          loss, saved, gl, gm, gs, gt, B, K, D);
-    } else {
-      launch_lanes_typed<kGrad, scalar_t, acc_t, acc_t>(logits, means, log_scales, target, grad_loss, g_default, loss,
-                                                       saved, gl, gm, gs, gt, B, K, D);
-    }
+    with_grad_type<scalar_t>(gm, [&](auto grad_tag) {
+      launch_lanes_typed<kGrad, scalar_t, acc_t, typename decltype(grad_tag)::type>(
+          logits, means, log_scales, target, grad_loss, g_default, loss, saved, gl, gm, gs, gt, B, K, D);
+    });
   });
   return true;
 }
@@ -280,13 +273,13 @@ struct CudaBackend {
   // float32 (converted on return)
   static bool loss_grads_in_input_dtype(const at::Tensor& logits, const at::Tensor& means,
                                         const at::Tensor& log_scales, const at::Tensor& target) {
-    return tiled_loss_applies(logits, means, log_scales, target);
+    return tiled_applies(logits, means, log_scales, target, true);
   }
   // the mixture NLL's lane-per-element and tiled kernels write the input dtype directly (forward and backward op);
   // the per-sample kernels float32 (converted on return)
   static bool mixture_grads_in_input_dtype(bool, const at::Tensor& logits, const at::Tensor& means,
                                            const at::Tensor& log_scales, const at::Tensor& target) {
-    return lanes_inputs(logits, means, log_scales, target) || tiled_nll_applies(logits, means, log_scales, target);
+    return lanes_inputs(logits, means, log_scales, target) || tiled_applies(logits, means, log_scales, target, false);
   }
 
   static void mixture_nll_forward(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,

@@ -151,6 +151,51 @@ __device__ void store_rows(const acc_t* src, int pad, int nrows, int n, out_t* _
   }
 }
 
+// A block's tile in shared memory: T samples' rows of means and log-scales (K D + 1 apart: odd, no bank
+// conflicts), logits (K + 1), target and target gradient (D + 1); `rest` is where further rows may follow.
+template <typename acc_t>
+struct Tile {
+  acc_t *mu, *ls, *lg, *y, *gt, *rest;
+  int pm, pl, py;
+};
+
+// Lays the tile out in the block's dynamic shared memory and loads samples b0 .. b0 + nb - 1 into it (every thread
+// of the block calls it; the rows are visible to all on return).
+template <typename scalar_t, typename acc_t>
+__device__ Tile<acc_t> load_tile(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means,
+                                 const scalar_t* __restrict__ log_scales, const scalar_t* __restrict__ target,
+                                 int64_t b0, int nb, int K, int D) {
+  extern __shared__ __align__(16) unsigned char tile_smem[];
+  const int T = blockDim.x, KD = K * D;
+  Tile<acc_t> tl;
+  tl.pm = KD + 1, tl.pl = K + 1, tl.py = D + 1;
+  tl.mu = reinterpret_cast<acc_t*>(tile_smem);
+  tl.ls = tl.mu + T * tl.pm;
+  tl.lg = tl.ls + T * tl.pm;
+  tl.y = tl.lg + T * tl.pl;
+  tl.gt = tl.y + T * tl.py;
+  tl.rest = tl.gt + T * tl.py;
+  load_rows(means + b0 * KD, nb, KD, tl.mu, tl.pm);
+  load_rows(log_scales + b0 * KD, nb, KD, tl.ls, tl.pm);
+  load_rows(logits + b0 * K, nb, K, tl.lg, tl.pl);
+  load_rows(target + b0 * D, nb, D, tl.y, tl.py);
+  __syncthreads();
+  return tl;
+}
+
+// The tile's rows as the per-sample math's inputs (sample t of the view: the block's sample b0 + t).
+template <typename acc_t>
+__device__ math::MixtureView<acc_t> tile_view(const Tile<acc_t>& tl, int K, int D) {
+  math::MixtureView<acc_t> v;
+  v.logits = tl.lg, v.means = tl.mu, v.log_scales = tl.ls, v.target = tl.y;
+  v.logits_sb = tl.pl, v.logits_sk = 1;
+  v.means_sb = tl.pm, v.means_sk = D, v.means_sd = 1;
+  v.scales_sb = tl.pm, v.scales_sk = D, v.scales_sd = 1;
+  v.target_sb = tl.py, v.target_sd = 1;
+  v.K = K, v.D = D;
+  return v;
+}
+
 // loss / saved may be null (not written); with kGrad, grad_loss (null: every sample's upstream gradient is
 // g_default) scales the gradients gl / gm / gs / gt, written as grad_t (the accumulation or the input dtype).
 template <typename scalar_t, typename acc_t, typename grad_t, bool kGrad>
@@ -160,30 +205,15 @@ __global__ void tiled_nll_kernel(const scalar_t* __restrict__ logits, const scal
                                  acc_t g_default, scalar_t* __restrict__ loss, acc_t* __restrict__ saved,
                                  grad_t* __restrict__ gl, grad_t* __restrict__ gm, grad_t* __restrict__ gs,
                                  grad_t* __restrict__ gt) {
-  extern __shared__ __align__(16) unsigned char tile_smem[];
   const int T = blockDim.x, KD = K * D;
-  const int pm = KD + 1, pl = K + 1, py = D + 1;
-  acc_t* s_mu = reinterpret_cast<acc_t*>(tile_smem);
-  acc_t* s_ls = s_mu + T * pm;
-  acc_t* s_lg = s_ls + T * pm;
-  acc_t* s_y = s_lg + T * pl;
-  acc_t* s_gt = s_y + T * py;
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * T;
   const int nb = static_cast<int>(B - b0 < T ? B - b0 : T);
-  load_rows(means + b0 * KD, nb, KD, s_mu, pm);
-  load_rows(log_scales + b0 * KD, nb, KD, s_ls, pm);
-  load_rows(logits + b0 * K, nb, K, s_lg, pl);
-  load_rows(target + b0 * D, nb, D, s_y, py);
-  __syncthreads();
+  const Tile<acc_t> tl = load_tile<scalar_t, acc_t>(logits, means, log_scales, target, b0, nb, K, D);
+  const int pm = tl.pm, pl = tl.pl, py = tl.py;
+  acc_t *s_mu = tl.mu, *s_ls = tl.ls, *s_lg = tl.lg, *s_gt = tl.gt;
   const int t = threadIdx.x;
   if (t < nb) {
-    math::MixtureView<acc_t> v;
-    v.logits = s_lg, v.means = s_mu, v.log_scales = s_ls, v.target = s_y;
-    v.logits_sb = pl, v.logits_sk = 1;
-    v.means_sb = pm, v.means_sk = D, v.means_sd = 1;
-    v.scales_sb = pm, v.scales_sk = D, v.scales_sd = 1;
-    v.target_sb = py, v.target_sd = 1;
-    v.K = K, v.D = D;
+    const auto v = tile_view(tl, K, D);
     acc_t s[math::kSavedPerSample];
     const acc_t nll = math::mixture_nll_sample<acc_t>(v, t, s);
     const int64_t b = b0 + t;
@@ -223,34 +253,19 @@ __global__ void tiled_loss_kernel(const scalar_t* __restrict__ logits, const sca
                                   scalar_t* __restrict__ loss, acc_t* __restrict__ saved, grad_t* __restrict__ gl,
                                   grad_t* __restrict__ gm, grad_t* __restrict__ gs, grad_t* __restrict__ gt,
                                   acc_t* gp0, acc_t* gp1, grad_t* ge, int64_t n0, int64_t n1) {
-  extern __shared__ __align__(16) unsigned char tile_smem[];
   constexpr int kSaved = math::kSavedPerSampleLoss;
   const int T = blockDim.x, KD = K * D;
-  const int pm = KD + 1, pl = K + 1, py = D + 1;
-  acc_t* s_mu = reinterpret_cast<acc_t*>(tile_smem);
-  acc_t* s_ls = s_mu + T * pm;
-  acc_t* s_lg = s_ls + T * pm;
-  acc_t* s_y = s_lg + T * pl;
-  acc_t* s_gt = s_y + T * py;
-  acc_t* s_gm = s_gt + T * py;  // (kGrad only)
-  acc_t* s_gs = s_gm + T * pm;
-  acc_t* s_gl = s_gs + T * pm;
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * T;
   const int nb = static_cast<int>(B - b0 < T ? B - b0 : T);
-  load_rows(means + b0 * KD, nb, KD, s_mu, pm);
-  load_rows(log_scales + b0 * KD, nb, KD, s_ls, pm);
-  load_rows(logits + b0 * K, nb, K, s_lg, pl);
-  load_rows(target + b0 * D, nb, D, s_y, py);
-  __syncthreads();
+  const Tile<acc_t> tl = load_tile<scalar_t, acc_t>(logits, means, log_scales, target, b0, nb, K, D);
+  const int pm = tl.pm, pl = tl.pl, py = tl.py;
+  acc_t* s_gt = tl.gt;
+  acc_t* s_gm = tl.rest;  // the gradient rows (kGrad only)
+  acc_t* s_gs = s_gm + T * pm;
+  acc_t* s_gl = s_gs + T * pm;
   const int t = threadIdx.x;
   if (t < nb) {
-    math::MixtureView<acc_t> v;
-    v.logits = s_lg, v.means = s_mu, v.log_scales = s_ls, v.target = s_y;
-    v.logits_sb = pl, v.logits_sk = 1;
-    v.means_sb = pm, v.means_sk = D, v.means_sd = 1;
-    v.scales_sb = pm, v.scales_sk = D, v.scales_sd = 1;
-    v.target_sb = py, v.target_sd = 1;
-    v.K = K, v.D = D;
+    const auto v = tile_view(tl, K, D);
     math::PhysicsView<scalar_t> q = p;  // indexed from the block's first sample
     if (q.p0.data) q.p0.data += b0 * q.p0.s0;
     if (q.p1.data) q.p1.data += b0 * q.p1.s0;
