@@ -53,10 +53,8 @@ py::dict stats_dict(const Stats& s) {
   return d;
 }
 
-template <typename T>
-T* ptr_or_null(Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
+// The launchers' optional outputs and inputs: null for an undefined tensor.
+Tensor* defined_or_null(Tensor& t) { return t.defined() ? &t : nullptr; }
 
 // Output buffers of a simulated launch: NaN inside (an element no thread writes stays NaN and fails the tests'
 // comparisons), kGuard elements of a sentinel on either side (check() raises when a thread wrote outside the tensor).
@@ -116,85 +114,58 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> nll_outputs(
   return {loss, saved, gl, gm, gs, gt, grad_loss.has_value() ? grad_loss->to(dtype) : Tensor()};
 }
 
-// lanes_nll_kernel (backend.cuh launch_lanes): the forward (grad = false: loss and saved state), the forward with
-// gradients (grad_loss undefined: every sample's upstream gradient is g_default) or the backward (grad_loss [B],
-// loss and saved not written). Returns loss, saved, gl, gm, gs, gt (undefined where not computed), stats.
+// lanes_nll_kernel through backend.cuh's launch_lanes_typed (whatever the schedule switch): the forward (grad =
+// false: loss and saved state), the forward with gradients (grad_loss undefined: every sample's upstream gradient is
+// g_default) or the backward (grad_loss [B], loss and saved not written). Returns loss, saved, gl, gm, gs, gt (undefined where not computed), stats.
 py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
                     const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool grads_in_input_dtype,
                     bool write_loss) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
   TORCH_CHECK(D <= 32 && K * pow2_at_least(D) <= kLanesMaxElements, "cuda_sim: lanes_inputs does not hold");
-  const auto dtype = means.scalar_type();
   Outputs out;
   auto [loss, saved, gl, gm, gs, gt, g] = nll_outputs(out, logits, means, log_scales, target, grad_loss, grad,
                                                       grads_in_input_dtype, write_loss);
-  Stats stats;
-  const LanesLaunch c = lanes_launch(B, K, D);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_lanes", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto run = [&](auto grad_tag, auto kgrad) {
-      using grad_t = typename decltype(grad_tag)::type;
-      const auto kernel = lanes_kernel_for<decltype(kgrad)::value, scalar_t, acc_t, grad_t>(c.J);
-      stats = cuda_sim::launch(
-          dim3(static_cast<unsigned int>(c.blocks)), dim3(kLanesThreads), 0, kernel,
-          logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
-          target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D), c.log2_Dp, c.log2_G,
-          g.defined() ? g.const_data_ptr<scalar_t>() : nullptr, g.defined() ? g.stride(0) : int64_t{0},
-          static_cast<acc_t>(g_default), ptr_or_null<scalar_t>(loss), ptr_or_null<acc_t>(saved),
-          ptr_or_null<grad_t>(gl), ptr_or_null<grad_t>(gm), ptr_or_null<grad_t>(gs), ptr_or_null<grad_t>(gt));
-    };
-    if (B == 0) return;
-    const bool direct = grads_in_input_dtype || std::is_same<acc_t, scalar_t>::value;
-    if (grad) {
-      direct ? run(std::type_identity<scalar_t>{}, std::true_type{}) : run(std::type_identity<acc_t>{}, std::true_type{});
-    } else {
-      run(std::type_identity<scalar_t>{}, std::false_type{});
-    }
-  });
+  cuda_sim::last_stats() = {};
+  if (B > 0) {  // (the backend's launcher, with the grid and the kernel instance it picks)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "cuda_sim_lanes", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      with_grad_type<scalar_t>(grad ? &gm : nullptr, [&](auto grad_tag) {
+        using grad_t = typename decltype(grad_tag)::type;
+        const auto launch = [&](auto kgrad) {
+          launch_lanes_typed<decltype(kgrad)::value, scalar_t, acc_t, grad_t>(
+              logits, means, log_scales, target, defined_or_null(g), g_default, defined_or_null(loss),
+              defined_or_null(saved), defined_or_null(gl), defined_or_null(gm), defined_or_null(gs),
+              defined_or_null(gt), B, K, D);
+        };
+        grad ? launch(std::true_type{}) : launch(std::false_type{});
+      });
+    });
+  }
   out.check();
-  return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(stats), c.J, c.log2_G, c.log2_Dp);
+  const LanesLaunch c = lanes_launch(B, K, D);
+  return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(cuda_sim::last_stats()), c.J, c.log2_G, c.log2_Dp);
 }
 
-// tiled_nll_kernel (backend.cuh launch_tiled): as lanes_nll, gradients in the accumulation dtype.
+// tiled_nll_kernel through backend.cuh's launch_tiled: as lanes_nll.
 py::tuple tiled_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
                     const c10::optional<Tensor>& grad_loss, double g_default, bool grad, bool grads_in_input_dtype,
                     bool write_loss) {
-  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
-  const auto dtype = means.scalar_type();
+  const int64_t K = means.size(1), D = means.size(2);
   Outputs out;
   auto [loss, saved, gl, gm, gs, gt, g] = nll_outputs(out, logits, means, log_scales, target, grad_loss, grad,
                                                       grads_in_input_dtype, write_loss);
-  Stats stats;
-  int threads = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_tiled", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    threads = tile_threads<acc_t>(K, D);
-    TORCH_CHECK(threads > 0, "cuda_sim: a sample does not fit in the tile (the tiled kernel is not launched)");
-    const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D);
-    TORCH_CHECK(smem <= kSimSharedBytes, "cuda_sim: shared memory beyond the simulated buffer");
-    if (B == 0) return;
-    const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
-    const auto run = [&](auto grad_tag, auto kgrad) {
-      using grad_t = typename decltype(grad_tag)::type;
-      stats = cuda_sim::launch(
-          dim3(blocks), dim3(static_cast<unsigned int>(threads)), smem,
-          tiled_nll_kernel<scalar_t, acc_t, grad_t, decltype(kgrad)::value>, logits.const_data_ptr<scalar_t>(),
-          means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(), target.const_data_ptr<scalar_t>(),
-          B, static_cast<int>(K), static_cast<int>(D), g.defined() ? g.const_data_ptr<scalar_t>() : nullptr,
-          g.defined() ? g.stride(0) : int64_t{0}, static_cast<acc_t>(g_default), ptr_or_null<scalar_t>(loss),
-          ptr_or_null<acc_t>(saved), ptr_or_null<grad_t>(gl), ptr_or_null<grad_t>(gm), ptr_or_null<grad_t>(gs),
-          ptr_or_null<grad_t>(gt));
-    };
-    const bool direct = grads_in_input_dtype || std::is_same<acc_t, scalar_t>::value;
-    if (!grad)
-      run(std::type_identity<acc_t>{}, std::false_type{});
-    else if (direct)
-      run(std::type_identity<scalar_t>{}, std::true_type{});
-    else
-      run(std::type_identity<acc_t>{}, std::true_type{});
-  });
+  TORCH_CHECK(tiled_applies(logits, means, log_scales, target, false),
+              "cuda_sim: a sample does not fit in the tile (the tiled kernel is not launched)");
+  cuda_sim::last_stats() = {};
+  const auto launch = [&](auto kgrad) {  // the backend's launcher (kernel instance, grid, shared memory)
+    launch_tiled<decltype(kgrad)::value>(logits, means, log_scales, target, defined_or_null(g), g_default,
+                                         defined_or_null(loss), defined_or_null(saved), defined_or_null(gl),
+                                         defined_or_null(gm), defined_or_null(gs), defined_or_null(gt));
+  };
+  grad ? launch(std::true_type{}) : launch(std::false_type{});
   out.check();
-  return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(stats), threads);
+  const int threads = means.scalar_type() == at::kDouble ? tile_threads<double>(K, D) : tile_threads<float>(K, D);
+  return py::make_tuple(loss, saved, gl, gm, gs, gt, stats_dict(cuda_sim::last_stats()), threads);
 }
 
 // The per-sample kernels of the mixture NLL (backend.cuh launch_per_sample, for inputs the lanes and tiled kernels
