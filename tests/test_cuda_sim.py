@@ -194,7 +194,10 @@ def test_lanes_special_values_against_the_cpu_op(sim):
 
 # ----- tiled thread-per-sample mixture NLL (the default for contiguous inputs, K < 16) --------------------
 
-TILED_SHAPES = [(1, 1, 1), (3, 2, 17), (257, 5, 3), (129, 8, 4), (33, 15, 2), (300, 3, 1), (70, 4, 9)]
+# (255, 15, 2): a last block of 127 samples whose rows (3810 float32, 945 float64 logits) are not whole 16-byte
+# vectors: load_rows' scalar path over several batches of kLoadBatch loads per thread; (70, 4, 9) in float64: the
+# vector path over several batches
+TILED_SHAPES = [(1, 1, 1), (3, 2, 17), (257, 5, 3), (129, 8, 4), (33, 15, 2), (300, 3, 1), (70, 4, 9), (255, 15, 2)]
 
 
 @pytest.mark.parametrize("B,K,D", TILED_SHAPES)
@@ -446,3 +449,48 @@ def test_backend_backward_repeats_the_forward_gradients_bit_for_bit(sim, schedul
     grads = sim.mdn_loss_bwd(torch.ones(B, dtype=torch.float64), *args, out[1], False, False)
     for a, b in zip(out[2:], (*grads[:4], grads[6]), strict=True):
         assert torch.equal(a, b)
+
+
+# ----- bench/cuda_static.py's launch shapes (its occupancy model) are the backend's --------------------------------
+
+def _cuda_static():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import cuda_static
+    finally:
+        sys.path.pop(0)
+    return cuda_static
+
+
+@pytest.mark.parametrize("B,K,D,layout", [(300, 8, 4, "contiguous"), (40, 1, 1, "contiguous"), (40, 15, 2, "contiguous"),
+                                          (9, 3, 17, "contiguous"), (20, 16, 4, "contiguous"), (7, 3, 2, "strided")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_static_launch_shapes_are_the_backends(sim, schedule, B, K, D, layout, dtype):
+    """bench/cuda_static.py computes the occupancy of the backend's launches from a copy of their block sizes and
+    shared memory (csrc/cuda/device_kernels.cuh's tile sizes): the same numbers as the launches the backend makes,
+    for the mixture NLL's schedules and the fused loss's tiled kernel with gradients (separate gradient rows)."""
+    from physmdn._fused import _kernel_args
+    from test_physics import make_spec
+
+    cs = _cuda_static()
+    acc = 8 if dtype == torch.float64 else 4
+    inputs = layout_inputs(B, K, D, dtype, layout, seed=K)
+    kind = expected_kind(B, K, D, layout, schedule, dtype)
+    _, launched = run(sim, sim.mixture_nll_fwd, *inputs, True, 1.0)
+    assert launched == kind
+    st = sim.last_launch()
+    threads = {"tiled": cs.tile_threads(acc, K, D), "lanes": cs.LANES_THREADS, "warp": cs.WARP_THREADS,
+               "thread": cs.SAMPLE_THREADS}[kind]
+    smem = threads * cs.tile_bytes_per_sample(acc, K, D) if kind == "tiled" else 0
+    assert (st["block_threads"], st["shared_bytes"]) == (threads, smem)
+    if kind not in ("tiled", "lanes"):
+        return
+    spec = make_spec("polynomial", B, K, D, dtype=dtype)
+    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+    args = (*inputs, p0.detach(), p1.detach(), None, family, exact, 0.7, spacing, boundary, noise)
+    _, launched = run(sim, sim.mdn_loss_fwd, *args, True, 1.0)
+    threads = cs.tile_threads(acc, K, D, True) if K < 16 else 0
+    assert launched == ("tiled" if threads else "warp" if K >= 16 else "thread")
+    if threads:
+        st = sim.last_launch()
+        assert (st["block_threads"], st["shared_bytes"]) == (threads, threads * cs.tile_bytes_per_sample(acc, K, D, True))

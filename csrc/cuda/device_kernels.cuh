@@ -97,9 +97,9 @@ __device__ __forceinline__ bool vec16_ok(const void* p, int64_t count) {
 // Offset in the padded tile of flat element e of rows of n elements: row e / n, column e % n, without an integer
 // division (a runtime divisor costs ~20 instructions): a float estimate of the row, off by at most one, corrected
 // (e < 2^24, so e and e / n are exact enough in float).
-__device__ __forceinline__ int tile_offset(int e, int n, float inv_n, int pad) {
-  int r = __float2int_rz(__int2float_rn(e) * inv_n);
-  int c = e - r * n;
+__device__ __forceinline__ void tile_row_column(int e, int n, float inv_n, int& r, int& c) {
+  r = __float2int_rz(__int2float_rn(e) * inv_n);
+  c = e - r * n;
   if (c < 0) {
     --r;
     c += n;
@@ -107,26 +107,80 @@ __device__ __forceinline__ int tile_offset(int e, int n, float inv_n, int pad) {
     ++r;
     c -= n;
   }
+}
+__device__ __forceinline__ int tile_offset(int e, int n, float inv_n, int pad) {
+  int r, c;
+  tile_row_column(e, n, inv_n, r, c);
   return r * pad + c;
 }
 
-// src: nrows contiguous rows of n elements -> dst rows of stride pad (as acc_t); 16-byte loads where aligned.
+// The offsets of consecutive elements from e on (the N elements of a 16-byte vector): the row and column once, then
+// a step per element (the next column, or the next row's first), without the division estimate each time.
+struct TileCursor {
+  int off, c;
+  __device__ __forceinline__ TileCursor(int e, int n, float inv_n, int pad) {
+    int r;
+    tile_row_column(e, n, inv_n, r, c);
+    off = r * pad + c;
+  }
+  __device__ __forceinline__ void next(int n, int pad) {
+    ++off;
+    if (++c == n) {
+      c = 0;
+      off += pad - n;
+    }
+  }
+};
+
+// Global loads in flight per thread in load_rows: each thread issues up to kLoadBatch independent loads before it
+// writes their values to shared memory. A loop of load-then-write keeps one load per thread in flight (the write
+// waits for it, and nvcc neither unrolls the loop nor hoists the next load: seen in the SASS), so loading a tile took
+// one memory latency per 16 bytes a thread moves: 19 for a 128-sample float32 tile with K = 8, D = 4 (8 vectors of
+// means, 8 of log-scales, 2 of logits, 1 of targets per thread); batched by 4, 6. 4 rather than 8: the batch's
+// registers (a 16-byte value and an address per load) raise the float32 kernel with gradients from 48 to 56
+// registers per thread with 4, to 96 with 8, which would halve the resident blocks of small tiles (256 threads,
+// limited by registers, not shared memory). bench/cuda_static.py reports registers and loads per batch from the SASS.
+constexpr int kLoadBatch = 4;
+
+// src: nrows contiguous rows of n elements -> dst rows of stride pad (as acc_t); 16-byte loads where aligned,
+// kLoadBatch per thread at a time.
 template <typename scalar_t, typename acc_t>
 __device__ void load_rows(const scalar_t* __restrict__ src, int nrows, int n, acc_t* dst, int pad) {
   constexpr int N = 16 / sizeof(scalar_t);
-  const int count = nrows * n;
+  constexpr int U = kLoadBatch;
+  const int count = nrows * n, T = blockDim.x;
   const float inv_n = 1.0f / static_cast<float>(n);
   if (vec16_ok<scalar_t>(src, count)) {
     const uint4* src16 = reinterpret_cast<const uint4*>(src);
-    for (int i = threadIdx.x; i < count / N; i += blockDim.x) {
-      const uint4 q = __ldg(src16 + i);
-      scalar_t vals[N];
-      memcpy(vals, &q, sizeof(q));
-      for (int j = 0; j < N; ++j) dst[tile_offset(N * i + j, n, inv_n, pad)] = static_cast<acc_t>(vals[j]);
+    const int nvec = count / N;
+    for (int base = threadIdx.x; base < nvec; base += U * T) {
+      uint4 q[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (base + u * T < nvec) q[u] = __ldg(src16 + base + u * T);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + u * T;
+        if (i < nvec) {
+          scalar_t vals[N];
+          memcpy(vals, &q[u], sizeof(uint4));
+          TileCursor at(N * i, n, inv_n, pad);
+          for (int j = 0; j < N; ++j, at.next(n, pad)) dst[at.off] = static_cast<acc_t>(vals[j]);
+        }
+      }
     }
   } else {
-    for (int e = threadIdx.x; e < count; e += blockDim.x)
-      dst[tile_offset(e, n, inv_n, pad)] = static_cast<acc_t>(src[e]);
+    for (int base = threadIdx.x; base < count; base += U * T) {
+      scalar_t vals[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (base + u * T < count) vals[u] = src[base + u * T];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int e = base + u * T;
+        if (e < count) dst[tile_offset(e, n, inv_n, pad)] = static_cast<acc_t>(vals[u]);
+      }
+    }
   }
 }
 
@@ -141,7 +195,8 @@ __device__ void store_rows(const acc_t* src, int pad, int nrows, int n, out_t* _
     uint4* dst16 = reinterpret_cast<uint4*>(dst);
     for (int i = threadIdx.x; i < count / N; i += blockDim.x) {
       out_t vals[N];
-      for (int j = 0; j < N; ++j) vals[j] = static_cast<out_t>(src[tile_offset(N * i + j, n, inv_n, pad)]);
+      TileCursor at(N * i, n, inv_n, pad);
+      for (int j = 0; j < N; ++j, at.next(n, pad)) vals[j] = static_cast<out_t>(src[at.off]);
       uint4 q;
       memcpy(&q, vals, sizeof(q));
       dst16[i] = q;
@@ -583,7 +638,8 @@ unsigned int warp_blocks_for(int64_t B) {
 // tensors *= factor, the factor read on the device: 1 when the upstream value equals the scale the forward's
 // gradients were made for (the unit gradient of loss.sum() or of the op's own mean, the usual case), and then every
 // block returns before touching the tensors: the backward hands the forward's gradients over without a pass over
-// them and without synchronizing. Otherwise one grid-stride pass per tensor.
+// them and without synchronizing. Otherwise one grid-stride pass per tensor. (targets is __grid_constant__: indexed by
+// blockIdx.y, a by-value parameter would be copied to local memory, 128 bytes per thread; bench/cuda_static.py.)
 constexpr int kMaxScaleTensors = 8;
 struct ScaleTargets {
   void* data[kMaxScaleTensors];
@@ -591,7 +647,7 @@ struct ScaleTargets {
 };
 
 template <typename scalar_t, typename acc_t>
-__global__ void scale_by_kernel(ScaleTargets targets, const acc_t* __restrict__ factor) {
+__global__ void scale_by_kernel(const __grid_constant__ ScaleTargets targets, const acc_t* __restrict__ factor) {
   const acc_t f = *factor;
   if (f == acc_t(1)) return;
   scalar_t* const p = static_cast<scalar_t*>(targets.data[blockIdx.y]);

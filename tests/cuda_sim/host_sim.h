@@ -36,6 +36,7 @@
 #define __host__
 #define __forceinline__
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __shared__
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -82,6 +83,7 @@ struct Fiber {
 
 struct Stats {
   int64_t blocks = 0, threads = 0, shuffles = 0, syncwarps = 0, syncthreads = 0;
+  int64_t block_threads = 0, shared_bytes = 0;  // the launch's block size and dynamic shared memory
 };
 
 struct Sim {
@@ -275,6 +277,8 @@ Stats launch(dim3 grid, dim3 block, size_t shared_bytes, void (*kernel)(Params..
       if (!s.errors.empty()) break;
     }
   current() = outer;
+  s.stats.block_threads = block.x;
+  s.stats.shared_bytes = static_cast<int64_t>(shared_bytes);
   if (!s.errors.empty()) {
     std::string msg = "cuda_sim: " + std::to_string(s.errors.size()) + " error(s):";
     for (const auto& e : s.errors) msg += "\n" + e;

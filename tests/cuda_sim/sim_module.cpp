@@ -49,7 +49,7 @@ struct RegisterShared {
 py::dict stats_dict(const Stats& s) {
   py::dict d;
   d["blocks"] = s.blocks, d["threads"] = s.threads, d["shuffles"] = s.shuffles, d["syncwarps"] = s.syncwarps,
-  d["syncthreads"] = s.syncthreads;
+  d["syncthreads"] = s.syncthreads, d["block_threads"] = s.block_threads, d["shared_bytes"] = s.shared_bytes;
   return d;
 }
 
