@@ -141,13 +141,15 @@ struct TileCursor {
 // registers per thread with 4, to 96 with 8, which would halve the resident blocks of small tiles (256 threads,
 // limited by registers, not shared memory). bench/cuda_static.py reports registers and loads per batch from the SASS.
 constexpr int kLoadBatch = 4;
+// The fused loss's tiled kernel: its occupancy is bounded by shared memory (64-thread blocks with gradients) and its
+// registers by the penalty's math after the loads, so 8 loads per thread cost it no resident blocks.
+constexpr int kLoadBatchLoss = 8;
 
 // src: nrows contiguous rows of n elements -> dst rows of stride pad (as acc_t); 16-byte loads where aligned,
 // kLoadBatch per thread at a time.
-template <typename scalar_t, typename acc_t>
+template <int U, typename scalar_t, typename acc_t>
 __device__ void load_rows(const scalar_t* __restrict__ src, int nrows, int n, acc_t* dst, int pad) {
   constexpr int N = 16 / sizeof(scalar_t);
-  constexpr int U = kLoadBatch;
   const int count = nrows * n, T = blockDim.x;
   const float inv_n = 1.0f / static_cast<float>(n);
   if (vec16_ok<scalar_t>(src, count)) {
@@ -215,8 +217,8 @@ struct Tile {
 };
 
 // Lays the tile out in the block's dynamic shared memory and loads samples b0 .. b0 + nb - 1 into it (every thread
-// of the block calls it; the rows are visible to all on return).
-template <typename scalar_t, typename acc_t>
+// of the block calls it; the rows are visible to all on return), U loads per thread at a time (load_rows).
+template <typename scalar_t, typename acc_t, int U = kLoadBatch>
 __device__ Tile<acc_t> load_tile(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means,
                                  const scalar_t* __restrict__ log_scales, const scalar_t* __restrict__ target,
                                  int64_t b0, int nb, int K, int D) {
@@ -230,10 +232,10 @@ __device__ Tile<acc_t> load_tile(const scalar_t* __restrict__ logits, const scal
   tl.y = tl.lg + T * tl.pl;
   tl.gt = tl.y + T * tl.py;
   tl.rest = tl.gt + T * tl.py;
-  load_rows(means + b0 * KD, nb, KD, tl.mu, tl.pm);
-  load_rows(log_scales + b0 * KD, nb, KD, tl.ls, tl.pm);
-  load_rows(logits + b0 * K, nb, K, tl.lg, tl.pl);
-  load_rows(target + b0 * D, nb, D, tl.y, tl.py);
+  load_rows<U>(means + b0 * KD, nb, KD, tl.mu, tl.pm);
+  load_rows<U>(log_scales + b0 * KD, nb, KD, tl.ls, tl.pm);
+  load_rows<U>(logits + b0 * K, nb, K, tl.lg, tl.pl);
+  load_rows<U>(target + b0 * D, nb, D, tl.y, tl.py);
   __syncthreads();
   return tl;
 }
@@ -312,7 +314,7 @@ __global__ void tiled_loss_kernel(const scalar_t* __restrict__ logits, const sca
   const int T = blockDim.x, KD = K * D;
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * T;
   const int nb = static_cast<int>(B - b0 < T ? B - b0 : T);
-  const Tile<acc_t> tl = load_tile<scalar_t, acc_t>(logits, means, log_scales, target, b0, nb, K, D);
+  const Tile<acc_t> tl = load_tile<scalar_t, acc_t, kLoadBatchLoss>(logits, means, log_scales, target, b0, nb, K, D);
   const int pm = tl.pm, pl = tl.pl, py = tl.py;
   acc_t* s_gt = tl.gt;
   acc_t* s_gm = tl.rest;  // the gradient rows (kGrad only)
