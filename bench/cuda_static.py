@@ -174,7 +174,7 @@ def parse_ptxas(log: str) -> dict[str, dict]:
 
 
 def demangle(names: list[str]) -> dict[str, str]:
-    """mangled -> short readable name (``tiled_nll_kernel<float, float, float, true>``); mangled where c++filt is
+    """mangled -> short readable name (``tiled_nll_kernel<float, float, float, true, false>``); mangled where c++filt is
     missing."""
     cxxfilt = shutil.which("c++filt")
     if cxxfilt is None or not names:
@@ -328,11 +328,16 @@ def default_cases(K: int = 8, D: int = 4, K_warp: int = 32) -> list[tuple[str, s
         for grad in (False, True):
             g = s if grad else "float"  # (the forward alone: the accumulation dtype, no gradients written)
             cases.append((f"mixture_nll {dt} K={K} D={D} {'fwd+grads' if grad else 'fwd'} (tiled)",
-                          f"tiled_nll_kernel<{s}, float, {g}, {'true' if grad else 'false'}>",
+                          f"tiled_nll_kernel<{s}, float, {g}, {'true' if grad else 'false'}, false>",
                           t, t * tile_bytes_per_sample(nbytes, K, D)))
+        cases.append((f"mixture_nll {dt} K={K} D={D} fwd+grads, split head (tiled, strided)",
+                       f"tiled_nll_kernel<{s}, float, {s}, true, true>", t, t * tile_bytes_per_sample(nbytes, K, D)))
         t = tile_threads(nbytes, K, D, True)
-        cases.append((f"mdn_loss {dt} K={K} D={D} fwd+grads (tiled)", f"tiled_loss_kernel<{s}, float, {s}, true>", t,
-                      t * tile_bytes_per_sample(nbytes, K, D, True)))
+        for strided in ("false", "true"):
+            cases.append((f"mdn_loss {dt} K={K} D={D} fwd+grads{', split head' if strided == 'true' else ''} "
+                          f"(tiled{', strided' if strided == 'true' else ''})",
+                          f"tiled_loss_kernel<{s}, float, {s}, true, {strided}>", t,
+                          t * tile_bytes_per_sample(nbytes, K, D, True)))
         J = 1 << (-(-K * (1 << (D - 1).bit_length()) // 32) - 1).bit_length()  # elements per lane, a power of 2
         cases.append((f"mixture_nll {dt} K={K} D={D} fwd+grads (lanes, opt-in)",
                       f"lanes_nll_kernel<{s}, float, {s}, true, {J}>", LANES_THREADS, 0))
@@ -341,6 +346,9 @@ def default_cases(K: int = 8, D: int = 4, K_warp: int = 32) -> list[tuple[str, s
         cases.append((f"mixture_nll {dt} strided fwd+grads (thread)", f"sample_kernel<{s}, float, false, true>",
                       SAMPLE_THREADS, 0))
         cases.append((f"_scale_by_ {dt}", f"scale_by_kernel<{s}, float>", 256, 0))
+    t = tile_threads(4, 2, 1)  # a small tile: 256-thread blocks, whose residency registers decide
+    cases.append(("mixture_nll float32 K=2 D=1 fwd+grads (tiled)", "tiled_nll_kernel<float, float, float, true, false>",
+                  t, t * tile_bytes_per_sample(4, 2, 1)))
     return cases
 
 

@@ -313,7 +313,9 @@ def assert_outputs_close(got, want, tol):
 # strided (thread / warp per sample), D > 32 and K Dp > 256 (no lanes)
 BACKEND_CASES = [(37, 3, 4, "contiguous"), (300, 8, 4, "contiguous"), (5, 1, 1, "contiguous"),
                  (20, 16, 4, "contiguous"), (9, 40, 3, "contiguous"), (7, 3, 2, "strided"), (6, 20, 2, "strided"),
-                 (4, 2, 33, "contiguous"), (3, 9, 31, "contiguous"), (0, 3, 2, "contiguous")]
+                 (4, 2, 33, "contiguous"), (3, 9, 31, "contiguous"), (0, 3, 2, "contiguous"),
+                 (300, 8, 4, "split"), (37, 3, 5, "split"), (70, 4, 2, "split"), (300, 8, 4, "broadcast"),
+                 (33, 5, 3, "broadcast")]
 
 
 def expected_kind(B, K, D, layout, lanes, dtype):
@@ -324,16 +326,33 @@ def expected_kind(B, K, D, layout, lanes, dtype):
     if lanes and contiguous and D <= 32 and K * (1 << (D - 1).bit_length()) <= 256:
         return "lanes"
     tile_bytes = (8 if dtype == torch.float64 else 4) * (2 * (K * D + 1) + (K + 1) + 2 * (D + 1))  # per sample
-    if contiguous and K < 16 and min(256, 48 * 1024 // tile_bytes) >= 32:
+    rows = layout in ("contiguous", "split", "broadcast")  # each sample's rows contiguous, any batch stride
+    if rows and K < 16 and min(256, 48 * 1024 // tile_bytes) >= 32:
         return "tiled"
     return "warp" if K >= 16 else "thread"
 
 
 def layout_inputs(B, K, D, dtype, layout, seed=0):
+    """contiguous; strided (rows not contiguous: the per-sample kernels); split (logits, means and log-scales views
+    of one [B, W] head output, the target a column slice: rows contiguous at a batch stride, 16-byte aligned within
+    rows where K and the widths allow); broadcast (one [K, D] log-scale row expanded over the batch, stride 0)."""
     inputs = make_inputs(B, K, D, dtype, seed)
     if layout == "strided":
         inputs[0] = torch.cat([inputs[0], inputs[0]], 1)[:, ::2]
         inputs[1] = inputs[1].transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "split":
+        KD = K * D
+        width = -(-(K + 2 * KD) // 8) * 8 + 8  # (a multiple of 8 elements: 16-byte rows for every dtype)
+        head = torch.zeros(B, width, dtype=dtype)
+        head[:, :K], head[:, K:K + KD], head[:, K + KD:K + 2 * KD] = inputs[0], inputs[1].flatten(1), inputs[2].flatten(1)
+        head = guarded(head)
+        y = torch.zeros(B, D + 5, dtype=dtype)
+        y[:, 2:2 + D] = inputs[3]
+        y = guarded(y)
+        inputs = [head[:, :K], head[:, K:K + KD].view(B, K, D), head[:, K + KD:K + 2 * KD].view(B, K, D),
+                  y[:, 2:2 + D]]
+    elif layout == "broadcast":
+        inputs[2] = guarded(inputs[2][:1].clone()).expand(B, K, D)
     return inputs
 
 
@@ -362,9 +381,9 @@ def test_backend_mixture_nll_ops_match_the_cpu_ops(sim, schedule, B, K, D, layou
 
 @pytest.mark.parametrize("kind", ["polynomial", "polynomial_shared", "linear", "linear_per_sample", "stencil_periodic",
                                   "stencil_neumann"])
-# tiled (contiguous, K < 16; 300: several blocks), warp per sample (K >= 16), thread per sample (strided)
+# tiled (contiguous or split, K < 16; 300: several blocks), warp per sample (K >= 16), thread per sample (strided)
 @pytest.mark.parametrize("B,K,D,layout", [(9, 3, 4, "contiguous"), (300, 2, 5, "contiguous"), (5, 17, 4, "contiguous"),
-                                          (7, 3, 4, "strided")])
+                                          (7, 3, 4, "strided"), (70, 8, 2, "split")])
 @pytest.mark.parametrize("with_extra", [False, True])
 def test_backend_fused_loss_ops_match_the_cpu_ops(sim, kind, B, K, D, layout, with_extra):
     """mdn_loss_fwd / _bwd (the fused NLL + physics penalty) for every family, with and without the extra
@@ -379,7 +398,7 @@ def test_backend_fused_loss_ops_match_the_cpu_ops(sim, kind, B, K, D, layout, wi
     p0, p1 = p0.detach(), p1.detach()
     extra = torch.rand(B, K, dtype=torch.float64) if with_extra else None
     args = (*inputs, p0, p1, extra, family, exact, 0.7, spacing, boundary, noise)
-    expected = "tiled" if layout == "contiguous" and K < 16 else "warp" if K >= 16 else "thread"
+    expected = "tiled" if layout in ("contiguous", "split") and K < 16 else "warp" if K >= 16 else "thread"
     for grad in (False, True):
         got, launched = run(sim, sim.mdn_loss_fwd, *args, grad, 0.25)
         assert_outputs_close(got, torch.ops.physmdn.mdn_loss_fwd(*args, grad, 0.25), 1e-11)
@@ -429,7 +448,7 @@ def test_backend_scale_by_matches_torch_bit_for_bit(sim, value, scale, udtype):
 
 
 @pytest.mark.parametrize("B,K,D,layout", [(37, 3, 4, "contiguous"), (20, 16, 4, "contiguous"), (7, 3, 2, "strided"),
-                                          (6, 20, 2, "strided")])
+                                          (6, 20, 2, "strided"), (40, 8, 4, "split")])
 def test_backend_backward_repeats_the_forward_gradients_bit_for_bit(sim, schedule, B, K, D, layout):
     """Every schedule's backward recomputes the forward in the kernel that made the forward's gradients: the
     backward of a retained graph (unit upstream gradient) gives the same bits (as gradcheck requires)."""

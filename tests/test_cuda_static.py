@@ -173,6 +173,19 @@ def test_tiled_schedule_moves_16_byte_vectors_several_in_flight(cases, dtype):
 
 @needs_build
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_split_heads_take_16_byte_loads_in_their_own_instantiation(cases, dtype):
+    """Row-strided inputs (views of one head's output) load 16-byte vectors within rows, several in flight, in a
+    kStrided instantiation of the tiled kernels; the contiguous one keeps its registers (a small tile of 256-thread
+    blocks keeps half the SM's warps resident)."""
+    for op in ("mixture_nll", "mdn_loss"):
+        r = cases[f"{op} {dtype} K=8 D=4 fwd+grads, split head (tiled, strided)"]
+        assert r["ldg"].startswith("128x") and r["load_batch"] >= 4, r
+    small = cases["mixture_nll float32 K=2 D=1 fwd+grads (tiled)"]
+    assert small["threads"] == 256 and small["occupancy"] >= 0.5, small
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tiled_mixture_nll_occupancy_and_bytes_in_flight(cases, dtype):
     """The mixture NLL's default launch at K = 8, D = 4 keeps at least a quarter of the SM's warps resident (5 blocks
     of 4 warps, limited by the tile's shared memory, not registers) and, by Little's law, enough bytes in flight to

@@ -37,14 +37,36 @@
 namespace physmdn {
 namespace {
 
-bool tiled_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                  const at::Tensor& target) {
-  return means.size(1) < kWarpMinComponentsTiled && logits.is_contiguous() && means.is_contiguous() &&
-         log_scales.is_contiguous() && target.is_contiguous() && means.numel() < (int64_t(1) << 31);
+// Whether each sample's row of t (its dimensions after the batch one) is contiguous, at any batch stride: contiguous
+// tensors, row-strided views (a torch.split of one head's output), a row broadcast over the batch (stride 0).
+bool rows_contiguous(const at::Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+  }
+  return true;
 }
 
-// Whether the tiled kernels run for these inputs: contiguous, K < kWarpMinComponentsTiled, and a sample fits in
-// shared memory (separate_grads: the fused loss with gradients, see tile_bytes_per_sample).
+// The batch strides the tiled kernels read their inputs at.
+RowStrides row_strides(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                       const at::Tensor& target) {
+  return {logits.stride(0), means.stride(0), log_scales.stride(0), target.stride(0)};
+}
+
+// Whether some input's batch stride is not its row size: the kernels' kStrided instantiation.
+bool strided(const RowStrides& sb, int64_t K, int64_t D) {
+  return sb.logits != K || sb.means != K * D || sb.log_scales != K * D || sb.target != D;
+}
+
+bool tiled_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
+                  const at::Tensor& target) {
+  return means.size(1) < kWarpMinComponentsTiled && rows_contiguous(logits) && rows_contiguous(means) &&
+         rows_contiguous(log_scales) && rows_contiguous(target) && means.numel() < (int64_t(1) << 31);
+}
+
+// Whether the tiled kernels run for these inputs: per-sample rows contiguous, K < kWarpMinComponentsTiled, and a
+// sample fits in shared memory (separate_grads: the fused loss with gradients, see tile_bytes_per_sample).
 bool tiled_applies(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                    const at::Tensor& target, bool separate_grads) {
   if (!tiled_inputs(logits, means, log_scales, target)) return false;
@@ -79,11 +101,12 @@ bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::T
     const int threads = tile_threads<acc_t>(K, D);
     const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
     const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D);
-    const auto launch = [&](auto grad_tag) {
+    const RowStrides sb = row_strides(logits, means, log_scales, target);
+    const auto launch = [&](auto grad_tag, auto strided_tag) {
       using grad_t = typename decltype(grad_tag)::type;
-      PHYSMDN_LAUNCH(blocks, threads, smem, tiled_nll_kernel<scalar_t, acc_t, grad_t, kGrad>)(
+      PHYSMDN_LAUNCH(blocks, threads, smem, tiled_nll_kernel<scalar_t, acc_t, grad_t, kGrad, strided_tag()>)(
           logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
-          target.const_data_ptr<scalar_t>(), B, static_cast<int>(K), static_cast<int>(D),
+          target.const_data_ptr<scalar_t>(), sb, B, static_cast<int>(K), static_cast<int>(D),
           grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
           static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr,
           saved ? saved->data_ptr<acc_t>() : nullptr, gl ? gl->data_ptr<grad_t>() : nullptr,
@@ -91,7 +114,12 @@ bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::T
           gt ? gt->data_ptr<grad_t>() : nullptr);
       PHYSMDN_LAUNCH_CHECK();
     };
-    with_grad_type<scalar_t>(gm, launch);
+    with_grad_type<scalar_t>(gm, [&](auto grad_tag) {
+      if (strided(sb, K, D))
+        launch(grad_tag, std::true_type{});
+      else
+        launch(grad_tag, std::false_type{});
+    });
   });
   return true;
 }
@@ -112,19 +140,25 @@ bool launch_tiled_loss(const at::Tensor& logits, const at::Tensor& means, const 
   const int threads = tile_threads<acc_t>(K, D, kGrad);
   const auto blocks = static_cast<unsigned int>((B + threads - 1) / threads);
   const size_t smem = static_cast<size_t>(threads) * tile_bytes_per_sample<acc_t>(K, D, kGrad);
-  const auto launch = [&](auto grad_tag) {
+  const RowStrides sb = row_strides(logits, means, log_scales, target);
+  const auto launch = [&](auto grad_tag, auto strided_tag) {
     using grad_t = typename decltype(grad_tag)::type;
     const auto out = [](at::Tensor* t) { return t != nullptr && t->numel() ? t->data_ptr<grad_t>() : nullptr; };
     const auto acc = [](at::Tensor* t) { return t != nullptr && t->numel() ? t->data_ptr<acc_t>() : nullptr; };
-    PHYSMDN_LAUNCH(blocks, threads, smem, tiled_loss_kernel<scalar_t, acc_t, grad_t, kGrad>)(
+    PHYSMDN_LAUNCH(blocks, threads, smem, tiled_loss_kernel<scalar_t, acc_t, grad_t, kGrad, strided_tag()>)(
         logits.const_data_ptr<scalar_t>(), means.const_data_ptr<scalar_t>(), log_scales.const_data_ptr<scalar_t>(),
-        target.const_data_ptr<scalar_t>(), p, B, static_cast<int>(K), static_cast<int>(D),
+        target.const_data_ptr<scalar_t>(), sb, p, B, static_cast<int>(K), static_cast<int>(D),
         grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr, grad_loss ? grad_loss->stride(0) : 0,
         static_cast<acc_t>(g_default), loss ? loss->data_ptr<scalar_t>() : nullptr, acc(saved), out(gl), out(gm),
         out(gs), out(gt), acc(gp0), acc(gp1), out(ge), n0, n1);
     PHYSMDN_LAUNCH_CHECK();
   };
-  with_grad_type<scalar_t>(gm, launch);
+  with_grad_type<scalar_t>(gm, [&](auto grad_tag) {
+    if (strided(sb, K, D))
+      launch(grad_tag, std::true_type{});
+    else
+      launch(grad_tag, std::false_type{});
+  });
   return true;
 }
 

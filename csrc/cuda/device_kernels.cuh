@@ -59,10 +59,11 @@ __global__ void sample_kernel(math::MixtureView<scalar_t> v, math::PhysicsView<s
   }
 }
 
-// ----- tiled thread-per-sample schedule (contiguous inputs, few components) ----------------------------
-// A block of T threads owns T consecutive samples. Their [T, K, D] means / log_scales, [T, K] logits and
-// [T, D] targets are contiguous in global memory: the block loads them with coalesced (16-byte vector where
-// aligned) loads into shared memory, rows padded to an odd length so that thread t reading row t hits distinct
+// ----- tiled thread-per-sample schedule (per-sample rows contiguous, few components) -------------------
+// A block of T threads owns T consecutive samples. Their [K, D] means / log_scales, [K] logits and [D] target rows
+// are contiguous in global memory, at any batch stride (contiguous tensors; views split from one head's output; a
+// row broadcast over the batch): the block loads them with coalesced (16-byte vector where aligned) loads into
+// shared memory, rows padded to an odd length so that thread t reading row t hits distinct
 // banks. Each thread then runs the per-sample math of mixture_math.h on its row in shared memory (the same
 // functions as the CPU), writes the gradients over its input rows (the math reads each element before it
 // writes the gradient at that place), and the block stores them with coalesced writes. One pass over the
@@ -145,14 +146,17 @@ constexpr int kLoadBatch = 4;
 // registers by the penalty's math after the loads, so 8 loads per thread cost it no resident blocks.
 constexpr int kLoadBatchLoss = 8;
 
-// src: nrows contiguous rows of n elements -> dst rows of stride pad (as acc_t); 16-byte loads where aligned,
-// kLoadBatch per thread at a time.
-template <int U, typename scalar_t, typename acc_t>
-__device__ void load_rows(const scalar_t* __restrict__ src, int nrows, int n, acc_t* dst, int pad) {
+// src: nrows rows of n contiguous elements, sb elements apart (sb == n: one contiguous block; a row-strided view such
+// as a torch.split of one head's output; 0: one row broadcast over the batch) -> dst rows of stride pad (as acc_t).
+// 16-byte loads where aligned: across rows when they are contiguous, within each row otherwise (n and sb whole
+// vectors); element by element else. U loads per thread at a time (kLoadBatch). kStrided false: sb == n (the paths
+// for other strides compiled out: they cost the mixture NLL kernel 40 more registers, see tiled_nll_kernel).
+template <int U, bool kStrided, typename scalar_t, typename acc_t>
+__device__ void load_rows(const scalar_t* __restrict__ src, int64_t sb, int nrows, int n, acc_t* dst, int pad) {
   constexpr int N = 16 / sizeof(scalar_t);
   const int count = nrows * n, T = blockDim.x;
   const float inv_n = 1.0f / static_cast<float>(n);
-  if (vec16_ok<scalar_t>(src, count)) {
+  if (sb == n && vec16_ok<scalar_t>(src, count)) {
     const uint4* src16 = reinterpret_cast<const uint4*>(src);
     const int nvec = count / N;
     for (int base = threadIdx.x; base < nvec; base += U * T) {
@@ -171,12 +175,59 @@ __device__ void load_rows(const scalar_t* __restrict__ src, int nrows, int n, ac
         }
       }
     }
-  } else {
+  } else if (kStrided && sb != n && n % N == 0 && sb % N == 0 && vec16_ok<scalar_t>(src, N) &&
+             nrows * sb < (int64_t(1) << 31)) {
+    const uint4* src16 = reinterpret_cast<const uint4*>(src);
+    const int sb16 = static_cast<int>(sb / N);  // (32-bit offsets: the block's rows span < 2^31 elements)
+    const int per_row = n / N, nvec = nrows * per_row;
+    const float inv_per_row = 1.0f / static_cast<float>(per_row);
+    for (int base = threadIdx.x; base < nvec; base += U * T) {
+      uint4 q[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + u * T;
+        if (i < nvec) {
+          int r, v;
+          tile_row_column(i, per_row, inv_per_row, r, v);
+          q[u] = __ldg(src16 + r * sb16 + v);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = base + u * T;
+        if (i < nvec) {
+          int r, v;
+          tile_row_column(i, per_row, inv_per_row, r, v);
+          scalar_t vals[N];
+          memcpy(vals, &q[u], sizeof(uint4));
+          for (int j = 0; j < N; ++j) dst[r * pad + v * N + j] = static_cast<acc_t>(vals[j]);
+        }
+      }
+    }
+  } else if constexpr (!kStrided) {
     for (int base = threadIdx.x; base < count; base += U * T) {
       scalar_t vals[U];
 #pragma unroll
       for (int u = 0; u < U; ++u)
         if (base + u * T < count) vals[u] = src[base + u * T];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int e = base + u * T;
+        if (e < count) dst[tile_offset(e, n, inv_n, pad)] = static_cast<acc_t>(vals[u]);
+      }
+    }
+  } else {
+    for (int base = threadIdx.x; base < count; base += U * T) {
+      scalar_t vals[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int e = base + u * T;
+        if (e < count) {
+          int r, c;
+          tile_row_column(e, n, inv_n, r, c);
+          vals[u] = src[r * sb + c];
+        }
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int e = base + u * T;
@@ -216,12 +267,17 @@ struct Tile {
   int pm, pl, py;
 };
 
+// The batch strides (elements) of the tiled kernels' inputs, whose per-sample rows are contiguous (tiled_inputs).
+struct RowStrides {
+  int64_t logits, means, log_scales, target;
+};
+
 // Lays the tile out in the block's dynamic shared memory and loads samples b0 .. b0 + nb - 1 into it (every thread
 // of the block calls it; the rows are visible to all on return), U loads per thread at a time (load_rows).
-template <typename scalar_t, typename acc_t, int U = kLoadBatch>
+template <typename scalar_t, typename acc_t, int U, bool kStrided>
 __device__ Tile<acc_t> load_tile(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means,
                                  const scalar_t* __restrict__ log_scales, const scalar_t* __restrict__ target,
-                                 int64_t b0, int nb, int K, int D) {
+                                 const RowStrides& sb, int64_t b0, int nb, int K, int D) {
   extern __shared__ __align__(16) unsigned char tile_smem[];
   const int T = blockDim.x, KD = K * D;
   Tile<acc_t> tl;
@@ -232,10 +288,10 @@ __device__ Tile<acc_t> load_tile(const scalar_t* __restrict__ logits, const scal
   tl.y = tl.lg + T * tl.pl;
   tl.gt = tl.y + T * tl.py;
   tl.rest = tl.gt + T * tl.py;
-  load_rows<U>(means + b0 * KD, nb, KD, tl.mu, tl.pm);
-  load_rows<U>(log_scales + b0 * KD, nb, KD, tl.ls, tl.pm);
-  load_rows<U>(logits + b0 * K, nb, K, tl.lg, tl.pl);
-  load_rows<U>(target + b0 * D, nb, D, tl.y, tl.py);
+  load_rows<U, kStrided>(means + b0 * sb.means, sb.means, nb, KD, tl.mu, tl.pm);
+  load_rows<U, kStrided>(log_scales + b0 * sb.log_scales, sb.log_scales, nb, KD, tl.ls, tl.pm);
+  load_rows<U, kStrided>(logits + b0 * sb.logits, sb.logits, nb, K, tl.lg, tl.pl);
+  load_rows<U, kStrided>(target + b0 * sb.target, sb.target, nb, D, tl.y, tl.py);
   __syncthreads();
   return tl;
 }
@@ -255,17 +311,23 @@ __device__ math::MixtureView<acc_t> tile_view(const Tile<acc_t>& tl, int K, int 
 
 // loss / saved may be null (not written); with kGrad, grad_loss (null: every sample's upstream gradient is
 // g_default) scales the gradients gl / gm / gs / gt, written as grad_t (the accumulation or the input dtype).
-template <typename scalar_t, typename acc_t, typename grad_t, bool kGrad>
+// kStrided: some input's batch stride is not its row size (sb; else they are contiguous tensors): a second
+// instantiation, so that contiguous inputs keep the registers of the contiguous loads alone (40 against 80 for the
+// float32 kernel with gradients: what decides the resident blocks of small tiles; the fused loss's forward, 84
+// against 128).
+template <typename scalar_t, typename acc_t, typename grad_t, bool kGrad, bool kStrided>
 __global__ void tiled_nll_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means,
                                  const scalar_t* __restrict__ log_scales, const scalar_t* __restrict__ target,
-                                 int64_t B, int K, int D, const scalar_t* __restrict__ grad_loss, int64_t grad_stride,
-                                 acc_t g_default, scalar_t* __restrict__ loss, acc_t* __restrict__ saved,
+                                 RowStrides sb, int64_t B, int K, int D, const scalar_t* __restrict__ grad_loss,
+                                 int64_t grad_stride, acc_t g_default, scalar_t* __restrict__ loss,
+                                 acc_t* __restrict__ saved,
                                  grad_t* __restrict__ gl, grad_t* __restrict__ gm, grad_t* __restrict__ gs,
                                  grad_t* __restrict__ gt) {
   const int T = blockDim.x, KD = K * D;
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * T;
   const int nb = static_cast<int>(B - b0 < T ? B - b0 : T);
-  const Tile<acc_t> tl = load_tile<scalar_t, acc_t>(logits, means, log_scales, target, b0, nb, K, D);
+  const Tile<acc_t> tl = load_tile<scalar_t, acc_t, kLoadBatch, kStrided>(logits, means, log_scales, target, sb, b0,
+                                                                          nb, K, D);
   const int pm = tl.pm, pl = tl.pl, py = tl.py;
   acc_t *s_mu = tl.mu, *s_ls = tl.ls, *s_lg = tl.lg, *s_gt = tl.gt;
   const int t = threadIdx.x;
@@ -301,11 +363,11 @@ __global__ void tiled_nll_kernel(const scalar_t* __restrict__ logits, const scal
 // writes; the parameters' gradients (the backward only) and the extra's are written in place from each thread.
 // Modes as sample_kernel: forward, forward with gradients (grad_loss null), backward (loss, saved null).
 // grad_t: the gradients of logits, means, log-scales, target and extra (the accumulation or the input dtype); the
-// parameters' gradients gp0 / gp1 in acc_t.
-template <typename scalar_t, typename acc_t, typename grad_t, bool kGrad>
+// parameters' gradients gp0 / gp1 in acc_t. kStrided as tiled_nll_kernel's.
+template <typename scalar_t, typename acc_t, typename grad_t, bool kGrad, bool kStrided>
 __global__ void tiled_loss_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ means,
                                   const scalar_t* __restrict__ log_scales, const scalar_t* __restrict__ target,
-                                  math::PhysicsView<scalar_t> p, int64_t B, int K, int D,
+                                  RowStrides sb, math::PhysicsView<scalar_t> p, int64_t B, int K, int D,
                                   const scalar_t* __restrict__ grad_loss, int64_t grad_stride, acc_t g_default,
                                   scalar_t* __restrict__ loss, acc_t* __restrict__ saved, grad_t* __restrict__ gl,
                                   grad_t* __restrict__ gm, grad_t* __restrict__ gs, grad_t* __restrict__ gt,
@@ -314,7 +376,8 @@ __global__ void tiled_loss_kernel(const scalar_t* __restrict__ logits, const sca
   const int T = blockDim.x, KD = K * D;
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * T;
   const int nb = static_cast<int>(B - b0 < T ? B - b0 : T);
-  const Tile<acc_t> tl = load_tile<scalar_t, acc_t, kLoadBatchLoss>(logits, means, log_scales, target, b0, nb, K, D);
+  const Tile<acc_t> tl =
+      load_tile<scalar_t, acc_t, kLoadBatchLoss, kStrided>(logits, means, log_scales, target, sb, b0, nb, K, D);
   const int pm = tl.pm, pl = tl.pl, py = tl.py;
   acc_t* s_gt = tl.gt;
   acc_t* s_gm = tl.rest;  // the gradient rows (kGrad only)
