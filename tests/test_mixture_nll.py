@@ -123,6 +123,39 @@ def test_noncontiguous_and_expanded_inputs(device, cpu_isa):
     torch.testing.assert_close(torch.autograd.grad(loss, base)[0], torch.autograd.grad(ref, ref_base)[0])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_split_head_and_broadcast_rows(device, dtype, cpu_isa):
+    """Inputs as MDN heads make them: logits, means and log-scales views of one [B, W] output (rows contiguous at
+    batch stride W, a multiple of 4: 16-byte aligned rows) and a [K, D] log-scale row broadcast over the batch (the
+    tiled CUDA schedule reads both in place). Loss and the gradients reaching the head and the shared row against
+    the reference."""
+    B, K, D = 300, 8, 4
+    W = K + 2 * K * D + 8
+    g = torch.Generator().manual_seed(11)
+    head = torch.randn(B, W, generator=g, dtype=torch.float64)
+    shared = 0.3 * torch.randn(K, D, generator=g, dtype=torch.float64)
+    target = torch.randn(B, D, generator=g, dtype=torch.float64)
+
+    def run(fn, head, shared, target, use_shared):
+        head, shared = head.detach().requires_grad_(True), shared.detach().requires_grad_(True)
+        lg, mu, ls = head[:, :K], head[:, K:K + K * D].view(B, K, D), head[:, K + K * D:K + 2 * K * D].view(B, K, D)
+        if use_shared:
+            ls = shared.expand(B, K, D)
+        loss = fn(lg, mu, ls, target).sum()
+        return loss, torch.autograd.grad(loss, (head, shared) if use_shared else (head,))
+
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for use_shared in (False, True):
+        loss, grads = run(physmdn.mixture_nll, *(t.to(device=device, dtype=dtype) for t in (head, shared, target)),
+                          use_shared)
+        exact = [t.to(dtype).double() for t in (head, shared, target)]
+        ref_loss, ref_grads = run(reference.mixture_nll, *exact, use_shared)
+        torch.testing.assert_close(loss.double().cpu(), ref_loss, **tol)
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got.double().cpu(), want, **tol)
+
+
 # ----- numerical robustness ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
