@@ -204,18 +204,6 @@ __device__ void load_rows(const scalar_t* __restrict__ src, int64_t sb, int nrow
         }
       }
     }
-  } else if constexpr (!kStrided) {
-    for (int base = threadIdx.x; base < count; base += U * T) {
-      scalar_t vals[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-        if (base + u * T < count) vals[u] = src[base + u * T];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int e = base + u * T;
-        if (e < count) dst[tile_offset(e, n, inv_n, pad)] = static_cast<acc_t>(vals[u]);
-      }
-    }
   } else {
     for (int base = threadIdx.x; base < count; base += U * T) {
       scalar_t vals[U];
@@ -223,9 +211,13 @@ __device__ void load_rows(const scalar_t* __restrict__ src, int64_t sb, int nrow
       for (int u = 0; u < U; ++u) {
         const int e = base + u * T;
         if (e < count) {
-          int r, c;
-          tile_row_column(e, n, inv_n, r, c);
-          vals[u] = src[r * sb + c];
+          if constexpr (kStrided) {
+            int r, c;
+            tile_row_column(e, n, inv_n, r, c);
+            vals[u] = src[r * sb + c];
+          } else {
+            vals[u] = src[e];
+          }
         }
       }
 #pragma unroll
