@@ -87,6 +87,18 @@ void with_grad_type(const at::Tensor* gm, F&& f) {
     f(std::type_identity<acc_t>{});
 }
 
+// f(grad_tag, strided_tag) for the tiled kernels: the gradients' type as with_grad_type, and std::true_type /
+// std::false_type for their kStrided instantiation.
+template <typename scalar_t, typename F>
+void with_tiled_types(const at::Tensor* gm, bool is_strided, F&& f) {
+  with_grad_type<scalar_t>(gm, [&](auto grad_tag) {
+    if (is_strided)
+      f(grad_tag, std::true_type{});
+    else
+      f(grad_tag, std::false_type{});
+  });
+}
+
 // Launches the tiled kernel; false when it does not apply (tiled_applies; the caller falls back). The gradients
 // in the input dtype when gm has it (mixture_grads_in_input_dtype: no float32 [B, K, D] copies for bfloat16 /
 // float16 inputs), else in the accumulation dtype.
@@ -114,12 +126,7 @@ bool launch_tiled(const at::Tensor& logits, const at::Tensor& means, const at::T
           gt ? gt->data_ptr<grad_t>() : nullptr);
       PHYSMDN_LAUNCH_CHECK();
     };
-    with_grad_type<scalar_t>(gm, [&](auto grad_tag) {
-      if (strided(sb, K, D))
-        launch(grad_tag, std::true_type{});
-      else
-        launch(grad_tag, std::false_type{});
-    });
+    with_tiled_types<scalar_t>(gm, strided(sb, K, D), launch);
   });
   return true;
 }
@@ -153,12 +160,7 @@ bool launch_tiled_loss(const at::Tensor& logits, const at::Tensor& means, const 
         out(gs), out(gt), acc(gp0), acc(gp1), out(ge), n0, n1);
     PHYSMDN_LAUNCH_CHECK();
   };
-  with_grad_type<scalar_t>(gm, [&](auto grad_tag) {
-    if (strided(sb, K, D))
-      launch(grad_tag, std::true_type{});
-    else
-      launch(grad_tag, std::false_type{});
-  });
+  with_tiled_types<scalar_t>(gm, strided(sb, K, D), launch);
   return true;
 }
 
