@@ -111,11 +111,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_bwd_impl(
 template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdn_loss_fwd_impl(
     const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
-    const at::Tensor& p0, const at::Tensor& p1, const c10::optional<at::Tensor>& extra, int64_t family, bool exact,
-    double weight, double spacing, int64_t boundary, double noise_scale, bool compute_grad, double grad_scale) {
+    const at::Tensor& p0, const at::Tensor& p1, const c10::optional<at::Tensor>& extra, int64_t family, int64_t moment,
+    bool couple_weights, double weight, double spacing, int64_t boundary, double noise_scale, bool compute_grad,
+    double grad_scale) {
   check_mixture_inputs(logits, means, log_scales, target);
   Backend::check_device(means);
-  const PhysicsArgs args{family, exact, weight, spacing, boundary, noise_scale};
+  const PhysicsArgs args{family, moment, couple_weights, weight, spacing, boundary, noise_scale};
   const auto [order, rows] = check_physics_args(means, p0, p1, extra, args);
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
   auto loss = Backend::empty({B}, means.options());
@@ -156,13 +157,13 @@ template <typename Backend>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdn_loss_bwd_impl(
     const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
     const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1, const c10::optional<at::Tensor>& extra,
-    int64_t family, bool exact, double weight, double spacing, int64_t boundary, double noise_scale,
-    const at::Tensor& saved, bool p0_grad, bool p1_grad) {
+    int64_t family, int64_t moment, bool couple_weights, double weight, double spacing, int64_t boundary,
+    double noise_scale, const at::Tensor& saved, bool p0_grad, bool p1_grad) {
   check_mixture_inputs(logits, means, log_scales, target);
   Backend::check_device(means);
   check_grad_loss(grad_loss, means);
   check_saved(saved, means, math::kSavedPerSampleLoss, "mdn_loss_fwd");
-  const PhysicsArgs args{family, exact, weight, spacing, boundary, noise_scale};
+  const PhysicsArgs args{family, moment, couple_weights, weight, spacing, boundary, noise_scale};
   const auto [order, rows] = check_physics_args(means, p0, p1, extra, args);
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
   auto opts = means.options().dtype(acc_dtype(means.scalar_type()));
@@ -187,11 +188,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   m.def("mixture_nll_bwd(Tensor grad_loss, Tensor logits, Tensor means, Tensor log_scales, Tensor target, "            \
         "Tensor saved) -> (Tensor grad_logits, Tensor grad_means, Tensor grad_log_scales, Tensor grad_target)");         \
   m.def("mdn_loss_fwd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, Tensor p0, Tensor p1, "           \
-        "Tensor? extra, int family, bool exact, float weight, float spacing, int boundary, float noise_scale, "         \
+        "Tensor? extra, int family, int moment, bool couple_weights, float weight, float spacing, int boundary, "       \
+        "float noise_scale, "                                                                                          \
         "bool compute_grad=False, float grad_scale=1.0) -> (Tensor loss, Tensor saved, Tensor grad_logits, "           \
         "Tensor grad_means, Tensor grad_log_scales, Tensor grad_target, Tensor grad_extra)");                         \
   m.def("mdn_loss_bwd(Tensor grad_loss, Tensor logits, Tensor means, Tensor log_scales, Tensor target, Tensor p0, "    \
-        "Tensor p1, Tensor? extra, int family, bool exact, float weight, float spacing, int boundary, "                 \
+        "Tensor p1, Tensor? extra, int family, int moment, bool couple_weights, float weight, float spacing, "        \
+        "int boundary, "                                                                                               \
         "float noise_scale, Tensor saved, bool p0_grad, bool p1_grad) -> (Tensor grad_logits, Tensor grad_means, "      \
         "Tensor grad_log_scales, Tensor grad_target, Tensor grad_p0, Tensor grad_p1, Tensor grad_extra)")
 

@@ -3,14 +3,19 @@
 //
 //   loss_b = NLL_b + sum_k pi_bk Q_bk,   Q_bk = weight * P_bk + extra_bk,   pi = softmax(logits)
 //
-// P_bk is the penalty of one built-in residual family under component k's Gaussian N(mu, diag v):
-//   polynomial  r_d(y) = sum_j c_j y_d^j            P = sum_d E[r_d^2]
-//   linear      r(y) = A y - b                      P = ||A mu - b||^2 + sum_d v_d ||A[:, d]||^2
-//   stencil     r_i(u) = a (u_{i-1} - 2 u_i + u_{i+1}) / h^2 + sum_j c_j u_i^j     P = sum_i E[r_i^2]
-// "exact" mode takes the expectation under v = exp(2 log_scale) (minus the observation-noise variance when
-// noise-aware, floored at 0); "mean" mode is the same formula with v = 0. extra_bk is a penalty computed in
-// torch (any other spec), already weighted. The gradient of loss_b with respect to logit_k gains
-// pi_k (Q_k - sum_j pi_j Q_j): mass moves towards physically consistent components.
+// P_bk is the penalty of one built-in residual family under component k's Gaussian Y ~ N(mu, diag v), in one of
+// three moments (docs/physics.md):
+//   second  P = E||r(Y)||^2     one state per component plus noise
+//   first   P = ||E r(Y)||^2    a component that spans a family of states (E r of a field; the variance terms drop)
+//   point   P = ||r(mu)||^2     (v = 0)
+// for the families
+//   polynomial  r_d(y) = sum_j c_j y_d^j
+//   linear      r(y) = A y - b                      (first = point: E r = r(mu))
+//   stencil     r_i(u) = a (u_{i-1} - 2 u_i + u_{i+1}) / h^2 + sum_j c_j u_i^j
+// v = exp(2 log_scale), minus the observation-noise variance when noise-aware (floored at 0). extra_bk is a penalty
+// computed in torch (any other spec), already weighted. Coupled weights: the gradient of loss_b with respect to
+// logit_k gains pi_k (Q_k - sum_j pi_j Q_j), which moves mass between components; detached weights leave it out
+// (pi is a constant of the penalty).
 #pragma once
 #include "mixture_math.h"
 
@@ -21,6 +26,7 @@ constexpr int kSavedPerSampleLoss = 4;  // max logit, log sum, LSE_k(log pi + lo
 
 enum Family : int { kFamilyNone = -1, kPolynomial = 0, kLinear = 1, kStencil = 2 };
 enum Boundary : int { kPeriodic = 0, kNeumann = 1 };
+enum Moment : int { kPoint = 0, kFirst = 1, kSecond = 2 };
 
 template <typename scalar_t>
 struct Strided4 {
@@ -37,7 +43,8 @@ struct Strided4 {
 template <typename scalar_t>
 struct PhysicsView {
   int family = kFamilyNone;
-  bool exact = true;
+  int moment = kSecond;
+  bool couple_weights = false;  // the penalty's gradient reaches the mixture weights
   int order = 0;     // J (polynomial, stencil)
   int64_t rows = 0;  // M (linear)
   int boundary = kPeriodic;
@@ -55,14 +62,14 @@ PHYSMDN_HD void gaussian_moments(acc_t m, acc_t v, int n_max, acc_t* M) {
   for (int n = 2; n <= n_max; ++n) M[n] = m * M[n - 1] + acc_t(n - 1) * v * M[n - 2];
 }
 
-// Variance of component k at dimension d under the penalty, and d variance / d log_scale.
+// Variance of component k at dimension d under the penalty (0 for the point value), and d variance / d log_scale.
 template <typename acc_t>
 struct VarianceAt {
   acc_t v, dv_dls;
 };
 template <typename acc_t>
-PHYSMDN_HD VarianceAt<acc_t> penalty_variance(acc_t log_scale, bool exact, acc_t noise_var) {
-  if (!exact) return {acc_t(0), acc_t(0)};
+PHYSMDN_HD VarianceAt<acc_t> penalty_variance(acc_t log_scale, int moment, acc_t noise_var) {
+  if (moment == kPoint) return {acc_t(0), acc_t(0)};
   const acc_t raw = exp_(acc_t(2) * log_scale);
   if (noise_var > acc_t(0)) {
     if (raw > noise_var) return {raw - noise_var, acc_t(2) * raw};
@@ -100,6 +107,20 @@ PHYSMDN_HD PolyStats<acc_t> poly_stats(const acc_t* c, int J, const acc_t* M) {
   return s;
 }
 
+// E[p] alone and its derivatives in m and v (the first moment needs moments up to J only).
+template <typename acc_t, bool kGrad>
+PHYSMDN_HD PolyStats<acc_t> poly_mean_stats(const acc_t* c, int J, const acc_t* M) {
+  PolyStats<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+  for (int j = 0; j <= J; ++j) {
+    s.ep += c[j] * M[j];
+    if (kGrad) {
+      if (j >= 1) s.dep_dm += c[j] * acc_t(j) * M[j - 1];
+      if (j >= 2) s.dep_dv += c[j] * acc_t(j * (j - 1) / 2) * M[j - 2];
+    }
+  }
+  return s;
+}
+
 // Pointers into one (b, k) row of the gradient outputs. gmu / gls accumulate; gp0 / gp1 are set.
 template <typename acc_t>
 struct PenaltyGrads {
@@ -126,10 +147,24 @@ PHYSMDN_HD acc_t polynomial_penalty(const MixtureView<scalar_t>& v, const Physic
   const acc_t nv = static_cast<acc_t>(p.noise_var);
   acc_t c[kMaxOrder + 1], M[2 * kMaxOrder + 1];
   acc_t total = acc_t(0);
+  const bool first = p.moment == kFirst;
   for (int64_t d = 0; d < v.D; ++d) {
     const acc_t m = load_mu<acc_t>(v, b, k, d);
-    const auto var = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, d), p.exact, nv);
+    const auto var = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, d), p.moment, nv);
     for (int j = 0; j <= J; ++j) c[j] = static_cast<acc_t>(p.p0(b, k, d, j));
+    if (first) {  // (E p)^2: d/dm = 2 E[p] dE[p]/dm, d/dc_j = 2 E[p] M_j
+      gaussian_moments<acc_t>(m, var.v, J, M);
+      const auto s = poly_mean_stats<acc_t, kGrad>(c, J, M);
+      total += s.ep * s.ep;
+      if (kGrad) {
+        const acc_t two_ep = acc_t(2) * s.ep;
+        g.gmu[d] += scale * two_ep * s.dep_dm;
+        g.gls[d] += scale * two_ep * s.dep_dv * var.dv_dls;
+        if (g.gp0)
+          for (int j = 0; j <= J; ++j) g.gp0[d * (J + 1) + j] = scale * two_ep * M[j];
+      }
+      continue;
+    }
     gaussian_moments<acc_t>(m, var.v, 2 * J, M);
     const auto s = poly_stats<acc_t, kGrad>(c, J, M);
     total += s.ep2;
@@ -154,6 +189,7 @@ PHYSMDN_HD acc_t linear_penalty(const MixtureView<scalar_t>& v, const PhysicsVie
                                 int64_t k, acc_t scale, PenaltyGrads<acc_t> g) {
   const int64_t Mrows = p.rows, D = v.D;
   const acc_t nv = static_cast<acc_t>(p.noise_var);
+  const int moment = p.moment == kSecond ? kSecond : kPoint;  // E r = r(mu): the first moment is the point value
   acc_t total = acc_t(0);
   for (int64_t r = 0; r < Mrows; ++r) {
     acc_t e = -static_cast<acc_t>(p.p1(b, k, r));
@@ -164,16 +200,16 @@ PHYSMDN_HD acc_t linear_penalty(const MixtureView<scalar_t>& v, const PhysicsVie
         const acc_t a = static_cast<acc_t>(p.p0(b, k, r, d));
         g.gmu[d] += scale * acc_t(2) * e * a;
         if (g.gp0) {
-          const acc_t var = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, d), p.exact, nv).v;
+          const acc_t var = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, d), moment, nv).v;
           g.gp0[r * D + d] = scale * acc_t(2) * (e * load_mu<acc_t>(v, b, k, d) + a * var);
         }
       }
       if (g.gp1) g.gp1[r] = -scale * acc_t(2) * e;
     }
   }
-  if (p.exact) {
+  if (moment == kSecond) {
     for (int64_t d = 0; d < D; ++d) {
-      const auto var = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, d), true, nv);
+      const auto var = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, d), kSecond, nv);
       acc_t col = acc_t(0);
       for (int64_t r = 0; r < Mrows; ++r) {
         const acc_t a = static_cast<acc_t>(p.p0(b, k, r, d));
@@ -221,9 +257,13 @@ PHYSMDN_HD StencilRow stencil_row(int64_t i, int64_t D, int boundary) {
 template <typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>
 PHYSMDN_HD acc_t stencil_penalty(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b,
                                  int64_t k, acc_t scale, PenaltyGrads<acc_t> g) {
+  // Grid points are independent under a diagonal Gaussian: E[r_i] = a N_i + E[f'(u_i)] with N_i the neighbour sum
+  // and f' = f + a diag_i u_i; the second moment adds a^2 Var(N_i) + Var(f'(u_i)), the first moment is E[r_i]^2.
   const int64_t D = v.D;
   const int J = p.order;
   const int Jp = J < 1 ? 1 : J;  // the stencil's own-point term is linear in u_i
+  const bool second = p.moment == kSecond;
+  const int n_moments = second ? 2 * Jp : Jp;
   const acc_t nv = static_cast<acc_t>(p.noise_var);
   const acc_t a = static_cast<acc_t>(p.p0(b, k)) * static_cast<acc_t>(p.inv_h2);
   acc_t c[kMaxOrder + 1], M[2 * kMaxOrder + 1];
@@ -238,33 +278,43 @@ PHYSMDN_HD acc_t stencil_penalty(const MixtureView<scalar_t>& v, const PhysicsVi
     for (int t = 0; t < row.n; ++t) {
       const acc_t w = static_cast<acc_t>(row.w[t]);
       nsum += w * load_mu<acc_t>(v, b, k, row.j[t]);
-      nvar += w * w * penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, row.j[t]), p.exact, nv).v;
+      if (second) nvar += w * w * penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, row.j[t]), p.moment, nv).v;
     }
     const acc_t n_mean = a * nsum;
-    const auto var = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, i), p.exact, nv);
-    gaussian_moments<acc_t>(load_mu<acc_t>(v, b, k, i), var.v, 2 * Jp, M);
-    const auto s = poly_stats<acc_t, kGrad>(c, Jp, M);
+    const auto var = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, i), p.moment, nv);
+    gaussian_moments<acc_t>(load_mu<acc_t>(v, b, k, i), var.v, n_moments, M);
+    const auto s = second ? poly_stats<acc_t, kGrad>(c, Jp, M) : poly_mean_stats<acc_t, kGrad>(c, Jp, M);
     const acc_t er = n_mean + s.ep;
-    total += er * er + a * a * nvar + (s.ep2 - s.ep * s.ep);
+    total += er * er + (second ? a * a * nvar + (s.ep2 - s.ep * s.ep) : acc_t(0));
     if (kGrad) {
       for (int t = 0; t < row.n; ++t) {
         const acc_t w = static_cast<acc_t>(row.w[t]);
         g.gmu[row.j[t]] += scale * acc_t(2) * er * a * w;
-        const auto vj = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, row.j[t]), p.exact, nv);
-        g.gls[row.j[t]] += scale * a * a * w * w * vj.dv_dls;
+        if (second) {
+          const auto vj = penalty_variance<acc_t>(load_ls<acc_t>(v, b, k, row.j[t]), p.moment, nv);
+          g.gls[row.j[t]] += scale * a * a * w * w * vj.dv_dls;
+        }
       }
-      g.gmu[i] += scale * (acc_t(2) * n_mean * s.dep_dm + s.dep2_dm);
-      g.gls[i] += scale * (acc_t(2) * n_mean * s.dep_dv + s.dep2_dv) * var.dv_dls;
-      // dP_i/dc'_j = 2 N M_j + 2 sum_l c'_l M_{j+l}
+      if (second) {
+        g.gmu[i] += scale * (acc_t(2) * n_mean * s.dep_dm + s.dep2_dm);
+        g.gls[i] += scale * (acc_t(2) * n_mean * s.dep_dv + s.dep2_dv) * var.dv_dls;
+      } else {
+        g.gmu[i] += scale * acc_t(2) * er * s.dep_dm;
+        g.gls[i] += scale * acc_t(2) * er * s.dep_dv * var.dv_dls;
+      }
+      // second: dP_i/dc'_j = 2 N M_j + 2 sum_l c'_l M_{j+l};  first: dP_i/dc'_j = 2 E[r_i] M_j
       acc_t dc1 = acc_t(0);
       for (int j = 0; j <= Jp; ++j) {
-        acc_t acc = acc_t(0);
-        for (int l = 0; l <= Jp; ++l) acc += c[l] * M[j + l];
-        const acc_t dcj = acc_t(2) * (n_mean * M[j] + acc);
+        acc_t dcj = acc_t(2) * er * M[j];
+        if (second) {
+          acc_t acc = acc_t(0);
+          for (int l = 0; l <= Jp; ++l) acc += c[l] * M[j + l];
+          dcj = acc_t(2) * (n_mean * M[j] + acc);
+        }
         if (j == 1) dc1 = dcj;
         if (g.gp1 && j <= J) g.gp1[j] += scale * dcj;
       }
-      grad_a += acc_t(2) * er * nsum + acc_t(2) * a * nvar + static_cast<acc_t>(row.diag) * dc1;
+      grad_a += acc_t(2) * er * nsum + (second ? acc_t(2) * a * nvar : acc_t(0)) + static_cast<acc_t>(row.diag) * dc1;
     }
   }
   if (kGrad && g.gp0) g.gp0[0] = scale * grad_a * static_cast<acc_t>(p.inv_h2);
@@ -405,7 +455,7 @@ PHYSMDN_HD void mdn_loss_sample_backward(const MixtureView<scalar_t>& v, const P
       for (int64_t i = 0; gp0 && i < n0; ++i) gp0[i] = acc_t(0);
       for (int64_t i = 0; gp1 && i < n1; ++i) gp1[i] = acc_t(0);
     }
-    grad_logits[k] = g * (pi - gamma) + (pi > acc_t(0) ? g * pi * (q - saved[3]) : acc_t(0));
+    grad_logits[k] = g * (pi - gamma) + (p.couple_weights && pi > acc_t(0) ? g * pi * (q - saved[3]) : acc_t(0));
     if (grad_extra) grad_extra[k] = g * pi;
   }
 }

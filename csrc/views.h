@@ -49,7 +49,8 @@ math::MixtureView<scalar_t> make_mixture_view(const at::Tensor& logits, const at
 // Scalar arguments of the fused loss, as the schema passes them.
 struct PhysicsArgs {
   int64_t family;
-  bool exact;
+  int64_t moment;       // math::Moment
+  bool couple_weights;  // the penalty's gradient reaches the mixture weights
   double weight, spacing;
   int64_t boundary;
   double noise_scale;
@@ -69,6 +70,13 @@ inline void check_param(const at::Tensor& t, const char* name, const at::Tensor&
               t.device());
 }
 
+// The polynomial order J of a coefficient axis of `count` = J + 1 entries, checked as 64-bit before the narrowing.
+inline int checked_order(int64_t count, const char* name) {
+  TORCH_CHECK(count >= 1 && count <= math::kMaxOrder + 1, name, " must hold J+1 coefficients with 0 <= J <= ",
+              math::kMaxOrder, ", got ", count, " coefficients");
+  return static_cast<int>(count - 1);
+}
+
 // Validates p0 / p1 / extra for the family; returns (order J, rows M).
 inline std::pair<int, int64_t> check_physics_args(const at::Tensor& means, const at::Tensor& p0, const at::Tensor& p1,
                                                   const c10::optional<at::Tensor>& extra, const PhysicsArgs& a) {
@@ -80,9 +88,7 @@ inline std::pair<int, int64_t> check_physics_args(const at::Tensor& means, const
       break;
     case math::kPolynomial:
       check_param(p0, "coeffs", means, {B, K, D, -1}, "[B, K, D, J+1]");
-      order = static_cast<int>(p0.size(3)) - 1;
-      TORCH_CHECK(order >= 0 && order <= math::kMaxOrder, "coeffs must hold J+1 coefficients with 0 <= J <= ",
-                  math::kMaxOrder, ", got J = ", order);
+      order = checked_order(p0.size(3), "coeffs");
       break;
     case math::kLinear:
       check_param(p0, "A", means, {B, K, -1, D}, "[B, K, M, D]");
@@ -92,9 +98,7 @@ inline std::pair<int, int64_t> check_physics_args(const at::Tensor& means, const
     case math::kStencil:
       check_param(p0, "diffusion", means, {B, K}, "[B, K]");
       check_param(p1, "reaction", means, {B, K, -1}, "[B, K, J+1]");
-      order = static_cast<int>(p1.size(2)) - 1;
-      TORCH_CHECK(order >= 0 && order <= math::kMaxOrder, "reaction must hold J+1 coefficients with 0 <= J <= ",
-                  math::kMaxOrder, ", got J = ", order);
+      order = checked_order(p1.size(2), "reaction");
       TORCH_CHECK(a.spacing > 0.0, "spacing must be > 0, got ", a.spacing);
       TORCH_CHECK(a.boundary == math::kPeriodic || a.boundary == math::kNeumann,
                   "boundary must be 0 (periodic) or 1 (neumann), got ", a.boundary);
@@ -102,6 +106,8 @@ inline std::pair<int, int64_t> check_physics_args(const at::Tensor& means, const
     default:
       TORCH_CHECK(false, "family must be -1 (none), 0 (polynomial), 1 (linear) or 2 (stencil), got ", a.family);
   }
+  TORCH_CHECK(a.moment == math::kPoint || a.moment == math::kFirst || a.moment == math::kSecond,
+              "moment must be 0 (point), 1 (first) or 2 (second), got ", a.moment);
   TORCH_CHECK(a.noise_scale >= 0.0, "noise_scale must be >= 0, got ", a.noise_scale);
   if (extra.has_value()) check_param(*extra, "extra", means, {B, K}, "[B, K]");
   return {order, rows};
@@ -123,7 +129,8 @@ math::PhysicsView<scalar_t> make_physics_view(const at::Tensor& p0, const at::Te
                                               int64_t rows) {
   math::PhysicsView<scalar_t> p;
   p.family = static_cast<int>(a.family);
-  p.exact = a.exact;
+  p.moment = static_cast<int>(a.moment);
+  p.couple_weights = a.couple_weights;
   p.order = order;
   p.rows = rows;
   p.boundary = static_cast<int>(a.boundary);

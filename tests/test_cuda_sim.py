@@ -394,10 +394,10 @@ def test_backend_fused_loss_ops_match_the_cpu_ops(sim, kind, B, K, D, layout, wi
     inputs = layout_inputs(B, K, D, torch.float64, layout, seed=K)
     inputs[2] = 0.3 * inputs[2] - 0.5
     spec = make_spec(kind, B, K, D, noise=0.2)
-    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+    family, p0, p1, moment, couple, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
     p0, p1 = p0.detach(), p1.detach()
     extra = torch.rand(B, K, dtype=torch.float64) if with_extra else None
-    args = (*inputs, p0, p1, extra, family, exact, 0.7, spacing, boundary, noise)
+    args = (*inputs, p0, p1, extra, family, moment, couple, 0.7, spacing, boundary, noise)
     expected = "tiled" if layout in ("contiguous", "split") and K < 16 else "warp" if K >= 16 else "thread"
     for grad in (False, True):
         got, launched = run(sim, sim.mdn_loss_fwd, *args, grad, 0.25)
@@ -421,8 +421,8 @@ def test_backend_fused_loss_reduced_precision(sim, dtype, K):
     B, D = 70, 4
     inputs = make_inputs(B, K, D, dtype, seed=2)
     spec = make_spec("polynomial", B, K, D, dtype=dtype)
-    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
-    args = (*inputs, p0.detach(), p1.detach(), torch.rand(B, K).to(dtype), family, exact, 0.7, spacing, boundary,
+    family, p0, p1, moment, couple, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+    args = (*inputs, p0.detach(), p1.detach(), torch.rand(B, K).to(dtype), family, moment, couple, 0.7, spacing, boundary,
             noise)
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}[dtype]
     got, launched = run(sim, sim.mdn_loss_fwd, *args, True, 1.0 / B)
@@ -461,8 +461,8 @@ def test_backend_backward_repeats_the_forward_gradients_bit_for_bit(sim, schedul
     from test_physics import make_spec
 
     spec = make_spec("polynomial", B, K, D)
-    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
-    args = (*inputs, p0.detach(), p1.detach(), torch.rand(B, K, dtype=torch.float64), family, exact, 0.7, spacing,
+    family, p0, p1, moment, couple, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+    args = (*inputs, p0.detach(), p1.detach(), torch.rand(B, K, dtype=torch.float64), family, moment, couple, 0.7, spacing,
             boundary, noise)
     out = sim.mdn_loss_fwd(*args, True, 1.0)
     grads = sim.mdn_loss_bwd(torch.ones(B, dtype=torch.float64), *args, out[1], False, False)
@@ -505,8 +505,8 @@ def test_cuda_static_launch_shapes_are_the_backends(sim, schedule, B, K, D, layo
     if kind not in ("tiled", "lanes"):
         return
     spec = make_spec("polynomial", B, K, D, dtype=dtype)
-    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
-    args = (*inputs, p0.detach(), p1.detach(), None, family, exact, 0.7, spacing, boundary, noise)
+    family, p0, p1, moment, couple, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+    args = (*inputs, p0.detach(), p1.detach(), None, family, moment, couple, 0.7, spacing, boundary, noise)
     _, launched = run(sim, sim.mdn_loss_fwd, *args, True, 1.0)
     threads = cs.tile_threads(acc, K, D, True) if K < 16 else 0
     assert launched == ("tiled" if threads else "warp" if K >= 16 else "thread")

@@ -58,7 +58,7 @@ def test_fused_loss_forward_with_gradients_allocates_only_its_outputs(dtype, avx
     extra = torch.rand(B, K).to(dtype)
     allocated, outs = _allocated_bytes(
         lambda: torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, coeffs, empty, extra,
-                                               FAMILY_POLYNOMIAL, True, 0.5, 1.0, 0, 0.1, True, 1.0))
+                                               FAMILY_POLYNOMIAL, 2, False, 0.5, 1.0, 0, 0.1, True, 1.0))
     assert all(t.dtype == dtype for t in outs[2:])
     assert allocated == _nbytes(outs), (allocated, _nbytes(outs))
 

@@ -51,8 +51,9 @@ def spec_params(spec):
     return [t for t in vars(spec).values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def reference_loss(logits, means, log_scales, target, items, weight):
-    return reference_nll(logits, means, log_scales, target) + weight * P.physics_penalty(logits, means, log_scales, items)
+def reference_loss(logits, means, log_scales, target, items, weight, coupling="detached"):
+    return reference_nll(logits, means, log_scales, target) + weight * P.physics_penalty(logits, means, log_scales, items,
+                                                                                        coupling=coupling)
 
 
 # ----- closed forms against Monte Carlo ----------------------------------------------------------------
@@ -72,6 +73,39 @@ def test_exact_expectation_matches_monte_carlo(kind):
     values = torch.cat(samples)
     mc, stderr = values.mean(0), values.std(0) / math.sqrt(values.shape[0])
     assert ((exact - mc).abs() <= 5 * stderr + 1e-12).all(), ((exact - mc) / stderr)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_first_moment_matches_monte_carlo(kind, noise):
+    """moment="first": ||E r(Y)||^2 against the squared Monte-Carlo mean of the residual (10^6 draws of the noise-free
+    variance max(sigma^2 - noise^2, 0)); the bound propagates the mean's standard error through the square."""
+    B, K, D = 3, 2, 5
+    _, means, log_scales, _ = mixture(B, K, D, seed=4)
+    spec = make_spec(kind, B, K, D, grad=False, mode="first", noise=noise)
+    exact = spec.penalty(means, log_scales)
+    sd = (log_scales.exp().square() - noise**2).clamp_min(0.0).sqrt()
+    n, chunks = 100_000, 10
+    g = torch.Generator().manual_seed(0)
+    total = total_sq = 0.0
+    for _ in range(chunks):
+        r = spec.residual(means + sd * torch.randn(n, B, K, D, generator=g, dtype=torch.float64))
+        total, total_sq = total + r.sum(0), total_sq + r.square().sum(0)
+    N = n * chunks
+    mean_r = total / N
+    se = ((total_sq / N - mean_r.square()).clamp_min(0.0) / N).sqrt()
+    mc = mean_r.square().sum(-1)
+    bound = 5 * (2 * mean_r.abs() * se).square().sum(-1).sqrt() + 5 * se.square().sum(-1) + 1e-12
+    assert ((exact - mc).abs() <= bound).all(), ((exact - mc) / bound)
+    assert (exact <= make_spec(kind, B, K, D, grad=False, mode="exact", noise=noise).penalty(means, log_scales) + 1e-12).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_point_value_is_the_residual_at_the_means(kind):
+    B, K, D = 3, 2, 5
+    _, means, log_scales, _ = mixture(B, K, D, seed=4)
+    spec = make_spec(kind, B, K, D, grad=False, mode="point")
+    torch.testing.assert_close(spec.penalty(means, log_scales), spec.residual(means).square().sum(-1))
 
 
 def test_bounds_exact_matches_monte_carlo():
@@ -156,19 +190,21 @@ def test_fused_loss_batch_broadcast_inputs(kind, dtype, cpu_isa):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.6), ("mean", 0.0)])
+@pytest.mark.parametrize("mode,noise,coupling", [("exact", 0.0, "detached"), ("exact", 0.6, "coupled"),
+                                                 ("first", 0.0, "detached"), ("first", 0.6, "coupled"),
+                                                 ("mean", 0.0, "coupled")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_fused_loss_matches_reference(kind, mode, noise, dtype, device, cpu_isa):
+def test_fused_loss_matches_reference(kind, mode, noise, coupling, dtype, device, cpu_isa):
     B, K, D = 37, 3, 5
     inputs = [t.requires_grad_(True) for t in mixture(B, K, D, dtype, device, seed=3)]
     spec = make_spec(kind, B, K, D, dtype, device, mode=mode, noise=noise)
     items = [(spec, 0.7)]
-    loss = P.mdn_loss(*inputs, physics=items, weight=1.3, reduction="none")
+    loss = P.mdn_loss(*inputs, physics=items, weight=1.3, reduction="none", coupling=coupling)
     wrt = inputs[:3] + spec_params(spec)
     grads = torch.autograd.grad((loss * torch.linspace(0.5, 1.5, B, device=device, dtype=dtype)).sum(), wrt)
     ref_inputs = [t.detach().double().cpu().requires_grad_(True) for t in inputs]
     ref_spec = make_spec(kind, B, K, D, torch.float64, "cpu", mode=mode, noise=noise)
-    ref = reference_loss(*ref_inputs, [(ref_spec, 0.7)], 1.3)
+    ref = reference_loss(*ref_inputs, [(ref_spec, 0.7)], 1.3, coupling=coupling)
     ref_grads = torch.autograd.grad((ref * torch.linspace(0.5, 1.5, B, dtype=torch.float64)).sum(),
                                     ref_inputs[:3] + spec_params(ref_spec))
     tol = (1e-12, 1e-11) if dtype == torch.float64 else (1e-5, 1e-4)
@@ -208,20 +244,26 @@ def test_several_specs_and_torch_specs_enter_the_kernel(device):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck_fused(kind):
+@pytest.mark.parametrize("mode,coupling", [("exact", "coupled"), ("first", "coupled"), ("first", "detached")])
+def test_gradcheck_fused(kind, mode, coupling):
+    """Detached coupling is a stop-gradient on pi: the loss's true gradient except for the logits, which then learn
+    from the likelihood alone (its logit gradient is compared with the reference in test_fused_loss_matches_reference)."""
     B, K, D = 3, 2, 4
     logits, means, log_scales, target = mixture(B, K, D, seed=6)
-    spec = make_spec(kind, B, K, D, noise=0.3)
+    spec = make_spec(kind, B, K, D, noise=0.3, mode=mode)
     params = spec_params(spec)
 
-    def fn(logits, means, log_scales, target, *param_values):
+    def fn(means, log_scales, target, *param_values):
         for name, value in zip([n for n, t in vars(spec).items() if isinstance(t, torch.Tensor) and t.requires_grad],
                                param_values):
             setattr(spec, name, value)
-        return P.mdn_loss(logits, means, log_scales, target, physics=spec, weight=0.8, reduction="none")
+        return P.mdn_loss(logits, means, log_scales, target, physics=spec, weight=0.8, reduction="none",
+                          coupling=coupling)
 
-    args = [t.requires_grad_(True) for t in (logits, means, log_scales, target)] + params
+    logits.requires_grad_(coupling == "coupled")
+    args = [t.requires_grad_(True) for t in (means, log_scales, target)] + params
     assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradcheck(fn, args, fast_mode=True)  # (its check of reentrant backwards too)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -233,13 +275,13 @@ def test_opcheck_fused(requires_grad, device):
     for kind in ["polynomial", "linear", "stencil_periodic"]:
         inputs = [t.requires_grad_(requires_grad) for t in mixture(B, K, D, torch.float32, device)]
         spec = make_spec(kind, B, K, D, torch.float32, device, grad=requires_grad)
-        family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+        family, p0, p1, moment, couple, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
         for extra in (None, torch.rand(B, K, device=device, requires_grad=requires_grad)):
-            args = (*inputs, p0, p1, extra, family, exact, 0.5, spacing, boundary, noise)
+            args = (*inputs, p0, p1, extra, family, moment, couple, 0.5, spacing, boundary, noise)
             torch.library.opcheck(torch.ops.physmdn.mdn_loss_fwd.default, args)
             loss, saved = torch.ops.physmdn.mdn_loss_fwd(*args)[:2]
             torch.library.opcheck(torch.ops.physmdn.mdn_loss_bwd.default,
-                                  (torch.ones_like(loss), *[t.detach() for t in args[:6]], None if extra is None else extra.detach(), family, exact, 0.5,
+                                  (torch.ones_like(loss), *[t.detach() for t in args[:6]], None if extra is None else extra.detach(), family, moment, couple, 0.5,
                                    spacing, boundary, noise, saved, True, True))
 
 
@@ -291,9 +333,13 @@ def test_penalty_moves_mass_to_consistent_component():
     target = torch.tensor([[0.6]], dtype=torch.float64)
     spec = P.Polynomial(torch.tensor([-1.0, 1.0], dtype=torch.float64))  # r = y - 1
     base = torch.autograd.grad(physmdn.mixture_nll(logits, means, log_scales, target).sum(), logits)[0]
-    with_physics = torch.autograd.grad(P.mdn_loss(logits, means, log_scales, target, physics=spec, weight=5.0), logits)[0]
+    with_physics = torch.autograd.grad(P.mdn_loss(logits, means, log_scales, target, physics=spec, weight=5.0,
+                                                  coupling="coupled"), logits)[0]
     # descent direction: -grad; the consistent component 0 must gain relative to component 1
     assert (-(with_physics[0, 0] - with_physics[0, 1])) > (-(base[0, 0] - base[0, 1])) + 1.0
+    # detached (the default): the weights learn from the likelihood alone
+    detached = torch.autograd.grad(P.mdn_loss(logits, means, log_scales, target, physics=spec, weight=5.0), logits)[0]
+    torch.testing.assert_close(detached, base, rtol=1e-12, atol=1e-15)
 
 
 def test_noise_aware_penalty_stops_shrinking_scales_below_noise():
@@ -352,7 +398,11 @@ def test_residual_modes():
 @pytest.mark.parametrize("build,match", [
     (lambda: P.Polynomial(torch.zeros(2, 3, 4)), "coeffs must be \\[B\\|1, K\\|1, D\\|1, J\\+1\\]"),
     (lambda: P.Polynomial(torch.zeros(1, 1, 1, 0)), "order J >= 0"),
-    (lambda: P.Polynomial(torch.zeros(4), mode="median"), "mode must be one of"),
+    (lambda: P.Polynomial(torch.zeros(4), mode="median"), "moment must be one of"),
+    (lambda: P.Polynomial(torch.zeros(4), moment="third"), "moment must be one of \\('second', 'first', 'point'\\)"),
+    (lambda: P.Polynomial(torch.zeros(4), moment="first", mode="exact"), "give moment or mode, not both"),
+    (lambda: P.Stencil1D(0.1, torch.zeros(3), coupling="loose"), "coupling must be one of"),
+    (lambda: P.Stability(torch.zeros(3), coupling="yes"), "coupling must be one of"),
     (lambda: P.Polynomial(torch.zeros(4), noise_scale=-1.0), "noise_scale must be"),
     (lambda: P.Linear(torch.zeros(1, 1, 2, 3), torch.zeros(1, 1, 3)), "b must be \\[B\\|1, K\\|1, M\\] with M = 2"),
     (lambda: P.Stencil1D(0.1, torch.zeros(3), spacing=0.0), "spacing must be"),
@@ -395,16 +445,16 @@ def test_cpp_boundary_checks_family_arguments():
     logits, means, log_scales, target = mixture(4, 2, 3)
     empty = means.new_empty(0)
     with pytest.raises(RuntimeError, match="coeffs must be \\[B, K, D, J\\+1\\]"):
-        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, torch.zeros(4, 2, 3), empty, None, 0, True,
+        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, torch.zeros(4, 2, 3), empty, None, 0, 2, False,
                                        1.0, 1.0, 0, 0.0)
     with pytest.raises(RuntimeError, match="0 <= J <= 8"):
         torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, torch.zeros(4, 2, 3, 12, dtype=torch.float64),
-                                       empty, None, 0, True, 1.0, 1.0, 0, 0.0)
+                                       empty, None, 0, 2, False, 1.0, 1.0, 0, 0.0)
     with pytest.raises(RuntimeError, match="family must be"):
-        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, empty, empty, None, 7, True, 1.0, 1.0, 0, 0.0)
+        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, empty, empty, None, 7, 2, False, 1.0, 1.0, 0, 0.0)
     with pytest.raises(RuntimeError, match="extra must be \\[B, K\\]"):
         torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, empty, empty, torch.zeros(3, 2, dtype=torch.float64),
-                                       -1, True, 1.0, 1.0, 0, 0.0)
+                                       -1, 2, False, 1.0, 1.0, 0, 0.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -468,7 +518,7 @@ def test_field_stability_separates_stable_and_unstable_states(boundary):
 
 
 @pytest.mark.parametrize("shape", [(131, 5, 3), (64, 8, 4), (1, 1, 1), (70, 3, 17)])
-@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.6), ("mean", 0.0)])
+@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.6), ("first", 0.6), ("mean", 0.0)])
 @pytest.mark.parametrize("coeff_layout", ["per_sample_component", "per_component", "shared", "per_dim",
                                           "per_sample_dim", "per_sample"])
 def test_fused_polynomial_fast_path_float32(shape, mode, noise, coeff_layout, cpu_isa):
@@ -544,7 +594,7 @@ def test_fused_polynomial_fast_path_dtypes_and_batches(shape, order, dtype, coef
 
 @pytest.mark.parametrize("B", [37, 2003])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.4), ("mean", 0.0)])
+@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.4), ("first", 0.4), ("mean", 0.0)])
 def test_fused_polynomial_coefficient_gradient(B, dtype, mode, noise, cpu_isa):
     """Learnable coefficients (an inverse problem: the pitchfork's r, and per-component corrections [1, K, 1, 4]):
     the AVX2 kernel's backward writes d loss / d c (shared over D), against the float64 reference."""
@@ -608,7 +658,7 @@ def test_fused_parameter_gradient_without_mass(kind):
 
 
 @pytest.mark.parametrize("layout", [(1, 5, 3, 4), (37, 1, 3, 3), (37, 5, 3, 2)])
-@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.4), ("mean", 0.0)])
+@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.4), ("first", 0.4), ("mean", 0.0)])
 def test_fused_polynomial_float64_coefficients_per_dimension(layout, mode, noise, cpu_isa):
     """float64, coefficients that vary over D: the blocked vector path (q = c * c per element), tight against the
     reference, loss and gradients."""
@@ -683,11 +733,11 @@ def test_fused_loss_forward_gradients_retain_graph_and_skip():
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     from physmdn._fused import _kernel_args
-    family, p0, p1, exact, spacing, boundary, noise = _kernel_args(P.Polynomial(coeffs), B, K, D, inputs[1])
+    family, p0, p1, moment, couple, spacing, boundary, noise = _kernel_args(P.Polynomial(coeffs), B, K, D, inputs[1])
     plain = [t.detach() for t in inputs]
     for extra in (None, torch.rand(B, K)):
         torch.library.opcheck(torch.ops.physmdn.mdn_loss_fwd.default,
-                              (*plain, p0, p1, extra, family, exact, 0.5, spacing, boundary, noise, True, 0.25))
+                              (*plain, p0, p1, extra, family, moment, couple, 0.5, spacing, boundary, noise, True, 0.25))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -732,7 +782,7 @@ def test_fused_linear_fast_path(shape, M, layout, mode, noise, dtype, cpu_isa):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("boundary", ["periodic", "neumann"])
-@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.3), ("mean", 0.0)])
+@pytest.mark.parametrize("mode,noise", [("exact", 0.0), ("exact", 0.3), ("first", 0.3), ("mean", 0.0)])
 @pytest.mark.parametrize("shape,J", [((1003, 3, 16), 3), ((17, 2, 1), 0), ((9, 4, 2), 2), ((40, 1, 3), 1)])
 def test_fused_stencil_fast_path(shape, J, boundary, mode, noise, dtype, cpu_isa):
     """The stencil family on the CPU's lane-parallel path (float32 / bfloat16; float64 and builds without AVX2: the
@@ -786,3 +836,51 @@ def test_fused_penalty_overflow_is_inf_and_nan_stays_nan(kind, dtype, cpu_isa):
         assert torch.isinf(others).all() and (others > 0).all()
     else:
         assert torch.isfinite(others).all() and (others > 1e30).all()
+
+
+@pytest.mark.parametrize("kernel_coupling", ["detached", "coupled"])
+def test_specs_of_both_couplings_in_one_loss(kernel_coupling):
+    """A fused spec of one coupling and torch specs of both: values and all gradients as the reference, which
+    weights each spec by pi or pi.detach() as its own coupling (or mdn_loss's) says."""
+    B, K, D = 11, 3, 2
+    inputs = [t.requires_grad_(True) for t in mixture(B, K, D, seed=9)]
+    other = "coupled" if kernel_coupling == "detached" else "detached"
+
+    def build():
+        return [(make_spec("polynomial", B, K, D, mode="first"), 0.5),
+                (P.Stability(torch.tensor([0.3, 0.0, -3.0], dtype=torch.float64), coupling=other), 2.0),
+                (P.Bounds(lower=-1.0, upper=1.0, mode="exact", coupling=kernel_coupling), 1.0)]
+
+    items = build()
+    loss = P.mdn_loss(*inputs, physics=items, weight=0.9, reduction="sum", coupling=kernel_coupling)
+    grads = torch.autograd.grad(loss, inputs[:3] + spec_params(items[0][0]))
+    ref_inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ref_items = build()
+    ref = reference_loss(*ref_inputs, ref_items, 0.9, coupling=kernel_coupling).sum()
+    ref_grads = torch.autograd.grad(ref, ref_inputs[:3] + spec_params(ref_items[0][0]))
+    assert rel_err(loss, ref) <= 1e-12
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) <= 1e-11
+
+
+def test_mdn_loss_rejects_an_unknown_coupling():
+    with pytest.raises(ValueError, match="coupling must be one of \\('detached', 'coupled'\\), got 'soft'"):
+        P.mdn_loss(*mixture(4, 2, 3), physics=make_spec("linear", 4, 2, 3), coupling="soft")
+
+
+def test_cpp_checks_moment_and_64_bit_coefficient_counts():
+    logits, means, log_scales, target = mixture(4, 2, 3)
+    empty = means.new_empty(0)
+    coeffs = torch.zeros(4, 2, 3, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="moment must be 0 \\(point\\), 1 \\(first\\) or 2 \\(second\\), got 5"):
+        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, coeffs, empty, None, 0, 5, False, 1.0, 1.0,
+                                       0, 0.0)
+    # a [B, K, D, 2^32 + 3] view (stride 0 over the coefficients): its count must not be narrowed to int (order 2)
+    huge = torch.zeros(1, dtype=torch.float64).expand(4, 2, 3, 2**32 + 3)
+    with pytest.raises(RuntimeError, match="coeffs must hold J\\+1 coefficients with 0 <= J <= 8, got 4294967299"):
+        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, huge, empty, None, 0, 2, False, 1.0, 1.0, 0,
+                                       0.0)
+    reaction = torch.zeros(1, dtype=torch.float64).expand(4, 2, 2**32 + 2)
+    with pytest.raises(RuntimeError, match="reaction must hold J\\+1 coefficients .* got 4294967298"):
+        torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, torch.ones(4, 2, dtype=torch.float64),
+                                       reaction, None, 2, 2, False, 1.0, 1.0, 0, 0.0)

@@ -393,12 +393,13 @@ void dispatch_blocked_dtype(at::ScalarType dt, Fn&& fn) {
 
 template <typename T>
 struct PolyBlock {
-  int nq;                        // 2J + 1 autoconvolution terms
+  int nq;                        // 2J + 1 autoconvolution terms (second moment), J + 1 coefficients (first moment)
+  bool square;                   // q = c * c (second moment), else q = c
   std::vector<T> q_row;          // [rows, nq]
   std::vector<T> q_elem;         // [nq, elements] (per-element copies for the vector loops)
-  std::vector<T> pen, dmu, dls;  // per element: E[p^2], dE/dmu, dE/dlog_scale
-  PolyBlock(int64_t K, int64_t D, int order)
-      : nq(2 * order + 1), q_row(kFastBlock * K * nq), q_elem(static_cast<size_t>(nq) * kFastBlock * K * D),
+  std::vector<T> pen, dmu, dls;  // per element: E[p^2] (or E[p]), dE/dmu, dE/dlog_scale
+  PolyBlock(int64_t K, int64_t D, int order, bool square_)
+      : nq(square_ ? 2 * order + 1 : order + 1), square(square_), q_row(kFastBlock * K * nq), q_elem(static_cast<size_t>(nq) * kFastBlock * K * D),
         pen(kFastBlock * K * D), dmu(kFastBlock * K * D), dls(kFastBlock * K * D) {}
 
   std::vector<T> q_batch;  // [K, D, nq]: q of coefficients shared over the batch (c.s0 == 0), computed once
@@ -408,6 +409,10 @@ struct PolyBlock {
     const int64_t rows = nb * K, E = rows * D;
     const auto q_of = [&](int64_t b, int64_t k, int64_t d, T* q) {
       for (int n = 0; n < nq; ++n) q[n] = T(0);
+      if (!square) {
+        for (int i = 0; i <= order; ++i) q[i] = c(b, k, d, i);
+        return;
+      }
       for (int i = 0; i <= order; ++i)
         for (int j = 0; j <= order; ++j) q[i + j] += c(b, k, d, i) * c(b, k, d, j);
     };
@@ -431,10 +436,10 @@ struct PolyBlock {
   }
 };
 
-// Per element: variance under the penalty (exact: exp(2 ls) minus the noise variance, floored at 0; mean: 0),
-// the expectation E[p^2] and, with kGrad, its derivatives in mu and log_scale.
+// Per element: variance under the penalty (exp(2 ls) minus the noise variance, floored at 0; 0 for the point value),
+// the expectation E[sum_n q_n y^n] and, with kGrad, its derivatives in mu and log_scale.
 template <bool kGrad, typename T>
-void poly_terms(const T* mu, const T* ls, int64_t E, const T* q_elem, int nq, bool exact, T noise_var, T* pen,
+void poly_terms(const T* mu, const T* ls, int64_t E, const T* q_elem, int nq, bool with_var, T noise_var, T* pen,
                 std::type_identity_t<T>* dmu, std::type_identity_t<T>* dls) {
   using Vec = at::vec::Vectorized<T>;
   int64_t e = 0;
@@ -442,7 +447,7 @@ void poly_terms(const T* mu, const T* ls, int64_t E, const T* q_elem, int nq, bo
   for (; e + Vec::size() <= E; e += Vec::size()) {
     const Vec m = Vec::loadu(mu + e);
     Vec v = zero, dvdls = zero;
-    if (exact) {
+    if (with_var) {
       const Vec raw = (two * Vec::loadu(ls + e)).exp();
       v = at::vec::maximum(raw - nvv, zero);
       dvdls = Vec::blendv(zero, two * raw, raw > nvv);
@@ -471,7 +476,7 @@ void poly_terms(const T* mu, const T* ls, int64_t E, const T* q_elem, int nq, bo
   for (; e < E; ++e) {  // scalar tail, the same formulas
     const T m = mu[e];
     T v = T(0), dvdls = T(0);
-    if (exact) {
+    if (with_var) {
       const T raw = std::exp(T(2) * ls[e]);
       v = raw > noise_var ? raw - noise_var : T(0);
       dvdls = raw > noise_var ? T(2) * raw : T(0);
@@ -525,6 +530,7 @@ struct BlockedInputs {
   const T* extra;
   int64_t extra_sb, extra_sk;
   T weight, noise_var;
+  bool couple_weights;
   BlockedInputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                 const at::Tensor& target, const at::Tensor& p0, const c10::optional<at::Tensor>& ex,
                 const PhysicsArgs& args)
@@ -532,7 +538,7 @@ struct BlockedInputs {
         y(target.const_data_ptr<T>()), coeffs(make_strided<T>(p0)),
         extra(ex.has_value() ? ex->const_data_ptr<T>() : nullptr), extra_sb(ex.has_value() ? ex->stride(0) : 0),
         extra_sk(ex.has_value() ? ex->stride(1) : 0), weight(static_cast<T>(args.weight)),
-        noise_var(static_cast<T>(args.noise_scale * args.noise_scale)) {}
+        noise_var(static_cast<T>(args.noise_scale * args.noise_scale)), couple_weights(args.couple_weights) {}
   T extra_at(int64_t b, int64_t k) const { return extra ? extra[b * extra_sb + k * extra_sk] : T(0); }
 };
 
@@ -544,16 +550,25 @@ template <typename T>
 struct PolyFamily {
   const BlockedInputs<T>& in;
   int order;
-  bool exact;
+  int moment;
   int64_t K, D;
   PolyBlock<T> pb;
   PolyFamily(const BlockedInputs<T>& in_, const PhysicsArgs& args, int order_, int64_t K_, int64_t D_)
-      : in(in_), order(order_), exact(args.exact), K(K_), D(D_), pb(K_, D_, order_) {}
+      : in(in_), order(order_), moment(static_cast<int>(args.moment)), K(K_), D(D_),
+        pb(K_, D_, order_, /*square=*/moment != math::kFirst) {}
   template <bool kGrad>
   void prepare(int64_t b0, int64_t nb) {
+    const int64_t E = nb * K * D;
     pb.coefficients(in.coeffs, order, b0, nb, K, D);
-    poly_terms<kGrad>(in.mu + b0 * K * D, in.ls + b0 * K * D, nb * K * D, pb.q_elem.data(), pb.nq, exact,
+    poly_terms<kGrad>(in.mu + b0 * K * D, in.ls + b0 * K * D, E, pb.q_elem.data(), pb.nq, moment != math::kPoint,
                       in.noise_var, pb.pen.data(), kGrad ? pb.dmu.data() : nullptr, kGrad ? pb.dls.data() : nullptr);
+    if (moment != math::kFirst) return;
+    // first moment: E[p] -> E[p]^2, derivatives 2 E[p] dE[p]
+    for (int64_t e = 0; e < E; ++e) {
+      const T ep = pb.pen[e];
+      pb.pen[e] = ep * ep;
+      if constexpr (kGrad) pb.dmu[e] *= T(2) * ep, pb.dls[e] *= T(2) * ep;
+    }
   }
   T penalty(int64_t r, int64_t b, int64_t k) {
     const int64_t row = (b * K + k) * D;
@@ -571,18 +586,19 @@ struct LinearFamily {
   const BlockedInputs<T>& in;
   math::Strided4<T> A, bias;  // [B, K, M, D], [B, K, M] (stride 0 where broadcast)
   int64_t rows, K, D;
-  bool exact, grads = false;
+  bool second, grads = false;  // second moment (the first moment of a linear residual is its point value)
   std::vector<T> var, dvar, gm, gs;  // per block element
   LinearFamily(const BlockedInputs<T>& in_, const at::Tensor& p0, const at::Tensor& p1, const PhysicsArgs& args,
                int64_t rows_, int64_t K_, int64_t D_)
-      : in(in_), A(make_strided<T>(p0)), bias(make_strided<T>(p1)), rows(rows_), K(K_), D(D_), exact(args.exact),
+      : in(in_), A(make_strided<T>(p0)), bias(make_strided<T>(p1)), rows(rows_), K(K_), D(D_),
+        second(args.moment == math::kSecond),
         var(kFastBlock * K_ * D_), dvar(kFastBlock * K_ * D_), gm(kFastBlock * K_ * D_), gs(kFastBlock * K_ * D_) {}
   template <bool kGrad>
   void prepare(int64_t b0, int64_t nb) {
     grads = kGrad;
     const int64_t E = nb * K * D;
     const T* ls = in.ls + b0 * K * D;
-    if (!exact) {
+    if (!second) {
       std::fill(var.begin(), var.begin() + E, T(0));
       std::fill(dvar.begin(), dvar.begin() + E, T(0));
       return;
@@ -609,7 +625,7 @@ struct LinearFamily {
       total += e * e;
       for (int64_t d = 0; grads && d < D; ++d) g_mu[d] += T(2) * e * A(b, k, rr, d);
     }
-    for (int64_t d = 0; exact && d < D; ++d) {
+    for (int64_t d = 0; second && d < D; ++d) {
       T col = T(0);
       for (int64_t rr = 0; rr < rows; ++rr) col += A(b, k, rr, d) * A(b, k, rr, d);
       total += v[d] * col;
@@ -737,7 +753,7 @@ void mdn_loss_backward_blocked(const at::Tensor& grad_loss, const at::Tensor& lo
             if (ge) ge[b * K + k] = g * pi;
             if (!(pi > T(0))) continue;  // no mass: no penalty gradient (as the generic path)
             const T q = w * fam.penalty(r, b, k) + in.extra_at(b, k);
-            gl[b * K + k] += g * pi * (q - pbar);
+            if (in.couple_weights) gl[b * K + k] += g * pi * (q - pbar);
             const T scale = g * w * pi;
             T* gm_row = gm + (b * K + k) * D;
             T* gs_row = gs + (b * K + k) * D;
@@ -786,7 +802,7 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
     if (poly) {
       soa::PolyPhysics<scalar_t> phys;
       phys.c = make_strided<scalar_t>(p0);
-      phys.order = order, phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
+      phys.order = order, phys.moment = static_cast<int>(args.moment), phys.couple_weights = args.couple_weights, phys.weight = w, phys.noise_var = nv;
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
       phys.gp0 = gp0, phys.K = means.size(1), phys.D = means.size(2), phys.per_dim = p0.stride(2) != 0;
       fn.template operator()<scalar_t>(phys);
@@ -794,7 +810,7 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
       soa::StencilPhysics<scalar_t> phys;
       phys.diffusion = make_strided<scalar_t>(p0), phys.reaction = make_strided<scalar_t>(p1);
       phys.order = order, phys.boundary = static_cast<int>(args.boundary), phys.D = means.size(2);
-      phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
+      phys.moment = static_cast<int>(args.moment), phys.couple_weights = args.couple_weights, phys.weight = w, phys.noise_var = nv;
       phys.inv_h2 = static_cast<float>(1.0 / (args.spacing * args.spacing));
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
       phys.gp0 = gp0, phys.gp1 = gp1, phys.K = means.size(1);
@@ -802,7 +818,8 @@ bool with_soa_physics(const at::Tensor& logits, const at::Tensor& means, const a
     } else {
       soa::LinearPhysics<scalar_t> phys;
       phys.A = make_strided<scalar_t>(p0), phys.b = make_strided<scalar_t>(p1);
-      phys.rows = rows, phys.D = means.size(2), phys.exact = args.exact, phys.weight = w, phys.noise_var = nv;
+      phys.rows = rows, phys.D = means.size(2), phys.moment = static_cast<int>(args.moment), phys.couple_weights = args.couple_weights, phys.weight = w,
+      phys.noise_var = nv;
       phys.extra = ex, phys.extra_sb = ex_sb, phys.extra_sk = ex_sk;
       phys.gp0 = gp0, phys.gp1 = gp1;
       phys.setup(means.size(1));

@@ -412,7 +412,8 @@ template <typename coef_t>
 struct PhysicsBase {
   static constexpr bool kActive = true;
   static constexpr int kSaved = math::kSavedPerSampleLoss;
-  bool exact = true;
+  int moment = math::kSecond;  // math::Moment
+  bool couple_weights = false;  // the penalty's gradient reaches the mixture weights
   float weight = 1.0f, noise_var = 0.0f;
   const coef_t* extra = nullptr;
   int64_t extra_sb = 0, extra_sk = 0;
@@ -445,9 +446,9 @@ struct PhysicsBase {
   __m256 per_component(bool shared, F&& at) const {
     return shared ? _mm256_set1_ps(static_cast<float>(at(int64_t(0)))) : lanes(at);
   }
-  // variance v = max(exp(2 log_scale) - noise^2, 0) in the exact mode, 0 in the mean mode; dv / dlog_scale
+  // variance v = max(exp(2 log_scale) - noise^2, 0) under the moments, 0 for the point value; dv / dlog_scale
   void variance(__m256 l, __m256& v, __m256& dv) const {
-    if (!exact) {
+    if (moment == math::kPoint) {
       v = dv = _mm256_setzero_ps();
       return;
     }
@@ -466,7 +467,7 @@ struct PhysicsBase {
 
 // The fused loss's polynomial family (coefficients per component, or per component and dimension): the penalty
 // Q_k = weight * sum_d E[p_k(Y_d)^2] + extra_k, Y_d ~ N(mu_kd, v_kd), v = max(exp(2 log_scale) - noise^2, 0) in
-// the exact mode and 0 in the mean mode (physics_math.h's formulas: with q = c * c, E[p^2] = sum_n q_n M_n,
+// the moments and 0 for the point value (the second moment; the first moment (E p)^2 in first_moment_element) (physics_math.h's formulas: with q = c * c, E[p^2] = sum_n q_n M_n,
 // M_n = mu M_{n-1} + (n - 1) v M_{n-2}, dE/dmu = sum_n q_n n M_{n-1}, dE/dv = sum_n q_n n (n - 1) / 2 M_{n-2}).
 // Coefficients and extra are gathered per lane (broadcast when shared over the batch). With gp0 (a backward whose
 // coefficients need a gradient) also d loss / d c_bkdj = g w pi_k dE[p(Y_d)^2]/dc_j, dE/dc_j = 2 sum_i c_i M_{i+j}
@@ -527,6 +528,8 @@ struct PolyPhysics : PhysicsBase<coef_t> {
     const __m256 zero = _mm256_setzero_ps();
     __m256 v, dvdls;
     this->variance(l, v, dvdls);
+    fin = _mm256_and_ps(fin, _mm256_and_ps(finite_mask(m), finite_mask(l)));
+    if (this->moment == math::kFirst) return first_moment_element<kGrad>(e, m, v, dvdls);
     __m256 m_prev2 = _mm256_set1_ps(1.0f), m_prev = m;
     __m256 pen = _mm256_fmadd_ps(q[1], m, q[0]);
     __m256 dm = q[1], dv = zero;
@@ -545,7 +548,6 @@ struct PolyPhysics : PhysicsBase<coef_t> {
       m_prev = mn;
     }
     acc = _mm256_add_ps(acc, pen);
-    fin = _mm256_and_ps(fin, _mm256_and_ps(finite_mask(m), finite_mask(l)));
     if constexpr (kGrad) {
       this->dmu[e] = dm;
       this->dls[e] = _mm256_mul_ps(dv, dvdls);
@@ -556,6 +558,34 @@ struct PolyPhysics : PhysicsBase<coef_t> {
           for (int i = 0; i <= order; ++i) s = _mm256_fmadd_ps(cv[i], M[i + j], s);
           out[j] = _mm256_add_ps(s, s);
         }
+      }
+    }
+  }
+  // The first moment (E p)^2, E p = sum_j c_j M_j (moments up to J): d/dmu = 2 E[p] sum_j c_j j M_{j-1},
+  // d/dv = 2 E[p] sum_j c_j j (j - 1) / 2 M_{j-2}, d/dc_j = 2 E[p] M_j.
+  template <bool kGrad>
+  void first_moment_element(int64_t e, __m256 m, __m256 v, __m256 dvdls) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 M[math::kMaxOrder + 1];
+    M[0] = _mm256_set1_ps(1.0f), M[1] = m;
+    for (int n = 2; n <= order; ++n)
+      M[n] = _mm256_fmadd_ps(m, M[n - 1], _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(static_cast<float>(n - 1)), v), M[n - 2]));
+    __m256 ep = cv[0], dm = zero, dv = zero;
+    for (int j = 1; j <= order; ++j) {
+      ep = _mm256_fmadd_ps(cv[j], M[j], ep);
+      if constexpr (kGrad) {
+        dm = _mm256_fmadd_ps(_mm256_mul_ps(cv[j], _mm256_set1_ps(static_cast<float>(j))), M[j - 1], dm);
+        if (j >= 2) dv = _mm256_fmadd_ps(_mm256_mul_ps(cv[j], _mm256_set1_ps(static_cast<float>(j * (j - 1) / 2))), M[j - 2], dv);
+      }
+    }
+    acc = _mm256_fmadd_ps(ep, ep, acc);
+    if constexpr (kGrad) {
+      const __m256 two_ep = _mm256_add_ps(ep, ep);
+      this->dmu[e] = _mm256_mul_ps(two_ep, dm);
+      this->dls[e] = _mm256_mul_ps(two_ep, _mm256_mul_ps(dv, dvdls));
+      if (gp0) {
+        __m256* out = dc.data() + e * (order + 1);
+        for (int j = 0; j <= order; ++j) out[j] = _mm256_mul_ps(two_ep, M[j]);
       }
     }
   }
@@ -651,8 +681,8 @@ struct LinearPhysics : PhysicsBase<coef_t> {
       fin = _mm256_and_ps(fin, finite_mask(a));
     }
     fin = _mm256_and_ps(fin, _mm256_and_ps(finite_mask(m), finite_mask(l)));
-    __m256 v, dvdls;
-    this->variance(l, v, dvdls);
+    __m256 v = _mm256_setzero_ps(), dvdls = v;
+    if (this->moment == math::kSecond) this->variance(l, v, dvdls);  // E r = r(mu): first moment = point value
     acc = _mm256_fmadd_ps(v, col, acc);
     if (gp0) mv[2 * d] = m, mv[2 * d + 1] = v;
     if constexpr (kGrad) this->dls[idx] = _mm256_mul_ps(col, dvdls);
@@ -726,6 +756,8 @@ struct StencilPhysics : PhysicsBase<coef_t> {
   void component_rows(int64_t k, const __m256* mu, const __m256* ls) {
     const __m256 zero = _mm256_setzero_ps(), two = _mm256_set1_ps(2.0f);
     const int J = order, Jp = J < 1 ? 1 : J;
+    // the second moment adds a^2 Var(N_i) + Var(f'(u_i)) to the first moment's E[r_i]^2
+    const bool second = this->moment == math::kSecond;
     const __m256 a = _mm256_mul_ps(this->per_component(diffusion.s0 == 0, [&](int64_t bb) { return diffusion(bb, k); }),
                                    _mm256_set1_ps(inv_h2));
     __m256 c0[math::kMaxOrder + 1];
@@ -759,11 +791,11 @@ struct StencilPhysics : PhysicsBase<coef_t> {
         nvar = _mm256_fmadd_ps(_mm256_mul_ps(w, w), var[row.j[t]], nvar);
       }
       const __m256 n_mean = _mm256_mul_ps(a, nsum);
-      // moments of u_i ~ N(mu_i, var_i) up to 2 Jp
+      // moments of u_i ~ N(mu_i, var_i) up to 2 Jp (second moment) or Jp
       __m256 M[2 * math::kMaxOrder + 1];
       M[0] = _mm256_set1_ps(1.0f);
       M[1] = mu[i];
-      for (int n = 2; n <= 2 * Jp; ++n)
+      for (int n = 2; n <= (second ? 2 * Jp : Jp); ++n)
         M[n] = _mm256_fmadd_ps(mu[i], M[n - 1],
                                _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(static_cast<float>(n - 1)), var[i]), M[n - 2]));
       __m256 ep = zero, ep2 = zero, dep_dm = zero, dep_dv = zero, dep2_dm = zero, dep2_dv = zero;
@@ -775,7 +807,7 @@ struct StencilPhysics : PhysicsBase<coef_t> {
             dep_dv = _mm256_fmadd_ps(_mm256_mul_ps(c[j], _mm256_set1_ps(static_cast<float>(j * (j - 1) / 2))),
                                      M[j - 2], dep_dv);
         }
-        for (int l = 0; l <= Jp; ++l) {
+        for (int l = 0; second && l <= Jp; ++l) {
           const __m256 cc = _mm256_mul_ps(c[l], c[j]);
           const int n = l + j;
           ep2 = _mm256_fmadd_ps(cc, M[n], ep2);
@@ -788,28 +820,36 @@ struct StencilPhysics : PhysicsBase<coef_t> {
         }
       }
       const __m256 er = _mm256_add_ps(n_mean, ep);
-      total = _mm256_add_ps(total, _mm256_fmadd_ps(er, er, _mm256_fmadd_ps(_mm256_mul_ps(a, a), nvar,
-                                                                             _mm256_fnmadd_ps(ep, ep, ep2))));
+      if (second)
+        total = _mm256_add_ps(total, _mm256_fmadd_ps(er, er, _mm256_fmadd_ps(_mm256_mul_ps(a, a), nvar,
+                                                                               _mm256_fnmadd_ps(ep, ep, ep2))));
+      else
+        total = _mm256_fmadd_ps(er, er, total);
       if constexpr (kGrad) {
         for (int t = 0; t < row.n; ++t) {
           const __m256 w = _mm256_set1_ps(static_cast<float>(row.w[t]));
           const int64_t jt = k * D + row.j[t];
           dmu[jt] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(two, er), a), w, dmu[jt]);
-          dls[jt] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(w, w)), dvar[row.j[t]], dls[jt]);
+          if (second)
+            dls[jt] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_mul_ps(a, a), _mm256_mul_ps(w, w)), dvar[row.j[t]], dls[jt]);
         }
-        dmu[k * D + i] = _mm256_add_ps(dmu[k * D + i], _mm256_fmadd_ps(_mm256_mul_ps(two, n_mean), dep_dm, dep2_dm));
-        dls[k * D + i] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_mul_ps(two, n_mean), dep_dv, dep2_dv), dvar[i],
-                                         dls[k * D + i]);
-        if (params) {  // dP_i/dc'_j = 2 (N_i M_j + sum_l c'_l M_{j+l})
+        // second: d/dmu_i = 2 N dE[f']/dmu + dE[f'^2]/dmu (likewise in v); first: 2 E[r_i] dE[f']/dmu
+        const __m256 dm_i = second ? _mm256_fmadd_ps(_mm256_mul_ps(two, n_mean), dep_dm, dep2_dm)
+                                   : _mm256_mul_ps(_mm256_mul_ps(two, er), dep_dm);
+        const __m256 dv_i = second ? _mm256_fmadd_ps(_mm256_mul_ps(two, n_mean), dep_dv, dep2_dv)
+                                   : _mm256_mul_ps(_mm256_mul_ps(two, er), dep_dv);
+        dmu[k * D + i] = _mm256_add_ps(dmu[k * D + i], dm_i);
+        dls[k * D + i] = _mm256_fmadd_ps(dv_i, dvar[i], dls[k * D + i]);
+        if (params) {  // dP_i/dc'_j = 2 (N_i M_j + sum_l c'_l M_{j+l}) (second), 2 E[r_i] M_j (first)
           __m256 dc1 = zero;
           for (int j = 0; j <= Jp; ++j) {
-            __m256 sum = _mm256_mul_ps(n_mean, M[j]);
-            for (int l = 0; l <= Jp; ++l) sum = _mm256_fmadd_ps(c[l], M[j + l], sum);
+            __m256 sum = _mm256_mul_ps(second ? n_mean : er, M[j]);
+            for (int l = 0; second && l <= Jp; ++l) sum = _mm256_fmadd_ps(c[l], M[j + l], sum);
             const __m256 dcj = _mm256_add_ps(sum, sum);
             if (j == 1) dc1 = dcj;
             if (j <= J) gc[k * (J + 1) + j] = _mm256_add_ps(gc[k * (J + 1) + j], dcj);
           }
-          const __m256 t = _mm256_fmadd_ps(er, nsum, _mm256_mul_ps(a, nvar));
+          const __m256 t = _mm256_fmadd_ps(er, nsum, second ? _mm256_mul_ps(a, nvar) : zero);
           grad_a = _mm256_add_ps(grad_a,
                                  _mm256_fmadd_ps(_mm256_set1_ps(static_cast<float>(row.diag)), dc1, _mm256_add_ps(t, t)));
         }
@@ -1197,7 +1237,8 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
         const __m256 mass = _mm256_cmp_ps(pi, zero, _CMP_GT_OQ);
         const __m256 gpi = _mm256_mul_ps(g, pi);
         w.ge[k] = gpi;
-        w.gl[k] = _mm256_add_ps(w.gl[k], _mm256_and_ps(mass, _mm256_mul_ps(gpi, _mm256_sub_ps(w.qk[k], pbar))));
+        if (phys.couple_weights)
+          w.gl[k] = _mm256_add_ps(w.gl[k], _mm256_and_ps(mass, _mm256_mul_ps(gpi, _mm256_sub_ps(w.qk[k], pbar))));
         const __m256 scale = _mm256_and_ps(mass, _mm256_mul_ps(_mm256_set1_ps(phys.weight), gpi));
         for (int64_t d = 0; d < D; ++d) {
           gm[d] = _mm256_fmadd_ps(scale, phys.dmu[k * D + d], gm[d]);

@@ -653,7 +653,7 @@ __device__ void warp_bwd_sample(const math::MixtureView<scalar_t>& v, const math
       if (pi > acc_t(0)) {
         const math::PenaltyGrads<acc_t> pg{gm_rows + k * D, gs_rows + k * D, gp0_row, gp1_row};
         const acc_t q = w * math::family_penalty<acc_t, true>(v, p, b, k, g * w * pi, pg) + math::extra_penalty<acc_t>(p, b, k);
-        gl_row[k] += g * pi * (q - s[3]);
+        if (p.couple_weights) gl_row[k] += g * pi * (q - s[3]);
       } else {
         for (int64_t i = 0; gp0_row && i < n0; ++i) gp0_row[i] = acc_t(0);
         for (int64_t i = 0; gp1_row && i < n1; ++i) gp1_row[i] = acc_t(0);

@@ -14,12 +14,13 @@ import torch
 from ._ops import _PLAIN_TYPES, acc_dtype, call_op, check_first_order, forward_grads, keep_forward_grads
 
 FAMILY_NONE, FAMILY_POLYNOMIAL, FAMILY_LINEAR, FAMILY_STENCIL = -1, 0, 1, 2
+MOMENT_CODES = {"point": 0, "first": 1, "second": 2}  # csrc/physics_math.h's Moment
 MAX_ORDER = 8
 SAVED_PER_SAMPLE = 4
 
 
 @torch.library.register_fake("physmdn::mdn_loss_fwd")
-def _mdn_loss_fwd_fake(logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
+def _mdn_loss_fwd_fake(logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing, boundary,
                        noise_scale, compute_grad=False, grad_scale=1.0):
     B = means.shape[0]
     if compute_grad:
@@ -31,7 +32,7 @@ def _mdn_loss_fwd_fake(logits, means, log_scales, target, p0, p1, extra, family,
 
 
 @torch.library.register_fake("physmdn::mdn_loss_bwd")
-def _mdn_loss_bwd_fake(grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing,
+def _mdn_loss_bwd_fake(grad_loss, logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing,
                        boundary, noise_scale, saved, p0_grad, p1_grad):
     has_family = family != FAMILY_NONE
     gp0 = means.new_empty(p0.shape) if (p0_grad and has_family) else means.new_empty((0,))
@@ -42,10 +43,10 @@ def _mdn_loss_bwd_fake(grad_loss, logits, means, log_scales, target, p0, p1, ext
 
 
 def _setup_context(ctx, inputs, output):
-    (logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary, noise_scale,
+    (logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing, boundary, noise_scale,
      compute_grad, grad_scale) = inputs
     _, saved, *grads = output
-    ctx.scalars = (family, exact, weight, spacing, boundary, noise_scale)
+    ctx.scalars = (family, moment, couple_weights, weight, spacing, boundary, noise_scale)
     ctx.has_extra = extra is not None
     ctx.mark_non_differentiable(saved, *grads)
     ctx.set_materialize_grads(False)
@@ -56,9 +57,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):
     check_first_order("mdn_loss", ctx, grad_loss)
     logits, means, log_scales, target, p0, p1, extra, saved, *saved_grads = ctx.saved_tensors
-    family, exact, weight, spacing, boundary, noise_scale = ctx.scalars
+    family, moment, couple_weights, weight, spacing, boundary, noise_scale = ctx.scalars
     needs = ctx.needs_input_grad
-    rest = (None,) * 8  # family ... grad_scale
+    rest = (None,) * 9  # family ... grad_scale
     grads = forward_grads(ctx, grad_loss, saved, saved_grads)
     if grads is not None:  # computed by the forward (only when p0 / p1 need no gradient)
         gl, gm, gs, gt, ge = grads
@@ -67,7 +68,7 @@ def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):
         grad_loss = torch.zeros_like(saved[:, 0], dtype=means.dtype)
     bwd = getattr(ctx, "bwd_op", torch.ops.physmdn.mdn_loss_bwd)  # (_func.py's under functorch transforms)
     gl, gm, gs, gt, gp0, gp1, ge = bwd(
-        grad_loss, logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
+        grad_loss, logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing, boundary,
         noise_scale, saved, bool(needs[4]), bool(needs[5]))
     return (gl, gm, gs, gt, gp0 if needs[4] else None, gp1 if needs[5] else None,
             ge if (extra is not None and needs[6]) else None, *rest)
@@ -109,72 +110,73 @@ class _Expand(torch.autograd.Function):
         return _sum_to(grad, ctx.in_shape), None
 
 
-def _kernel_args(spec, B, K, D, means):
-    """(family, p0, p1, exact, spacing, boundary, noise_scale) of a built-in spec, parameters expanded to
-    ``[B, K, ...]`` in the dtype and on the device of ``means`` (differentiably)."""
-    from . import physics
+def _expander(means):
+    """``expand(t, shape)``: a spec parameter in the dtype and on the device of ``means``, expanded to ``[B, K, ...]``
+    (differentiably: :class:`_Expand` when it needs a gradient)."""
 
-    def prep(t, shape):
+    def expand(t, shape):
         t = t.to(device=means.device, dtype=means.dtype)
         return _Expand.apply(t, shape) if t.requires_grad else t.expand(*shape)
 
-    exact = spec.mode == "exact"
-    empty = means.new_empty((0,))
-    if isinstance(spec, physics.Polynomial):
-        return FAMILY_POLYNOMIAL, prep(spec.coeffs, (B, K, D, spec.coeffs.shape[-1])), empty, exact, 1.0, 0, spec.noise_scale
-    if isinstance(spec, physics.Linear):
-        M = spec.A.shape[-2]
-        return FAMILY_LINEAR, prep(spec.A, (B, K, M, D)), prep(spec.b, (B, K, M)), exact, 1.0, 0, spec.noise_scale
-    if isinstance(spec, physics.Stencil1D):
-        return (FAMILY_STENCIL, prep(spec.diffusion, (B, K)), prep(spec.reaction, (B, K, spec.reaction.shape[-1])),
-                exact, spec.spacing, 0 if spec.boundary == "periodic" else 1, spec.noise_scale)
-    raise TypeError(f"not a built-in family: {type(spec).__name__}")
-
-
-def is_fusable(spec) -> bool:
-    from . import physics
-
-    if isinstance(spec, physics.Polynomial):
-        return spec.order <= MAX_ORDER
-    if isinstance(spec, physics.Stencil1D):
-        return spec.reaction.shape[-1] - 1 <= MAX_ORDER
-    return isinstance(spec, physics.Linear)
+    return expand
 
 
 def fused_mdn_loss(logits, means, log_scales, target, items, weight: float, reduction: str = "none",
                    fast: bool = False) -> torch.Tensor:
     """``NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk`` through one fused kernel: ``[B]`` (``reduction="none"``),
-    or its mean / sum. When gradients will be needed and the kernel spec's parameters need none, the forward
-    computes them for the reduction's upstream gradient (as :func:`physmdn.mixture_nll`). ``fast``: the inputs passed
+    or its mean / sum. ``items``: ``(spec, w, coupling)`` triples. The first spec whose ``fusable`` is true runs inside
+    the kernel; the other specs' penalties ``[B, K]`` (plain torch) enter the kernel as ``extra`` when their coupling
+    is the kernel's, else they are weighted by ``softmax(logits)`` (detached for ``"detached"``) outside it. When
+    gradients will be needed and the kernel spec's parameters need none, the forward computes them for the
+    reduction's upstream gradient (as :func:`physmdn.mixture_nll`). ``fast``: the inputs passed
     :func:`physmdn._ops.fast_mixture_inputs` (eager, plain tensors)."""
     B, K, D = means.shape
-    for spec, _ in items:
+    for spec, _, _ in items:
         spec.validate(B, K, D)
-    fused_index = next((i for i, (spec, _) in enumerate(items) if is_fusable(spec)), None)
-    extra = None
-    for i, (spec, w) in enumerate(items):
+    fused_index = next((i for i, (spec, _, _) in enumerate(items) if getattr(spec, "fusable", False)), None)
+    kernel_coupling = items[0 if fused_index is None else fused_index][2]
+    extra = outside = None
+    for i, (spec, w, coupling) in enumerate(items):
         if i == fused_index:
             continue
         term = (weight * w) * spec.penalty(means, log_scales)
-        extra = term if extra is None else extra + term
+        if coupling == kernel_coupling:
+            extra = term if extra is None else extra + term
+        else:
+            outside = term if outside is None else outside + term
     if extra is not None:
         extra = extra.to(means.dtype)
     if fused_index is None:
-        family, p0, p1, exact, spacing, boundary, noise, kernel_weight = (
-            FAMILY_NONE, means.new_empty((0,)), means.new_empty((0,)), True, 1.0, 0, 0.0, 0.0)
+        family, p0, p1, moment, spacing, boundary, noise, kernel_weight = (
+            FAMILY_NONE, means.new_empty((0,)), means.new_empty((0,)), MOMENT_CODES["second"], 1.0, 0, 0.0, 0.0)
     else:
-        spec, w = items[fused_index]
-        family, p0, p1, exact, spacing, boundary, noise = _kernel_args(spec, B, K, D, means)
+        spec, w, _ = items[fused_index]
+        family, p0, p1, moment, spacing, boundary, noise = spec.kernel_args(B, K, D, _expander(means))
+        p1 = means.new_empty((0,)) if p1 is None else p1
         kernel_weight = weight * w
     differentiable = [logits, means, log_scales, target] + ([extra] if extra is not None else [])
     compute_grad = (torch.is_grad_enabled() and any(t.requires_grad for t in differentiable)
                     and not (p0.requires_grad or p1.requires_grad))
     grad_scale = 1.0 / B if reduction == "mean" and B > 0 and not torch.compiler.is_compiling() else 1.0
-    args = (logits, means, log_scales, target, p0, p1, extra, family, exact, float(kernel_weight), float(spacing),
-            int(boundary), float(noise), compute_grad, grad_scale)
+    args = (logits, means, log_scales, target, p0, p1, extra, family, int(moment), kernel_coupling == "coupled",
+            float(kernel_weight), float(spacing), int(boundary), float(noise), compute_grad, grad_scale)
     needs_autograd = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (*differentiable, p0, p1))
     plain = None  # (call_op tests it) unless the inputs are known plain and so are the parameters and extra
     if fast and type(p0) in _PLAIN_TYPES and type(p1) in _PLAIN_TYPES and (extra is None or type(extra) in _PLAIN_TYPES):
         plain = True
-    return call_op("mdn_loss", args, needs_autograd, reduction, plain=plain)
+    loss = call_op("mdn_loss", args, needs_autograd, reduction, plain=plain)
+    if outside is None:
+        return loss
+    # the specs of the other coupling: weighted outside the kernel (coupled: pi with its gradient)
+    pi = torch.softmax(logits, dim=-1)
+    outside = ((pi.detach() if kernel_coupling == "coupled" else pi) * outside).sum(-1)
+    return loss + (outside.mean() if reduction == "mean" else outside.sum() if reduction == "sum" else outside)
+
+
+def _kernel_args(spec, B, K, D, means):
+    """``(family, p0, p1, moment, couple_weights, spacing, boundary, noise_scale)``: the positional scalar and
+    parameter arguments of ``mdn_loss_fwd`` / ``_bwd`` for one fusable spec (its coupling, or detached)."""
+    family, p0, p1, moment, spacing, boundary, noise = spec.kernel_args(B, K, D, _expander(means))
+    p1 = means.new_empty((0,)) if p1 is None else p1
+    return family, p0, p1, int(moment), spec.coupling == "coupled", float(spacing), int(boundary), float(noise)

@@ -1,24 +1,31 @@
 """Component-specific physics penalties for mixture density networks.
 
 For sample ``b`` and component ``k`` a residual ``r_k(y; x_b)`` measures how far an outcome ``y``
-violates the governing law. Each spec turns it into a penalty ``P_bk`` of shape ``[B, K]``:
+violates the governing law. Each spec turns it into a penalty ``P_bk`` of shape ``[B, K]``. The built-in
+families (:class:`Polynomial`, :class:`Linear`, :class:`Stencil1D`) offer three moments under component ``k``'s
+Gaussian ``Y ~ N(mu_bk, diag sigma_bk^2)``, all in closed form:
 
-* point-wise (``mode="mean"``): ``P_bk = ||r_k(mu_bk)||^2``;
-* distribution-level (``mode="exact"``): ``P_bk = E_{y ~ N(mu_bk, diag sigma_bk^2)} ||r_k(y)||^2``,
-  in closed form for the built-in families, by sigma points or Monte Carlo for :class:`Residual`.
+* ``moment="second"``: ``P_bk = E ||r_k(Y)||^2``. Right when each component is one state plus noise (an
+  equilibrium branch of a bifurcation, a shock regime).
+* ``moment="first"``: ``P_bk = ||E r_k(Y)||^2``. Right when a component spans a family of states (kinks at many
+  positions on a field): the law holds for each state, not for the component's spread, so only the mean residual
+  is asked to vanish.
+* ``moment="point"``: ``P_bk = ||r_k(mu_bk)||^2``.
 
 The training loss per sample is ``NLL_b + lambda * sum_k pi_bk P_bk`` with ``pi = softmax(logits)``
-(:func:`mdn_loss`); gradients flow into ``pi`` as well, so mass moves to physically consistent components.
+(:func:`mdn_loss`). ``coupling`` says whether the penalty's gradient reaches the mixture weights: ``"detached"``
+(the default) treats ``pi`` as a constant of the penalty, so the weights are learned from the likelihood alone;
+``"coupled"`` adds ``pi_k (Q_k - sum_j pi_j Q_j)`` to the logit gradient and moves mass towards components with
+small penalties. A steady-state law says nothing about which basin a trajectory ends in, so coupling biases the
+branch weights (docs/physics.md).
 
 Noise-aware penalties. With observations ``y = y* + eps``, ``eps ~ N(0, s_n^2)``, the law holds for the
-noise-free ``y*``, whose spread under component ``k`` is ``max(sigma^2 - s_n^2, 0)``. The distribution-level
-expectation of a plain spec also penalizes ``sigma`` itself and pulls it below the observation noise; with
-``noise_scale=s_n`` the built-in families take the expectation under the noise-free variance
-``relu(sigma^2 - s_n^2)`` instead, which leaves a component whose spread is the noise alone unpenalized.
+noise-free ``y*``, whose spread under component ``k`` is ``max(sigma^2 - s_n^2, 0)``. With ``noise_scale=s_n``
+the built-in families take their moments under that noise-free variance, which leaves a component whose spread is
+the noise alone unpenalized.
 
 Every spec has a plain-torch :meth:`~PhysicsSpec.penalty` (the reference the kernels are tested against).
-The built-in families (:class:`Polynomial`, :class:`Linear`, :class:`Stencil1D`) also run fused with the
-mixture NLL in one kernel pass (``torch.ops.physmdn.mdn_loss_*``).
+The built-in families also run fused with the mixture NLL in one kernel pass (``torch.ops.physmdn.mdn_loss_*``).
 """
 
 from __future__ import annotations
@@ -29,16 +36,18 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _ops
+from . import _fused, _ops
 from ._ops import mixture_nll
 
 __all__ = [
-    "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability", "FieldStability", "Monotonic",
+    "MOMENTS", "COUPLINGS", "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability", "FieldStability", "Monotonic",
     "Bounds",
     "mdn_loss", "physics_penalty", "gaussian_moments",
 ]
 
-_MODES_BUILTIN = ("exact", "mean")
+MOMENTS = ("second", "first", "point")
+COUPLINGS = ("detached", "coupled")
+_MOMENT_ALIASES = {"exact": "second", "mean": "point"}  # the earlier ``mode`` names
 
 
 def _as_tensor(value, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -105,9 +114,12 @@ def _poly_mean_expectation(coeffs: torch.Tensor, mean: torch.Tensor, var: torch.
 
 
 class PhysicsSpec:
-    """Base class. A spec is bound to one batch; :meth:`penalty` returns ``P [B, K]`` in plain torch."""
+    """Base class. A spec is bound to one batch; :meth:`penalty` returns ``P [B, K]`` in plain torch.
+
+    ``coupling``: ``"detached"``, ``"coupled"`` or None (take :func:`mdn_loss`'s ``coupling``)."""
 
     mode: str = "mean"
+    coupling: str | None = None
 
     def validate(self, B: int, K: int, D: int) -> None:
         """Raise a clear error when the spec does not fit mixtures of shape ``[B, K, D]``."""
@@ -125,6 +137,62 @@ def _check_mode(mode: str, allowed: Sequence[str]) -> str:
     return mode
 
 
+def _check_moment(moment, mode=None) -> str:
+    """The moment of a built-in family from ``moment`` or its older name ``mode`` ("exact" / "mean")."""
+    if mode is not None:
+        if moment is not None:
+            raise ValueError(f"give moment or mode, not both (got moment={moment!r}, mode={mode!r})")
+        moment = mode
+    if moment is None:
+        return "second"
+    moment = _MOMENT_ALIASES.get(moment, moment)
+    if moment not in MOMENTS:
+        raise ValueError(f"moment must be one of {MOMENTS} (or 'exact' / 'mean'), got {moment!r}")
+    return moment
+
+
+def _check_coupling(coupling, allow_none: bool = True):
+    if coupling is None and allow_none:
+        return None
+    if coupling not in COUPLINGS:
+        raise ValueError(f"coupling must be one of {COUPLINGS}{' or None' if allow_none else ''}, got {coupling!r}")
+    return coupling
+
+
+class _BuiltinFamily(PhysicsSpec):
+    """What the fused families share: the moment, the noise scale and the coupling."""
+
+    moment: str = "second"
+
+    def _set_options(self, moment, mode, noise_scale, coupling) -> None:
+        self.moment = _check_moment(moment, mode)
+        self.noise_scale = _check_noise(noise_scale)
+        self.coupling = _check_coupling(coupling)
+
+    @property
+    def mode(self) -> str:
+        """The moment under its older name: "exact" (second), "mean" (point) or "first"."""
+        return {"second": "exact", "point": "mean"}.get(self.moment, self.moment)
+
+    def _variance(self, log_scales: torch.Tensor) -> torch.Tensor | None:
+        """The variance the moments are taken under (None for the point value)."""
+        return None if self.moment == "point" else _component_variance(log_scales, self.noise_scale)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(moment={self.moment!r}, coupling={self.coupling!r})"
+
+    # The fused kernel's view of the spec (python/physmdn/_fused.py): whether it runs inside the kernel, and its
+    # arguments (family, p0, p1, moment, spacing, boundary, noise_scale), parameters expanded to [B, K, ...] by
+    # ``expand(tensor, shape)``.
+    fusable = True
+
+    def kernel_args(self, B: int, K: int, D: int, expand) -> tuple:  # pragma: no cover
+        raise NotImplementedError
+
+    def _kernel_moment(self) -> int:
+        return _fused.MOMENT_CODES[self.moment]
+
+
 def _check_noise(noise_scale) -> float:
     noise_scale = float(noise_scale)
     if not (noise_scale >= 0.0 and math.isfinite(noise_scale)):
@@ -132,19 +200,21 @@ def _check_noise(noise_scale) -> float:
     return noise_scale
 
 
-class Polynomial(PhysicsSpec):
+class Polynomial(_BuiltinFamily):
     """Per-dimension polynomial residual ``r_d(y) = sum_{j=0..J} coeffs[b, k, d, j] y_d^j``.
 
     ``coeffs``: ``[B|1, K|1, D|1, J+1]`` (a 1-D ``[J+1]`` is taken as ``[1, 1, 1, J+1]``); component-specific
     laws use a K axis. Pitchfork ``r y - y^3``: ``coeffs = [0, r, 0, -1]``.
 
-    ``P_bk = sum_d E[r_d(y)^2]`` (``mode="exact"``, through Gaussian moments up to order ``2J``) or
-    ``sum_d r_d(mu_bkd)^2`` (``mode="mean"``).
+    ``P_bk = sum_d E[r_d(Y)^2]`` (``moment="second"``, through Gaussian moments up to order ``2J``),
+    ``sum_d (E r_d(Y))^2`` (``"first"``, moments up to ``J``) or ``sum_d r_d(mu_bkd)^2`` (``"point"``).
+    ``mode="exact"`` / ``"mean"`` are accepted for ``"second"`` / ``"point"``.
     """
 
     family = "polynomial"
 
-    def __init__(self, coeffs, mode: str = "exact", noise_scale: float = 0.0):
+    def __init__(self, coeffs, moment: str | None = None, noise_scale: float = 0.0, coupling: str | None = None, *,
+                 mode: str | None = None):
         coeffs = _as_tensor(coeffs, "coeffs")
         if coeffs.dim() == 1:
             coeffs = coeffs.reshape(1, 1, 1, -1)
@@ -153,12 +223,19 @@ class Polynomial(PhysicsSpec):
         if coeffs.shape[-1] < 1:
             raise ValueError(f"coeffs must hold J+1 >= 1 coefficients (order J >= 0), got shape {tuple(coeffs.shape)}")
         self.coeffs = coeffs
-        self.mode = _check_mode(mode, _MODES_BUILTIN)
-        self.noise_scale = _check_noise(noise_scale)
+        self._set_options(moment, mode, noise_scale, coupling)
 
     @property
     def order(self) -> int:
         return self.coeffs.shape[-1] - 1
+
+    @property
+    def fusable(self) -> bool:
+        return self.order <= _fused.MAX_ORDER
+
+    def kernel_args(self, B, K, D, expand):
+        coeffs = expand(self.coeffs, (B, K, D, self.coeffs.shape[-1]))
+        return _fused.FAMILY_POLYNOMIAL, coeffs, None, self._kernel_moment(), 1.0, 0, self.noise_scale
 
     def validate(self, B, K, D):
         _check_broadcast(self.coeffs, "Polynomial coeffs", (B, K, D, self.coeffs.shape[-1]), "[B|1, K|1, D|1, J+1]")
@@ -169,22 +246,26 @@ class Polynomial(PhysicsSpec):
 
     def penalty(self, means, log_scales):
         coeffs = self.coeffs.to(means.dtype)
-        if self.mode == "mean":
+        var = self._variance(log_scales)
+        if var is None:
             return _poly_eval(coeffs, means).square().sum(-1)
-        var = _component_variance(log_scales, self.noise_scale)
+        if self.moment == "first":
+            return _poly_mean_expectation(coeffs, means, var).square().sum(-1)
         return _poly_square_expectation(coeffs, means, var).sum(-1)
 
 
-class Linear(PhysicsSpec):
+class Linear(_BuiltinFamily):
     """Linear residual ``r(y) = A y - b`` (conservation laws, Rankine–Hugoniot-type jump conditions,
     discretized linear operators). ``A``: ``[B|1, K|1, M, D]``, ``b``: ``[B|1, K|1, M]``.
 
-    ``mode="exact"``: ``P = ||A mu - b||^2 + sum_d sigma_d^2 ||A[:, d]||^2``; ``mode="mean"``: ``||A mu - b||^2``.
+    ``moment="second"``: ``P = ||A mu - b||^2 + sum_d sigma_d^2 ||A[:, d]||^2``; ``"first"`` and ``"point"``:
+    ``||A mu - b||^2`` (the residual is linear, so ``E r(Y) = r(mu)``).
     """
 
     family = "linear"
 
-    def __init__(self, A, b=None, mode: str = "exact", noise_scale: float = 0.0):
+    def __init__(self, A, b=None, moment: str | None = None, noise_scale: float = 0.0, coupling: str | None = None, *,
+                 mode: str | None = None):
         A = _as_tensor(A, "A")
         if A.dim() == 2:
             A = A.reshape(1, 1, *A.shape)
@@ -198,8 +279,7 @@ class Linear(PhysicsSpec):
         if b.dim() != 3 or b.shape[-1] != A.shape[-2]:
             raise ValueError(f"b must be [B|1, K|1, M] with M = {A.shape[-2]} (rows of A), got shape {tuple(b.shape)}")
         self.A, self.b = A, b
-        self.mode = _check_mode(mode, _MODES_BUILTIN)
-        self.noise_scale = _check_noise(noise_scale)
+        self._set_options(moment, mode, noise_scale, coupling)
 
     def validate(self, B, K, D):
         M = self.A.shape[-2]
@@ -209,16 +289,21 @@ class Linear(PhysicsSpec):
     def residual(self, y):
         return torch.einsum("...md,...d->...m", self.A.to(y.dtype), y) - self.b.to(y.dtype)
 
+    def kernel_args(self, B, K, D, expand):
+        M = self.A.shape[-2]
+        return (_fused.FAMILY_LINEAR, expand(self.A, (B, K, M, D)), expand(self.b, (B, K, M)), self._kernel_moment(),
+                1.0, 0, self.noise_scale)
+
     def penalty(self, means, log_scales):
         A, b = self.A.to(means.dtype), self.b.to(means.dtype)
         value = (torch.einsum("...md,...d->...m", A, means) - b).square().sum(-1)
-        if self.mode == "exact":
+        if self.moment == "second":
             var = _component_variance(log_scales, self.noise_scale)
             value = value + (A.square().sum(-2) * var).sum(-1)
         return value
 
 
-class Stencil1D(PhysicsSpec):
+class Stencil1D(_BuiltinFamily):
     """Steady residual of a 1-D reaction–diffusion field on ``D`` grid points (Allen–Cahn, Schlögl, ...):
 
     ``r_i(u) = diffusion (u_{i-1} - 2 u_i + u_{i+1}) / spacing^2 + sum_j reaction[..., j] u_i^j``
@@ -226,15 +311,17 @@ class Stencil1D(PhysicsSpec):
     with ``boundary="periodic"`` or ``"neumann"`` (mirror ghost points, ``u_{-1} = u_1``).
     ``diffusion``: float or ``[B|1, K|1]``; ``reaction``: ``[B|1, K|1, J+1]`` (or ``[J+1]``).
 
-    ``mode="exact"`` uses the independence of grid points under a diagonal Gaussian:
+    ``moment="second"`` uses the independence of grid points under a diagonal Gaussian:
     ``E[r_i^2] = (E r_i)^2 + Var r_i`` with the neighbours' variances and the variance of the polynomial
-    in ``u_i`` from Gaussian moments. ``mode="mean"`` evaluates ``||r(mu)||^2``.
+    in ``u_i`` from Gaussian moments; ``"first"`` is ``sum_i (E r_i)^2`` (right for components that span a family of
+    fields, e.g. kinks at many positions); ``"point"`` evaluates ``||r(mu)||^2``.
     """
 
     family = "stencil"
 
-    def __init__(self, diffusion, reaction, spacing: float = 1.0, boundary: str = "periodic", mode: str = "exact",
-                 noise_scale: float = 0.0):
+    def __init__(self, diffusion, reaction, spacing: float = 1.0, boundary: str = "periodic",
+                 moment: str | None = None, noise_scale: float = 0.0, coupling: str | None = None, *,
+                 mode: str | None = None):
         diffusion = _as_tensor(diffusion, "diffusion")
         if diffusion.dim() == 0:
             diffusion = diffusion.reshape(1, 1)
@@ -251,12 +338,19 @@ class Stencil1D(PhysicsSpec):
         if boundary not in ("periodic", "neumann"):
             raise ValueError(f"boundary must be 'periodic' or 'neumann', got {boundary!r}")
         self.diffusion, self.reaction, self.spacing, self.boundary = diffusion, reaction, spacing, boundary
-        self.mode = _check_mode(mode, _MODES_BUILTIN)
-        self.noise_scale = _check_noise(noise_scale)
+        self._set_options(moment, mode, noise_scale, coupling)
 
     def validate(self, B, K, D):
         _check_broadcast(self.diffusion, "Stencil1D diffusion", (B, K), "[B|1, K|1]")
         _check_broadcast(self.reaction, "Stencil1D reaction", (B, K, self.reaction.shape[-1]), "[B|1, K|1, J+1]")
+
+    @property
+    def fusable(self) -> bool:
+        return self.reaction.shape[-1] - 1 <= _fused.MAX_ORDER
+
+    def kernel_args(self, B, K, D, expand):
+        return (_fused.FAMILY_STENCIL, expand(self.diffusion, (B, K)), expand(self.reaction, (B, K, self.reaction.shape[-1])),
+                self._kernel_moment(), self.spacing, 0 if self.boundary == "periodic" else 1, self.noise_scale)
 
     def laplacian(self, D: int, dtype=torch.float64, device=None) -> torch.Tensor:
         """The ``[D, D]`` second-difference matrix (without ``1/spacing^2``) for this boundary."""
@@ -283,9 +377,9 @@ class Stencil1D(PhysicsSpec):
         a = self.diffusion.to(means.dtype)[..., None] / self.spacing**2  # [B|1, K|1, 1]
         c = self.reaction.to(means.dtype)[..., None, :].expand(*torch.broadcast_shapes(
             a.shape[:-1], self.reaction.shape[:-1]), D, self.reaction.shape[-1])  # [.., .., D, J+1]
-        if self.mode == "mean":
+        var = self._variance(log_scales)
+        if var is None:
             return (a * (means @ L.T) + _poly_eval(c, means)).square().sum(-1)
-        var = _component_variance(log_scales, self.noise_scale)
         diag = torch.diagonal(L)
         off = L - torch.diag(diag)
         # polynomial in u_i alone: reaction plus the stencil's own-point term a * L_ii * u_i
@@ -297,6 +391,8 @@ class Stencil1D(PhysicsSpec):
         neighbour_mean = a * (means @ off.T)
         neighbour_var = a.square() * (var @ off.square().T)
         own_mean = _poly_mean_expectation(own, means, var)
+        if self.moment == "first":
+            return (neighbour_mean + own_mean).square().sum(-1)
         own_var = _poly_square_expectation(own, means, var) - own_mean.square()
         return ((neighbour_mean + own_mean).square() + neighbour_var + own_var).sum(-1)
 
@@ -312,13 +408,14 @@ class Stability(PhysicsSpec):
     family = "stability"
     mode = "mean"
 
-    def __init__(self, derivative_coeffs, margin: float = 0.0):
+    def __init__(self, derivative_coeffs, margin: float = 0.0, coupling: str | None = None):
         coeffs = _as_tensor(derivative_coeffs, "derivative_coeffs")
         if coeffs.dim() == 1:
             coeffs = coeffs.reshape(1, 1, 1, -1)
         if coeffs.dim() != 4 or coeffs.shape[-1] < 1:
             raise ValueError(f"derivative_coeffs must be [B|1, K|1, D|1, J+1] (or [J+1]), got shape {tuple(coeffs.shape)}")
         self.coeffs, self.margin = coeffs, float(margin)
+        self.coupling = _check_coupling(coupling)
 
     def validate(self, B, K, D):
         _check_broadcast(self.coeffs, "Stability derivative_coeffs", (B, K, D, self.coeffs.shape[-1]), "[B|1, K|1, D|1, J+1]")
@@ -347,7 +444,8 @@ class FieldStability(PhysicsSpec):
     mode = "mean"
 
     def __init__(self, diffusion, reaction_derivative, spacing: float = 1.0, boundary: str = "periodic",
-                 margin: float = 0.0):
+                 margin: float = 0.0, coupling: str | None = None):
+        self.coupling = _check_coupling(coupling)
         self._stencil = Stencil1D(diffusion, reaction_derivative, spacing=spacing, boundary=boundary, mode="mean")
         self.diffusion, self.reaction_derivative = self._stencil.diffusion, self._stencil.reaction
         self.margin = float(margin)
@@ -398,7 +496,9 @@ class Monotonic(PhysicsSpec):
     family = "monotonic"
     mode = "mean"
 
-    def __init__(self, context: torch.Tensor, dim: int = 0, output: int = 0, increasing: bool = True):
+    def __init__(self, context: torch.Tensor, dim: int = 0, output: int = 0, increasing: bool = True,
+                 coupling: str | None = None):
+        self.coupling = _check_coupling(coupling)
         if not isinstance(context, torch.Tensor) or context.dim() != 2:
             raise ValueError(f"context must be a [B, C] tensor, got {getattr(context, 'shape', type(context))}")
         if not 0 <= dim < context.shape[1]:
@@ -435,12 +535,13 @@ class Bounds(PhysicsSpec):
 
     family = "bounds"
 
-    def __init__(self, lower=None, upper=None, mode: str = "mean"):
+    def __init__(self, lower=None, upper=None, mode: str = "mean", coupling: str | None = None):
+        self.coupling = _check_coupling(coupling)
         if lower is None and upper is None:
             raise ValueError("Bounds needs lower, upper or both, got neither")
         self.lower = None if lower is None else _as_tensor(lower, "lower")
         self.upper = None if upper is None else _as_tensor(upper, "upper")
-        self.mode = _check_mode(mode, _MODES_BUILTIN)
+        self.mode = _check_mode(mode, ("exact", "mean"))
 
     @staticmethod
     def _excess(m: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -471,12 +572,15 @@ class Residual(PhysicsSpec):
     ``mode``: ``"point"`` (``S = 1``, ``y = mu``), ``"sigma"`` (``2D + 1`` unscented sigma points
     ``mu, mu +- sqrt(D + kappa) sigma_d e_d`` with ``kappa = max(3 - D, 0)``; exact for residuals of degree
     <= 1 and for the 4th moment in D = 1) or ``"mc"`` (``samples`` reparameterized draws).
+
+    ``moment``: ``"second"`` (``sum_s w_s ||r(y_s)||^2``, the estimate of ``E||r||^2``) or ``"first"``
+    (``||sum_s w_s r(y_s)||^2``, the estimate of ``||E r||^2``); with ``mode="point"`` both are ``||r(mu)||^2``.
     """
 
     family = "residual"
 
     def __init__(self, fn: Callable, context: torch.Tensor | None = None, mode: str = "sigma", samples: int = 16,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, moment: str = "second", coupling: str | None = None):
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(y, context) -> r, got {type(fn).__name__}")
         self.fn, self.context = fn, context
@@ -484,6 +588,10 @@ class Residual(PhysicsSpec):
         if int(samples) < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         self.samples, self.generator = int(samples), generator
+        if moment not in ("second", "first"):
+            raise ValueError(f"moment must be 'second' or 'first', got {moment!r}")
+        self.moment = moment
+        self.coupling = _check_coupling(coupling)
 
     def validate(self, B, K, D):
         if self.context is not None and self.context.shape[0] != B:
@@ -516,6 +624,8 @@ class Residual(PhysicsSpec):
             r = r.unsqueeze(-1)
         if r.shape[:3] != points.shape[:3]:
             raise ValueError(f"Residual fn must return [B, K, S, M] = {tuple(points.shape[:3])} + [M], got {tuple(r.shape)}")
+        if self.moment == "first":
+            return (r * weights[:, None]).sum(-2).square().sum(-1)
         return (r.square().sum(-1) * weights).sum(-1)
 
 
@@ -537,18 +647,28 @@ def _normalize_physics(physics) -> list[tuple[PhysicsSpec, float]]:
     return items
 
 
-def physics_penalty(logits, means, log_scales, physics) -> torch.Tensor:
-    """Per-sample mixture-weighted penalty ``sum_k pi_bk sum_s w_s P^s_bk``: ``[B]`` (plain torch)."""
+def _effective_coupling(spec: PhysicsSpec, coupling: str) -> str:
+    return spec.coupling if spec.coupling is not None else coupling
+
+
+def physics_penalty(logits, means, log_scales, physics, coupling: str = "detached") -> torch.Tensor:
+    """Per-sample mixture-weighted penalty ``sum_k pi_bk sum_s w_s P^s_bk``: ``[B]`` (plain torch, the reference of
+    the fused kernels). Specs whose coupling (or, when theirs is None, ``coupling``) is ``"detached"`` see
+    ``pi`` as a constant: the same value, no gradient to the logits."""
+    coupling = _check_coupling(coupling, allow_none=False)
     items = _normalize_physics(physics)
     B, K, D = means.shape
-    total = means.new_zeros(B, K)
+    pi = torch.softmax(logits, dim=-1)
+    total = means.new_zeros(B)
     for spec, w in items:
         spec.validate(B, K, D)
-        total = total + w * spec.penalty(means, log_scales)
-    return (torch.softmax(logits, dim=-1) * total).sum(-1)
+        weights = pi.detach() if _effective_coupling(spec, coupling) == "detached" else pi
+        total = total + (weights * (w * spec.penalty(means, log_scales))).sum(-1)
+    return total
 
 
-def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.0, reduction: str = "mean"):
+def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.0, reduction: str = "mean",
+             coupling: str = "detached"):
     """Mixture NLL plus mixture-weighted physics penalties:
 
     ``loss_b = NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk``,  ``pi = softmax(logits)``.
@@ -558,13 +678,17 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
         physics: None, a :class:`PhysicsSpec`, or a list of specs / ``(spec, weight)`` pairs, bound to this batch.
         weight: the global physics weight ``lambda``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]``).
+        coupling: ``"detached"`` (``pi`` is a constant of the penalty: the mixture weights learn from the likelihood
+            alone) or ``"coupled"`` (the penalty's gradient also moves mass between components); a spec's own
+            ``coupling`` takes precedence. See docs/physics.md for the measurements behind the default.
     """
     fast, (logits, means, log_scales, target) = _ops.prepared_inputs(logits, means, log_scales, target)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    coupling = _check_coupling(coupling, allow_none=False)
     items = _normalize_physics(physics)
     if not items or weight == 0.0:
         return mixture_nll(logits, means, log_scales, target, reduction=reduction)
-    from ._fused import fused_mdn_loss  # the fused kernels; they fall back to the references per spec
-
-    return fused_mdn_loss(logits, means, log_scales, target, items, float(weight), reduction=reduction, fast=fast)
+    items = [(spec, w, _effective_coupling(spec, coupling)) for spec, w in items]
+    return _fused.fused_mdn_loss(logits, means, log_scales, target, items, float(weight), reduction=reduction,
+                                 fast=fast)

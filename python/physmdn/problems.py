@@ -415,9 +415,10 @@ def _check_pos(value, name: str) -> float:
 
 
 def _check_physics_mode(mode) -> str:
-    if mode not in ("exact", "mean"):
-        raise ValueError(f"physics_mode must be 'exact' or 'mean', got {mode!r}")
-    return mode
+    """The moment of a problem's residual penalty (physics.MOMENTS, or the older names 'exact' / 'mean')."""
+    if mode not in ("second", "first", "point", "exact", "mean"):
+        raise ValueError(f"physics_mode must be 'second', 'first' or 'point' (or 'exact' / 'mean'), got {mode!r}")
+    return {"exact": "second", "mean": "point"}.get(mode, mode)
 
 
 def _physics_module():
@@ -493,7 +494,7 @@ class Pitchfork(Problem):
     defaults = Defaults(components=3, hidden=(64, 64), epochs=150, n_train=2048, batch_size=256, lr=3e-3)
 
     def __init__(self, imperfection: float = 0.0, noise: float = 0.05, r_range=(-1.0, 1.0), init_range: float = 2.0,
-                 ode_steps: int = 400, ode_max_dt: float = 2.0, physics_mode: str = "exact",
+                 ode_steps: int = 400, ode_max_dt: float = 2.0, physics_mode: str = "second",
                  physics_weights: dict | None = None):
         lo, hi = _check_range(r_range, "r_range")
         super().__init__((lo,), (hi,), (False,), (0.5 * (lo + hi),))
@@ -595,7 +596,7 @@ class Pitchfork(Problem):
         coeffs = torch.stack([zero + self.h, r, zero, zero - 1.0], dim=-1).reshape(B, 1, 1, 4)
         slope = torch.stack([r, zero, zero - 3.0], dim=-1).reshape(B, 1, 1, 3)
         w = self.physics_weights
-        return [(P.Polynomial(coeffs, mode=self.physics_mode, noise_scale=self.noise), w["equilibrium"]),
+        return [(P.Polynomial(coeffs, moment=self.physics_mode, noise_scale=self.noise), w["equilibrium"]),
                 (P.Stability(slope), w["stability"])]
 
     def residual(self, y, context):
@@ -640,7 +641,7 @@ class AllenCahn(Problem):
 
     def __init__(self, grid: int = 32, length: float = 1.0, eps_range=(1e-3, 2e-2), sigma_range=(0.0, 1.0),
                  bias_range=(-0.2, 0.2), init_amplitude: float = 0.1, noise: float = 0.02, dt: float = 0.1,
-                 noise_time: float = 10.0, relax_time: float = 20.0, physics_mode: str = "exact",
+                 noise_time: float = 10.0, relax_time: float = 20.0, physics_mode: str = "first",
                  physics_weights: dict | None = None):
         if isinstance(grid, bool) or not isinstance(grid, int) or grid < 3:
             raise ValueError(f"grid must be an integer >= 3, got {grid!r}")
@@ -703,7 +704,7 @@ class AllenCahn(Problem):
         P = _physics_module()
         eps = self.check_context(context)[:, 0:1]  # [B, 1]
         reaction = torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=context.dtype, device=context.device).reshape(1, 1, 4)
-        spec = P.Stencil1D(eps, reaction, spacing=self.spacing, boundary="periodic", mode=self.physics_mode,
+        spec = P.Stencil1D(eps, reaction, spacing=self.spacing, boundary="periodic", moment=self.physics_mode,
                            noise_scale=self.noise)
         # the steady residual is zero on the unstable u = 0 too: the field stability prior excludes it
         slope = torch.tensor([1.0, 0.0, -3.0], dtype=context.dtype, device=context.device).reshape(1, 1, 3)
@@ -764,7 +765,7 @@ class Hugoniot(Problem):
     defaults = Defaults(components=3, hidden=(64, 64), epochs=150, n_train=2048, batch_size=256, lr=3e-3)
 
     def __init__(self, rho0: float = 7.87, regimes=_IRON_REGIMES, thresholds=(0.35, 1.1), width: float = 0.15,
-                 up_range=(0.05, 2.0), noise: float = 0.05, pressure_noise: float = 0.0, physics_mode: str = "exact",
+                 up_range=(0.05, 2.0), noise: float = 0.05, pressure_noise: float = 0.0, physics_mode: str = "second",
                  physics_weights: dict | None = None):
         lo, hi = _check_range(up_range, "up_range")
         super().__init__((lo,), (hi,), (False,), (0.5 * (lo + hi),))
@@ -835,7 +836,7 @@ class Hugoniot(Problem):
         A_law = torch.tensor([[1.0, 0.0]], dtype=up.dtype, device=up.device).reshape(1, 1, 1, 2)
         A_rh = torch.stack([-self.rho0 * up, torch.ones_like(up)], dim=-1).reshape(B, 1, 1, 2)
         w = self.physics_weights
-        specs = [(P.Linear(A_law, law, mode=self.physics_mode, noise_scale=self.noise), w["regime_law"]),
+        specs = [(P.Linear(A_law, law, moment=self.physics_mode, noise_scale=self.noise), w["regime_law"]),
                  (P.Linear(A_rh, torch.zeros(B, 1, 1, dtype=up.dtype, device=up.device), mode="mean"),
                   w["rankine_hugoniot"])]
         if w["monotonic"] > 0:
@@ -887,7 +888,7 @@ class ReactionDiffusion(Problem):
 
     def __init__(self, grid: int = 32, spacing: float = 1.0, D_range=(0.02, 1.0), a_range=(0.35, 0.65),
                  init_noise: float = 0.2, noise: float = 0.02, dt: float = 0.5, max_time: float = 2000.0,
-                 tol: float = 1e-5, check_every: int = 50, physics_mode: str = "exact",
+                 tol: float = 1e-5, check_every: int = 50, physics_mode: str = "first",
                  physics_weights: dict | None = None):
         if isinstance(grid, bool) or not isinstance(grid, int) or grid < 3:
             raise ValueError(f"grid must be an integer >= 3, got {grid!r}")
@@ -964,7 +965,7 @@ class ReactionDiffusion(Problem):
         context = self.check_context(context)
         D, a = context[:, 0:1], context[:, 1]
         reaction = torch.stack([torch.zeros_like(a), -a, 1.0 + a, -torch.ones_like(a)], dim=-1).unsqueeze(1)
-        spec = P.Stencil1D(D, reaction, spacing=self.spacing, boundary="neumann", mode=self.physics_mode,
+        spec = P.Stencil1D(D, reaction, spacing=self.spacing, boundary="neumann", moment=self.physics_mode,
                            noise_scale=self.noise)
         # f'(u) = -3u^2 + 2(1 + a)u - a; the unstable uniform state u = a is excluded by the stability prior
         slope = torch.stack([-a, 2.0 * (1.0 + a), -3.0 * torch.ones_like(a)], dim=-1).unsqueeze(1)
