@@ -4,9 +4,9 @@
 // process, forward + loss.sum() + autograd.grad, K = 8, D = 4: 1.06-1.17x at B = 256 and 1024, 1.0-1.03x at
 // B = 65536), mostly Python run with caches the kernel has just flushed. They do the same work: with compute_grad
 // the forward computes the loss and the gradients for an upstream gradient of grad_scale per sample in one kernel
-// pass; the first backward hands those gradients over (or rescales them in place by grad_loss / grad_scale); a
-// second backward (retain_graph), or one without forward gradients, computes them through the op's _bwd from the
-// saved inputs.
+// pass; the first backward hands those gradients over (or returns copies scaled by grad_loss / grad_scale); a
+// backward after they were handed over (retain_graph), or one without forward gradients, computes them through the
+// op's _bwd from the saved inputs (see take_forward_grads).
 //
 // Only python/physmdn/_ops.py (call_op) calls _mixture_nll_autograd / _mdn_loss_autograd, in eager mode (no
 // tracing, plain tensors, no functorch transform): the value check of the upstream gradient reads tensor data.
@@ -115,7 +115,7 @@ Tensor per_sample_upstream(AutogradContext* ctx, const Tensor& grad) {
 }
 
 // The forward's gradients (computed for an upstream gradient of grad_scale per sample) kept aside, not saved: the
-// first backward hands them over or rescales them in place (no extra buffers).
+// first backward hands them over or returns scaled copies (take_forward_grads).
 void keep_forward_grads(AutogradContext* ctx, bool compute_grad, double grad_scale, const Tensor& means,
                         std::vector<Tensor> grads) {
   ctx->set_materialize_grads(false);
@@ -125,32 +125,46 @@ void keep_forward_grads(AutogradContext* ctx, bool compute_grad, double grad_sca
   ctx->saved_data["grad_scale"] = rounded(grad_scale, acc_dtype(means.scalar_type()));
 }
 
-// The forward's gradients (first backward) for grad, the gradient of the node's output, handed over or rescaled in
-// place; an empty vector when the backward must recompute (a second backward: the first took them; a batched
-// upstream gradient).
+// The forward's gradients for grad, the gradient of the node's output; an empty vector when the backward must
+// recompute through the op's _bwd (a backward after the gradients were handed over; a batched upstream gradient).
+// For the unit upstream gradient (loss.sum(), the op's own mean) they are handed over as they are and dropped: a
+// retained graph's second backward recomputes them, bit for bit the same (tests/test_eager_path.py). For another
+// upstream gradient on the CPU the backward returns scaled copies and keeps them, so that every backward of a
+// retained graph gives the same bits (gradcheck's reentrancy check). On CUDA one upstream value is compared with
+// grad_scale inside the kernel and the gradients are scaled in place (no synchronization): a second backward then
+// recomputes, equal to rounding.
 std::vector<Tensor> take_forward_grads(AutogradContext* ctx, const Tensor& grad) {
   auto it = ctx->saved_data.find("grads");
   if (it == ctx->saved_data.end() || it->second.isNone()) return {};
   auto grads = it->second.toTensorVector();
-  it->second = c10::IValue();
-  if (batched(grad)) return {};
-  if (unit_upstream(ctx, grad)) return grads;
+  const auto hand_over = [&] {
+    it->second = c10::IValue();
+    return grads;
+  };
+  if (batched(grad)) {
+    it->second = c10::IValue();
+    return {};
+  }
+  if (unit_upstream(ctx, grad)) return hand_over();
   const auto grad_loss = per_sample_upstream(ctx, grad);
   const double grad_scale = ctx->saved_data["grad_scale"].toDouble();
-  if (upstream_is_scale(grad_loss, grad_scale)) return grads;
+  if (upstream_is_scale(grad_loss, grad_scale)) return hand_over();
   if (!grad.is_cpu() && grad_loss.numel() > 0 && (grad_loss.stride(0) == 0 || grad_loss.numel() == 1)) {
     // one upstream value on the device (a reduced loss, or loss.sum() / .mean() of the per-sample losses): compared
     // with grad_scale inside the kernel (_scale_by_), without synchronizing; when it is grad_scale (the unit
     // gradient of the reduction the forward's gradients were made for) nothing passes over the gradients
     static const auto scale_by = op_handle<void(at::TensorList, const Tensor&, double)>("physmdn::_scale_by_");
+    hand_over();
     scale_by.call(grads, grad_loss.select(0, 0), grad_scale);
     return grads;
   }
   auto g = grad_loss.to(grads[0].scalar_type());
   if (grad_scale != 1.0) g = g / grad_scale;
-  for (auto& t : grads)
-    if (t.numel()) t.mul_(per_sample(g, t));
-  return grads;
+  std::vector<Tensor> scaled;
+  scaled.reserve(grads.size());
+  for (const auto& t : grads) scaled.push_back(t.numel() ? t * per_sample(g, t) : t);
+  if (!grad.is_cpu()) hand_over();  // (a per-sample device gradient: the copies are the answer, nothing to keep)
+  return scaled;
 }
 
 using Tensor4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
@@ -199,17 +213,19 @@ struct MixtureNll : public torch::autograd::Function<MixtureNll> {
 struct MdnLoss : public torch::autograd::Function<MdnLoss> {
   static Tensor forward(AutogradContext* ctx, const Tensor& logits, const Tensor& means, const Tensor& log_scales,
                         const Tensor& target, const Tensor& p0, const Tensor& p1, const c10::optional<Tensor>& extra,
-                        int64_t family, bool exact, double weight, double spacing, int64_t boundary,
-                        double noise_scale, bool compute_grad, double grad_scale, int64_t reduction) {
+                        int64_t family, int64_t moment, bool couple_weights, double weight, double spacing,
+                        int64_t boundary, double noise_scale, bool compute_grad, double grad_scale,
+                        int64_t reduction) {
     static const auto fwd = op_handle<Tensor7(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                              const Tensor&, const c10::optional<Tensor>&, int64_t, bool, double,
-                                              double, int64_t, double, bool, double)>("physmdn::mdn_loss_fwd");
+                                              const Tensor&, const c10::optional<Tensor>&, int64_t, int64_t, bool,
+                                              double, double, int64_t, double, bool, double)>("physmdn::mdn_loss_fwd");
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // (as in MixtureNll::forward)
-    auto [loss, saved, gl, gm, gs, gt, ge] = fwd.call(logits, means, log_scales, target, p0, p1, extra, family, exact,
-                                                      weight, spacing, boundary, noise_scale, compute_grad, grad_scale);
+    auto [loss, saved, gl, gm, gs, gt, ge] = fwd.call(logits, means, log_scales, target, p0, p1, extra, family, moment,
+                                                      couple_weights, weight, spacing, boundary, noise_scale, compute_grad, grad_scale);
     ctx->save_for_backward({logits, means, log_scales, target, p0, p1, extra.value_or(Tensor()), saved});
     ctx->saved_data["family"] = family;
-    ctx->saved_data["exact"] = exact;
+    ctx->saved_data["moment"] = moment;
+    ctx->saved_data["couple_weights"] = couple_weights;
     ctx->saved_data["weight"] = weight;
     ctx->saved_data["spacing"] = spacing;
     ctx->saved_data["boundary"] = boundary;
@@ -220,7 +236,7 @@ struct MdnLoss : public torch::autograd::Function<MdnLoss> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     check_first_order("mdn_loss");
-    variable_list out(16);  // the seven tensors; none for the nine scalars
+    variable_list out(17);  // the seven tensors; none for the ten scalars
     if (!grad_outputs[0].defined()) return out;
     const auto s = ctx->get_saved_variables();
     const bool has_extra = s[6].defined();
@@ -232,15 +248,15 @@ struct MdnLoss : public torch::autograd::Function<MdnLoss> {
     }
     static const auto bwd = op_handle<Tensor7(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                               const Tensor&, const Tensor&, const Tensor&,
-                                              const c10::optional<Tensor>&, int64_t, bool, double, double, int64_t,
-                                              double, const Tensor&, bool, bool)>("physmdn::mdn_loss_bwd");
+                                              const c10::optional<Tensor>&, int64_t, int64_t, bool, double, double,
+                                              int64_t, double, const Tensor&, bool, bool)>("physmdn::mdn_loss_bwd");
     const auto& d = ctx->saved_data;
     const bool p0_grad = ctx->needs_input_grad(4), p1_grad = ctx->needs_input_grad(5);
     const auto grad_loss = per_sample_upstream(ctx, grad_outputs[0]);
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [gl, gm, gs, gt, gp0, gp1, ge] =
         bwd.call(grad_loss, s[0], s[1], s[2], s[3], s[4], s[5], has_extra ? c10::optional<Tensor>(s[6]) : c10::nullopt,
-                 d.at("family").toInt(), d.at("exact").toBool(), d.at("weight").toDouble(), d.at("spacing").toDouble(),
+                 d.at("family").toInt(), d.at("moment").toInt(), d.at("couple_weights").toBool(), d.at("weight").toDouble(), d.at("spacing").toDouble(),
                  d.at("boundary").toInt(), d.at("noise_scale").toDouble(), s[7], p0_grad, p1_grad);
     out[0] = gl, out[1] = gm, out[2] = gs, out[3] = gt;
     if (p0_grad) out[4] = gp0;
@@ -259,9 +275,9 @@ Tensor mixture_nll_autograd(const Tensor& logits, const Tensor& means, const Ten
 
 Tensor mdn_loss_autograd(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
                          const Tensor& p0, const Tensor& p1, const c10::optional<Tensor>& extra, int64_t family,
-                         bool exact, double weight, double spacing, int64_t boundary, double noise_scale,
-                         bool compute_grad, double grad_scale, int64_t reduction) {
-  return MdnLoss::apply(logits, means, log_scales, target, p0, p1, extra, family, exact, weight, spacing, boundary,
+                         int64_t moment, bool couple_weights, double weight, double spacing, int64_t boundary,
+                         double noise_scale, bool compute_grad, double grad_scale, int64_t reduction) {
+  return MdnLoss::apply(logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing, boundary,
                         noise_scale, compute_grad, grad_scale, reduction);
 }
 
@@ -273,8 +289,8 @@ TORCH_LIBRARY_FRAGMENT(physmdn, m) {
   m.def("_mixture_nll_autograd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, bool compute_grad, "
         "float grad_scale, int reduction) -> Tensor");
   m.def("_mdn_loss_autograd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, Tensor p0, Tensor p1, "
-        "Tensor? extra, int family, bool exact, float weight, float spacing, int boundary, float noise_scale, "
-        "bool compute_grad, float grad_scale, int reduction) -> Tensor");
+        "Tensor? extra, int family, int moment, bool couple_weights, float weight, float spacing, int boundary, "
+        "float noise_scale, bool compute_grad, float grad_scale, int reduction) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(physmdn, Autograd, m) {

@@ -200,8 +200,8 @@ def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plai
 def keep_forward_grads(ctx, compute_grad, grad_scale, dtype, grads, to_save) -> None:
     """setup_context for ops whose forward may also compute the gradients (``compute_grad``), for an upstream
     gradient of ``grad_scale`` per sample. Eager: the gradient outputs are kept aside (not saved) so that the first
-    backward hands them over or rescales them in place (no extra buffers); a second backward (retain_graph)
-    recomputes through the op's backward. Traced (torch.compile): they are saved and the backward rescales copies.
+    backward hands them over (unit upstream gradient) or returns scaled copies and keeps them; a backward after the
+    hand-over (retain_graph) recomputes through the op's backward. Traced (torch.compile): they are saved and the backward rescales copies.
     (Under functorch transforms the forward computes none: see ``_func.apply``.)"""
     ctx.compute_grad = bool(compute_grad)
     # the value the kernel used (it computes in the accumulation dtype), to compare the upstream gradient with
@@ -235,16 +235,20 @@ def forward_grads(ctx, grad_loss, saved, saved_grads):
         ctx.unit_grads = None
         return None
     if ctx.unit_grads is not None:
-        grads, ctx.unit_grads = ctx.unit_grads, None
+        grads = ctx.unit_grads
         if _device_scalar(grad_loss):
             # one upstream value on a GPU (loss.sum() / .mean()): compared with grad_scale inside the kernel, no
             # synchronization, and no pass over the gradients when it is that (see _scale_by_ in csrc/ops.cpp)
+            ctx.unit_grads = None
             torch.ops.physmdn._scale_by_(grads, grad_loss[0], ctx.grad_scale)
             return grads
         g = _upstream_factor(grad_loss, saved, grads[0].dtype, ctx.grad_scale)
         if g is None:  # the forward's gradients are the answer: hand them over as they are
+            ctx.unit_grads = None
             return grads
-        return [t.mul_(_per_sample(g, t)) if t.numel() else t for t in grads]
+        # another upstream gradient: scaled copies, the forward's gradients kept, so that a retained graph's every
+        # backward gives the same bits (gradcheck's reentrancy check)
+        return [t * _per_sample(g, t) if t.numel() else t for t in grads]
     if saved_grads:
         g = _upstream_factor(grad_loss, saved, saved_grads[0].dtype, ctx.grad_scale)
         if g is None:
