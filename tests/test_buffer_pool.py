@@ -121,4 +121,69 @@ def test_environment_variable():
     assert int(out.strip().splitlines()[-1]) == 3 << 20
     bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PHYSMDN_CPU_POOL_MB": "lots"},
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "PHYSMDN_CPU_POOL_MB must be a number of MiB >= 0, got 'lots'" in bad.stderr
+    assert bad.returncode != 0 and "PHYSMDN_CPU_POOL_MB must be a finite number of MiB in [0, 1048576] (0 disables the pool), got 'lots'" in bad.stderr
+
+
+def test_changed_shape_mix_gets_hits_again(pool_limit):
+    """Least-recently-freed eviction: after random shapes fill the pool, a fixed-shape loop is served from it."""
+    physmdn.set_cpu_pool_limit(8 << 20)
+    g = torch.Generator().manual_seed(0)
+    for i in range(60):  # random batch sizes, each output >= 256 KiB: the pool fills with sizes never asked again
+        b = int(torch.randint(2048, 8192, (1,), generator=g))
+        ps = [torch.randn(b, K), torch.randn(b, K, D), 0.3 * torch.randn(b, K, D), torch.randn(b, D)]
+        grads(ps)
+    assert physmdn.cpu_pool_stats()["cached_bytes"] > 4 << 20
+    ps = inputs()
+    grads(ps)
+    before = physmdn.cpu_pool_stats()
+    for _ in range(10):
+        grads(ps)
+    after = physmdn.cpu_pool_stats()
+    assert after["hits"] - before["hits"] >= 20, (before, after)
+    assert after["cached_bytes"] <= 8 << 20
+
+
+_INHERITED = []
+
+
+def _child_frees_inherited(q):
+    torch.set_num_threads(1)  # (no OpenMP pool across fork)
+    start = physmdn.cpu_pool_stats()
+    _INHERITED.clear()  # frees the pooled tensors the parent made
+    import gc
+    gc.collect()
+    end = physmdn.cpu_pool_stats()
+    grads(inputs(1))  # the child's own pool works
+    q.put((start, end, physmdn.cpu_pool_stats()))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_fork_child_frees_inherited_blocks_outside_its_accounting(pool_limit):
+    """Blocks a forked child inherited (live tensors of the parent) are freed without entering its accounting or
+    its cache: live_bytes never goes negative, the child's pool starts empty and then serves its own blocks."""
+    _INHERITED[:] = grads(inputs())
+    grads(inputs())  # and cached blocks
+    assert physmdn.cpu_pool_stats()["cached_bytes"] > 0
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_frees_inherited, args=(q,))
+    p.start()
+    start, end, used = q.get(timeout=120)
+    p.join(60)
+    _INHERITED.clear()
+    assert p.exitcode == 0
+    assert start["cached_bytes"] == 0 and start["live_bytes"] == 0, start
+    assert end["live_bytes"] == 0 and end["cached_bytes"] == 0, end
+    assert used["misses"] > 0 and used["live_bytes"] >= 0 and used["cached_bytes"] > 0, used
+
+
+@pytest.mark.parametrize("value", ["inf", "1e30", "-1", "nan", "abc", "", "2e6"])
+def test_pool_limit_environment_is_validated(value):
+    code = "import torch, physmdn; print(physmdn.cpu_pool_stats()['limit_bytes'])"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PHYSMDN_CPU_POOL_MB": value},
+                         capture_output=True, text=True)
+    if value == "":  # unset: the default
+        assert out.returncode == 0 and int(out.stdout) == 256 << 20
+        return
+    assert out.returncode != 0
+    assert "PHYSMDN_CPU_POOL_MB must be a finite number of MiB" in out.stderr and repr(value) in out.stderr.replace('"', "'"), out.stderr

@@ -7,8 +7,11 @@
 #include <c10/util/Exception.h>
 #include <pthread.h>
 
+#include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <list>
 #include <map>
 #include <mutex>
 #include <sys/mman.h>
@@ -16,30 +19,69 @@
 namespace physmdn::cpu {
 namespace {
 
-// Each block starts with a header holding its payload size; the payload is 64-byte aligned.
+// Each block starts with a header holding its payload size and the pool generation that allocated it; the payload
+// is 64-byte aligned.
 constexpr size_t kHeader = 64;
+constexpr int64_t kMaxLimitMb = int64_t(1) << 20;  // 1 TiB
 
 int64_t limit_from_env() {
   const char* env = std::getenv("PHYSMDN_CPU_POOL_MB");
   if (!env || !*env) return int64_t(256) << 20;
   char* end = nullptr;
   const double mb = std::strtod(env, &end);
-  TORCH_CHECK(end && *end == '\0' && mb >= 0, "PHYSMDN_CPU_POOL_MB must be a number of MiB >= 0, got '", env, "'");
+  TORCH_CHECK(end && end != env && *end == '\0' && std::isfinite(mb) && mb >= 0 && mb <= static_cast<double>(kMaxLimitMb),
+              "PHYSMDN_CPU_POOL_MB must be a finite number of MiB in [0, ", kMaxLimitMb, "] (0 disables the pool), got '",
+              env, "'");
   return static_cast<int64_t>(mb * (1 << 20));
 }
 
+// The process's pool generation: a child of fork() starts a new one, so that blocks it inherited from the parent
+// are freed without entering its accounting or its cache.
+std::atomic<uint64_t> g_generation{1};
+
 struct Pool {
+  struct Entry {
+    size_t n;
+    void* block;
+  };
   std::mutex mutex;
-  std::multimap<size_t, void*> cached;  // payload size -> block (header address)
+  std::list<Entry> lru;                                     // cached blocks, least recently freed first
+  std::multimap<size_t, std::list<Entry>::iterator> by_size;  // payload size -> its entries in lru
   int64_t limit = limit_from_env(), cached_bytes = 0, live_bytes = 0, hits = 0, misses = 0;
 
+  void evict_oldest_locked() {
+    const auto oldest = lru.begin();
+    auto [first, last] = by_size.equal_range(oldest->n);
+    for (auto it = first; it != last; ++it)
+      if (it->second == oldest) {
+        by_size.erase(it);
+        break;
+      }
+    cached_bytes -= static_cast<int64_t>(oldest->n);
+    std::free(oldest->block);
+    lru.erase(oldest);
+  }
   void trim_locked(int64_t target) {
-    while (cached_bytes > target && !cached.empty()) {
-      auto it = std::prev(cached.end());  // largest first
-      cached_bytes -= static_cast<int64_t>(it->first);
-      std::free(it->second);
-      cached.erase(it);
-    }
+    while (cached_bytes > target && !lru.empty()) evict_oldest_locked();
+  }
+  // a cached block of exactly n bytes (the most recently freed), or null
+  void* take_locked(size_t n) {
+    auto range = by_size.equal_range(n);
+    if (range.first == range.second) return nullptr;
+    auto it = std::prev(range.second);
+    void* block = it->second->block;
+    lru.erase(it->second);
+    by_size.erase(it);
+    cached_bytes -= static_cast<int64_t>(n);
+    return block;
+  }
+  // caches a freed block, evicting the least recently freed ones to make room; false when it cannot fit at all
+  bool put_locked(size_t n, void* block) {
+    if (static_cast<int64_t>(n) > limit) return false;
+    while (cached_bytes + static_cast<int64_t>(n) > limit && !lru.empty()) evict_oldest_locked();
+    by_size.emplace(n, lru.insert(lru.end(), Entry{n, block}));
+    cached_bytes += static_cast<int64_t>(n);
+    return true;
   }
 };
 
@@ -47,7 +89,12 @@ struct Pool {
 Pool* g_pool = nullptr;
 std::once_flag g_once;
 
-void reset_after_fork() { g_pool = new Pool(); }  // the child must not inherit a possibly locked mutex
+// The child must not inherit a possibly locked mutex, nor account for or reuse the parent's blocks: it starts an
+// empty pool of a new generation. The parent's cached blocks stay mapped copy-on-write and untouched in the child.
+void reset_after_fork() {
+  g_generation.fetch_add(1);
+  g_pool = new Pool();
+}
 
 Pool& pool() {
   std::call_once(g_once, [] {
@@ -67,17 +114,18 @@ void pool_delete(void* payload) {
   if (!payload) return;
   void* block = static_cast<char*>(payload) - kHeader;
   size_t n;
+  uint64_t generation;
   std::memcpy(&n, block, sizeof(n));
+  std::memcpy(&generation, static_cast<char*>(block) + sizeof(n), sizeof(generation));
+  if (generation != g_generation.load()) {  // inherited across fork(): not this process's pool
+    std::free(block);
+    return;
+  }
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.mutex);
   p.live_bytes -= static_cast<int64_t>(n);
   report(payload, -static_cast<int64_t>(n), p);
-  if (p.cached_bytes + static_cast<int64_t>(n) <= p.limit) {
-    p.cached.emplace(n, block);
-    p.cached_bytes += static_cast<int64_t>(n);
-  } else {
-    std::free(block);
-  }
+  if (!p.put_locked(n, block)) std::free(block);
 }
 
 constexpr size_t kHuge = size_t(2) << 20;
@@ -89,15 +137,8 @@ struct PoolAllocator final : c10::Allocator {
     void* block = nullptr;
     {
       std::lock_guard<std::mutex> lock(p.mutex);
-      auto it = p.cached.find(n);
-      if (it != p.cached.end()) {
-        block = it->second;
-        p.cached.erase(it);
-        p.cached_bytes -= static_cast<int64_t>(n);
-        ++p.hits;
-      } else {
-        ++p.misses;
-      }
+      block = p.take_locked(n);
+      ++(block ? p.hits : p.misses);
     }
     if (!block) {
       // Large blocks: 2 MiB-aligned and backed by transparent huge pages where the kernel allows it (mode
@@ -118,6 +159,8 @@ struct PoolAllocator final : c10::Allocator {
                     n, " bytes");
       }
       std::memcpy(block, &n, sizeof(n));
+      const uint64_t generation = g_generation.load();
+      std::memcpy(static_cast<char*>(block) + sizeof(n), &generation, sizeof(generation));
     }
     void* payload = static_cast<char*>(block) + kHeader;
     {

@@ -4,9 +4,11 @@
 // multi-megabyte blocks to the kernel (trim / munmap), so every step page-faults its outputs back in and the
 // kernel zeroes them: measured at ~3 us per 4 KiB page, 4,300 faults and ~13 ms for the 19 MB of gradients at
 // B=65536, K=8, D=4, several times the kernel itself. The pool keeps freed blocks (exact sizes) up to a limit
-// and hands them back; tensors are ordinary resizable CPU tensors whose storage uses this allocator.
+// and hands them back, evicting the least recently freed blocks when a new one needs room; tensors are ordinary
+// resizable CPU tensors whose storage uses this allocator. fork(): the child starts an empty pool and frees the
+// blocks it inherited without counting them.
 // Allocations are reported to the profiler like torch's own CPU allocator (so profiler memory numbers include
-// them). Limit: PHYSMDN_CPU_POOL_MB (default 256; 0 disables), or physmdn._C.set_cpu_pool_limit(bytes).
+// them). Limit: PHYSMDN_CPU_POOL_MB (default 256, at most 2^20; 0 disables), or physmdn._C.set_cpu_pool_limit(bytes).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/core/TensorOptions.h>
