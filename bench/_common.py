@@ -1,5 +1,5 @@
 """Shared benchmark helpers: timing (median, p20/p80; several implementations interleaved), peak memory, the
-copy-bandwidth roofline, machine facts, result tables (markdown + CSV under bench/results/).
+copy-bandwidth roofline, machine facts, result tables (markdown + CSV under bench/out/, ignored by git).
 
 Timings compare implementations in one run, as ratios. CPU peak memory is the high-water mark of bytes
 allocated through torch's CPU allocator during one call (torch.profiler memory events); CUDA peak memory is
@@ -268,7 +268,8 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Runs write here (ignored by git), never to tracked files; curated baselines live in bench/baselines/.
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 
 
 def append_markdown(text: str, device: str, out_dir: str = RESULTS_DIR) -> str:
@@ -316,7 +317,7 @@ def info_header(name: str, info: dict) -> str:
 
 def write_results(name: str, device: str, info: dict, rows: list[dict], columns: list[str], notes: str = "",
                   out_dir: str = RESULTS_DIR) -> str:
-    """Print the table and append it (markdown) and the rows (CSV) under bench/results/."""
+    """Print the table and append it (markdown) and the rows (CSV) to ``out_dir`` (default bench/out/)."""
     table = format_table(rows, columns)
     text = info_header(name, info) + table + ("\n\n" + notes if notes else "") + "\n\n"
     append_markdown(text, device, out_dir)

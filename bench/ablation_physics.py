@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import os
 import time
 
 import torch
@@ -107,7 +108,7 @@ def main():
     ap.add_argument("--physics-weight", type=float, default=1.0, help="physics weight of the --ablate variants")
     ap.add_argument("--cfm-epochs", default="150,400")
     ap.add_argument("--cfm-steps", default="32,100")
-    ap.add_argument("--csv", default="runs/ablation_physics.csv")
+    ap.add_argument("--csv", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "ablation_physics.csv"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -163,6 +164,7 @@ def main():
     fields = []
     for r in all_rows:
         fields += [k for k in r if k not in fields]
+    os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     with open(args.csv, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()

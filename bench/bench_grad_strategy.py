@@ -1,4 +1,4 @@
-"""Forward-computes-gradients vs recomputing backward, for physmdn.mixture_nll (issue: keep the faster).
+"""Forward-computes-gradients vs recomputing backward, for physmdn.mixture_nll (which of the two is faster).
 
     python bench/bench_grad_strategy.py [--B 65536 --K 8 --D 4] [--device cpu|cuda]
 

@@ -10,7 +10,7 @@ over the batch (stride 0) and differentiated as the parameter. ``isotropic``: on
 ``[B, K, 1]`` expanded over D (the classic MDN of spherical Gaussians).
 
 Prints one table (median, p20/p80, peak memory, physmdn speedup) with machine and versions, and appends
-it to bench/results/<machine>.md / .csv.
+it to bench/out/<machine>.md / .csv (ignored by git).
 """
 
 from __future__ import annotations

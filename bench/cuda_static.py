@@ -2,13 +2,14 @@
 stores in the SASS (their width, how many each thread has in flight), atomics, and the theoretical occupancy and
 bytes in flight per SM of the launches the CUDA backend makes.
 
-    python bench/cuda_static.py [--arch 90] [--no-save] [--all]
+    python bench/cuda_static.py [--arch 90] [--no-save] [--all] [--save-baseline]
 
 Compiles csrc/cuda/kernels.cu (the real build's source and flags, for one architecture) with ``nvcc -cubin -Xptxas
 -v``, reads ptxas' resource usage, disassembles the cubin with ``nvdisasm`` (the ``nvidia-cuda-nvdisasm`` wheel; on
 PATH or in ``$CUDA_HOME/bin`` also works) and reads the SASS. The compile (about 2.5 minutes on 2 cores) is cached
 under build/cuda_static/, keyed by the sources and flags. Prints a table of the kernels the backend launches by
-default (``--all``: every kernel) and appends it to bench/results/cuda-static.md / .csv.
+default (``--all``: every kernel) and appends it to bench/out/cuda-static.md / .csv (ignored by git);
+``--save-baseline`` overwrites the curated bench/baselines/cuda-static.md / .csv with this run instead.
 
 What the columns mean:
 - ``regs``, ``stack`` (bytes of local memory per thread: arrays the compiler could not keep in registers),
@@ -45,7 +46,8 @@ import sysconfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(ROOT, "build", "cuda_static")
-RESULTS = os.path.join(ROOT, "bench", "results")
+RESULTS = os.path.join(ROOT, "bench", "out")
+BASELINES = os.path.join(ROOT, "bench", "baselines")
 
 # sm_90 (Hopper) limits
 SM90 = dict(regs_per_sm=65536, reg_unit=256, max_regs=255, max_warps=64, max_blocks=32, smem_per_sm=233472,
@@ -401,6 +403,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="90", help="compute capability without the dot (default 90: Hopper)")
     p.add_argument("--all", action="store_true", help="also list every kernel of the build")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--save-baseline", action="store_true",
+                   help="overwrite bench/baselines/cuda-static.md / .csv with this run (instead of appending to bench/out/)")
     args = p.parse_args(argv)
     kernels = analyze(args.arch)
     rows = case_rows(kernels)
@@ -424,12 +428,14 @@ def main(argv=None) -> int:
                               for n, k in sorted(kernels.items())], ALL_COLUMNS) + "\n"
     print(text)
     if not args.no_save:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "cuda-static.md"), "a") as f:
+        # The baseline is one keyed run, overwritten; bench/out/ keeps a log of local runs.
+        out_dir, mode = (BASELINES, "w") if args.save_baseline else (RESULTS, "a")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "cuda-static.md"), mode) as f:
             f.write(text + "\n")
-        path = os.path.join(RESULTS, "cuda-static.csv")
-        new = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
+        path = os.path.join(out_dir, "cuda-static.csv")
+        new = mode == "w" or not os.path.exists(path)
+        with open(path, mode, newline="") as f:
             w = csv.DictWriter(f, fieldnames=["date", "git", "arch", *COLUMNS, "error"], extrasaction="ignore")
             if new:
                 w.writeheader()

@@ -9,9 +9,10 @@
 #
 # Steps run in order; a failing step is recorded and the next one runs anyway. Each step gets a hard timeout,
 # the smaller of its own cap and what is left of the budget. The summary table (step, status, seconds, key
-# numbers) is printed last. Outputs: bench/results/gpu_check_<UTC stamp>.log (everything printed) and .keys.txt
-# (the benchmark's key numbers); bench/run.py appends its tables to bench/results/<gpu>.md and .csv.
-# A dry run writes under bench/results/dry-run/ instead (ignored by git).
+# numbers) is printed last. Outputs: bench/out/gpu_check_<UTC stamp>.log (everything printed) and .keys.txt
+# (the benchmark's key numbers); bench/run.py appends its tables to bench/out/<gpu>.md and .csv.
+# A dry run writes under bench/out/dry-run/ instead. bench/out/ is ignored by git: curated baselines are
+# copied to bench/baselines/ by hand.
 set -u
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +26,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --budget) BUDGET=$2; shift ;;
     --copy-to) COPY_TO=$2; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)"; exit 2 ;;
   esac
   shift
@@ -37,7 +38,7 @@ case "$PY" in  # absolute (steps run from other directories); a venv's python st
   *) PY=$(command -v "$PY" || echo "$PY") ;;
 esac
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-if [ "$DRY" = 1 ]; then OUTDIR=bench/results/dry-run; DEVICE=cpu; else OUTDIR=bench/results; DEVICE=cuda; fi
+if [ "$DRY" = 1 ]; then OUTDIR=bench/out/dry-run; DEVICE=cpu; else OUTDIR=bench/out; DEVICE=cuda; fi
 mkdir -p "$OUTDIR"
 LOG="$OUTDIR/gpu_check_$STAMP.log"
 KEYS="$OUTDIR/gpu_check_$STAMP.keys.txt"

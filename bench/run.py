@@ -26,7 +26,7 @@ rotating), so that a change in background load hits them alike; the first call (
 apart (``first_call_s``) and followed by warm-up calls. ``torch.compile`` runs in its default mode with the batch
 dimension marked dynamic, so it compiles once per (K, D, dtype, grad mode), not per batch size.
 
-Results: printed, and appended to bench/results/<machine>.md (summary tables, then every op row) and .csv (every
+Results: printed, and appended to bench/out/<machine>.md (ignored by git; summary tables, then every op row) and .csv (every
 row, with a ``section`` column), with machine, versions, git revision, load average (at start and end) and date.
 Timings compare implementations within one run; on a shared CPU, read the ratios, not the absolute times (the run
 warns when the load average says other work shares the cores; ``--threads 1`` then gives steadier numbers). The CPU

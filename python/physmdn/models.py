@@ -137,8 +137,8 @@ class _ConditionalModel(nn.Module):
 
 class _CpuSoftplus(torch.autograd.Function):
     """softplus(x) = max(x, 0) + log(1 + exp(-|x|)), written with log2 (torch's CPU log and log1p are 7-10x slower
-    than its log2 on some CPUs: softplus was 13 % of an MDN training step at B = 4096), and the exact derivative
-    sigmoid(x) in the backward. float32: the log term is within 1.1e-7 of exact (absolute; below e^-17 it is 0
+    than its log2 on some CPUs: with them softplus takes ~13 % of an MDN training step at B = 4096; see
+    docs/performance.md), and the exact derivative sigmoid(x) in the backward. float32: the log term is within 1.1e-7 of exact (absolute; below e^-17 it is 0
     where F.softplus keeps the tiny value), the sum within rounding; x > 20 gives x exactly, as F.softplus."""
 
     @staticmethod

@@ -2,14 +2,14 @@
 
 Every problem maps a context ``x [C]`` to a multimodal conditional distribution ``p(y | x)`` over ``y [D]``:
 
-============================  ===========================  =======  ====  =========================================
-name                          context                      ``C``    ``D`` modes (branches)
-============================  ===========================  =======  ====  =========================================
-``pitchfork``                 ``r``                        1        1     single equilibrium, upper, lower
-``allen_cahn``                ``eps, sigma, bias``         3        32    all +1, all -1, kink states
-``hugoniot``                  ``u_p`` (km/s)               1        2     elastic, plastic, phase-transformed
-``reaction_diffusion``        ``D, a``                     2        32    uniform low, uniform high, pinned fronts
-============================  ===========================  =======  ====  =========================================
+============================  ===========================  =======  ======  =========================================
+name                          context                      ``C``    ``D``   modes (branches)
+============================  ===========================  =======  ======  =========================================
+``pitchfork``                 ``r``                        1        1       single equilibrium, upper, lower
+``allen_cahn``                ``eps, sigma, bias``         3        32      all +1, all -1, kink states
+``hugoniot``                  ``u_p`` (km/s)               1        2       elastic, plastic, phase-transformed
+``reaction_diffusion``        ``D, a``                     2        32      uniform low, uniform high, pinned fronts
+============================  ===========================  =======  ======  =========================================
 
 Common protocol (:class:`Problem`), all tensors in the problem's physical units:
 
