@@ -38,8 +38,12 @@ def small_mdn(seed=0):
 def trained(tmp_path_factory):
     """A checkpoint folder after 2 epochs of 2 steps: ``last.pt`` (step 4), ``last.prev.pt`` (step 2), ``best.pt``."""
     folder = tmp_path_factory.mktemp("ckpt")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    fit(small_mdn(), toy(100, 0), epochs=2, batch_size=50, checkpoint_dir=str(folder), restore_best=False, **QUIET)
+    try:
+        fit(small_mdn(), toy(100, 0), epochs=2, batch_size=50, checkpoint_dir=str(folder), restore_best=False, **QUIET)
+    finally:
+        torch.set_num_threads(threads)
     return folder
 
 
@@ -145,6 +149,20 @@ def test_one_flipped_tensor_byte_is_detected(trained, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupted"):
         load(str(path))
+
+
+def test_flipped_bytes_in_the_pickle_are_detected(trained, tmp_path):
+    path = copy_of(trained, tmp_path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start: start + 4] = b"\xff\xff\xff\xff"  # the pickle's opening opcodes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"corrupted: archive member '.*data\.pkl' fails its CRC check") as exc:
+        load(str(path))
+    assert str(path) in str(exc.value)
 
 
 def test_format_versions(trained, tmp_path):
@@ -317,13 +335,14 @@ def test_orphaned_temp_files_are_removed(tmp_path, on):
     C.save_checkpoint({"w": torch.ones(3)}, str(path))
     finished = path.stat().st_mtime
     orphans = [tmp_path / f"last.pt.tmp{dead_pid()}",      # a killed writer
+               tmp_path / f"last.prev.pt.tmp{dead_pid()}",  # killed while keeping the previous file
                tmp_path / f"last.pt.tmp{os.getpid()}",     # this process's own failed write
                tmp_path / "last.pt.tmp1"]                  # pid alive (init) but older than last.pt: stale
     kept = [tmp_path / "last.pt.tmp1x",                    # not a temp name
             tmp_path / "best.pt.tmp999999999"]             # another checkpoint's temp
     for p in orphans + kept:
         p.write_bytes(b"PK\x03\x04 partial")
-    os.utime(orphans[2], (finished - 60, finished - 60))
+    os.utime(orphans[3], (finished - 60, finished - 60))
     live = tmp_path / f"last.pt.tmp{os.getppid()}"         # a live writer, newer than last.pt: in progress
     live.write_bytes(b"PK\x03\x04 partial")
     os.utime(live, (finished + 60, finished + 60))

@@ -104,13 +104,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_orphaned_temps(path: str) -> list[str]:
-    """Remove the temp files of ``path`` left by interrupted writes; returns their paths.
+    """Remove the temp files of ``path`` and of its previous copy left by interrupted writes; returns their paths.
 
     A ``<name>.tmp<pid>`` is an orphan when process ``pid`` is gone, when it is this process's own (a write that
     raised), or when it is older than ``path`` itself (a write that finished later made it stale, whatever
     process now has that pid)."""
     folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(re.escape(name) + r"\.tmp(\d+)$")
+    prev = os.path.basename(previous_path(path))
+    pattern = re.compile(f"(?:{re.escape(name)}|{re.escape(prev)})" + r"\.tmp(\d+)$")
     try:
         entries = os.listdir(folder)
         finished = os.stat(path).st_mtime if os.path.exists(path) else None
