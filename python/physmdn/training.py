@@ -13,7 +13,7 @@ calls, destroyed at exit; a group the script made itself is used as is), wraps t
 batch: each of the ``W`` processes takes ``batch_size / W`` samples, so ``W`` processes follow the same
 trajectory as one process (up to floating-point summation order).
 
-Layering: imports ops, distributions, physics (lazily) and models.
+Layering: imports ops, checkpoint files (_checkpoint), distributions, physics (lazily) and models.
 """
 
 from __future__ import annotations
