@@ -18,7 +18,7 @@ from . import _func  # noqa: E402,F401  (batching rules of the ops, functorch au
 from . import distributions, transport, models, training  # noqa: E402
 from .distributions import GaussianMixture, Modes  # noqa: E402
 from .models import MDN, CFM  # noqa: E402
-from .training import FitResult, LinearWarmup, fit, load  # noqa: E402
+from .training import CheckpointError, FitResult, LinearWarmup, fit, load  # noqa: E402
 from . import problems, metrics  # noqa: E402
 
 
@@ -61,6 +61,6 @@ def cpu_pool_release() -> None:
 __all__ = [
     "mixture_nll", "mdn_loss", "reference", "physics", "build_info", "__version__",
     "cpu_pool_stats", "set_cpu_pool_limit", "cpu_pool_release",
-    "GaussianMixture", "Modes", "MDN", "CFM", "fit", "load", "FitResult", "LinearWarmup",
+    "GaussianMixture", "Modes", "MDN", "CFM", "fit", "load", "CheckpointError", "FitResult", "LinearWarmup",
     "distributions", "transport", "models", "training", "problems", "metrics",
 ]

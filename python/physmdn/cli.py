@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 import warnings
 from typing import Sequence
@@ -397,10 +398,16 @@ def plot_compare(rows: list[dict], path: str, metrics=("energy", "mode_weight_er
 # ----- commands -------------------------------------------------------------------------------------
 
 def _out_dir(path: str) -> str:
+    """Create ``path`` if needed and prove it writable by creating and removing a file, before any work starts
+    (permission bits alone miss read-only mounts, ACLs and root)."""
     try:
         os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".physmdn-write-probe-", dir=path)
+        os.close(fd)
+        os.remove(probe)
     except OSError as exc:
-        raise CLIError(f"--out must be a writable directory, got {path!r} ({exc.strerror})") from None
+        raise CLIError(f"--out must be a writable directory, got {path!r} "
+                       f"({exc.strerror or type(exc).__name__})") from None
     return path
 
 

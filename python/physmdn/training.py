@@ -13,7 +13,7 @@ calls, destroyed at exit; a group the script made itself is used as is), wraps t
 batch: each of the ``W`` processes takes ``batch_size / W`` samples, so ``W`` processes follow the same
 trajectory as one process (up to floating-point summation order).
 
-Layering: imports ops, distributions, physics (lazily) and models.
+Layering: imports ops, checkpoint files (_checkpoint), distributions, physics (lazily) and models.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
+from ._checkpoint import (CHECKPOINT_FORMAT, CheckpointError, check_finite_state, previous_path, read_checkpoint,
+                          save_checkpoint)
 from ._ops import mixture_nll
 from .distributions import GaussianMixture
 from .models import MDN, build_model
 
 __all__ = ["fit", "FitResult", "load", "load_checkpoint", "mixture_loss", "LinearWarmup", "seed_everything",
-           "is_main_process", "CHECKPOINT_FORMAT"]
-
-CHECKPOINT_FORMAT = "physmdn.checkpoint/1"
+           "is_main_process", "CHECKPOINT_FORMAT", "CheckpointError"]
 
 
 # ----- losses ---------------------------------------------------------------------------------------
@@ -327,13 +327,6 @@ def _physmdn_version() -> str | None:
     return getattr(sys.modules.get("physmdn"), "__version__", None)
 
 
-def _atomic_save(obj, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _cpu_state(module: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -348,18 +341,23 @@ def _model_record(model: nn.Module) -> dict:
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """The checkpoint dict written by :func:`fit` (``last.pt``, ``best.pt``, ...), loaded with ``weights_only=True``.
+    """The checkpoint dict written by :func:`fit` (``last.pt``, ``best.pt``, ...), loaded with ``weights_only=True``
+    and verified against its content checksum.
 
-    Keys: ``format``, ``model_class``, ``model_config``, ``model_state``, ``versions``; training checkpoints also
-    ``optimizer_state``, ``scheduler_state``, ``epoch``/``step_in_epoch`` (the next batch to run), ``global_step``,
-    ``rng`` (one state per rank), ``history``, ``best``, ``bad_epochs``, ``accumulators``, ``fit_args``.
+    Keys: ``format``, ``checksum``, ``model_class``, ``model_config``, ``model_state``, ``versions``; training
+    checkpoints also ``optimizer_state``, ``scheduler_state``, ``epoch``/``step_in_epoch`` (the next batch to run),
+    ``global_step``, ``rng`` (one state per rank), ``history``, ``best``, ``bad_epochs``, ``accumulators``,
+    ``fit_args``. Each write keeps the file it replaces as ``<name>.prev.pt``.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: (a ``ValueError``) naming the file and the cause: empty, truncated, not a checkpoint,
+            corrupted (checksum mismatch), or an unknown format version.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint path must be an existing file, got {path!r}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path!r} must be a physmdn checkpoint (format {CHECKPOINT_FORMAT!r}), got format "
-                         f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}")
+    ckpt = read_checkpoint(path, map_location)
+    if "model_class" not in ckpt or "model_config" not in ckpt or "model_state" not in ckpt:
+        raise CheckpointError(f"checkpoint {path!r} must hold model_class, model_config and model_state, got keys "
+                              f"{sorted(ckpt)}")
     return ckpt
 
 
@@ -641,7 +639,14 @@ def _fit(*, model, train, val, epochs, batch_size, lr, weight_decay, optimizer, 
                                  best_epoch=None, best_state=None, bad_epochs=0)
     acc = torch.zeros(len(_TERMS) + 2, device=device, dtype=torch.float64)  # terms, grad norm, count
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, map_location=device)
+        try:
+            ckpt = load_checkpoint(resume_path, map_location=device)
+        except CheckpointError as exc:
+            prev = previous_path(resume_path)
+            if not os.path.isfile(prev):
+                raise
+            raise CheckpointError(f"{exc}; the checkpoint it replaced is {prev!r}: pass resume={prev!r} to "
+                                  "continue from there") from exc
         if ckpt["model_class"] != type(model).__name__ or ckpt["model_config"] != model.config:
             raise ValueError(f"resume checkpoint must match the model: checkpoint has {ckpt['model_class']} "
                              f"{ckpt['model_config']}, model is {type(model).__name__} {model.config}")
@@ -677,6 +682,7 @@ def _fit(*, model, train, val, epochs, batch_size, lr, weight_decay, optimizer, 
             rng_all = gathered
         else:
             rng_all = [rng]
+        check_finite_state(model.state_dict(), path, state["global_step"])  # on every rank, so all stop together
         if not main:
             return
         record = _model_record(model)
@@ -686,7 +692,7 @@ def _fit(*, model, train, val, epochs, batch_size, lr, weight_decay, optimizer, 
                       rng=rng_all, history=state["history"], best_metric=state["best_metric"],
                       best_epoch=state["best_epoch"], best=state["best_state"], bad_epochs=state["bad_epochs"],
                       accumulators=acc.detach().cpu(), fit_args=fit_args)
-        _atomic_save(record, path)
+        save_checkpoint(record, path)
 
     last_path = os.path.join(checkpoint_dir, "last.pt") if checkpoint_dir else None
     best_path = os.path.join(checkpoint_dir, "best.pt") if checkpoint_dir else None
@@ -784,11 +790,13 @@ def _fit(*, model, train, val, epochs, batch_size, lr, weight_decay, optimizer, 
         best = state["best_metric"]
         if math.isfinite(value) and (best is None or value < best - min_delta):
             state["best_metric"], state["best_epoch"], state["bad_epochs"] = value, epoch, 0
+            if best_path:
+                check_finite_state(model.state_dict(), best_path, state["global_step"])
             state["best_state"] = _cpu_state(model)
             if best_path and main:
                 record = _model_record(model)
                 record.update(model_state=state["best_state"], epoch=epoch, metric=value, monitor=monitor)
-                _atomic_save(record, best_path)
+                save_checkpoint(record, best_path)
         else:
             state["bad_epochs"] += 1
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
