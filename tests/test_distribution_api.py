@@ -192,12 +192,11 @@ def test_cdf_matches_torch_and_integration(batch_shape):
     cdf = gm.cdf(x)
     assert cdf.shape == (9,) + batch_shape
     torch.testing.assert_close(cdf, univariate_torch(gm).cdf(x[..., 0]), rtol=1e-12, atol=1e-12)
-    # trapezoid integration of the density from far below
-    grid = torch.linspace(-30, 4, 340_001, dtype=torch.float64).view(-1, *([1] * len(batch_shape)), 1)
-    density = gm.log_prob(grid).exp()
-    integral = torch.cumulative_trapezoid(density, grid[..., 0], dim=0)
-    at = torch.searchsorted(grid.flatten().contiguous(), x.flatten().contiguous()) - 1
-    torch.testing.assert_close(cdf, integral[at], rtol=0, atol=1e-8)
+    # trapezoid integration of the density from far below up to each x (error ~ h^2 = 1e-8 relative)
+    t = torch.linspace(0, 1, 100_001, dtype=torch.float64).view(-1, *([1] * (x.dim())))
+    grid = -30.0 + (x + 30.0) * t  # [n, 9, *B, 1]
+    integral = torch.trapezoid(gm.log_prob(grid).exp(), grid[..., 0], dim=0)
+    torch.testing.assert_close(cdf, integral, rtol=0, atol=1e-8)
 
 
 @pytest.mark.parametrize("batch_shape", BATCH_SHAPES)
@@ -254,14 +253,18 @@ def test_entropy_bounds_closed_forms():
     lower, upper = one.entropy_bounds()
     torch.testing.assert_close(upper, gaussian)
     torch.testing.assert_close(lower, 0.5 * (torch.log(4 * math.pi * torch.tensor([0.6, -0.4]).exp())).sum().view(1).double())
-    torch.testing.assert_close(one.entropy(), gaussian)  # clamped to the exact value
+    # -log p(y) of a D-dim Gaussian is H - D/2 + chi^2_D / 2: standard deviation sqrt(D / 2)
+    assert (one.entropy() - gaussian).abs() <= 5 * math.sqrt(2 / 2) / math.sqrt(1024)
     # far-apart components: H -> sum_k pi_k H_k + H(pi), the upper bound
     pi = torch.tensor([0.3, 0.7], dtype=torch.float64)
     apart = GaussianMixture(pi.log().view(1, 2), torch.tensor([[[-50.0], [50.0]]], dtype=torch.float64),
                             torch.zeros(1, 2, 1, dtype=torch.float64))
     lower, upper = apart.entropy_bounds()
-    torch.testing.assert_close(lower, upper, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(apart.entropy(), upper, rtol=1e-9, atol=1e-9)
+    mixing = -(pi * pi.log()).sum()
+    torch.testing.assert_close(upper, (mixing + 0.5 * math.log(2 * math.pi * math.e)).view(1))
+    torch.testing.assert_close(lower, (mixing + 0.5 * math.log(4 * math.pi)).view(1))
+    estimate = apart.entropy()
+    assert estimate <= upper and (estimate - upper).abs() <= 5 * math.sqrt(0.5) / math.sqrt(1024)
 
 
 # ----- rsample gradients against closed forms ------------------------------------------------------
@@ -302,7 +305,7 @@ def test_rsample_gradients_match_closed_form(D, name):
     means = torch.randn(K, D, generator=g, dtype=torch.float64)
     log_scales = 0.2 * torch.randn(K, D, generator=g, dtype=torch.float64) - 0.3
     exact = torch.autograd.grad(closed_form_expectation(name, *(t.requires_grad_() for t in (logits, means, log_scales))),
-                                (logits, means, log_scales))
+                                (logits, means, log_scales), allow_unused=True, materialize_grads=True)
     per_draw = [t.detach().expand(N, *t.shape).clone().requires_grad_() for t in (logits, means, log_scales)]
     y = GaussianMixture(*per_draw).rsample(generator=torch.Generator().manual_seed(7))  # [N, D], one draw each
     grads = torch.autograd.grad(polynomial(name, y).sum(), per_draw)

@@ -464,4 +464,4 @@ class GaussianMixture(torch.distributions.Distribution):
         """
         found = find_modes(*self._flat(), max_iter=max_iter, tol=tol, merge_tol=merge_tol, min_weight=min_weight)
         batch = tuple(self.batch_shape)
-        return Modes(*(t.reshape(*batch, *t.shape[1:]) for t in found))
+        return Modes(*(t.reshape(batch + tuple(t.shape[1:])) for t in found))
