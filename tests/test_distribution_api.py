@@ -222,7 +222,8 @@ def test_icdf_inverts_cdf_and_has_implicit_gradients(batch_shape):
 
 def test_cdf_and_icdf_need_one_dimension():
     gm, _ = make((3,), D=2)
-    with pytest.raises(NotImplementedError, match=r"cdf needs a one-dimensional event \(D = 1\), got event_shape \(2,\)"):
+    with pytest.raises(NotImplementedError,
+                       match=r"cdf needs a one-dimensional event \(D = 1\), got event_shape \(2,\)"):
         gm.cdf(torch.zeros(3, 2, dtype=torch.float64))
     with pytest.raises(NotImplementedError, match="icdf needs a one-dimensional event"):
         gm.icdf(torch.full((3,), 0.5, dtype=torch.float64))
@@ -252,7 +253,8 @@ def test_entropy_bounds_closed_forms():
     gaussian = one.component(0).entropy()
     lower, upper = one.entropy_bounds()
     torch.testing.assert_close(upper, gaussian)
-    torch.testing.assert_close(lower, 0.5 * (torch.log(4 * math.pi * torch.tensor([0.6, -0.4]).exp())).sum().view(1).double())
+    variances = torch.tensor([0.6, -0.4], dtype=torch.float64).exp()  # sigma^2 = exp(2 log sigma)
+    torch.testing.assert_close(lower, 0.5 * torch.log(4 * math.pi * variances).sum().view(1))
     # -log p(y) of a D-dim Gaussian is H - D/2 + chi^2_D / 2: standard deviation sqrt(D / 2)
     assert (one.entropy() - gaussian).abs() <= 5 * math.sqrt(2 / 2) / math.sqrt(1024)
     # far-apart components: H -> sum_k pi_k H_k + H(pi), the upper bound
@@ -304,8 +306,9 @@ def test_rsample_gradients_match_closed_form(D, name):
     logits = torch.tensor([0.3, -0.4, 0.1], dtype=torch.float64)
     means = torch.randn(K, D, generator=g, dtype=torch.float64)
     log_scales = 0.2 * torch.randn(K, D, generator=g, dtype=torch.float64) - 0.3
-    exact = torch.autograd.grad(closed_form_expectation(name, *(t.requires_grad_() for t in (logits, means, log_scales))),
-                                (logits, means, log_scales), allow_unused=True, materialize_grads=True)
+    params = [t.requires_grad_() for t in (logits, means, log_scales)]
+    exact = torch.autograd.grad(closed_form_expectation(name, *params), params, allow_unused=True,
+                                materialize_grads=True)
     per_draw = [t.detach().expand(N, *t.shape).clone().requires_grad_() for t in (logits, means, log_scales)]
     y = GaussianMixture(*per_draw).rsample(generator=torch.Generator().manual_seed(7))  # [N, D], one draw each
     grads = torch.autograd.grad(polynomial(name, y).sum(), per_draw)
@@ -349,7 +352,8 @@ def test_modes_drop_light_components_and_merge_mass():
                          torch.full((1, 3, 1), math.log(0.5), dtype=torch.float64))
     default, every = gm.modes(), gm.modes(min_weight=0.0)
     assert default.counts.tolist() == [2] and every.counts.tolist() == [3]
-    torch.testing.assert_close(default.locations[0, :2, 0], torch.tensor([-3.0, 3.0], dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(default.locations[0, :2, 0], torch.tensor([-3.0, 3.0], dtype=torch.float64),
+                               atol=1e-6, rtol=0)
     torch.testing.assert_close(every.weights[0], pi, rtol=1e-12, atol=0)
     torch.testing.assert_close(default.weights[0], torch.tensor([0.6, 0.3996, 0.0], dtype=torch.float64))
     assert torch.isnan(default.locations[0, 2]).all() and not default.mask[0, 2]

@@ -38,7 +38,8 @@ def _check_params(logits, means, log_scales) -> torch.Size:
     if D < 1:
         raise ValueError(f"means must have D >= 1 output dimensions, got shape {tuple(means.shape)}")
     if logits.dim() < 1 or logits.shape[-1] != K:
-        raise ValueError(f"logits must be [B, K] = {tuple(means.shape[:-1])} to match means, got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must be [B, K] = {tuple(means.shape[:-1])} to match means, "
+                         f"got shape {tuple(logits.shape)}")
     if log_scales.dim() < 2 or tuple(log_scales.shape[-2:]) != (K, D):
         raise ValueError(f"log_scales must be [B, K, D] = {tuple(means.shape)} to match means, "
                          f"got shape {tuple(log_scales.shape)}")
@@ -57,7 +58,8 @@ def _as_sample_shape(sample_shape) -> torch.Size:
         try:
             n = operator.index(sample_shape)
         except TypeError:
-            raise TypeError(f"sample_shape must be a torch.Size, a tuple of ints or an int, got {sample_shape!r}") from None
+            raise TypeError(f"sample_shape must be a torch.Size, a tuple of ints or an int, "
+                            f"got {sample_shape!r}") from None
         if n < 1 or isinstance(sample_shape, bool):
             raise ValueError(f"sample_shape given as an int n must be an integer >= 1, got {sample_shape!r}")
         return torch.Size([n])
@@ -102,9 +104,10 @@ class GaussianMixture(torch.distributions.Distribution):
             log_scales = torch.log(scales)
         batch_shape = _check_params(logits, means, log_scales)
         K, D = means.shape[-2:]
-        self.logits = logits.expand(*batch_shape, K)
-        self.means = means.expand(*batch_shape, K, D)
-        self.log_scales = log_scales.expand(*batch_shape, K, D)
+        # broadcast only where needed, so that parameters of the full shape are kept as given
+        self.logits = logits if logits.shape[:-1] == batch_shape else logits.expand(*batch_shape, K)
+        self.means = means if means.shape[:-2] == batch_shape else means.expand(*batch_shape, K, D)
+        self.log_scales = log_scales if log_scales.shape[:-2] == batch_shape else log_scales.expand(*batch_shape, K, D)
         super().__init__(batch_shape, torch.Size([D]), validate_args=validate_args)
 
     def _like(self, logits, means, log_scales) -> "GaussianMixture":
@@ -225,7 +228,7 @@ class GaussianMixture(torch.distributions.Distribution):
         return self.modes(min_weight=0.0).locations[..., 0, :]
 
     def component(self, k: int) -> torch.distributions.Independent:
-        """Component ``k`` as ``Independent(Normal(mu[..., k, :], sigma[..., k, :]), 1)``: batch ``B``, event ``[D]``."""
+        """Component ``k``, ``Independent(Normal(mu[..., k, :], sigma[..., k, :]), 1)``: batch ``B``, event ``[D]``."""
         K = self.num_components
         if not isinstance(k, int) or not -K <= k < K:
             raise IndexError(f"k must be an int component index in [0, {K}), got {k!r}")
