@@ -45,6 +45,9 @@ def _check_params(logits, means, log_scales) -> torch.Size:
                          f"got shape {tuple(log_scales.shape)}")
     for t, name in ((logits, "logits"), (log_scales, "log_scales")):
         _check_like_means(t, name, means)
+    batch_shape = means.shape[:-2]
+    if logits.shape[:-1] == batch_shape and log_scales.shape[:-2] == batch_shape:  # the common case, fast
+        return batch_shape
     try:
         return torch.broadcast_shapes(logits.shape[:-1], means.shape[:-2], log_scales.shape[:-2])
     except RuntimeError:
@@ -175,6 +178,8 @@ class GaussianMixture(torch.distributions.Distribution):
 
     def _flat(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Parameters with the batch flattened: ``[N, K]``, ``[N, K, D]``, ``[N, K, D]`` (views when contiguous)."""
+        if self.logits.dim() == 2:  # one batch dimension already
+            return self.logits, self.means, self.log_scales
         K, D = self.num_components, self.event_dim
         return self.logits.reshape(-1, K), self.means.reshape(-1, K, D), self.log_scales.reshape(-1, K, D)
 
@@ -272,7 +277,8 @@ class GaussianMixture(torch.distributions.Distribution):
         try:
             if y.dim() < 1 or y.shape[-1] != D:
                 raise RuntimeError
-            shape = torch.broadcast_shapes(y.shape[:-1], self.batch_shape)
+            shape = self.batch_shape if y.shape[:-1] == self.batch_shape else torch.broadcast_shapes(
+                y.shape[:-1], self.batch_shape)
         except RuntimeError:
             raise ValueError(f"{name} must be [B, D] = {batch + (D,)} or [*S, B, D], got shape {tuple(y.shape)} "
                              f"(B: the batch shape {batch}, or a shape that broadcasts with it)") from None
@@ -290,7 +296,10 @@ class GaussianMixture(torch.distributions.Distribution):
             logits = self.logits.expand(*shape, K).reshape(-1, K)
             means = self.means.expand(*shape, K, D).reshape(-1, K, D)
             log_scales = self.log_scales.expand(*shape, K, D).reshape(-1, K, D)
-        return mixture_nll(logits, means, log_scales, y.expand(*shape, D).reshape(-1, D)).reshape(shape)
+        if y.shape[:-1] != shape:
+            y = y.expand(*shape, D)
+        out = mixture_nll(logits, means, log_scales, y if y.dim() == 2 else y.reshape(-1, D))
+        return out if out.shape == shape else out.reshape(shape)
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
         """``log p(y)``: ``[*S, B]`` for ``y [*S, B, D]`` (or any shape broadcasting with ``B + [D]``)."""
