@@ -109,7 +109,9 @@ def test_sample_draws_only_the_chosen_component():
     logits = torch.tensor([[0.0, -math.inf, 0.0]])
     means = torch.tensor([[[-1.0], [math.nan], [1.0]]])  # an impossible component holds NaN
     log_scales = torch.tensor([[[-2.0], [math.nan], [-2.0]]])
-    s = GaussianMixture(logits, means, log_scales).sample(1000, generator=torch.Generator().manual_seed(0))
+    # NaN parameters fail torch's argument validation, so it is switched off for this mixture
+    gm = GaussianMixture(logits, means, log_scales, validate_args=False)
+    s = gm.sample(1000, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(s).all()
     assert 0.4 < (s > 0).float().mean() < 0.6
 

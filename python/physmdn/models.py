@@ -230,7 +230,7 @@ class MDN(_ConditionalModel):
         means = self.y_loc + self.y_scale * self.means_head(h).to(dtype).view(B, K, D)
         raw = torch.log(self.y_scale) + self.scales_head(h).to(dtype).view(B, K, D)
         log_scales = self.log_min_scale + softplus(raw - self.log_min_scale)
-        return GaussianMixture(logits, means, log_scales)
+        return GaussianMixture(logits, means, log_scales, validate_args=False)  # no GPU sync per forward
 
 
 class CFM(_ConditionalModel):
