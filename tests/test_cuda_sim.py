@@ -385,16 +385,18 @@ def test_backend_mixture_nll_ops_match_the_cpu_ops(sim, schedule, B, K, D, layou
 @pytest.mark.parametrize("B,K,D,layout", [(9, 3, 4, "contiguous"), (300, 2, 5, "contiguous"), (5, 17, 4, "contiguous"),
                                           (7, 3, 4, "strided"), (70, 8, 2, "split")])
 @pytest.mark.parametrize("with_extra", [False, True])
-def test_backend_fused_loss_ops_match_the_cpu_ops(sim, kind, B, K, D, layout, with_extra):
+@pytest.mark.parametrize("moment,couple", [(2, False), (1, True), (0, True)])
+def test_backend_fused_loss_ops_match_the_cpu_ops(sim, kind, B, K, D, layout, with_extra, moment, couple):
     """mdn_loss_fwd / _bwd (the fused NLL + physics penalty) for every family, with and without the extra
-    per-component penalty, parameter gradients included, on each schedule."""
+    per-component penalty, parameter gradients included, on each schedule, in each moment (second, first, point)
+    with the weights detached or coupled."""
     from physmdn._fused import _kernel_args
     from test_physics import make_spec
 
     inputs = layout_inputs(B, K, D, torch.float64, layout, seed=K)
     inputs[2] = 0.3 * inputs[2] - 0.5
     spec = make_spec(kind, B, K, D, noise=0.2)
-    family, p0, p1, moment, couple, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
+    family, p0, p1, _, _, spacing, boundary, noise = _kernel_args(spec, B, K, D, inputs[1])
     p0, p1 = p0.detach(), p1.detach()
     extra = torch.rand(B, K, dtype=torch.float64) if with_extra else None
     args = (*inputs, p0, p1, extra, family, moment, couple, 0.7, spacing, boundary, noise)

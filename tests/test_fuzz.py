@@ -81,8 +81,10 @@ def reference_nll(logits, means, log_scales, target):
 
 
 def reference_mdn_loss(logits, means, log_scales, target, spec, weight):
-    """``NLL_b + weight * sum_k softmax(logits)_bk P_bk`` with ``P`` from the spec's own float64 ``penalty``."""
-    penalty = (torch.softmax(logits, dim=-1) * spec.penalty(means, log_scales)).sum(-1)
+    """``NLL_b + weight * sum_k softmax(logits)_bk P_bk`` with ``P`` from the spec's own float64 ``penalty``; the
+    weights are a constant of the penalty (detached) unless the spec's coupling is ``"coupled"``."""
+    pi = torch.softmax(logits, dim=-1)
+    penalty = ((pi if spec.coupling == "coupled" else pi.detach()) * spec.penalty(means, log_scales)).sum(-1)
     return reference_nll(logits, means, log_scales, target) + weight * penalty
 
 
@@ -140,17 +142,18 @@ def _spec(rng: random.Random, gen: torch.Generator, op: str, B: int, K: int, D: 
     def b_or_1(n):
         return rng.choice((1, n))
 
-    mode = rng.choice(("exact", "mean"))
+    mode = rng.choice(("exact", "first", "mean"))
+    coupling = rng.choice((None, "detached", "coupled"))
     noise = rng.choice((0.0, 0.0, 0.0, rng.uniform(0.0, 0.5)))
     if op == "polynomial":
         order = rng.randint(0, 3)
         coeffs = param(b_or_1(B), b_or_1(K), b_or_1(D), order + 1, scale=0.7)
-        return phys.Polynomial(coeffs, mode=mode, noise_scale=noise), order
+        return phys.Polynomial(coeffs, mode=mode, noise_scale=noise, coupling=coupling), order
     if op == "linear":
         M = rng.randint(1, 4)
         A = param(b_or_1(B), b_or_1(K), M, D)
         b = param(b_or_1(B), b_or_1(K), M)
-        return phys.Linear(A, b, mode=mode, noise_scale=noise), 1
+        return phys.Linear(A, b, mode=mode, noise_scale=noise, coupling=coupling), 1
     order = rng.randint(0, 3)
     diffusion = rng.choice((abs(rng.gauss(0.0, 1.0)), param(b_or_1(B), b_or_1(K)).abs()))
     reaction = param(b_or_1(B), b_or_1(K), order + 1, scale=0.7)
@@ -158,7 +161,7 @@ def _spec(rng: random.Random, gen: torch.Generator, op: str, B: int, K: int, D: 
     spacing = rng.choice((0.5, 1.0, 2.0)) if dtype == torch.bfloat16 else rng.uniform(0.3, 2.0)
     boundary = "periodic" if op == "stencil_periodic" else "neumann"
     return phys.Stencil1D(diffusion, reaction, spacing=spacing, boundary=boundary, mode=mode,
-                          noise_scale=noise), max(order, 1)
+                          noise_scale=noise, coupling=coupling), max(order, 1)
 
 
 class Case:
@@ -329,7 +332,8 @@ def test_corpus_covers_the_space():
     assert {lay for c in cases for lay in c.layouts.values()} == {*LAYOUTS, "split"}
     assert {0, 1} <= {c.shape[0] for c in cases} and any(c.shape[0] % 2 and c.shape[0] > 8 for c in cases)
     assert {1, 9} <= {c.shape[1] for c in cases} and {1, 9} <= {c.shape[2] for c in cases}
-    assert {c.spec.mode for c in cases if c.spec is not None} == {"exact", "mean"}
+    assert {c.spec.mode for c in cases if c.spec is not None} == {"exact", "first", "mean"}
+    assert {c.spec.coupling for c in cases if c.spec is not None} == {None, "detached", "coupled"}
     for op in OPS:
         views = [v for c in cases if c.op == op for v in c.inputs(c.leaves)]
         assert any(not v.is_contiguous() for v in views) and any(0 in v.stride() for v in views if v.numel() > 1)
