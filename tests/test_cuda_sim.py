@@ -16,6 +16,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.sim
+
 import physmdn
 from physmdn import reference
 from conftest import rel_err

@@ -674,13 +674,19 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
     ``loss_b = NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk``,  ``pi = softmax(logits)``.
 
     Args:
-        logits ``[B, K]``, means ``[B, K, D]``, log_scales ``[B, K, D]``, target ``[B, D]``.
+        logits: ``[B, K]`` mixture logits.
+        means: ``[B, K, D]`` component means.
+        log_scales: ``[B, K, D]`` component log standard deviations.
+        target: ``[B, D]`` observations.
         physics: None, a :class:`PhysicsSpec`, or a list of specs / ``(spec, weight)`` pairs, bound to this batch.
         weight: the global physics weight ``lambda``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]``).
         coupling: ``"detached"`` (``pi`` is a constant of the penalty: the mixture weights learn from the likelihood
             alone) or ``"coupled"`` (the penalty's gradient also moves mass between components); a spec's own
-            ``coupling`` takes precedence. See docs/physics.md for the measurements behind the default.
+            ``coupling`` takes precedence. The measurements behind the default are in docs/physics.md.
+
+    Returns:
+        The loss, reduced as ``reduction`` says.
     """
     fast, (logits, means, log_scales, target) = _ops.prepared_inputs(logits, means, log_scales, target)
     if reduction not in ("mean", "sum", "none"):
