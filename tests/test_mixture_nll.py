@@ -248,11 +248,66 @@ def _bad_cases():
     ]
 
 
+# the Python boundary takes leading batch dimensions ([*, K], [*, K, D], [*, D]) and names them so
+_PYTHON_MESSAGES = {0: "means must be \\[\\*, K, D\\]", 1: "logits must be \\[\\*, K\\] with K = 3",
+                    2: "log_scales must be \\[\\*, K, D\\] with \\(K, D\\) = \\(3, 2\\)",
+                    3: "batch dimensions of logits \\(4,\\), means \\(4,\\), log_scales \\(4,\\) and target \\(3,\\) "
+                       "must broadcast", 4: "target must be \\[\\*, D\\] with D = 2"}
+
+
 @pytest.mark.parametrize("case", range(len(_bad_cases())))
 def test_bad_input_python_boundary(case):
     args, message = _bad_cases()[case]
-    with pytest.raises((ValueError, TypeError), match=message):
+    if case == 0:  # means [K, D] without a batch dimension broadcasts (a shared mean); a 1-D one cannot
+        args = (args[0], args[1][0], args[2], args[3])
+    with pytest.raises((ValueError, TypeError), match=_PYTHON_MESSAGES.get(case, message)):
         physmdn.mixture_nll(*args)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_leading_batch_dimensions_match_the_flattened_call(reduction, dtype, cpu_isa):
+    """[T, B, ...] inputs, a shared [K, D] mean and a [1, 1, K, D] log-scale broadcast as torch broadcasts: loss and
+    gradients equal the flattened, expanded call; the per-sample loss comes back as [T, B]."""
+    T, B, K, D = 3, 5, 4, 2
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(T, B, K, generator=g, dtype=dtype, requires_grad=True)
+    means = torch.randn(K, D, generator=g, dtype=dtype, requires_grad=True)
+    log_scales = (0.3 * torch.randn(1, 1, K, D, generator=g, dtype=dtype)).requires_grad_(True)
+    target = torch.randn(T, B, D, generator=g, dtype=dtype)
+    loss = physmdn.mixture_nll(logits, means, log_scales, target, reduction=reduction)
+    assert loss.shape == ((T, B) if reduction == "none" else ())
+    flat = physmdn.mixture_nll(logits.reshape(T * B, K), means.expand(T * B, K, D), log_scales[0].expand(T * B, K, D),
+                               target.reshape(T * B, D), reduction=reduction)
+    torch.testing.assert_close(loss.reshape(flat.shape), flat, rtol=0, atol=0)
+    ref = reference.mixture_nll(*[t.double() for t in (logits.reshape(T * B, K), means.expand(T * B, K, D),
+                                                       log_scales[0].expand(T * B, K, D), target.reshape(T * B, D))])
+    ref = {"none": ref, "mean": ref.mean(), "sum": ref.sum()}[reduction]
+    assert rel_err(loss.reshape(ref.shape), ref) <= (1e-12 if dtype == torch.float64 else 1e-5)
+    weights = torch.rand(loss.shape, generator=g, dtype=dtype)
+    grads = torch.autograd.grad((loss * weights).sum(), (logits, means, log_scales))
+    wrt = [t.detach().clone().requires_grad_(True) for t in (logits, means, log_scales)]
+    flat = physmdn.mixture_nll(wrt[0].reshape(T * B, K), wrt[1].expand(T * B, K, D), wrt[2][0].expand(T * B, K, D),
+                               target.reshape(T * B, D), reduction=reduction)
+    expected = torch.autograd.grad((flat * weights.reshape(flat.shape)).sum(), wrt)
+    for a, b in zip(grads, expected):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+
+
+def test_mdn_loss_takes_leading_batch_dimensions():
+    from physmdn import physics as P
+
+    T, B, K, D = 2, 3, 3, 2
+    g = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(T, B, K, generator=g, dtype=torch.float64), torch.randn(T, B, K, D, generator=g,
+              dtype=torch.float64), 0.3 * torch.randn(T, B, K, D, generator=g, dtype=torch.float64),
+              torch.randn(T, B, D, generator=g, dtype=torch.float64)]
+    spec = P.Polynomial(torch.tensor([0.0, 1.0, 0.0, -1.0], dtype=torch.float64), moment="first")
+    loss = P.mdn_loss(*inputs, physics=spec, weight=0.5, reduction="none")
+    flat = P.mdn_loss(*[t.reshape(T * B, *t.shape[2:]) for t in inputs], physics=spec, weight=0.5, reduction="none")
+    assert loss.shape == (T, B)
+    torch.testing.assert_close(loss.reshape(-1), flat, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", [c for c in range(len(_bad_cases())) if c != 9])

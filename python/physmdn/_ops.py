@@ -5,6 +5,7 @@ The compiled kernels live in ``torch.ops.physmdn.*`` (registered when ``physmdn.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -146,14 +147,55 @@ def fast_mixture_inputs(logits, means, log_scales, target) -> bool:
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
+def flatten_batch(logits, means, log_scales, target):
+    """Leading batch dimensions: ``logits [*, K]``, ``means / log_scales [*, K, D]`` and ``target [*, D]`` broadcast to
+    one batch shape ``S`` (as torch broadcasts) and flattened to ``[prod(S), ...]``, views where the layout allows
+    (a batch broadcast stays a stride-0 view, which the kernels read in place). Returns ``(S, tensors)``, ``S`` None
+    when the inputs already share one batch dimension."""
+    for t, name in ((logits, "logits"), (means, "means"), (log_scales, "log_scales"), (target, "target")):
+        _check_tensor(t, name)
+    if means.dim() < 2:
+        raise ValueError(f"means must be [*, K, D], got shape {tuple(means.shape)}")
+    K, D = means.shape[-2:]
+    if K < 1 or D < 1:
+        raise ValueError(f"means must have K >= 1 components and D >= 1 output dimensions, got shape "
+                         f"{tuple(means.shape)}")
+    if logits.dim() < 1 or logits.shape[-1] != K:
+        raise ValueError(f"logits must be [*, K] with K = {K} (the components of means), got shape {tuple(logits.shape)}")
+    if log_scales.dim() < 2 or tuple(log_scales.shape[-2:]) != (K, D):
+        raise ValueError(f"log_scales must be [*, K, D] with (K, D) = {(K, D)} (as means), got shape "
+                         f"{tuple(log_scales.shape)}")
+    if target.dim() < 1 or target.shape[-1] != D:
+        raise ValueError(f"target must be [*, D] with D = {D} (the outputs of means), got shape {tuple(target.shape)}")
+    shapes = (logits.shape[:-1], means.shape[:-2], log_scales.shape[:-2], target.shape[:-1])
+    if len(shapes[1]) == 1 and all(s == shapes[1] for s in shapes):
+        return None, (logits, means, log_scales, target)
+    try:
+        S = torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        raise ValueError(f"the batch dimensions of logits {tuple(shapes[0])}, means {tuple(shapes[1])}, log_scales "
+                         f"{tuple(shapes[2])} and target {tuple(shapes[3])} must broadcast to one batch shape") from None
+    n = math.prod(S)
+    return tuple(S), (logits.expand(*S, K).reshape(n, K), means.expand(*S, K, D).reshape(n, K, D),
+                      log_scales.expand(*S, K, D).reshape(n, K, D), target.expand(*S, D).reshape(n, D))
+
+
 def prepared_inputs(logits, means, log_scales, target):
-    """``(fast, (logits, means, log_scales, target))``: the inputs as they are when they pass
-    :func:`fast_mixture_inputs` (``fast`` True), else cast for autocast and checked in detail."""
+    """``(fast, batch_shape, (logits, means, log_scales, target))``: the inputs as they are when they pass
+    :func:`fast_mixture_inputs` (``fast`` True), else cast for autocast, flattened to one batch dimension
+    (:func:`flatten_batch`; ``batch_shape`` the shape to give a per-sample loss back, or None) and checked in
+    detail."""
     if fast_mixture_inputs(logits, means, log_scales, target):
-        return True, (logits, means, log_scales, target)
+        return True, None, (logits, means, log_scales, target)
     logits, means, log_scales, target = autocast_inputs(logits, means, log_scales, target)
+    batch_shape, (logits, means, log_scales, target) = flatten_batch(logits, means, log_scales, target)
     check_mixture_inputs(logits, means, log_scales, target)
-    return False, (logits, means, log_scales, target)
+    return False, batch_shape, (logits, means, log_scales, target)
+
+
+def unflatten_loss(loss: torch.Tensor, batch_shape, reduction: str) -> torch.Tensor:
+    """A per-sample loss ``[prod(S)]`` back to the callers' batch shape ``S`` (:func:`flatten_batch`)."""
+    return loss.reshape(batch_shape) if batch_shape is not None and reduction == "none" else loss
 
 
 def _refuse_forward_ad(name: str, args) -> None:
@@ -349,7 +391,9 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
         logits: ``[B, K]`` unnormalized component log-weights.
         means: ``[B, K, D]`` component means.
         log_scales: ``[B, K, D]`` log standard deviations.
-        target: ``[B, D]`` observations.
+        target: ``[B, D]`` observations. Any leading batch dimensions ``[*]`` in place of ``[B]`` broadcast as torch
+            broadcasts (a ``[T, B, ...]`` sequence, a ``[1, K, D]`` shared log-scale); the kernel sees the flattened
+            batch and the per-sample loss comes back as ``[*]``.
         reduction: ``"none"`` (``[B]``), ``"mean"`` or ``"sum"`` (scalars). With a reduction the kernel computes
             the gradients already scaled for it, so a backward from the scalar needs no pass over them; prefer
             ``reduction="mean"`` to ``mixture_nll(...).mean()`` in training loops.
@@ -367,7 +411,7 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
     """
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    fast, (logits, means, log_scales, target) = prepared_inputs(logits, means, log_scales, target)
+    fast, batch_shape, (logits, means, log_scales, target) = prepared_inputs(logits, means, log_scales, target)
     # Gradients are computed in the forward pass when they will be needed (one pass over the inputs), for the
     # upstream gradient the reduction will send (1/B for the mean); the backward then rescales them only if the
     # actual upstream gradient differs.
@@ -376,5 +420,6 @@ def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Ten
     B = means.shape[0]
     # (under torch.compile the scale stays 1: 1/B would specialize a dynamic batch size)
     grad_scale = 1.0 / B if reduction == "mean" and B > 0 and not torch.compiler.is_compiling() else 1.0
-    return call_op("mixture_nll", (logits, means, log_scales, target, compute_grad, grad_scale),
+    loss = call_op("mixture_nll", (logits, means, log_scales, target, compute_grad, grad_scale),
                    needs_autograd=compute_grad, reduction=reduction, plain=True if fast else None)
+    return unflatten_loss(loss, batch_shape, reduction)

@@ -677,7 +677,8 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
         logits: ``[B, K]`` mixture logits.
         means: ``[B, K, D]`` component means.
         log_scales: ``[B, K, D]`` component log standard deviations.
-        target: ``[B, D]`` observations.
+        target: ``[B, D]`` observations. Leading batch dimensions ``[*]`` broadcast as in
+            :func:`physmdn.mixture_nll`; the specs are then bound to the flattened batch ``[prod(*)]``.
         physics: None, a :class:`PhysicsSpec`, or a list of specs / ``(spec, weight)`` pairs, bound to this batch.
         weight: the global physics weight ``lambda``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]``).
@@ -688,13 +689,15 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
     Returns:
         The loss, reduced as ``reduction`` says.
     """
-    fast, (logits, means, log_scales, target) = _ops.prepared_inputs(logits, means, log_scales, target)
+    fast, batch_shape, (logits, means, log_scales, target) = _ops.prepared_inputs(logits, means, log_scales, target)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     coupling = _check_coupling(coupling, allow_none=False)
     items = _normalize_physics(physics)
     if not items or weight == 0.0:
-        return mixture_nll(logits, means, log_scales, target, reduction=reduction)
-    items = [(spec, w, _effective_coupling(spec, coupling)) for spec, w in items]
-    return _fused.fused_mdn_loss(logits, means, log_scales, target, items, float(weight), reduction=reduction,
-                                 fast=fast)
+        loss = mixture_nll(logits, means, log_scales, target, reduction=reduction)
+    else:
+        items = [(spec, w, _effective_coupling(spec, coupling)) for spec, w in items]
+        loss = _fused.fused_mdn_loss(logits, means, log_scales, target, items, float(weight), reduction=reduction,
+                                     fast=fast)
+    return _ops.unflatten_loss(loss, batch_shape, reduction)
