@@ -8,7 +8,7 @@ Both map a context ``x [B, in_features]`` to a distribution over outcomes ``y [o
   :meth:`set_normalization` is called, which ``physmdn.training.fit(normalize=True)`` does once). Inputs and
   outputs of the public methods are always in the data's own (physical) units; the networks see standardized ones.
 
-Layering: imports ops, distributions and transport, never training.
+Layering: imports ops, distributions, transport and the argument checks (_validation), never training.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _validation as check
 from .distributions import GaussianMixture
 from .transport import ot_coupling
 
@@ -31,20 +32,6 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _check_int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _check_positive(value, name: str, allow_zero: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")
-    return float(value)
-
-
 def _check_hidden(hidden) -> list[int]:
     if isinstance(hidden, int):
         hidden = (hidden,)
@@ -54,9 +41,7 @@ def _check_hidden(hidden) -> list[int]:
 
 
 def _check_activation(activation) -> str:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-    return activation
+    return check.one_of(activation, "activation", sorted(ACTIVATIONS))
 
 
 def mlp(in_features: int, hidden: Sequence[int], out_features: int | None = None, activation: str = "silu",
@@ -189,17 +174,17 @@ class MDN(_ConditionalModel):
                  activation: str = "silu", min_scale: float = 1e-4, init_scale: float | None = None,
                  mean_spread: float = 1.0, dropout: float = 0.0):
         super().__init__()
-        self.in_features = _check_int(in_features, "in_features", 1)
-        self.out_features = _check_int(out_features, "out_features", 1)
-        self.components = _check_int(components, "components", 1)
+        self.in_features = check.count(in_features, "in_features")
+        self.out_features = check.count(out_features, "out_features")
+        self.components = check.count(components, "components")
         hidden = _check_hidden(hidden)
         activation = _check_activation(activation)
-        min_scale = _check_positive(min_scale, "min_scale")
+        min_scale = check.positive(min_scale, "min_scale")
         if init_scale is None:
             init_scale = float(components) ** (-1.0 / out_features)
-        init_scale = _check_positive(init_scale, "init_scale")
-        mean_spread = _check_positive(mean_spread, "mean_spread", allow_zero=True)
-        dropout = _check_positive(dropout, "dropout", allow_zero=True)
+        init_scale = check.positive(init_scale, "init_scale")
+        mean_spread = check.nonnegative(mean_spread, "mean_spread")
+        dropout = check.nonnegative(dropout, "dropout")
         if dropout >= 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.config = dict(in_features=in_features, out_features=out_features, components=components, hidden=hidden,
@@ -260,21 +245,21 @@ class CFM(_ConditionalModel):
                  coupling: str = "independent", sigma_min: float = 0.0, ot_exact_max: int = 256,
                  ot_epsilon: float = 0.05, ot_iterations: int = 100, ot_context_weight: float = 100.0):
         super().__init__()
-        self.in_features = _check_int(in_features, "in_features", 1)
-        self.out_features = _check_int(out_features, "out_features", 1)
+        self.in_features = check.count(in_features, "in_features")
+        self.out_features = check.count(out_features, "out_features")
         hidden = _check_hidden(hidden)
         activation = _check_activation(activation)
-        time_features = _check_int(time_features, "time_features", 0)
+        time_features = check.count(time_features, "time_features", minimum=0)
         if time_features % 2:
             raise ValueError(f"time_features must be even (sin and cos per frequency), got {time_features}")
-        time_max_frequency = _check_positive(time_max_frequency, "time_max_frequency")
+        time_max_frequency = check.positive(time_max_frequency, "time_max_frequency")
         if coupling not in ("independent", "ot"):
             raise ValueError(f"coupling must be 'independent' or 'ot', got {coupling!r}")
-        sigma_min = _check_positive(sigma_min, "sigma_min", allow_zero=True)
-        ot_exact_max = _check_int(ot_exact_max, "ot_exact_max", 0)
-        ot_epsilon = _check_positive(ot_epsilon, "ot_epsilon")
-        ot_iterations = _check_int(ot_iterations, "ot_iterations", 1)
-        ot_context_weight = _check_positive(ot_context_weight, "ot_context_weight", allow_zero=True)
+        sigma_min = check.nonnegative(sigma_min, "sigma_min")
+        ot_exact_max = check.count(ot_exact_max, "ot_exact_max", minimum=0)
+        ot_epsilon = check.positive(ot_epsilon, "ot_epsilon")
+        ot_iterations = check.count(ot_iterations, "ot_iterations")
+        ot_context_weight = check.nonnegative(ot_context_weight, "ot_context_weight")
         self.config = dict(in_features=in_features, out_features=out_features, hidden=hidden, activation=activation,
                            time_features=time_features, time_max_frequency=time_max_frequency, coupling=coupling,
                            sigma_min=sigma_min, ot_exact_max=ot_exact_max, ot_epsilon=ot_epsilon,
@@ -379,8 +364,8 @@ class CFM(_ConditionalModel):
         Runs without gradients; put the model in ``eval()`` mode yourself.
         """
         context = self._check_context(context, "context")
-        n = _check_int(n, "n", 1)
-        steps = _check_int(steps, "steps", 1)
+        n = check.count(n, "n")
+        steps = check.count(steps, "steps")
         if method not in ("euler", "midpoint", "rk4"):
             raise ValueError(f"method must be 'euler', 'midpoint' or 'rk4', got {method!r}")
         B, D = context.shape[0], self.out_features
