@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from physmdn import cli
+from physmdn import experiments as E
 from physmdn import problems as P
 
 ap = argparse.ArgumentParser()
@@ -26,9 +26,9 @@ print("|---|---|---|---|---|")
 for name in ["pitchfork", "hugoniot", "allen_cahn", "reaction_diffusion"]:
     p = P.get(name)
     ctx = p.sample_contexts(100, seed=12345)
-    mdn = cli._sampler(cli._build_model(p, "mdn", None, None), "mdn", 32)
-    t_mdn = statistics.median(cli._time_sampling(mdn, p, torch.device("cpu")) for _ in range(args.reps))
+    mdn = E._sampler(E._build_model(p, "mdn", None, None), "mdn", 32)
+    t_mdn = statistics.median(E._time_sampling(mdn, p, torch.device("cpu")) for _ in range(args.reps))
     for steps in [int(s) for s in args.cfm_steps.split(",")]:
-        cfm = cli._sampler(cli._build_model(p, "cfm", None, None), "cfm", steps)
-        t_cfm = statistics.median(cli._time_sampling(cfm, p, torch.device("cpu")) for _ in range(max(3, args.reps // 3)))
+        cfm = E._sampler(E._build_model(p, "cfm", None, None), "cfm", steps)
+        t_cfm = statistics.median(E._time_sampling(cfm, p, torch.device("cpu")) for _ in range(max(3, args.reps // 3)))
         print(f"| {name} | {t_mdn:.3g} | {steps} | {t_cfm:.3g} | {t_cfm / t_mdn:.0f}x |")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import physmdn
-from physmdn import _checkpoint as C
+from physmdn.training import _format as C
 from physmdn import cli
 from physmdn.models import MDN
 from physmdn.training import CheckpointError, fit, load, load_checkpoint

@@ -7,7 +7,7 @@ the file they replace is kept as ``<stem>.prev<ext>`` (``last.pt`` -> ``last.pre
 ``weights_only=True`` (tensors and plain data only, never arbitrary objects) and raise :class:`CheckpointError`
 naming the file and the cause: empty, truncated, not a checkpoint, corrupted, or an unknown format version.
 
-Layering: imports torch only.
+Layering: imports torch only; the rest of :mod:`physmdn.training` builds on it.
 """
 
 from __future__ import annotations

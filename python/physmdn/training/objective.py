@@ -1,0 +1,133 @@
+"""The loss of one batch for either model family, and the checks on the data it is computed from.
+
+* MDN: ``NLL + physics_weight * physics penalty + regime_weight * regime term`` (:func:`mixture_loss`, which
+  uses :func:`physmdn.physics.mdn_loss` when physics is given);
+* CFM (and any model with ``loss()``): ``flow matching + physics_weight * endpoint residual`` (:meth:`CFM.loss`).
+
+Each batch also reports its terms as ``[4]`` in the order of ``TERMS`` (total, data, physics, regime), detached.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from .._ops import mixture_nll
+from ..distributions import GaussianMixture
+from ..models import MDN
+from ..physics import mdn_loss
+
+__all__ = ["mixture_loss"]
+
+TERMS = ("loss", "data", "physics", "regime")
+
+
+def mixture_loss(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, target: torch.Tensor,
+                 physics=None, weight: float = 1.0) -> torch.Tensor:
+    """Mean MDN training loss over the batch. Scalar.
+
+    ``physics is None`` (or ``weight == 0``): ``mean_b mixture_nll_b`` (fused op). Otherwise
+    :func:`physmdn.physics.mdn_loss` with ``reduction="mean"``:
+    ``mean_b [NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk]``. ``physics`` is a spec or a list of specs /
+    ``(spec, weight)`` pairs bound to this batch.
+    """
+    if physics is None or weight == 0.0:
+        return mixture_nll(logits, means, log_scales, target, reduction="mean")
+    return mdn_loss(logits, means, log_scales, target, physics=physics, weight=weight, reduction="mean")
+
+
+def _is_spec_like(physics) -> bool:
+    """A spec or list of specs (static physics) rather than a factory ``callable(context) -> specs``."""
+    return physics is not None and (isinstance(physics, (list, tuple)) or not callable(physics))
+
+
+class Objective(nn.Module):
+    """Loss of one batch, as a module so DistributedDataParallel can wrap the whole computation."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, labels, *, physics, physics_weight: float, regime_weight: float, regime_mode: str,
+                time_weighting: str, generator, autocast_dtype):
+        model = self.model
+        zero = torch.zeros((), device=y.device)
+        if not isinstance(model, MDN) and hasattr(model, "loss"):  # flow models: CFM and alike
+            total, data, penalty = model.loss(x, y, residual=physics, physics_weight=physics_weight,
+                                              time_weighting=time_weighting, generator=generator,
+                                              autocast_dtype=autocast_dtype, return_terms=True)
+            return total, torch.stack([t.detach().float() for t in (total, data, penalty, zero)])
+        # physics is bound to the batch before the forward pass (e.g. Monotonic needs x.requires_grad_ first)
+        specs = None
+        if physics is not None and physics_weight != 0.0:
+            specs = physics if _is_spec_like(physics) else physics(x)
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            mixture = model(x)
+        if not isinstance(mixture, GaussianMixture):
+            raise TypeError(f"model(x) must return a GaussianMixture (or the model must define loss()), "
+                            f"got {type(mixture).__name__}")
+        y = y.to(mixture.dtype)
+        total = mixture_loss(mixture.logits, mixture.means, mixture.log_scales, y, specs, physics_weight)
+        if specs is not None:  # only bound when physics_weight != 0
+            with torch.no_grad():
+                nll = mixture_nll(mixture.logits, mixture.means, mixture.log_scales, y, reduction="mean")
+            # derived, not recomputed (that would evaluate the physics twice): absolute error ~ 1e-7 |nll| / weight
+            penalty = ((total.detach() - nll) / physics_weight).clamp_min(0.0)
+        else:
+            nll, penalty = total.detach(), zero
+        regime = zero
+        if labels is not None and regime_weight != 0.0:
+            regime = mixture.regime_loss(labels, y, regime_mode)
+            total = total + regime_weight * regime
+        return total, torch.stack([t.detach().float() for t in (total, nll, penalty, regime)])
+
+
+def as_arrays(data, name: str, model: nn.Module):
+    """``(x [N, C], y [N, D], labels [N] | None)`` from a tuple/list of tensors or a TensorDataset, checked."""
+    if isinstance(data, TensorDataset):
+        tensors = tuple(data.tensors)
+    elif isinstance(data, (tuple, list)):
+        tensors = tuple(data)
+    else:
+        raise TypeError(f"{name} must be (x, y), (x, y, labels) or a TensorDataset, got {type(data).__name__}")
+    if len(tensors) not in (2, 3) or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise TypeError(f"{name} must hold 2 or 3 tensors (x, y[, labels]), got "
+                        f"{[type(t).__name__ for t in tensors]}")
+    x, y = tensors[0], tensors[1]
+    labels = tensors[2] if len(tensors) == 3 else None
+    C, D = model.in_features, model.out_features
+    if x.dim() == 1 and C == 1:
+        x = x.unsqueeze(-1)
+    if y.dim() == 1 and D == 1:
+        y = y.unsqueeze(-1)
+    if not x.is_floating_point() or x.dim() != 2 or x.shape[1] != C:
+        raise ValueError(f"{name} x must be a floating-point [N, in_features] = [N, {C}] tensor, got "
+                         f"{x.dtype} shape {tuple(x.shape)}")
+    if not y.is_floating_point() or y.dim() != 2 or y.shape[1] != D:
+        raise ValueError(f"{name} y must be a floating-point [N, out_features] = [N, {D}] tensor, got "
+                         f"{y.dtype} shape {tuple(y.shape)}")
+    N = x.shape[0]
+    if y.shape[0] != N:
+        raise ValueError(f"{name} y must have as many rows as x ({N}), got {y.shape[0]}")
+    if N < 1:
+        raise ValueError(f"{name} must hold at least 1 sample, got 0")
+    for t, part in ((x, "x"), (y, "y")):
+        bad = ~torch.isfinite(t).all(-1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten()
+            raise ValueError(f"{name} {part} must be finite, got NaN/inf in {rows.numel()} of {N} rows "
+                             f"(first at row {int(rows[0])})")
+    if labels is not None:
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.dim() != 1 or labels.shape[0] != N:
+            raise ValueError(f"{name} labels must be an integer [N] = [{N}] tensor (-1 = unknown regime), got "
+                             f"{labels.dtype} shape {tuple(labels.shape)}")
+        if not isinstance(model, MDN):
+            raise ValueError(f"{name} labels (regimes) need a mixture model (MDN), got {type(model).__name__}")
+        K = model.components
+        if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= K):
+            raise ValueError(f"{name} labels must be in [-1, {K - 1}] (-1 = unknown, else a component index < "
+                             f"components = {K}), got values in [{int(labels.min())}, {int(labels.max())}]")
+        labels = labels.long()
+    return x, y, labels
+
