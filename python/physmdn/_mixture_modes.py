@@ -26,14 +26,10 @@ class Modes(NamedTuple):
     padding (``mask`` False, ``locations`` NaN, ``densities`` 0, ``log_densities`` -inf, ``weights`` 0).
     ``B`` stands for the mixture's batch shape (any number of dimensions).
 
-    Fields:
-        locations: ``[B, K, D]`` mode locations.
-        densities: ``[B, K]`` mixture density ``p(mode)``.
-        log_densities: ``[B, K]`` ``log p(mode)``.
-        mask: ``[B, K]`` bool, True where an entry is a mode.
-        counts: ``[B]`` number of modes per batch element (``1 <= counts[b] <= K``).
-        weights: ``[B, K]`` mass of each mode: the summed weight ``pi_k`` of the components whose mean-shift
-            iteration converged to it (its basin of attraction, read off at the component means).
+    The fields: ``locations [B, K, D]``; ``densities [B, K]``, the mixture density ``p(mode)``;
+    ``log_densities [B, K]``; ``mask [B, K]``, True where an entry is a mode; ``counts [B]``, modes per batch
+    element (``1 <= counts[b] <= K``); ``weights [B, K]``, the mass of each mode: the summed weight ``pi_k`` of the
+    components whose mean-shift iteration converged to it (its basin of attraction, read off at the component means).
     """
 
     locations: torch.Tensor
