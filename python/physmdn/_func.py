@@ -197,3 +197,6 @@ def apply(name: str, args) -> torch.Tensor:
     function = FUNCTIONS[name]
     i = function.compute_grad_index
     return function.apply(*args[:i], False, *args[i + 1:])[0]
+
+
+_ops.FUNCTORCH_APPLY[0] = apply

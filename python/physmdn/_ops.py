@@ -209,6 +209,11 @@ def _refuse_forward_ad(name: str, args) -> None:
                 f"jacrev)")
 
 
+# The functorch path of call_op: python/physmdn/_func.py (which builds on this module and _fused.py) installs
+# its ``apply(name, args)`` here on import, so that this module imports neither.
+FUNCTORCH_APPLY: list = [None]
+
+
 def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plain: bool | None = None) -> torch.Tensor:
     """The loss of ``torch.ops.physmdn.<name>_fwd(*args)``, reduced (``"none"``, ``"mean"`` or ``"sum"``). In eager
     mode without autograd straight to the kernel; with autograd through ``_<name>_autograd`` (the same arguments and
@@ -226,10 +231,8 @@ def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plai
         with torch._C._AutoDispatchBelowAutograd():
             loss = getattr(torch.ops.physmdn, f"{name}_fwd").default(*args)[0]
     elif needs_autograd and torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
-        from ._func import apply  # (_func.py: register_autograd's Function lacks setup_context, which functorch
-        # requires)
-
-        loss = apply(name, args)
+        # (register_autograd's Function lacks setup_context, which functorch requires: _func.py's Functions)
+        loss = FUNCTORCH_APPLY[0](name, args)
     else:
         loss = getattr(torch.ops.physmdn, f"{name}_fwd")(*args)[0]
     if reduction == "mean":
