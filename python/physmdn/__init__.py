@@ -18,6 +18,8 @@ from . import _func  # noqa: E402,F401  (batching rules of the ops, functorch au
 from . import distributions, transport, models, training  # noqa: E402
 from .distributions import GaussianMixture, Modes  # noqa: E402
 from .models import MDN, CFM  # noqa: E402
+from . import constraints  # noqa: E402
+from .constraints import ConstrainedMDN, LinearConstraint  # noqa: E402
 from .training import CheckpointError, FitResult, LinearWarmup, fit, load  # noqa: E402
 from . import problems, metrics  # noqa: E402
 

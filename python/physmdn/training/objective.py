@@ -64,10 +64,18 @@ class Objective(nn.Module):
             specs = physics if _is_spec_like(physics) else physics(x)
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             mixture = model(x)
-        if not isinstance(mixture, GaussianMixture):
+        rotated = hasattr(mixture, "target_coordinates")  # a ConstrainedMixture: the law is built in
+        if not isinstance(mixture, GaussianMixture) and not rotated:
             raise TypeError(f"model(x) must return a GaussianMixture (or the model must define loss()), "
                             f"got {type(mixture).__name__}")
         y = y.to(mixture.dtype)
+        if rotated:
+            if specs is not None:
+                raise ValueError("physics penalties act on y's own coordinates; a ConstrainedMDN builds its law in: "
+                                 "train it with physics=None (or physics_weight=0)")
+            if labels is not None and regime_weight != 0.0:
+                raise ValueError("regime labels are not supported with a ConstrainedMDN: pass regime_weight=0")
+            y = mixture.target_coordinates(y)
         total = mixture_loss(mixture.logits, mixture.means, mixture.log_scales, y, specs, physics_weight)
         if specs is not None:  # only bound when physics_weight != 0
             with torch.no_grad():

@@ -1,0 +1,198 @@
+"""Hard linear laws: a law ``A(x) y = b(x)`` that holds exactly (a jump condition, a conservation law, fractions
+that sum to one) built into the model instead of penalized.
+
+Per sample, an orthonormal basis ``Q = [Q_r, Q_n]`` of the outcome space splits it into the ``M`` directions the
+law fixes (``Q_r``, the range of ``A^T``) and the ``D - M`` it leaves free (``Q_n``, the null space of ``A``), from
+a Householder QR of ``A^T``: ``A^T = Q_r R``. In the rotated coordinates ``z = Q^T y`` the law reads
+``z_r = R^{-T} b =: c``: every component puts ``z_r ~ N(c, s^2 I)`` with a fixed small observation-noise scale ``s``
+and a diagonal Gaussian of its own on the free coordinates ``z_n``. The rotation is orthonormal, so
+``log p(y) = log p_z(Q^T y)``: the fused mixture NLL runs unchanged on the rotated target.
+
+:class:`ConstrainedMDN` wraps an :class:`~physmdn.models.MDN` over the free coordinates;
+:class:`ConstrainedMixture` is its output distribution (samples, means and modes satisfy the law to ``s``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .distributions import GaussianMixture
+from .models import MDN
+
+__all__ = ["LinearConstraint", "ConstrainedMixture", "ConstrainedMDN"]
+
+
+class LinearConstraint:
+    """The law ``A(x) y = b(x)``, ``M`` independent rows on ``D`` outcomes (``M < D``).
+
+    Args:
+        A: ``[M, D]`` tensor (one law for every context) or ``callable(x [B, C]) -> [B, M, D]``.
+        b: None (zero), ``[M]`` tensor or ``callable(x [B, C]) -> [B, M]``.
+        noise_scale: the standard deviation ``s > 0`` every component keeps along the fixed directions (the
+            observation noise of the law; the likelihood of data off the law by more than ``s`` is small).
+
+    The basis carries no gradient to ``A`` or ``b``: they are data of the problem, not learned.
+    """
+
+    def __init__(self, A, b=None, noise_scale: float = 1e-3):
+        if not (callable(A) or isinstance(A, torch.Tensor)):
+            raise TypeError(f"A must be a [M, D] tensor or callable(x) -> [B, M, D], got {type(A).__name__}")
+        if isinstance(A, torch.Tensor) and (A.dim() != 2 or A.shape[0] >= A.shape[1] or A.shape[0] < 1):
+            raise ValueError(f"A must be [M, D] with 1 <= M < D, got shape {tuple(A.shape)}")
+        if b is not None and not (callable(b) or isinstance(b, torch.Tensor)):
+            raise TypeError(f"b must be None, a [M] tensor or callable(x) -> [B, M], got {type(b).__name__}")
+        noise_scale = float(noise_scale)
+        if not (noise_scale > 0.0 and math.isfinite(noise_scale)):
+            raise ValueError(f"noise_scale must be a finite number > 0, got {noise_scale}")
+        self.A, self.b, self.noise_scale = A, b, noise_scale
+
+    def matrices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [B, M, D], b [B, M])`` at contexts ``x [B, C]``."""
+        B = x.shape[0]
+        A = self.A(x) if callable(self.A) else self.A.to(x.device, x.dtype).expand(B, *self.A.shape)
+        if A.dim() != 3 or A.shape[0] != B or not 1 <= A.shape[1] < A.shape[2]:
+            raise ValueError(f"A(x) must be [B, M, D] with B = {B} and 1 <= M < D, got shape {tuple(A.shape)}")
+        M = A.shape[1]
+        if self.b is None:
+            b = A.new_zeros(B, M)
+        else:
+            b = self.b(x) if callable(self.b) else self.b.to(x.device, x.dtype).expand(B, *self.b.shape)
+        if tuple(b.shape) != (B, M):
+            raise ValueError(f"b(x) must be [B, M] = {(B, M)}, got shape {tuple(b.shape)}")
+        return A, b
+
+    def rows(self, x: torch.Tensor) -> int:
+        return self.matrices(x[:1])[0].shape[1]
+
+    @torch.no_grad()
+    def basis(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q [B, D, D], c [B, M])``: ``Q``'s first ``M`` columns span the fixed directions, the others the free
+        ones; the law is ``Q[:, :, :M]^T y = c``. Computed in float64, returned in ``x``'s dtype."""
+        A, b = self.matrices(x)
+        M = A.shape[1]
+        Q, R = torch.linalg.qr(A.double().transpose(1, 2), mode="complete")  # A^T = Q R (Householder)
+        R = R[:, :M, :M]
+        diag = R.diagonal(dim1=-2, dim2=-1).abs()
+        if bool((diag <= 1e-12 * diag.amax(-1, keepdim=True).clamp_min(1e-300)).any()) or not bool(diag.gt(0).all()):
+            raise ValueError("A(x) must have full row rank M for every context (its rows independent)")
+        c = torch.linalg.solve_triangular(R.transpose(1, 2), b.double().unsqueeze(-1), upper=False).squeeze(-1)
+        return Q.to(x.dtype), c.to(x.dtype)
+
+    def residual(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``A(x) y - b(x)``: ``[..., B, M]`` for ``y [..., B, D]``."""
+        A, b = self.matrices(x)
+        return torch.einsum("bmd,...bd->...bm", A.to(y.dtype), y) - b.to(y.dtype)
+
+
+def _rotate(Q: torch.Tensor, v: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``Q v`` (or ``Q^T v``) per batch row for ``v [..., B, D]``, ``Q [B, D, D]``."""
+    return torch.einsum("bji,...bj->...bi" if transpose else "bij,...bj->...bi", Q.to(v.dtype), v)
+
+
+class ConstrainedMixture:
+    """A diagonal Gaussian mixture in rotated coordinates ``z = Q^T y`` (``base``, batch ``[B]``, event ``[D]``),
+    seen in the outcome space: ``log p(y) = base.log_prob(Q^T y)``, ``y = Q z`` for samples, means and modes.
+
+    ``logits``, ``means``, ``log_scales`` are the base's (``z`` coordinates); :meth:`target_coordinates` maps an
+    outcome to them, so that a training loss on ``(logits, means, log_scales, target_coordinates(y))`` is the
+    mixture NLL of ``y``."""
+
+    def __init__(self, base: GaussianMixture, Q: torch.Tensor):
+        if Q.dim() != 3 or tuple(Q.shape) != (base.means.shape[0], base.means.shape[-1], base.means.shape[-1]):
+            raise ValueError(f"Q must be [B, D, D] matching the base mixture, got shape {tuple(Q.shape)}")
+        self.base, self.Q = base, Q
+
+    logits = property(lambda self: self.base.logits)
+    means = property(lambda self: self.base.means)
+    log_scales = property(lambda self: self.base.log_scales)
+    weights = property(lambda self: self.base.weights)
+    dtype = property(lambda self: self.base.means.dtype)
+
+    def target_coordinates(self, y: torch.Tensor) -> torch.Tensor:
+        """``Q^T y``: outcomes ``[..., B, D]`` in the base's coordinates."""
+        return _rotate(self.Q, y, transpose=True)
+
+    def log_prob(self, y: torch.Tensor) -> torch.Tensor:
+        return self.base.log_prob(self.target_coordinates(y))
+
+    def nll(self, y: torch.Tensor) -> torch.Tensor:
+        return -self.log_prob(y)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return _rotate(self.Q, self.base.sample(sample_shape), transpose=False)
+
+    def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        return _rotate(self.Q, self.base.rsample(sample_shape), transpose=False)
+
+    @property
+    def component_means(self) -> torch.Tensor:
+        """``[B, K, D]`` component means in the outcome space."""
+        return _rotate(self.Q.unsqueeze(1).expand(-1, self.means.shape[1], -1, -1).reshape(-1, *self.Q.shape[1:]),
+                       self.means.reshape(-1, self.means.shape[-1]), transpose=False).reshape(self.means.shape)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return _rotate(self.Q, self.base.mean, transpose=False)
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """``[B, D, D]``: ``Q Cov_z Q^T``."""
+        Q = self.Q.to(self.dtype)
+        return Q @ self.base.covariance @ Q.transpose(1, 2)
+
+    def modes(self, **kwargs):
+        """The base's modes (:meth:`GaussianMixture.modes`) with their locations rotated to the outcome space (the
+        rotation is orthonormal: the same maxima, densities and masses)."""
+        modes = self.base.modes(**kwargs)
+        return modes._replace(locations=_rotate(self.Q.unsqueeze(1).expand(-1, modes.locations.shape[1], -1, -1)
+                                                .reshape(-1, *self.Q.shape[1:]),
+                                                modes.locations.reshape(-1, modes.locations.shape[-1]),
+                                                transpose=False).reshape(modes.locations.shape))
+
+
+class ConstrainedMDN(nn.Module):
+    """A mixture density network whose every component satisfies ``A(x) y = b(x)`` (to ``noise_scale``).
+
+    An :class:`~physmdn.models.MDN` (``mdn_kwargs``) gives ``K`` components over the ``D - M`` free coordinates;
+    the ``M`` fixed ones are ``N(c(x), noise_scale^2)`` in every component. ``forward(x [B, C]) ->``
+    :class:`ConstrainedMixture`. Penalty-based physics specs act on ``y``'s own coordinates and do not apply.
+    """
+
+    def __init__(self, in_features: int, out_features: int, constraint: LinearConstraint, components: int,
+                 rows: int, **mdn_kwargs):
+        super().__init__()
+        if not isinstance(constraint, LinearConstraint):
+            raise TypeError(f"constraint must be a LinearConstraint, got {type(constraint).__name__}")
+        if not 1 <= int(rows) < int(out_features):
+            raise ValueError(f"rows must be the law's M with 1 <= M < out_features = {out_features}, got {rows}")
+        self.constraint, self.rows = constraint, int(rows)
+        self.in_features, self.out_features, self.components = int(in_features), int(out_features), int(components)
+        self.free = MDN(in_features, out_features - self.rows, components, **mdn_kwargs)
+        self.config = {"in_features": self.in_features, "out_features": self.out_features,
+                       "components": self.components, "rows": self.rows, **mdn_kwargs}
+
+    @torch.no_grad()
+    def set_normalization(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
+        """Standardize with the data's contexts and free coordinates ``Q_n^T y``."""
+        free = None
+        if x is not None and y is not None:
+            Q, _ = self.constraint.basis(x.to(self.free.x_loc.dtype))
+            free = _rotate(Q, y.to(Q.dtype), transpose=True)[:, self.rows:]
+        self.free.set_normalization(x, free)
+
+    def forward(self, x: torch.Tensor) -> ConstrainedMixture:
+        mixture = self.free(x)
+        x = x.to(mixture.means.dtype)
+        Q, c = self.constraint.basis(x)
+        B, K = mixture.logits.shape
+        if c.shape[-1] != self.rows:
+            raise ValueError(f"the constraint has M = {c.shape[-1]} rows at these contexts, the model {self.rows}")
+        fixed_means = c.unsqueeze(1).expand(B, K, self.rows)
+        fixed_scales = mixture.log_scales.new_full((B, K, self.rows), math.log(self.constraint.noise_scale))
+        base = GaussianMixture(mixture.logits, torch.cat([fixed_means, mixture.means], -1),
+                               torch.cat([fixed_scales, mixture.log_scales], -1), validate_args=False)
+        return ConstrainedMixture(base, Q)

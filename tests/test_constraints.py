@@ -1,0 +1,166 @@
+"""Hard linear laws (python/physmdn/constraints.py): the basis, the rotated mixture against a float64
+full-covariance reference, samples on the law, gradients, and training on data that satisfy a context-dependent law."""
+
+import math
+
+import pytest
+import torch
+
+import physmdn
+from physmdn.constraints import ConstrainedMDN, ConstrainedMixture, LinearConstraint
+from physmdn.distributions import GaussianMixture
+
+
+def random_law(B, M, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(B, M, D, generator=g, dtype=torch.float64)
+    b = torch.randn(B, M, generator=g, dtype=torch.float64)
+    return A, b
+
+
+@pytest.mark.parametrize("M,D", [(1, 2), (1, 3), (2, 5)])
+def test_basis_splits_fixed_and_free_directions(M, D):
+    B = 7
+    A, b = random_law(B, M, D)
+    x = torch.zeros(B, 1, dtype=torch.float64)
+    law = LinearConstraint(lambda x: A, lambda x: b)
+    Q, c = law.basis(x)
+    eye = torch.eye(D, dtype=torch.float64).expand(B, D, D)
+    torch.testing.assert_close(Q.transpose(1, 2) @ Q, eye)  # orthonormal
+    torch.testing.assert_close(A @ Q[:, :, M:], torch.zeros(B, M, D - M, dtype=torch.float64))  # free: null space of A
+    # every y with Q_r^T y = c satisfies A y = b, whatever its free coordinates
+    z = torch.cat([c, torch.randn(B, D - M, dtype=torch.float64)], -1)
+    y = (Q @ z.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(law.residual(y, x), torch.zeros(B, M, dtype=torch.float64))
+
+
+def test_rank_deficient_law_is_a_clear_error():
+    law = LinearConstraint(torch.tensor([[1.0, 2.0, 0.0], [2.0, 4.0, 0.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="full row rank"):
+        law.basis(torch.zeros(3, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("build,match", [
+    (lambda: LinearConstraint(torch.zeros(3, 3)), "A must be \\[M, D\\] with 1 <= M < D"),
+    (lambda: LinearConstraint(torch.ones(1, 2), noise_scale=0.0), "noise_scale must be a finite number > 0"),
+    (lambda: LinearConstraint("A"), "A must be a \\[M, D\\] tensor or callable"),
+])
+def test_bad_constraint(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def reference_log_prob(mixture: ConstrainedMixture, y):
+    """float64 MixtureSameFamily of full-covariance Gaussians N(Q mu_k, Q diag(s_k^2) Q^T)."""
+    Q = mixture.Q.double()
+    mu = torch.einsum("bij,bkj->bki", Q, mixture.means.double())
+    cov = Q.unsqueeze(1) @ torch.diag_embed(torch.exp(2 * mixture.log_scales.double())) @ Q.transpose(1, 2).unsqueeze(1)
+    torch_mix = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(logits=mixture.logits.double()),
+                                                      torch.distributions.MultivariateNormal(mu, covariance_matrix=cov))
+    return torch_mix.log_prob(y.double())
+
+
+def constrained_mixture(B, K, M, D, seed=1, noise=0.05):
+    A, b = random_law(B, M, D, seed)
+    x = torch.zeros(B, 1, dtype=torch.float64)
+    law = LinearConstraint(lambda x: A, lambda x: b, noise_scale=noise)
+    Q, c = law.basis(x)
+    g = torch.Generator().manual_seed(seed + 1)
+    logits = torch.randn(B, K, generator=g, dtype=torch.float64)
+    free_means = torch.randn(B, K, D - M, generator=g, dtype=torch.float64)
+    free_scales = 0.3 * torch.randn(B, K, D - M, generator=g, dtype=torch.float64) - 0.5
+    means = torch.cat([c.unsqueeze(1).expand(B, K, M), free_means], -1)
+    log_scales = torch.cat([torch.full((B, K, M), math.log(noise), dtype=torch.float64), free_scales], -1)
+    return ConstrainedMixture(GaussianMixture(logits, means, log_scales), Q), law, x, (logits, free_means, free_scales)
+
+
+def test_log_prob_matches_full_covariance_reference():
+    mixture, law, x, _ = constrained_mixture(9, 3, 1, 3)
+    y = torch.randn(4, 9, 3, dtype=torch.float64)
+    torch.testing.assert_close(mixture.log_prob(y), reference_log_prob(mixture, y), rtol=1e-10, atol=1e-10)
+
+
+def test_samples_means_and_modes_satisfy_the_law():
+    noise = 1e-3
+    mixture, law, x, _ = constrained_mixture(6, 4, 2, 5, noise=noise)
+    A, _ = law.matrices(x)
+    row_norms = A.norm(dim=-1)  # [B, M]: the residual of one row has standard deviation noise * ||A_m||
+    samples = mixture.sample((2000,))
+    assert samples.shape == (2000, 6, 5)
+    residual = law.residual(samples, x) / row_norms
+    assert float(residual.std()) == pytest.approx(noise, rel=0.1)
+    assert float(residual.abs().max()) < 6 * noise
+    assert float((law.residual(mixture.mean, x) / row_norms).abs().max()) < 1e-12
+    modes = mixture.modes(min_weight=0.0)
+    located = torch.where(modes.mask.unsqueeze(-1), modes.locations, torch.zeros_like(modes.locations))
+    assert float((law.residual(located.transpose(0, 1), x).transpose(0, 1) / row_norms.unsqueeze(1))
+                 .masked_select(modes.mask.unsqueeze(-1)).abs().max()) < 1e-6
+    torch.testing.assert_close(mixture.covariance @ A.transpose(1, 2) / noise**2,
+                               A.transpose(1, 2), rtol=1e-6, atol=1e-6)  # A^T spans fixed directions of variance s^2
+
+
+def test_gradients_match_the_reference():
+    mixture, law, x, (logits, free_means, free_scales) = constrained_mixture(5, 3, 1, 3)
+    Q = mixture.Q
+    c = mixture.means[:, 0, :1]
+    y = torch.randn(5, 3, dtype=torch.float64)
+
+    def fused(logits, free_means, free_scales):
+        B, K, _ = free_means.shape
+        means = torch.cat([c.unsqueeze(1).expand(B, K, 1), free_means], -1)
+        log_scales = torch.cat([torch.full((B, K, 1), math.log(0.05), dtype=torch.float64), free_scales], -1)
+        return ConstrainedMixture(GaussianMixture(logits, means, log_scales), Q).log_prob(y)
+
+    args = [t.clone().requires_grad_(True) for t in (logits, free_means, free_scales)]
+    assert torch.autograd.gradcheck(fused, args)
+    ref_args = [t.clone().requires_grad_(True) for t in (logits, free_means, free_scales)]
+    B, K, _ = free_means.shape
+
+    def reference(logits, free_means, free_scales):
+        means = torch.cat([c.unsqueeze(1).expand(B, K, 1), free_means], -1)
+        log_scales = torch.cat([torch.full((B, K, 1), math.log(0.05), dtype=torch.float64), free_scales], -1)
+        return reference_log_prob(ConstrainedMixture(GaussianMixture(logits, means, log_scales), Q), y)
+
+    got = torch.autograd.grad(fused(*args).sum(), args)
+    want = torch.autograd.grad(reference(*ref_args).sum(), ref_args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.slow
+def test_constrained_mdn_learns_a_context_dependent_law(one_thread):
+    """Hugoniot-like data: y = (U_s, P) with P = rho0 u_p U_s exactly and U_s bimodal in u_p. The constrained model's
+    samples keep the law to its noise scale; a plain MDN's do not."""
+    torch.manual_seed(0)
+    rho0, n = 7.87, 512
+    up = 0.2 + 1.6 * torch.rand(n, 1)
+    branch = torch.rand(n, 1) < 0.5
+    us = torch.where(branch, 4.6 + 1.3 * up, 3.9 + 1.6 * up) + 0.05 * torch.randn(n, 1)
+    y = torch.cat([us, rho0 * up * us], -1)
+    law = LinearConstraint(lambda x: torch.stack([-rho0 * x[:, 0], torch.ones_like(x[:, 0])], -1).unsqueeze(1),
+                           noise_scale=1e-3)
+    model = ConstrainedMDN(1, 2, law, components=2, rows=1, hidden=(32, 32))
+    physmdn.fit(model, (up, y), epochs=300, batch_size=128, lr=3e-3, progress=False)
+    plain = physmdn.MDN(1, 2, components=2, hidden=(32, 32))
+    physmdn.fit(plain, (up, y), epochs=300, batch_size=128, lr=3e-3, progress=False)
+    x = torch.linspace(0.3, 1.7, 16).unsqueeze(-1)
+    with torch.no_grad():
+        constrained = model(x).sample((200,))
+        free = plain(x).sample((200,))
+    rh = lambda s: (s[..., 1] - rho0 * x[:, 0] * s[..., 0]).abs().mean()  # noqa: E731  [GPa]
+    assert float(rh(constrained)) < 0.01
+    assert float(rh(free)) > 10 * float(rh(constrained))
+    # and the bimodal U_s is still there: at u_p = 1 a quarter of the samples or more near each branch
+    with torch.no_grad():
+        at_one = model(torch.ones(1, 1)).sample((2000,))[:, 0, 0]
+    for center in (4.6 + 1.3, 3.9 + 1.6):
+        assert float(((at_one - center).abs() < 0.15).float().mean()) > 0.25
+
+
+def test_constrained_mdn_refuses_penalties():
+    law = LinearConstraint(torch.tensor([[1.0, 1.0]]))
+    model = ConstrainedMDN(1, 2, law, components=2, rows=1)
+    spec = physmdn.physics.Polynomial(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="builds its law in"):
+        physmdn.fit(model, (torch.rand(32, 1), torch.rand(32, 2)), epochs=1, batch_size=16, physics=spec,
+                    progress=False)
