@@ -95,3 +95,15 @@ def test_problems_listing_and_module_entry_point(capsys):
     listing = capsys.readouterr().out
     for name in ("pitchfork", "allen_cahn", "hugoniot", "reaction_diffusion"):
         assert name in listing
+
+
+def test_version_and_info_commands(capsys):
+    import physmdn
+    from physmdn import cli as cli_module
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"physmdn {physmdn.__version__}"
+    assert cli_module.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch_version" in out and "torch_running" in out and "cuda_kernels" in out

@@ -337,3 +337,18 @@ def test_tensor_dataset_input():
     result = fit(small_mdn(), torch.utils.data.TensorDataset(x, y, labels), epochs=1, batch_size=50, **QUIET)
     assert result.history[0]["train_regime"] > 0
 
+
+
+def test_fit_result_repr_is_concise_and_a_missing_device_is_a_clear_error():
+    import physmdn
+
+    model = physmdn.MDN(1, 1, 2)
+    data = (torch.rand(16, 1), torch.rand(16, 1))
+    result = physmdn.fit(model, data, epochs=2, batch_size=8, progress=False)
+    text = repr(result)
+    assert len(text) < 300 and "epochs_completed=2" in text and "best=epoch" in text, text
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda:0' was asked for, but this process sees no CUDA device"):
+            physmdn.fit(model, data, epochs=1, device="cuda:0", progress=False)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        physmdn.fit(model, data, epochs=1, device="gpu7", progress=False)

@@ -216,7 +216,8 @@ def _add_training_options(p: argparse.ArgumentParser, *, epochs_default=None) ->
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="physmdn", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", metavar="{run,compare,demo,problems}")
+    parser.add_argument("--version", action="version", version=f"physmdn {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,compare,demo,problems,info}")
     sub.required = True
 
     run = sub.add_parser("run", help="train and evaluate one model on a problem")
@@ -248,7 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("problems", help="list the benchmark problems")
     lst.set_defaults(func=cmd_problems)
+
+    info = sub.add_parser("info", help="build facts: torch built against and running, CUDA and CPU kernels")
+    info.set_defaults(func=cmd_info)
     return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def cmd_info(args) -> int:
+    import physmdn
+
+    for key, value in physmdn.build_info().items():
+        print(f"{key:16s} {value}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,6 +44,23 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def check_device(device) -> torch.device:
+    """``torch.device(device)``, or a clear error when this process cannot use it (no CUDA, an index beyond the
+    GPUs present, a name torch does not know)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {str(device)!r} was asked for, but this process sees no CUDA device "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'})")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {str(device)!r} was asked for, but this process sees {count} CUDA device(s)")
+    return device
+
+
 def setup(device, model: nn.Module) -> tuple[DistContext, torch.device]:
     """The process group (initialized here under torchrun, once per process) and the device to train on.
 
@@ -55,7 +72,7 @@ def setup(device, model: nn.Module) -> tuple[DistContext, torch.device]:
         if device is None:
             params = list(model.parameters())
             device = params[0].device if params else torch.device("cpu")
-        return DistContext(), torch.device(device)
+        return DistContext(), check_device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     want = torch.device(device) if device is not None else None
     use_cuda = torch.cuda.is_available() and (want is None or want.type == "cuda")

@@ -44,6 +44,12 @@ class FitResult:
     checkpoint_path: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # the state dict and history stay out of it (they run to kilobytes)
+        best = "none" if self.best_epoch is None else f"epoch {self.best_epoch} ({self.monitor} = {self.best_metric:.6g})"
+        return (f"FitResult(model={type(self.model).__name__}, epochs_completed={self.epochs_completed}, "
+                f"global_step={self.global_step}, stopped={self.stopped!r}, best={best}, "
+                f"history=[{len(self.history)} epochs], checkpoint_path={self.checkpoint_path!r})")
+
     @property
     def stopped_early(self) -> bool:
         return self.stopped == "early_stopping"
