@@ -884,3 +884,65 @@ def test_cpp_checks_moment_and_64_bit_coefficient_counts():
     with pytest.raises(RuntimeError, match="reaction must hold J\\+1 coefficients .* got 4294967298"):
         torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, torch.ones(4, 2, dtype=torch.float64),
                                        reaction, None, 2, 2, False, 1.0, 1.0, 0, 0.0)
+
+
+@pytest.mark.parametrize("D,order", [(1, 3), (2, 4), (3, 3)])
+def test_gauss_hermite_residual_is_exact_for_polynomials(D, order):
+    """mode="gauss_hermite" with n points per dimension is exact for E||r||^2 of per-coordinate polynomials of
+    degree <= n - 1 (cross terms between coordinates included): against the closed-form Polynomial spec, and a
+    coupled residual r = y_0 y_1 against its closed form."""
+    B, K = 3, 2
+    _, means, log_scales, _ = mixture(B, K, D, seed=11)
+    coeffs = torch.tensor([0.2, 1.0, -0.5, 0.3][:order], dtype=torch.float64)
+    poly = P.Polynomial(coeffs, noise_scale=0.1)
+    gh = P.Residual(lambda y, c: P._poly_eval(coeffs, y), mode="gauss_hermite", order=order, noise_scale=0.1)
+    torch.testing.assert_close(gh.penalty(means, log_scales), poly.penalty(means, log_scales), rtol=1e-10, atol=1e-12)
+    if D >= 2:  # E[(y0 y1)^2] = E[y0^2] E[y1^2] for independent coordinates
+        cross = P.Residual(lambda y, c: y[..., 0] * y[..., 1], mode="gauss_hermite", order=3)
+        s2 = log_scales.exp().square()
+        expected = (means[..., 0].square() + s2[..., 0]) * (means[..., 1].square() + s2[..., 1])
+        torch.testing.assert_close(cross.penalty(means, log_scales), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="gauss_hermite' takes D <= 3"):
+        P.Residual(lambda y, c: y, mode="gauss_hermite").penalty(*mixture(2, 2, 4)[1:3])
+
+
+def test_residual_noise_scale_matches_the_builtin_families():
+    B, K, D = 4, 3, 2
+    _, means, log_scales, _ = mixture(B, K, D, seed=12)
+    A = torch.randn(1, 1, 3, D, dtype=torch.float64)
+    linear = P.Linear(A, noise_scale=0.4)
+    sigma = P.Residual(lambda y, c: torch.einsum("...md,...sd->...sm", A[0], y), mode="sigma", noise_scale=0.4)
+    torch.testing.assert_close(sigma.penalty(means, log_scales), linear.penalty(means, log_scales))
+
+
+def test_dynamics_stability_matches_the_polynomial_stability_prior():
+    """Pitchfork f = r y - y^3 (D = 1): relu(f'(mu) + margin)^2, values and gradients as Stability([r, 0, -3])."""
+    B, K = 6, 3
+    r = torch.linspace(-1.0, 1.0, B, dtype=torch.float64)
+    means = torch.randn(B, K, 1, dtype=torch.float64, requires_grad=True)
+    log_scales = torch.zeros(B, K, 1, dtype=torch.float64)
+    general = P.DynamicsStability(lambda y, c: c[..., :1] * y - y**3, context=r[:, None], margin=0.1)
+    poly = P.Stability(torch.stack([r, torch.zeros_like(r), torch.full_like(r, -3.0)], -1).reshape(B, 1, 1, 3),
+                       margin=0.1)
+    got, want = general.penalty(means, log_scales), poly.penalty(means, log_scales)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), means)[0], torch.autograd.grad(want.sum(), means)[0])
+
+
+def test_dynamics_stability_of_a_coupled_system():
+    """f(y) = A y + (|y|^2) y in D = 2: at y = 0 the Jacobian is A, whose eigenvalues are known (a stable focus
+    and a saddle); the penalty is relu(max Re lambda)^2, and gradcheck passes through the eigenvalues."""
+    focus = torch.tensor([[-1.0, 2.0], [-2.0, -1.0]], dtype=torch.float64)  # -1 +- 2i
+    saddle = torch.tensor([[0.5, 0.0], [0.0, -2.0]], dtype=torch.float64)  # 0.5, -2
+    A = torch.stack([focus, saddle]).reshape(1, 2, 2, 2)
+
+    def f(y, c):
+        return torch.einsum("kij,bkj->bki", A[0], y) + y.square().sum(-1, keepdim=True) * y
+
+    spec = P.DynamicsStability(f)
+    zeros = torch.zeros(1, 2, 2, dtype=torch.float64)
+    torch.testing.assert_close(spec.penalty(zeros, zeros), torch.tensor([[0.0, 0.25]], dtype=torch.float64))
+    means = (0.1 * torch.randn(1, 2, 2, dtype=torch.float64)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m: spec.penalty(m, torch.zeros_like(m)), (means,))
+    with pytest.raises(ValueError, match="D <= max_dim = 1"):
+        P.mdn_loss(*mixture(3, 2, 2), physics=P.DynamicsStability(f, max_dim=1))

@@ -40,7 +40,8 @@ from . import _fused, _ops
 from ._ops import mixture_nll
 
 __all__ = [
-    "MOMENTS", "COUPLINGS", "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability", "FieldStability", "Monotonic",
+    "MOMENTS", "COUPLINGS", "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability",
+    "DynamicsStability", "FieldStability", "Monotonic",
     "Bounds",
     "mdn_loss", "physics_penalty", "gaussian_moments",
 ]
@@ -425,6 +426,57 @@ class Stability(PhysicsSpec):
         return F.relu(slope + self.margin).square().sum(-1)
 
 
+class DynamicsStability(PhysicsSpec):
+    """Linear stability of any dynamics written in torch, ``dy/dt = f(y, context)``: at each component mean the
+    Jacobian ``J = df/dy`` (autograd, one vector-Jacobian product per output) must have every eigenvalue's real
+    part below ``-margin``: ``P_bk = relu(max_i Re lambda_i(J_bk) + margin)^2``. This keeps components off
+    saddles and unstable branches, where a steady residual also vanishes.
+
+    ``fn(y [B, K, D], context [B, 1, C] | None) -> [B, K, D]``; for ``D`` up to ``max_dim`` (the eigenvalues of a
+    dense ``D x D`` Jacobian per component). Steady 1-D fields have :class:`FieldStability`.
+    """
+
+    family = "dynamics_stability"
+    mode = "mean"
+
+    def __init__(self, fn: Callable, context: torch.Tensor | None = None, margin: float = 0.0, max_dim: int = 32,
+                 coupling: str | None = None):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable as fn(y, context) -> dy/dt, got {type(fn).__name__}")
+        self.fn, self.context, self.margin, self.max_dim = fn, context, float(margin), int(max_dim)
+        self.coupling = _check_coupling(coupling)
+
+    def validate(self, B, K, D):
+        if D > self.max_dim:
+            raise ValueError(f"DynamicsStability takes D <= max_dim = {self.max_dim} outputs (a dense Jacobian per "
+                             f"component), got D = {D}; fields: FieldStability")
+        if self.context is not None and self.context.shape[0] != B:
+            raise ValueError(f"DynamicsStability context must have B = {B} rows, got shape {tuple(self.context.shape)}")
+
+    def jacobian(self, means: torch.Tensor) -> torch.Tensor:
+        """``[B, K, D, D]`` Jacobian of ``fn`` at ``means [B, K, D]`` (differentiable when ``means`` is)."""
+        train = torch.is_grad_enabled() and means.requires_grad
+        y = means if train else means.detach().requires_grad_(True)
+        ctx = None if self.context is None else self.context.to(means.dtype)[:, None, :]
+        with torch.enable_grad():
+            f = self.fn(y, ctx)
+            if f.shape != y.shape:
+                raise ValueError(f"DynamicsStability fn must return dy/dt shaped like y {tuple(y.shape)}, got "
+                                 f"{tuple(f.shape)}")
+            rows = [torch.autograd.grad(f[..., i].sum(), y, create_graph=train, retain_graph=True)[0]
+                    for i in range(y.shape[-1])]
+        J = torch.stack(rows, dim=-2)
+        return J if train else J.detach()
+
+    def penalty(self, means, log_scales):
+        J = self.jacobian(means)
+        if J.shape[-1] == 1:
+            top = J[..., 0, 0]
+        else:
+            top = torch.linalg.eigvals(J).real.amax(-1)
+        return F.relu(top + self.margin).square()
+
+
 class FieldStability(PhysicsSpec):
     """Linear stability of a steady 1-D field (the field analogue of :class:`Stability`): the Jacobian of
     ``u_t = diffusion L u / spacing^2 + f(u)`` at each component mean,
@@ -563,6 +615,21 @@ class Bounds(PhysicsSpec):
         return value.sum(-1)
 
 
+def _gauss_hermite(order: int, D: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes ``[order^D, D]`` and weights ``[order^D]`` of the tensor-product Gauss–Hermite rule for
+    ``E f(Z)``, ``Z ~ N(0, I_D)`` (physicists' nodes scaled by ``sqrt(2)``, weights by ``pi^(-1/2)``)."""
+    import numpy as np
+
+    x, w = np.polynomial.hermite.hermgauss(order)
+    x = torch.as_tensor(x * math.sqrt(2.0), dtype=torch.float64)
+    w = torch.as_tensor(w / math.sqrt(math.pi), dtype=torch.float64)
+    grids = torch.meshgrid(*([x] * D), indexing="ij")
+    wgrids = torch.meshgrid(*([w] * D), indexing="ij")
+    nodes = torch.stack([g.reshape(-1) for g in grids], -1)
+    weights = torch.stack([g.reshape(-1) for g in wgrids], -1).prod(-1)
+    return nodes.to(dtype=dtype, device=device), weights.to(dtype=dtype, device=device)
+
+
 class Residual(PhysicsSpec):
     """Any residual written in torch: ``fn(y, context) -> r``.
 
@@ -571,7 +638,13 @@ class Residual(PhysicsSpec):
 
     ``mode``: ``"point"`` (``S = 1``, ``y = mu``), ``"sigma"`` (``2D + 1`` unscented sigma points
     ``mu, mu +- sqrt(D + kappa) sigma_d e_d`` with ``kappa = max(3 - D, 0)``; exact for residuals of degree
-    <= 1 and for the 4th moment in D = 1) or ``"mc"`` (``samples`` reparameterized draws).
+    <= 1 and for the 4th moment in D = 1), ``"gauss_hermite"`` (the tensor-product Gauss–Hermite rule with
+    ``order`` points per dimension, ``order^D`` points for ``D <= 3``: exact for ``E||r||^2`` of residuals that are
+    polynomials of degree ``<= order - 1`` in each coordinate, cross terms included) or ``"mc"`` (``samples``
+    reparameterized draws).
+
+    ``noise_scale``: the expectation is taken under the noise-free spread ``sqrt(max(sigma^2 - noise_scale^2, 0))``
+    (as the built-in families' ``noise_scale``).
 
     ``moment``: ``"second"`` (``sum_s w_s ||r(y_s)||^2``, the estimate of ``E||r||^2``) or ``"first"``
     (``||sum_s w_s r(y_s)||^2``, the estimate of ``||E r||^2``); with ``mode="point"`` both are ``||r(mu)||^2``.
@@ -580,11 +653,15 @@ class Residual(PhysicsSpec):
     family = "residual"
 
     def __init__(self, fn: Callable, context: torch.Tensor | None = None, mode: str = "sigma", samples: int = 16,
-                 generator: torch.Generator | None = None, moment: str = "second", coupling: str | None = None):
+                 generator: torch.Generator | None = None, moment: str = "second", coupling: str | None = None,
+                 noise_scale: float = 0.0, order: int = 5):
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(y, context) -> r, got {type(fn).__name__}")
         self.fn, self.context = fn, context
-        self.mode = _check_mode(mode, ("point", "sigma", "mc"))
+        self.mode = _check_mode(mode, ("point", "sigma", "gauss_hermite", "mc"))
+        if not 1 <= int(order) <= 20:
+            raise ValueError(f"order must be an integer in [1, 20] (Gauss–Hermite points per dimension), got {order}")
+        self.order, self.noise_scale = int(order), _check_noise(noise_scale)
         if int(samples) < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         self.samples, self.generator = int(samples), generator
@@ -601,8 +678,14 @@ class Residual(PhysicsSpec):
         """Evaluation points ``[B, K, S, D]`` and weights ``[S]``."""
         if self.mode == "point":
             return means.unsqueeze(2), means.new_ones(1)
-        sigma = torch.exp(log_scales)
+        sigma = _component_variance(log_scales, self.noise_scale).sqrt() if self.noise_scale > 0 else log_scales.exp()
         D = means.shape[-1]
+        if self.mode == "gauss_hermite":
+            if D > 3:
+                raise ValueError(f"mode='gauss_hermite' takes D <= 3 outputs ({self.order}^D points), got D = {D}; "
+                                 f"use 'sigma' or 'mc'")
+            nodes, weights = _gauss_hermite(self.order, D, means.dtype, means.device)  # [S, D], [S]
+            return means.unsqueeze(2) + sigma.unsqueeze(2) * nodes, weights
         if self.mode == "sigma":
             kappa = max(3.0 - D, 0.0)
             spread = math.sqrt(D + kappa)
