@@ -352,3 +352,26 @@ def test_fit_result_repr_is_concise_and_a_missing_device_is_a_clear_error():
             physmdn.fit(model, data, epochs=1, device="cuda:0", progress=False)
     with pytest.raises(ValueError, match="device must be a torch device"):
         physmdn.fit(model, data, epochs=1, device="gpu7", progress=False)
+
+
+def test_tune_physics_weight_picks_the_lowest_validation_nll(one_thread):
+    import physmdn
+    from physmdn import problems
+
+    problem = problems.get("pitchfork")
+    train, val = problem.sample(64, seed=1), problem.sample(64, seed=2)
+    model = physmdn.MDN(1, 1, components=3, hidden=(16, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    result = physmdn.tune_physics_weight(model, (train.x, train.y), (val.x, val.y), problem.physics,
+                                         weights=(1.0, 0.0, 10.0), epochs=6, warm_epochs=3, batch_size=32, lr=3e-3)
+    assert sorted(result.scores) == [0.0, 1.0, 10.0]
+    assert result.weight == min(result.scores, key=lambda w: (result.scores[w], w))
+    with torch.no_grad():  # the returned model is the chosen point's best-validation model
+        nll = float(result.model(val.x).nll(val.y).mean())
+    assert nll == pytest.approx(result.scores[result.weight], rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the given model is untouched
+    assert "TuneResult(weight=" in repr(result)
+    with pytest.raises(ValueError, match="val must be given"):
+        physmdn.tune_physics_weight(model, (train.x, train.y), None, problem.physics)
+    with pytest.raises(ValueError, match="weights must be a non-empty list of finite numbers >= 0"):
+        physmdn.tune_physics_weight(model, (train.x, train.y), (val.x, val.y), problem.physics, weights=(-1.0,))

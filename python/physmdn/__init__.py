@@ -20,7 +20,7 @@ from .distributions import GaussianMixture, Modes  # noqa: E402
 from .models import MDN, CFM  # noqa: E402
 from . import constraints  # noqa: E402
 from .constraints import ConstrainedMDN, LinearConstraint  # noqa: E402
-from .training import CheckpointError, FitResult, LinearWarmup, fit, load  # noqa: E402
+from .training import CheckpointError, FitResult, LinearWarmup, fit, load, tune_physics_weight  # noqa: E402
 from . import problems, metrics  # noqa: E402
 
 

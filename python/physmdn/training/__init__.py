@@ -16,7 +16,8 @@ trajectory as one process (up to floating-point summation order).
 Modules, each importing only those before it: ``_format`` (the checksummed file format), ``schedules``
 (:class:`LinearWarmup`, learning-rate factors), ``distributed`` (process group, shards, per-rank seeds),
 ``objective`` (the loss of one batch, data checks), ``results`` (:class:`FitResult`, history files),
-``checkpoint`` (``last.pt`` / ``best.pt``, resume, :func:`load`) and ``fit`` (the loop).
+``checkpoint`` (``last.pt`` / ``best.pt``, resume, :func:`load`), ``fit`` (the loop) and ``tune`` (the physics
+weight chosen on validation data, :func:`tune_physics_weight`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .fit import fit, seed_everything
 from .objective import mixture_loss
 from .results import FitResult, write_rows_csv
 from .schedules import LinearWarmup
+from .tune import TuneResult, tune_physics_weight
 
 __all__ = ["fit", "FitResult", "load", "load_checkpoint", "mixture_loss", "LinearWarmup", "seed_everything",
-           "is_main_process", "CHECKPOINT_FORMAT", "CheckpointError"]
+           "is_main_process", "CHECKPOINT_FORMAT", "CheckpointError", "TuneResult", "tune_physics_weight"]
