@@ -61,7 +61,7 @@ def main(argv=None):
     p.add_argument("--N", type=int, default=16, help="examples mapped over")
     p.set_defaults(B=4096)
     args = p.parse_args(argv)
-    warnings.simplefilter("ignore")  # (none expected from physmdn: tests/test_func.py checks for fallbacks)
+    warnings.simplefilter("ignore")  # (none expected from physmdn: tests/ops/test_func.py checks for fallbacks)
     stats = timeit_interleaved(calls(args.N, args.B, args.K, args.D, args.device), args.device, warmup=2,
                                repeat=args.repeat, max_time=3.0)
     shape = f"N={args.N} B={args.B} K={args.K} D={args.D}"

@@ -20,7 +20,7 @@ What the columns mean:
   loads it has in flight at once, its memory-level parallelism. A loop of load-then-use has 1: one memory latency
   per load. ``batch_bytes``: the most bytes such a batch of loads moves.
 - ``threads``, ``smem_kb``: the launch the backend makes for the case (tile sizes of csrc/cuda/device_kernels.cuh,
-  mirrored here and checked against the CPU simulator's launches in tests/test_cuda_sim.py).
+  mirrored here and checked against the CPU simulator's launches in tests/cuda/test_cuda_sim.py).
 - ``occupancy``: resident warps per SM / 64, limited by registers (per warp, in units of 256), shared memory
   (228 KiB per SM, 1 KiB reserved per block), 64 warps and 32 blocks per SM (sm_90).
 - ``kb_in_flight``: resident threads x batch_bytes, per SM: an upper bound on the bytes a kernel's load phase keeps
@@ -290,7 +290,7 @@ def widths(d: dict) -> str:
 
 # ----- launches and occupancy ----------------------------------------------------------------------------------------
 # Mirrors csrc/cuda/device_kernels.cuh (kTileMaxThreads, kTileSharedBytes, tile_bytes_per_sample, tile_threads,
-# kLanesThreads, kWarpsPerBlock, kThreads); tests/test_cuda_sim.py checks these against the simulator's launches.
+# kLanesThreads, kWarpsPerBlock, kThreads); tests/cuda/test_cuda_sim.py checks these against the simulator's launches.
 TILE_MAX_THREADS, TILE_SHARED_BYTES, LANES_THREADS, WARP_THREADS, SAMPLE_THREADS = 256, 48 * 1024, 256, 128, 128
 
 

@@ -129,10 +129,10 @@ sys.exit(0 if ok or $1 else 3)
 
   # 3. CUDA tests (the device-parametrized tests: ids contain "cuda"; plus the device-mismatch check) --------
   # (the lane-per-element schedule's tests run in their own step below, without -x: a failure there must not hide
-  # the others; tests/test_cuda_sim.py, the CUDA code under the CPU simulator, and tests/test_cuda_static.py, its SASS
-  # read without a GPU (a 2-minute compile), are CI's and not run here)
-  run_step tests 150 "$PY" -m pytest -q -x -rs -p no:cacheprovider tests --ignore=tests/test_cuda_sim.py \
-    --ignore=tests/test_cuda_static.py \
+  # the others; tests/cuda/test_cuda_sim.py, the CUDA code under the CPU simulator, and tests/cuda/test_cuda_static.py,
+  # its SASS read without a GPU (a 2-minute compile), are CI's and not run here)
+  run_step tests 150 "$PY" -m pytest -q -x -rs -p no:cacheprovider tests --ignore=tests/cuda/test_cuda_sim.py \
+    --ignore=tests/cuda/test_cuda_static.py \
     -k "(cuda or device_mismatch) and not lanes"
   local summary; summary=$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$STEPDIR/tests.out" | tail -1 | sed 's/=//g; s/^ *//')
   local st; st=$(status_of $STEP_RC)
@@ -142,7 +142,7 @@ sys.exit(0 if ok or $1 else 3)
   record tests "$st" "$STEP_SECONDS" "$summary"
 
   # 3b. the lane-per-element schedule of the CUDA mixture NLL (off by default until it passes here) -------------
-  run_step lanes_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_cuda_lanes.py
+  run_step lanes_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider tests/cuda/test_cuda_lanes.py
   summary=$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$STEPDIR/lanes_tests.out" | tail -1 | sed 's/=//g; s/^ *//')
   st=$(status_of $STEP_RC)
   if [ "$DRY" = 0 ] && [ "$STEP_RC" = 0 ] && ! grep -qE '[1-9][0-9]* passed' <<<"$summary"; then

@@ -11,7 +11,7 @@
 // Only python/physmdn/_ops.py (call_op) calls _mixture_nll_autograd / _mdn_loss_autograd, in eager mode (no
 // tracing, plain tensors, no functorch transform): the value check of the upstream gradient reads tensor data.
 // torch.compile and functorch go through the _fwd ops and their autograd formulas registered in Python (the same
-// gradients; tests/test_eager_path.py compares both paths bit for bit).
+// gradients; tests/ops/test_eager_path.py compares both paths bit for bit).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -74,7 +74,7 @@ Tensor reduce(AutogradContext* ctx, const Tensor& loss, int64_t reduction, doubl
   if (reduction == kSum) return loss.sum();
   if (reduction == kNone) return loss;
   // torch's CPU mean of float32 / float64 is this sum divided by B in the same dtype (the same bits, compared in
-  // tests/test_eager_path.py), without mean's and div_'s dispatch (~15 us); the half types keep mean (it sums them
+  // tests/ops/test_eager_path.py), without mean's and div_'s dispatch (~15 us); the half types keep mean (it sums them
   // in float32)
   const auto dt = loss.scalar_type();
   if (!loss.is_cpu() || (dt != at::kFloat && dt != at::kDouble)) return loss.mean();
@@ -128,7 +128,7 @@ void keep_forward_grads(AutogradContext* ctx, bool compute_grad, double grad_sca
 // The forward's gradients for grad, the gradient of the node's output; an empty vector when the backward must
 // recompute through the op's _bwd (a backward after the gradients were handed over; a batched upstream gradient).
 // For the unit upstream gradient (loss.sum(), the op's own mean) they are handed over as they are and dropped: a
-// retained graph's second backward recomputes them, bit for bit the same (tests/test_eager_path.py). For another
+// retained graph's second backward recomputes them, bit for bit the same (tests/ops/test_eager_path.py). For another
 // upstream gradient on the CPU the backward returns scaled copies and keeps them, so that every backward of a
 // retained graph gives the same bits (gradcheck's reentrancy check). On CUDA one upstream value is compared with
 // grad_scale inside the kernel and the gradients are scaled in place (no synchronization): a second backward then

@@ -25,9 +25,9 @@ if [ -z "${PHYSMDN_CUDA:-}" ]; then
   fi
 fi
 if [ "$PHYSMDN_CUDA" = ON ]; then
-  # nvdisasm, for bench/cuda_static.py and tests/test_cuda_static.py (the SASS of the CUDA kernels, read without a
+  # nvdisasm, for bench/cuda_static.py and tests/cuda/test_cuda_static.py (the SASS of the CUDA kernels, read without a
   # GPU); this machine's CUDA toolkit has none. Optional: those tests skip without it.
-  python -m pip install -q nvidia-cuda-nvdisasm || echo "(nvidia-cuda-nvdisasm not installed: tests/test_cuda_static.py will skip its build checks)"
+  python -m pip install -q nvidia-cuda-nvdisasm || echo "(nvidia-cuda-nvdisasm not installed: tests/cuda/test_cuda_static.py will skip its build checks)"
 fi
 echo "== building physmdn (PHYSMDN_CUDA=$PHYSMDN_CUDA)"
 python -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 3

@@ -33,7 +33,7 @@ namespace physmdn::cpu::soa {
 constexpr int64_t kLanes = 8;
 
 // exp of 8 floats. Cody-Waite reduction x = n ln2 + r (|r| <= ln2 / 2) and a degree-6 minimax polynomial for e^r
-// (fitted here; max error 1.25 ulp over the float32 range, tests/test_vector_math.py), scaled by 2^n through the
+// (fitted here; max error 1.25 ulp over the float32 range, tests/ops/test_vector_math.py), scaled by 2^n through the
 // exponent bits. n comes from one FMA: x log2(e) + 1.5 2^23 + 127 rounds to the integer n + 127, which then sits in
 // the low mantissa bits (shifted into the exponent field: no float -> int conversion, no underflow mask). x is
 // clamped to [-88, 88.7] first: n = -127 (x < -87.68) gives the scale 0, so the result 0; results in

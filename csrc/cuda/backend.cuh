@@ -6,8 +6,8 @@
 // physmdn._C.set_cuda_lanes_schedule(True), the lane-per-element kernel first where it applies. Accumulation in
 // float32 (float64 for double inputs). The kernels themselves are in device_kernels.cuh.
 //
-// A header so that the same code also runs on the CPU under the simulator of tests/cuda_sim/host_sim.h
-// (tests/test_cuda_sim.py). The includer provides, before including it:
+// A header so that the same code also runs on the CPU under the simulator of tests/cuda/cuda_sim/host_sim.h
+// (tests/cuda/test_cuda_sim.py). The includer provides, before including it:
 //   PHYSMDN_LAUNCH(grid, block, shared_bytes, kernel)(args...)  launches kernel on the current stream
 //   PHYSMDN_LAUNCH_CHECK()                                      checks the last launch
 //   PHYSMDN_DEVICE_GUARD(device)                                a statement: makes device current for the scope

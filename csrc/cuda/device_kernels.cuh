@@ -1,10 +1,10 @@
 // The CUDA kernels (device code and the launch shapes they assume; backend.cuh launches them), in a header so that the
-// same source also compiles as host C++ under tests/cuda_sim/host_sim.h: a CPU simulator of threads, warps, shuffles
-// and barriers that runs these kernels without a GPU (tests/test_cuda_sim.py compares them with the reference there;
-// the real GPU runs them in tests/test_cuda*.py). No tensors, no CUDA runtime here.
+// same source also compiles as host C++ under tests/cuda/cuda_sim/host_sim.h: a CPU simulator of threads, warps,
+// shuffles and barriers that runs these kernels without a GPU (tests/cuda/test_cuda_sim.py compares them with the
+// reference there; the real GPU runs them in tests/cuda/test_cuda*.py). No tensors, no CUDA runtime here.
 #pragma once
 #if !defined(__CUDACC__) && !defined(PHYSMDN_CUDA_HOST_SIM)
-#error "csrc/cuda/device_kernels.cuh is CUDA code: compile it with nvcc, or under tests/cuda_sim/host_sim.h"
+#error "csrc/cuda/device_kernels.cuh is CUDA code: compile it with nvcc, or under tests/cuda/cuda_sim/host_sim.h"
 #endif
 #include <ATen/OpMathType.h>
 

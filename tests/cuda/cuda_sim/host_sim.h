@@ -1,5 +1,5 @@
 // A CPU simulator of the CUDA execution model, enough to run csrc/cuda/device_kernels.cuh as host C++ without a GPU
-// (tests/test_cuda_sim.py). Include it after the torch headers and before device_kernels.cuh.
+// (tests/cuda/test_cuda_sim.py). Include it after the torch headers and before device_kernels.cuh.
 //
 // Every thread of a block is a fiber (ucontext) on the calling OS thread; the blocks of a grid run one after the
 // other. A fiber runs until it reaches a barrier (__syncthreads, __syncwarp, either half of a shuffle) or returns;

@@ -1,14 +1,14 @@
 """The CUDA kernels run on the CPU: csrc/cuda/device_kernels.cuh compiled as host C++ under a simulator of threads,
-warps, shuffles and barriers (tests/cuda_sim/host_sim.h; the module tests/cuda_sim/sim_module.cpp is built here
-with torch.utils.cpp_extension, ~1 min the first time, cached in build/cuda_sim).
+warps, shuffles and barriers (tests/cuda/cuda_sim/host_sim.h; the module tests/cuda/cuda_sim/sim_module.cpp is built
+here with torch.utils.cpp_extension, ~1 min the first time, cached in build/cuda_sim).
 
 This checks the kernels' own source without a GPU: indexing, the lane maps and shuffle trees, the two-pass
 log-sum-exps, which outputs each thread writes (outputs start as NaN, so an element no thread wrote fails the
 comparison), partial blocks and grid-stride loops. The simulator reports a shuffle or __syncwarp with lanes that
 returned or lanes at different warp operations, and deadlocks, as errors. Not covered: the device's own exp / log
 (the host branch of mixture_math.h runs), races and memory ordering between real concurrent threads, nvcc's code
-generation, speed. The GPU itself runs these kernels in test_cuda_lanes.py, test_mixture_nll.py etc. when there is
-one (bench/gpu_check.sh)."""
+generation, speed. The GPU itself runs these kernels in test_cuda_lanes.py, tests/ops/test_mixture_nll.py etc. when
+there is one (bench/gpu_check.sh)."""
 
 import os
 import sys
@@ -24,7 +24,8 @@ from conftest import rel_err
 from test_cuda_lanes import LANES_SHAPES
 from test_mixture_nll import extreme_inputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,8 @@ def sim():
     # ninja comes with the virtual environment (scripts/setup.sh), which need not be on PATH
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     return cpp_extension.load(
-        name="physmdn_cuda_sim", sources=[os.path.join(ROOT, "tests", "cuda_sim", "sim_module.cpp")],
-        extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "tests", "cuda_sim")],
+        name="physmdn_cuda_sim", sources=[os.path.join(HERE, "cuda_sim", "sim_module.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "csrc"), os.path.join(HERE, "cuda_sim")],
         extra_cflags=["-O1", "-std=c++20"], build_directory=build, verbose=False)
 
 
@@ -477,11 +478,8 @@ def test_backend_backward_repeats_the_forward_gradients_bit_for_bit(sim, schedul
 # ----- bench/cuda_static.py's launch shapes (its occupancy model) are the backend's --------------------------------
 
 def _cuda_static():
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import cuda_static
-    finally:
-        sys.path.pop(0)
+    import cuda_static  # bench/ is on pytest's pythonpath (pyproject.toml)
+
     return cuda_static
 
 

@@ -11,18 +11,15 @@ compile (about 2.5 minutes on 2 cores) is cached under build/cuda_static/.
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 
+import cuda_static as cs  # bench/cuda_static.py (bench/ is on pytest's pythonpath: pyproject.toml)
+
 pytestmark = pytest.mark.static
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import cuda_static as cs  # noqa: E402
-
-sys.path.pop(0)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----- the analysis on hand-written SASS ------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 against plain-torch float64 references, on random shapes, memory layouts, dtypes and value ranges.
 
 Every case is drawn from its own seed (``crc32("<op>/<index>")``), so a failure names a case that reproduces
-alone: ``pytest "tests/test_fuzz.py::test_polynomial_fuzz[polynomial-17]"``. The quick tier runs :data:`QUICK` cases per op;
-the ``slow`` tier :data:`SLOW` more (deselected by default; ``pytest -m slow`` runs it, as CI does).
+alone: ``pytest "tests/ops/test_fuzz.py::test_polynomial_fuzz[polynomial-17]"``. The quick tier runs :data:`QUICK`
+cases per op; the ``slow`` tier :data:`SLOW` more (deselected by default; ``pytest -m slow`` runs it, as CI does).
 
 What a case draws:
 

@@ -1,5 +1,5 @@
 // The CUDA kernels of csrc/cuda/device_kernels.cuh run on the CPU by the simulator of host_sim.h, one function per
-// kernel family, launched with the shapes csrc/cuda/backend.cuh uses (tests/test_cuda_sim.py builds this with
+// kernel family, launched with the shapes csrc/cuda/backend.cuh uses (tests/cuda/test_cuda_sim.py builds this with
 // torch.utils.cpp_extension and compares the results with the reference). CPU tensors in, CPU tensors out; the
 // outputs are allocated as the CUDA backend allocates them (gradients in the accumulation dtype, or in the input
 // dtype for the lanes kernel when asked).
