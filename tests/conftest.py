@@ -5,7 +5,7 @@ import physmdn
 
 CUDA = torch.cuda.is_available() and physmdn.build_info()["cuda_kernels"]
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels")])]
 
 
 def cpu_isas():

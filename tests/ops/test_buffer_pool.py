@@ -143,35 +143,54 @@ def test_changed_shape_mix_gets_hits_again(pool_limit):
     assert after["cached_bytes"] <= 8 << 20
 
 
-_INHERITED = []
+_FORK_SCENARIO = """
+import gc, multiprocessing as mp, pickle, sys
+import torch, physmdn
 
+B, K, D = 4096, 8, 4
+def grads(seed):
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(B, K, generator=g), torch.randn(B, K, D, generator=g), 0.3 * torch.randn(B, K, D, generator=g),
+          torch.randn(B, D, generator=g)]
+    ps = [p.requires_grad_(True) for p in ps]
+    return list(torch.autograd.grad(physmdn.mixture_nll(*ps, reduction="mean"), ps))
 
-def _child_frees_inherited(q):
+INHERITED = grads(0)  # live pooled tensors the child inherits
+grads(1)  # and cached blocks
+assert physmdn.cpu_pool_stats()["cached_bytes"] > 0
+
+def child(q):
     torch.set_num_threads(1)  # (no OpenMP pool across fork)
     start = physmdn.cpu_pool_stats()
-    _INHERITED.clear()  # frees the pooled tensors the parent made
-    import gc
+    INHERITED.clear()  # frees the parent's pooled tensors in the child
     gc.collect()
     end = physmdn.cpu_pool_stats()
-    grads(inputs(1))  # the child's own pool works
+    grads(2)  # the child's own pool works
     q.put((start, end, physmdn.cpu_pool_stats()))
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    result = q.get(timeout=120)
+    p.join(60)
+    sys.stdout.write(pickle.dumps((p.exitcode, result)).hex())
+"""
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
-def test_fork_child_frees_inherited_blocks_outside_its_accounting(pool_limit):
+def test_fork_child_frees_inherited_blocks_outside_its_accounting(tmp_path):
     """Blocks a forked child inherited (live tensors of the parent) are freed without entering its accounting or
-    its cache: live_bytes never goes negative, the child's pool starts empty and then serves its own blocks."""
-    _INHERITED[:] = grads(inputs())
-    grads(inputs())  # and cached blocks
-    assert physmdn.cpu_pool_stats()["cached_bytes"] > 0
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child_frees_inherited, args=(q,))
-    p.start()
-    start, end, used = q.get(timeout=120)
-    p.join(60)
-    _INHERITED.clear()
-    assert p.exitcode == 0
+    its cache: live_bytes never goes negative, the child's pool starts empty and then serves its own blocks. (In a
+    fresh interpreter: a process whose autograd engine has started threads cannot fork safely.)"""
+    script = tmp_path / "fork_scenario.py"
+    script.write_text(_FORK_SCENARIO)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PHYSMDN_CPU_POOL_MB": "64"})
+    assert out.returncode == 0, out.stderr
+    exitcode, (start, end, used) = pickle.loads(bytes.fromhex(out.stdout.strip().splitlines()[-1]))
+    assert exitcode == 0
     assert start["cached_bytes"] == 0 and start["live_bytes"] == 0, start
     assert end["live_bytes"] == 0 and end["cached_bytes"] == 0, end
     assert used["misses"] > 0 and used["live_bytes"] >= 0 and used["cached_bytes"] > 0, used
