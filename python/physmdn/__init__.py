@@ -11,10 +11,10 @@ _C, _build_config = load_extension()
 __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
-from ._ops import mixture_nll  # noqa: E402
+from ._mixture_nll import mixture_nll  # noqa: E402
 from . import physics  # noqa: E402
 from .physics import mdn_loss  # noqa: E402
-from . import _func  # noqa: E402,F401  (batching rules of the ops, functorch autograd)
+from . import _func  # noqa: E402,F401  (the functorch path of the ops)
 from . import distributions, transport, models, training  # noqa: E402
 from .distributions import GaussianMixture, Modes  # noqa: E402
 from .models import MDN, CFM  # noqa: E402

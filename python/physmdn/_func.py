@@ -1,4 +1,8 @@
-"""torch.func (functorch) support for the custom ops: batching rules and autograd.Functions.
+"""torch.func (functorch) support shared by the custom ops: folding a vmap dimension into the batch, first-order
+backward Functions, and the functorch autograd path of :func:`physmdn._ops.call_op`. Each op's own batching
+rules and Function live beside it (``_mixture_nll.py``, ``_fused.py``); this module holds what they share.
+
+The scheme:
 
 - **vmap.** Every op is per sample along the batch dimension B, so a vmapped call folds the vmap dimension into
   the batch (``[N, B, ...] -> [N B, ...]``: one kernel call, no per-example loop) and unfolds the outputs. Inputs
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _fused, _ops
+from . import _ops
 
 
 def _per_sample(t, d, n):
@@ -69,47 +73,6 @@ def _placeholder(t, d) -> bool:
     return len(shape) == 1 and shape[0] == 0
 
 
-@torch.library.register_vmap("physmdn::mixture_nll_fwd")
-def _mixture_nll_fwd_vmap(info, in_dims, logits, means, log_scales, target, compute_grad=False, grad_scale=1.0):
-    args = _fold(info, in_dims, (logits, means, log_scales, target), (True,) * 4)
-    out = torch.ops.physmdn.mixture_nll_fwd(*args, compute_grad, grad_scale)
-    return _unfold(out, info.batch_size, (True, True) + (bool(compute_grad),) * 4)
-
-
-@torch.library.register_vmap("physmdn::mixture_nll_bwd")
-def _mixture_nll_bwd_vmap(info, in_dims, grad_loss, logits, means, log_scales, target, saved):
-    args = _fold(info, in_dims, (grad_loss, logits, means, log_scales, target, saved), (True,) * 6)
-    return _unfold(torch.ops.physmdn.mixture_nll_bwd(*args), info.batch_size, (True,) * 4)
-
-
-@torch.library.register_vmap("physmdn::mdn_loss_fwd")
-def _mdn_loss_fwd_vmap(info, in_dims, logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight,
-                       spacing, boundary, noise_scale, compute_grad=False, grad_scale=1.0):
-    tensors = (logits, means, log_scales, target, p0, p1, extra)
-    dims = in_dims[:7]
-    per_sample = (True,) * 4 + (not _placeholder(p0, dims[4]), not _placeholder(p1, dims[5]), True)
-    args = _fold(info, dims, tensors, per_sample)
-    out = torch.ops.physmdn.mdn_loss_fwd(*args, family, moment, couple_weights, weight, spacing, boundary, noise_scale, compute_grad,
-                                         grad_scale)
-    g = bool(compute_grad)
-    return _unfold(out, info.batch_size, (True, True, g, g, g, g, g and extra is not None))
-
-
-@torch.library.register_vmap("physmdn::mdn_loss_bwd")
-def _mdn_loss_bwd_vmap(info, in_dims, grad_loss, logits, means, log_scales, target, p0, p1, extra, family, moment,
-                       couple_weights, weight, spacing, boundary, noise_scale, saved, p0_grad, p1_grad):
-    p0_ps, p1_ps = not _placeholder(p0, in_dims[5]), not _placeholder(p1, in_dims[6])
-    tensors = (grad_loss, logits, means, log_scales, target, p0, p1, extra)
-    args = _fold(info, in_dims[:8], tensors, (True,) * 5 + (p0_ps, p1_ps, True))
-    (saved,) = _fold(info, in_dims[15:16], (saved,), (True,))
-    out = torch.ops.physmdn.mdn_loss_bwd(*args, family, moment, couple_weights, weight, spacing, boundary, noise_scale, saved,
-                                         p0_grad, p1_grad)
-    has_family = family != _fused.FAMILY_NONE
-    gp0 = bool(p0_grad) and has_family
-    gp1 = bool(p1_grad) and has_family and family != _fused.FAMILY_POLYNOMIAL
-    return _unfold(out, info.batch_size, (True,) * 4 + (gp0, gp1, extra is not None))
-
-
 class _FirstOrder(torch.autograd.Function):
     """Base of the backward ops' Functions: calling the op records it on the tape of any outer reverse level, so that
     differentiating the backward itself (``grad`` of a ``grad``, ``jacrev`` of a ``jacrev``; functorch runs every
@@ -128,24 +91,6 @@ class _FirstOrder(torch.autograd.Function):
         raise _ops.second_order_error(cls.op)
 
 
-class _MixtureNllBwd(_FirstOrder):
-    op = "mixture_nll"
-
-    @staticmethod
-    def forward(grad_loss, logits, means, log_scales, target, saved):
-        return torch.ops.physmdn.mixture_nll_bwd(grad_loss, logits, means, log_scales, target, saved)
-
-
-class _MdnLossBwd(_FirstOrder):
-    op = "mdn_loss"
-
-    @staticmethod
-    def forward(grad_loss, logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing,
-                boundary, noise_scale, saved, p0_grad, p1_grad):
-        return torch.ops.physmdn.mdn_loss_bwd(grad_loss, logits, means, log_scales, target, p0, p1, extra, family,
-                                              moment, couple_weights, weight, spacing, boundary, noise_scale, saved, p0_grad, p1_grad)
-
-
 def _with_bwd(setup_context, bwd):
     """``setup_context`` that also has the backward call the op through ``bwd`` (a :class:`_FirstOrder`)."""
 
@@ -156,37 +101,7 @@ def _with_bwd(setup_context, bwd):
     return staticmethod(setup)
 
 
-class MixtureNllFunction(torch.autograd.Function):
-    """``mixture_nll_fwd`` with the registered autograd's setup_context / backward, for functorch transforms."""
-
-    generate_vmap_rule = True
-    compute_grad_index = 4  # (see apply)
-
-    @staticmethod
-    def forward(logits, means, log_scales, target, compute_grad, grad_scale):
-        return torch.ops.physmdn.mixture_nll_fwd(logits, means, log_scales, target, compute_grad, grad_scale)
-
-    setup_context = _with_bwd(_ops._mixture_nll_setup_context, _MixtureNllBwd)
-    backward = staticmethod(_ops._mixture_nll_backward)
-
-
-class MdnLossFunction(torch.autograd.Function):
-    """``mdn_loss_fwd`` with the registered autograd's setup_context / backward, for functorch transforms."""
-
-    generate_vmap_rule = True
-    compute_grad_index = 14
-
-    @staticmethod
-    def forward(logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing, boundary, noise_scale,
-                compute_grad, grad_scale):
-        return torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight,
-                                              spacing, boundary, noise_scale, compute_grad, grad_scale)
-
-    setup_context = _with_bwd(_fused._setup_context, _MdnLossBwd)
-    backward = staticmethod(_fused._backward)
-
-
-FUNCTIONS = {"mixture_nll": MixtureNllFunction, "mdn_loss": MdnLossFunction}
+FUNCTIONS: dict = {}  # op name -> its autograd.Function for functorch transforms; each op module registers its own
 
 
 def apply(name: str, args) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ._func import FUNCTIONS, _FirstOrder, _fold, _placeholder, _unfold, _with_bwd
 from ._ops import _PLAIN_TYPES, acc_dtype, call_op, check_first_order, forward_grads, keep_forward_grads
 
 FAMILY_NONE, FAMILY_POLYNOMIAL, FAMILY_LINEAR, FAMILY_STENCIL = -1, 0, 1, 2
@@ -180,3 +181,63 @@ def _kernel_args(spec, B, K, D, means):
     family, p0, p1, moment, spacing, boundary, noise = spec.kernel_args(B, K, D, _expander(means))
     p1 = means.new_empty((0,)) if p1 is None else p1
     return family, p0, p1, int(moment), spec.coupling == "coupled", float(spacing), int(boundary), float(noise)
+
+
+# ----- torch.func ------------------------------------------------------------------------------------
+
+@torch.library.register_vmap("physmdn::mdn_loss_fwd")
+def _mdn_loss_fwd_vmap(info, in_dims, logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight,
+                       spacing, boundary, noise_scale, compute_grad=False, grad_scale=1.0):
+    tensors = (logits, means, log_scales, target, p0, p1, extra)
+    dims = in_dims[:7]
+    per_sample = (True,) * 4 + (not _placeholder(p0, dims[4]), not _placeholder(p1, dims[5]), True)
+    args = _fold(info, dims, tensors, per_sample)
+    out = torch.ops.physmdn.mdn_loss_fwd(*args, family, moment, couple_weights, weight, spacing, boundary, noise_scale, compute_grad,
+                                         grad_scale)
+    g = bool(compute_grad)
+    return _unfold(out, info.batch_size, (True, True, g, g, g, g, g and extra is not None))
+
+
+@torch.library.register_vmap("physmdn::mdn_loss_bwd")
+def _mdn_loss_bwd_vmap(info, in_dims, grad_loss, logits, means, log_scales, target, p0, p1, extra, family, moment,
+                       couple_weights, weight, spacing, boundary, noise_scale, saved, p0_grad, p1_grad):
+    p0_ps, p1_ps = not _placeholder(p0, in_dims[5]), not _placeholder(p1, in_dims[6])
+    tensors = (grad_loss, logits, means, log_scales, target, p0, p1, extra)
+    args = _fold(info, in_dims[:8], tensors, (True,) * 5 + (p0_ps, p1_ps, True))
+    (saved,) = _fold(info, in_dims[15:16], (saved,), (True,))
+    out = torch.ops.physmdn.mdn_loss_bwd(*args, family, moment, couple_weights, weight, spacing, boundary, noise_scale, saved,
+                                         p0_grad, p1_grad)
+    has_family = family != FAMILY_NONE
+    gp0 = bool(p0_grad) and has_family
+    gp1 = bool(p1_grad) and has_family and family != FAMILY_POLYNOMIAL
+    return _unfold(out, info.batch_size, (True,) * 4 + (gp0, gp1, extra is not None))
+
+
+class _MdnLossBwd(_FirstOrder):
+    op = "mdn_loss"
+
+    @staticmethod
+    def forward(grad_loss, logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing,
+                boundary, noise_scale, saved, p0_grad, p1_grad):
+        return torch.ops.physmdn.mdn_loss_bwd(grad_loss, logits, means, log_scales, target, p0, p1, extra, family,
+                                              moment, couple_weights, weight, spacing, boundary, noise_scale, saved, p0_grad, p1_grad)
+
+
+class MdnLossFunction(torch.autograd.Function):
+    """``mdn_loss_fwd`` with the registered autograd's setup_context / backward, for functorch transforms."""
+
+    generate_vmap_rule = True
+    compute_grad_index = 14
+
+    @staticmethod
+    def forward(logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing, boundary, noise_scale,
+                compute_grad, grad_scale):
+        return torch.ops.physmdn.mdn_loss_fwd(logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight,
+                                              spacing, boundary, noise_scale, compute_grad, grad_scale)
+
+    setup_context = _with_bwd(_setup_context, _MdnLossBwd)
+    backward = staticmethod(_backward)
+
+
+
+FUNCTIONS["mdn_loss"] = MdnLossFunction

@@ -19,7 +19,8 @@ from torch.distributions import constraints
 
 from ._mixture_modes import DEFAULT_MIN_WEIGHT, Modes, find_modes
 from ._mixture_sampling import cdf_1d, draw, entropy_bounds, icdf_1d, implicit_rsample
-from ._ops import _check_like_means, _check_tensor, mixture_nll
+from ._mixture_nll import mixture_nll
+from ._ops import _check_like_means, _check_tensor
 from .reference import HALF_LOG_2PI
 
 __all__ = ["GaussianMixture", "Modes", "DEFAULT_MIN_WEIGHT"]

@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ._ops import mixture_nll as _mixture_nll_op
+from ._mixture_nll import mixture_nll as _mixture_nll_op
 
 __all__ = [
     "mixture_nll", "energy_distance", "mmd", "median_bandwidth", "wasserstein_1d", "sliced_wasserstein",

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _fused, _ops
-from ._ops import mixture_nll
+from ._mixture_nll import mixture_nll
 
 __all__ = [
     "MOMENTS", "COUPLINGS", "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability",

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .._ops import mixture_nll
+from .._mixture_nll import mixture_nll
 from ..distributions import GaussianMixture
 from ..models import MDN
 from ..physics import mdn_loss
