@@ -85,28 +85,6 @@ template <typename acc_t>
 struct PolyStats {
   acc_t ep, ep2, dep_dm, dep_dv, dep2_dm, dep2_dv;
 };
-template <typename acc_t, bool kGrad>
-PHYSMDN_HD PolyStats<acc_t> poly_stats(const acc_t* c, int J, const acc_t* M) {
-  PolyStats<acc_t> s{acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-  for (int j = 0; j <= J; ++j) {
-    s.ep += c[j] * M[j];
-    if (kGrad) {
-      if (j >= 1) s.dep_dm += c[j] * acc_t(j) * M[j - 1];
-      if (j >= 2) s.dep_dv += c[j] * acc_t(j * (j - 1) / 2) * M[j - 2];
-    }
-    for (int i = 0; i <= J; ++i) {
-      const acc_t cc = c[i] * c[j];
-      const int n = i + j;
-      s.ep2 += cc * M[n];
-      if (kGrad) {
-        if (n >= 1) s.dep2_dm += cc * acc_t(n) * M[n - 1];
-        if (n >= 2) s.dep2_dv += cc * acc_t(n * (n - 1) / 2) * M[n - 2];
-      }
-    }
-  }
-  return s;
-}
-
 // E[p] alone and its derivatives in m and v (the first moment needs moments up to J only).
 template <typename acc_t, bool kGrad>
 PHYSMDN_HD PolyStats<acc_t> poly_mean_stats(const acc_t* c, int J, const acc_t* M) {
@@ -116,6 +94,24 @@ PHYSMDN_HD PolyStats<acc_t> poly_mean_stats(const acc_t* c, int J, const acc_t* 
     if (kGrad) {
       if (j >= 1) s.dep_dm += c[j] * acc_t(j) * M[j - 1];
       if (j >= 2) s.dep_dv += c[j] * acc_t(j * (j - 1) / 2) * M[j - 2];
+    }
+  }
+  return s;
+}
+
+// E[p] and E[p^2] with their derivatives (moments up to 2J).
+template <typename acc_t, bool kGrad>
+PHYSMDN_HD PolyStats<acc_t> poly_stats(const acc_t* c, int J, const acc_t* M) {
+  PolyStats<acc_t> s = poly_mean_stats<acc_t, kGrad>(c, J, M);
+  for (int j = 0; j <= J; ++j) {
+    for (int i = 0; i <= J; ++i) {
+      const acc_t cc = c[i] * c[j];
+      const int n = i + j;
+      s.ep2 += cc * M[n];
+      if (kGrad) {
+        if (n >= 1) s.dep2_dm += cc * acc_t(n) * M[n - 1];
+        if (n >= 2) s.dep2_dv += cc * acc_t(n * (n - 1) / 2) * M[n - 2];
+      }
     }
   }
   return s;
