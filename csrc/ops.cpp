@@ -45,9 +45,14 @@ bool set_cpu_rows_path(bool enabled) { return cpu::rows_path_enabled().exchange(
 
 std::atomic<bool>& cuda_lanes_schedule_enabled() {
   // off by default; PHYSMDN_CUDA_LANES=1 turns it on from the start (bench/gpu_check.sh's benchmarks once it passed)
+  // in a build that has it (CMake option PHYSMDN_CUDA_LANES); ignored in one without
   static std::atomic<bool> enabled{[] {
+#ifdef PHYSMDN_WITH_CUDA_LANES
     const char* env = std::getenv("PHYSMDN_CUDA_LANES");
     return env != nullptr && std::strcmp(env, "1") == 0;
+#else
+    return false;
+#endif
   }()};
   return enabled;
 }
