@@ -121,7 +121,7 @@ void cpu_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double sc
 struct CpuBackend {
   // outputs come from the buffer pool (csrc/cpu/buffer_pool.h): no page faults for a loop's recurring sizes
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return cpu::pooled_empty(sizes, opts); }
-  // forward-with-gradients writes bfloat16 / float16 gradients directly (cpu/kernels.cpp)
+  // forward-with-gradients writes bfloat16 / float16 gradients directly (cpu/mixture_nll.cpp)
   static constexpr bool kForwardGradInInputDtype = true;
   // the fused loss: the forward with gradients as above
   static bool loss_grads_in_input_dtype(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {

@@ -285,9 +285,9 @@ void with_blocked_family(const BlockedInputs<T>& in, const at::Tensor& p0, const
 
 template <typename T>
 void forward_blocked(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                              const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
-                              const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
-                              at::Tensor& loss, at::Tensor& saved) {
+                     const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
+                     const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
+                     at::Tensor& loss, at::Tensor& saved) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
   const BlockedInputs<T> in(logits, means, log_scales, target, p0, extra, args);
   const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
@@ -331,11 +331,11 @@ void forward_blocked(const at::Tensor& logits, const at::Tensor& means, const at
 
 template <typename T>
 void backward_blocked(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
-                               const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
-                               const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
-                               int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
-                               at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
-                               at::Tensor& grad_extra) {
+                      const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
+                      const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
+                      int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
+                      at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
+                      at::Tensor& grad_extra) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
   const BlockedInputs<T> in(logits, means, log_scales, target, p0, extra, args);
   const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;

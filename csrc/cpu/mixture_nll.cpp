@@ -158,14 +158,14 @@ void mixture_nll_forward(const at::Tensor& logits_in, const at::Tensor& means_in
   if (blocked_float_path_applies(logits, means, log_scales, target))
     return dispatch_float_or_half(means.scalar_type(), [&]<typename scalar_t>() {
       dispatch_dim(means.size(2), [&]<int kD>() {
-        mixture_nll_forward_blocked<false, kD, scalar_t>(logits, means, log_scales, target, 1.0f, &loss, &saved, nullptr,
-                                                      nullptr, nullptr, nullptr);
+        mixture_nll_forward_blocked<false, kD, scalar_t>(logits, means, log_scales, target, 1.0f, &loss, &saved,
+                                                         nullptr, nullptr, nullptr, nullptr);
       });
     });
   if (blocked_double_path_applies(logits, means, log_scales, target))
     return dispatch_dim(means.size(2), [&]<int kD>() {
       mixture_nll_forward_blocked<false, kD, double>(logits, means, log_scales, target, 1.0, &loss, &saved, nullptr,
-                                                  nullptr, nullptr, nullptr);
+                                                     nullptr, nullptr, nullptr);
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -189,8 +189,8 @@ bool mixture_nll_forward_grad(const at::Tensor& logits_in, const at::Tensor& mea
   if (blocked_double_path_applies(logits, means, log_scales, target)) {
     dispatch_dim(means.size(2), [&]<int kD>() {
       mixture_nll_forward_blocked<true, kD, double>(logits, means, log_scales, target, grad_scale, &loss, &saved,
-                                                 grad_logits.data_ptr<double>(), grad_means.data_ptr<double>(),
-                                                 grad_log_scales.data_ptr<double>(), grad_target.data_ptr<double>());
+                                                    grad_logits.data_ptr<double>(), grad_means.data_ptr<double>(),
+                                                    grad_log_scales.data_ptr<double>(), grad_target.data_ptr<double>());
     });
     return true;
   }
@@ -216,9 +216,10 @@ bool mixture_nll_forward_grad(const at::Tensor& logits_in, const at::Tensor& mea
   return with_float_grads({&grad_logits, &grad_means, &grad_log_scales, &grad_target}, [&] {
     dispatch_float_or_half(means.scalar_type(), [&]<typename scalar_t>() {
       dispatch_dim(means.size(2), [&]<int kD>() {
-        mixture_nll_forward_blocked<true, kD, scalar_t>(logits, means, log_scales, target, static_cast<float>(grad_scale),
-                                                     &loss, &saved, grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
-                                                     grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>());
+        mixture_nll_forward_blocked<true, kD, scalar_t>(
+            logits, means, log_scales, target, static_cast<float>(grad_scale), &loss, &saved,
+            grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
+            grad_target.data_ptr<float>());
       });
     });
   return true;
@@ -244,7 +245,7 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits_
     return dispatch_float_or_half(means.scalar_type(), [&]<typename scalar_t>() {
       dispatch_dim(means.size(2), [&]<int kD>() {
         mixture_nll_backward_blocked<kD, scalar_t>(grad_loss, logits, means, log_scales, target, saved, grad_logits,
-                                                grad_means, grad_log_scales, grad_target);
+                                                   grad_means, grad_log_scales, grad_target);
       });
     });
   // float64: recomputes with the forward's arithmetic, so that a retained graph's second backward gives the
@@ -252,9 +253,9 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits_
   if (blocked_double_path_applies(logits, means, log_scales, target))
     return dispatch_dim(means.size(2), [&]<int kD>() {
       mixture_nll_forward_blocked<true, kD, double>(logits, means, log_scales, target, 1.0, nullptr, nullptr,
-                                                 grad_logits.data_ptr<double>(), grad_means.data_ptr<double>(),
-                                                 grad_log_scales.data_ptr<double>(), grad_target.data_ptr<double>(),
-                                                 &grad_loss);
+                                                    grad_logits.data_ptr<double>(), grad_means.data_ptr<double>(),
+                                                    grad_log_scales.data_ptr<double>(), grad_target.data_ptr<double>(),
+                                                    &grad_loss);
     });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
