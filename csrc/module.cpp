@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
 
 #include "cpu/buffer_pool.h"
@@ -34,6 +35,11 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_version"] = pybind11::none();
     info["cuda_arch_list"] = pybind11::none();
 #endif
+#ifdef PHYSMDN_WITH_CUDA_LANES
+    info["cuda_lanes_schedule"] = true;  // compiled (CMake option PHYSMDN_CUDA_LANES); set_cuda_lanes_schedule turns it on
+#else
+    info["cuda_lanes_schedule"] = false;
+#endif
 #ifdef PHYSMDN_HAVE_AVX2_KERNELS
     info["cpu_kernels"] = "default, avx2";
 #else
@@ -47,10 +53,20 @@ PYBIND11_MODULE(_C, m) {
         "Whether the AVX2 float mixture NLL takes its row-wise path where it applies (D in {1, 2, 4} with K D a "
         "multiple of 8, or D a multiple of 8; on by default); returns the previous setting. For tests and "
         "benchmarks.");
-  m.def("set_cuda_lanes_schedule", &physmdn::set_cuda_lanes_schedule,
+  m.def("set_cuda_lanes_schedule", [](bool enabled) {
+#ifndef PHYSMDN_WITH_CUDA_LANES
+    if (enabled)
+      throw std::runtime_error(
+          "set_cuda_lanes_schedule(True): this build of physmdn lacks the CUDA lane-per-element schedule "
+          "(build_info()['cuda_lanes_schedule'] is False); build it with CUDA kernels and the CMake option "
+          "PHYSMDN_CUDA_LANES=ON (pip install --no-build-isolation -Ccmake.define.PHYSMDN_CUDA_LANES=ON .)");
+#endif
+    return physmdn::set_cuda_lanes_schedule(enabled);
+  }, pybind11::arg("enabled"),
         "Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (contiguous inputs, D <= "
-        "32, K times D rounded up to a power of two <= 256; off by default: not yet measured on a GPU); returns the previous "
-        "setting. For tests and benchmarks.");
+        "32, K times D rounded up to a power of two <= 256; off by default: not yet measured on a GPU); returns the "
+        "previous setting. For tests and benchmarks. Raises RuntimeError for True in a build without the schedule "
+        "(CMake option PHYSMDN_CUDA_LANES, off by default).");
   m.def("cuda_lanes_schedule", &physmdn::cuda_lanes_schedule,
         "Whether the CUDA mixture NLL takes its lane-per-element schedule (see set_cuda_lanes_schedule; the "
         "environment variable PHYSMDN_CUDA_LANES=1 turns it on at import).");

@@ -45,9 +45,14 @@ bool set_cpu_rows_path(bool enabled) { return cpu::rows_path_enabled().exchange(
 
 std::atomic<bool>& cuda_lanes_schedule_enabled() {
   // off by default; PHYSMDN_CUDA_LANES=1 turns it on from the start (bench/gpu_check.sh's benchmarks once it passed)
+  // in a build that has it (CMake option PHYSMDN_CUDA_LANES); ignored in one without
   static std::atomic<bool> enabled{[] {
+#ifdef PHYSMDN_WITH_CUDA_LANES
     const char* env = std::getenv("PHYSMDN_CUDA_LANES");
     return env != nullptr && std::strcmp(env, "1") == 0;
+#else
+    return false;
+#endif
   }()};
   return enabled;
 }
@@ -116,7 +121,7 @@ void cpu_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double sc
 struct CpuBackend {
   // outputs come from the buffer pool (csrc/cpu/buffer_pool.h): no page faults for a loop's recurring sizes
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return cpu::pooled_empty(sizes, opts); }
-  // forward-with-gradients writes bfloat16 / float16 gradients directly (cpu/kernels.cpp)
+  // forward-with-gradients writes bfloat16 / float16 gradients directly (cpu/mixture_nll.cpp)
   static constexpr bool kForwardGradInInputDtype = true;
   // the fused loss: the forward with gradients as above
   static bool loss_grads_in_input_dtype(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {

@@ -1,5 +1,6 @@
-// CPU kernel entry points. kernels.cpp is compiled once per instruction set (baseline and AVX2+FMA);
-// ops.cpp picks one at run time. Outputs are allocated by csrc/op_impl.h.
+// CPU kernel entry points, defined in mixture_nll.cpp and mdn_loss.cpp; those are compiled once per instruction set
+// (baseline and AVX2+FMA) and ops.cpp picks one at run time. paths.h says which CPU path runs a call. Outputs are
+// allocated by csrc/op_impl.h.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -40,9 +41,8 @@
   }
 
 namespace physmdn::cpu {
-// The AVX2 mixture NLL's row-wise path (soa_avx2.h, group8_rows) for D in {1, 2, 4} with K D a multiple of 8, or D a
-// multiple of 8: on by default; off, those shapes take the lane path like the others (tests compare the two;
-// benchmarks time both).
+// The AVX2 mixture NLL's row-wise path (avx2/rows.h; paths.h: rows_path_applies): on by default; off, its shapes
+// take the lanes path like the others (tests compare the two; benchmarks time both).
 std::atomic<bool>& rows_path_enabled();
 }  // namespace physmdn::cpu
 

@@ -3,7 +3,8 @@
 // components, a tiled thread per sample (coalesced vector loads through shared memory, one pass for loss and
 // gradients) while a sample fits in shared memory; a warp per sample from 16 components on; otherwise (strided
 // inputs, the fused physics loss) a plain thread per sample reading its parameters in place. With
-// physmdn._C.set_cuda_lanes_schedule(True), the lane-per-element kernel first where it applies. Accumulation in
+// physmdn._C.set_cuda_lanes_schedule(True), the lane-per-element kernel first where it applies (compiled only with the
+// CMake option PHYSMDN_CUDA_LANES, which defines PHYSMDN_WITH_CUDA_LANES). Accumulation in
 // float32 (float64 for double inputs). The kernels themselves are in device_kernels.cuh.
 //
 // A header so that the same code also runs on the CPU under the simulator of tests/cuda/cuda_sim/host_sim.h
@@ -164,6 +165,7 @@ bool launch_tiled_loss(const at::Tensor& logits, const at::Tensor& means, const 
   return true;
 }
 
+#ifdef PHYSMDN_WITH_CUDA_LANES
 bool lanes_inputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
                   const at::Tensor& target) {
   const int64_t K = means.size(1), D = means.size(2);
@@ -209,6 +211,14 @@ bool launch_lanes(const at::Tensor& logits, const at::Tensor& means, const at::T
   });
   return true;
 }
+#else
+// The build lacks the lane-per-element schedule (CMake option PHYSMDN_CUDA_LANES=OFF): it never applies.
+bool lanes_inputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) { return false; }
+template <bool kGrad, typename... Args>
+bool launch_lanes(const Args&...) {
+  return false;
+}
+#endif  // PHYSMDN_WITH_CUDA_LANES
 
 
 void cuda_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double scale) {

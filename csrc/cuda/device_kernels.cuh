@@ -407,6 +407,7 @@ __global__ void tiled_loss_kernel(const scalar_t* __restrict__ logits, const sca
   }
 }
 
+#ifdef PHYSMDN_WITH_CUDA_LANES  // CMake option PHYSMDN_CUDA_LANES (off by default)
 // ----- lane-per-element schedule (physmdn._C.set_cuda_lanes_schedule; contiguous inputs, D <= 32, K Dp <= 256
 // with Dp = D rounded up to a power of two) -------------------------------------------------------------------------
 // G lanes per sample, G = the power of two >= K Dp (at most 32; a multiple of Dp). Lane l of a group holds the
@@ -416,7 +417,7 @@ __global__ void tiled_loss_kernel(const scalar_t* __restrict__ logits, const sca
 // (consecutive lanes read consecutive elements, consecutive groups consecutive samples: coalesced, no shared memory,
 // no tile staging); the sum of log N_k over d runs by shuffles within each aligned run of Dp lanes; the log-sum-exps
 // over k and the target gradient's sum over k by shuffles across those runs (the lanes of one dimension class hold
-// every component once). The math is the two-pass form of the CPU kernels (csrc/cpu/soa_avx2.h, mixture_lse):
+// every component once). The math is the two-pass form of the CPU kernels (csrc/cpu/avx2/group.h, mixture_lse):
 // shift by the max logit (0 when all are -inf), log pi = (logit - shift) - log sum exp(logit - shift), the joint
 // term shifted by its max. Loss, saved state (shift, log_sum, lse) and, with kGrad, the gradients in one pass;
 // grad_loss null: every sample's upstream gradient is g_default (the forward with gradients).
@@ -542,6 +543,7 @@ __global__ void __launch_bounds__(kLanesThreads) lanes_nll_kernel(
     if (active && l < D) gt[b * D + l] = static_cast<grad_t>(gy);
   }
 }
+#endif  // PHYSMDN_WITH_CUDA_LANES
 
 // ----- warp-per-sample schedule (many components) -----------------------------------------------------
 // Lanes take components k = lane, lane + 32, ...; the log-sum-exps combine across the warp with shuffles;
@@ -714,6 +716,7 @@ __global__ void scale_by_kernel(const __grid_constant__ ScaleTargets targets, co
     p[i] = static_cast<scalar_t>(static_cast<acc_t>(p[i]) * f);
 }
 
+#ifdef PHYSMDN_WITH_CUDA_LANES
 // Launch shape of lanes_nll_kernel for B samples of K components in D dimensions (lanes_inputs must hold): Dp = D
 // rounded up to a power of two, G = the power of two >= K Dp (at most 32) lanes per sample, J elements per lane.
 struct LanesLaunch {
@@ -745,6 +748,7 @@ LanesKernel<scalar_t, acc_t, grad_t> lanes_kernel_for(int J) {
     default: return lanes_nll_kernel<scalar_t, acc_t, grad_t, kGrad, 8>;
   }
 }
+#endif  // PHYSMDN_WITH_CUDA_LANES
 
 }  // namespace
 }  // namespace physmdn

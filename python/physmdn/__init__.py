@@ -26,7 +26,8 @@ from . import problems, metrics  # noqa: E402
 
 def build_info() -> dict:
     """Build facts: package version, torch built against / running, CUDA kernels, CUDA version, arch list,
-    CPU kernel variants and the one in use, CPU threads."""
+    whether the CUDA lane-per-element schedule is compiled (``cuda_lanes_schedule``; CMake option
+    ``PHYSMDN_CUDA_LANES``), CPU kernel variants and the one in use, CPU threads."""
     info = dict(_C.build_info())
     info["torch_running"] = torch.__version__
     info["cpu_isa"] = _C.cpu_isa()

@@ -2,9 +2,13 @@
 inputs, D <= 32, K Dp <= 256 with Dp = D rounded up to a power of two; csrc/cuda/device_kernels.cuh, ``lanes_nll_kernel``). Off by default until
 measured on a GPU (``bench/bench_cuda_schedules.py``, a step of ``bench/gpu_check.sh``): these tests run the
 mixture NLL's correctness checks with it on, against the float64 reference, on shapes that take it and on shapes
-that fall back to the other schedules. They need a GPU; only the switch itself is tested without one."""
+that fall back to the other schedules. They need a GPU and a build with the schedule (CMake option
+PHYSMDN_CUDA_LANES=ON; off by default, then ``set_cuda_lanes_schedule(True)`` raises); only the switch itself is
+tested without them."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +18,9 @@ import test_mixture_nll as T
 from conftest import CUDA
 
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels")
+LANES_BUILT = physmdn.build_info()["cuda_lanes_schedule"]
+LANES_MISSING = "this build lacks the CUDA lane-per-element schedule (CMake option PHYSMDN_CUDA_LANES=OFF, the default)"
+lanes_built = pytest.mark.skipif(not LANES_BUILT, reason=LANES_MISSING)
 
 # (B, K, D): every power-of-two D up to 32, K D from 1 to 256 (1 to 8 elements per lane, lanes idle where K D is
 # not a power of two), D not a power of two (padding lanes), odd B (partial blocks); the last three fall back
@@ -25,11 +32,14 @@ LANES_SHAPES = [(1, 1, 1), (37, 1, 4), (33, 3, 4), (257, 5, 2), (64, 8, 4), (103
 
 @pytest.fixture
 def lanes_on():
+    if not LANES_BUILT:
+        pytest.skip(LANES_MISSING)
     prev = physmdn._C.set_cuda_lanes_schedule(True)
     yield
     physmdn._C.set_cuda_lanes_schedule(prev)
 
 
+@lanes_built
 def test_set_cuda_lanes_schedule_returns_the_previous_setting():
     default = os.environ.get("PHYSMDN_CUDA_LANES") == "1"  # (off unless the environment turns it on)
     assert physmdn._C.cuda_lanes_schedule() is default
@@ -38,6 +48,20 @@ def test_set_cuda_lanes_schedule_returns_the_previous_setting():
         assert physmdn._C.set_cuda_lanes_schedule(True) is True and physmdn._C.cuda_lanes_schedule() is True
     finally:
         assert physmdn._C.set_cuda_lanes_schedule(default) is True
+
+
+@pytest.mark.skipif(LANES_BUILT, reason="this build has the lane-per-element schedule")
+def test_set_cuda_lanes_schedule_raises_in_a_build_without_it():
+    assert physmdn._C.cuda_lanes_schedule() is False
+    assert physmdn._C.set_cuda_lanes_schedule(False) is False
+    with pytest.raises(RuntimeError, match="lacks the CUDA lane-per-element schedule.*PHYSMDN_CUDA_LANES=ON"):
+        physmdn._C.set_cuda_lanes_schedule(True)
+    assert physmdn._C.cuda_lanes_schedule() is False
+    # the environment variable that turns the schedule on at import is ignored
+    env = dict(os.environ, PHYSMDN_CUDA_LANES="1")
+    code = "import physmdn; print(physmdn._C.cuda_lanes_schedule())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @cuda_only

@@ -15,6 +15,8 @@
 #define PHYSMDN_LAUNCH_CHECK() ((void)0)
 #define PHYSMDN_DEVICE_GUARD(device) ((void)(device))
 #define PHYSMDN_ON_DEVICE(tensor) ((tensor).is_cpu())
+// The simulator runs every schedule, the lane-per-element one too (in the extension: CMake option PHYSMDN_CUDA_LANES).
+#define PHYSMDN_WITH_CUDA_LANES 1
 
 namespace physmdn {
 namespace {
