@@ -1,8 +1,7 @@
 // Eager-mode autograd of mixture_nll_fwd and mdn_loss_fwd as C++ autograd nodes (torch::autograd::Function).
 //
-// Why: the Python autograd.Function these replace cost 30-60 us more per forward + backward (interleaved in one
-// process, forward + loss.sum() + autograd.grad, K = 8, D = 4: 1.06-1.17x at B = 256 and 1024, 1.0-1.03x at
-// B = 65536), mostly Python run with caches the kernel has just flushed. They do the same work: with compute_grad
+// Why: a Python autograd.Function costs 30-60 us more per forward + backward (docs/performance.md), mostly Python
+// run with caches the kernel has just flushed. They do the same work: with compute_grad
 // the forward computes the loss and the gradients for an upstream gradient of grad_scale per sample in one kernel
 // pass; the first backward hands those gradients over (or returns copies scaled by grad_loss / grad_scale); a
 // backward after they were handed over (retain_graph), or one without forward gradients, computes them through the

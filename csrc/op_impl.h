@@ -11,7 +11,8 @@
 namespace physmdn {
 
 // Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (csrc/cuda/backend.cuh;
-// physmdn._C.set_cuda_lanes_schedule; off by default until measured on a GPU). Defined in csrc/ops.cpp.
+// physmdn._C.set_cuda_lanes_schedule; off by default, compiled only with PHYSMDN_CUDA_LANES). Defined in
+// csrc/ops.cpp.
 std::atomic<bool>& cuda_lanes_schedule_enabled();
 
 inline void check_saved(const at::Tensor& saved, const at::Tensor& means, int64_t per_sample, const char* producer) {

@@ -134,10 +134,10 @@ struct TileCursor {
 };
 
 // Global loads in flight per thread in load_rows: each thread issues up to kLoadBatch independent loads before it
-// writes their values to shared memory. A loop of load-then-write keeps one load per thread in flight (the write
-// waits for it, and nvcc neither unrolls the loop nor hoists the next load: seen in the SASS), so loading a tile took
-// one memory latency per 16 bytes a thread moves: 19 for a 128-sample float32 tile with K = 8, D = 4 (8 vectors of
-// means, 8 of log-scales, 2 of logits, 1 of targets per thread); batched by 4, 6. 4 rather than 8: the batch's
+// writes their values to shared memory. A loop of load-then-write would keep one load per thread in flight (the write
+// waits for it, and nvcc neither unrolls the loop nor hoists the next load), one memory latency per 16 bytes a
+// thread moves: 19 for a 128-sample float32 tile with K = 8, D = 4; batched by 4, 6 (bench/cuda_static.py reads it
+// in the SASS). 4 rather than 8: the batch's
 // registers (a 16-byte value and an address per load) raise the float32 kernel with gradients from 48 to 56
 // registers per thread with 4, to 96 with 8, which would halve the resident blocks of small tiles (256 threads,
 // limited by registers, not shared memory). bench/cuda_static.py reports registers and loads per batch from the SASS.

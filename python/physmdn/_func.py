@@ -14,13 +14,13 @@ The scheme:
   ``generate_vmap_rule`` (so that ``vmap(grad(...))`` and ``jacrev`` work, through the batching rules). Their
   forward computes no gradients; the backward's kernel does, for the actual upstream gradient (see :func:`apply`).
 - Second derivatives raise: functorch runs every backward with create_graph, so the backward op is called
-  through a Function (:class:`_FirstOrder`) whose own backward raises (otherwise they came out as zeros).
+  through a Function (:class:`_FirstOrder`) whose own backward raises (rather than give zero second derivatives).
 - Forward-mode AD (``jvp``, ``jacfwd``) is not supported: the ops have no forward-mode formula; a dual input raises
   in :func:`physmdn._ops.call_op`.
 - Under ``torch.compile`` the registered autograd stays (the Functions are for eager transforms): ``vmap`` compiles
   (through the batching rules), ``grad`` over the ops does not (torch's error above, pytorch/pytorch#170834). The
   Functions are not offered to dynamo because it differentiates an autograd.Function it inlines through the
-  forward's trace: with the op called below its autograd, the gradients came out as zeros.
+  forward's trace: with the op called below its autograd, its gradients would be zeros.
 """
 
 from __future__ import annotations

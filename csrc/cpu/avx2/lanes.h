@@ -152,15 +152,10 @@ void group8(const GroupIn& in, __m256 g, Scratch& w, Phys& phys, const GroupOut<
 // The [B, K, D] gradients are written with non-temporal stores (no read for ownership, no eviction of the inputs
 // still to be read) when the call's working set, inputs and gradients, is at least 32 MiB: then it cannot stay in a
 // typical last-level cache anyway. Smaller ones are stored normally and stay in cache, where the backward's
-// consumers read them next. Measured on a 2-core VM (Zen 3, 32 MiB L3), the kernel alone with K = 8, D = 4, inputs
-// evicted from the cache before each call, the variants interleaved in one process, p20 / median / p80 ms:
-// B = 65536 (38 MiB: 19 of inputs, 19 of gradients) streamed 4.44 / 5.10 / 8.22 against 5.31 / 6.85 / 8.72 stored;
-// B = 262144 streamed 17.4 / 19.2 / 22.5 against 21.8 / 25.7 / 36.7. Streamed rows are written whole (from_lanes'
-// row order): written tile by tile (8 rows x 32 bytes at a time) the same stores had a p80 of 12.1 and 51.2 ms, the
-// partial lines overflowing the write-combining buffers. Through autograd (forward + backward at B = 65536, an
-// eager reference run between calls), medians 5.98-6.66 ms before (tile order, regular stores: the gradients alone
-// were under 32 MiB) against 5.18-5.37 ms. (A fixed size: the last-level cache a VM reports can be
-// the host's, e.g. 256 MiB for a 32 MiB slice.)
+// consumers read them next; streamed rows are written whole (from_lanes' row order), since partial lines written
+// tile by tile overflow the write-combining buffers. The measurements behind the 32 MiB threshold:
+// docs/performance.md ("Streamed gradient stores"). (A fixed size: the last-level cache a VM reports can be the
+// host's, e.g. 256 MiB for a 32 MiB slice.)
 constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
 
 // Driver over the batch. loss_all [B] and saved_all [B, Phys::kSaved] may be null (not written); the gradients

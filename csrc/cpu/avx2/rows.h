@@ -4,7 +4,7 @@
 // of on transposed lanes. Only what is per component goes through lanes: log N_k (summed over D within the vectors
 // by horizontal adds, then the [8, K] rows transposed for the log-sum-exps, as in group8) and -g gamma_k (transposed
 // back to rows and spread over each component's D lanes). The [B, K, D] inputs are read and the gradients written
-// row by row, without the 8x8 transposes of both (measured: see the README, "row-wise path").
+// row by row, without the 8x8 transposes of both (measured: docs/performance.md).
 #pragma once
 #if !defined(__AVX2__) || !defined(__FMA__)
 #error "cpu/avx2/rows.h needs AVX2 and FMA"
