@@ -110,12 +110,14 @@ for mod in (\"pybind11\", \"scikit_build_core\", \"pytest\", \"numpy\"):
 
   # 2. build ---------------------------------------------------------------------------------------------
   if [ "$DRY" = 1 ]; then
-    echo; echo "=== [build] dry run: would run: PHYSMDN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install --no-build-isolation --no-deps ."
+    echo; echo "=== [build] dry run: would run: PHYSMDN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install --no-build-isolation --no-deps -Ccmake.define.PHYSMDN_CUDA_LANES=ON ."
     record build "SKIP(dry-run)" 0 "not rebuilt; the installed physmdn is used"
   else
     export PHYSMDN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-    run_step build 300 "$PY" -m pip install --no-build-isolation --no-deps --no-input --disable-pip-version-check .
-    record build "$(status_of $STEP_RC)" "$STEP_SECONDS" "TORCH_CUDA_ARCH_LIST=9.0 PHYSMDN_CUDA=ON"
+    # with the lane-per-element schedule compiled in: its tests and the schedule benchmark time it against the tiled one
+    run_step build 300 "$PY" -m pip install --no-build-isolation --no-deps --no-input --disable-pip-version-check \
+      -Ccmake.define.PHYSMDN_CUDA_LANES=ON .
+    record build "$(status_of $STEP_RC)" "$STEP_SECONDS" "TORCH_CUDA_ARCH_LIST=9.0 PHYSMDN_CUDA=ON PHYSMDN_CUDA_LANES=ON"
   fi
   # the build the following steps use (run from bench/ so that the installed package, not the tree, is imported)
   run_step build_info 60 bash -c 'cd bench && "$0" -c "

@@ -1,5 +1,5 @@
 // Per-sample math of the mixture negative log-likelihood, written once for the CPU driver
-// (csrc/cpu/kernels.cpp) and the CUDA kernels (csrc/cuda/device_kernels.cuh).
+// (csrc/cpu/*.cpp) and the CUDA kernels (csrc/cuda/device_kernels.cuh).
 //
 //   loss_b = -log sum_k softmax(logits_b)_k N(target_b | means_bk, diag(exp(log_scales_bk))^2)
 //          = -LSE_k(log pi_bk + log N_bk),  log pi_bk = logits_bk - LSE_j(logits_bj)

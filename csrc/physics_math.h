@@ -1,5 +1,5 @@
 // Per-sample math of the fused MDN loss: mixture NLL + mixture-weighted physics penalty, written once for
-// the CPU driver (csrc/cpu/kernels.cpp) and the CUDA kernels (csrc/cuda/device_kernels.cuh).
+// the CPU driver (csrc/cpu/*.cpp) and the CUDA kernels (csrc/cuda/device_kernels.cuh).
 //
 //   loss_b = NLL_b + sum_k pi_bk Q_bk,   Q_bk = weight * P_bk + extra_bk,   pi = softmax(logits)
 //
