@@ -4,7 +4,7 @@
 
     physmdn run <problem> --model mdn|mdn-physics|cfm [--n-train N] [--epochs E] [--device D] [--out DIR] [--seed S]
     physmdn compare <problem> [--n-train 64,256,2048] [--seeds 3] [--models mdn,mdn-physics,cfm] [--out DIR]
-    physmdn demo [--out DIR]
+    physmdn demo [--n-train 256,2048] [--seeds 3] [--epochs 60] [--threads 1] [--out DIR]
     physmdn problems
 
 Common options: ``--components K --hidden 64,64 --batch-size --lr --physics-weight --cfm-steps --threads --quiet``.
@@ -15,7 +15,9 @@ at held-out contexts against ``problem.sample_truth`` (:func:`physmdn.metrics.ev
 over the context range with the true branches and the MDN's modes marked, or ``fields.png``: sampled fields per
 branch; ``history.png``). ``compare`` runs every model for every training-set size and seed and writes
 ``results.csv`` (one row per run), ``summary.md`` / ``summary.csv`` (mean and spread over seeds) and
-``compare.png``. ``demo`` is a pitchfork comparison sized for a laptop (under two minutes on two CPU cores).
+``compare.png``. ``demo`` is a pitchfork comparison sized for a laptop (under two minutes on two CPU cores) that
+also writes ``bifurcation.png`` (each model's samples over the true branches) and ``metrics.png`` (metric bars with
+error bars over seeds); it runs on one CPU thread unless ``--threads`` says otherwise.
 
 Models: ``mdn`` (NLL only), ``mdn-physics`` (NLL plus the problem's physics specs, weight warmed up linearly over
 the first quarter of the epochs; regime labels supervise the components where the physics is component-specific),
@@ -151,10 +153,10 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _print_summary(out: str) -> None:
+def _print_summary(out: str, plots=("compare.png",)) -> None:
     with open(os.path.join(out, "summary.md")) as fh:
         print(fh.read())
-    print(f"wrote results.csv, summary.md, summary.csv, compare.png to {out}")
+    print(f"wrote results.csv, summary.md, summary.csv, {', '.join(plots)} to {out}")
 
 
 def _common_kwargs(args) -> dict:
@@ -178,11 +180,12 @@ def cmd_demo(args) -> int:
     out = _out_dir(args.out or os.path.join("runs", "demo"))
     if not args.quiet:
         print("physmdn demo: pitchfork dy/dt = r y - y^3, long-time state +-sqrt(r) (r > 0) or 0 (r < 0); "
-              "MDN, physics-informed MDN and flow matching at two training-set sizes")
+              f"MDN, physics-informed MDN and flow matching at {len(args.n_train)} training-set size(s), "
+              f"{args.seeds} seed(s)")
     demo(sizes=args.n_train, seeds=args.seeds, epochs=args.epochs, out=out, device=args.device,
          progress=not args.quiet, **_common_kwargs(args))
     if not args.quiet:
-        _print_summary(out)
+        _print_summary(out, plots=("compare.png", "bifurcation.png", "metrics.png"))
     return 0
 
 
@@ -197,7 +200,7 @@ def cmd_problems(args) -> int:
 
 # ----- parser ---------------------------------------------------------------------------------------
 
-def _add_training_options(p: argparse.ArgumentParser, *, epochs_default=None) -> None:
+def _add_training_options(p: argparse.ArgumentParser, *, epochs_default=None, threads_default=None) -> None:
     p.add_argument("--epochs", type=_positive_int, default=epochs_default,
                    help="training epochs (default: the problem's)")
     p.add_argument("--device", type=_device, default=torch.device("cpu"), help="torch device (default: cpu)")
@@ -209,8 +212,10 @@ def _add_training_options(p: argparse.ArgumentParser, *, epochs_default=None) ->
     p.add_argument("--physics-weight", type=_nonneg_float, default=None,
                    help="final physics weight of mdn-physics (default: the problem's)")
     p.add_argument("--cfm-steps", type=_positive_int, default=32, help="ODE steps when sampling the CFM")
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="torch intra-op CPU threads (default: torch's; 1 is often fastest for these small models)")
+    threads_shown = "torch's" if threads_default is None else threads_default
+    p.add_argument("--threads", type=_positive_int, default=threads_default,
+                   help=f"torch intra-op CPU threads (default: {threads_shown}; 1 is often fastest for these small "
+                        "models)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
 
 
@@ -243,8 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="pitchfork comparison of all models (under 2 minutes on 2 CPU cores)")
     demo.add_argument("--n-train", type=_int_list, default=[256, 2048])
-    demo.add_argument("--seeds", type=_positive_int, default=1)
-    _add_training_options(demo, epochs_default=60)
+    demo.add_argument("--seeds", type=_positive_int, default=3, help="seeds per configuration (error bars)")
+    # one thread: these small models gain nothing from a second one, and two threads competing with other load on
+    # two cores made the demo several times slower
+    _add_training_options(demo, epochs_default=60, threads_default=1)
     demo.set_defaults(func=cmd_demo)
 
     lst = sub.add_parser("problems", help="list the benchmark problems")

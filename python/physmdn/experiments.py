@@ -5,7 +5,8 @@ training-set sizes and seeds, and write the results.
   writes its ``metrics.json`` and plots;
 * :func:`compare`: every model x training size x seed, with ``results.csv``, ``summary.md`` / ``summary.csv``
   (:func:`summarize`, :func:`markdown_table`) and ``compare.png``;
-* :func:`demo`: the pitchfork comparison sized for a laptop (under two minutes on two CPU cores).
+* :func:`demo`: the pitchfork comparison sized for a laptop (under two minutes on two CPU cores), with the
+  bifurcation diagram of every model (``bifurcation.png``) and metric bars over seeds (``metrics.png``).
 
 Models: ``mdn`` (NLL only), ``mdn-physics`` (NLL plus the problem's physics specs, weight warmed up linearly over
 the first quarter of the epochs; regime labels supervise the components where the physics is component-specific),
@@ -27,13 +28,14 @@ from . import __version__
 from . import metrics as M
 from . import problems as P
 from .models import CFM, MDN
-from .plotting import plot_compare, plot_density, plot_fields, plot_history
+from .plotting import plot_bifurcation, plot_compare, plot_density, plot_fields, plot_history, plot_metric_bars
 from .training import LinearWarmup, fit, write_rows_csv
 
-__all__ = ["MODELS", "SUMMARY_METRICS", "run_experiment", "write_run", "compare", "demo", "summarize",
+__all__ = ["MODELS", "MODEL_LABELS", "SUMMARY_METRICS", "run_experiment", "write_run", "compare", "demo", "summarize",
            "markdown_table"]
 
 MODELS = ("mdn", "mdn-physics", "cfm")
+MODEL_LABELS = {"mdn": "MDN", "mdn-physics": "MDN+physics", "cfm": "CFM (flow matching)"}
 SUMMARY_METRICS = ("nll", "energy", "mmd", "sliced_w1", "mode_weight_error", "residual_model", "calibration_error",
                    "train_s", "sample_10k_s")
 
@@ -172,9 +174,12 @@ def write_run(out: str, problem, kind: str, result: dict, *, plots: bool = True,
 # ----- comparisons ----------------------------------------------------------------------------------
 
 def compare(problem, *, models: Sequence[str], sizes: Sequence[int], seeds: int, epochs: int, out: str,
-            device=None, progress: bool = True, n_test_contexts: int = 32, n_samples: int = 400, **kwargs) -> list[dict]:
+            device=None, progress: bool = True, n_test_contexts: int = 32, n_samples: int = 400, on_result=None,
+            **kwargs) -> list[dict]:
     """Every model x training size x seed on ``problem``; writes ``results.csv``, ``summary.md``, ``summary.csv``
-    and ``compare.png`` to ``out``. The held-out contexts and ground truth are shared by all runs."""
+    and ``compare.png`` to ``out``. The held-out contexts and ground truth are shared by all runs.
+    ``on_result(row, result)``, if given, sees each run's row and :func:`run_experiment` result (its trained model
+    and sampler) before the result is dropped."""
     contexts = problem.sample_contexts(n_test_contexts, seed=30_000, device=device)
     truth = (contexts, problem.sample_truth(contexts, n_samples, seed=40_000))
     runs = [(n, seed, model) for n in sizes for seed in range(seeds) for model in models]
@@ -194,6 +199,8 @@ def compare(problem, *, models: Sequence[str], sizes: Sequence[int], seeds: int,
         row.update({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
         row.update({k: v for k, v in result["timing"].items()})
         rows.append(row)
+        if on_result is not None:
+            on_result(row, result)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -259,8 +266,25 @@ def markdown_table(summary: list[dict], problem: str, epochs: int, seeds: int) -
 
 
 def demo(*, sizes: Sequence[int], seeds: int, epochs: int, out: str, device=None, progress: bool = True,
-         **kwargs) -> list[dict]:
+         n_test_contexts: int = 24, n_samples: int = 300, **kwargs) -> list[dict]:
     """The demo: :func:`compare` of every model on the pitchfork ``dy/dt = r y - y^3`` (long-time state
-    ``+-sqrt(r)`` for ``r > 0``, 0 for ``r < 0``), evaluated at 24 held-out contexts with 300 samples each."""
-    return compare(P.get("pitchfork"), models=MODELS, sizes=sizes, seeds=seeds, epochs=epochs, out=out, device=device,
-                   progress=progress, n_test_contexts=24, n_samples=300, **kwargs)
+    ``+-sqrt(r)`` for ``r > 0``, 0 for ``r < 0``), evaluated at ``n_test_contexts`` held-out contexts with
+    ``n_samples`` samples each. Besides :func:`compare`'s files it writes ``bifurcation.png`` (samples of the
+    seed-0 model trained on the largest size, per model, over the true branches; :func:`plot_bifurcation`) and
+    ``metrics.png`` (energy distance, mode-weight error and physics residual per model and size, mean and standard
+    error over seeds; :func:`plot_metric_bars`)."""
+    problem = P.get("pitchfork")
+    largest = max(sizes)
+    shown: dict[str, tuple] = {}  # label -> (sampler, energy) of the runs the diagram shows
+
+    def keep(row, result):
+        if row["n_train"] == largest and row["seed"] == 0:
+            shown[MODEL_LABELS[row["model"]]] = (result["sampler"], row["energy"])
+
+    rows = compare(problem, models=MODELS, sizes=sizes, seeds=seeds, epochs=epochs, out=out, device=device,
+                   progress=progress, n_test_contexts=n_test_contexts, n_samples=n_samples, on_result=keep, **kwargs)
+    titles = {label: f"n = {largest}, seed 0: energy {energy:.3g}" for label, (_, energy) in shown.items()}
+    plot_bifurcation(problem, {label: sampler for label, (sampler, _) in shown.items()},
+                     os.path.join(out, "bifurcation.png"), titles=titles, device=device)
+    plot_metric_bars(rows, os.path.join(out, "metrics.png"), labels=MODEL_LABELS)
+    return rows

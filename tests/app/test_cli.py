@@ -66,11 +66,28 @@ def test_compare_writes_a_row_per_run_and_a_summary_table(tmp_path):
 def test_demo_runs_all_models_on_the_pitchfork(tmp_path):
     out = tmp_path / "demo"
     threads = torch.get_num_threads()
-    assert cli.main(["demo", "--n-train", "32", "--epochs", "1", "--cfm-steps", "2", "--threads", "1", "--out", str(out),
-                     "--quiet"]) == 0
+    assert cli.main(["demo", "--n-train", "32", "--seeds", "1", "--epochs", "1", "--cfm-steps", "2", "--threads", "1",
+                     "--out", str(out), "--quiet"]) == 0
     assert torch.get_num_threads() == threads  # restored after the command
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["model"] for r in rows] == ["mdn", "mdn-physics", "cfm"] and {r["problem"] for r in rows} == {"pitchfork"}
+
+
+def test_demo_draws_the_bifurcation_diagram_and_metric_bars_over_seeds(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--n-train", "32,48", "--seeds", "2", "--epochs", "1", "--cfm-steps", "2", "--out",
+                     str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert {(r["model"], r["n_train"], r["seed"]) for r in rows} == {
+        (m, n, s) for m in ("mdn", "mdn-physics", "cfm") for n in ("32", "48") for s in ("0", "1")}
+    assert png(out / "bifurcation.png") and png(out / "metrics.png") and png(out / "compare.png")
+
+
+def test_demo_defaults_three_seeds_on_one_thread():
+    args = cli.build_parser().parse_args(["demo"])
+    assert args.seeds == 3 and args.threads == 1 and args.n_train == [256, 2048]
+    assert cli.build_parser().parse_args(["demo", "--seeds", "5", "--threads", "2"]).seeds == 5
 
 
 @pytest.mark.parametrize("argv, message", [
