@@ -9,7 +9,7 @@ import torch
 import physmdn
 from physmdn import physics as P
 from physmdn.reference import mixture_nll as reference_nll
-from conftest import DEVICES, assert_compiled_matches_eager, cpu_isas, ops_on_3d, rel_err
+from conftest import DEVICES, rel_err
 
 
 def mixture(B, K, D, dtype=torch.float64, device="cpu", seed=0, scale=0.3):
