@@ -101,7 +101,9 @@ def compile_flags(arch: str) -> list[str]:
     for d in [sysconfig.get_paths()["include"], pybind11.get_include(), torch_inc,
               os.path.join(torch_inc, "torch", "csrc", "api", "include")]:
         incs += ["-isystem", d]
-    return ["-DPHYSMDN_WITH_CUDA=1", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "--expt-relaxed-constexpr",
+    # with the opt-in lane-per-element schedule compiled in (PHYSMDN_CUDA_LANES=ON, as bench/gpu_check.sh builds), so
+    # that every kernel the backend can launch is read
+    return ["-DPHYSMDN_WITH_CUDA=1", "-DPHYSMDN_WITH_CUDA_LANES=1", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "--expt-relaxed-constexpr",
             "--expt-extended-lambda", "-O3", "-DNDEBUG", "-std=c++20", "-Xcompiler=-fPIC", *incs]
 
 
