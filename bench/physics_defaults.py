@@ -83,7 +83,20 @@ def main():
     ap.add_argument("--n-samples", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "physics_defaults.csv"))
+    ap.add_argument("--report", nargs="+", metavar="CSV", help="print the tables of earlier runs' CSV files, no training")
     args = ap.parse_args()
+    if args.report:
+        rows = []
+        for path in args.report:
+            with open(path) as f:
+                for r in csv.DictReader(f):
+                    rows.append({**r, "n_train": int(r["n_train"]), "seed": int(r["seed"]),
+                                 **{m: float(r[m]) for m in METRICS}})
+        for name in dict.fromkeys(r["problem"] for r in rows):
+            for n in sorted({r["n_train"] for r in rows if r["problem"] == name}):
+                seen = [v for v in VARIANTS if any(r["variant"] == v and r["problem"] == name for r in rows)]
+                report(rows, name, n, seen)
+        return
     torch.set_num_threads(args.threads)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     variants = args.variants.split(",")
@@ -123,6 +136,8 @@ def report(rows, name, n, variants):
     base = {r["seed"]: r for r in rows if r["problem"] == name and r["n_train"] == n and r["variant"] == "mdn"}
     for variant in variants:
         mine = [r for r in rows if r["problem"] == name and r["n_train"] == n and r["variant"] == variant]
+        if not mine:
+            continue
         cells = []
         for m in METRICS:
             mean, _ = interval([r[m] for r in mine])
@@ -131,7 +146,7 @@ def report(rows, name, n, variants):
                 continue
             d, half = interval([r[m] - base[r["seed"]][m] for r in mine if r["seed"] in base])
             cells.append(f"{mean:.4g} ({d:+.3g} ± {half:.2g})")
-        print(f"| {variant} | " + " | ".join(cells) + " |")
+        print(f"| {variant} ({len(mine)} seeds) | " + " | ".join(cells) + " |")
     print(flush=True)
 
 
