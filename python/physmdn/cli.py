@@ -36,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from . import _validation as check
 from . import problems as P
 from .experiments import MODELS, SUMMARY_METRICS, compare, demo, run_experiment, write_run
 
@@ -55,25 +56,23 @@ def _problem_name(text: str) -> str:
     return key
 
 
-def _number_type(cast, accept, expected: str):
-    """An argparse type: ``cast(text)`` that must satisfy ``accept``, else an error naming what was expected."""
+def _number_type(cast, check_value, expected: str):
+    """An argparse type: ``cast(text)`` that must pass ``check_value(value, name)`` (physmdn._validation), else an
+    error naming what was expected."""
 
     def parse(text: str):
         try:
-            value = cast(text)
+            return check_value(cast(text), "value")
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
 
     return parse
 
 
-_positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
-_positive_float = _number_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-_nonneg_float = _number_type(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+_positive_int = _number_type(int, lambda v, n: check.count(v, n, 1), "a positive integer")
+_nonneg_int = _number_type(int, lambda v, n: check.count(v, n, 0), "an integer >= 0")
+_positive_float = _number_type(float, check.positive, "a positive number")
+_nonneg_float = _number_type(float, check.nonnegative, "a number >= 0")
 
 
 def _int_list(text: str) -> list[int]:

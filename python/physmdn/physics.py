@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _fused, _ops
+from . import _validation as check
 from ._mixture_nll import mixture_nll
 
 __all__ = [
@@ -195,10 +196,7 @@ class _BuiltinFamily(PhysicsSpec):
 
 
 def _check_noise(noise_scale) -> float:
-    noise_scale = float(noise_scale)
-    if not (noise_scale >= 0.0 and math.isfinite(noise_scale)):
-        raise ValueError(f"noise_scale must be a finite number >= 0, got {noise_scale}")
-    return noise_scale
+    return check.nonnegative(noise_scale, "noise_scale")
 
 
 class Polynomial(_BuiltinFamily):
@@ -333,9 +331,7 @@ class Stencil1D(_BuiltinFamily):
             reaction = reaction.reshape(1, 1, -1)
         if reaction.dim() != 3 or reaction.shape[-1] < 1:
             raise ValueError(f"reaction must be [B|1, K|1, J+1] (or [J+1]) with J >= 0, got shape {tuple(reaction.shape)}")
-        spacing = float(spacing)
-        if not (spacing > 0.0 and math.isfinite(spacing)):
-            raise ValueError(f"spacing must be a finite number > 0, got {spacing}")
+        spacing = check.positive(spacing, "spacing")
         if boundary not in ("periodic", "neumann"):
             raise ValueError(f"boundary must be 'periodic' or 'neumann', got {boundary!r}")
         self.diffusion, self.reaction, self.spacing, self.boundary = diffusion, reaction, spacing, boundary

@@ -313,7 +313,7 @@ def test_bad_data_and_arguments_give_clear_errors():
         fit(CFM(1, 1, hidden=(4,)), (x, y, torch.zeros(20, dtype=torch.long)), epochs=1, **QUIET)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         fit(model, (x, y), epochs=1, batch_size=0, **QUIET)
-    with pytest.raises(ValueError, match="lr must be a finite number > 0.0, got -1"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -1"):
         fit(model, (x, y), epochs=1, lr=-1, **QUIET)
     with pytest.raises(ValueError, match="history_path must end in .csv or .json, got 'h.txt'"):
         fit(model, (x, y), epochs=1, history_path="h.txt", **QUIET)

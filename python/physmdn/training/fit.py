@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import _validation as check
 from ..models import MDN
 from .checkpoint import cpu_state, restore_training, save_model_checkpoint, save_training_checkpoint
 from ._format import check_finite_state
@@ -34,17 +35,16 @@ def seed_everything(seed: int) -> None:
 
 def _check_number(value, name: str, minimum: float | None = None, strict: bool = False, integer: bool = False,
                   allow_none: bool = False):
+    """fit's numeric arguments through the package's shared checks (physmdn._validation); None where allowed."""
     if value is None and allow_none:
         return None
-    kinds = (int,) if integer else (int, float)
-    ok = isinstance(value, kinds) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and minimum is not None:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        what = "an integer" if integer else "a finite number"
-        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
-        raise ValueError(f"{name} must be {what}{bound}{' or None' if allow_none else ''}, got {value!r}")
-    return value
+    if integer:
+        return check.count(value, name, int(minimum if minimum is not None else 0))
+    if minimum is None:
+        return check.finite(value, name)
+    if minimum != 0:  # (fit's real-valued bounds are all 0)
+        raise ValueError(f"internal: unsupported bound {minimum} for {name}")
+    return check.positive(value, name) if strict else check.nonnegative(value, name)
 
 
 def _make_optimizer(optimizer, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
