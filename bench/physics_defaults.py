@@ -9,6 +9,7 @@ same held-out contexts and truth samples:
 * ``second-detached``     E||r||^2, pi a constant of the penalty
 * ``first-detached``      ||E r||^2, pi a constant of the penalty
 * ``first-coupled``       ||E r||^2, coupled
+* ``hard-law``            the problem's hard linear law built into the model (``ConstrainedMDN``), no penalty
 
 Prints, per problem and size, the mean of each metric and the paired difference against ``mdn`` with a 95 %
 t-interval over seeds; writes every run to ``bench/out/physics_defaults.csv``.
@@ -39,6 +40,7 @@ VARIANTS = {
     "second-detached": ("second", None),
     "first-detached": ("first", None),
     "first-coupled": ("first", "coupled"),
+    "hard-law": "law",  # ConstrainedMDN (problems with a hard linear law): the law built in, no penalty
 }
 METRICS = ("energy", "mode_weight_error", "residual_model", "nll")
 # two-sided 95 % Student t quantiles by degrees of freedom
@@ -47,7 +49,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
 
 def variant_problem(name: str, variant: str):
     spec = VARIANTS[variant]
-    if spec is None:
+    if spec is None or spec == "law":
         return P.get(name)
     moment, coupling = spec
     problem = P.get(name, physics_mode=moment)
@@ -111,7 +113,8 @@ def main():
                 for variant in variants:
                     problem = variant_problem(name, variant)
                     start = time.perf_counter()
-                    out = cli.run_experiment(problem, "mdn" if variant == "mdn" else "mdn-physics", n_train=n,
+                    kind = {"mdn": "mdn", "hard-law": "mdn-law"}.get(variant, "mdn-physics")
+                    out = cli.run_experiment(problem, kind, n_train=n,
                                              epochs=args.steps, seed=seed, batch_size=n,
                                              n_test_contexts=args.n_test_contexts, n_samples=args.n_samples,
                                              truth=truth)

@@ -239,7 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("problem", type=_problem_name, help=f"one of {', '.join(P.names())}")
     cmp_.add_argument("--n-train", type=_int_list, default=[64, 256, 2048], help="comma-separated sizes")
     cmp_.add_argument("--seeds", type=_positive_int, default=3, help="seeds per configuration")
-    cmp_.add_argument("--models", type=_model_list, default=list(MODELS), help="comma-separated subset of models")
+    cmp_.add_argument("--models", type=_model_list, default=None,
+                      help="comma-separated subset of models (default: every model that applies to the problem; "
+                           "mdn-law where the problem has a hard linear law)")
     cmp_.add_argument("--n-test-contexts", type=_positive_int, default=32)
     cmp_.add_argument("--n-samples", type=_positive_int, default=400)
     _add_training_options(cmp_)

@@ -135,6 +135,13 @@ class ConstrainedMixture:
                        self.means.reshape(-1, self.means.shape[-1]), transpose=False).reshape(self.means.shape)
 
     @property
+    def marginal_scales(self) -> torch.Tensor:
+        """``[B, K, D]`` standard deviations of each component's marginal along each outcome:
+        ``sqrt(sum_j Q_dj^2 s_kj^2)`` (the marginal means are :attr:`component_means`)."""
+        Q2 = self.Q.to(self.dtype).square()  # [B, D, D]
+        return torch.einsum("bdj,bkj->bkd", Q2, torch.exp(2 * self.log_scales)).sqrt()
+
+    @property
     def mean(self) -> torch.Tensor:
         return _rotate(self.Q, self.base.mean, transpose=False)
 

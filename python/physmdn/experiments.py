@@ -27,15 +27,22 @@ import torch
 from . import __version__
 from . import metrics as M
 from . import problems as P
+from .constraints import ConstrainedMDN
 from .models import CFM, MDN
 from .plotting import plot_bifurcation, plot_compare, plot_density, plot_fields, plot_history, plot_metric_bars
 from .training import LinearWarmup, fit, write_rows_csv
 
-__all__ = ["MODELS", "MODEL_LABELS", "SUMMARY_METRICS", "run_experiment", "write_run", "compare", "demo", "summarize",
+__all__ = ["MODELS", "MODEL_LABELS", "models_for", "SUMMARY_METRICS", "run_experiment", "write_run", "compare", "demo", "summarize",
            "markdown_table"]
 
-MODELS = ("mdn", "mdn-physics", "cfm")
-MODEL_LABELS = {"mdn": "MDN", "mdn-physics": "MDN+physics", "cfm": "CFM (flow matching)"}
+MODELS = ("mdn", "mdn-physics", "mdn-law", "cfm")
+MODEL_LABELS = {"mdn": "MDN", "mdn-physics": "MDN+physics", "mdn-law": "MDN+hard law", "cfm": "CFM (flow matching)"}
+
+
+def models_for(problem) -> list[str]:
+    """The models that apply to ``problem``: ``mdn-law`` (a ``ConstrainedMDN``) only where the problem has a law that
+    holds exactly and is linear in the outcome (``problem.hard_law()``)."""
+    return [m for m in MODELS if m != "mdn-law" or hasattr(problem, "hard_law")]
 SUMMARY_METRICS = ("nll", "energy", "mmd", "sliced_w1", "mode_weight_error", "residual_model", "calibration_error",
                    "train_s", "sample_10k_s")
 
@@ -47,6 +54,11 @@ def _build_model(problem, kind: str, components: int | None, hidden: tuple[int, 
     128; ``components`` and ``hidden`` override the defaults."""
     if kind == "cfm":
         return CFM(problem.context_dim, problem.output_dim, hidden=hidden or (128, 128, 128))
+    if kind == "mdn-law":
+        law = problem.hard_law()
+        rows = law.rows(problem.sample_contexts(1, seed=0))
+        return ConstrainedMDN(problem.context_dim, problem.output_dim, law, components or problem.defaults.components,
+                              rows=rows, hidden=hidden or problem.defaults.hidden)
     return MDN(problem.context_dim, problem.output_dim, components or problem.defaults.components,
                hidden=hidden or problem.defaults.hidden)
 
@@ -85,8 +97,8 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
     """Train model ``kind`` on ``problem`` and evaluate it. Returns ``{"metrics", "timing", "config", "model",
     "history", "contexts", "truth"}`` (the last two: held-out contexts ``[B, C]`` and truth samples ``[m, B, D]``,
     reusable across models through ``truth=(contexts, samples)``)."""
-    if kind not in MODELS:
-        raise ValueError(f"kind must be one of {', '.join(MODELS)}, got {kind!r}")
+    if kind not in models_for(problem):
+        raise ValueError(f"kind must be one of {', '.join(models_for(problem))} for {problem.name}, got {kind!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     d = problem.defaults
     batch_size = batch_size or d.batch_size
@@ -173,13 +185,14 @@ def write_run(out: str, problem, kind: str, result: dict, *, plots: bool = True,
 
 # ----- comparisons ----------------------------------------------------------------------------------
 
-def compare(problem, *, models: Sequence[str], sizes: Sequence[int], seeds: int, epochs: int, out: str,
+def compare(problem, *, models: Sequence[str] | None = None, sizes: Sequence[int], seeds: int, epochs: int, out: str,
             device=None, progress: bool = True, n_test_contexts: int = 32, n_samples: int = 400, on_result=None,
             **kwargs) -> list[dict]:
     """Every model x training size x seed on ``problem``; writes ``results.csv``, ``summary.md``, ``summary.csv``
     and ``compare.png`` to ``out``. The held-out contexts and ground truth are shared by all runs.
     ``on_result(row, result)``, if given, sees each run's row and :func:`run_experiment` result (its trained model
     and sampler) before the result is dropped."""
+    models = list(models) if models is not None else models_for(problem)
     contexts = problem.sample_contexts(n_test_contexts, seed=30_000, device=device)
     truth = (contexts, problem.sample_truth(contexts, n_samples, seed=40_000))
     runs = [(n, seed, model) for n in sizes for seed in range(seeds) for model in models]
@@ -219,7 +232,7 @@ def _warm_up(problem, models, device) -> None:
     """One tiny fit per model family, so one-time costs (lazy initialization, allocator growth) do not land in the
     first run's train_s."""
     data = problem.sample(16, seed=0, device=device)
-    for kind in dict.fromkeys("cfm" if m == "cfm" else "mdn" for m in models):
+    for kind in dict.fromkeys(m if m in ("cfm", "mdn-law") else "mdn" for m in models):
         model = _build_model(problem, kind, None, (8,))
         fit(model, (data.x, data.y), epochs=1, batch_size=16, device=device, progress=False)
 

@@ -85,8 +85,9 @@ def plot_density(problem, model, kind: str, sample, path: str, *, grid: int = 60
 
         panels = [("ground truth", histogram(truth[..., d]))]
         if mixture is not None:  # exact marginal density of output d
-            m_d = mixture.means[..., d].cpu()  # [G, K]
-            s_d = mixture.scales[..., d].cpu()
+            rotated = hasattr(mixture, "marginal_scales")  # a ConstrainedMixture: components' marginals along y_d
+            m_d = (mixture.component_means if rotated else mixture.means)[..., d].cpu()  # [G, K]
+            s_d = (mixture.marginal_scales if rotated else mixture.scales)[..., d].cpu()
             w = mixture.weights.cpu()
             z = (centers.view(-1, 1, 1) - m_d) / s_d
             dens = (w * torch.exp(-0.5 * z * z) / (s_d * math.sqrt(2 * math.pi))).sum(-1)

@@ -124,3 +124,17 @@ def test_version_and_info_commands(capsys):
     assert cli_module.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch_version" in out and "torch_running" in out and "cuda_kernels" in out
+
+
+def test_hard_law_model_on_hugoniot():
+    """mdn-law (a ConstrainedMDN on Rankine-Hugoniot) runs through run_experiment; its samples keep the law, and
+    compare offers it only where the problem has a hard law."""
+    from physmdn import experiments, problems
+
+    hugoniot = problems.get("hugoniot")
+    assert "mdn-law" in experiments.models_for(hugoniot)
+    assert "mdn-law" not in experiments.models_for(problems.get("pitchfork"))
+    result = experiments.run_experiment(hugoniot, "mdn-law", n_train=64, epochs=3, n_test_contexts=4, n_samples=50)
+    assert result["metrics"]["residual_model_rankine_hugoniot"] < 0.05
+    with pytest.raises(ValueError, match="kind must be one of .* for pitchfork"):
+        experiments.run_experiment(problems.get("pitchfork"), "mdn-law", n_train=16, epochs=1)

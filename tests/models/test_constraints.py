@@ -164,3 +164,15 @@ def test_constrained_mdn_refuses_penalties():
     with pytest.raises(ValueError, match="builds its law in"):
         physmdn.fit(model, (torch.rand(32, 1), torch.rand(32, 2)), epochs=1, batch_size=16, physics=spec,
                     progress=False)
+
+
+def test_marginals_match_samples():
+    mixture, law, x, _ = constrained_mixture(3, 2, 1, 3)
+    samples = mixture.sample((200_000,))  # [S, B, D]
+    # the mixture's marginal variance along each y_d from the component marginals
+    w = mixture.weights
+    m, s = mixture.component_means, mixture.marginal_scales
+    mean = (w.unsqueeze(-1) * m).sum(1)
+    var = (w.unsqueeze(-1) * (s.square() + m.square())).sum(1) - mean.square()
+    torch.testing.assert_close(samples.mean(0), mean, rtol=0, atol=0.02)
+    torch.testing.assert_close(samples.var(0), var, rtol=0.03, atol=1e-3)

@@ -9,6 +9,7 @@ import torch
 
 from .. import _validation as check
 from .. import physics
+from ..constraints import LinearConstraint
 from .base import Defaults, Problem, merge_weights, register, resolve_physics_mode
 from .numerics import rand, randn, work_dtype
 
@@ -139,6 +140,14 @@ class Hugoniot(Problem):
                 context.requires_grad_(True)  # Monotonic differentiates the model's means by the context
             specs.append((physics.Monotonic(context, dim=0, output=0, increasing=True), w["monotonic"]))
         return specs
+
+    def hard_law(self) -> LinearConstraint:
+        """Rankine–Hugoniot ``P - rho0 u_p U_s = 0`` as a law built into the model (``ConstrainedMDN``, the
+        ``mdn-law`` model of ``physmdn compare``): ``A(u_p) = [-rho0 u_p, 1]``, ``b = 0``, the components' spread
+        off the law ``pressure_noise`` (1e-3 GPa when the data hold it exactly)."""
+        rho0 = self.rho0
+        return LinearConstraint(lambda x: torch.stack([-rho0 * x[:, 0], torch.ones_like(x[:, 0])], -1).unsqueeze(1),
+                                noise_scale=max(self.pressure_noise, 1e-3))
 
     def residual(self, y, context):
         y = self._check_outcome(y)
