@@ -131,8 +131,7 @@ class ConstrainedMixture:
     @property
     def component_means(self) -> torch.Tensor:
         """``[B, K, D]`` component means in the outcome space."""
-        return _rotate(self.Q.unsqueeze(1).expand(-1, self.means.shape[1], -1, -1).reshape(-1, *self.Q.shape[1:]),
-                       self.means.reshape(-1, self.means.shape[-1]), transpose=False).reshape(self.means.shape)
+        return torch.einsum("bij,bkj->bki", self.Q.to(self.dtype), self.means)
 
     @property
     def marginal_scales(self) -> torch.Tensor:
@@ -155,10 +154,8 @@ class ConstrainedMixture:
         """The base's modes (:meth:`GaussianMixture.modes`) with their locations rotated to the outcome space (the
         rotation is orthonormal: the same maxima, densities and masses)."""
         modes = self.base.modes(**kwargs)
-        return modes._replace(locations=_rotate(self.Q.unsqueeze(1).expand(-1, modes.locations.shape[1], -1, -1)
-                                                .reshape(-1, *self.Q.shape[1:]),
-                                                modes.locations.reshape(-1, modes.locations.shape[-1]),
-                                                transpose=False).reshape(modes.locations.shape))
+        Q = self.Q.to(modes.locations.dtype)
+        return modes._replace(locations=torch.einsum("bij,bkj->bki", Q, modes.locations))
 
 
 class ConstrainedMDN(nn.Module):
