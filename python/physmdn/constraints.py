@@ -33,7 +33,8 @@ class LinearConstraint:
         A: ``[M, D]`` tensor (one law for every context) or ``callable(x [B, C]) -> [B, M, D]``.
         b: None (zero), ``[M]`` tensor or ``callable(x [B, C]) -> [B, M]``.
         noise_scale: the standard deviation ``s > 0`` every component keeps along the fixed directions (the
-            observation noise of the law; the likelihood of data off the law by more than ``s`` is small).
+            observation noise of the law; the likelihood of data off the law by more than ``s`` is small), in the
+            coordinates the basis is taken in (a :class:`ConstrainedMDN`'s standardized outcomes).
 
     The basis carries no gradient to ``A`` or ``b``: they are data of the problem, not learned.
     """
@@ -69,10 +70,16 @@ class LinearConstraint:
         return self.matrices(x[:1])[0].shape[1]
 
     @torch.no_grad()
-    def basis(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def basis(self, x: torch.Tensor, loc: torch.Tensor | None = None,
+              scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q [B, D, D], c [B, M])``: ``Q``'s first ``M`` columns span the fixed directions, the others the free
-        ones; the law is ``Q[:, :, :M]^T y = c``. Computed in float64, returned in ``x``'s dtype."""
+        ones; the law is ``Q[:, :, :M]^T u = c`` in the coordinates ``u = (y - loc) / scale`` (``y`` itself without
+        ``loc`` / ``scale``), where it reads ``(A diag(scale)) u = b - A loc``. Computed in float64, returned in
+        ``x``'s dtype."""
         A, b = self.matrices(x)
+        if scale is not None:
+            b = b - A @ loc.to(A) if loc is not None else b
+            A = A * scale.to(A)
         M = A.shape[1]
         Q, R = torch.linalg.qr(A.double().transpose(1, 2), mode="complete")  # A^T = Q R (Householder)
         R = R[:, :M, :M]
@@ -94,17 +101,24 @@ def _rotate(Q: torch.Tensor, v: torch.Tensor, transpose: bool) -> torch.Tensor:
 
 
 class ConstrainedMixture:
-    """A diagonal Gaussian mixture in rotated coordinates ``z = Q^T y`` (``base``, batch ``[B]``, event ``[D]``),
-    seen in the outcome space: ``log p(y) = base.log_prob(Q^T y)``, ``y = Q z`` for samples, means and modes.
+    """A diagonal Gaussian mixture ``base`` (batch ``[B]``, event ``[D]``) over ``z``, seen in the outcome space
+    through the orthonormal ``Q [B, D, D]`` and a per-output affine standardization: ``y = loc + scale * (Q z)``.
+    ``log p(y) = base.log_prob(Q^T (y - loc) / scale) - sum_d log scale_d``; samples, means, covariances and modes
+    are mapped the same way.
 
     ``logits``, ``means``, ``log_scales`` are the base's (``z`` coordinates); :meth:`target_coordinates` maps an
     outcome to them, so that a training loss on ``(logits, means, log_scales, target_coordinates(y))`` is the
-    mixture NLL of ``y``."""
+    mixture NLL of ``y`` up to the constant ``sum_d log scale_d``."""
 
-    def __init__(self, base: GaussianMixture, Q: torch.Tensor):
-        if Q.dim() != 3 or tuple(Q.shape) != (base.means.shape[0], base.means.shape[-1], base.means.shape[-1]):
+    def __init__(self, base: GaussianMixture, Q: torch.Tensor, loc: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None):
+        D = base.means.shape[-1]
+        if Q.dim() != 3 or tuple(Q.shape) != (base.means.shape[0], D, D):
             raise ValueError(f"Q must be [B, D, D] matching the base mixture, got shape {tuple(Q.shape)}")
+        dtype = base.means.dtype
         self.base, self.Q = base, Q
+        self.loc = torch.zeros(D, dtype=dtype, device=Q.device) if loc is None else loc.to(dtype)
+        self.scale = torch.ones(D, dtype=dtype, device=Q.device) if scale is None else scale.to(dtype)
 
     logits = property(lambda self: self.base.logits)
     means = property(lambda self: self.base.means)
@@ -112,50 +126,56 @@ class ConstrainedMixture:
     weights = property(lambda self: self.base.weights)
     dtype = property(lambda self: self.base.means.dtype)
 
+    def _to_outcome(self, z: torch.Tensor) -> torch.Tensor:
+        return self.loc.to(z.dtype) + self.scale.to(z.dtype) * _rotate(self.Q, z, transpose=False)
+
     def target_coordinates(self, y: torch.Tensor) -> torch.Tensor:
-        """``Q^T y``: outcomes ``[..., B, D]`` in the base's coordinates."""
-        return _rotate(self.Q, y, transpose=True)
+        """``Q^T (y - loc) / scale``: outcomes ``[..., B, D]`` in the base's coordinates."""
+        return _rotate(self.Q, (y - self.loc.to(y.dtype)) / self.scale.to(y.dtype), transpose=True)
 
     def log_prob(self, y: torch.Tensor) -> torch.Tensor:
-        return self.base.log_prob(self.target_coordinates(y))
+        return self.base.log_prob(self.target_coordinates(y)) - self.scale.log().sum().to(y.dtype)
 
     def nll(self, y: torch.Tensor) -> torch.Tensor:
         return -self.log_prob(y)
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return _rotate(self.Q, self.base.sample(sample_shape), transpose=False)
+        return self._to_outcome(self.base.sample(sample_shape))
 
     def rsample(self, sample_shape=torch.Size()) -> torch.Tensor:
-        return _rotate(self.Q, self.base.rsample(sample_shape), transpose=False)
+        return self._to_outcome(self.base.rsample(sample_shape))
 
     @property
     def component_means(self) -> torch.Tensor:
         """``[B, K, D]`` component means in the outcome space."""
-        return torch.einsum("bij,bkj->bki", self.Q.to(self.dtype), self.means)
+        return self.loc + self.scale * torch.einsum("bij,bkj->bki", self.Q.to(self.dtype), self.means)
 
     @property
     def marginal_scales(self) -> torch.Tensor:
         """``[B, K, D]`` standard deviations of each component's marginal along each outcome:
-        ``sqrt(sum_j Q_dj^2 s_kj^2)`` (the marginal means are :attr:`component_means`)."""
+        ``scale_d sqrt(sum_j Q_dj^2 s_kj^2)`` (the marginal means are :attr:`component_means`)."""
         Q2 = self.Q.to(self.dtype).square()  # [B, D, D]
-        return torch.einsum("bdj,bkj->bkd", Q2, torch.exp(2 * self.log_scales)).sqrt()
+        return self.scale * torch.einsum("bdj,bkj->bkd", Q2, torch.exp(2 * self.log_scales)).sqrt()
 
     @property
     def mean(self) -> torch.Tensor:
-        return _rotate(self.Q, self.base.mean, transpose=False)
+        return self._to_outcome(self.base.mean)
 
     @property
     def covariance(self) -> torch.Tensor:
-        """``[B, D, D]``: ``Q Cov_z Q^T``."""
-        Q = self.Q.to(self.dtype)
-        return Q @ self.base.covariance @ Q.transpose(1, 2)
+        """``[B, D, D]``: ``S Q Cov_z Q^T S``, ``S = diag(scale)``."""
+        M = self.scale.unsqueeze(-1) * self.Q.to(self.dtype)
+        return M @ self.base.covariance @ M.transpose(1, 2)
 
     def modes(self, **kwargs):
-        """The base's modes (:meth:`GaussianMixture.modes`) with their locations rotated to the outcome space (the
-        rotation is orthonormal: the same maxima, densities and masses)."""
+        """The base's modes (:meth:`GaussianMixture.modes`) mapped to the outcome space: the same maxima and masses,
+        densities divided by ``prod_d scale_d``."""
         modes = self.base.modes(**kwargs)
         Q = self.Q.to(modes.locations.dtype)
-        return modes._replace(locations=torch.einsum("bij,bkj->bki", Q, modes.locations))
+        log_det = self.scale.log().sum().to(modes.log_densities.dtype)
+        return modes._replace(locations=self.loc + self.scale * torch.einsum("bij,bkj->bki", Q, modes.locations),
+                              log_densities=modes.log_densities - log_det,
+                              densities=modes.densities / log_det.exp())
 
 
 class ConstrainedMDN(nn.Module):
@@ -176,22 +196,37 @@ class ConstrainedMDN(nn.Module):
         self.constraint, self.rows = constraint, int(rows)
         self.in_features, self.out_features, self.components = int(in_features), int(out_features), int(components)
         self.free = MDN(in_features, out_features - self.rows, components, **mdn_kwargs)
+        # the rotation is taken in standardized outcomes (y - y_loc) / y_scale, so that outputs of different units
+        # (km/s and GPa) do not decide which coordinate is free
+        self.register_buffer("y_loc", torch.zeros(self.out_features))
+        self.register_buffer("y_scale", torch.ones(self.out_features))
         self.config = {"in_features": self.in_features, "out_features": self.out_features,
                        "components": self.components, "rows": self.rows, **mdn_kwargs}
+
+    @property
+    def normalization_set(self) -> torch.Tensor:
+        """Whether :meth:`set_normalization` ran (``fit`` calls it once, with the training data)."""
+        return self.free.normalization_set
 
     @torch.no_grad()
     def set_normalization(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> None:
         """Standardize with the data's contexts and free coordinates ``Q_n^T y``."""
         free = None
+        if y is not None:
+            y64 = y.detach().double()
+            std = y64.std(0, unbiased=False)
+            self.y_loc.copy_(y64.mean(0))
+            self.y_scale.copy_(torch.where(std > 1e-12 * (1 + self.y_loc.abs()), std, torch.ones_like(std)))
         if x is not None and y is not None:
-            Q, _ = self.constraint.basis(x.to(self.free.x_loc.dtype))
-            free = _rotate(Q, y.to(Q.dtype), transpose=True)[:, self.rows:]
+            Q, _ = self.constraint.basis(x.to(self.free.x_loc.dtype), self.y_loc, self.y_scale)
+            u = (y.to(Q.dtype) - self.y_loc.to(Q.dtype)) / self.y_scale.to(Q.dtype)
+            free = _rotate(Q, u, transpose=True)[:, self.rows:]
         self.free.set_normalization(x, free)
 
     def forward(self, x: torch.Tensor) -> ConstrainedMixture:
         mixture = self.free(x)
         x = x.to(mixture.means.dtype)
-        Q, c = self.constraint.basis(x)
+        Q, c = self.constraint.basis(x, self.y_loc, self.y_scale)
         B, K = mixture.logits.shape
         if c.shape[-1] != self.rows:
             raise ValueError(f"the constraint has M = {c.shape[-1]} rows at these contexts, the model {self.rows}")
@@ -199,4 +234,4 @@ class ConstrainedMDN(nn.Module):
         fixed_scales = mixture.log_scales.new_full((B, K, self.rows), math.log(self.constraint.noise_scale))
         base = GaussianMixture(mixture.logits, torch.cat([fixed_means, mixture.means], -1),
                                torch.cat([fixed_scales, mixture.log_scales], -1), validate_args=False)
-        return ConstrainedMixture(base, Q)
+        return ConstrainedMixture(base, Q, self.y_loc, self.y_scale)

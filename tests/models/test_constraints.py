@@ -138,7 +138,7 @@ def test_constrained_mdn_learns_a_context_dependent_law(one_thread):
     us = torch.where(branch, 4.6 + 1.3 * up, 3.9 + 1.6 * up) + 0.05 * torch.randn(n, 1)
     y = torch.cat([us, rho0 * up * us], -1)
     law = LinearConstraint(lambda x: torch.stack([-rho0 * x[:, 0], torch.ones_like(x[:, 0])], -1).unsqueeze(1),
-                           noise_scale=1e-3)
+                           noise_scale=1e-4)  # (in the model's standardized outcomes: P's scale is ~25 GPa)
     model = ConstrainedMDN(1, 2, law, components=2, rows=1, hidden=(32, 32))
     physmdn.fit(model, (up, y), epochs=300, batch_size=128, lr=3e-3, progress=False)
     plain = physmdn.MDN(1, 2, components=2, hidden=(32, 32))
@@ -176,3 +176,37 @@ def test_marginals_match_samples():
     var = (w.unsqueeze(-1) * (s.square() + m.square())).sum(1) - mean.square()
     torch.testing.assert_close(samples.mean(0), mean, rtol=0, atol=0.02)
     torch.testing.assert_close(samples.var(0), var, rtol=0.03, atol=1e-3)
+
+
+def test_standardized_rotation_log_prob_and_moments():
+    """y = loc + scale * (Q z): log_prob against the float64 full-covariance reference (with the Jacobian), mean and
+    covariance against it too."""
+    mixture, law, x, _ = constrained_mixture(5, 3, 1, 3)
+    loc = torch.tensor([1.0, -2.0, 30.0], dtype=torch.float64)
+    scale = torch.tensor([0.5, 2.0, 40.0], dtype=torch.float64)
+    affine = ConstrainedMixture(mixture.base, mixture.Q, loc, scale)
+    Q = mixture.Q
+    mu = loc + scale * torch.einsum("bij,bkj->bki", Q, mixture.means)
+    M = scale.unsqueeze(-1) * Q
+    cov = M.unsqueeze(1) @ torch.diag_embed(torch.exp(2 * mixture.log_scales)) @ M.transpose(1, 2).unsqueeze(1)
+    ref = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(logits=mixture.logits),
+                                                torch.distributions.MultivariateNormal(mu, covariance_matrix=cov))
+    y = ref.sample((4,))
+    torch.testing.assert_close(affine.log_prob(y), ref.log_prob(y), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(affine.mean, ref.mean)
+    w = torch.softmax(mixture.logits, -1)
+    centered = mu - ref.mean.unsqueeze(1)
+    expected_cov = (w[..., None, None] * (cov + centered.unsqueeze(-1) * centered.unsqueeze(-2))).sum(1)
+    torch.testing.assert_close(affine.covariance, expected_cov, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(affine.component_means, mu)
+
+
+def test_fit_standardizes_the_constrained_model():
+    law = LinearConstraint(torch.tensor([[1.0, -1.0]]))
+    model = ConstrainedMDN(1, 2, law, components=2, rows=1, hidden=(8,))
+    x, y = torch.rand(64, 1), torch.cat([torch.full((64, 1), 10.0), torch.full((64, 1), 10.0)], -1)
+    y = y + torch.randn(64, 1) * torch.tensor([[3.0, 3.0]])
+    assert not bool(model.normalization_set)
+    physmdn.fit(model, (x, y), epochs=1, batch_size=32, progress=False)
+    assert bool(model.normalization_set)
+    torch.testing.assert_close(model.y_loc, y.double().mean(0).float(), rtol=1e-5, atol=1e-5)

@@ -143,8 +143,8 @@ class Hugoniot(Problem):
 
     def hard_law(self) -> LinearConstraint:
         """Rankine–Hugoniot ``P - rho0 u_p U_s = 0`` as a law built into the model (``ConstrainedMDN``, the
-        ``mdn-law`` model of ``physmdn compare``): ``A(u_p) = [-rho0 u_p, 1]``, ``b = 0``, the components' spread
-        off the law ``pressure_noise`` (1e-3 GPa when the data hold it exactly)."""
+        ``mdn-law`` model of ``physmdn compare``): ``A(u_p) = [-rho0 u_p, 1]``, ``b = 0``; the components' spread
+        off the law is ``pressure_noise``, or 1e-3 of the standardized outcomes when the data hold it exactly."""
         rho0 = self.rho0
         return LinearConstraint(lambda x: torch.stack([-rho0 * x[:, 0], torch.ones_like(x[:, 0])], -1).unsqueeze(1),
                                 noise_scale=max(self.pressure_noise, 1e-3))
