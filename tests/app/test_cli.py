@@ -96,7 +96,7 @@ def test_demo_defaults_three_seeds_on_one_thread():
     (["run", "pitchfork"], "the following arguments are required: --model"),
     (["run", "pitchfork", "--model", "mdn", "--n-train", "0"], "expected a positive integer, got '0'"),
     (["compare", "pitchfork", "--n-train", "64,x"], "expected a positive integer, got 'x'"),
-    (["compare", "pitchfork", "--models", "mdn,foo"], "models must be a comma-separated subset of mdn, mdn-physics, cfm"),
+    (["compare", "pitchfork", "--models", "mdn,foo"], "models must be a comma-separated subset of mdn, mdn-physics, mdn-law, cfm"),
     (["run", "pitchfork", "--model", "mdn", "--lr", "-1"], "expected a positive number, got '-1'"),
     (["launch"], "invalid choice: 'launch'"),
 ])
