@@ -317,9 +317,11 @@ def test_bad_data_and_arguments_give_clear_errors():
         fit(model, (x, y), epochs=1, lr=-1, **QUIET)
     with pytest.raises(ValueError, match="history_path must end in .csv or .json, got 'h.txt'"):
         fit(model, (x, y), epochs=1, history_path="h.txt", **QUIET)
-    with pytest.raises(ValueError, match="monitor must name a train_\\* history key when val is None, got 'val_data'"):
+    with pytest.raises(ValueError, match=r"monitor must name a train_\* history key without validation data \(val is None and "
+                                         r"val_split holds out nothing\), got 'val_data'"):
         fit(model, (x, y), epochs=1, monitor="val_data", **QUIET)
-    with pytest.raises(TypeError, match="train must be \\(x, y\\), \\(x, y, labels\\) or a TensorDataset, got dict"):
+    with pytest.raises(TypeError, match="train must be \\(x, y\\), \\(x, y, labels\\), a TensorDataset, a DataLoader or an "
+                                        "iterable of \\(x, y\\[, labels\\]\\) batches, got dict"):
         fit(model, {"x": x}, epochs=1, **QUIET)
 
 

@@ -1,6 +1,8 @@
 """Training for :class:`~physmdn.models.MDN` and :class:`~physmdn.models.CFM`: :func:`fit`, checkpoints, :func:`load`.
 
-One function trains both model families on in-memory tensors:
+One function trains both model families, on in-memory tensors or arrays or on a DataLoader / any iterable of
+batches, with validation data given or held out of the training data (``val_split``), early stopping on it, callbacks
+and loggers:
 
 * MDN objective per batch: ``NLL + physics_weight * physics penalty + regime_weight * regime term``
   (:func:`mixture_loss`, which uses :func:`physmdn.physics.mdn_loss` when physics is given);
@@ -15,21 +17,25 @@ trajectory as one process (up to floating-point summation order).
 
 Modules, each importing only those before it: ``_format`` (the checksummed file format), ``schedules``
 (:class:`LinearWarmup`, learning-rate factors), ``distributed`` (process group, shards, per-rank seeds),
-``objective`` (the loss of one batch, data checks), ``results`` (:class:`FitResult`, history files),
-``checkpoint`` (``last.pt`` / ``best.pt``, resume, :func:`load`), ``fit`` (the loop) and ``tune`` (the physics
-weight chosen on validation data, :func:`tune_physics_weight`).
+``objective`` (the loss of one batch), ``data`` (in-memory and streamed data, their checks, the validation split),
+``results`` (:class:`FitResult`, history files), ``callbacks`` (:class:`Callback`, :class:`FitState`), ``loggers``
+(:class:`CSVLogger`, :class:`TensorBoardLogger`), ``checkpoint`` (``last.pt`` / ``best.pt``, resume, :func:`load`),
+``fit`` (the loop) and ``tune`` (the physics weight chosen on validation data, :func:`tune_physics_weight`).
 """
 
 from __future__ import annotations
 
 from ._format import CHECKPOINT_FORMAT, CheckpointError
-from .checkpoint import load, load_checkpoint
+from .callbacks import Callback, FitState
+from .checkpoint import load, load_checkpoint, load_weights, model_spec
 from .distributed import is_main_process
 from .fit import fit, seed_everything
+from .loggers import CSVLogger, TensorBoardLogger
 from .objective import mixture_loss
 from .results import FitResult, write_rows_csv
 from .schedules import LinearWarmup
 from .tune import TuneResult, tune_physics_weight
 
-__all__ = ["fit", "FitResult", "load", "load_checkpoint", "mixture_loss", "LinearWarmup", "seed_everything",
+__all__ = ["fit", "FitResult", "load", "load_checkpoint", "load_weights", "model_spec", "Callback", "FitState",
+           "CSVLogger", "TensorBoardLogger", "mixture_loss", "LinearWarmup", "seed_everything",
            "is_main_process", "CHECKPOINT_FORMAT", "CheckpointError", "TuneResult", "tune_physics_weight"]

@@ -1,4 +1,4 @@
-"""The loss of one batch for either model family, and the checks on the data it is computed from.
+"""The loss of one batch for either model family.
 
 * MDN: ``NLL + physics_weight * physics penalty + regime_weight * regime term`` (:func:`mixture_loss`, which
   uses :func:`physmdn.physics.mdn_loss` when physics is given);
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from .._mixture_nll import mixture_nll
 from ..distributions import GaussianMixture
@@ -89,53 +88,4 @@ class Objective(nn.Module):
             regime = mixture.regime_loss(labels, y, regime_mode)
             total = total + regime_weight * regime
         return total, torch.stack([t.detach().float() for t in (total, nll, penalty, regime)])
-
-
-def as_arrays(data, name: str, model: nn.Module):
-    """``(x [N, C], y [N, D], labels [N] | None)`` from a tuple/list of tensors or a TensorDataset, checked."""
-    if isinstance(data, TensorDataset):
-        tensors = tuple(data.tensors)
-    elif isinstance(data, (tuple, list)):
-        tensors = tuple(data)
-    else:
-        raise TypeError(f"{name} must be (x, y), (x, y, labels) or a TensorDataset, got {type(data).__name__}")
-    if len(tensors) not in (2, 3) or not all(isinstance(t, torch.Tensor) for t in tensors):
-        raise TypeError(f"{name} must hold 2 or 3 tensors (x, y[, labels]), got "
-                        f"{[type(t).__name__ for t in tensors]}")
-    x, y = tensors[0], tensors[1]
-    labels = tensors[2] if len(tensors) == 3 else None
-    C, D = model.in_features, model.out_features
-    if x.dim() == 1 and C == 1:
-        x = x.unsqueeze(-1)
-    if y.dim() == 1 and D == 1:
-        y = y.unsqueeze(-1)
-    if not x.is_floating_point() or x.dim() != 2 or x.shape[1] != C:
-        raise ValueError(f"{name} x must be a floating-point [N, in_features] = [N, {C}] tensor, got "
-                         f"{x.dtype} shape {tuple(x.shape)}")
-    if not y.is_floating_point() or y.dim() != 2 or y.shape[1] != D:
-        raise ValueError(f"{name} y must be a floating-point [N, out_features] = [N, {D}] tensor, got "
-                         f"{y.dtype} shape {tuple(y.shape)}")
-    N = x.shape[0]
-    if y.shape[0] != N:
-        raise ValueError(f"{name} y must have as many rows as x ({N}), got {y.shape[0]}")
-    if N < 1:
-        raise ValueError(f"{name} must hold at least 1 sample, got 0")
-    for t, part in ((x, "x"), (y, "y")):
-        bad = ~torch.isfinite(t).all(-1)
-        if bool(bad.any()):
-            rows = bad.nonzero().flatten()
-            raise ValueError(f"{name} {part} must be finite, got NaN/inf in {rows.numel()} of {N} rows "
-                             f"(first at row {int(rows[0])})")
-    if labels is not None:
-        if labels.is_floating_point() or labels.dtype == torch.bool or labels.dim() != 1 or labels.shape[0] != N:
-            raise ValueError(f"{name} labels must be an integer [N] = [{N}] tensor (-1 = unknown regime), got "
-                             f"{labels.dtype} shape {tuple(labels.shape)}")
-        if not isinstance(model, MDN):
-            raise ValueError(f"{name} labels (regimes) need a mixture model (MDN), got {type(model).__name__}")
-        K = model.components
-        if labels.numel() and (int(labels.min()) < -1 or int(labels.max()) >= K):
-            raise ValueError(f"{name} labels must be in [-1, {K - 1}] (-1 = unknown, else a component index < "
-                             f"components = {K}), got values in [{int(labels.min())}, {int(labels.max())}]")
-        labels = labels.long()
-    return x, y, labels
 
