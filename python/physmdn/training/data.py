@@ -100,8 +100,8 @@ def as_arrays(data, name: str, model: nn.Module):
 def split_validation(arrays: tuple, val_split, seed: int) -> tuple[tuple, tuple | None]:
     """``(train, val)`` parts of in-memory ``arrays = (x, y, labels | None)``.
 
-    ``val_split``: ``"auto"`` (``round(AUTO_VAL_FRACTION * N)`` samples when that is at least
-    ``AUTO_VAL_MIN_SAMPLES``, else none), a fraction in ``(0, 1)`` (``max(1, round(f * N))`` samples), a count
+    ``val_split``: ``"auto"`` (``floor(AUTO_VAL_FRACTION * N)`` samples when that is at least
+    ``AUTO_VAL_MIN_SAMPLES``, i.e. ``N >= 200``, else none), a fraction in ``(0, 1)`` (``max(1, round(f * N))`` samples), a count
     ``k >= 1`` of samples, or ``0`` / ``None`` (none: ``val`` is None). The held-out rows are a random subset drawn
     from ``seed`` alone (the same in every process and on resume); both parts keep the original row order.
     """
@@ -110,7 +110,7 @@ def split_validation(arrays: tuple, val_split, seed: int) -> tuple[tuple, tuple 
     if val_split is None or val_split == 0:
         return arrays, None
     if val_split == "auto":
-        n_val = round(AUTO_VAL_FRACTION * N)
+        n_val = math.floor(AUTO_VAL_FRACTION * N + 1e-9)
         if n_val < AUTO_VAL_MIN_SAMPLES:
             return arrays, None
     elif isinstance(val_split, float) and 0.0 < val_split < 1.0:
@@ -234,7 +234,7 @@ class StreamData:
         else:
             batches = list(itertools.islice(iter(self.source), NORMALIZATION_BATCHES))
         if not batches:
-            raise ValueError(f"{self.name} must give at least one batch, got an empty iterable")
+            raise ValueError(f"{self.name} must give at least one batch, got an empty {type(self.source).__name__}")
         checked = [self._check(b, i) for i, b in enumerate(batches)]
         return torch.cat([c[0] for c in checked]), torch.cat([c[1] for c in checked])
 
