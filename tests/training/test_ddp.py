@@ -53,6 +53,17 @@ SCRIPT = textwrap.dedent('''
         flow = CFM(1, 1, hidden=(16, 16), coupling="ot")
         fit(flow, toy(300, 0)[:2], epochs=2, batch_size=64, physics=lambda y, x: y.square() - x, progress=False)
         torch.save(flow.state_dict(), f"{out}.cfm.rank{os.environ.get('RANK', '0')}")
+        # gradient accumulation (groups of 2, 2, 1 micro-batches: the partial one is averaged across processes by
+        # hand) and a callback that stops after epoch 1 on rank 0 only: every process stops with it
+        torch.manual_seed(0)
+        accumulated = MDN(1, 1, 2, hidden=(16, 16))
+        rank = int(os.environ.get("RANK", "0"))
+        stop = type("Stop", (), {"on_epoch_end": lambda self, epoch, metrics: epoch == 1 and rank == 0})()
+        acc_result = fit(accumulated, toy(300, 0), epochs=4, batch_size=64, lr=1e-2, seed=1, accumulate_steps=2,
+                         val_split=0, callbacks=[stop], progress=False)
+        if is_main_process():
+            torch.save({"state": accumulated.state_dict(), "steps": acc_result.global_step,
+                        "stopped": acc_result.stopped}, f"{out}.acc")
 
 
     if __name__ == "__main__":
@@ -116,3 +127,9 @@ def test_torchrun_two_processes_match_single_process(tmp_path):
     for name, value in flows[0].items():
         assert torch.equal(flows[1][name], value), name
     assert torch.isfinite(flows[0]["net.0.weight"]).all()
+    acc_single = torch.load(f"{tmp_path / 'single.pt'}.acc", weights_only=True)
+    acc_ddp = torch.load(f"{tmp_path / 'ddp.pt'}.acc", weights_only=True)
+    assert acc_single["stopped"] == acc_ddp["stopped"] == "callback"
+    assert acc_single["steps"] == acc_ddp["steps"] == 6  # 3 optimizer steps per epoch (2 + 2 + 1), 2 epochs
+    for name, value in acc_single["state"].items():
+        torch.testing.assert_close(acc_ddp["state"][name], value, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
