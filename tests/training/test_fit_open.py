@@ -403,3 +403,9 @@ def test_cfm_gets_the_default_split_and_early_stopping_too():
     torch.manual_seed(0)
     result = fit(CFM(1, 1, hidden=(8,)), toy(300, 0), epochs=2, batch_size=100, **QUIET)
     assert result.extra["val_size"] == 30 and result.monitor == "val_data" and "val_data" in result.history[0]
+
+
+def test_load_says_how_to_pass_a_device():
+    with pytest.raises(TypeError, match="model must be an nn.Module to load the weights into, got the str 'cpu': pass "
+                                        "a device as map_location="):
+        load("any.pt", "cpu")

@@ -183,6 +183,9 @@ def load(path: str, model: nn.Module | None = None, *, factory=None, map_locatio
             or the file does not say how to build the module and none was given.
         CheckpointError, FileNotFoundError: as :func:`load_checkpoint`.
     """
+    if isinstance(model, (str, torch.device)):
+        raise TypeError(f"model must be an nn.Module to load the weights into, got the {type(model).__name__} "
+                        f"{str(model)!r}: pass a device as map_location=")
     if model is not None and not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module to load the weights into, got {type(model).__name__}")
     if model is not None and factory is not None:

@@ -18,7 +18,8 @@ class FitResult:
     """What :func:`fit` returns.
 
     Attributes:
-        model: the trained (unwrapped) model; holds the best weights when ``restore_best`` and a best epoch exist.
+        model: the trained (unwrapped) model; holds the best validation epoch's weights when ``restore_best`` and
+            there was validation data, else the last weights.
         history: one dict per finished epoch (``epoch``, ``step``, ``lr``, ``physics_weight``, ``train_loss``,
             ``train_data``, ``train_physics``, ``train_regime``, ``grad_norm`` (mean global gradient norm before
             clipping), ``val_*`` when validating,
@@ -27,9 +28,11 @@ class FitResult:
             rounding of the NLL is amplified by ``1 / weight``); ``*_loss`` the weighted total.
         best_state: CPU state dict of the best epoch by ``monitor`` (None if no epoch finished).
         best_epoch, best_metric, monitor: which epoch, its value, and the history key compared.
-        stopped: ``"completed"``, ``"early_stopping"`` or ``"max_steps"``.
+        stopped: ``"completed"``, ``"early_stopping"``, ``"max_steps"`` or ``"callback"``.
         global_step, epochs_completed: optimizer steps taken and epochs finished in total (resumes included).
         checkpoint_path: the last ``last.pt`` written, or None.
+        extra: ``steps_per_epoch`` (None for an iterable without ``len``), ``world_size``, ``val_size`` (samples
+            held out by ``val_split``), ``patience`` (the one used, None for none), ``restored_best``.
     """
 
     model: nn.Module

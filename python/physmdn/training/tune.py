@@ -45,7 +45,8 @@ def tune_physics_weight(model: nn.Module, train, val, physics, *, weights: Seque
         physics: the specs or factory passed to ``fit``.
         weights: the grid (each finite and >= 0).
         epochs: epochs per grid point; warm_epochs: epochs without physics first, shared by every point.
-        fit_kwargs: anything else ``fit`` takes (``lr``, ``batch_size``, ``seed``, ...), the same for every point.
+        fit_kwargs: anything else ``fit`` takes (``lr``, ``batch_size``, ``seed``, ...), the same for every point;
+            fit's default early stopping on ``val`` applies to each point (``patience=None`` turns it off).
 
     Returns:
         :class:`TuneResult`; ties go to the smaller weight.
