@@ -4,7 +4,6 @@ loggers, scheduler factories, gradient accumulation, checkpoints of any module a
 import csv
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
