@@ -55,6 +55,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -87,9 +88,11 @@ def _import_target(target: str, option: str):
         name = "physmdn_physics_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(target))[0])
         spec = importlib.util.spec_from_file_location(name, target)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # as an import would: its functions and classes can then be pickled
         try:
             spec.loader.exec_module(module)
         except Exception as exc:  # the user's file: any error in it is reported, not raised
+            sys.modules.pop(name, None)
             raise CLIError(f"{option}: running {target!r} failed: {type(exc).__name__}: {exc}") from None
         return module
     try:
