@@ -102,6 +102,12 @@ def _import_target(target: str, option: str):
                        "be importable, or name a file as path/to/file.py:name)") from None
 
 
+def _is_spec_item(item) -> bool:
+    """A spec or a ``(spec, weight)`` pair, as ``physics=[...]`` takes them."""
+    pair = isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], PhysicsSpec)
+    return isinstance(item, PhysicsSpec) or pair
+
+
 def load_physics(text: str, option: str = "--physics"):
     """The physics a ``module:name`` / ``file.py:name`` spec names: a :class:`PhysicsSpec`, a list of specs /
     ``(spec, weight)`` pairs, or a per-batch function ``f(x) -> spec | list | None``. Raises :class:`CLIError`."""
@@ -115,9 +121,7 @@ def load_physics(text: str, option: str = "--physics"):
         obj = getattr(obj, part)
     if isinstance(obj, PhysicsSpec):
         return obj
-    if isinstance(obj, (list, tuple)) and obj and all(
-            isinstance(i, PhysicsSpec) or (isinstance(i, (list, tuple)) and len(i) == 2 and isinstance(i[0], PhysicsSpec))
-            for i in obj):
+    if isinstance(obj, (list, tuple)) and obj and all(_is_spec_item(item) for item in obj):
         return list(obj)
     if callable(obj) and not isinstance(obj, type):
         return obj
@@ -227,8 +231,10 @@ def cmd_fit(args) -> int:
         json.dump(summary, fh, indent=1)
     written = ["model.pt", "history.csv", "summary.json"]
     if not args.no_plots:
-        written += [name for name, ok in (("history.png", plot_history(result.history, os.path.join(out, "history.png"))),
-                                          ("samples.png", _plot_samples(model, x, y, data, out, args.seed))) if ok]
+        if plot_history(result.history, os.path.join(out, "history.png")):
+            written.append("history.png")
+        if _plot_samples(model, x, y, data, out, args.seed):
+            written.append("samples.png")
     if not args.quiet:
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.4g}"
         print(f"  best epoch {result.best_epoch}: {result.monitor} {best} (NLL per row); {seconds:.1f} s")
@@ -343,7 +349,8 @@ def cmd_sample(args) -> int:
                 for s in range(args.n):
                     writer.writerow([b, *xs, *(format(v, ".9g") for v in draws[s, b].tolist())])
     except OSError as exc:
-        raise CLIError(f"--out must be a writable file, got {args.out!r} ({exc.strerror or type(exc).__name__})") from None
+        reason = exc.strerror or type(exc).__name__
+        raise CLIError(f"--out must be a writable file, got {args.out!r} ({reason})") from None
     if not args.quiet:
         print(f"wrote {args.n} sample(s) for each of {context.shape[0]} context(s) "
               f"({context.shape[0] * args.n} rows: context, {', '.join(x_names + y_names)}) to {args.out}")

@@ -287,7 +287,8 @@ def _select_once(table, spec: str, option: str) -> tuple[np.ndarray, list[str]]:
     values, names = table.select(spec, option)
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise DataFileError(f"{option} must select each column once, got {', '.join(map(repr, repeated))} twice or more")
+        raise DataFileError(f"{option} must select each column once, got {', '.join(map(repr, repeated))} "
+                            "twice or more")
     return values, names
 
 

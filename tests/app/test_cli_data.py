@@ -131,7 +131,8 @@ def test_fit_npz_with_column_selection_and_pt_tuple_and_dict(tmp_path):
     assert cli.main(["fit", str(tmp_path / "d.npz"), "--x", "inputs[0,2]", "--y", "outputs", "--epochs", "1",
                      "--val-fraction", "0", "--out", str(out), "--no-plots", *QUIET]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["columns"]["x"] == ["inputs[0]", "inputs[2]"] and summary["columns"]["y"] == ["outputs[0]", "outputs[1]"]
+    assert summary["columns"]["x"] == ["inputs[0]", "inputs[2]"]
+    assert summary["columns"]["y"] == ["outputs[0]", "outputs[1]"]
     # every row trains (--val-fraction 0), so the normalization is the selected columns' mean and spread
     assert summary["normalization"]["x_loc"] == pytest.approx(inputs[:, [0, 2]].mean(0), rel=1e-5)
     assert summary["normalization"]["x_scale"] == pytest.approx(inputs[:, [0, 2]].std(0), rel=1e-5)
