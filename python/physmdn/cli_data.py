@@ -369,19 +369,38 @@ def _fraction(text: str) -> float:
     return value
 
 
+_FIT_DESCRIPTION = f"""\
+Train an MDN on columns of a data file and write model.pt, history.csv, summary.json and plots into --out.
+
+Columns (--x, --y): comma-separated header names, 0-based indices or start:stop ranges, e.g. --x r,T --y 2:5
+(a CSV without a header row has columns named 0, 1, ...). npz / pt files: array names, optionally with columns,
+e.g. --x "inputs[0,2]" --y outputs; a .pt file holds a dict of tensors or an (x, y) tuple (arrays x and y).
+
+--physics module:name or path/to/file.py:name names a physmdn.physics spec, a list of specs or (spec, weight)
+pairs, or a function f(x_batch) -> spec called for each batch of contexts.
+
+Bad files, unknown or non-numeric columns, NaN / inf values (unless --drop-nan) and fewer than {MIN_ROWS} rows exit with
+status 2."""
+
+_SAMPLE_DESCRIPTION = """\
+Draw --n samples per context from a trained model and write them as CSV: context (row index), the context
+columns and the outcome columns, under the names used in training.
+
+Contexts: --x 0.5,300 (one row per --x, values in the order of the training's context columns; a leading minus
+needs --x=-0.5,300) or --x-file FILE (columns selected by --x-cols, default the training's)."""
+
+
 def add_data_commands(sub) -> None:
     """Register ``fit`` and ``sample`` on the CLI's subparsers."""
-    doc = (__doc__ or "").split("\n\n")
-    p = sub.add_parser("fit", help="train an MDN on columns of a CSV / npz / pt file",
-                       description=doc[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("fit", help="train an MDN on columns of a CSV / npz / pt file", description=_FIT_DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="a .csv, .tsv, .npz, .pt or .pth file")
-    p.add_argument("--x", required=True, help="context columns: names, 0-based indices or start:stop ranges, "
-                                              "comma separated (npz / pt: array names, optionally name[cols])")
-    p.add_argument("--y", required=True, help="outcome columns, in the same grammar as --x")
+    p.add_argument("--x", required=True, metavar="COLS", help="context columns (see above)")
+    p.add_argument("--y", required=True, metavar="COLS", help="outcome columns (see above)")
     p.add_argument("--components", type=positive_int, default=3, help="mixture components K (default: 3)")
     p.add_argument("--covariance", default="diag", help="component covariance: diag (the only kind in this version)")
     p.add_argument("--hidden", type=hidden, default=(64, 64), help="hidden widths (default: 64,64)")
-    p.add_argument("--physics", default=None, help="module:name or file.py:name of a physics spec, a list of them, "
+    p.add_argument("--physics", default=None, metavar="SPEC", help="module:name or file.py:name of a physics spec, a list of them, "
                                                   "or a function f(x) -> spec")
     p.add_argument("--physics-weight", type=nonneg_float, default=None, help="physics weight (default: 1)")
     p.add_argument("--physics-warmup", type=positive_int, default=None,
@@ -402,13 +421,14 @@ def add_data_commands(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=cmd_fit)
 
-    s = sub.add_parser("sample", help="draw samples from a trained model at given contexts")
+    s = sub.add_parser("sample", help="draw samples from a trained model at given contexts",
+                       description=_SAMPLE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("checkpoint", help="a checkpoint (model.pt from physmdn fit, or best.pt / last.pt)")
-    s.add_argument("--x", action="append", default=None,
+    s.add_argument("--x", action="append", default=None, metavar="VALUES",
                    help="one context as comma-separated values, in the model's context columns; repeat for more "
                         "(a leading minus needs the = form: --x=-0.5,1)")
-    s.add_argument("--x-file", default=None, help="contexts from a data file (.csv, .tsv, .npz, .pt)")
-    s.add_argument("--x-cols", default=None, help="the --x-file columns (default: the training columns)")
+    s.add_argument("--x-file", default=None, metavar="FILE", help="contexts from a data file (.csv, .tsv, .npz, .pt)")
+    s.add_argument("--x-cols", default=None, metavar="COLS", help="the --x-file columns (default: the training columns)")
     s.add_argument("--drop-nan", action="store_true", help="skip --x-file rows with NaN / inf")
     s.add_argument("--n", type=positive_int, default=100, help="samples per context (default: 100)")
     s.add_argument("--out", default="samples.csv", help="output CSV (default: samples.csv)")

@@ -121,6 +121,19 @@ def test_sample_contexts_from_a_file_by_name_or_by_column(tmp_path, trained):
     assert [float(r["x"]) for r in read_rows(out)] == [0.3, 0.3, 0.6, 0.6]
 
 
+def test_sample_from_a_checkpoint_written_by_fit_in_python(tmp_path):
+    """Checkpoints without column names (physmdn.fit's best.pt) sample under x0.. / y0.. names."""
+    torch.manual_seed(0)
+    model = physmdn.MDN(2, 2, 2, hidden=(8,))
+    physmdn.fit(model, (torch.randn(32, 2), torch.randn(32, 2)), epochs=1, checkpoint_dir=str(tmp_path),
+                progress=False)
+    out = tmp_path / "s.csv"
+    assert cli.main(["sample", str(tmp_path / "best.pt"), "--x=-0.5,1", "--n", "4", "--out", str(out), "--quiet"]) == 0
+    rows = read_rows(out)
+    assert list(rows[0]) == ["context", "x0", "x1", "y0", "y1"] and len(rows) == 4
+    assert {(r["x0"], r["x1"]) for r in rows} == {("-0.5", "1")}
+
+
 def test_fit_npz_with_column_selection_and_pt_tuple_and_dict(tmp_path):
     rng = np.random.default_rng(1)
     n = 40
@@ -244,6 +257,7 @@ def test_read_columns_csv_grammar(tmp_path):
 
 @pytest.mark.parametrize("setup, x, y, message", [
     (None, "x", "y", "does not exist"),
+    ("folder.csv", "x", "y", "is not a file"),
     ("data.xlsx", "x", "y", "must end in one of .csv, .tsv, .npz, .pt, .pth, got .xlsx"),
     ("binary.csv", "x", "y", "must be UTF-8 text"),
     ("bad.npz", "x", "y", "is not a readable .npz archive"),
@@ -269,6 +283,7 @@ def test_bad_data_exits_2_naming_the_problem(tmp_path, capsys, setup, x, y, mess
     x_data, y_data = linear_data(20)
     good = [[repr(float(a)), "lab", repr(float(b))] for a, b in zip(x_data, y_data)]
     files = {
+        "folder.csv": lambda p: p.mkdir(),
         "data.xlsx": lambda p: p.write_text("x,y\n1,2\n"),
         "binary.csv": lambda p: p.write_bytes(b"\xff\xfe\x00\x81" * 50),
         "bad.npz": lambda p: p.write_bytes(b"not a zip"),
