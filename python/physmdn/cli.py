@@ -1,4 +1,5 @@
-"""The ``physmdn`` command line: train, evaluate and compare models on the benchmark problems.
+"""The ``physmdn`` command line: train, evaluate and compare models on the benchmark problems, and fit and sample
+models on a user's data files.
 
 ::
 
@@ -6,6 +7,9 @@
     physmdn compare <problem> [--n-train 64,256,2048] [--seeds 3] [--models mdn,mdn-physics,cfm] [--out DIR]
     physmdn demo [--n-train 256,2048] [--seeds 3] [--epochs 60] [--threads 1] [--out DIR]
     physmdn problems
+    physmdn fit DATA.csv --x COLS --y COLS [--components K --physics module:name --out DIR]
+    physmdn sample CHECKPOINT --x V1,V2 [--n N --out samples.csv]
+    physmdn info
 
 Common options: ``--components K --hidden 64,64 --batch-size --lr --physics-weight --cfm-steps --threads --quiet``.
 
@@ -21,8 +25,11 @@ error bars over seeds); it runs on one CPU thread unless ``--threads`` says othe
 
 Models: ``mdn`` (NLL only), ``mdn-physics`` (NLL plus the problem's physics specs, weight warmed up linearly over
 the first quarter of the epochs; regime labels supervise the components where the physics is component-specific),
-``cfm`` (conditional flow matching). This module parses the arguments and prints; the experiments themselves
-live in :mod:`physmdn.experiments` and the plots in :mod:`physmdn.plotting`.
+``cfm`` (conditional flow matching).
+
+``fit`` and ``sample`` (the user's own CSV, npz or pt files) live in :mod:`physmdn.cli_data`. This module parses
+the arguments and prints; the experiments themselves live in :mod:`physmdn.experiments` and the plots in
+:mod:`physmdn.plotting`.
 """
 
 from __future__ import annotations
@@ -31,20 +38,18 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 from typing import Sequence
 
 import torch
 
-from . import _validation as check
 from . import problems as P
+from ._cli_args import CLIError, device as _device, hidden as _hidden, int_list as _int_list, out_dir
+from ._cli_args import nonneg_float as _nonneg_float, nonneg_int as _nonneg_int
+from ._cli_args import positive_float as _positive_float, positive_int as _positive_int
+from .cli_data import add_data_commands
 from .experiments import MODELS, SUMMARY_METRICS, compare, demo, run_experiment, write_run
 
 __all__ = ["main"]
-
-
-class CLIError(Exception):
-    """A usage error the command line reports as ``physmdn: error: ...`` with exit status 2."""
 
 
 # ----- argument types -------------------------------------------------------------------------------
@@ -56,36 +61,6 @@ def _problem_name(text: str) -> str:
     return key
 
 
-def _number_type(cast, check_value, expected: str):
-    """An argparse type: ``cast(text)`` that must pass ``check_value(value, name)`` (physmdn._validation), else an
-    error naming what was expected."""
-
-    def parse(text: str):
-        try:
-            return check_value(cast(text), "value")
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-
-    return parse
-
-
-_positive_int = _number_type(int, lambda v, n: check.count(v, n, 1), "a positive integer")
-_nonneg_int = _number_type(int, lambda v, n: check.count(v, n, 0), "an integer >= 0")
-_positive_float = _number_type(float, check.positive, "a positive number")
-_nonneg_float = _number_type(float, check.nonnegative, "a number >= 0")
-
-
-def _int_list(text: str) -> list[int]:
-    parts = [p for p in text.split(",") if p.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of positive integers, got {text!r}")
-    return [_positive_int(p.strip()) for p in parts]
-
-
-def _hidden(text: str) -> tuple[int, ...]:
-    return tuple(_int_list(text))
-
-
 def _model_list(text: str) -> list[str]:
     models = [m.strip().lower() for m in text.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
@@ -94,30 +69,10 @@ def _model_list(text: str) -> list[str]:
     return models
 
 
-def _device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu or cuda:0, got {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available")
-    return device
-
-
 # ----- commands -------------------------------------------------------------------------------------
 
 def _out_dir(path: str) -> str:
-    """Create ``path`` if needed and prove it writable by creating and removing a file, before any work starts
-    (permission bits alone miss read-only mounts, ACLs and root)."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".physmdn-write-probe-", dir=path)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as exc:
-        raise CLIError(f"--out must be a writable directory, got {path!r} "
-                       f"({exc.strerror or type(exc).__name__})") from None
-    return path
+    return out_dir(path, "--out")
 
 
 def cmd_run(args) -> int:
@@ -221,7 +176,7 @@ def _add_training_options(p: argparse.ArgumentParser, *, epochs_default=None, th
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="physmdn", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"physmdn {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{run,compare,demo,problems,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,compare,demo,problems,fit,sample,info}")
     sub.required = True
 
     run = sub.add_parser("run", help="train and evaluate one model on a problem")
@@ -257,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("problems", help="list the benchmark problems")
     lst.set_defaults(func=cmd_problems)
+
+    add_data_commands(sub)  # fit, sample
 
     info = sub.add_parser("info", help="build facts: torch built against and running, CUDA and CPU kernels")
     info.set_defaults(func=cmd_info)

@@ -368,7 +368,7 @@ def test_cli_unwritable_out_exits_2_before_any_work(tmp_path, monkeypatch, capsy
     def refuse(*args, dir=None, **kwargs):
         raise PermissionError(13, "Permission denied", os.path.join(dir, "probe"))
 
-    monkeypatch.setattr(cli.tempfile, "mkstemp", refuse)  # as a read-only mount would (root ignores chmod)
+    monkeypatch.setattr("tempfile.mkstemp", refuse)  # as a read-only mount would (root ignores chmod)
     monkeypatch.setattr(cli, "run_experiment", _no_training)
     monkeypatch.setattr(cli, "compare", _no_training)
     for argv in (["run", "pitchfork", "--model", "mdn"], ["compare", "pitchfork"], ["demo"]):
