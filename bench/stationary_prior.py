@@ -93,7 +93,7 @@ def report(rows, sizes, seeds) -> None:
             print(f"| {variant} | " + " | ".join(cells) + " |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="32,64,256")
     parser.add_argument("--seeds", type=int, default=8)
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--truth-samples", type=int, default=400)
     parser.add_argument("--csv", default=os.path.join(OUT, "stationary_prior.csv"))
     parser.add_argument("--quick", action="store_true", help="one size, two seeds, few epochs: a smoke run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.seeds, args.epochs, args.test_contexts, args.truth_samples = "32", 2, 5, 4, 100
     sizes = [int(v) for v in args.sizes.split(",")]

@@ -145,3 +145,25 @@ def test_fit_trains_with_the_mixture_level_penalty():
                  progress=False)
     physics_terms = [row["train_physics"] for row in result.history]
     assert all(math.isfinite(v) and v > 0 for v in physics_terms)
+
+
+# ----- bench/stationary_prior.py ------------------------------------------------------------------------
+
+def test_t_interval_of_the_experiment():
+    import stationary_prior  # bench/ is on pytest's pythonpath (pyproject.toml)
+
+    mean, half = stationary_prior.t_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and math.isclose(half, 4.303 * 1.0 / math.sqrt(3.0))
+
+
+@pytest.mark.slow
+def test_stationary_prior_smoke_run(tmp_path):
+    import csv
+
+    import stationary_prior
+
+    out = tmp_path / "rows.csv"
+    stationary_prior.main(["--quick", "--csv", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    assert sorted({r["variant"] for r in rows}) == ["mdn", "stationary", "steady"] and len(rows) == 6
+    assert all(math.isfinite(float(r[m])) for r in rows for m in ("energy", "nll", "mode_weight_error", "identity"))
