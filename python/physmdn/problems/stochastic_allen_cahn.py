@@ -83,9 +83,10 @@ class StochasticAllenCahn(Problem):
     context_names = ("eps", "sigma")
     branch_names = ("plus", "minus", "mixed")
     is_field = True
-    # docs/results.md (stationary-law prior): the weight used in the paired comparison
+    # docs/results.md (stationary-law prior): weight 0.1 keeps the NLL gain at n = 32, 64 with the energy distance
+    # tied; weight 1 and 10 make the energy distance worse at n = 32
     defaults = Defaults(components=6, hidden=(64, 64), epochs=150, n_train=1024, batch_size=128, lr=3e-3,
-                        physics_weight=1.0)
+                        physics_weight=0.1)
 
     def __init__(self, grid: int = 8, length: float = 1.0, eps_range=(0.008, 0.03), sigma_range=(0.6, 1.0),
                  dt: float = 0.05, burn_in: float = 60.0, penalty: str = "stationary",
