@@ -14,6 +14,8 @@ from . import reference  # noqa: E402
 from ._mixture_nll import mixture_nll  # noqa: E402
 from . import physics  # noqa: E402
 from .physics import mdn_loss  # noqa: E402
+from . import stationary  # noqa: E402
+from .stationary import StationaryLaw  # noqa: E402
 from . import _func  # noqa: E402,F401  (the functorch path of the ops)
 from . import distributions, transport, models, training  # noqa: E402
 from .distributions import GaussianMixture, Modes  # noqa: E402
@@ -62,7 +64,7 @@ def cpu_pool_release() -> None:
 
 
 __all__ = [
-    "mixture_nll", "mdn_loss", "reference", "physics", "build_info", "__version__",
+    "mixture_nll", "mdn_loss", "reference", "physics", "stationary", "StationaryLaw", "build_info", "__version__",
     "cpu_pool_stats", "set_cpu_pool_limit", "cpu_pool_release",
     "GaussianMixture", "Modes", "MDN", "CFM", "fit", "load", "CheckpointError", "FitResult", "LinearWarmup",
     "distributions", "transport", "models", "training", "problems", "metrics",

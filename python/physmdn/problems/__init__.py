@@ -9,6 +9,7 @@ name                          context                      ``C``    ``D``   mode
 ``allen_cahn``                ``eps, sigma, bias``         3        32      all +1, all -1, kink states
 ``hugoniot``                  ``u_p`` (km/s)               1        2       elastic, plastic, phase-transformed
 ``reaction_diffusion``        ``D, a``                     2        32      uniform low, uniform high, pinned fronts
+``stochastic_allen_cahn``     ``eps, sigma``               2        8       all > 0, all < 0, mixed signs
 ============================  ===========================  =======  ======  =========================================
 
 Common protocol (:class:`Problem`), all tensors in the problem's physical units:
@@ -28,7 +29,8 @@ reproducible on that device. :func:`get` looks problems up by name.
 
 Modules: :mod:`~physmdn.problems.base` (the protocol, seeding, the registry), :mod:`~physmdn.problems.numerics`
 (integrators, the implicit diffusion solve, lattice residuals, the cubic's equilibria, labels) and one module per
-problem. Layering: imports :mod:`physmdn.physics` and :mod:`physmdn._validation`, nothing above them.
+problem. Layering: imports :mod:`physmdn.physics`, :mod:`physmdn.stationary` and :mod:`physmdn._validation`, nothing
+above them.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from .pitchfork import Pitchfork
 from .allen_cahn import AllenCahn
 from .hugoniot import Hugoniot
 from .reaction_diffusion import ReactionDiffusion
+from .stochastic_allen_cahn import StochasticAllenCahn
 
 __all__ = [
-    "Problem", "Defaults", "Sample", "Pitchfork", "AllenCahn", "Hugoniot", "ReactionDiffusion",
+    "Problem", "Defaults", "Sample", "Pitchfork", "AllenCahn", "Hugoniot", "ReactionDiffusion", "StochasticAllenCahn",
     "get", "names", "register", "make_generator", "second_difference", "cubic_equilibria",
 ]

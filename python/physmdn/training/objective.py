@@ -16,6 +16,7 @@ from .._mixture_nll import mixture_nll
 from ..distributions import GaussianMixture
 from ..models import MDN
 from ..physics import mdn_loss
+from ..stationary import split_physics
 
 __all__ = ["mixture_loss"]
 
@@ -75,7 +76,13 @@ class Objective(nn.Module):
             if labels is not None and regime_weight != 0.0:
                 raise ValueError("regime labels are not supported with a ConstrainedMDN: pass regime_weight=0")
             y = mixture.target_coordinates(y)
-        total = mixture_loss(mixture.logits, mixture.means, mixture.log_scales, y, specs, physics_weight)
+        # penalties on the whole mixture (physmdn.stationary) are added beside the per-component specs
+        component_specs, mixture_penalties = split_physics(specs)
+        total = mixture_loss(mixture.logits, mixture.means, mixture.log_scales, y, component_specs or None,
+                             physics_weight)
+        for penalty, w in mixture_penalties:
+            total = total + (physics_weight * w) * penalty.mixture_penalty(
+                mixture.logits, mixture.means, mixture.log_scales).mean()
         if specs is not None:  # only bound when physics_weight != 0
             with torch.no_grad():
                 nll = mixture_nll(mixture.logits, mixture.means, mixture.log_scales, y, reduction="mean")
