@@ -2,11 +2,17 @@
 // torch physmdn supports (TORCH_TARGET_VERSION, set by CMakeLists.txt), so that one build loads under every newer
 // torch. Only this header names the torch namespaces; the rest of csrc/ says Tensor, ScalarType, PHYSMDN_CHECK.
 #pragma once
+#ifdef PHYSMDN_ATEN_TENSORS
+// The same vocabulary over ATen's tensors, for code built against torch's full C++ API: the CUDA simulator of
+// tests/cuda/cuda_sim, which runs csrc/cuda/backend.cuh on the CPU inside a torch.utils.cpp_extension module.
+#include <ATen/ATen.h>
+#else
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/core/ScalarType.h>
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
+#endif
 
 #include <cstdint>
 #include <initializer_list>
@@ -19,13 +25,20 @@
 
 namespace physmdn {
 
+#ifdef PHYSMDN_ATEN_TENSORS
+using Tensor = at::Tensor;
+using ScalarType = at::ScalarType;
+using Device = at::Device;
+using IntArrayRef = at::IntArrayRef;
+#else
 using Tensor = torch::stable::Tensor;
-using OptionalTensor = std::optional<Tensor>;
 using ScalarType = torch::headeronly::ScalarType;
 using Device = torch::stable::Device;
+using IntArrayRef = torch::headeronly::IntHeaderOnlyArrayRef;
+#endif
+using OptionalTensor = std::optional<Tensor>;
 using BFloat16 = c10::BFloat16;
 using Half = c10::Half;
-using IntArrayRef = torch::headeronly::IntHeaderOnlyArrayRef;
 
 constexpr ScalarType kFloat = ScalarType::Float;
 constexpr ScalarType kDouble = ScalarType::Double;
@@ -56,11 +69,13 @@ inline std::ostream& operator<<(std::ostream& os, const Shape& s) {
   return os << ']';
 }
 inline Shape shape(const Tensor& t) { return {t.sizes()}; }
+#ifndef PHYSMDN_ATEN_TENSORS  // (ATen prints its devices itself)
 inline std::ostream& operator<<(std::ostream& os, const Device& d) {
   os << (d.is_cpu() ? "cpu" : d.is_cuda() ? "cuda" : "device");
   if (d.has_index() && !d.is_cpu()) os << ':' << static_cast<int>(d.index());
   return os;
 }
+#endif
 
 template <typename... Args>
 [[noreturn]] void fail(const Args&... args) {
@@ -91,10 +106,18 @@ template <typename... Args>
 
 namespace physmdn {
 
-// Tensor operations the drivers use, over the stable API.
-inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, const Device& device) {
-  return torch::stable::empty(IntArrayRef(sizes), dtype, std::nullopt, device);
+// Tensor operations the drivers use.
+#ifdef PHYSMDN_ATEN_TENSORS
+inline Tensor empty(IntArrayRef sizes, ScalarType dtype, const Device& device) {
+  return at::empty(sizes, at::TensorOptions().dtype(dtype).device(device));
 }
+inline Tensor to_dtype(const Tensor& t, ScalarType dtype) { return t.to(dtype); }
+inline Tensor as_contiguous(const Tensor& t) { return t.contiguous(); }
+inline void copy_into(Tensor& dst, const Tensor& src) { dst.copy_(src); }
+inline Tensor make_full(IntArrayRef sizes, double value, ScalarType dtype, const Device& device) {
+  return at::full(sizes, value, at::TensorOptions().dtype(dtype).device(device));
+}
+#else
 inline Tensor empty(IntArrayRef sizes, ScalarType dtype, const Device& device) {
   return torch::stable::empty(sizes, dtype, std::nullopt, device);
 }
@@ -103,8 +126,8 @@ inline Tensor to_dtype(const Tensor& t, ScalarType dtype) {
 }
 inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 inline void copy_into(Tensor& dst, const Tensor& src) { torch::stable::copy_(dst, src); }
-inline Tensor make_full(std::initializer_list<int64_t> sizes, double value, ScalarType dtype, const Device& device) {
-  return torch::stable::full(IntArrayRef(sizes), value, dtype, std::nullopt, device);
+inline Tensor make_full(IntArrayRef sizes, double value, ScalarType dtype, const Device& device) {
+  return torch::stable::full(sizes, value, dtype, std::nullopt, device);
 }
-
+#endif
 }  // namespace physmdn

