@@ -14,6 +14,7 @@
 #include <torch/headeronly/util/Half.h>
 #endif
 
+#include <array>
 #include <cstdint>
 #include <initializer_list>
 #include <optional>
@@ -117,6 +118,7 @@ inline void copy_into(Tensor& dst, const Tensor& src) { dst.copy_(src); }
 inline Tensor make_full(IntArrayRef sizes, double value, ScalarType dtype, const Device& device) {
   return at::full(sizes, value, at::TensorOptions().dtype(dtype).device(device));
 }
+inline void mul_in_place(Tensor& t, const Tensor& factor) { t.mul_(factor); }
 #else
 inline Tensor empty(IntArrayRef sizes, ScalarType dtype, const Device& device) {
   return torch::stable::empty(sizes, dtype, std::nullopt, device);
@@ -128,6 +130,13 @@ inline Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : to
 inline void copy_into(Tensor& dst, const Tensor& src) { torch::stable::copy_(dst, src); }
 inline Tensor make_full(IntArrayRef sizes, double value, ScalarType dtype, const Device& device) {
   return torch::stable::full(sizes, value, dtype, std::nullopt, device);
+}
+// t *= factor (torch's mul_, broadcasting), through the shim's dispatcher call
+inline void mul_in_place(Tensor& t, const Tensor& factor) {
+  std::array<StableIValue, 2> stack{torch::stable::detail::from(t), torch::stable::detail::from(factor)};
+  STD_TORCH_CHECK(torch_call_dispatcher("aten::mul_", "Tensor", stack.data(), TORCH_ABI_VERSION) == AOTI_TORCH_SUCCESS,
+                  "aten::mul_ failed");
+  (void)torch::stable::detail::to<Tensor>(stack[0]);
 }
 #endif
 }  // namespace physmdn

@@ -225,13 +225,28 @@ void cuda_scale_by_(std::vector<Tensor> tensors, const Tensor& upstream, double 
   // upstream as a double on the device (exact); scale_factor_kernel compares it with scale in upstream's dtype
   const auto u = to_dtype(upstream, kDouble);
   const double scale_in_upstream_dtype = rounded(scale, upstream.scalar_type());
-  // batches of up to kMaxScaleTensors tensors of one dtype, one launch each (blockIdx.y: the tensor)
+  // the factor for tensors of scalar_t on the device, a [1] tensor in the accumulation dtype
+  const auto factor_for = [&](ScalarType dtype) {
+    return PHYSMDN_DISPATCH_FLOATING(dtype, "physmdn_scale_by_", [&] {
+      using acc_t = acc_type<scalar_t>;
+      // (stream-ordered: freeing the factor after the launches that read it is safe)
+      auto f = empty({1}, scalar_type_of<acc_t>(), upstream.device());
+      PHYSMDN_LAUNCH(1, 1, 0, scale_factor_kernel<scalar_t, acc_t>)(u.const_data_ptr<double>(), scale_in_upstream_dtype,
+                                                                    scale, f.mutable_data_ptr<acc_t>());
+      PHYSMDN_LAUNCH_CHECK();
+      return f;
+    });
+  };
+  // batches of up to kMaxScaleTensors contiguous tensors of one dtype, one launch each (blockIdx.y: the tensor); other
+  // layouts are multiplied by torch (the same values)
   std::vector<Tensor> pending;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& t = tensors[i];
+  for (auto& t : tensors) {
     if (!t.defined() || t.numel() == 0) continue;
-    PHYSMDN_CHECK(t.is_contiguous(), "_scale_by_: tensors[", i, "] must be contiguous (a gradient of a physmdn op)");
-    pending.push_back(t);
+    if (t.is_contiguous()) {
+      pending.push_back(t);
+    } else {
+      mul_in_place(t, factor_for(t.scalar_type()));
+    }
   }
   const int sms = multiprocessor_count(upstream.device().index());
   while (!pending.empty()) {
@@ -250,13 +265,9 @@ void cuda_scale_by_(std::vector<Tensor> tensors, const Tensor& upstream, double 
         rest.push_back(t);
       }
     }
+    const auto f = factor_for(dtype);
     PHYSMDN_DISPATCH_FLOATING(dtype, "physmdn_scale_by_", [&] {
       using acc_t = acc_type<scalar_t>;
-      // (stream-ordered: freeing the factor after the launches is safe)
-      auto f = empty({1}, scalar_type_of<acc_t>(), upstream.device());
-      PHYSMDN_LAUNCH(1, 1, 0, scale_factor_kernel<scalar_t, acc_t>)(u.const_data_ptr<double>(), scale_in_upstream_dtype,
-                                                                    scale, f.mutable_data_ptr<acc_t>());
-      PHYSMDN_LAUNCH_CHECK();
       const int64_t blocks = std::min<int64_t>((most + 255) / 256, 8 * static_cast<int64_t>(sms));
       const dim3 grid(static_cast<unsigned int>(blocks), static_cast<unsigned int>(count));
       PHYSMDN_LAUNCH(grid, 256, 0, scale_by_kernel<scalar_t, acc_t>)(targets, f.const_data_ptr<acc_t>());

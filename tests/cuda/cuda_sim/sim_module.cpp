@@ -132,7 +132,7 @@ py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log
   cuda_sim::last_stats() = {};
   if (B > 0) {  // (the backend's launcher, with the grid and the kernel instance it picks)
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "cuda_sim_lanes", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = physmdn::acc_type<scalar_t>;
       with_grad_type<scalar_t>(grad ? &gm : nullptr, [&](auto grad_tag) {
         using grad_t = typename decltype(grad_tag)::type;
         const auto launch = [&](auto kgrad) {
@@ -186,7 +186,7 @@ py::tuple sample_nll_fwd(const Tensor& logits, const Tensor& means, const Tensor
   Stats stats;
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_sample_fwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = physmdn::acc_type<scalar_t>;
       const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
       const auto kernel = warp ? &warp_kernel<scalar_t, acc_t, false, false> : &sample_kernel<scalar_t, acc_t, false, false>;
       stats = cuda_sim::launch(warp ? dim3(warp_blocks_for(B)) : dim3(blocks_for(B)),
@@ -216,7 +216,7 @@ py::tuple sample_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const Te
   Stats stats;
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_sample_bwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = physmdn::acc_type<scalar_t>;
       const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
       const auto kernel = warp ? &warp_kernel<scalar_t, acc_t, false, true> : &sample_kernel<scalar_t, acc_t, false, true>;
       stats = cuda_sim::launch(warp ? dim3(warp_blocks_for(B)) : dim3(blocks_for(B)),
@@ -247,7 +247,7 @@ py::dict scale_by(std::vector<Tensor> tensors, const Tensor& factor, int64_t blo
   }
   Stats stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_scale_by", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = physmdn::acc_type<scalar_t>;
     const Tensor f = factor.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     stats = cuda_sim::launch(dim3(static_cast<unsigned int>(blocks), static_cast<unsigned int>(tensors.size())),
                              dim3(256), 0, scale_by_kernel<scalar_t, acc_t>, targets,
