@@ -103,7 +103,7 @@ def compile_flags(arch: str) -> list[str]:
         incs += ["-isystem", d]
     # with the opt-in lane-per-element schedule compiled in (PHYSMDN_CUDA_LANES=ON, as bench/gpu_check.sh builds), so
     # that every kernel the backend can launch is read
-    return ["-DPHYSMDN_WITH_CUDA=1", "-DPHYSMDN_WITH_CUDA_LANES=1", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "--expt-relaxed-constexpr",
+    return ["-DPHYSMDN_WITH_CUDA=1", "-DPHYSMDN_WITH_CUDA_LANES=1", "-DTORCH_TARGET_VERSION=0x020b000000000000", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "--expt-relaxed-constexpr",
             "--expt-extended-lambda", "-O3", "-DNDEBUG", "-std=c++20", "-Xcompiler=-fPIC", *incs]
 
 

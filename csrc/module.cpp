@@ -1,5 +1,4 @@
 // The Python module physmdn._C: build facts and CPU kernel selection. Loading it registers the ops.
-#include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -25,7 +24,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     pybind11::dict info;
     info["version"] = PHYSMDN_VERSION;
-    info["torch_version"] = PHYSMDN_TORCH_VERSION;
+    info["torch_version"] = PHYSMDN_TORCH_VERSION;  // the torch whose headers it was built with
+    info["torch_minimum"] = PHYSMDN_TORCH_MINIMUM;  // the oldest torch it loads under (the stable ABI target)
 #ifdef PHYSMDN_WITH_CUDA
     info["cuda_kernels"] = true;
     info["cuda_version"] = PHYSMDN_CUDA_VERSION;
@@ -70,7 +70,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_lanes_schedule", &physmdn::cuda_lanes_schedule,
         "Whether the CUDA mixture NLL takes its lane-per-element schedule (see set_cuda_lanes_schedule; the "
         "environment variable PHYSMDN_CUDA_LANES=1 turns it on at import).");
-  m.def("get_num_threads", [] { return at::get_num_threads(); });
+  m.def("get_num_threads", [] { return static_cast<int>(torch::stable::get_num_threads()); });
   m.def("cpu_pool_stats", [] {
     const auto s = physmdn::cpu::pool_stats();
     pybind11::dict d;

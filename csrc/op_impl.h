@@ -1,7 +1,6 @@
 // Device-independent op bodies: checks, output allocation, dtype handling. Each device supplies a Backend
 // with the kernel launchers (cpu: csrc/ops.cpp, cuda: csrc/cuda/backend.cuh).
 #pragma once
-#include <ATen/ATen.h>
 
 #include <atomic>
 #include <tuple>
@@ -10,23 +9,35 @@
 
 namespace physmdn {
 
+using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Tensors7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// What an output is allocated as: a dtype on a device (Backend::empty(sizes, spec)).
+struct Spec {
+  ScalarType dtype;
+  Device device;
+  Spec with(ScalarType d) const { return {d, device}; }
+};
+inline Spec spec_of(const Tensor& t) { return {t.scalar_type(), t.device()}; }
+
 // Whether the CUDA mixture NLL takes its lane-per-element schedule where it applies (csrc/cuda/backend.cuh;
 // physmdn._C.set_cuda_lanes_schedule; off by default, compiled only with PHYSMDN_CUDA_LANES). Defined in
 // csrc/ops.cpp.
 std::atomic<bool>& cuda_lanes_schedule_enabled();
 
-inline void check_saved(const at::Tensor& saved, const at::Tensor& means, int64_t per_sample, const char* producer) {
+inline void check_saved(const Tensor& saved, const Tensor& means, int64_t per_sample, const char* producer) {
   const auto acc = acc_dtype(means.scalar_type());
-  TORCH_CHECK(saved.dim() == 2 && saved.size(0) == means.size(0) && saved.size(1) == per_sample &&
+  PHYSMDN_CHECK(saved.dim() == 2 && saved.size(0) == means.size(0) && saved.size(1) == per_sample &&
                   saved.scalar_type() == acc && saved.is_contiguous() && saved.device() == means.device(),
               "saved must be the contiguous [B, ", per_sample, "] ", acc, " tensor from ", producer, ", got ",
-              saved.sizes(), " ", saved.scalar_type());
+              shape(saved), " ", saved.scalar_type());
 }
 
-inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& means) {
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == means.size(0), "grad_loss must be [B] = [", means.size(0),
-              "], got ", grad_loss.sizes());
-  TORCH_CHECK(grad_loss.scalar_type() == means.scalar_type() && grad_loss.device() == means.device(),
+inline void check_grad_loss(const Tensor& grad_loss, const Tensor& means) {
+  PHYSMDN_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == means.size(0), "grad_loss must be [B] = [", means.size(0),
+              "], got ", shape(grad_loss));
+  PHYSMDN_CHECK(grad_loss.scalar_type() == means.scalar_type() && grad_loss.device() == means.device(),
               "grad_loss must have the dtype and device of means, got ", grad_loss.scalar_type(), " on ",
               grad_loss.device());
 }
@@ -35,84 +46,84 @@ inline void check_grad_loss(const at::Tensor& grad_loss, const at::Tensor& means
 // kernel for these inputs writes reduced dtypes directly (Backend::loss_grads_in_input_dtype: no float32 [B, K, D]
 // copy is made), else the accumulation dtype (converted on return).
 template <typename Backend>
-at::TensorOptions loss_grad_options(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                                    const at::Tensor& target) {
+ScalarType loss_grad_dtype(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                                    const Tensor& target) {
   const bool direct = Backend::loss_grads_in_input_dtype(logits, means, log_scales, target);
-  return means.options().dtype(direct ? means.scalar_type() : acc_dtype(means.scalar_type()));
+  return direct ? means.scalar_type() : acc_dtype(means.scalar_type());
 }
 
 // The mixture NLL's gradient outputs: in the input dtype where the backend's kernel for these inputs writes it
 // directly (Backend::mixture_grads_in_input_dtype: CPU forward with gradients, the CUDA lane-per-element kernel),
 // else in the accumulation dtype (converted on return).
 template <typename Backend>
-at::TensorOptions mixture_grad_options(bool backward, const at::Tensor& logits, const at::Tensor& means,
-                                       const at::Tensor& log_scales, const at::Tensor& target) {
+ScalarType mixture_grad_dtype(bool backward, const Tensor& logits, const Tensor& means,
+                                       const Tensor& log_scales, const Tensor& target) {
   const bool direct = Backend::mixture_grads_in_input_dtype(backward, logits, means, log_scales, target);
-  return means.options().dtype(direct ? means.scalar_type() : acc_dtype(means.scalar_type()));
+  return direct ? means.scalar_type() : acc_dtype(means.scalar_type());
 }
 
 // With compute_grad the forward also returns the gradients for an upstream gradient of grad_scale per sample
 // (the backward then only rescales them by grad_loss / grad_scale, or not at all when they are equal: mean or
 // sum reductions); without, the four gradient outputs are empty.
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_impl(
-    const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
+Tensors6 mixture_nll_fwd_impl(
+    const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
     bool compute_grad, double grad_scale) {
   check_mixture_inputs(logits, means, log_scales, target);
   Backend::check_device(means);
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  auto loss = Backend::empty({B}, means.options());
-  const auto acc_opts = means.options().dtype(acc_dtype(means.scalar_type()));
+  auto loss = Backend::empty({B}, spec_of(means));
+  const auto acc_opts = spec_of(means).with(acc_dtype(means.scalar_type()));
   auto saved = Backend::empty({B, math::kSavedPerSample}, acc_opts);
   if (!compute_grad) {
-    const auto none = [&] { return Backend::empty({0}, means.options()); };  // distinct tensors: outputs must not alias
+    const auto none = [&] { return Backend::empty({0}, spec_of(means)); };  // distinct tensors: outputs must not alias
     if (B > 0) Backend::mixture_nll_forward(logits, means, log_scales, target, loss, saved);
     return {loss, saved, none(), none(), none(), none()};
   }
-  const auto gopts = mixture_grad_options<Backend>(false, logits, means, log_scales, target);
+  const auto gopts = spec_of(means).with(mixture_grad_dtype<Backend>(false, logits, means, log_scales, target));
   auto gl = Backend::empty({B, K}, gopts), gm = Backend::empty({B, K, D}, gopts), gs = Backend::empty({B, K, D}, gopts),
        gt = Backend::empty({B, D}, gopts);
   if (B > 0 && !Backend::mixture_nll_forward_grad(logits, means, log_scales, target, loss, saved, gl, gm, gs, gt,
                                                   grad_scale)) {
     Backend::mixture_nll_forward(logits, means, log_scales, target, loss, saved);
-    const auto g = at::full({1}, grad_scale, means.options()).expand({B});
-    if (gopts.dtype() == acc_opts.dtype()) {
+    const auto g = make_full({B}, grad_scale, means.scalar_type(), means.device());
+    if (gopts.dtype == acc_opts.dtype) {
       Backend::mixture_nll_backward(g, logits, means, log_scales, target, saved, gl, gm, gs, gt);
     } else {  // this backward writes the accumulation dtype only
       auto gl32 = Backend::empty({B, K}, acc_opts), gm32 = Backend::empty({B, K, D}, acc_opts);
       auto gs32 = Backend::empty({B, K, D}, acc_opts), gt32 = Backend::empty({B, D}, acc_opts);
       Backend::mixture_nll_backward(g, logits, means, log_scales, target, saved, gl32, gm32, gs32, gt32);
-      gl.copy_(gl32), gm.copy_(gm32), gs.copy_(gs32), gt.copy_(gt32);
+      copy_into(gl, gl32), copy_into(gm, gm32), copy_into(gs, gs32), copy_into(gt, gt32);
     }
   }
   const auto dt = means.scalar_type();
-  return {loss, saved, gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt)};
+  return {loss, saved, to_dtype(gl, dt), to_dtype(gm, dt), to_dtype(gs, dt), to_dtype(gt, dt)};
 }
 
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mixture_nll_bwd_impl(
-    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-    const at::Tensor& target, const at::Tensor& saved) {
+Tensors4 mixture_nll_bwd_impl(
+    const Tensor& grad_loss, const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+    const Tensor& target, const Tensor& saved) {
   check_mixture_inputs(logits, means, log_scales, target);
   Backend::check_device(means);
   check_grad_loss(grad_loss, means);
   check_saved(saved, means, math::kSavedPerSample, "mixture_nll_fwd");
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  auto opts = mixture_grad_options<Backend>(true, logits, means, log_scales, target);
+  auto opts = spec_of(means).with(mixture_grad_dtype<Backend>(true, logits, means, log_scales, target));
   auto gl = Backend::empty({B, K}, opts), gm = Backend::empty({B, K, D}, opts), gs = Backend::empty({B, K, D}, opts),
        gt = Backend::empty({B, D}, opts);
   if (B > 0) Backend::mixture_nll_backward(grad_loss, logits, means, log_scales, target, saved, gl, gm, gs, gt);
   const auto dt = means.scalar_type();
-  return {gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt)};
+  return {to_dtype(gl, dt), to_dtype(gm, dt), to_dtype(gs, dt), to_dtype(gt, dt)};
 }
 
 // As mixture_nll_fwd: with compute_grad the forward also returns the gradients with respect to logits, means,
 // log_scales, target and extra (when given) for an upstream gradient of grad_scale per sample; the parameters'
 // gradients (p0, p1) always come from mdn_loss_bwd.
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdn_loss_fwd_impl(
-    const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
-    const at::Tensor& p0, const at::Tensor& p1, const c10::optional<at::Tensor>& extra, int64_t family, int64_t moment,
+Tensors7 mdn_loss_fwd_impl(
+    const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
+    const Tensor& p0, const Tensor& p1, const OptionalTensor& extra, int64_t family, int64_t moment,
     bool couple_weights, double weight, double spacing, int64_t boundary, double noise_scale, bool compute_grad,
     double grad_scale) {
   check_mixture_inputs(logits, means, log_scales, target);
@@ -120,25 +131,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const PhysicsArgs args{family, moment, couple_weights, weight, spacing, boundary, noise_scale};
   const auto [order, rows] = check_physics_args(means, p0, p1, extra, args);
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  auto loss = Backend::empty({B}, means.options());
-  const auto acc_opts = means.options().dtype(acc_dtype(means.scalar_type()));
+  auto loss = Backend::empty({B}, spec_of(means));
+  const auto acc_opts = spec_of(means).with(acc_dtype(means.scalar_type()));
   auto saved = Backend::empty({B, math::kSavedPerSampleLoss}, acc_opts);
   if (!compute_grad) {
-    const auto none = [&] { return Backend::empty({0}, means.options()); };  // distinct: outputs must not alias
+    const auto none = [&] { return Backend::empty({0}, spec_of(means)); };  // distinct: outputs must not alias
     if (B > 0)
       Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
     return {loss, saved, none(), none(), none(), none(), none()};
   }
-  const auto gopts = loss_grad_options<Backend>(logits, means, log_scales, target);
+  const auto gopts = spec_of(means).with(loss_grad_dtype<Backend>(logits, means, log_scales, target));
   auto gl = Backend::empty({B, K}, gopts), gm = Backend::empty({B, K, D}, gopts);
   auto gs = Backend::empty({B, K, D}, gopts), gt = Backend::empty({B, D}, gopts);
   auto ge = extra.has_value() ? Backend::empty({B, K}, gopts) : Backend::empty({0}, gopts);
   if (B > 0 && !Backend::mdn_loss_forward_grad(logits, means, log_scales, target, p0, p1, extra, args, order, rows,
                                                loss, saved, gl, gm, gs, gt, ge, grad_scale)) {
     Backend::mdn_loss_forward(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
-    const auto g = at::full({1}, grad_scale, means.options()).expand({B});
+    const auto g = make_full({B}, grad_scale, means.scalar_type(), means.device());
     auto no_gp0 = Backend::empty({0}, acc_opts), no_gp1 = Backend::empty({0}, acc_opts);
-    if (gopts.dtype() == acc_opts.dtype()) {
+    if (gopts.dtype == acc_opts.dtype) {
       Backend::mdn_loss_backward(g, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved, gl,
                                  gm, gs, gt, no_gp0, no_gp1, ge);
     } else {  // this backward writes the accumulation dtype only
@@ -147,19 +158,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       auto ge32 = extra.has_value() ? Backend::empty({B, K}, acc_opts) : Backend::empty({0}, acc_opts);
       Backend::mdn_loss_backward(g, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved, gl32,
                                  gm32, gs32, gt32, no_gp0, no_gp1, ge32);
-      gl.copy_(gl32), gm.copy_(gm32), gs.copy_(gs32), gt.copy_(gt32), ge.copy_(ge32);
+      copy_into(gl, gl32), copy_into(gm, gm32), copy_into(gs, gs32), copy_into(gt, gt32), copy_into(ge, ge32);
     }
   }
   const auto dt = means.scalar_type();
-  return {loss, saved, gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt), ge.to(dt)};
+  return {loss, saved, to_dtype(gl, dt), to_dtype(gm, dt), to_dtype(gs, dt), to_dtype(gt, dt), to_dtype(ge, dt)};
 }
 
 template <typename Backend>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mdn_loss_bwd_impl(
-    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-    const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1, const c10::optional<at::Tensor>& extra,
+Tensors7 mdn_loss_bwd_impl(
+    const Tensor& grad_loss, const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+    const Tensor& target, const Tensor& p0, const Tensor& p1, const OptionalTensor& extra,
     int64_t family, int64_t moment, bool couple_weights, double weight, double spacing, int64_t boundary,
-    double noise_scale, const at::Tensor& saved, bool p0_grad, bool p1_grad) {
+    double noise_scale, const Tensor& saved, bool p0_grad, bool p1_grad) {
   check_mixture_inputs(logits, means, log_scales, target);
   Backend::check_device(means);
   check_grad_loss(grad_loss, means);
@@ -167,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const PhysicsArgs args{family, moment, couple_weights, weight, spacing, boundary, noise_scale};
   const auto [order, rows] = check_physics_args(means, p0, p1, extra, args);
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  auto opts = means.options().dtype(acc_dtype(means.scalar_type()));
+  auto opts = spec_of(means).with(acc_dtype(means.scalar_type()));
   auto gl = Backend::empty({B, K}, opts), gm = Backend::empty({B, K, D}, opts), gs = Backend::empty({B, K, D}, opts),
        gt = Backend::empty({B, D}, opts);
   const bool has_family = family != math::kFamilyNone;
@@ -179,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     Backend::mdn_loss_backward(grad_loss, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved, gl,
                                gm, gs, gt, gp0, gp1, ge);
   const auto dt = means.scalar_type();
-  return {gl.to(dt), gm.to(dt), gs.to(dt), gt.to(dt), gp0.to(dt), gp1.to(dt), ge.to(dt)};
+  return {to_dtype(gl, dt), to_dtype(gm, dt), to_dtype(gs, dt), to_dtype(gt, dt), to_dtype(gp0, dt), to_dtype(gp1, dt), to_dtype(ge, dt)};
 }
 
 #define PHYSMDN_OP_SCHEMAS(m)                                                                                          \
@@ -200,9 +211,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         "Tensor grad_log_scales, Tensor grad_target, Tensor grad_p0, Tensor grad_p1, Tensor grad_extra)")
 
 #define PHYSMDN_OP_IMPLS(m, Backend)                                \
-  m.impl("mixture_nll_fwd", &mixture_nll_fwd_impl<Backend>);        \
-  m.impl("mixture_nll_bwd", &mixture_nll_bwd_impl<Backend>);        \
-  m.impl("mdn_loss_fwd", &mdn_loss_fwd_impl<Backend>);              \
-  m.impl("mdn_loss_bwd", &mdn_loss_bwd_impl<Backend>)
+  m.impl("mixture_nll_fwd", TORCH_BOX(&mixture_nll_fwd_impl<Backend>));        \
+  m.impl("mixture_nll_bwd", TORCH_BOX(&mixture_nll_bwd_impl<Backend>));        \
+  m.impl("mdn_loss_fwd", TORCH_BOX(&mdn_loss_fwd_impl<Backend>));              \
+  m.impl("mdn_loss_bwd", TORCH_BOX(&mdn_loss_bwd_impl<Backend>))
 
 }  // namespace physmdn

@@ -1,14 +1,13 @@
 // Schemas of every physmdn op and their CPU implementations. CUDA implementations: csrc/cuda/backend.cuh (registered in csrc/cuda/kernels.cu).
 // Autograd and fake (meta) implementations are attached in Python (python/physmdn/_ops.py).
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu/buffer_pool.h"
 #include "cpu/kernels.h"
@@ -65,10 +64,10 @@ std::string set_cpu_isa(const std::string& isa) {
   if (isa == "default") {
     cpu_isa_state().store(0);
   } else if (isa == "avx2") {
-    TORCH_CHECK(cpu_has_avx2(), "set_cpu_isa: this CPU (or this build) has no AVX2+FMA kernels");
+    PHYSMDN_CHECK(cpu_has_avx2(), "set_cpu_isa: this CPU (or this build) has no AVX2+FMA kernels");
     cpu_isa_state().store(1);
   } else {
-    TORCH_CHECK(false, "set_cpu_isa: isa must be 'default' or 'avx2', got '", isa, "'");
+    fail("set_cpu_isa: isa must be 'default' or 'avx2', got '", isa, "'");
   }
   return previous;
 }
@@ -84,35 +83,67 @@ std::string set_cpu_isa(const std::string& isa) {
 
 // The CPU kernels' vector exp and log (selected ISA) on a contiguous float32 tensor: (exp(x), log(x)). variant 1:
 // the kernels' e^-x routine (exp = exp(-x)); 2: their e^x routine for arguments <= 0 (or NaN; x must be).
-std::tuple<at::Tensor, at::Tensor> cpu_vector_exp_log(const at::Tensor& x, int64_t variant) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "x must be a float32 CPU tensor, got ",
-              x.scalar_type(), " on ", x.device());
-  TORCH_CHECK(variant >= 0 && variant <= 2, "variant must be 0, 1 or 2, got ", variant);
-  const auto xc = x.contiguous();
-  auto e = at::empty_like(xc), l = at::empty_like(xc);
+std::tuple<Tensor, Tensor> cpu_vector_exp_log(const Tensor& x, int64_t variant) {
+  PHYSMDN_CHECK(x.is_cpu() && x.scalar_type() == kFloat, "x must be a float32 CPU tensor, got ", x.scalar_type(), " on ",
+                x.device());
+  PHYSMDN_CHECK(variant >= 0 && variant <= 2, "variant must be 0, 1 or 2, got ", variant);
+  const auto xc = as_contiguous(x);
+  auto e = empty(xc.sizes(), kFloat, xc.device()), l = empty(xc.sizes(), kFloat, xc.device());
   PHYSMDN_CPU_CALL(vector_exp_log, xc, variant, e, l);
   return {e, l};
 }
 
-// The eager backward's in-place rescaling of the forward's gradients (csrc/autograd.cpp, python/physmdn/_ops.py):
-// tensors, gradients computed for an upstream gradient of scale per sample, become those for upstream (one value
-// for every sample): multiplied in place by upstream / scale (upstream.to(dtype) / scale in each tensor's dtype, as
-// torch computes it), untouched when upstream equals scale (in upstream's dtype, or exactly). On CUDA the
-// comparison runs on the device, inside the kernel (csrc/cuda/backend.cuh): no synchronization, and for the usual
-// unit upstream gradient of loss.sum() / the op's own mean no pass over the [B, K, D] gradients at all.
-void scale_by_on_host(at::TensorList tensors, const at::Tensor& upstream, double scale) {
-  const auto u = upstream.reshape({});
-  const double v = u.item<double>();
-  if (v == scale || v == rounded(scale, u.scalar_type())) return;
-  for (const auto& t : tensors) {
-    if (!t.defined() || !t.numel()) continue;
-    auto g = u.to(t.scalar_type());
-    if (scale != 1.0) g = g / scale;
-    const_cast<at::Tensor&>(t).mul_(g);
+namespace {
+double value_of(const Tensor& t) {  // one element of a CPU tensor, as double
+  const void* p = t.const_data_ptr();
+  switch (t.scalar_type()) {
+    case kDouble: return *static_cast<const double*>(p);
+    case kFloat: return *static_cast<const float*>(p);
+    case kBFloat16: return static_cast<float>(*static_cast<const BFloat16*>(p));
+    case kHalf: return static_cast<float>(*static_cast<const Half*>(p));
+    default: fail("_scale_by_: upstream must be a floating-point tensor, got ", t.scalar_type());
   }
 }
 
-void cpu_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double scale) {
+// t *= factor elementwise in t's dtype (the product rounded to it, as torch's mul_), any strides.
+template <typename T>
+void multiply_in_place(Tensor& t, T factor) {
+  T* base = t.mutable_data_ptr<T>();
+  const int64_t dims = t.dim(), n = t.numel();
+  std::vector<int64_t> index(dims, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t offset = 0;
+    for (int64_t d = 0; d < dims; ++d) offset += index[d] * t.stride(d);
+    base[offset] = static_cast<T>(static_cast<acc_type<T>>(base[offset]) * static_cast<acc_type<T>>(factor));
+    for (int64_t d = dims - 1; d >= 0; --d) {
+      if (++index[d] < t.size(d)) break;
+      index[d] = 0;
+    }
+  }
+}
+}  // namespace
+
+// The eager backward's in-place rescaling of the forward's gradients (python/physmdn/_ops.py): tensors, gradients
+// computed for an upstream gradient of scale per sample, become those for upstream (one value for every sample):
+// multiplied in place by upstream / scale (upstream converted to each tensor's dtype, divided by scale in it, as torch
+// computes upstream.to(dtype) / scale), untouched when upstream equals scale (in upstream's dtype, or exactly). On
+// CUDA the comparison runs on the device, inside the kernel (csrc/cuda/backend.cuh): no synchronization, and for the
+// usual unit upstream gradient of loss.sum() / the op's own mean no pass over the [B, K, D] gradients at all.
+void scale_by_on_host(const std::vector<Tensor>& tensors, const Tensor& upstream, double scale) {
+  const double v = value_of(upstream);
+  if (v == scale || v == rounded(scale, upstream.scalar_type())) return;
+  for (Tensor t : tensors) {
+    if (!t.defined() || !t.numel()) continue;
+    PHYSMDN_DISPATCH_FLOATING(t.scalar_type(), "_scale_by_", [&] {
+      using acc_t = acc_type<scalar_t>;
+      const auto in_dtype = static_cast<acc_t>(static_cast<scalar_t>(v));
+      const auto factor = static_cast<scalar_t>(scale != 1.0 ? in_dtype / static_cast<acc_t>(scale) : in_dtype);
+      multiply_in_place<scalar_t>(t, factor);
+    });
+  }
+}
+
+void cpu_scale_by_(std::vector<Tensor> tensors, const Tensor& upstream, double scale) {
   check_scale_by_args(tensors, upstream);
   scale_by_on_host(tensors, upstream, scale);
 }
@@ -120,20 +151,20 @@ void cpu_scale_by_(at::TensorList tensors, const at::Tensor& upstream, double sc
 // ----- CPU backend ---------------------------------------------------------------------------------
 struct CpuBackend {
   // outputs come from the buffer pool (csrc/cpu/buffer_pool.h): no page faults for a loop's recurring sizes
-  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& opts) { return cpu::pooled_empty(sizes, opts); }
+  static Tensor empty(IntArrayRef sizes, const Spec& spec) { return cpu::pooled_empty(sizes, spec.dtype); }
   // forward-with-gradients writes bfloat16 / float16 gradients directly (cpu/mixture_nll.cpp)
   static constexpr bool kForwardGradInInputDtype = true;
   // the fused loss: the forward with gradients as above
-  static bool loss_grads_in_input_dtype(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  static bool loss_grads_in_input_dtype(const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
     return kForwardGradInInputDtype;
   }
   // the mixture NLL: the forward with gradients as above, the backward op float32
-  static bool mixture_grads_in_input_dtype(bool backward, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&) {
+  static bool mixture_grads_in_input_dtype(bool backward, const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&) {
     return !backward && kForwardGradInInputDtype;
   }
-  static void check_device(const at::Tensor& means) {
-    TORCH_CHECK(means.device().is_cpu(), "means must be a CPU tensor for the CPU kernel, got ", means.device());
+  static void check_device(const Tensor& means) {
+    PHYSMDN_CHECK(means.is_cpu(), "means must be a CPU tensor for the CPU kernel, got ", means.device());
   }
   template <typename... Args>
   static void mixture_nll_forward(Args&&... args) { PHYSMDN_CPU_CALL(mixture_nll_forward, args...); }
@@ -155,7 +186,7 @@ struct CpuBackend {
   }
 };
 
-TORCH_LIBRARY(physmdn, m) {
+STABLE_TORCH_LIBRARY(physmdn, m) {
   PHYSMDN_OP_SCHEMAS(m);
   // tests only: the CPU kernels' vector exp / log (selected ISA) on a float32 tensor
   m.def("_vector_exp_log(Tensor x, int variant=0) -> (Tensor exp, Tensor log)");
@@ -163,10 +194,10 @@ TORCH_LIBRARY(physmdn, m) {
   m.def("_scale_by_(Tensor(a!)[] tensors, Tensor upstream, float scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(physmdn, CPU, m) {
+STABLE_TORCH_LIBRARY_IMPL(physmdn, CPU, m) {
   PHYSMDN_OP_IMPLS(m, CpuBackend);
-  m.impl("_vector_exp_log", &cpu_vector_exp_log);
-  m.impl("_scale_by_", &cpu_scale_by_);
+  m.impl("_vector_exp_log", TORCH_BOX(&cpu_vector_exp_log));
+  m.impl("_scale_by_", TORCH_BOX(&cpu_scale_by_));
 }
 
 }  // namespace physmdn

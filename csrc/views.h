@@ -1,31 +1,30 @@
 // Host-side glue shared by the CPU and CUDA drivers: tensor -> strided views, and the checks of the fused
 // loss's physics arguments.
 #pragma once
-#include <ATen/core/Tensor.h>
-#include <c10/util/Exception.h>
+#include "tensor.h"
 
 #include "checks.h"
 #include "physics_math.h"
 
 namespace physmdn {
 
-inline at::ScalarType acc_dtype(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+inline ScalarType acc_dtype(ScalarType t) {
+  return (t == kHalf || t == kBFloat16) ? kFloat : t;
 }
 
 // value rounded to dtype (what a kernel computing in dtype used, or what a loss of that dtype holds)
-inline double rounded(double value, at::ScalarType dtype) {
+inline double rounded(double value, ScalarType dtype) {
   switch (dtype) {
-    case at::kFloat: return static_cast<double>(static_cast<float>(value));
-    case at::kBFloat16: return static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(value))));
-    case at::kHalf: return static_cast<double>(static_cast<float>(c10::Half(static_cast<float>(value))));
+    case kFloat: return static_cast<double>(static_cast<float>(value));
+    case kBFloat16: return static_cast<double>(static_cast<float>(BFloat16(static_cast<float>(value))));
+    case kHalf: return static_cast<double>(static_cast<float>(Half(static_cast<float>(value))));
     default: return value;
   }
 }
 
 template <typename scalar_t>
-math::MixtureView<scalar_t> make_mixture_view(const at::Tensor& logits, const at::Tensor& means,
-                                              const at::Tensor& log_scales, const at::Tensor& target) {
+math::MixtureView<scalar_t> make_mixture_view(const Tensor& logits, const Tensor& means,
+                                              const Tensor& log_scales, const Tensor& target) {
   math::MixtureView<scalar_t> v;
   v.logits = logits.const_data_ptr<scalar_t>();
   v.means = means.const_data_ptr<scalar_t>();
@@ -56,30 +55,30 @@ struct PhysicsArgs {
   double noise_scale;
 };
 
-inline void check_param(const at::Tensor& t, const char* name, const at::Tensor& means, std::initializer_list<int64_t> want,
+inline void check_param(const Tensor& t, const char* name, const Tensor& means, std::initializer_list<int64_t> want,
                         const char* layout) {
-  TORCH_CHECK(t.dim() == static_cast<int64_t>(want.size()), name, " must be ", layout, ", got shape ", t.sizes());
+  PHYSMDN_CHECK(t.dim() == static_cast<int64_t>(want.size()), name, " must be ", layout, ", got shape ", shape(t));
   int64_t i = 0;
   for (auto w : want) {
-    TORCH_CHECK(w < 0 || t.size(i) == w, name, " must be ", layout, " expanded to the batch, got shape ", t.sizes());
+    PHYSMDN_CHECK(w < 0 || t.size(i) == w, name, " must be ", layout, " expanded to the batch, got shape ", shape(t));
     ++i;
   }
-  TORCH_CHECK(t.scalar_type() == means.scalar_type(), name, " must have the dtype of means (", means.scalar_type(),
+  PHYSMDN_CHECK(t.scalar_type() == means.scalar_type(), name, " must have the dtype of means (", means.scalar_type(),
               "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == means.device(), name, " must be on the device of means (", means.device(), "), got ",
+  PHYSMDN_CHECK(t.device() == means.device(), name, " must be on the device of means (", means.device(), "), got ",
               t.device());
 }
 
 // The polynomial order J of a coefficient axis of `count` = J + 1 entries, checked as 64-bit before the narrowing.
 inline int checked_order(int64_t count, const char* name) {
-  TORCH_CHECK(count >= 1 && count <= math::kMaxOrder + 1, name, " must hold J+1 coefficients with 0 <= J <= ",
+  PHYSMDN_CHECK(count >= 1 && count <= math::kMaxOrder + 1, name, " must hold J+1 coefficients with 0 <= J <= ",
               math::kMaxOrder, ", got ", count, " coefficients");
   return static_cast<int>(count - 1);
 }
 
 // Validates p0 / p1 / extra for the family; returns (order J, rows M).
-inline std::pair<int, int64_t> check_physics_args(const at::Tensor& means, const at::Tensor& p0, const at::Tensor& p1,
-                                                  const c10::optional<at::Tensor>& extra, const PhysicsArgs& a) {
+inline std::pair<int, int64_t> check_physics_args(const Tensor& means, const Tensor& p0, const Tensor& p1,
+                                                  const OptionalTensor& extra, const PhysicsArgs& a) {
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
   int order = 0;
   int64_t rows = 0;
@@ -99,22 +98,22 @@ inline std::pair<int, int64_t> check_physics_args(const at::Tensor& means, const
       check_param(p0, "diffusion", means, {B, K}, "[B, K]");
       check_param(p1, "reaction", means, {B, K, -1}, "[B, K, J+1]");
       order = checked_order(p1.size(2), "reaction");
-      TORCH_CHECK(a.spacing > 0.0, "spacing must be > 0, got ", a.spacing);
-      TORCH_CHECK(a.boundary == math::kPeriodic || a.boundary == math::kNeumann,
+      PHYSMDN_CHECK(a.spacing > 0.0, "spacing must be > 0, got ", a.spacing);
+      PHYSMDN_CHECK(a.boundary == math::kPeriodic || a.boundary == math::kNeumann,
                   "boundary must be 0 (periodic) or 1 (neumann), got ", a.boundary);
       break;
     default:
-      TORCH_CHECK(false, "family must be -1 (none), 0 (polynomial), 1 (linear) or 2 (stencil), got ", a.family);
+      PHYSMDN_CHECK(false, "family must be -1 (none), 0 (polynomial), 1 (linear) or 2 (stencil), got ", a.family);
   }
-  TORCH_CHECK(a.moment == math::kPoint || a.moment == math::kFirst || a.moment == math::kSecond,
+  PHYSMDN_CHECK(a.moment == math::kPoint || a.moment == math::kFirst || a.moment == math::kSecond,
               "moment must be 0 (point), 1 (first) or 2 (second), got ", a.moment);
-  TORCH_CHECK(a.noise_scale >= 0.0, "noise_scale must be >= 0, got ", a.noise_scale);
+  PHYSMDN_CHECK(a.noise_scale >= 0.0, "noise_scale must be >= 0, got ", a.noise_scale);
   if (extra.has_value()) check_param(*extra, "extra", means, {B, K}, "[B, K]");
   return {order, rows};
 }
 
 template <typename scalar_t>
-math::Strided4<scalar_t> make_strided(const at::Tensor& t) {
+math::Strided4<scalar_t> make_strided(const Tensor& t) {
   math::Strided4<scalar_t> s;
   if (!t.defined() || t.numel() == 0) return s;
   s.data = t.const_data_ptr<scalar_t>();
@@ -124,8 +123,8 @@ math::Strided4<scalar_t> make_strided(const at::Tensor& t) {
 }
 
 template <typename scalar_t>
-math::PhysicsView<scalar_t> make_physics_view(const at::Tensor& p0, const at::Tensor& p1,
-                                              const c10::optional<at::Tensor>& extra, const PhysicsArgs& a, int order,
+math::PhysicsView<scalar_t> make_physics_view(const Tensor& p0, const Tensor& p1,
+                                              const OptionalTensor& extra, const PhysicsArgs& a, int order,
                                               int64_t rows) {
   math::PhysicsView<scalar_t> p;
   p.family = static_cast<int>(a.family);

@@ -4,8 +4,7 @@
 // log-sum-exp over K scalar. bfloat16 / float16 are converted per block and accumulate in float32; float64 runs in
 // float64. The math is mixture_math.h's; the tests run every path against the reference.
 #pragma once
-#include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/vec.h>
+#include "cpu/vec.h"
 
 #include <cmath>
 #include <cstdint>
@@ -41,7 +40,7 @@ void fill_target_block(const T* y, int64_t nb, int64_t K, int64_t D_, T* ybuf) {
 template <bool kGrad, typename T>
 void gaussian_terms(const T* mu, const T* ls, const T* yb, int64_t n, T* q, std::type_identity_t<T>* zs,
                     std::type_identity_t<T>* z2m1) {
-  using V = at::vec::Vectorized<T>;
+  using V = Vec<T>;
   int64_t e = 0;
   const V half(T(-0.5)), one(T(1));
   for (; e + V::size() <= n; e += V::size()) {
@@ -49,7 +48,7 @@ void gaussian_terms(const T* mu, const T* ls, const T* yb, int64_t n, T* q, std:
     const V inv = l.neg().exp();
     const V z = (V::loadu(yb + e) - V::loadu(mu + e)) * inv;
     const V zz = z * z;
-    at::vec::fmadd(half, zz, l.neg()).store(q + e);
+    fmadd(half, zz, l.neg()).store(q + e);
     if constexpr (kGrad) {
       (z * inv).store(zs + e);
       (zz - one).store(z2m1 + e);
@@ -69,14 +68,14 @@ void gaussian_terms(const T* mu, const T* ls, const T* yb, int64_t n, T* q, std:
 // out = exp(in) / log(in), elementwise, vectorized.
 template <typename T>
 void vec_exp(const T* in, T* out, int64_t n) {
-  using V = at::vec::Vectorized<T>;
+  using V = Vec<T>;
   int64_t e = 0;
   for (; e + V::size() <= n; e += V::size()) V::loadu(in + e).exp().store(out + e);
   for (; e < n; ++e) out[e] = std::exp(in[e]);
 }
 template <typename T>
 void vec_log(const T* in, T* out, int64_t n) {
-  using V = at::vec::Vectorized<T>;
+  using V = Vec<T>;
   int64_t e = 0;
   for (; e + V::size() <= n; e += V::size()) V::loadu(in + e).log().store(out + e);
   for (; e < n; ++e) out[e] = std::log(in[e]);

@@ -1,12 +1,8 @@
 #include "cpu/buffer_pool.h"
 
-#include <ATen/ATen.h>
-#include <ATen/EmptyTensor.h>
-#include <c10/core/Allocator.h>
-#include <c10/core/CPUAllocator.h>
-#include <c10/util/Exception.h>
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -29,7 +25,7 @@ int64_t limit_from_env() {
   if (!env || !*env) return int64_t(256) << 20;
   char* end = nullptr;
   const double mb = std::strtod(env, &end);
-  TORCH_CHECK(end && end != env && *end == '\0' && std::isfinite(mb) && mb >= 0 && mb <= static_cast<double>(kMaxLimitMb),
+  PHYSMDN_CHECK(end && end != env && *end == '\0' && std::isfinite(mb) && mb >= 0 && mb <= static_cast<double>(kMaxLimitMb),
               "PHYSMDN_CPU_POOL_MB must be a finite number of MiB in [0, ", kMaxLimitMb, "] (0 disables the pool), got '",
               env, "'");
   return static_cast<int64_t>(mb * (1 << 20));
@@ -104,12 +100,6 @@ Pool& pool() {
   return *g_pool;
 }
 
-void report(void* ptr, int64_t delta, const Pool& p) {
-  if (c10::memoryProfilingEnabled())
-    c10::reportMemoryUsageToProfiler(ptr, delta, static_cast<size_t>(p.live_bytes),
-                                     static_cast<size_t>(p.live_bytes + p.cached_bytes), c10::Device(c10::kCPU));
-}
-
 void pool_delete(void* payload) {
   if (!payload) return;
   void* block = static_cast<char*>(payload) - kHeader;
@@ -124,70 +114,67 @@ void pool_delete(void* payload) {
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.mutex);
   p.live_bytes -= static_cast<int64_t>(n);
-  report(payload, -static_cast<int64_t>(n), p);
   if (!p.put_locked(n, block)) std::free(block);
 }
 
 constexpr size_t kHuge = size_t(2) << 20;
 
-struct PoolAllocator final : c10::Allocator {
-  c10::DataPtr allocate(size_t n) override {
-    if (n == 0) return {nullptr, nullptr, &pool_delete, c10::Device(c10::kCPU)};
-    Pool& p = pool();
-    void* block = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(p.mutex);
-      block = p.take_locked(n);
-      ++(block ? p.hits : p.misses);
-    }
-    if (!block) {
-      // Large blocks: 2 MiB-aligned and backed by transparent huge pages where the kernel allows it (mode
-      // "madvise" or "always"): fewer TLB misses on the streamed gradient outputs, 3-7 % per mixture_nll call at
-      // B = 65536 on a VM (nested page walks).
-      if (n >= kHuge) {
-        if (posix_memalign(&block, kHuge, n + kHeader) == 0 && block)
-          madvise(block, (n + kHeader + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);
-        else
-          block = nullptr;
-      }
-      if (!block && (posix_memalign(&block, kHeader, n + kHeader) != 0 || !block)) {
-        {
-          std::lock_guard<std::mutex> lock(p.mutex);
-          p.trim_locked(0);  // give the cache back and retry once
-        }
-        TORCH_CHECK(posix_memalign(&block, kHeader, n + kHeader) == 0 && block, "physmdn: out of CPU memory allocating ",
-                    n, " bytes");
-      }
-      std::memcpy(block, &n, sizeof(n));
-      const uint64_t generation = g_generation.load();
-      std::memcpy(static_cast<char*>(block) + sizeof(n), &generation, sizeof(generation));
-    }
-    void* payload = static_cast<char*>(block) + kHeader;
-    {
-      std::lock_guard<std::mutex> lock(p.mutex);
-      p.live_bytes += static_cast<int64_t>(n);
-      report(payload, static_cast<int64_t>(n), p);
-    }
-    return {payload, payload, &pool_delete, c10::Device(c10::kCPU)};
+// A block of n > 0 bytes: from the cache, or new.
+void* pool_allocate(size_t n) {
+  Pool& p = pool();
+  void* block = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(p.mutex);
+    block = p.take_locked(n);
+    ++(block ? p.hits : p.misses);
   }
-  c10::DeleterFnPtr raw_deleter() const override { return &pool_delete; }
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
+  if (!block) {
+    // Large blocks: 2 MiB-aligned and backed by transparent huge pages where the kernel allows it (mode
+    // "madvise" or "always"): fewer TLB misses on the streamed gradient outputs, 3-7 % per mixture_nll call at
+    // B = 65536 on a VM (nested page walks).
+    if (n >= kHuge) {
+      if (posix_memalign(&block, kHuge, n + kHeader) == 0 && block)
+        madvise(block, (n + kHeader + kHuge - 1) / kHuge * kHuge, MADV_HUGEPAGE);
+      else
+        block = nullptr;
+    }
+    if (!block && (posix_memalign(&block, kHeader, n + kHeader) != 0 || !block)) {
+      {
+        std::lock_guard<std::mutex> lock(p.mutex);
+        p.trim_locked(0);  // give the cache back and retry once
+      }
+      PHYSMDN_CHECK(posix_memalign(&block, kHeader, n + kHeader) == 0 && block, "physmdn: out of CPU memory allocating ",
+                  n, " bytes");
+    }
+    std::memcpy(block, &n, sizeof(n));
+    const uint64_t generation = g_generation.load();
+    std::memcpy(static_cast<char*>(block) + sizeof(n), &generation, sizeof(generation));
   }
-};
-
-PoolAllocator g_allocator;
+  void* payload = static_cast<char*>(block) + kHeader;
+  {
+    std::lock_guard<std::mutex> lock(p.mutex);
+    p.live_bytes += static_cast<int64_t>(n);
+  }
+  return payload;
+}
 
 }  // namespace
 
-at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts) {
-  TORCH_INTERNAL_ASSERT(opts.device().is_cpu());
+Tensor pooled_empty(IntArrayRef sizes, ScalarType dtype) {
   int64_t numel = 1;
   for (auto s : sizes) numel *= s;
-  const auto nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
-  if (nbytes < kPoolMinBytes || pool().limit == 0) return at::empty(sizes, opts);
-  return at::detail::empty_generic(sizes, &g_allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   c10::typeMetaToScalarType(opts.dtype()), c10::nullopt);
+  const size_t item = dtype == kDouble ? 8 : dtype == kFloat ? 4 : 2;
+  const auto nbytes = static_cast<size_t>(numel) * item;
+  if (nbytes < kPoolMinBytes || pool().limit == 0) return empty(sizes, dtype, Device(torch::headeronly::DeviceType::CPU));
+  std::vector<int64_t> strides(sizes.size());
+  int64_t stride = 1;
+  for (size_t d = sizes.size(); d-- > 0;) {
+    strides[d] = stride;
+    stride *= std::max<int64_t>(sizes[d], 1);
+  }
+  void* payload = pool_allocate(nbytes);
+  return torch::stable::from_blob(payload, sizes, IntArrayRef(strides), Device(torch::headeronly::DeviceType::CPU), dtype,
+                                  &pool_delete);
 }
 
 PoolStats pool_stats() {
@@ -197,7 +184,7 @@ PoolStats pool_stats() {
 }
 
 int64_t set_pool_limit(int64_t bytes) {
-  TORCH_CHECK(bytes >= 0, "set_cpu_pool_limit: bytes must be >= 0, got ", bytes);
+  PHYSMDN_CHECK(bytes >= 0, "set_cpu_pool_limit: bytes must be >= 0, got ", bytes);
   Pool& p = pool();
   std::lock_guard<std::mutex> lock(p.mutex);
   const int64_t previous = p.limit;

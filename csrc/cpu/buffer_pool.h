@@ -7,11 +7,9 @@
 // and hands them back, evicting the least recently freed blocks when a new one needs room; tensors are ordinary
 // resizable CPU tensors whose storage uses this allocator. fork(): the child starts an empty pool and frees the
 // blocks it inherited without counting them.
-// Allocations are reported to the profiler like torch's own CPU allocator (so profiler memory numbers include
-// them). Limit: PHYSMDN_CPU_POOL_MB (default 256, at most 2^20; 0 disables), or physmdn._C.set_cpu_pool_limit(bytes).
+// The stable ABI has no allocator interface: torch's profiler does not see these blocks. Limit: PHYSMDN_CPU_POOL_MB (default 256, at most 2^20; 0 disables), or physmdn._C.set_cpu_pool_limit(bytes).
 #pragma once
-#include <ATen/core/Tensor.h>
-#include <c10/core/TensorOptions.h>
+#include "tensor.h"
 
 #include <cstdint>
 
@@ -20,8 +18,9 @@ namespace physmdn::cpu {
 // Blocks below this size come from torch's allocator (small blocks do not fault back in expensively).
 constexpr size_t kPoolMinBytes = 256 * 1024;
 
-// at::empty(sizes, opts) for a CPU tensor, from the pool when large enough.
-at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& opts);
+// A contiguous CPU tensor of sizes and dtype, from the pool when large enough (a tensor over the pool's block whose
+// deleter returns the block to the pool).
+Tensor pooled_empty(IntArrayRef sizes, ScalarType dtype);
 
 struct PoolStats {
   int64_t limit_bytes, cached_bytes, live_bytes, hits, misses;

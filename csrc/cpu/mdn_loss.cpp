@@ -1,9 +1,6 @@
 // The fused loss's CPU drivers: each entry point takes the first path of paths.h that applies (lanes, blocked
 // family, per-sample) and runs it over the batch; the per-sample path is a loop over physics_math.h's per-sample
 // math. Compiled once per instruction set (PHYSMDN_CPU_ISA names the namespace).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
@@ -14,25 +11,25 @@
 
 namespace physmdn::cpu::PHYSMDN_CPU_ISA {
 
-void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, const at::Tensor& log_scales_in,
-                      const at::Tensor& target_in, const at::Tensor& p0, const at::Tensor& p1,
-                      const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
-                      at::Tensor& loss, at::Tensor& saved) {
+void mdn_loss_forward(const Tensor& logits_in, const Tensor& means_in, const Tensor& log_scales_in,
+                      const Tensor& target_in, const Tensor& p0, const Tensor& p1,
+                      const OptionalTensor& extra, const PhysicsArgs& args, int order, int64_t rows,
+                      Tensor& loss, Tensor& saved) {
   const DriverInputs in(logits_in, means_in, log_scales_in, target_in, lanes_family(args, order, rows));
-  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
+  const Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_LANES_PATH
   if (lanes_family_path_applies(means, args, order, rows))
     return mdn_loss_forward_lanes(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
 #endif
   if (blocked_family_path_applies(logits, means, log_scales, target, args, rows, /*param_grad=*/false))
     return mdn_loss_forward_blocked(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  PHYSMDN_DISPATCH_FLOATING(means.scalar_type(), "physmdn_mdn_loss_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
     const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
-    scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
-    acc_t* saved_ptr = saved.data_ptr<acc_t>();
-    at::parallel_for(0, means.size(0), grain_size(v.K, v.D), [&](int64_t begin, int64_t end) {
+    scalar_t* loss_ptr = loss.mutable_data_ptr<scalar_t>();
+    acc_t* saved_ptr = saved.mutable_data_ptr<acc_t>();
+    torch::stable::parallel_for(0, means.size(0), grain_size(v.K, v.D), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         loss_ptr[b] =
             static_cast<scalar_t>(math::mdn_loss_sample<acc_t>(v, p, b, saved_ptr + math::kSavedPerSampleLoss * b));
@@ -43,11 +40,11 @@ void mdn_loss_forward(const at::Tensor& logits_in, const at::Tensor& means_in, c
 
 // One pass for the loss and its gradients where the lanes path applies; false otherwise (op_impl.h then runs the
 // forward and the backward).
-bool mdn_loss_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_in, const at::Tensor& log_scales_in,
-                           const at::Tensor& target_in, const at::Tensor& p0, const at::Tensor& p1,
-                           const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
-                           at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
-                           at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_extra,
+bool mdn_loss_forward_grad(const Tensor& logits_in, const Tensor& means_in, const Tensor& log_scales_in,
+                           const Tensor& target_in, const Tensor& p0, const Tensor& p1,
+                           const OptionalTensor& extra, const PhysicsArgs& args, int order, int64_t rows,
+                           Tensor& loss, Tensor& saved, Tensor& grad_logits, Tensor& grad_means,
+                           Tensor& grad_log_scales, Tensor& grad_target, Tensor& grad_extra,
                            double grad_scale) {
 #ifdef PHYSMDN_LANES_PATH
   const DriverInputs in(logits_in, means_in, log_scales_in, target_in, lanes_family(args, order, rows));
@@ -63,14 +60,14 @@ bool mdn_loss_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_
 #endif
 }
 
-void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, const at::Tensor& means_in,
-                       const at::Tensor& log_scales_in, const at::Tensor& target_in, const at::Tensor& p0,
-                       const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
-                       int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
-                       at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
-                       at::Tensor& grad_p0, at::Tensor& grad_p1, at::Tensor& grad_extra) {
+void mdn_loss_backward(const Tensor& grad_loss, const Tensor& logits_in, const Tensor& means_in,
+                       const Tensor& log_scales_in, const Tensor& target_in, const Tensor& p0,
+                       const Tensor& p1, const OptionalTensor& extra, const PhysicsArgs& args,
+                       int order, int64_t rows, const Tensor& saved, Tensor& grad_logits,
+                       Tensor& grad_means, Tensor& grad_log_scales, Tensor& grad_target,
+                       Tensor& grad_p0, Tensor& grad_p1, Tensor& grad_extra) {
   const DriverInputs in(logits_in, means_in, log_scales_in, target_in, lanes_family(args, order, rows));
-  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
+  const Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_LANES_PATH
   // recomputes the forward per group (the saved state is not read)
   if (lanes_family_path_applies(means, args, order, rows))
@@ -82,21 +79,21 @@ void mdn_loss_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in,
                                   /*param_grad=*/grad_p0.numel() > 0 || grad_p1.numel() > 0))
     return mdn_loss_backward_blocked(grad_loss, logits, means, log_scales, target, p0, p1, extra, args, order, rows,
                                      saved, grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mdn_loss_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  PHYSMDN_DISPATCH_FLOATING(means.scalar_type(), "physmdn_mdn_loss_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
     const auto p = make_physics_view<scalar_t>(p0, p1, extra, args, order, rows);
     const scalar_t* g_ptr = grad_loss.const_data_ptr<scalar_t>();
     const int64_t g_stride = grad_loss.stride(0);
     const acc_t* saved_ptr = saved.const_data_ptr<acc_t>();
-    acc_t *gl = grad_logits.data_ptr<acc_t>(), *gm = grad_means.data_ptr<acc_t>();
-    acc_t *gs = grad_log_scales.data_ptr<acc_t>(), *gt = grad_target.data_ptr<acc_t>();
+    acc_t *gl = grad_logits.mutable_data_ptr<acc_t>(), *gm = grad_means.mutable_data_ptr<acc_t>();
+    acc_t *gs = grad_log_scales.mutable_data_ptr<acc_t>(), *gt = grad_target.mutable_data_ptr<acc_t>();
     acc_t *gp0 = data_or_null<acc_t>(grad_p0), *gp1 = data_or_null<acc_t>(grad_p1);
     acc_t* ge = data_or_null<acc_t>(grad_extra);
     const int64_t K = v.K, D = v.D;
     int64_t n0 = 0, n1 = 0;
     math::param_row_sizes(p, D, &n0, &n1);
-    at::parallel_for(0, means.size(0), grain_size(K, D), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, means.size(0), grain_size(K, D), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         math::mdn_loss_sample_backward<acc_t>(v, p, b, static_cast<acc_t>(g_ptr[b * g_stride]),
                                               saved_ptr + math::kSavedPerSampleLoss * b, gl + b * K, gm + b * K * D,

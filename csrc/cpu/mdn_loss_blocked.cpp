@@ -5,8 +5,7 @@
 // element when the coefficients vary over D), E[p^2] = sum_n q_n M_n, dE/dmu = sum_n q_n n M_{n-1},
 // dE/dvar = sum_n q_n n (n - 1) / 2 M_{n-2} (as physics_math.h). The linear family: LinearFamily below.
 // Compiled once per instruction set (PHYSMDN_CPU_ISA names the namespace).
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
+#include "cpu/vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -72,7 +71,7 @@ struct PolyBlock {
 template <bool kGrad, typename T>
 void poly_terms(const T* mu, const T* ls, int64_t E, const T* q_elem, int nq, bool with_var, T noise_var, T* pen,
                 std::type_identity_t<T>* dmu, std::type_identity_t<T>* dls) {
-  using Vec = at::vec::Vectorized<T>;
+  using Vec = Vec<T>;
   int64_t e = 0;
   const Vec zero(T(0)), two(T(2)), nvv(noise_var);
   for (; e + Vec::size() <= E; e += Vec::size()) {
@@ -80,8 +79,8 @@ void poly_terms(const T* mu, const T* ls, int64_t E, const T* q_elem, int nq, bo
     Vec v = zero, dvdls = zero;
     if (with_var) {
       const Vec raw = (two * Vec::loadu(ls + e)).exp();
-      v = at::vec::maximum(raw - nvv, zero);
-      dvdls = Vec::blendv(zero, two * raw, raw > nvv);
+      v = maximum(raw - nvv, zero);
+      dvdls = where_greater(raw, nvv, two * raw, zero);
     }
     Vec m_prev2(T(1)), m_prev = m;
     const Vec q1 = nq > 1 ? Vec::loadu(q_elem + E + e) : zero;  // J = 0: a constant, no q_1
@@ -90,11 +89,11 @@ void poly_terms(const T* mu, const T* ls, int64_t E, const T* q_elem, int nq, bo
     for (int n = 2; n < nq; ++n) {
       const Vec qn = Vec::loadu(q_elem + n * E + e);
       if constexpr (kGrad) {
-        dm = at::vec::fmadd(qn * Vec(static_cast<T>(n)), m_prev, dm);
-        dv = at::vec::fmadd(qn * Vec(static_cast<T>(n * (n - 1) / 2)), m_prev2, dv);
+        dm = fmadd(qn * Vec(static_cast<T>(n)), m_prev, dm);
+        dv = fmadd(qn * Vec(static_cast<T>(n * (n - 1) / 2)), m_prev2, dv);
       }
-      const Vec mn = at::vec::fmadd(m, m_prev, Vec(static_cast<T>(n - 1)) * v * m_prev2);
-      P = at::vec::fmadd(qn, mn, P);
+      const Vec mn = fmadd(m, m_prev, Vec(static_cast<T>(n - 1)) * v * m_prev2);
+      P = fmadd(qn, mn, P);
       m_prev2 = m_prev;
       m_prev = mn;
     }
@@ -162,8 +161,8 @@ struct BlockedInputs {
   int64_t extra_sb, extra_sk;
   T weight, noise_var;
   bool couple_weights;
-  BlockedInputs(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                const at::Tensor& target, const at::Tensor& p0, const c10::optional<at::Tensor>& ex,
+  BlockedInputs(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                const Tensor& target, const Tensor& p0, const OptionalTensor& ex,
                 const PhysicsArgs& args)
       : lg(logits.const_data_ptr<T>()), mu(means.const_data_ptr<T>()), ls(log_scales.const_data_ptr<T>()),
         y(target.const_data_ptr<T>()), coeffs(make_strided<T>(p0)),
@@ -219,7 +218,7 @@ struct LinearFamily {
   int64_t rows, K, D;
   bool second, grads = false;  // second moment (the first moment of a linear residual is its point value)
   std::vector<T> var, dvar, gm, gs;  // per block element
-  LinearFamily(const BlockedInputs<T>& in_, const at::Tensor& p0, const at::Tensor& p1, const PhysicsArgs& args,
+  LinearFamily(const BlockedInputs<T>& in_, const Tensor& p0, const Tensor& p1, const PhysicsArgs& args,
                int64_t rows_, int64_t K_, int64_t D_)
       : in(in_), A(make_strided<T>(p0)), bias(make_strided<T>(p1)), rows(rows_), K(K_), D(D_),
         second(args.moment == math::kSecond),
@@ -276,7 +275,7 @@ struct LinearFamily {
 
 // Calls fn(make_family) with a factory of the call's family policy (one per parallel task).
 template <typename T, typename Fn>
-void with_blocked_family(const BlockedInputs<T>& in, const at::Tensor& p0, const at::Tensor& p1, const PhysicsArgs& args,
+void with_blocked_family(const BlockedInputs<T>& in, const Tensor& p0, const Tensor& p1, const PhysicsArgs& args,
                          int order, int64_t rows, int64_t K, int64_t D, Fn&& fn) {
   if (args.family == math::kLinear)
     return fn([&] { return LinearFamily<T>(in, p0, p1, args, rows, K, D); });
@@ -284,17 +283,17 @@ void with_blocked_family(const BlockedInputs<T>& in, const at::Tensor& p0, const
 }
 
 template <typename T>
-void forward_blocked(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                     const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
-                     const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
-                     at::Tensor& loss, at::Tensor& saved) {
+void forward_blocked(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                     const Tensor& target, const Tensor& p0, const Tensor& p1,
+                     const OptionalTensor& extra, const PhysicsArgs& args, int order, int64_t rows,
+                     Tensor& loss, Tensor& saved) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
   const BlockedInputs<T> in(logits, means, log_scales, target, p0, extra, args);
   const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
   const T w = in.weight;
-  T *out = loss.data_ptr<T>(), *sv = saved.data_ptr<T>();
+  T *out = loss.mutable_data_ptr<T>(), *sv = saved.mutable_data_ptr<T>();
   with_blocked_family(in, p0, p1, args, order, rows, K, D, [&](auto&& make_family) {
-    at::parallel_for(0, (B + kBlockSamples - 1) / kBlockSamples, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    torch::stable::parallel_for(0, (B + kBlockSamples - 1) / kBlockSamples, 1, [&](int64_t blk_begin, int64_t blk_end) {
       BlockBuffers<T> fb(K, D);
       auto fam = make_family();
       for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
@@ -330,12 +329,12 @@ void forward_blocked(const at::Tensor& logits, const at::Tensor& means, const at
 }
 
 template <typename T>
-void backward_blocked(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
-                      const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
-                      const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
-                      int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
-                      at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
-                      at::Tensor& grad_extra) {
+void backward_blocked(const Tensor& grad_loss, const Tensor& logits, const Tensor& means,
+                      const Tensor& log_scales, const Tensor& target, const Tensor& p0,
+                      const Tensor& p1, const OptionalTensor& extra, const PhysicsArgs& args,
+                      int order, int64_t rows, const Tensor& saved, Tensor& grad_logits,
+                      Tensor& grad_means, Tensor& grad_log_scales, Tensor& grad_target,
+                      Tensor& grad_extra) {
   const int64_t B = means.size(0), K = means.size(1), D = means.size(2), KD = K * D;
   const BlockedInputs<T> in(logits, means, log_scales, target, p0, extra, args);
   const T *lg = in.lg, *mu = in.mu, *ls = in.ls, *y = in.y;
@@ -343,11 +342,11 @@ void backward_blocked(const at::Tensor& grad_loss, const at::Tensor& logits, con
   const T* g_ptr = grad_loss.const_data_ptr<T>();
   const int64_t g_stride = grad_loss.stride(0);
   const T* sv = saved.const_data_ptr<T>();
-  T *gl = grad_logits.data_ptr<T>(), *gm = grad_means.data_ptr<T>();
-  T *gs = grad_log_scales.data_ptr<T>(), *gt = grad_target.data_ptr<T>();
-  T* ge = grad_extra.numel() ? grad_extra.data_ptr<T>() : nullptr;
+  T *gl = grad_logits.mutable_data_ptr<T>(), *gm = grad_means.mutable_data_ptr<T>();
+  T *gs = grad_log_scales.mutable_data_ptr<T>(), *gt = grad_target.mutable_data_ptr<T>();
+  T* ge = grad_extra.numel() ? grad_extra.mutable_data_ptr<T>() : nullptr;
   with_blocked_family(in, p0, p1, args, order, rows, K, D, [&](auto&& make_family) {
-    at::parallel_for(0, (B + kBlockSamples - 1) / kBlockSamples, 1, [&](int64_t blk_begin, int64_t blk_end) {
+    torch::stable::parallel_for(0, (B + kBlockSamples - 1) / kBlockSamples, 1, [&](int64_t blk_begin, int64_t blk_end) {
       BlockBuffers<T> fb(K, D);
       auto fam = make_family();
       std::vector<T> pi_blk(kBlockSamples * K), gamma_blk(kBlockSamples * K);
@@ -402,21 +401,21 @@ void backward_blocked(const at::Tensor& grad_loss, const at::Tensor& logits, con
 
 }  // namespace
 
-void mdn_loss_forward_blocked(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                              const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
-                              const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
-                              at::Tensor& loss, at::Tensor& saved) {
+void mdn_loss_forward_blocked(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                              const Tensor& target, const Tensor& p0, const Tensor& p1,
+                              const OptionalTensor& extra, const PhysicsArgs& args, int order, int64_t rows,
+                              Tensor& loss, Tensor& saved) {
   dispatch_float_or_double(means.scalar_type(), [&]<typename T>() {
     forward_blocked<T>(logits, means, log_scales, target, p0, p1, extra, args, order, rows, loss, saved);
   });
 }
 
-void mdn_loss_backward_blocked(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
-                               const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
-                               const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
-                               int order, int64_t rows, const at::Tensor& saved, at::Tensor& grad_logits,
-                               at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
-                               at::Tensor& grad_extra) {
+void mdn_loss_backward_blocked(const Tensor& grad_loss, const Tensor& logits, const Tensor& means,
+                               const Tensor& log_scales, const Tensor& target, const Tensor& p0,
+                               const Tensor& p1, const OptionalTensor& extra, const PhysicsArgs& args,
+                               int order, int64_t rows, const Tensor& saved, Tensor& grad_logits,
+                               Tensor& grad_means, Tensor& grad_log_scales, Tensor& grad_target,
+                               Tensor& grad_extra) {
   dispatch_float_or_double(means.scalar_type(), [&]<typename T>() {
     backward_blocked<T>(grad_loss, logits, means, log_scales, target, p0, p1, extra, args, order, rows, saved,
                         grad_logits, grad_means, grad_log_scales, grad_target, grad_extra);

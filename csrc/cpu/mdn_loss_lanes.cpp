@@ -14,16 +14,16 @@ namespace physmdn::cpu::PHYSMDN_CPU_ISA {
 namespace {
 
 // A float32 gradient output's data, or null (not requested: empty; other dtypes: not the lane kernel's)
-float* float_data_or_null(at::Tensor& t) {
-  return t.numel() > 0 && t.scalar_type() == at::kFloat ? t.data_ptr<float>() : nullptr;
+float* float_data_or_null(Tensor& t) {
+  return t.numel() > 0 && t.scalar_type() == kFloat ? t.mutable_data_ptr<float>() : nullptr;
 }
 
 // Calls fn.template operator()<scalar_t>(physics policy) with the call's family policy (families.h) for its
 // float32 / bfloat16 / float16 inputs (gp0 / gp1: the family parameters' gradients, or null).
 template <typename Fn>
-void with_lanes_physics(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                        const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
-                        const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
+void with_lanes_physics(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                        const Tensor& target, const Tensor& p0, const Tensor& p1,
+                        const OptionalTensor& extra, const PhysicsArgs& args, int order, int64_t rows,
                         float* gp0, float* gp1, Fn&& fn) {
   const bool poly = args.family == math::kPolynomial, stencil = args.family == math::kStencil;
   dispatch_float_or_half(means.scalar_type(), [&]<typename scalar_t>() {
@@ -61,35 +61,35 @@ void with_lanes_physics(const at::Tensor& logits, const at::Tensor& means, const
 
 }  // namespace
 
-void mdn_loss_forward_lanes(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                            const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
-                            const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order, int64_t rows,
-                            at::Tensor& loss, at::Tensor& saved) {
+void mdn_loss_forward_lanes(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                            const Tensor& target, const Tensor& p0, const Tensor& p1,
+                            const OptionalTensor& extra, const PhysicsArgs& args, int order, int64_t rows,
+                            Tensor& loss, Tensor& saved) {
   with_lanes_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, nullptr, nullptr,
                      [&]<typename scalar_t>(const auto& phys) {
                        soa::run<false, scalar_t>(logits, means, log_scales, target, phys, nullptr, 1.0f,
-                                                 loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), nullptr, nullptr,
+                                                 loss.mutable_data_ptr<scalar_t>(), saved.mutable_data_ptr<float>(), nullptr, nullptr,
                                                  nullptr, nullptr, nullptr);
                      });
 }
 
-void mdn_loss_forward_grad_lanes(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                                 const at::Tensor& target, const at::Tensor& p0, const at::Tensor& p1,
-                                 const c10::optional<at::Tensor>& extra, const PhysicsArgs& args, int order,
-                                 int64_t rows, at::Tensor& loss, at::Tensor& saved, at::Tensor& grad_logits,
-                                 at::Tensor& grad_means, at::Tensor& grad_log_scales, at::Tensor& grad_target,
-                                 at::Tensor& grad_extra, double grad_scale) {
+void mdn_loss_forward_grad_lanes(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                                 const Tensor& target, const Tensor& p0, const Tensor& p1,
+                                 const OptionalTensor& extra, const PhysicsArgs& args, int order,
+                                 int64_t rows, Tensor& loss, Tensor& saved, Tensor& grad_logits,
+                                 Tensor& grad_means, Tensor& grad_log_scales, Tensor& grad_target,
+                                 Tensor& grad_extra, double grad_scale) {
   // one pass for the loss and the gradients
-  const bool float_grads = grad_means.scalar_type() == at::kFloat;
+  const bool float_grads = grad_means.scalar_type() == kFloat;
   with_lanes_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows, nullptr, nullptr,
                      [&]<typename scalar_t>(const auto& phys) {
                        const auto run = [&]<typename grad_t>() {
                          soa::run<true, scalar_t, grad_t>(
                              logits, means, log_scales, target, phys, nullptr, static_cast<float>(grad_scale),
-                             loss.data_ptr<scalar_t>(), saved.data_ptr<float>(), grad_logits.data_ptr<grad_t>(),
-                             grad_means.data_ptr<grad_t>(), grad_log_scales.data_ptr<grad_t>(),
-                             grad_target.data_ptr<grad_t>(),
-                             grad_extra.numel() ? grad_extra.data_ptr<grad_t>() : nullptr);
+                             loss.mutable_data_ptr<scalar_t>(), saved.mutable_data_ptr<float>(), grad_logits.mutable_data_ptr<grad_t>(),
+                             grad_means.mutable_data_ptr<grad_t>(), grad_log_scales.mutable_data_ptr<grad_t>(),
+                             grad_target.mutable_data_ptr<grad_t>(),
+                             grad_extra.numel() ? grad_extra.mutable_data_ptr<grad_t>() : nullptr);
                        };
                        if (float_grads)
                          run.template operator()<float>();
@@ -98,19 +98,19 @@ void mdn_loss_forward_grad_lanes(const at::Tensor& logits, const at::Tensor& mea
                      });
 }
 
-void mdn_loss_backward_lanes(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
-                             const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& p0,
-                             const at::Tensor& p1, const c10::optional<at::Tensor>& extra, const PhysicsArgs& args,
-                             int order, int64_t rows, at::Tensor& grad_logits, at::Tensor& grad_means,
-                             at::Tensor& grad_log_scales, at::Tensor& grad_target, at::Tensor& grad_p0,
-                             at::Tensor& grad_p1, at::Tensor& grad_extra) {
+void mdn_loss_backward_lanes(const Tensor& grad_loss, const Tensor& logits, const Tensor& means,
+                             const Tensor& log_scales, const Tensor& target, const Tensor& p0,
+                             const Tensor& p1, const OptionalTensor& extra, const PhysicsArgs& args,
+                             int order, int64_t rows, Tensor& grad_logits, Tensor& grad_means,
+                             Tensor& grad_log_scales, Tensor& grad_target, Tensor& grad_p0,
+                             Tensor& grad_p1, Tensor& grad_extra) {
   with_lanes_physics(logits, means, log_scales, target, p0, p1, extra, args, order, rows,
                      float_data_or_null(grad_p0), float_data_or_null(grad_p1),
                      [&]<typename scalar_t>(const auto& phys) {
                        soa::run<true, scalar_t>(logits, means, log_scales, target, phys, &grad_loss, 1.0f, nullptr,
-                                                nullptr, grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
-                                                grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>(),
-                                                grad_extra.numel() ? grad_extra.data_ptr<float>() : nullptr);
+                                                nullptr, grad_logits.mutable_data_ptr<float>(), grad_means.mutable_data_ptr<float>(),
+                                                grad_log_scales.mutable_data_ptr<float>(), grad_target.mutable_data_ptr<float>(),
+                                                grad_extra.numel() ? grad_extra.mutable_data_ptr<float>() : nullptr);
                      });
 }
 

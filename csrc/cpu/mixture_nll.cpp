@@ -1,10 +1,7 @@
 // The mixture NLL's CPU drivers: each entry point takes the first path of paths.h that applies (lanes, blocked
 // float, blocked double, per-sample) and runs it over the batch. The per-sample math is mixture_math.h's.
 // Compiled once per instruction set (PHYSMDN_CPU_ISA names the namespace).
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
+#include "cpu/vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -28,19 +25,19 @@ namespace {
 // the forward's gradients). One exp per element and two per component, the exponentials of the log-sum-exps reused
 // as pi and gamma. loss / saved: null tensors are not written.
 template <bool kGrad, int kD, typename scalar_t, typename acc_t = block_acc_t<scalar_t>>
-void mixture_nll_forward_blocked(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                                 const at::Tensor& target, std::type_identity_t<acc_t> grad_scale, at::Tensor* loss,
-                                 at::Tensor* saved, std::type_identity_t<acc_t>* gl, std::type_identity_t<acc_t>* gm,
+void mixture_nll_forward_blocked(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                                 const Tensor& target, std::type_identity_t<acc_t> grad_scale, Tensor* loss,
+                                 Tensor* saved, std::type_identity_t<acc_t>* gl, std::type_identity_t<acc_t>* gm,
                                  std::type_identity_t<acc_t>* gs, std::type_identity_t<acc_t>* gt,
-                                 const at::Tensor* grad_loss = nullptr) {
+                                 const Tensor* grad_loss = nullptr) {
   const int64_t B = means.size(0), K = means.size(1), D = PHYSMDN_DIM(means.size(2)), KD = K * D;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
   const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
-  scalar_t* out = loss ? loss->data_ptr<scalar_t>() : nullptr;
-  acc_t* sv = saved ? saved->data_ptr<acc_t>() : nullptr;
+  scalar_t* out = loss ? loss->mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* sv = saved ? saved->mutable_data_ptr<acc_t>() : nullptr;
   const scalar_t* g_ptr = grad_loss ? grad_loss->const_data_ptr<scalar_t>() : nullptr;
   const int64_t g_stride = grad_loss ? grad_loss->stride(0) : 0;
-  at::parallel_for(0, (B + kBlockSamples - 1) / kBlockSamples, 1, [&](int64_t blk_begin, int64_t blk_end) {
+  torch::stable::parallel_for(0, (B + kBlockSamples - 1) / kBlockSamples, 1, [&](int64_t blk_begin, int64_t blk_end) {
     BlockBuffers<acc_t> w(K, D);
     BlockInput<scalar_t> in(K, D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
@@ -80,19 +77,19 @@ void mixture_nll_forward_blocked(const at::Tensor& logits, const at::Tensor& mea
 }
 
 template <int kD, typename scalar_t, typename acc_t = block_acc_t<scalar_t>>
-void mixture_nll_backward_blocked(const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& means,
-                                  const at::Tensor& log_scales, const at::Tensor& target, const at::Tensor& saved,
-                                  at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
-                                  at::Tensor& grad_target) {
+void mixture_nll_backward_blocked(const Tensor& grad_loss, const Tensor& logits, const Tensor& means,
+                                  const Tensor& log_scales, const Tensor& target, const Tensor& saved,
+                                  Tensor& grad_logits, Tensor& grad_means, Tensor& grad_log_scales,
+                                  Tensor& grad_target) {
   const int64_t B = means.size(0), K = means.size(1), D = PHYSMDN_DIM(means.size(2)), KD = K * D;
   const scalar_t *lg_all = logits.const_data_ptr<scalar_t>(), *mu_all = means.const_data_ptr<scalar_t>();
   const scalar_t *ls_all = log_scales.const_data_ptr<scalar_t>(), *y_all = target.const_data_ptr<scalar_t>();
   const scalar_t* g_ptr = grad_loss.const_data_ptr<scalar_t>();
   const int64_t g_stride = grad_loss.stride(0);
   const acc_t* sv = saved.const_data_ptr<acc_t>();
-  acc_t *gl = grad_logits.data_ptr<acc_t>(), *gm = grad_means.data_ptr<acc_t>();
-  acc_t *gs = grad_log_scales.data_ptr<acc_t>(), *gt = grad_target.data_ptr<acc_t>();
-  at::parallel_for(0, (B + kBlockSamples - 1) / kBlockSamples, 1, [&](int64_t blk_begin, int64_t blk_end) {
+  acc_t *gl = grad_logits.mutable_data_ptr<acc_t>(), *gm = grad_means.mutable_data_ptr<acc_t>();
+  acc_t *gs = grad_log_scales.mutable_data_ptr<acc_t>(), *gt = grad_target.mutable_data_ptr<acc_t>();
+  torch::stable::parallel_for(0, (B + kBlockSamples - 1) / kBlockSamples, 1, [&](int64_t blk_begin, int64_t blk_end) {
     BlockBuffers<acc_t> w(K, D);
     BlockInput<scalar_t> in(K, D);
     for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
@@ -123,9 +120,9 @@ void mixture_nll_backward_blocked(const at::Tensor& grad_loss, const at::Tensor&
 
 }  // namespace
 
-void vector_exp_log(const at::Tensor& x, int64_t variant, at::Tensor& exp_out, at::Tensor& log_out) {
+void vector_exp_log(const Tensor& x, int64_t variant, Tensor& exp_out, Tensor& log_out) {
   const float* in = x.const_data_ptr<float>();
-  float *e = exp_out.data_ptr<float>(), *l = log_out.data_ptr<float>();
+  float *e = exp_out.mutable_data_ptr<float>(), *l = log_out.mutable_data_ptr<float>();
   const int64_t n = x.numel();
   int64_t i = 0;
 #ifdef PHYSMDN_LANES_PATH
@@ -135,7 +132,7 @@ void vector_exp_log(const at::Tensor& x, int64_t variant, at::Tensor& exp_out, a
     _mm256_storeu_ps(l + i, soa::log8(v));
   }
 #else
-  using Vec = at::vec::Vectorized<float>;
+  using Vec = Vec<float>;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     (variant == 1 ? Vec::loadu(in + i).neg() : Vec::loadu(in + i)).exp().store(e + i);
     Vec::loadu(in + i).log().store(l + i);
@@ -144,15 +141,15 @@ void vector_exp_log(const at::Tensor& x, int64_t variant, at::Tensor& exp_out, a
   for (; i < n; ++i) e[i] = std::exp(variant == 1 ? -in[i] : in[i]), l[i] = std::log(in[i]);
 }
 
-void mixture_nll_forward(const at::Tensor& logits_in, const at::Tensor& means_in, const at::Tensor& log_scales_in,
-                         const at::Tensor& target_in, at::Tensor& loss, at::Tensor& saved) {
+void mixture_nll_forward(const Tensor& logits_in, const Tensor& means_in, const Tensor& log_scales_in,
+                         const Tensor& target_in, Tensor& loss, Tensor& saved) {
   const DriverInputs in(logits_in, means_in, log_scales_in, target_in);
-  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
+  const Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_LANES_PATH
   if (lanes_path_applies(means))
     return dispatch_float_or_half(means.scalar_type(), [&]<typename scalar_t>() {
-      soa::mixture_nll<false, scalar_t>(logits, means, log_scales, target, nullptr, 1.0f, loss.data_ptr<scalar_t>(),
-                                        saved.data_ptr<float>(), nullptr, nullptr, nullptr, nullptr);
+      soa::mixture_nll<false, scalar_t>(logits, means, log_scales, target, nullptr, 1.0f, loss.mutable_data_ptr<scalar_t>(),
+                                        saved.mutable_data_ptr<float>(), nullptr, nullptr, nullptr, nullptr);
     });
 #endif
   if (blocked_float_path_applies(logits, means, log_scales, target))
@@ -167,12 +164,12 @@ void mixture_nll_forward(const at::Tensor& logits_in, const at::Tensor& means_in
       mixture_nll_forward_blocked<false, kD, double>(logits, means, log_scales, target, 1.0, &loss, &saved, nullptr,
                                                      nullptr, nullptr, nullptr);
     });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  PHYSMDN_DISPATCH_FLOATING(means.scalar_type(), "physmdn_mixture_nll_forward", [&] {
+    using acc_t = acc_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
-    scalar_t* loss_ptr = loss.data_ptr<scalar_t>();
-    acc_t* saved_ptr = saved.data_ptr<acc_t>();
-    at::parallel_for(0, means.size(0), grain_size(v.K, v.D), [&](int64_t begin, int64_t end) {
+    scalar_t* loss_ptr = loss.mutable_data_ptr<scalar_t>();
+    acc_t* saved_ptr = saved.mutable_data_ptr<acc_t>();
+    torch::stable::parallel_for(0, means.size(0), grain_size(v.K, v.D), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         loss_ptr[b] = static_cast<scalar_t>(math::mixture_nll_sample<acc_t>(v, b, saved_ptr + math::kSavedPerSample * b));
       }
@@ -180,17 +177,17 @@ void mixture_nll_forward(const at::Tensor& logits_in, const at::Tensor& means_in
   });
 }
 
-bool mixture_nll_forward_grad(const at::Tensor& logits_in, const at::Tensor& means_in,
-                              const at::Tensor& log_scales_in, const at::Tensor& target_in, at::Tensor& loss,
-                              at::Tensor& saved, at::Tensor& grad_logits, at::Tensor& grad_means,
-                              at::Tensor& grad_log_scales, at::Tensor& grad_target, double grad_scale) {
+bool mixture_nll_forward_grad(const Tensor& logits_in, const Tensor& means_in,
+                              const Tensor& log_scales_in, const Tensor& target_in, Tensor& loss,
+                              Tensor& saved, Tensor& grad_logits, Tensor& grad_means,
+                              Tensor& grad_log_scales, Tensor& grad_target, double grad_scale) {
   const DriverInputs in(logits_in, means_in, log_scales_in, target_in);
-  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
+  const Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
   if (blocked_double_path_applies(logits, means, log_scales, target)) {
     dispatch_dim(means.size(2), [&]<int kD>() {
       mixture_nll_forward_blocked<true, kD, double>(logits, means, log_scales, target, grad_scale, &loss, &saved,
-                                                    grad_logits.data_ptr<double>(), grad_means.data_ptr<double>(),
-                                                    grad_log_scales.data_ptr<double>(), grad_target.data_ptr<double>());
+                                                    grad_logits.mutable_data_ptr<double>(), grad_means.mutable_data_ptr<double>(),
+                                                    grad_log_scales.mutable_data_ptr<double>(), grad_target.mutable_data_ptr<double>());
     });
     return true;
   }
@@ -199,12 +196,12 @@ bool mixture_nll_forward_grad(const at::Tensor& logits_in, const at::Tensor& mea
     dispatch_float_or_half(means.scalar_type(), [&]<typename scalar_t>() {
       const auto run = [&]<typename grad_t>() {
         soa::mixture_nll<true, scalar_t, grad_t>(logits, means, log_scales, target, nullptr,
-                                                 static_cast<float>(grad_scale), loss.data_ptr<scalar_t>(),
-                                                 saved.data_ptr<float>(), grad_logits.data_ptr<grad_t>(),
-                                                 grad_means.data_ptr<grad_t>(), grad_log_scales.data_ptr<grad_t>(),
-                                                 grad_target.data_ptr<grad_t>());
+                                                 static_cast<float>(grad_scale), loss.mutable_data_ptr<scalar_t>(),
+                                                 saved.mutable_data_ptr<float>(), grad_logits.mutable_data_ptr<grad_t>(),
+                                                 grad_means.mutable_data_ptr<grad_t>(), grad_log_scales.mutable_data_ptr<grad_t>(),
+                                                 grad_target.mutable_data_ptr<grad_t>());
       };
-      if (grad_means.scalar_type() == at::kFloat)
+      if (grad_means.scalar_type() == kFloat)
         run.template operator()<float>();
       else
         run.template operator()<scalar_t>();  // written in the input dtype, no float32 copy
@@ -218,27 +215,27 @@ bool mixture_nll_forward_grad(const at::Tensor& logits_in, const at::Tensor& mea
       dispatch_dim(means.size(2), [&]<int kD>() {
         mixture_nll_forward_blocked<true, kD, scalar_t>(
             logits, means, log_scales, target, static_cast<float>(grad_scale), &loss, &saved,
-            grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(), grad_log_scales.data_ptr<float>(),
-            grad_target.data_ptr<float>());
+            grad_logits.mutable_data_ptr<float>(), grad_means.mutable_data_ptr<float>(), grad_log_scales.mutable_data_ptr<float>(),
+            grad_target.mutable_data_ptr<float>());
       });
     });
   return true;
   });
 }
 
-void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits_in, const at::Tensor& means_in,
-                          const at::Tensor& log_scales_in, const at::Tensor& target_in, const at::Tensor& saved,
-                          at::Tensor& grad_logits, at::Tensor& grad_means, at::Tensor& grad_log_scales,
-                          at::Tensor& grad_target) {
+void mixture_nll_backward(const Tensor& grad_loss, const Tensor& logits_in, const Tensor& means_in,
+                          const Tensor& log_scales_in, const Tensor& target_in, const Tensor& saved,
+                          Tensor& grad_logits, Tensor& grad_means, Tensor& grad_log_scales,
+                          Tensor& grad_target) {
   const DriverInputs in(logits_in, means_in, log_scales_in, target_in);
-  const at::Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
+  const Tensor &logits = in.logits, &means = in.means, &log_scales = in.log_scales, &target = in.target;
 #ifdef PHYSMDN_LANES_PATH
   // recomputes the forward (the saved state is not needed by the lanes path)
   if (lanes_path_applies(means))
     return dispatch_float_or_half(means.scalar_type(), [&]<typename scalar_t>() {
       soa::mixture_nll<true, scalar_t>(logits, means, log_scales, target, &grad_loss, 1.0f, nullptr, nullptr,
-                                       grad_logits.data_ptr<float>(), grad_means.data_ptr<float>(),
-                                       grad_log_scales.data_ptr<float>(), grad_target.data_ptr<float>());
+                                       grad_logits.mutable_data_ptr<float>(), grad_means.mutable_data_ptr<float>(),
+                                       grad_log_scales.mutable_data_ptr<float>(), grad_target.mutable_data_ptr<float>());
     });
 #endif
   if (blocked_float_path_applies(logits, means, log_scales, target))
@@ -253,22 +250,22 @@ void mixture_nll_backward(const at::Tensor& grad_loss, const at::Tensor& logits_
   if (blocked_double_path_applies(logits, means, log_scales, target))
     return dispatch_dim(means.size(2), [&]<int kD>() {
       mixture_nll_forward_blocked<true, kD, double>(logits, means, log_scales, target, 1.0, nullptr, nullptr,
-                                                    grad_logits.data_ptr<double>(), grad_means.data_ptr<double>(),
-                                                    grad_log_scales.data_ptr<double>(), grad_target.data_ptr<double>(),
+                                                    grad_logits.mutable_data_ptr<double>(), grad_means.mutable_data_ptr<double>(),
+                                                    grad_log_scales.mutable_data_ptr<double>(), grad_target.mutable_data_ptr<double>(),
                                                     &grad_loss);
     });
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "physmdn_mixture_nll_backward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+  PHYSMDN_DISPATCH_FLOATING(means.scalar_type(), "physmdn_mixture_nll_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
     const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
     const scalar_t* g_ptr = grad_loss.const_data_ptr<scalar_t>();
     const int64_t g_stride = grad_loss.stride(0);
     const acc_t* saved_ptr = saved.const_data_ptr<acc_t>();
-    acc_t* gl = grad_logits.data_ptr<acc_t>();
-    acc_t* gm = grad_means.data_ptr<acc_t>();
-    acc_t* gs = grad_log_scales.data_ptr<acc_t>();
-    acc_t* gt = grad_target.data_ptr<acc_t>();
+    acc_t* gl = grad_logits.mutable_data_ptr<acc_t>();
+    acc_t* gm = grad_means.mutable_data_ptr<acc_t>();
+    acc_t* gs = grad_log_scales.mutable_data_ptr<acc_t>();
+    acc_t* gt = grad_target.mutable_data_ptr<acc_t>();
     const int64_t K = v.K, D = v.D;
-    at::parallel_for(0, means.size(0), grain_size(K, D), [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, means.size(0), grain_size(K, D), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         math::mixture_nll_sample_backward<acc_t>(v, b, static_cast<acc_t>(g_ptr[b * g_stride]),
                                                  saved_ptr + math::kSavedPerSample * b, gl + b * K, gm + b * K * D,

@@ -25,7 +25,6 @@
 // Included by files compiled once per instruction set (PHYSMDN_CPU_ISA names the namespace): the predicates that
 // depend on the build live in that namespace.
 #pragma once
-#include <ATen/core/Tensor.h>
 
 #include <atomic>
 #include <cstdint>
@@ -76,45 +75,45 @@ constexpr bool kHaveLanesPath = true;
 constexpr bool kHaveLanesPath = false;
 #endif
 
-inline bool float_or_half(at::ScalarType dt) { return dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf; }
+inline bool float_or_half(ScalarType dt) { return dt == kFloat || dt == kBFloat16 || dt == kHalf; }
 
 // What the blocked paths read: contiguous inputs of at most kVectorMaxKD values per sample.
-inline bool blocked_layout(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                           const at::Tensor& target) {
+inline bool blocked_layout(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                           const Tensor& target) {
   return logits.is_contiguous() && means.is_contiguous() && log_scales.is_contiguous() && target.is_contiguous() &&
          means.size(1) * means.size(2) <= kVectorMaxKD;
 }
 
 // lanes: float32 / bfloat16 / float16 in the AVX2 build, any strides.
-inline bool lanes_path_applies(const at::Tensor& means) {
+inline bool lanes_path_applies(const Tensor& means) {
   return kHaveLanesPath && float_or_half(means.scalar_type()) && means.size(1) * means.size(2) <= kVectorMaxKD;
 }
 
 // lanes for the fused loss: the family is one the lanes path has a policy for.
-inline bool lanes_family_path_applies(const at::Tensor& means, const PhysicsArgs& args, int order, int64_t rows) {
+inline bool lanes_family_path_applies(const Tensor& means, const PhysicsArgs& args, int order, int64_t rows) {
   return lanes_family(args, order, rows) && lanes_path_applies(means);
 }
 
 // blocked float: float32 / bfloat16 / float16, contiguous (reached in the baseline build; AVX2 takes lanes first).
-inline bool blocked_float_path_applies(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                                       const at::Tensor& target) {
+inline bool blocked_float_path_applies(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                                       const Tensor& target) {
   return float_or_half(means.scalar_type()) && blocked_layout(logits, means, log_scales, target);
 }
 
 // blocked double: float64, contiguous.
-inline bool blocked_double_path_applies(const at::Tensor& logits, const at::Tensor& means,
-                                        const at::Tensor& log_scales, const at::Tensor& target) {
-  return means.scalar_type() == at::kDouble && blocked_layout(logits, means, log_scales, target);
+inline bool blocked_double_path_applies(const Tensor& logits, const Tensor& means,
+                                        const Tensor& log_scales, const Tensor& target) {
+  return means.scalar_type() == kDouble && blocked_layout(logits, means, log_scales, target);
 }
 
 // blocked family: the fused loss's polynomial or linear family, float32 / float64, contiguous, and no gradient for
 // the family's parameters.
-inline bool blocked_family_path_applies(const at::Tensor& logits, const at::Tensor& means,
-                                        const at::Tensor& log_scales, const at::Tensor& target,
+inline bool blocked_family_path_applies(const Tensor& logits, const Tensor& means,
+                                        const Tensor& log_scales, const Tensor& target,
                                         const PhysicsArgs& args, int64_t rows, bool param_grad) {
   const auto dt = means.scalar_type();
   const bool family = args.family == math::kPolynomial || (args.family == math::kLinear && rows > 0);
-  return family && !param_grad && (dt == at::kFloat || dt == at::kDouble) &&
+  return family && !param_grad && (dt == kFloat || dt == kDouble) &&
          blocked_layout(logits, means, log_scales, target);
 }
 
@@ -124,19 +123,19 @@ inline bool blocked_family_path_applies(const at::Tensor& logits, const at::Tens
 // copy + blocked path (B = 65536, K = 8, D = 4). Expanded inputs (a zero stride) are never copied (that would make a
 // full [B, ...] tensor of a broadcast): the blocked paths leave them to the per-sample loop.
 struct DriverInputs {
-  at::Tensor logits, means, log_scales, target;
-  DriverInputs(const at::Tensor& l, const at::Tensor& m, const at::Tensor& s, const at::Tensor& y,
+  Tensor logits, means, log_scales, target;
+  DriverInputs(const Tensor& l, const Tensor& m, const Tensor& s, const Tensor& y,
                bool with_lanes = true)
       : logits(l), means(m), log_scales(s), target(y) {
     if (blocked_layout(l, m, s, y) || m.size(1) * m.size(2) > kVectorMaxKD) return;
     if (with_lanes && lanes_path_applies(m)) return;
-    const auto expanded = [](const at::Tensor& t) {
+    const auto expanded = [](const Tensor& t) {
       for (int64_t d = 0; d < t.dim(); ++d)
         if (t.size(d) > 1 && t.stride(d) == 0) return true;
       return false;
     };
     if (expanded(l) || expanded(m) || expanded(s) || expanded(y)) return;
-    logits = l.contiguous(), means = m.contiguous(), log_scales = s.contiguous(), target = y.contiguous();
+    logits = as_contiguous(l), means = as_contiguous(m), log_scales = as_contiguous(s), target = as_contiguous(y);
   }
 };
 

@@ -6,7 +6,6 @@
 #if !defined(__CUDACC__) && !defined(PHYSMDN_CUDA_HOST_SIM)
 #error "csrc/cuda/device_kernels.cuh is CUDA code: compile it with nvcc, or under tests/cuda/cuda_sim/host_sim.h"
 #endif
-#include <ATen/OpMathType.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -714,6 +713,21 @@ __global__ void scale_by_kernel(const __grid_constant__ ScaleTargets targets, co
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     p[i] = static_cast<scalar_t>(static_cast<acc_t>(p[i]) * f);
+}
+
+// The factor of scale_by_kernel for tensors of scalar_t: upstream (one value, exactly as a double) converted to
+// scalar_t and divided by scale, as torch computes upstream.to(dtype) / scale, rounded to scalar_t; exactly 1 where
+// upstream equals scale rounded to upstream's dtype (scale_in_upstream_dtype). One thread.
+template <typename scalar_t, typename acc_t>
+__global__ void scale_factor_kernel(const double* __restrict__ upstream, double scale_in_upstream_dtype, double scale,
+                                    acc_t* __restrict__ factor) {
+  const double u = *upstream;
+  if (u == scale_in_upstream_dtype) {
+    *factor = acc_t(1);
+    return;
+  }
+  const acc_t in_dtype = static_cast<acc_t>(static_cast<scalar_t>(u));
+  *factor = static_cast<acc_t>(static_cast<scalar_t>(scale != 1.0 ? in_dtype / static_cast<acc_t>(scale) : in_dtype));
 }
 
 #ifdef PHYSMDN_WITH_CUDA_LANES

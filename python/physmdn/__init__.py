@@ -27,7 +27,9 @@ from . import problems, metrics  # noqa: E402
 
 
 def build_info() -> dict:
-    """Build facts: package version, torch built against / running, CUDA kernels, CUDA version, arch list,
+    """Build facts: package version, the torch whose headers the extension was compiled with (``torch_version``),
+    the oldest torch it loads under (``torch_minimum``: it uses the LibTorch stable ABI of that version) and the
+    torch running (``torch_running``), CUDA kernels, CUDA version, arch list,
     whether the CUDA lane-per-element schedule is compiled (``cuda_lanes_schedule``; CMake option
     ``PHYSMDN_CUDA_LANES``), CPU kernel variants and the one in use, CPU threads."""
     info = dict(_C.build_info())
@@ -46,7 +48,8 @@ def cpu_pool_stats() -> dict:
     A training loop frees last step's gradients and allocates the same sizes again; glibc hands such
     multi-megabyte blocks back to the kernel, so each step would page-fault (and zero) them in anew, which costs
     more than the kernels. The pool keeps up to ``limit_bytes`` of freed blocks of exact sizes (default 256 MiB,
-    environment variable ``PHYSMDN_CPU_POOL_MB``). Pooled memory is reported to the torch profiler."""
+    environment variable ``PHYSMDN_CPU_POOL_MB``). The torch profiler does not see pooled memory (the stable ABI has no
+    allocator hook)."""
     return dict(_C.cpu_pool_stats())
 
 

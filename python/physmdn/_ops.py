@@ -1,5 +1,5 @@
 """What the custom ops' Python sides share: input checks and casts, the flattening of leading batch dimensions,
-the dispatch of a call (:func:`call_op`: eager C++ autograd node, traced, or functorch), the forward-with-gradients
+the dispatch of a call (:func:`call_op`: eager, traced, or functorch), the forward-with-gradients
 hand-over of the autograd, and the fake kernel of ``_scale_by_``.
 
 Each op lives in a module of its own with its fake kernels, autograd, batching rules and functorch Function:
@@ -97,7 +97,6 @@ def _plain(tensors) -> bool:
     return _eager(*(t for t in tensors if isinstance(t, torch.Tensor))) and not torch._C._are_functorch_transforms_active()
 
 
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 
 
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
@@ -198,18 +197,13 @@ FUNCTORCH_APPLY: list = [None]
 
 def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plain: bool | None = None) -> torch.Tensor:
     """The loss of ``torch.ops.physmdn.<name>_fwd(*args)``, reduced (``"none"``, ``"mean"`` or ``"sum"``). In eager
-    mode without autograd straight to the kernel; with autograd through ``_<name>_autograd`` (the same arguments and
-    the reduction), whose autograd node is C++ (csrc/autograd.cpp: the same graph and gradients as the autograd
-    formula registered here, without the Python around every forward and backward, and the reduction inside the
-    node); traced (torch.compile) or with tensor subclasses through the dispatcher and the autograd registered here
-    (which tracing needs); with autograd under functorch transforms in eager mode through ``_func.apply`` (the same
+    mode without autograd straight to the kernel; with autograd, traced (torch.compile) or with tensor subclasses
+    through the dispatcher and the autograd registered here; with autograd under functorch transforms in eager mode through ``_func.apply`` (the same
     autograd formulas; without, ``vmap`` needs only the batching rules). ``plain``: the caller's :func:`_plain`
     (None: test it)."""
     if _fwad._current_level >= 0:  # (a dual level is open: one module attribute read otherwise)
         _refuse_forward_ad(name, args)
-    if plain if plain is not None else _plain(args):
-        if needs_autograd:
-            return getattr(torch.ops.physmdn, f"_{name}_autograd").default(*args, _REDUCTIONS[reduction])
+    if (plain if plain is not None else _plain(args)) and not needs_autograd:
         with torch._C._AutoDispatchBelowAutograd():
             loss = getattr(torch.ops.physmdn, f"{name}_fwd").default(*args)[0]
     elif needs_autograd and torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():

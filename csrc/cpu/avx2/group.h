@@ -6,7 +6,6 @@
 #error "cpu/avx2/group.h needs AVX2 and FMA"
 #endif
 
-#include <ATen/core/Tensor.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -28,7 +27,7 @@ namespace physmdn::cpu::soa {
 struct InLayout {
   int64_t s0, s1, s2, n1, n2;
   bool rows;
-  explicit InLayout(const at::Tensor& t)
+  explicit InLayout(const Tensor& t)
       : s0(t.stride(0)), s1(t.stride(1)), s2(t.dim() > 2 ? t.stride(2) : 0), n1(t.size(1)),
         n2(t.dim() > 2 ? t.size(2) : 1),
         rows((n2 == 1 || s2 == 1) && (n1 == 1 || s1 == n2)) {}

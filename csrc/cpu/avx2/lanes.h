@@ -15,8 +15,6 @@
 #error "cpu/avx2/lanes.h needs AVX2 and FMA"
 #endif
 
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -163,8 +161,8 @@ constexpr int64_t kStreamMinBytes = int64_t{32} << 20;
 // stride), or g_default when it is null. They are float32 (grad_t = float) or the input's reduced dtype (grad_t =
 // scalar_t: converted in registers on the way out, so that no float32 [B, K, D] buffer is ever made for them).
 template <bool kGrad, typename scalar_t, typename grad_t = float, typename Phys>
-void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales, const at::Tensor& target,
-         const Phys& phys_proto, const at::Tensor* grad_loss, float g_default, scalar_t* loss_all, float* saved_all,
+void run(const Tensor& logits, const Tensor& means, const Tensor& log_scales, const Tensor& target,
+         const Phys& phys_proto, const Tensor* grad_loss, float g_default, scalar_t* loss_all, float* saved_all,
          std::type_identity_t<grad_t>* gl_all, std::type_identity_t<grad_t>* gm_all, std::type_identity_t<grad_t>* gs_all,
          std::type_identity_t<grad_t>* gt_all, std::type_identity_t<grad_t>* ge_all) {
   static_assert(std::is_same_v<grad_t, float> || std::is_same_v<grad_t, scalar_t>);
@@ -187,12 +185,12 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
   // Dynamic schedule: threads take chunks of groups from a shared counter, so a thread that is preempted (shared
   // or virtual CPUs) does not leave the others waiting at the end; each chunk is a contiguous stretch of memory.
   // Chunks of about 8K floats of input, and at least 4 per thread (mid-size batches stay balanced).
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = static_cast<int64_t>(torch::stable::get_num_threads());
   const int64_t chunk = std::max<int64_t>(
       1, std::min<int64_t>(8192 / (KD + K + D), (groups + 4 * threads - 1) / (4 * threads)));
   const int64_t chunks = (groups + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(chunks, threads), 1, [&](int64_t, int64_t) {
+  torch::stable::parallel_for(0, std::min<int64_t>(chunks, threads), 1, [&](int64_t, int64_t) {
     Scratch w(K, D);
     Phys phys = phys_proto;
     if constexpr (Phys::kActive) {
@@ -269,8 +267,8 @@ void run(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& lo
 }
 
 template <bool kGrad, typename scalar_t, typename grad_t = float>
-void mixture_nll(const at::Tensor& logits, const at::Tensor& means, const at::Tensor& log_scales,
-                 const at::Tensor& target, const at::Tensor* grad_loss, float g_default, scalar_t* loss_all,
+void mixture_nll(const Tensor& logits, const Tensor& means, const Tensor& log_scales,
+                 const Tensor& target, const Tensor* grad_loss, float g_default, scalar_t* loss_all,
                  float* saved_all, std::type_identity_t<grad_t>* gl_all, std::type_identity_t<grad_t>* gm_all,
                  std::type_identity_t<grad_t>* gs_all, std::type_identity_t<grad_t>* gt_all) {
   run<kGrad, scalar_t, grad_t>(logits, means, log_scales, target, NoPhysics{}, grad_loss, g_default, loss_all,

@@ -5,7 +5,6 @@
 #error "cpu/avx2/transpose.h needs AVX2 and FMA"
 #endif
 
-#include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -13,6 +12,7 @@
 #include <type_traits>
 
 #include "cpu/avx2/vec_math.h"
+#include "tensor.h"
 
 namespace physmdn::cpu::soa {
 
@@ -74,8 +74,17 @@ inline void to_lanes(const float* src, int64_t n, __m256* out) { to_lanes(src, n
 
 // Stores of 8 / 4 floats as float32, or converted to bfloat16 / float16 (round to nearest even, NaN kept).
 inline void store8(float* p, __m256 v, bool stream) { stream ? _mm256_stream_ps(p, v) : _mm256_storeu_ps(p, v); }
-inline __m128i to_16bit(__m256 v, const at::BFloat16*) { return at::vec::cvtfp32_bf16(v); }
-inline __m128i to_16bit(__m256 v, const at::Half*) {
+inline __m128i to_16bit(__m256 v, const BFloat16*) {
+  // bits + 0x7fff + (the kept part's lowest bit), the upper half: round to nearest even; NaN -> 0xffff
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i ordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q));
+  __m256i r = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(r, _mm256_set1_epi32(0x7fff)), bits), 16);
+  r = _mm256_blendv_epi8(_mm256_set1_epi32(0xffff), r, ordered);
+  r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xd8);
+  return _mm256_castsi256_si128(r);
+}
+inline __m128i to_16bit(__m256 v, const Half*) {
   return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 template <typename T>
@@ -151,12 +160,12 @@ inline void store_rows(const float* src, int64_t n, T* dst) {
 template <typename scalar_t>
 void to_float_rows(const scalar_t* src, int64_t n, int64_t nvalid, float* dst) {
   int64_t e = 0;
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {  // bfloat16: the upper half of a float32
+  if constexpr (std::is_same_v<scalar_t, BFloat16>) {  // bfloat16: the upper half of a float32
     for (; e + 8 <= nvalid; e += 8) {
       const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e)));
       _mm256_storeu_ps(dst + e, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
     }
-  } else if constexpr (std::is_same_v<scalar_t, at::Half>) {  // F16C
+  } else if constexpr (std::is_same_v<scalar_t, Half>) {  // F16C
     for (; e + 8 <= nvalid; e += 8)
       _mm256_storeu_ps(dst + e, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + e))));
   }

@@ -5,9 +5,9 @@
 #error "cpu/avx2/vec_math.h needs AVX2 and FMA"
 #endif
 
-#include <ATen/cpu/vec/vec.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -59,7 +59,7 @@ inline __m256 exp_nonpos8(__m256 x) { return exp8_impl<false, false>(x); }  // e
 
 // log of 8 floats: Cephes' logf (mantissa in [sqrt(1/2), sqrt(2)), degree-9 polynomial, about 1 ulp) for
 // positive normal x; 0 -> -inf, +inf -> +inf, negative or NaN -> NaN. Denormal inputs (which the log-sum-exps,
-// with sums of 0 or >= 1, never pass) go through Sleef.
+// with sums of 0 or >= 1, never pass) and the special values go through std::log lane by lane.
 inline __m256 log8(__m256 x) {
   const __m256i bits = _mm256_castps_si256(x);
   const __m256i exp_field = _mm256_srli_epi32(bits, 23);
@@ -90,7 +90,10 @@ inline __m256 log8(__m256 x) {
       _mm256_or_si256(_mm256_cmpeq_epi32(exp_field, _mm256_setzero_si256()), _mm256_srai_epi32(bits, 31)),
       _mm256_cmpeq_epi32(exp_field, _mm256_set1_epi32(255)));
   if (_mm256_testz_si256(special, special)) return r;
-  return _mm256_blendv_ps(r, __m256(at::vec::Vectorized<float>(x).log()), _mm256_castsi256_ps(special));
+  alignas(32) float in[8], out[8];
+  _mm256_store_ps(in, x);
+  for (int i = 0; i < 8; ++i) out[i] = std::log(in[i]);
+  return _mm256_blendv_ps(r, _mm256_load_ps(out), _mm256_castsi256_ps(special));
 }
 
 

@@ -3,6 +3,8 @@
 // torch.utils.cpp_extension and compares the results with the reference). CPU tensors in, CPU tensors out; the
 // outputs are allocated as the CUDA backend allocates them (gradients in the accumulation dtype, or in the input
 // dtype for the lanes kernel when asked).
+// backend.cuh over ATen tensors (csrc/tensor.h), as this module is built with torch's full C++ API
+#define PHYSMDN_ATEN_TENSORS 1
 #include <torch/extension.h>
 
 #include <atomic>
@@ -31,7 +33,7 @@ std::atomic<bool>& cuda_lanes_schedule_enabled() {
   static std::atomic<bool> enabled{false};
   return enabled;
 }
-void scale_by_on_host(at::TensorList, const at::Tensor&, double) {
+void scale_by_on_host(const std::vector<at::Tensor>&, const at::Tensor&, double) {
   TORCH_CHECK(false, "cuda_sim: _scale_by_'s host path (an upstream value on the host) is not simulated");
 }
 }  // namespace physmdn
@@ -130,7 +132,7 @@ py::tuple lanes_nll(const Tensor& logits, const Tensor& means, const Tensor& log
   cuda_sim::last_stats() = {};
   if (B > 0) {  // (the backend's launcher, with the grid and the kernel instance it picks)
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, means.scalar_type(), "cuda_sim_lanes", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = physmdn::acc_type<scalar_t>;
       with_grad_type<scalar_t>(grad ? &gm : nullptr, [&](auto grad_tag) {
         using grad_t = typename decltype(grad_tag)::type;
         const auto launch = [&](auto kgrad) {
@@ -184,7 +186,7 @@ py::tuple sample_nll_fwd(const Tensor& logits, const Tensor& means, const Tensor
   Stats stats;
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_sample_fwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = physmdn::acc_type<scalar_t>;
       const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
       const auto kernel = warp ? &warp_kernel<scalar_t, acc_t, false, false> : &sample_kernel<scalar_t, acc_t, false, false>;
       stats = cuda_sim::launch(warp ? dim3(warp_blocks_for(B)) : dim3(blocks_for(B)),
@@ -214,7 +216,7 @@ py::tuple sample_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const Te
   Stats stats;
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_sample_bwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+      using acc_t = physmdn::acc_type<scalar_t>;
       const auto v = make_mixture_view<scalar_t>(logits, means, log_scales, target);
       const auto kernel = warp ? &warp_kernel<scalar_t, acc_t, false, true> : &sample_kernel<scalar_t, acc_t, false, true>;
       stats = cuda_sim::launch(warp ? dim3(warp_blocks_for(B)) : dim3(blocks_for(B)),
@@ -245,7 +247,7 @@ py::dict scale_by(std::vector<Tensor> tensors, const Tensor& factor, int64_t blo
   }
   Stats stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "cuda_sim_scale_by", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = physmdn::acc_type<scalar_t>;
     const Tensor f = factor.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     stats = cuda_sim::launch(dim3(static_cast<unsigned int>(blocks), static_cast<unsigned int>(tensors.size())),
                              dim3(256), 0, scale_by_kernel<scalar_t, acc_t>, targets,
