@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
 from ._mixture_nll import mixture_nll  # noqa: E402
+from ._mixture_correlated import mixture_nll_lowrank, mixture_nll_tril  # noqa: E402
 from . import physics  # noqa: E402
 from .physics import mdn_loss  # noqa: E402
 from . import _func  # noqa: E402,F401  (the functorch path of the ops)
@@ -62,7 +63,7 @@ def cpu_pool_release() -> None:
 
 
 __all__ = [
-    "mixture_nll", "mdn_loss", "reference", "physics", "build_info", "__version__",
+    "mixture_nll", "mixture_nll_tril", "mixture_nll_lowrank", "mdn_loss", "reference", "physics", "build_info", "__version__",
     "cpu_pool_stats", "set_cpu_pool_limit", "cpu_pool_release",
     "GaussianMixture", "Modes", "MDN", "CFM", "fit", "load", "CheckpointError", "FitResult", "LinearWarmup",
     "distributions", "transport", "models", "training", "problems", "metrics",
