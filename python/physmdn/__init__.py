@@ -18,6 +18,8 @@ from .physics import mdn_loss  # noqa: E402
 from . import _func  # noqa: E402,F401  (the functorch path of the ops)
 from . import distributions, transport, models, training  # noqa: E402
 from .distributions import GaussianMixture, Modes  # noqa: E402
+from . import correlated  # noqa: E402
+from .correlated import GaussianMixtureLowRank, GaussianMixtureTril  # noqa: E402
 from .models import MDN, CFM  # noqa: E402
 from . import constraints  # noqa: E402
 from .constraints import ConstrainedMDN, LinearConstraint  # noqa: E402
@@ -65,6 +67,7 @@ def cpu_pool_release() -> None:
 __all__ = [
     "mixture_nll", "mixture_nll_tril", "mixture_nll_lowrank", "mdn_loss", "reference", "physics", "build_info", "__version__",
     "cpu_pool_stats", "set_cpu_pool_limit", "cpu_pool_release",
-    "GaussianMixture", "Modes", "MDN", "CFM", "fit", "load", "CheckpointError", "FitResult", "LinearWarmup",
+    "GaussianMixture", "GaussianMixtureTril", "GaussianMixtureLowRank", "Modes", "correlated",
+    "MDN", "CFM", "fit", "load", "CheckpointError", "FitResult", "LinearWarmup",
     "distributions", "transport", "models", "training", "problems", "metrics",
 ]
