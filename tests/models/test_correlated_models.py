@@ -216,3 +216,17 @@ def test_fit_learns_the_correlation_of_a_noisy_line(one_thread):
     # the exact NLL of the data is about 0.27 + (-2.3) ~ -2.0 nats; a diagonal Gaussian pays the full spread of y2
     assert nll["full"] < nll["diag"] - 1.0, nll
     assert nll["lowrank"] < nll["diag"] - 1.0, nll
+
+
+def test_fit_with_physics_and_rebuild_from_config(one_thread):
+    """physics= reaches the correlated penalty (its term is reported), and the model rebuilds from its config."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(256, 1, generator=g)
+    y = torch.stack([x[:, 0], 1.0 - x[:, 0]], -1) + 0.05 * torch.randn(256, 2, generator=g)
+    model = physmdn.MDN(1, 2, 2, hidden=(8,), covariance="full")
+    law = physmdn.physics.Linear([[1.0, 1.0]], [1.0])  # y1 + y2 = 1
+    result = physmdn.fit(model, (x, y), epochs=2, batch_size=128, physics=law, physics_weight=0.5, progress=False)
+    assert result.history[-1]["train_physics"] > 0
+    twin = physmdn.models.build_model("MDN", model.config)
+    twin.load_state_dict(model.state_dict())
+    torch.testing.assert_close(twin(x[:5]).scale_tril, model(x[:5]).scale_tril)
