@@ -217,7 +217,8 @@ def _flatten(logits: Tensor, means: Tensor, target: Tensor, covariance: list[tup
         raise ValueError(f"means must have K >= 1 components and D >= 1 output dimensions, got shape "
                          f"{tuple(means.shape)}")
     if logits.dim() < 1 or logits.shape[-1] != K:
-        raise ValueError(f"logits must be [*, K] with K = {K} (the components of means), got shape {tuple(logits.shape)}")
+        raise ValueError(f"logits must be [*, K] with K = {K} (the components of means), got shape "
+                         f"{tuple(logits.shape)}")
     if target.dim() < 1 or target.shape[-1] != D:
         raise ValueError(f"target must be [*, D] with D = {D} (the outputs of means), got shape {tuple(target.shape)}")
     events = [(logits, (K,)), (means, (K, D)), (target, (D,))]
@@ -242,7 +243,7 @@ def _flatten(logits: Tensor, means: Tensor, target: Tensor, covariance: list[tup
 
 def _positive(diagonal: Tensor, name: str, what: str) -> None:
     """Eager calls refuse a non-positive ``what`` of ``name`` (traced ones give NaN for that sample instead)."""
-    if torch.compiler.is_compiling() or diagonal.numel() == 0:
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or diagonal.numel() == 0:
         return
     if isinstance(diagonal, torch.Tensor) and type(diagonal) in (torch.Tensor, torch.nn.Parameter):
         smallest = diagonal.detach().amin()

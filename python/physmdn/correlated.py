@@ -363,7 +363,8 @@ class GaussianMixtureTril(CorrelatedGaussianMixture):
         K = self.num_components
         if not isinstance(k, int) or not -K <= k < K:
             raise IndexError(f"k must be an int component index in [0, {K}), got {k!r}")
-        return torch.distributions.MultivariateNormal(self.means[..., k, :], scale_tril=self.component_scale_tril[..., k, :, :])
+        return torch.distributions.MultivariateNormal(self.means[..., k, :],
+                                                      scale_tril=self.component_scale_tril[..., k, :, :])
 
     def to_torch(self) -> torch.distributions.MixtureSameFamily:
         """``MixtureSameFamily(Categorical(logits), MultivariateNormal(means, scale_tril=scale_tril))``."""
