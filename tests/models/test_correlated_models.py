@@ -246,3 +246,13 @@ def test_fit_with_physics_and_rebuild_from_config(one_thread):
     twin = physmdn.models.build_model("MDN", model.config)
     twin.load_state_dict(model.state_dict())
     torch.testing.assert_close(twin(x[:5]).scale_tril, model(x[:5]).scale_tril)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("covariance,rank", [("full", None), ("lowrank", 2)])
+def test_model_and_likelihood_compile_in_one_graph(covariance, rank):
+    torch._dynamo.reset()
+    model = physmdn.MDN(2, 3, 4, hidden=(8,), covariance=covariance, rank=rank)
+    x, y = torch.randn(16, 2), torch.randn(16, 3)
+    compiled = torch.compile(lambda x, y: model(x).nll(y).mean(), fullgraph=True)(x, y)
+    torch.testing.assert_close(compiled, model(x).nll(y).mean())
