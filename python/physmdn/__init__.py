@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from . import reference  # noqa: E402
 from ._mixture_nll import mixture_nll  # noqa: E402
+from ._mixture_correlated import mixture_nll_lowrank, mixture_nll_tril  # noqa: E402
 from . import physics  # noqa: E402
 from .physics import mdn_loss  # noqa: E402
 from . import stationary  # noqa: E402
@@ -19,6 +20,8 @@ from .stationary import StationaryLaw  # noqa: E402
 from . import _func  # noqa: E402,F401  (the functorch path of the ops)
 from . import distributions, transport, models, training  # noqa: E402
 from .distributions import GaussianMixture, Modes  # noqa: E402
+from . import correlated  # noqa: E402
+from .correlated import GaussianMixtureLowRank, GaussianMixtureTril  # noqa: E402
 from .models import MDN, CFM  # noqa: E402
 from . import constraints  # noqa: E402
 from .constraints import ConstrainedMDN, LinearConstraint  # noqa: E402
@@ -67,8 +70,10 @@ def cpu_pool_release() -> None:
 
 
 __all__ = [
-    "mixture_nll", "mdn_loss", "reference", "physics", "stationary", "StationaryLaw", "build_info", "__version__",
+    "mixture_nll", "mixture_nll_tril", "mixture_nll_lowrank", "mdn_loss", "reference", "physics", "stationary",
+    "StationaryLaw", "build_info", "__version__",
     "cpu_pool_stats", "set_cpu_pool_limit", "cpu_pool_release",
-    "GaussianMixture", "Modes", "MDN", "CFM", "fit", "load", "CheckpointError", "FitResult", "LinearWarmup",
+    "GaussianMixture", "GaussianMixtureTril", "GaussianMixtureLowRank", "Modes", "correlated",
+    "MDN", "CFM", "fit", "load", "CheckpointError", "FitResult", "LinearWarmup",
     "distributions", "transport", "models", "training", "problems", "metrics",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from .reference import HALF_LOG_2PI
 
-__all__ = ["Modes", "DEFAULT_MIN_WEIGHT", "find_modes"]
+__all__ = ["Modes", "DEFAULT_MIN_WEIGHT", "find_modes", "select_modes"]
 
 # A network's softmax gate never drives an unused component to exactly zero weight: trained MDNs leave such
 # components at weights of about 1e-4 to 1e-3, often far from the data, where each one is a separate local maximum.
@@ -91,6 +91,17 @@ def find_modes(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tens
     curvature = precision.amax(dim=(1, 2)).unsqueeze(-1)  # [B, 1]
     is_max = top <= 1e-6 * curvature
 
+    return select_modes(x, log_density, is_max, log_w, unit, merge_tol=merge_tol, min_weight=min_weight,
+                        out_dtype=out_dtype)
+
+
+def select_modes(x: torch.Tensor, log_density: torch.Tensor, is_max: torch.Tensor, log_w: torch.Tensor,
+                 unit: torch.Tensor, *, merge_tol: float, min_weight: float, out_dtype: torch.dtype) -> Modes:
+    """The end points ``x [B, M = K, D]`` of the mean-shift iterations started at each component mean (their
+    ``log_density [B, M]``, ``is_max [B, M]`` False for saddles) merged, weighed and padded into :class:`Modes`;
+    ``log_w [B, K]`` the log-weights, ``unit [B]`` the length unit of ``merge_tol``. Shared by the diagonal and
+    the correlated mixtures."""
+    B, K, D = x.shape
     # greedy merge, highest density first; owner[b, m]: the kept entry that start m's mass goes to (-1: none)
     ranked = torch.where(is_max, log_density, torch.full_like(log_density, -math.inf))
     order = torch.argsort(ranked, dim=-1, descending=True)

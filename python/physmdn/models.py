@@ -21,10 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as check
+from ._mixture_correlated import MAX_RANK, MAX_TRIL_DIM
+from .correlated import GaussianMixtureLowRank, GaussianMixtureTril
 from .distributions import GaussianMixture
 from .transport import ot_coupling
 
-__all__ = ["MDN", "CFM", "build_model", "register_model", "MODELS", "mlp", "ACTIVATIONS"]
+__all__ = ["MDN", "CFM", "build_model", "register_model", "MODELS", "mlp", "ACTIVATIONS", "COVARIANCES"]
+
+COVARIANCES = ("diag", "full", "lowrank")
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU,
@@ -165,15 +169,42 @@ class MDN(_ConditionalModel):
         components: number of mixture components ``K >= 1``.
         hidden: trunk widths. activation: one of :data:`ACTIVATIONS`. dropout: after each trunk activation.
         min_scale: lower bound of every ``sigma``. init_scale, mean_spread: see above.
+        covariance: the components' covariance: ``"diag"`` (:class:`GaussianMixture`), ``"full"``
+            (:class:`GaussianMixtureTril`, ``D <= 32``) or ``"lowrank"`` (:class:`GaussianMixtureLowRank`).
+        rank: the rank ``R`` (1 to 8) of the low-rank factor; only with ``covariance="lowrank"``.
 
-    ``forward(x [B, C]) -> GaussianMixture`` with parameters in the model's dtype (float32 by default, also under
-    bf16 autocast: the heads' outputs are cast back so the likelihood is evaluated in full precision).
+    Correlated components (``y_scale`` as ``s``; heads in standardized units, mapped to ``y``'s units by the rows of
+    ``diag(s)``, so that ``Sigma = diag(s) Sigma_std diag(s)``):
+
+    * ``"full"``: ``scale_tril = diag(s) T`` with ``T_ij`` (``i > j``) a head's output (``D (D - 1) / 2`` per
+      component) and the diagonal ``L_ii`` from the scales head exactly as ``sigma`` above, so ``L_ii >= min_scale``:
+      every conditional standard deviation of ``y_i`` given ``y_<i`` is at least ``min_scale`` and
+      ``det Sigma >= min_scale^(2D)``. With ``T = 0`` the model is the diagonal one.
+    * ``"lowrank"``: ``cov_factor = diag(s) V / sqrt(R)``, ``V [K, D, R]`` a head's output, and
+      ``cov_diag = sigma^2 >= min_scale^2`` (``sigma`` as above), so ``Sigma >= min_scale^2 I``.
+
+    The off-diagonal and factor heads start small (weights scaled by 0.1, zero bias): training starts near the
+    diagonal model.
+
+    ``forward(x [B, C])`` returns the mixture of the chosen kind with parameters in the model's dtype (float32 by
+    default, also under bf16 autocast: the heads' outputs are cast back so the likelihood is evaluated in full
+    precision).
     """
 
     def __init__(self, in_features: int, out_features: int, components: int, hidden: Sequence[int] = (64, 64),
                  activation: str = "silu", min_scale: float = 1e-4, init_scale: float | None = None,
-                 mean_spread: float = 1.0, dropout: float = 0.0):
+                 mean_spread: float = 1.0, dropout: float = 0.0, covariance: str = "diag", rank: int | None = None):
         super().__init__()
+        self.covariance = check.one_of(covariance, "covariance", COVARIANCES)
+        if covariance == "lowrank":
+            rank = 2 if rank is None else check.count(rank, "rank")
+            if rank > MAX_RANK:
+                raise ValueError(f"rank must be an integer in [1, {MAX_RANK}], got {rank}")
+        elif rank is not None:
+            raise ValueError(f"rank is for covariance='lowrank', got rank={rank!r} with covariance={covariance!r}")
+        if covariance == "full" and check.count(out_features, "out_features") > MAX_TRIL_DIM:
+            raise ValueError(f"out_features must be <= {MAX_TRIL_DIM} for covariance='full', got {out_features}; "
+                             f"use covariance='lowrank'")
         self.in_features = check.count(in_features, "in_features")
         self.out_features = check.count(out_features, "out_features")
         self.components = check.count(components, "components")
@@ -190,6 +221,9 @@ class MDN(_ConditionalModel):
         self.config = dict(in_features=in_features, out_features=out_features, components=components, hidden=hidden,
                            activation=activation, min_scale=min_scale, init_scale=init_scale, mean_spread=mean_spread,
                            dropout=dropout)
+        if covariance != "diag":  # (diagonal models keep the config they always had)
+            self.config.update(covariance=covariance, rank=rank)
+        self.rank = rank
         self._init_normalization(in_features, out_features)
         K, D = components, out_features
         self.trunk = mlp(in_features, hidden, None, activation, dropout)
@@ -205,8 +239,20 @@ class MDN(_ConditionalModel):
             self.means_head.bias.copy_((mean_spread * _mean_centers(K, D)).reshape(-1))
             self.scales_head.weight.mul_(0.1)
             self.scales_head.bias.fill_(math.log(init_scale))
+        self.correlation_head = None
+        if covariance == "full" and D > 1:
+            self.correlation_head = nn.Linear(width, K * D * (D - 1) // 2)
+            rows, cols = torch.tril_indices(D, D, -1)
+            self.register_buffer("_tril_index", rows * D + cols, persistent=False)
+            self.register_buffer("_tril_rows", rows, persistent=False)
+        elif covariance == "lowrank":
+            self.correlation_head = nn.Linear(width, K * D * rank)
+        if self.correlation_head is not None:
+            with torch.no_grad():
+                self.correlation_head.weight.mul_(0.1)
+                self.correlation_head.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> GaussianMixture:
+    def forward(self, x: torch.Tensor) -> GaussianMixture | GaussianMixtureTril | GaussianMixtureLowRank:
         x = self._check_context(x, "x")
         dtype = x.dtype
         B, K, D = x.shape[0], self.components, self.out_features
@@ -215,7 +261,18 @@ class MDN(_ConditionalModel):
         means = self.y_loc + self.y_scale * self.means_head(h).to(dtype).view(B, K, D)
         raw = torch.log(self.y_scale) + self.scales_head(h).to(dtype).view(B, K, D)
         log_scales = self.log_min_scale + softplus(raw - self.log_min_scale)
-        return GaussianMixture(logits, means, log_scales, validate_args=False)  # no GPU sync per forward
+        if self.covariance == "diag":
+            return GaussianMixture(logits, means, log_scales, validate_args=False)  # no GPU sync per forward
+        if self.covariance == "lowrank":
+            factor = self.correlation_head(h).to(dtype).view(B, K, D, self.rank)
+            factor = (self.y_scale / math.sqrt(self.rank)).unsqueeze(-1) * factor
+            return GaussianMixtureLowRank(logits, means, factor, torch.exp(2.0 * log_scales), validate_args=False)
+        scale_tril = torch.diag_embed(torch.exp(log_scales))
+        if self.correlation_head is not None:
+            below = self.correlation_head(h).to(dtype).view(B, K, -1) * self.y_scale[self._tril_rows]
+            below = below.new_zeros(B, K, D * D).scatter(-1, self._tril_index.expand(B, K, -1), below)
+            scale_tril = scale_tril + below.view(B, K, D, D)
+        return GaussianMixtureTril(logits, means, scale_tril, validate_args=False)
 
 
 class CFM(_ConditionalModel):

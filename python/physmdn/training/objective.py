@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import physics_correlated
 from .._mixture_nll import mixture_nll
+from ..correlated import CorrelatedGaussianMixture
 from ..distributions import GaussianMixture
 from ..models import MDN
 from ..physics import mdn_loss
@@ -64,6 +66,8 @@ class Objective(nn.Module):
             specs = physics if _is_spec_like(physics) else physics(x)
         with torch.autocast(x.device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             mixture = model(x)
+        if isinstance(mixture, CorrelatedGaussianMixture):  # MDN(covariance="full" | "lowrank")
+            return _correlated_terms(mixture, y.to(mixture.dtype), labels, specs, physics_weight, regime_weight, zero)
         rotated = hasattr(mixture, "target_coordinates")  # a ConstrainedMixture: the law is built in
         if not isinstance(mixture, GaussianMixture) and not rotated:
             raise TypeError(f"model(x) must return a GaussianMixture (or the model must define loss()), "
@@ -95,4 +99,15 @@ class Objective(nn.Module):
             regime = mixture.regime_loss(labels, y, regime_mode)
             total = total + regime_weight * regime
         return total, torch.stack([t.detach().float() for t in (total, nll, penalty, regime)])
+
+
+def _correlated_terms(mixture, y, labels, specs, physics_weight, regime_weight, zero):
+    """The loss and terms of a full- or low-rank-covariance mixture (no fused physics kernel: plain torch)."""
+    if labels is not None and regime_weight != 0.0:
+        raise ValueError("regime labels are not supported with correlated components: pass regime_weight=0")
+    nll = mixture.nll(y).mean()
+    penalty = zero if specs is None else physics_correlated.physics_penalty(mixture, specs).mean()
+    total = nll + physics_weight * penalty if specs is not None else nll
+    return total, torch.stack([t.detach().float() for t in (total, nll, penalty, zero)])
+
 

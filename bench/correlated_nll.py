@@ -1,0 +1,112 @@
+"""Benchmark the correlated-component NLL ops against torch.distributions (eager and torch.compile).
+
+    python bench/correlated_nll.py [--device cpu|cuda] [--B 65536 --K 8] [--tril-D 8] [--lowrank-D 32 --R 4]
+                                   [--kinds tril,lowrank] [--repeat 10]
+
+Per kind, forward and forward + backward (``loss.sum()``, then ``autograd.grad`` with respect to every input but
+the target) of:
+
+* ``physmdn``: :func:`physmdn.mixture_nll_tril` / :func:`physmdn.mixture_nll_lowrank` (custom ops with a torch
+  implementation and an analytic backward op);
+* ``composite autograd``: the same torch math as the op's forward, differentiated by autograd (what the analytic
+  backward saves);
+* ``eager torch.distributions``: ``MixtureSameFamily(Categorical, MultivariateNormal(scale_tril=...))`` or
+  ``LowRankMultivariateNormal``;
+* ``torch.compile``: that expression under ``torch.compile(dynamic=False)``.
+
+Prints one table (median, p20/p80, peak memory, ``physmdn_speedup`` = the row's median over physmdn's) with
+machine and versions, and appends it to bench/out/<machine>.md / .csv (ignored by git).
+"""
+
+from __future__ import annotations
+
+# _common first: it sets the profiler's log level before torch loads
+from _common import COLUMNS, base_parser, compare_impls, format_table, machine_info, write_results
+
+import math
+
+import torch
+
+import physmdn
+from physmdn import reference
+
+
+def composite_tril(logits, means, scale_tril, target):
+    z = torch.linalg.solve_triangular(scale_tril, (target.unsqueeze(1) - means).unsqueeze(-1), upper=False)
+    log_normal = (-0.5 * z.squeeze(-1).square().sum(-1) - torch.log(scale_tril.diagonal(dim1=-2, dim2=-1)).sum(-1)
+                  - 0.5 * means.shape[-1] * math.log(2 * math.pi))
+    return -torch.logsumexp(torch.log_softmax(logits, -1) + log_normal, -1)
+
+
+def composite_lowrank(logits, means, cov_factor, cov_diag, target):
+    delta = target.unsqueeze(1) - means
+    scaled = cov_factor / cov_diag.unsqueeze(-1)
+    capacitance = cov_factor.mT @ scaled + torch.eye(cov_factor.shape[-1], dtype=means.dtype, device=means.device)
+    chol = torch.linalg.cholesky(capacitance)
+    s = torch.linalg.solve_triangular(chol, scaled.mT @ delta.unsqueeze(-1), upper=False)
+    mahalanobis = (delta.square() / cov_diag).sum(-1) - s.square().sum((-2, -1))
+    log_det = 2 * torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1) + torch.log(cov_diag).sum(-1)
+    log_normal = -0.5 * (mahalanobis + log_det) - 0.5 * means.shape[-1] * math.log(2 * math.pi)
+    return -torch.logsumexp(torch.log_softmax(logits, -1) + log_normal, -1)
+
+
+def make_factory(kind, B, K, D, R, device):
+    def make(requires_grad):
+        g = torch.Generator().manual_seed(0)
+        logits = torch.randn(B, K, generator=g)
+        means = torch.randn(B, K, D, generator=g)
+        target = torch.randn(B, D, generator=g)
+        if kind == "tril":
+            tril = 0.3 * torch.randn(B, K, D, D, generator=g).tril(-1) + torch.diag_embed(
+                0.5 + torch.rand(B, K, D, generator=g))
+            inputs = [logits, means, tril, target]
+        else:
+            inputs = [logits, means, 0.5 * torch.randn(B, K, D, R, generator=g), 0.1 + torch.rand(B, K, D, generator=g),
+                      target]
+        return [t.to(device).requires_grad_(requires_grad and i < len(inputs) - 1) for i, t in enumerate(inputs)]
+
+    return make
+
+
+def main(argv=None):
+    p = base_parser(__doc__)
+    p.add_argument("--tril-D", type=int, default=8)
+    p.add_argument("--lowrank-D", type=int, default=32)
+    p.add_argument("--R", type=int, default=4)
+    p.add_argument("--kinds", default="tril,lowrank")
+    p.add_argument("--no-compile", action="store_true")
+    args = p.parse_args(argv)
+    B, K, device = args.B, args.K, args.device
+    rows = []
+    for kind in args.kinds.split(","):
+        if kind == "tril":
+            D, R = args.tril_D, 0
+            ours, composite, theirs = (physmdn.mixture_nll_tril, composite_tril,
+                                       lambda *t: reference.mixture_nll_tril(*t))
+            shape = f"tril B={B} K={K} D={D}"
+        else:
+            D, R = args.lowrank_D, args.R
+            ours, composite, theirs = (physmdn.mixture_nll_lowrank, composite_lowrank,
+                                       lambda *t: reference.mixture_nll_lowrank(*t))
+            shape = f"lowrank B={B} K={K} D={D} R={R}"
+        impls = {"physmdn": ours, "composite autograd": composite, "eager torch.distributions": theirs}
+        if not args.no_compile:
+            impls["torch.compile"] = torch.compile(theirs, dynamic=False)
+        rows += compare_impls(impls, make_factory(kind, B, K, D, R, device), device, shape, repeat=args.repeat,
+                              memory=not args.no_memory)
+    for r in rows:
+        for k in ("median_ms", "p20_ms", "p80_ms", "peak_mb", "physmdn_speedup"):
+            if isinstance(r.get(k), float) and r[k] == r[k]:
+                r[k] = round(r[k], 3 if k == "physmdn_speedup" else 1)
+    notes = ("physmdn_speedup: the row's median over physmdn's in the same pass and run (> 1: physmdn is faster). "
+             "The physmdn ops are torch compositions behind custom ops, not fused kernels.")
+    if args.no_save:
+        print(format_table(rows, COLUMNS))
+        print(notes)
+    else:
+        write_results("correlated_nll", device, machine_info(device), rows, COLUMNS, notes)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

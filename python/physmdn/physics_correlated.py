@@ -1,0 +1,170 @@
+"""Physics penalties under correlated Gaussian components, and the MDN loss of a correlated mixture.
+
+Every covariance is taken in the form ``Sigma_k = F_k F_k^T + diag(c_k)`` (``F = scale_tril, c = 0`` for
+:class:`physmdn.GaussianMixtureTril`; ``F = cov_factor, c = cov_diag`` for :class:`physmdn.GaussianMixtureLowRank`),
+so nothing ``D x D`` is formed beyond ``F``. The built-in families' three moments (see :mod:`physmdn.physics`)
+have closed forms:
+
+* :class:`~physmdn.physics.Polynomial` acts on each coordinate alone: its moments need only the marginals
+  ``N(mu_i, Sigma_ii)``, ``Sigma_ii = |F_i|^2 + c_i``.
+* :class:`~physmdn.physics.Linear`: ``E |A y - b|^2 = |A mu - b|^2 + tr(A Sigma A^T)``,
+  ``tr(A Sigma A^T) = |A F|_F^2 + sum_d c_d |A_:d|^2``.
+* :class:`~physmdn.physics.Stencil1D`: ``r_i = n_i + q(u_i)`` with the neighbour term ``n_i = a sum_{j != i} L_ij u_j``
+  (linear) and the own-point polynomial ``q`` (reaction plus ``a L_ii u_i``). ``E r_i^2 = (E r_i)^2 + Var n_i +
+  Var q(u_i) + 2 Cov(n_i, q(u_i))``, and by Stein's lemma for jointly Gaussian variables
+  ``Cov(n_i, q(u_i)) = Cov(n_i, u_i) E[q'(u_i)]`` with ``Cov(n_i, u_i) = a (G F^T)_ii``, ``G = L_off F``, and
+  ``Var n_i = a^2 (|G_i|^2 + sum_j L_off,ij^2 c_j)``.
+
+Specs whose penalty reads only each coordinate's marginal (:class:`~physmdn.physics.Bounds`, and those that read the
+means alone: ``Stability``, ``DynamicsStability``, ``FieldStability``, ``Monotonic``, ``Residual(mode="point")``) are
+given the marginal log standard deviations and are exact as they are. The other ``Residual`` modes place their
+points along the coordinate axes (a diagonal rule) and are refused, as is ``noise_scale > 0``.
+
+The loss per sample is ``NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk`` as in :func:`physmdn.mdn_loss`, here in
+plain torch (the NLL through the correlated ops). Layering: imports the ops, ``physics`` and ``correlated``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .correlated import CorrelatedGaussianMixture
+from .physics import (Bounds, DynamicsStability, FieldStability, Linear, Monotonic, PhysicsSpec, Polynomial, Residual,
+                      Stability, Stencil1D, _check_coupling, _effective_coupling, _normalize_physics,
+                      _poly_mean_expectation, _poly_square_expectation)
+
+__all__ = ["expected_residual", "expected_square", "component_penalty", "physics_penalty", "mdn_loss"]
+
+_MARGINAL_SPECS = (Bounds, Stability, DynamicsStability, FieldStability, Monotonic)
+
+
+def _marginal_variance(factor: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
+    """``Sigma_ii = |F_i|^2 + c_i``: ``[B, K, D]``."""
+    var = factor.square().sum(-1)
+    return var if diag is None else var + diag
+
+
+def _stencil_parts(spec: Stencil1D, means: torch.Tensor):
+    """``(a [.., .., 1], L_off [D, D], own [.., .., D, J'+1])`` of a stencil: ``own`` is the
+    polynomial in ``u_i`` alone (reaction plus the stencil's own-point term ``a L_ii u_i``)."""
+    D = means.shape[-1]
+    L = spec.laplacian(D, means.dtype, means.device)
+    a = spec.diffusion.to(means.dtype)[..., None] / spec.spacing**2
+    c = spec.reaction.to(means.dtype)[..., None, :].expand(*torch.broadcast_shapes(
+        a.shape[:-1], spec.reaction.shape[:-1]), D, spec.reaction.shape[-1])
+    diag = torch.diagonal(L)
+    J = c.shape[-1] - 1
+    own = torch.zeros(*c.shape[:-1], max(J, 1) + 1, dtype=c.dtype, device=c.device)
+    own[..., : J + 1] += c
+    own = own + 0 * a[..., None]
+    own[..., 1] = own[..., 1] + a * diag
+    return a, L - torch.diag(diag), own
+
+
+def _refuse_noise(spec) -> None:
+    if getattr(spec, "noise_scale", 0.0) > 0.0:
+        raise NotImplementedError(f"{type(spec).__name__} with noise_scale > 0 is supported for diagonal components "
+                                  f"only (Sigma - noise_scale^2 I need not be a covariance), got noise_scale = "
+                                  f"{spec.noise_scale}")
+
+
+def expected_residual(spec, means: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
+    """``E r(Y)`` for ``Y ~ N(mu_k, F_k F_k^T + diag(c_k))``: ``[B, K, M]`` (``M = D`` for Polynomial and
+    Stencil1D, the rows of ``A`` for Linear). ``means [B, K, D]``, ``factor [B, K, D, Q]``, ``diag [B, K, D]``
+    or None."""
+    _refuse_noise(spec)
+    if isinstance(spec, Linear):
+        return spec.residual(means)
+    var = _marginal_variance(factor, diag)
+    if isinstance(spec, Polynomial):
+        return _poly_mean_expectation(spec.coeffs.to(means.dtype), means, var)
+    if isinstance(spec, Stencil1D):
+        a, off, own = _stencil_parts(spec, means)
+        return a * (means @ off.T) + _poly_mean_expectation(own, means, var)
+    raise TypeError(f"spec must be a Polynomial, Linear or Stencil1D, got {type(spec).__name__}")
+
+
+def expected_square(spec, means: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
+    """``E |r(Y)|^2`` for ``Y ~ N(mu_k, F_k F_k^T + diag(c_k))``: ``[B, K]`` (arguments as
+    :func:`expected_residual`)."""
+    _refuse_noise(spec)
+    if isinstance(spec, Linear):
+        A = spec.A.to(means.dtype)
+        value = spec.residual(means).square().sum(-1) + (A @ factor).square().sum((-2, -1))
+        return value if diag is None else value + (A.square().sum(-2) * diag).sum(-1)
+    var = _marginal_variance(factor, diag)
+    if isinstance(spec, Polynomial):
+        return _poly_square_expectation(spec.coeffs.to(means.dtype), means, var).sum(-1)
+    if isinstance(spec, Stencil1D):
+        a, off, own = _stencil_parts(spec, means)
+        neighbours = off @ factor  # G = L_off F: [B, K, D, Q]
+        neighbour_var = a.square() * neighbours.square().sum(-1)
+        if diag is not None:
+            neighbour_var = neighbour_var + a.square() * (diag @ off.square().T)
+        cross = a * (neighbours * factor).sum(-1)  # Cov(n_i, u_i) (L_off has a zero diagonal: no c_i term)
+        slope = own[..., 1:] * torch.arange(1, own.shape[-1], dtype=own.dtype, device=own.device)  # q'
+        own_mean = _poly_mean_expectation(own, means, var)
+        own_var = _poly_square_expectation(own, means, var) - own_mean.square()
+        mean = a * (means @ off.T) + own_mean
+        stein = 2.0 * cross * _poly_mean_expectation(slope, means, var)
+        return (mean.square() + neighbour_var + own_var + stein).sum(-1)
+    raise TypeError(f"spec must be a Polynomial, Linear or Stencil1D, got {type(spec).__name__}")
+
+
+def component_penalty(spec: PhysicsSpec, means: torch.Tensor, factor: torch.Tensor,
+                      diag: torch.Tensor | None) -> torch.Tensor:
+    """``P_bk`` of one spec under correlated components: ``[B, K]`` (its ``moment``: ``"second"`` ``E |r|^2``,
+    ``"first"`` ``|E r|^2``, ``"point"`` ``|r(mu)|^2``)."""
+    if isinstance(spec, (Polynomial, Linear, Stencil1D)):
+        if spec.moment == "point":
+            return spec.penalty(means, torch.zeros_like(means))  # (the point value does not read the scales)
+        if spec.moment == "first":
+            return expected_residual(spec, means, factor, diag).square().sum(-1)
+        return expected_square(spec, means, factor, diag)
+    if isinstance(spec, _MARGINAL_SPECS) or (isinstance(spec, Residual) and spec.mode == "point"):
+        return spec.penalty(means, 0.5 * torch.log(_marginal_variance(factor, diag)))
+    raise NotImplementedError(
+        f"{type(spec).__name__}{'(mode=' + repr(spec.mode) + ')' if isinstance(spec, Residual) else ''} has no "
+        f"expectation under correlated components; use Polynomial, Linear, Stencil1D, Bounds, the stability "
+        f"and monotonicity specs, or Residual(mode='point')")
+
+
+def _check_mixture(mixture) -> None:
+    if not isinstance(mixture, CorrelatedGaussianMixture):
+        raise TypeError(f"mixture must be a GaussianMixtureTril or GaussianMixtureLowRank, got "
+                        f"{type(mixture).__name__} (diagonal mixtures: physmdn.mdn_loss)")
+
+
+def physics_penalty(mixture: CorrelatedGaussianMixture, physics, coupling: str = "detached") -> torch.Tensor:
+    """``sum_k pi_bk sum_s w_s P^s_bk`` for a correlated mixture with batch ``[B]``: ``[B]``. ``physics``: a spec
+    or a list of specs / ``(spec, weight)`` pairs bound to the batch; ``coupling`` as in
+    :func:`physmdn.mdn_loss` (a spec's own coupling first)."""
+    _check_mixture(mixture)
+    coupling = _check_coupling(coupling, allow_none=False)
+    N, K, D = mixture.batch_size, mixture.num_components, mixture.event_dim
+    means = mixture.means.reshape(N, K, D)
+    factor, diag = mixture.factor()
+    factor = factor.reshape(N, K, D, factor.shape[-1])
+    diag = None if diag is None else diag.reshape(N, K, D)
+    pi = torch.softmax(mixture.logits.reshape(N, K), dim=-1)
+    total = means.new_zeros(N)
+    for spec, w in _normalize_physics(physics):
+        spec.validate(N, K, D)
+        weights = pi.detach() if _effective_coupling(spec, coupling) == "detached" else pi
+        total = total + (weights * (w * component_penalty(spec, means, factor, diag))).sum(-1)
+    return total
+
+
+def mdn_loss(mixture: CorrelatedGaussianMixture, target: torch.Tensor, physics=None, weight: float = 1.0,
+             reduction: str = "mean", coupling: str = "detached") -> torch.Tensor:
+    """``loss_b = -log p(target_b) + weight * physics_penalty_b`` for a correlated mixture (batch ``[B]``,
+    ``target [B, D]``), reduced by ``reduction`` (``"mean"``, ``"sum"`` or ``"none"``)."""
+    _check_mixture(mixture)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    loss = mixture.nll(target).reshape(-1)
+    if physics is not None and weight != 0.0:
+        loss = loss + weight * physics_penalty(mixture, physics, coupling)
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss
