@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check, one script: versions, build, CUDA tests, compute-sanitizer memcheck, GPU benchmarks, an Nsight
+# The GPU check, one script: versions, install (the prebuilt wheel), CUDA tests, compute-sanitizer memcheck, GPU benchmarks, an Nsight
 # Compute profile of the kernels (when time is left), summary.
 #
 #   bash bench/gpu_check.sh                  # on the GPU machine (no package registry needed), < 8 minutes
 #   bash bench/gpu_check.sh --dry-run        # on a CPU: every step's plumbing with tiny sizes, no build
+#
+# The GPU machine runs its own torch (2.11) and Python (3.12): the script installs a wheel built beforehand on a CPU
+# machine for that Python, carried with the working tree in dist/ (one wheel serves every torch >= 2.11):
+#   PHYSMDN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 PHYSMDN_VENV=/path/to/py312-venv \
+#     PHYSMDN_WHEEL_ARGS=-Ccmake.define.PHYSMDN_CUDA_LANES=ON bash scripts/build_wheel.sh
+# (any torch >= 2.11 in that venv, a CPU-only one too), then carry dist/ to the GPU machine.
+# Without a matching wheel in dist/ it compiles physmdn there (minutes of device time).
 #   options: --budget SECONDS (default 470, the whole script), --copy-to DIR (also copy the outputs there)
 #            PYTHON=python3.12 bash bench/gpu_check.sh   (the interpreter; default python3, else python)
 #
@@ -112,6 +119,16 @@ for mod in (\"pybind11\", \"scikit_build_core\", \"pytest\", \"numpy\"):
   if [ "$DRY" = 1 ]; then
     echo; echo "=== [build] dry run: would run: PHYSMDN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install --no-build-isolation --no-deps -Ccmake.define.PHYSMDN_CUDA_LANES=ON ."
     record build "SKIP(dry-run)" 0 "not rebuilt; the installed physmdn is used"
+  elif wheel=$("$PY" -c "
+import glob, sys
+tag = 'cp%d%d' % sys.version_info[:2]
+found = sorted(glob.glob('dist/physmdn-*-%s-%s-*linux*.whl' % (tag, tag)))
+print(found[-1] if found else '')
+") && [ -n "$wheel" ]; then
+    # the prebuilt wheel (stable ABI: built with another torch, loads under this one), no compiling here
+    run_step build 120 "$PY" -m pip install --no-deps --no-index --force-reinstall --no-input \
+      --disable-pip-version-check "$wheel"
+    record build "$(status_of $STEP_RC)" "$STEP_SECONDS" "installed $(basename "$wheel")"
   else
     export PHYSMDN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
     # with the lane-per-element schedule compiled in: its tests and the schedule benchmark time it against the tiled one
