@@ -67,7 +67,7 @@ from .models import CFM, MDN
 from .physics import PhysicsSpec, mdn_loss
 from .plotting import _pyplot, plot_history
 from .training import CheckpointError, LinearWarmup, fit, load, load_checkpoint, seed_everything
-from .training.checkpoint import cpu_state, save_model_checkpoint
+from .training.checkpoint import cpu_state, model_spec, save_model_checkpoint
 from ._cli_args import CLIError, device, hidden, nonneg_float, nonneg_int, out_dir, positive_float, positive_int
 
 __all__ = ["add_data_commands", "cmd_fit", "cmd_sample", "load_physics", "COVARIANCES", "MIN_ROWS"]
@@ -208,7 +208,7 @@ def cmd_fit(args) -> int:
     model = result.model.cpu().eval()
 
     columns = {"x": data.x_names, "y": data.y_names, "x_spec": args.x, "y_spec": args.y}
-    save_model_checkpoint(os.path.join(out, "model.pt"), model, cpu_state(model), columns=columns,
+    save_model_checkpoint(os.path.join(out, "model.pt"), model_spec(model), cpu_state(model), columns=columns,
                           epoch=result.best_epoch, metric=result.best_metric, monitor=result.monitor)
     last = result.history[-1] if result.history else {}
     summary = {
