@@ -11,6 +11,12 @@
   namespace physmdn::cpu::isa {                                                                                   \
   /* the vector exp / log the kernels use, on a contiguous float32 tensor (tests of their accuracy) */             \
   void vector_exp_log(const Tensor& x, int64_t variant, Tensor& exp_out, Tensor& log_out);           \
+  /* the full-covariance mixture NLL (mixture_nll_tril.cpp): contiguous inputs, outputs from ops.cpp */            \
+  void mixture_nll_tril_forward(const Tensor& logits, const Tensor& means, const Tensor& scale_tril,              \
+                                const Tensor& target, Tensor& loss, Tensor& z, Tensor& responsibilities);         \
+  void mixture_nll_tril_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& scale_tril,         \
+                                 const Tensor& z, const Tensor& responsibilities, Tensor& grad_logits,            \
+                                 Tensor& grad_means, Tensor& grad_tril, Tensor& grad_target);                     \
   void mixture_nll_forward(const Tensor& logits, const Tensor& means, const Tensor& log_scales,        \
                            const Tensor& target, Tensor& loss, Tensor& saved);                        \
   bool mixture_nll_forward_grad(const Tensor& logits, const Tensor& means, const Tensor& log_scales,    \

@@ -2,10 +2,11 @@
 its Cholesky factor) and ``torch.ops.physmdn.mixture_nll_lowrank`` (``W W^T + diag(d)``), each with a backward op,
 fake kernels and the autograd formula, and the public :func:`mixture_nll_tril` / :func:`mixture_nll_lowrank`.
 
-The four ops are ``torch.library.custom_op`` s whose implementations are batched torch (``torch.linalg``) computations
-in the accumulation dtype (float32 for half types). They are the seam for fused kernels: a C++/CUDA kernel
-registered for ``physmdn::mixture_nll_tril`` (and ``_backward``) replaces the torch implementation without a
-change to the public functions, the fake kernels or the autograd formula.
+``mixture_nll_tril`` and its backward are defined by the compiled extension and run its fused CPU kernel
+(csrc/cpu/mixture_nll_tril.cpp over csrc/mvn_math.h) on CPU tensors; on other devices they run the batched torch
+(``torch.linalg``) implementation registered here (CompositeExplicitAutograd). The low-rank ops are
+``torch.library.custom_op`` s with torch implementations only. Both compute in the accumulation dtype (float32 for
+half types); the fake kernels and the autograd formulas are registered here for every device.
 
 Per sample ``b`` and component ``k``, ``delta = y - mu_k``:
 
@@ -47,7 +48,10 @@ def _log_diagonal(diagonal: Tensor) -> Tensor:
     return torch.where(diagonal > 0, torch.log(diagonal), torch.full_like(diagonal, math.nan))
 
 
-@torch.library.custom_op("physmdn::mixture_nll_tril", mutates_args=())
+# the torch implementation for devices without a fused kernel (the CPU kernel is registered by the extension)
+_LIB = torch.library.Library("physmdn", "IMPL")
+
+
 def _tril_fwd(logits: Tensor, means: Tensor, scale_tril: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss [B], z [B, K, D], responsibilities [B, K])``; ``z`` and the responsibilities in the accumulation
     dtype (saved for the backward)."""
@@ -64,14 +68,16 @@ def _tril_fwd(logits: Tensor, means: Tensor, scale_tril: Tensor, target: Tensor)
     return (-log_p).to(means.dtype), z, responsibilities
 
 
-@_tril_fwd.register_fake
+_LIB.impl("mixture_nll_tril", _tril_fwd, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("physmdn::mixture_nll_tril")
 def _(logits, means, scale_tril, target):
     work = acc_dtype(means.dtype)
     B = means.shape[0]
     return means.new_empty((B,)), means.new_empty(means.shape, dtype=work), means.new_empty(logits.shape, dtype=work)
 
 
-@torch.library.custom_op("physmdn::mixture_nll_tril_backward", mutates_args=())
 def _tril_bwd(grad_loss: Tensor, logits: Tensor, scale_tril: Tensor, z: Tensor,
               responsibilities: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(logits, means, scale_tril, target)`` for ``grad_loss [B]``, in the inputs' dtype."""
@@ -89,7 +95,10 @@ def _tril_bwd(grad_loss: Tensor, logits: Tensor, scale_tril: Tensor, z: Tensor,
     return grad_logits.to(dtype), grad_means.to(dtype), grad_tril.to(dtype), grad_target.to(dtype)
 
 
-@_tril_bwd.register_fake
+_LIB.impl("mixture_nll_tril_backward", _tril_bwd, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("physmdn::mixture_nll_tril_backward")
 def _(grad_loss, logits, scale_tril, z, responsibilities):
     dtype = scale_tril.dtype
     return (logits.new_empty(logits.shape, dtype=dtype), z.new_empty(z.shape, dtype=dtype),

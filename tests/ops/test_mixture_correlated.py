@@ -206,3 +206,50 @@ def test_torch_compile_fullgraph():
         return physmdn.mixture_nll_lowrank(logits, means, factor, diag.exp(), target, reduction="mean")
 
     assert_compiled_matches_eager(lowrank_step, [t.float().requires_grad_(True) for t in lowrank_inputs(9, 3, 6, 2)])
+
+
+# ----- the fused CPU kernel of the tril op against the torch implementation it replaces on the CPU -----------------
+
+def test_tril_cpu_op_is_the_compiled_kernel():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_tril", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_tril_backward", "CPU")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 2e-5)])
+@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (13, 3, 5), (67, 8, 8), (3, 2, 32)])
+def test_tril_cpu_kernel_matches_torch_implementation(B, K, D, dtype, tol):
+    """Forward outputs (loss, z, responsibilities) and backward outputs of the compiled kernel against the torch
+    implementation (``_tril_fwd`` / ``_tril_bwd``, what other devices run), on the same inputs and dtype."""
+    from physmdn import _mixture_correlated as mc
+
+    inputs = tril_inputs(B, K, D, dtype=dtype, seed=3 * B + D)
+    got = torch.ops.physmdn.mixture_nll_tril(*inputs)
+    want = mc._tril_fwd(*inputs)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert rel_err(g.double(), w.double()) <= tol
+    grad_loss = torch.linspace(0.5, 1.5, B, dtype=dtype)
+    got_b = torch.ops.physmdn.mixture_nll_tril_backward(grad_loss, inputs[0], inputs[2], want[1], want[2])
+    want_b = mc._tril_bwd(grad_loss, inputs[0], inputs[2], want[1], want[2])
+    for g, w in zip(got_b, want_b):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        # (bfloat16 outputs: both round the same float32 value, up to one ulp where the float32 values differ)
+        assert rel_err(g.double(), w.double(), 1e-3) <= (8e-3 if dtype == torch.bfloat16 else tol * 10)
+
+
+def test_tril_cpu_kernel_non_positive_diagonal_is_nan_for_that_sample_only():
+    logits, means, tril, target = tril_inputs(4, 2, 3)
+    tril[1, 0, 2, 2] = 0.0
+    tril[2, 1, 0, 0] = -0.5
+    loss = torch.ops.physmdn.mixture_nll_tril(logits, means, tril, target)[0]
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert torch.isfinite(loss[[0, 3]]).all()
+
+
+def test_tril_cpu_kernel_strided_and_expanded_inputs():
+    logits, means, tril, target = tril_inputs(9, 3, 4, dtype=torch.float32)
+    wide = torch.randn(9, 3, 8)[..., ::2].copy_(means)  # non-contiguous rows
+    shared = tril[:1].expand(9, -1, -1, -1)  # one factor broadcast over the batch
+    got = torch.ops.physmdn.mixture_nll_tril(logits, wide, shared, target)[0]
+    want = torch.ops.physmdn.mixture_nll_tril(logits, means.contiguous(), shared.contiguous(), target)[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
