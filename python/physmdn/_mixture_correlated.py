@@ -37,14 +37,16 @@ MAX_TRIL_DIM = 32
 MAX_RANK = 8
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_LN2 = math.log(2.0)
 
 
 # ----- tril -----------------------------------------------------------------------------------------------------
 
-def _log_diagonal(diagonal: Tensor) -> Tensor:
-    """``log`` of a positive diagonal, NaN where it is not positive (not -inf or a finite value: a non-positive
-    scale is no density, and NaN stays in that sample's loss)."""
-    return torch.where(diagonal > 0, torch.log(diagonal), torch.full_like(diagonal, math.nan))
+def _sum_log(values: Tensor) -> Tensor:
+    """``sum_i log values_i`` over the last dimension, through ``log2`` (torch's CPU ``log`` is several times slower
+    on some CPUs; docs/performance.md). A zero entry gives -inf and, with the division by it in the solve, NaN in
+    that sample's loss; a negative one NaN."""
+    return torch.log2(values).sum(-1) * _LN2
 
 
 @torch.library.custom_op("physmdn::mixture_nll_tril", mutates_args=())
@@ -56,8 +58,7 @@ def _tril_fwd(logits: Tensor, means: Tensor, scale_tril: Tensor, target: Tensor)
     delta = (target.to(work).unsqueeze(-2) - means.to(work)).unsqueeze(-1)  # [B, K, D, 1]
     z = torch.linalg.solve_triangular(L, delta, upper=False).squeeze(-1)
     D = means.shape[-1]
-    log_normal = (-0.5 * z.square().sum(-1) - _log_diagonal(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
-                  - D * _HALF_LOG_2PI)
+    log_normal = -0.5 * z.square().sum(-1) - _sum_log(L.diagonal(dim1=-2, dim2=-1)) - D * _HALF_LOG_2PI
     joint = torch.log_softmax(logits.to(work), dim=-1) + log_normal
     log_p = torch.logsumexp(joint, dim=-1)
     responsibilities = torch.exp(joint - log_p.unsqueeze(-1))
@@ -135,7 +136,7 @@ def _lowrank_fwd(logits: Tensor, means: Tensor, cov_factor: Tensor, cov_diag: Te
     c_inv_t = torch.linalg.solve_triangular(chol.mT, s, upper=True)  # C^-1 t
     v = delta / d - (scaled @ c_inv_t).squeeze(-1)
     mahalanobis = (delta.square() / d).sum(-1) - s.square().sum((-2, -1))
-    log_det = 2.0 * torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1) + _log_diagonal(d).sum(-1)
+    log_det = 2.0 * _sum_log(chol.diagonal(dim1=-2, dim2=-1)) + _sum_log(d)
     D = means.shape[-1]
     joint = torch.log_softmax(logits.to(work), dim=-1) - 0.5 * (mahalanobis + log_det) - D * _HALF_LOG_2PI
     log_p = torch.logsumexp(joint, dim=-1)
