@@ -161,15 +161,17 @@ def _lowrank_bwd(grad_loss: Tensor, logits: Tensor, cov_factor: Tensor, cov_diag
     W, d = cov_factor.to(work), cov_diag.to(work)
     g = grad_loss.to(work).unsqueeze(-1)
     gr = g * responsibilities
-    scaled = W / d.unsqueeze(-1)
-    # Sigma^-1 W = D^-1 W C^-1 (Woodbury), its rows dotted with D^-1 W give D^-1 W C^-1 W^T D^-1 on the diagonal
-    precision_factor = torch.cholesky_solve(scaled.mT, chol).mT  # [B, K, D, R]
-    precision_diagonal = 1.0 / d - (precision_factor * scaled).sum(-1)
+    # Sigma^-1 W = D^-1 W C^-1 (Woodbury); diag Sigma^-1 = (1 - rowsum(W C^-1 * W) / d) / d. Few passes over the
+    # [B, K, D, R] tensors (they are memory-bound): C^-1 is R x R, the outer product v (W^T v)^T one baddbmm.
+    precision_factor = (W @ torch.cholesky_inverse(chol)).div_(d.unsqueeze(-1))  # [B, K, D, R]
+    precision_diagonal = (1.0 - torch.linalg.vecdot(precision_factor, W)) / d
     grad_logits = g * torch.softmax(logits.to(work), dim=-1) - gr
     grad_means = -gr.unsqueeze(-1) * v
     grad_target = -grad_means.sum(-2)
-    w_v = (W.mT @ v.unsqueeze(-1)).mT  # (W^T v)^T: [B, K, 1, R]
-    grad_factor = -gr[..., None, None] * (v.unsqueeze(-1) * w_v - precision_factor)
+    w_v = (v.unsqueeze(-2) @ W)  # (W^T v)^T: [B, K, 1, R]
+    shape = precision_factor.shape
+    grad_factor = torch.baddbmm(precision_factor.reshape(-1, *shape[-2:]), v.reshape(-1, shape[-2], 1),
+                                w_v.reshape(-1, 1, shape[-1]), alpha=-1.0).view(shape).mul_(gr[..., None, None])
     grad_diag = -0.5 * gr.unsqueeze(-1) * (v.square() - precision_diagonal)
     return (grad_logits.to(dtype), grad_means.to(dtype), grad_factor.to(dtype), grad_diag.to(dtype),
             grad_target.to(dtype))
