@@ -38,14 +38,16 @@ MAX_TRIL_DIM = 32
 MAX_RANK = 8
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_LN2 = math.log(2.0)
 
 
 # ----- tril -----------------------------------------------------------------------------------------------------
 
-def _log_diagonal(diagonal: Tensor) -> Tensor:
-    """``log`` of a positive diagonal, NaN where it is not positive (not -inf or a finite value: a non-positive
-    scale is no density, and NaN stays in that sample's loss)."""
-    return torch.where(diagonal > 0, torch.log(diagonal), torch.full_like(diagonal, math.nan))
+def _sum_log(values: Tensor) -> Tensor:
+    """``sum_i log values_i`` over the last dimension, through ``log2`` (torch's CPU ``log`` is several times slower
+    on some CPUs; docs/performance.md). A zero entry gives -inf and, with the division by it in the solve, NaN in
+    that sample's loss; a negative one NaN."""
+    return torch.log2(values).sum(-1) * _LN2
 
 
 # the torch implementation for devices without a fused kernel (the CPU kernel is registered by the extension)
@@ -60,8 +62,7 @@ def _tril_fwd(logits: Tensor, means: Tensor, scale_tril: Tensor, target: Tensor)
     delta = (target.to(work).unsqueeze(-2) - means.to(work)).unsqueeze(-1)  # [B, K, D, 1]
     z = torch.linalg.solve_triangular(L, delta, upper=False).squeeze(-1)
     D = means.shape[-1]
-    log_normal = (-0.5 * z.square().sum(-1) - _log_diagonal(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
-                  - D * _HALF_LOG_2PI)
+    log_normal = -0.5 * z.square().sum(-1) - _sum_log(L.diagonal(dim1=-2, dim2=-1)) - D * _HALF_LOG_2PI
     joint = torch.log_softmax(logits.to(work), dim=-1) + log_normal
     log_p = torch.logsumexp(joint, dim=-1)
     responsibilities = torch.exp(joint - log_p.unsqueeze(-1))
@@ -144,7 +145,7 @@ def _lowrank_fwd(logits: Tensor, means: Tensor, cov_factor: Tensor, cov_diag: Te
     c_inv_t = torch.linalg.solve_triangular(chol.mT, s, upper=True)  # C^-1 t
     v = delta / d - (scaled @ c_inv_t).squeeze(-1)
     mahalanobis = (delta.square() / d).sum(-1) - s.square().sum((-2, -1))
-    log_det = 2.0 * torch.log(chol.diagonal(dim1=-2, dim2=-1)).sum(-1) + _log_diagonal(d).sum(-1)
+    log_det = 2.0 * _sum_log(chol.diagonal(dim1=-2, dim2=-1)) + _sum_log(d)
     D = means.shape[-1]
     joint = torch.log_softmax(logits.to(work), dim=-1) - 0.5 * (mahalanobis + log_det) - D * _HALF_LOG_2PI
     log_p = torch.logsumexp(joint, dim=-1)
@@ -169,15 +170,17 @@ def _lowrank_bwd(grad_loss: Tensor, logits: Tensor, cov_factor: Tensor, cov_diag
     W, d = cov_factor.to(work), cov_diag.to(work)
     g = grad_loss.to(work).unsqueeze(-1)
     gr = g * responsibilities
-    scaled = W / d.unsqueeze(-1)
-    # Sigma^-1 W = D^-1 W C^-1 (Woodbury), its rows dotted with D^-1 W give D^-1 W C^-1 W^T D^-1 on the diagonal
-    precision_factor = torch.cholesky_solve(scaled.mT, chol).mT  # [B, K, D, R]
-    precision_diagonal = 1.0 / d - (precision_factor * scaled).sum(-1)
+    # Sigma^-1 W = D^-1 W C^-1 (Woodbury); diag Sigma^-1 = (1 - rowsum(W C^-1 * W) / d) / d. Few passes over the
+    # [B, K, D, R] tensors (they are memory-bound): C^-1 is R x R, the outer product v (W^T v)^T one baddbmm.
+    precision_factor = (W @ torch.cholesky_inverse(chol)).div_(d.unsqueeze(-1))  # [B, K, D, R]
+    precision_diagonal = (1.0 - torch.linalg.vecdot(precision_factor, W)) / d
     grad_logits = g * torch.softmax(logits.to(work), dim=-1) - gr
     grad_means = -gr.unsqueeze(-1) * v
     grad_target = -grad_means.sum(-2)
-    w_v = (W.mT @ v.unsqueeze(-1)).mT  # (W^T v)^T: [B, K, 1, R]
-    grad_factor = -gr[..., None, None] * (v.unsqueeze(-1) * w_v - precision_factor)
+    w_v = (v.unsqueeze(-2) @ W)  # (W^T v)^T: [B, K, 1, R]
+    shape = precision_factor.shape
+    grad_factor = torch.baddbmm(precision_factor.reshape(-1, *shape[-2:]), v.reshape(-1, shape[-2], 1),
+                                w_v.reshape(-1, 1, shape[-1]), alpha=-1.0).view(shape).mul_(gr[..., None, None])
     grad_diag = -0.5 * gr.unsqueeze(-1) * (v.square() - precision_diagonal)
     return (grad_logits.to(dtype), grad_means.to(dtype), grad_factor.to(dtype), grad_diag.to(dtype),
             grad_target.to(dtype))

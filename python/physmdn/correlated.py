@@ -136,6 +136,14 @@ class CorrelatedGaussianMixture(torch.distributions.Distribution):
         return sigma if c is None else sigma + torch.diag_embed(c)
 
     @property
+    def marginal_scales(self) -> torch.Tensor:
+        """Each component's marginal standard deviations ``sqrt(Sigma_k,ii)``: ``[B, K, D]`` (the counterpart of
+        :attr:`physmdn.GaussianMixture.scales`)."""
+        F, c = self.factor()
+        var = F.square().sum(-1)
+        return (var if c is None else var + c).sqrt()
+
+    @property
     def component_scale_tril(self) -> torch.Tensor:  # pragma: no cover
         """Cholesky factors of ``Sigma_k``: ``[B, K, D, D]``."""
         raise NotImplementedError

@@ -48,6 +48,7 @@ def test_log_prob_and_moments_match_torch(make):
     second = (w[..., None, None] * (dense + mixture.means.unsqueeze(-1) * mixture.means.unsqueeze(-2))).sum(-3)
     torch.testing.assert_close(mixture.covariance, second - mixture.mean.unsqueeze(-1) * mixture.mean.unsqueeze(-2))
     torch.testing.assert_close(mixture.component_covariance, dense)
+    torch.testing.assert_close(mixture.marginal_scales, dense.diagonal(dim1=-2, dim2=-1).sqrt())
     log_joint = mixture.log_weights + reference.component_distribution.log_prob(y.unsqueeze(-2))
     torch.testing.assert_close(mixture.log_responsibilities(y), torch.log_softmax(log_joint, -1))
 

@@ -161,6 +161,9 @@ def test_errors_name_the_argument():
     # without the check (and under compile) the sample with the bad factor gives NaN, the others their values
     loss = physmdn.mixture_nll_tril(logits, means, bad, target, check_diagonal=False)
     assert torch.isnan(loss[1]) and bool(torch.isfinite(loss[[0, 2, 3]]).all())
+    bad[1, 0, 2, 2] = 0.0
+    loss = physmdn.mixture_nll_tril(logits, means, bad, target, check_diagonal=False)
+    assert torch.isnan(loss[1]) and bool(torch.isfinite(loss[[0, 2, 3]]).all())
     D = MAX_TRIL_DIM + 1
     with pytest.raises(ValueError, match=f"D <= {MAX_TRIL_DIM}.*got D = {D}"):
         physmdn.mixture_nll_tril(logits, torch.zeros(4, 2, D, dtype=torch.float64),
