@@ -25,7 +25,7 @@ import torch
 import physmdn
 from physmdn import physics as P
 
-def median_ms(fn, repeat, warmup=5):
+def median_ms(fn, repeat, warmup=20):
     for _ in range(warmup):
         fn()
     times = []
@@ -46,7 +46,7 @@ for B in [int(b) for b in sys.argv[1].split(",")]:
     target = torch.randn(B, D, generator=g)
     diff = [logits, means, log_scales]
     law = P.Polynomial(torch.tensor([0.0, 1.0, 0.0, -1.0]), moment="second")
-    repeat = 30 if B >= 16384 else 300
+    repeat = 40 if B >= 16384 else 400
     out[B] = {
         "nll fwd+bwd sum": median_ms(lambda: torch.autograd.grad(physmdn.mixture_nll(logits, means, log_scales, target).sum(), diff), repeat),
         "nll fwd+bwd mean": median_ms(lambda: torch.autograd.grad(physmdn.mixture_nll(logits, means, log_scales, target, reduction="mean"), diff), repeat),

@@ -195,6 +195,21 @@ def _refuse_forward_ad(name: str, args) -> None:
 FUNCTORCH_APPLY: list = [None]
 
 
+class _ExpandedMean(torch.autograd.Function):
+    """``loss.mean()`` of an op's per-sample loss in eager mode, whose backward sends the upstream gradient on as an
+    expanded ``[B]`` tensor (the values ``MeanBackward`` computes, without materializing them): the op's backward then
+    reads one value to see that its forward's gradients are the answer, instead of comparing all ``B``."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        ctx.batch = loss.shape[0]
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad / ctx.batch).expand(ctx.batch)
+
+
 def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plain: bool | None = None) -> torch.Tensor:
     """The loss of ``torch.ops.physmdn.<name>_fwd(*args)``, reduced (``"none"``, ``"mean"`` or ``"sum"``). In eager
     mode without autograd straight to the kernel; with autograd, traced (torch.compile) or with tensor subclasses
@@ -203,9 +218,12 @@ def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plai
     (None: test it)."""
     if _fwad._current_level >= 0:  # (a dual level is open: one module attribute read otherwise)
         _refuse_forward_ad(name, args)
-    if (plain if plain is not None else _plain(args)) and not needs_autograd:
+    is_plain = plain if plain is not None else _plain(args)
+    if is_plain and not needs_autograd:
         with torch._C._AutoDispatchBelowAutograd():
             loss = getattr(torch.ops.physmdn, f"{name}_fwd").default(*args)[0]
+    elif is_plain and reduction == "mean" and not torch._C._are_functorch_transforms_active():
+        return _ExpandedMean.apply(getattr(torch.ops.physmdn, f"{name}_fwd")(*args)[0])
     elif needs_autograd and torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
         # (register_autograd's Function lacks setup_context, which functorch requires: _func.py's Functions)
         loss = FUNCTORCH_APPLY[0](name, args)
