@@ -120,8 +120,24 @@ inline Tensor make_full(IntArrayRef sizes, double value, ScalarType dtype, const
 }
 inline void mul_in_place(Tensor& t, const Tensor& factor) { t.mul_(factor); }
 #else
+// (the shim's aoti_torch_empty_strided: a direct call, where torch::stable::empty goes through the dispatcher by name,
+// a few microseconds more per output; docs/performance.md)
 inline Tensor empty(IntArrayRef sizes, ScalarType dtype, const Device& device) {
-  return torch::stable::empty(sizes, dtype, std::nullopt, device);
+  std::array<int64_t, 8> strides{};
+  const int64_t ndim = static_cast<int64_t>(sizes.size());
+  STD_TORCH_CHECK(ndim <= 8, "physmdn: empty() takes at most 8 dimensions, got ", ndim);
+  int64_t stride = 1;
+  for (int64_t d = ndim - 1; d >= 0; --d) {
+    strides[d] = stride;
+    stride *= sizes[d] > 1 ? sizes[d] : 1;
+  }
+  const auto shim_dtype = torch::stable::detail::to<int32_t>(torch::stable::detail::from(dtype));
+  const auto shim_device = torch::stable::detail::to<int32_t>(torch::stable::detail::from(device.type()));
+  AtenTensorHandle handle = nullptr;
+  STD_TORCH_CHECK(aoti_torch_empty_strided(ndim, sizes.data(), strides.data(), shim_dtype, shim_device, device.index(),
+                                           &handle) == AOTI_TORCH_SUCCESS,
+                  "physmdn: allocating a tensor failed");
+  return Tensor(handle);
 }
 inline Tensor to_dtype(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._func import FUNCTIONS, _FirstOrder, _fold, _placeholder, _unfold, _with_bwd
-from ._ops import _PLAIN_TYPES, acc_dtype, call_op, check_first_order, forward_grads, keep_forward_grads
+from ._ops import _PLAIN_TYPES, EAGER_AUTOGRAD, acc_dtype, call_op, check_first_order, forward_grads, keep_forward_grads
 
 FAMILY_NONE, FAMILY_POLYNOMIAL, FAMILY_LINEAR, FAMILY_STENCIL = -1, 0, 1, 2
 MOMENT_CODES = {"point": 0, "first": 1, "second": 2}  # csrc/physics_math.h's Moment
@@ -44,12 +44,17 @@ def _mdn_loss_bwd_fake(grad_loss, logits, means, log_scales, target, p0, p1, ext
 
 
 def _setup_context(ctx, inputs, output):
+    _, saved, *grads = output
+    ctx.mark_non_differentiable(saved, *grads)
+    _prepare(ctx, inputs, saved, grads)
+
+
+def _prepare(ctx, inputs, saved, grads):
+    """What the backward needs, kept on ctx (the eager path's Function calls this directly)."""
     (logits, means, log_scales, target, p0, p1, extra, family, moment, couple_weights, weight, spacing, boundary, noise_scale,
      compute_grad, grad_scale) = inputs
-    _, saved, *grads = output
     ctx.scalars = (family, moment, couple_weights, weight, spacing, boundary, noise_scale)
     ctx.has_extra = extra is not None
-    ctx.mark_non_differentiable(saved, *grads)
     ctx.set_materialize_grads(False)
     keep_forward_grads(ctx, compute_grad, grad_scale, means.dtype, grads,
                        (logits, means, log_scales, target, p0, p1, extra, saved))
@@ -76,6 +81,8 @@ def _backward(ctx, grad_loss, _grad_saved, *_grad_grads):
 
 
 torch.library.register_autograd("physmdn::mdn_loss_fwd", _backward, setup_context=_setup_context)
+EAGER_AUTOGRAD["mdn_loss"] = (_prepare, _backward, lambda ctx, grads: (
+    *grads[:4], None, None, grads[4] if (ctx.has_extra and ctx.needs_input_grad[6]) else None, *(None,) * 9))
 
 
 def _sum_to(grad: torch.Tensor, shape) -> torch.Tensor:

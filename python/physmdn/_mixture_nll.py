@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ._func import FUNCTIONS, _FirstOrder, _fold, _unfold, _with_bwd
-from ._ops import (acc_dtype, call_op, check_first_order, check_mixture_inputs, forward_grads, keep_forward_grads,
+from ._ops import (EAGER_AUTOGRAD, acc_dtype, call_op, check_first_order, check_mixture_inputs, forward_grads, keep_forward_grads,
                    prepared_inputs, unflatten_loss)
 
 __all__ = ["mixture_nll"]
@@ -31,12 +31,17 @@ def _mixture_nll_bwd_fake(grad_loss, logits, means, log_scales, target, saved):
 
 # Tensor types the eager paths take as they are (a Parameter is a plain tensor to the kernels and to autograd; other
 # subclasses, fake and functional tensors go through the dispatcher).
-def _mixture_nll_setup_context(ctx, inputs, output):
+def _mixture_nll_prepare(ctx, inputs, saved, grads):
+    """What the backward needs, kept on ctx (the eager path's Function calls this directly)."""
     logits, means, log_scales, target, compute_grad, grad_scale = inputs
-    _, saved, *grads = output
-    ctx.mark_non_differentiable(saved, *grads)
     ctx.set_materialize_grads(False)  # no zero-filled [B, K, D] gradients for the auxiliary outputs
     keep_forward_grads(ctx, compute_grad, grad_scale, means.dtype, grads, (logits, means, log_scales, target, saved))
+
+
+def _mixture_nll_setup_context(ctx, inputs, output):
+    _, saved, *grads = output
+    ctx.mark_non_differentiable(saved, *grads)
+    _mixture_nll_prepare(ctx, inputs, saved, grads)
 
 
 def _mixture_nll_backward(ctx, grad_loss, _grad_saved, *_grad_grads):
@@ -55,6 +60,7 @@ def _mixture_nll_backward(ctx, grad_loss, _grad_saved, *_grad_grads):
 torch.library.register_autograd(
     "physmdn::mixture_nll_fwd", _mixture_nll_backward, setup_context=_mixture_nll_setup_context
 )
+EAGER_AUTOGRAD["mixture_nll"] = (_mixture_nll_prepare, _mixture_nll_backward, lambda ctx, grads: (*grads, None, None))
 
 
 def mixture_nll(logits: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor, target: torch.Tensor,

@@ -195,6 +195,53 @@ def _refuse_forward_ad(name: str, args) -> None:
 FUNCTORCH_APPLY: list = [None]
 
 
+# (prepare, backward, hand_over) of each op's autograd registered with torch.library for ``<name>_fwd``:
+# prepare(ctx, inputs, saved, grads) is its setup_context without marking outputs; hand_over(ctx, grads) the
+# backward's return for the forward's gradients as they are. The eager path's Function below runs them (filled by
+# _mixture_nll.py and _fused.py on import).
+EAGER_AUTOGRAD: dict = {}
+_EAGER_FUNCTIONS: dict = {}
+
+
+def _eager_function(name: str, reduction: str):
+    """The ``autograd.Function`` of the eager path for op ``name`` and a reduction: it calls the kernel below autograd
+    and reduces inside its forward (the op's auxiliary outputs stay on ctx), and its backward
+    sends the reduction's upstream gradient on as an expanded ``[B]`` tensor to the op's registered backward, which
+    then reads one value to hand over the forward's gradients. It replaces the registered formula's dispatcher round
+    trip (an autograd kernel in Python around the op) in eager mode; the same setup_context and backward run."""
+    key = (name, reduction)
+    if key not in _EAGER_FUNCTIONS:
+        prepare, backward, hand_over = EAGER_AUTOGRAD[name]
+        op = getattr(torch.ops.physmdn, f"{name}_fwd").default
+        # the per-sample upstream scale of the reduction's unit gradient, as the forward's grad_scale holds it
+        unit_scale = {"mean": lambda B: (1.0 / B, _rounded(1.0 / B, torch.float32)) if B else (),
+                      "sum": lambda B: (1.0,)}.get(reduction)
+
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                loss, saved, *grads = op(*args)
+            prepare(ctx, args, saved, grads)
+            ctx.batch = loss.shape[0]
+            return loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+
+        def backward_(ctx, grad):
+            if grad is not None and reduction != "none":
+                if unit_scale is not None and ctx.unit_grads is not None and not torch.is_grad_enabled() \
+                        and grad.device.type == "cpu" and _eager(grad) and not _batched(grad) \
+                        and ctx.grad_scale in unit_scale(ctx.batch) and grad.item() == 1.0:
+                    # the unit gradient of the reduced loss, which the forward's gradients were made for: handed
+                    # over as they are (a retained graph's second backward recomputes them)
+                    grads, ctx.unit_grads = ctx.unit_grads, None
+                    return hand_over(ctx, grads)
+                grad = (grad / ctx.batch if reduction == "mean" else grad).expand(ctx.batch)
+            return backward(ctx, grad, None)
+
+        # (the node is named physmdn_<name>_fwd_<reduction>Backward)
+        _EAGER_FUNCTIONS[key] = type(f"physmdn_{name}_fwd_{reduction}", (torch.autograd.Function,),
+                                     {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
+    return _EAGER_FUNCTIONS[key]
+
+
 class _ExpandedMean(torch.autograd.Function):
     """``loss.mean()`` of an op's per-sample loss in eager mode, whose backward sends the upstream gradient on as an
     expanded ``[B]`` tensor (the values ``MeanBackward`` computes, without materializing them): the op's backward then
@@ -222,8 +269,8 @@ def call_op(name: str, args, needs_autograd: bool, reduction: str = "none", plai
     if is_plain and not needs_autograd:
         with torch._C._AutoDispatchBelowAutograd():
             loss = getattr(torch.ops.physmdn, f"{name}_fwd").default(*args)[0]
-    elif is_plain and reduction == "mean" and not torch._C._are_functorch_transforms_active():
-        return _ExpandedMean.apply(getattr(torch.ops.physmdn, f"{name}_fwd")(*args)[0])
+    elif is_plain and name in EAGER_AUTOGRAD and not torch._C._are_functorch_transforms_active():
+        return _eager_function(name, reduction).apply(*args)
     elif needs_autograd and torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
         # (register_autograd's Function lacks setup_context, which functorch requires: _func.py's Functions)
         loss = FUNCTORCH_APPLY[0](name, args)
