@@ -3,7 +3,7 @@ from a trained one.
 
 ::
 
-    physmdn fit DATA --x COLS --y COLS [--components K] [--covariance diag] [--hidden 64,64]
+    physmdn fit DATA --x COLS --y COLS [--components K] [--covariance diag|full|lowrank [--rank R]] [--hidden 64,64]
                 [--physics SPEC [--physics-weight W] [--physics-warmup E]] [--epochs E] [--batch-size B] [--lr LR]
                 [--val-fraction F] [--patience P] [--drop-nan] [--seed S] [--device D] [--out DIR] [--no-plots]
     physmdn sample CHECKPOINT (--x V1,V2,... [--x ...] | --x-file FILE [--x-cols COLS]) [--n N] [--out FILE.csv]
@@ -63,7 +63,9 @@ import torch
 
 from . import __version__
 from .datafiles import Columns, DataFileError, read_columns
-from .models import CFM, MDN
+from . import physics_correlated
+from .distributions import GaussianMixture
+from .models import CFM, COVARIANCES, MDN
 from .physics import PhysicsSpec, mdn_loss
 from .plotting import _pyplot, plot_history
 from .training import CheckpointError, LinearWarmup, fit, load, load_checkpoint, seed_everything
@@ -72,8 +74,6 @@ from ._cli_args import CLIError, device, hidden, nonneg_float, nonneg_int, out_d
 
 __all__ = ["add_data_commands", "cmd_fit", "cmd_sample", "load_physics", "COVARIANCES", "MIN_ROWS"]
 
-COVARIANCES = ("diag",)  # the component covariances an MDN has in this version
-_NOT_YET = ("full", "lowrank")
 MIN_ROWS = 10  # fewer rows leave nothing to validate on and make the normalization meaningless
 _PLOT_ROWS = 5000  # rows drawn in samples.png (a random subset of larger data)
 
@@ -136,7 +136,10 @@ def _check_physics(model: MDN, physics, x: torch.Tensor, y: torch.Tensor, text: 
         with torch.no_grad():
             value = physics(rows_x) if callable(physics) else physics
             mixture = model(rows_x)
-            loss = mdn_loss(mixture.logits, mixture.means, mixture.log_scales, rows_y, physics=value, weight=1.0)
+            if isinstance(mixture, GaussianMixture):
+                loss = mdn_loss(mixture.logits, mixture.means, mixture.log_scales, rows_y, physics=value, weight=1.0)
+            else:  # full or low-rank covariance
+                loss = physics_correlated.mdn_loss(mixture, rows_y, physics=value, weight=1.0).mean()
     except Exception as exc:
         raise CLIError(f"--physics {text!r} must fit the data ({model.in_features} context column(s), "
                        f"{model.out_features} outcome column(s), {model.components} components), but evaluating it "
@@ -168,14 +171,14 @@ def _covariance(text: str) -> str:
     kind = text.strip().lower()
     if kind in COVARIANCES:
         return kind
-    if kind in _NOT_YET:
-        raise CLIError(f"--covariance {kind} is not available in this version: components have a diagonal "
-                       f"covariance ({', '.join(COVARIANCES)})")
     raise CLIError(f"--covariance must be one of {', '.join(COVARIANCES)}, got {text!r}")
 
 
 def cmd_fit(args) -> int:
     covariance = _covariance(args.covariance)
+    if (args.rank is not None) != (covariance == "lowrank"):
+        raise CLIError(f"--rank goes with --covariance lowrank (and is required there), got --covariance {covariance}"
+                       f"{'' if args.rank is None else f' --rank {args.rank}'}")
     if args.physics is None and (args.physics_weight is not None or args.physics_warmup is not None):
         raise CLIError("--physics-weight and --physics-warmup need --physics")
     physics = load_physics(args.physics) if args.physics is not None else None
@@ -185,7 +188,10 @@ def cmd_fit(args) -> int:
     x, y = data.x.float(), data.y.float()
     train_rows, val_rows = _split(x.shape[0], args.val_fraction, args.seed)
     seed_everything(args.seed)
-    model = MDN(x.shape[1], y.shape[1], args.components, hidden=args.hidden)
+    try:
+        model = MDN(x.shape[1], y.shape[1], args.components, hidden=args.hidden, covariance=covariance, rank=args.rank)
+    except ValueError as exc:  # (rank or output size out of the covariance's range)
+        raise CLIError(str(exc)) from None
     if physics is not None:
         _check_physics(model, physics, x, y, args.physics)
     weight = 1.0 if args.physics_weight is None else args.physics_weight
@@ -398,7 +404,10 @@ def add_data_commands(sub) -> None:
     p.add_argument("--x", required=True, metavar="COLS", help="context columns (see above)")
     p.add_argument("--y", required=True, metavar="COLS", help="outcome columns (see above)")
     p.add_argument("--components", type=positive_int, default=3, help="mixture components K (default: 3)")
-    p.add_argument("--covariance", default="diag", help="component covariance: diag (the only kind in this version)")
+    p.add_argument("--covariance", default="diag",
+                   help="component covariance: diag, full (a Cholesky factor per component, D <= 32) or lowrank "
+                        "(W W^T + diagonal, with --rank R from 1 to 8)")
+    p.add_argument("--rank", type=positive_int, default=None, help="rank R of the low-rank covariance factor")
     p.add_argument("--hidden", type=hidden, default=(64, 64), help="hidden widths (default: 64,64)")
     p.add_argument("--physics", default=None, metavar="SPEC", help="module:name or file.py:name of a physics spec, a list of them, "
                                                   "or a function f(x) -> spec")

@@ -316,9 +316,10 @@ def test_read_columns_raises_data_file_error(tmp_path):
 # ----- options -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, message", [
-    (["--covariance", "full"], "--covariance full is not available in this version"),
-    (["--covariance", "lowrank"], "--covariance lowrank is not available in this version"),
-    (["--covariance", "spherical"], "--covariance must be one of diag, got 'spherical'"),
+    (["--covariance", "spherical"], "--covariance must be one of diag, full, lowrank, got 'spherical'"),
+    (["--covariance", "lowrank"], "--rank goes with --covariance lowrank (and is required there)"),
+    (["--covariance", "full", "--rank", "2"], "--rank goes with --covariance lowrank"),
+    (["--covariance", "lowrank", "--rank", "9"], "rank"),
     (["--physics", "nocolon"], "--physics must be module:name or path/to/file.py:name, got 'nocolon'"),
     (["--physics", "physmdn_no_such_module_x:law"], "importing module 'physmdn_no_such_module_x' failed"),
     (["--physics", "missing/file.py:law"], "names the file 'missing/file.py', which does not exist"),
@@ -339,6 +340,31 @@ def test_covariance_diag_is_accepted(tmp_path):
     data = linear_csv(tmp_path / "d.csv", n=30)
     assert cli.main(["fit", data, "--x", "x", "--y", "y", "--covariance", "DIAG", "--epochs", "1", "--out",
                      str(tmp_path / "o"), "--no-plots", *QUIET]) == 0
+
+
+@pytest.mark.parametrize("covariance", [["--covariance", "full"], ["--covariance", "lowrank", "--rank", "1"]])
+def test_correlated_covariance_fits_and_samples_on_a_line(tmp_path, covariance):
+    """Outcomes on a noisy line y1 = y0 (given x): a full or low-rank component follows it, so its samples keep the
+    correlation (a diagonal one cannot); fit writes the model with that covariance and sample draws from it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(400, generator=g)
+    y0 = x + 0.5 * torch.randn(400, generator=g)
+    y1 = y0 + 0.02 * torch.randn(400, generator=g)
+    data = write_csv(tmp_path / "line.csv", ["x", "y0", "y1"], torch.stack([x, y0, y1], 1).tolist())
+    out = tmp_path / "out"
+    assert cli.main(["fit", data, "--x", "x", "--y", "y0,y1", "--components", "1", *covariance, "--epochs", "60",
+                     "--batch-size", "100", "--lr", "0.01", "--out", str(out), "--no-plots", *QUIET]) == 0
+    model = physmdn.load(str(out / "model.pt"))
+    assert model.covariance == covariance[1]
+    assert json.loads((out / "summary.json").read_text())["model"]["covariance"] == covariance[1]
+    samples = tmp_path / "s.csv"
+    assert cli.main(["sample", str(out / "model.pt"), "--x", "0.5", "--n", "2000", "--out", str(samples),
+                     *QUIET]) == 0
+    with open(samples) as f:
+        rows = list(csv.DictReader(f))
+    drawn = torch.tensor([[float(r["y0"]), float(r["y1"])] for r in rows])
+    assert drawn.shape == (2000, 2)
+    assert torch.corrcoef(drawn.T)[0, 1] > 0.9  # (a diagonal component's samples have correlation ~0)
 
 
 @pytest.mark.parametrize("extra, message", [
