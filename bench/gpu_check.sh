@@ -116,15 +116,22 @@ for mod in (\"pybind11\", \"scikit_build_core\", \"pytest\", \"numpy\"):
   record versions "$(status_of $STEP_RC)" "${STEP_SECONDS:-0}" "$(grep -m1 '^GPU 0' "$STEPDIR/versions.out" 2>/dev/null | cut -c1-60)"
 
   # 2. build ---------------------------------------------------------------------------------------------
-  if [ "$DRY" = 1 ]; then
-    echo; echo "=== [build] dry run: would run: PHYSMDN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install --no-build-isolation --no-deps -Ccmake.define.PHYSMDN_CUDA_LANES=ON ."
-    record build "SKIP(dry-run)" 0 "not rebuilt; the installed physmdn is used"
-  elif wheel=$("$PY" -c "
+  wheel=$("$PY" -c "
 import glob, sys
 tag = 'cp%d%d' % sys.version_info[:2]
 found = sorted(glob.glob('dist/physmdn-*-%s-%s-*linux*.whl' % (tag, tag)))
 print(found[-1] if found else '')
-") && [ -n "$wheel" ]; then
+")
+  if [ "$DRY" = 1 ]; then
+    echo
+    if [ -n "$wheel" ]; then
+      echo "=== [build] dry run: would install the prebuilt wheel: $PY -m pip install --no-deps --no-index --force-reinstall $wheel"
+      record build "SKIP(dry-run)" 0 "would install $(basename "$wheel"); the installed physmdn is used"
+    else
+      echo "=== [build] dry run: no prebuilt wheel for this Python in dist/; would compile: PHYSMDN_CUDA=ON TORCH_CUDA_ARCH_LIST=9.0 $PY -m pip install --no-build-isolation --no-deps -Ccmake.define.PHYSMDN_CUDA_LANES=ON ."
+      record build "SKIP(dry-run)" 0 "no prebuilt wheel in dist/ (would compile); the installed physmdn is used"
+    fi
+  elif [ -n "$wheel" ]; then
     # the prebuilt wheel (stable ABI: built with another torch, loads under this one), no compiling here
     run_step build 120 "$PY" -m pip install --no-deps --no-index --force-reinstall --no-input \
       --disable-pip-version-check "$wheel"
