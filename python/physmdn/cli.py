@@ -25,7 +25,7 @@ also writes ``bifurcation.png`` (each model's samples over the true branches) an
 error bars over seeds); it runs on one CPU thread unless ``--threads`` says otherwise.
 
 Models: ``mdn`` (NLL only), ``mdn-physics`` (NLL plus the problem's physics specs, noise-normalized, weight warmed up
-linearly over the first quarter of the epochs), ``mdn-law`` (the law built in, where there is one), ``cfm``
+linearly over the first tenth of the epochs), ``mdn-law`` (the law built in, where there is one), ``cfm``
 (conditional flow matching) and ``torchcfm`` (the torchcfm package's CFM, when installed). Every model gets the same
 data without regime labels and early stopping on the same validation draws; ``--oracle`` (an ablation) gives
 ``mdn-physics`` the regime labels and the component-specific laws (:mod:`physmdn.experiments`).

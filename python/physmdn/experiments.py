@@ -10,7 +10,7 @@ training-set sizes and seeds, and write the results.
   bifurcation diagram of every model (``bifurcation.png``) and metric bars over seeds (``metrics.png``).
 
 Models: ``mdn`` (NLL only), ``mdn-physics`` (NLL plus the problem's physics specs, weight warmed up linearly over
-the first quarter of the epochs), ``mdn-law`` (the law built in, where the problem has one), ``cfm`` (conditional
+the first tenth of the epochs), ``mdn-law`` (the law built in, where the problem has one), ``cfm`` (conditional
 flow matching) and ``torchcfm`` (the peer CFM of the ``torchcfm`` package, :class:`physmdn.peers.TorchCFM`, when it
 is installed).
 
@@ -154,7 +154,7 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
                    lr: float | None = None, physics_weight: float | None = None, n_test_contexts: int = 32,
                    n_samples: int = 400, cfm_steps: int = 32, progress: bool = False, history_path: str | None = None,
                    truth: tuple[torch.Tensor, torch.Tensor] | None = None, oracle: bool = False,
-                   normalize: str | None = "noise", patience: int | str | None = "auto") -> dict:
+                   normalize: str | None = "noise", patience: int | str | None = "auto", warmup: float = 0.1) -> dict:
     """Train model ``kind`` on ``problem`` and evaluate it. Returns ``{"metrics", "timing", "config", "model",
     "history", "contexts", "truth"}`` (the last two: held-out contexts ``[B, C]`` and truth samples ``[m, B, D]``,
     reusable across models through ``truth=(contexts, samples)``).
@@ -164,7 +164,8 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
     :func:`~physmdn.training.fit`), the best validation epoch restored. ``oracle``: give ``mdn-physics`` the regime
     labels and the component-specific laws (an ablation; off by default). ``normalize`` and ``physics_weight``: see
     :func:`experiment_physics`; ``physics_weight`` defaults to :data:`NORMALIZED_WEIGHT` with ``normalize="noise"``,
-    else to the problem's ``defaults.physics_weight``."""
+    else to the problem's ``defaults.physics_weight``; it rises linearly over the first ``warmup`` of the epochs (a
+    tenth: with early stopping a run may end long before the maximum)."""
     if kind not in models_for(problem):
         raise ValueError(f"kind must be one of {', '.join(models_for(problem))} for {problem.name}, got {kind!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -191,7 +192,7 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
     start = time.perf_counter()
     result = fit(model, train_data, (val.x, val.y), epochs=epochs, batch_size=min(batch_size, n_train), lr=lr,
                  seed=seed, device=device, progress=progress, history_path=history_path, physics=physics,
-                 physics_weight=LinearWarmup(physics_weight, max(1, epochs // 4)) if use_physics else 0.0,
+                 physics_weight=LinearWarmup(physics_weight, max(1, int(epochs * warmup))) if use_physics else 0.0,
                  patience=patience)
     train_s = time.perf_counter() - start
     model = result.model

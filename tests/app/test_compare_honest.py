@@ -152,3 +152,14 @@ def test_cli_compare_options():
     assert cli.build_parser().parse_args(["compare", "pitchfork", "--patience", "7"]).patience == 7
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["compare", "pitchfork", "--patience", "soon"])
+
+
+def test_physics_weight_defaults_and_warmup(monkeypatch):
+    problem = P.get("pitchfork")
+    calls = _record_fit(monkeypatch)
+    E.run_experiment(problem, "mdn-physics", n_train=16, epochs=20, n_test_contexts=2, n_samples=16)
+    E.run_experiment(problem, "mdn-physics", n_train=16, epochs=20, n_test_contexts=2, n_samples=16,
+                     normalize=None, warmup=0.25)
+    normalized, raw = calls[0]["physics_weight"], calls[1]["physics_weight"]
+    assert (normalized.final, normalized.epochs) == (E.NORMALIZED_WEIGHT, 2)
+    assert (raw.final, raw.epochs) == (problem.defaults.physics_weight, 5)
