@@ -75,13 +75,13 @@ def _component_specific(spec) -> bool:
 
 def experiment_physics(problem, *, oracle: bool = False, normalize: str | None = "noise",
                        components: int | None = None):
-    """The ``physics(x_batch) -> [(spec, weight), ...]`` factory of ``mdn-physics`` and the global weight scale.
+    """The ``physics(x_batch) -> [(spec, weight), ...]`` factory of ``mdn-physics``.
 
     ``oracle=False`` drops component-specific laws (:func:`_component_specific`: they assign a regime to each
     component). ``normalize="noise"``: residual specs with a noise scale get ``normalize="noise"``; the others'
     weights are multiplied by ``problem.defaults.physics_weight`` (their shipped scale), so that the global weight
-    of :func:`run_experiment` acts on the normalized ones alone. ``normalize=None``: the problem's specs as shipped.
-    Returns the factory."""
+    of :func:`run_experiment` acts on the normalized ones alone. ``normalize=None``: the problem's specs as
+    shipped."""
     if normalize not in (None, "noise"):
         raise ValueError(f"normalize must be None or 'noise', got {normalize!r}")
     builtin = (Ph.Polynomial, Ph.Linear, Ph.Stencil1D)
