@@ -56,7 +56,7 @@ MODEL_LABELS = {"mdn": "MDN", "mdn-physics": "MDN+physics", "mdn-law": "MDN+hard
                 "torchcfm": "torchcfm (peer CFM)"}
 FLOWS = ("cfm", "torchcfm")
 #: the physics weight of ``mdn-physics`` with noise-normalized penalties (``normalize="noise"``), on every problem
-NORMALIZED_WEIGHT = 1.0
+NORMALIZED_WEIGHT = 0.1
 
 
 def models_for(problem, peer: bool = True) -> list[str]:
@@ -74,30 +74,31 @@ def _component_specific(spec) -> bool:
 
 
 def experiment_physics(problem, *, oracle: bool = False, normalize: str | None = "noise",
-                       components: int | None = None):
+                       components: int | None = None, weight: float = NORMALIZED_WEIGHT):
     """The ``physics(x_batch) -> [(spec, weight), ...]`` factory of ``mdn-physics``.
 
     ``oracle=False`` drops component-specific laws (:func:`_component_specific`: they assign a regime to each
     component). ``normalize="noise"``: residual specs with a noise scale get ``normalize="noise"``; the others'
-    weights are multiplied by ``problem.defaults.physics_weight`` (their shipped scale), so that the global weight
-    of :func:`run_experiment` acts on the normalized ones alone. ``normalize=None``: the problem's specs as
-    shipped."""
+    weights are multiplied by ``problem.defaults.physics_weight / weight`` (their shipped scale, divided by the
+    global ``weight`` that training multiplies every spec by), so that the global weight acts on the normalized
+    specs alone. ``normalize=None``: the problem's specs as shipped."""
     if normalize not in (None, "noise"):
         raise ValueError(f"normalize must be None or 'noise', got {normalize!r}")
     builtin = (Ph.Polynomial, Ph.Linear, Ph.Stencil1D)
+    others = problem.defaults.physics_weight / weight if weight > 0 else 0.0
 
     def physics(x):
         items = []
-        for spec, weight in problem.physics(x, components):
-            if weight == 0.0 or (not oracle and _component_specific(spec)):
+        for spec, spec_weight in problem.physics(x, components):
+            if spec_weight == 0.0 or (not oracle and _component_specific(spec)):
                 continue
             if normalize == "noise":
                 if isinstance(spec, builtin) and spec.noise_scale > 0.0:
                     spec = copy.copy(spec)
                     spec.normalize = "noise"
                 else:
-                    weight = weight * problem.defaults.physics_weight
-            items.append((spec, weight))
+                    spec_weight = spec_weight * others
+            items.append((spec, spec_weight))
         return items
 
     return physics
@@ -186,8 +187,8 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
     use_physics = kind == "mdn-physics"
     labelled = use_physics and oracle and problem.component_specific
     train_data = (train.x, train.y, train.labels) if labelled else (train.x, train.y)
-    physics = experiment_physics(problem, oracle=oracle, normalize=normalize, components=components) if use_physics \
-        else None
+    physics = experiment_physics(problem, oracle=oracle, normalize=normalize, components=components,
+                                 weight=physics_weight) if use_physics else None
     # keep the last batch: with tiny data sets drop_last would leave nothing to train on
     start = time.perf_counter()
     result = fit(model, train_data, (val.x, val.y), epochs=epochs, batch_size=min(batch_size, n_train), lr=lr,

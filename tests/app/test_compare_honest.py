@@ -41,7 +41,8 @@ def test_default_physics_drops_the_component_specific_law_and_normalizes():
     law = next(s for s, _ in oracle if isinstance(s, Ph.Linear) and s.b.shape[1] > 1)
     assert law.normalize == "noise"
     rh_weight = next(w for s, w in honest if isinstance(s, Ph.Linear))
-    assert rh_weight == pytest.approx(problem.physics_weights["rankine_hugoniot"] * problem.defaults.physics_weight)
+    assert rh_weight == pytest.approx(problem.physics_weights["rankine_hugoniot"] * problem.defaults.physics_weight
+                                      / E.NORMALIZED_WEIGHT)
 
 
 def test_raw_physics_is_the_problem_as_shipped():
@@ -55,7 +56,13 @@ def test_raw_physics_is_the_problem_as_shipped():
     steady = next(s for s, _ in normalized if isinstance(s, Ph.Stencil1D))
     assert steady.normalize == "noise"
     stability_weight = next(w for s, w in normalized if isinstance(s, Ph.FieldStability))
-    assert stability_weight == pytest.approx(problem.physics_weights["stability"] * problem.defaults.physics_weight)
+    assert stability_weight == pytest.approx(problem.physics_weights["stability"] * problem.defaults.physics_weight
+                                             / E.NORMALIZED_WEIGHT)
+    # training multiplies every spec by the global weight: the unnormalized ones are divided by it beforehand
+    scaled = E.experiment_physics(problem, weight=0.25)(x)
+    assert next(w for s, w in scaled if isinstance(s, Ph.FieldStability)) == pytest.approx(
+        4 * E.NORMALIZED_WEIGHT * stability_weight)
+    assert next(w for s, w in scaled if isinstance(s, Ph.Stencil1D)) == problem.physics_weights["steady"]
     with pytest.raises(ValueError, match="normalize must be None or 'noise'"):
         E.experiment_physics(problem, normalize="data")
 
