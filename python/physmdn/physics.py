@@ -175,7 +175,7 @@ class _BuiltinFamily(PhysicsSpec):
         self.moment = _check_moment(moment, mode)
         self.noise_scale = _check_noise(noise_scale)
         self.coupling = _check_coupling(coupling)
-        self.normalize = _check_normalize(normalize, self.noise_scale)
+        self.normalize = physics_scaling.check_normalize(normalize, self.noise_scale)
 
     def noise_floor(self, means: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         """``E ||r(mu + s eps) - r(mu)||^2`` at ``means [B, K, D]`` with ``s = noise_scale``: ``[B|1, K|1]``."""
@@ -207,15 +207,6 @@ class _BuiltinFamily(PhysicsSpec):
 
 def _check_noise(noise_scale) -> float:
     return check.nonnegative(noise_scale, "noise_scale")
-
-
-def _check_normalize(normalize, noise_scale: float):
-    if normalize not in physics_scaling.NORMALIZATIONS:
-        raise ValueError(f"normalize must be one of {physics_scaling.NORMALIZATIONS}, got {normalize!r}")
-    if normalize == "noise" and not noise_scale > 0.0:
-        raise ValueError(f"normalize='noise' divides by the penalty's noise floor and needs noise_scale > 0, "
-                         f"got noise_scale={noise_scale!r}")
-    return normalize
 
 
 class Polynomial(_BuiltinFamily):
@@ -696,7 +687,7 @@ class Residual(PhysicsSpec):
             raise ValueError(f"moment must be 'second' or 'first', got {moment!r}")
         self.moment = moment
         self.coupling = _check_coupling(coupling)
-        self.normalize = _check_normalize(normalize, self.noise_scale)
+        self.normalize = physics_scaling.check_normalize(normalize, self.noise_scale)
 
     def noise_floor(self, means):
         """``sum_s w_s ||r(mu + s_n z_s) - r(mu)||^2`` over this spec's rule (``mode``; ``"point"`` takes the sigma
@@ -705,10 +696,8 @@ class Residual(PhysicsSpec):
         rule.mode, rule.noise_scale = ("sigma" if self.mode == "point" else self.mode), 0.0
         points, weights = rule._points(means, means.new_full(means.shape, math.log(self.noise_scale)))
         ctx = None if self.context is None else self.context.to(means.dtype)[:, None, None, :]
-        r, r0 = self.fn(points, ctx), self.fn(means.unsqueeze(2), ctx)
-        if r.dim() == 3:
-            r, r0 = r.unsqueeze(-1), r0.unsqueeze(-1)
-        return ((r - r0).square().sum(-1) * weights).sum(-1)
+        diff = (self.fn(points, ctx) - self.fn(means.unsqueeze(2), ctx)).reshape(*points.shape[:3], -1)
+        return (diff.square().sum(-1) * weights).sum(-1)
 
     def validate(self, B, K, D):
         if self.context is not None and self.context.shape[0] != B:

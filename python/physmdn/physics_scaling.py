@@ -30,11 +30,21 @@ import math
 
 import torch
 
-__all__ = ["normal_moments", "taylor_coefficients", "polynomial_noise_floor", "linear_noise_floor",
+__all__ = ["check_normalize", "normal_moments", "taylor_coefficients", "polynomial_noise_floor", "linear_noise_floor",
            "stencil_noise_floor", "mixture_noise_floor", "noise_normalized", "NORMALIZATIONS"]
 
 #: the values of a built-in spec's ``normalize`` option
 NORMALIZATIONS = (None, "noise")
+
+
+def check_normalize(normalize, noise_scale: float):
+    """``normalize`` checked: one of :data:`NORMALIZATIONS`; ``"noise"`` needs ``noise_scale > 0``."""
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if normalize == "noise" and not noise_scale > 0.0:
+        raise ValueError(f"normalize='noise' divides by the penalty's noise floor and needs noise_scale > 0, "
+                         f"got noise_scale={noise_scale!r}")
+    return normalize
 
 
 def normal_moments(order: int, dtype=torch.float64, device=None) -> torch.Tensor:
