@@ -485,7 +485,7 @@ def demo(*, sizes: Sequence[int], seeds: int, epochs: int, out: str, device=None
         if row["n_train"] == largest and row["seed"] == 0:
             shown[MODEL_LABELS[row["model"]]] = (result["sampler"], row["energy"])
 
-    rows = compare(problem, models=models_for(problem), sizes=sizes, seeds=seeds, epochs=epochs, out=out, device=device,
+    rows = compare(problem, models=models_for(problem, peer=False), sizes=sizes, seeds=seeds, epochs=epochs, out=out, device=device,
                    progress=progress, n_test_contexts=n_test_contexts, n_samples=n_samples, on_result=keep, **kwargs)
     titles = {label: f"n = {largest}, seed 0: energy {energy:.3g}" for label, (_, energy) in shown.items()}
     plot_bifurcation(problem, {label: sampler for label, (sampler, _) in shown.items()},
