@@ -207,9 +207,11 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
               "epochs_completed": result.epochs_completed, "best_epoch": result.best_epoch}
     config = {"problem": problem.name, "problem_config": problem.config, "model": kind, "n_train": n_train,
               "epochs": epochs, "seed": seed, "device": str(device), "components": getattr(model, "components", None),
-              "hidden": list(model.config.get("hidden", [model.config.get("width")])), "batch_size": batch_size, "lr": lr,
+              "hidden": list(model.config.get("hidden", [model.config.get("width")])), "batch_size": batch_size,
+              "lr": lr,
               "physics_weight": physics_weight if use_physics else 0.0, "n_test_contexts": contexts.shape[0],
-              "n_samples": truth_samples.shape[0], "regime_labels": bool(labelled), "oracle": bool(oracle and use_physics),
+              "n_samples": truth_samples.shape[0], "regime_labels": bool(labelled),
+              "oracle": bool(oracle and use_physics),
               "normalize": normalize if use_physics else None, "patience": patience}
     return {"metrics": metrics, "timing": timing, "config": config, "model": model, "history": result.history,
             "contexts": contexts, "truth": truth_samples, "sampler": sample}
@@ -471,8 +473,8 @@ def markdown_table(summary: list[dict], problem: str, epochs: int, seeds: int) -
 
 def demo(*, sizes: Sequence[int], seeds: int, epochs: int, out: str, device=None, progress: bool = True,
          n_test_contexts: int = 24, n_samples: int = 300, **kwargs) -> list[dict]:
-    """The demo: :func:`compare` of every model on the pitchfork ``dy/dt = r y - y^3`` (long-time state
-    ``+-sqrt(r)`` for ``r > 0``, 0 for ``r < 0``), evaluated at ``n_test_contexts`` held-out contexts with
+    """The demo: :func:`compare` of the MDN, MDN+physics and CFM on the pitchfork ``dy/dt = r y - y^3``
+    (long-time state ``+-sqrt(r)`` for ``r > 0``, 0 for ``r < 0``), evaluated at ``n_test_contexts`` held-out contexts with
     ``n_samples`` samples each. Besides :func:`compare`'s files it writes ``bifurcation.png`` (samples of the
     seed-0 model trained on the largest size, per model, over the true branches; :func:`plot_bifurcation`) and
     ``metrics.png`` (energy distance, mode-weight error and physics residual per model and size, mean and standard
@@ -485,8 +487,8 @@ def demo(*, sizes: Sequence[int], seeds: int, epochs: int, out: str, device=None
         if row["n_train"] == largest and row["seed"] == 0:
             shown[MODEL_LABELS[row["model"]]] = (result["sampler"], row["energy"])
 
-    rows = compare(problem, models=models_for(problem, peer=False), sizes=sizes, seeds=seeds, epochs=epochs, out=out, device=device,
-                   progress=progress, n_test_contexts=n_test_contexts, n_samples=n_samples, on_result=keep, **kwargs)
+    rows = compare(problem, models=models_for(problem, peer=False), sizes=sizes, seeds=seeds, epochs=epochs, out=out,
+                   device=device, progress=progress, n_test_contexts=n_test_contexts, n_samples=n_samples, on_result=keep, **kwargs)
     titles = {label: f"n = {largest}, seed 0: energy {energy:.3g}" for label, (_, energy) in shown.items()}
     plot_bifurcation(problem, {label: sampler for label, (sampler, _) in shown.items()},
                      os.path.join(out, "bifurcation.png"), titles=titles, device=device)

@@ -78,7 +78,8 @@ def test_every_model_gets_the_same_data_validation_and_epochs(monkeypatch, oracl
         configs[kind] = E.run_experiment(problem, kind, seed=3, truth=truth, oracle=oracle, **TINY)["config"]
     assert [c["model"] for c in calls] == ["MDN", "MDN", "CFM"]
     for call in calls:
-        assert torch.equal(call["train"][0], calls[0]["train"][0]) and torch.equal(call["train"][1], calls[0]["train"][1])
+        for i in (0, 1):
+            assert torch.equal(call["train"][i], calls[0]["train"][i])
         assert torch.equal(call["val"][0], calls[0]["val"][0]) and torch.equal(call["val"][1], calls[0]["val"][1])
         assert call["epochs"] == TINY["epochs"] and call["patience"] == "auto"
     labelled = [len(c["train"]) == 3 for c in calls]

@@ -107,7 +107,8 @@ def test_normalized_penalty_of_noisy_on_law_data_has_expectation_one(family):
 def test_loss_divides_the_weight_by_the_mixture_weighted_floor():
     torch.manual_seed(4)
     B, K, D = 5, 3, 1
-    logits, means, log_scales = torch.randn(B, K, dtype=DT), torch.randn(B, K, D, dtype=DT), torch.randn(B, K, D, dtype=DT) - 1
+    logits, means = torch.randn(B, K, dtype=DT), torch.randn(B, K, D, dtype=DT)
+    log_scales = torch.randn(B, K, D, dtype=DT) - 1
     target = torch.randn(B, D, dtype=DT)
     coeffs = torch.randn(B, 1, 1, 4, dtype=DT)
     plain = Ph.Polynomial(coeffs, noise_scale=0.1)
