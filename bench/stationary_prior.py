@@ -65,7 +65,7 @@ def run_variant(variant, n, seed, args, truth) -> dict:
     start = time.perf_counter()
     result = run_experiment(problem, "mdn" if variant == "mdn" else "mdn-physics", n_train=n, epochs=args.epochs,
                             seed=seed, truth=truth, physics_weight=weight, hidden=args.hidden,
-                            components=args.components)
+                            components=args.components, normalize=None, warmup=0.25)  # the raw weights these results used
     metrics = result["metrics"]
     return {"variant": variant, "n_train": n, "seed": seed, "physics_weight": weight, "energy": metrics["energy"],
             "nll": metrics["nll"], "mode_weight_error": metrics["mode_weight_error"],

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 from . import reference  # noqa: E402
 from ._mixture_nll import mixture_nll  # noqa: E402
 from ._mixture_correlated import mixture_nll_lowrank, mixture_nll_tril  # noqa: E402
-from . import physics  # noqa: E402
+from . import physics, physics_scaling  # noqa: E402
 from .physics import mdn_loss  # noqa: E402
 from . import stationary  # noqa: E402
 from .stationary import StationaryLaw  # noqa: E402
@@ -70,7 +70,7 @@ def cpu_pool_release() -> None:
 
 
 __all__ = [
-    "mixture_nll", "mixture_nll_tril", "mixture_nll_lowrank", "mdn_loss", "reference", "physics", "stationary",
+    "mixture_nll", "mixture_nll_tril", "mixture_nll_lowrank", "mdn_loss", "reference", "physics", "physics_scaling", "stationary",
     "StationaryLaw", "build_info", "__version__",
     "cpu_pool_stats", "set_cpu_pool_limit", "cpu_pool_release",
     "GaussianMixture", "GaussianMixtureTril", "GaussianMixtureLowRank", "Modes", "correlated",

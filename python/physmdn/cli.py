@@ -4,7 +4,8 @@ models on a user's data files.
 ::
 
     physmdn run <problem> --model mdn|mdn-physics|cfm [--n-train N] [--epochs E] [--device D] [--out DIR] [--seed S]
-    physmdn compare <problem> [--n-train 64,256,2048] [--seeds 3] [--models mdn,mdn-physics,cfm] [--out DIR]
+    physmdn compare <problem> [--n-train 64,256,2048] [--seeds 5] [--models mdn,mdn-physics,cfm] [--out DIR]
+                    [--oracle] [--physics-normalize noise|none] [--patience auto|N]
     physmdn demo [--n-train 256,2048] [--seeds 3] [--epochs 60] [--threads 1] [--out DIR]
     physmdn problems
     physmdn fit DATA.csv --x COLS --y COLS [--components K --physics module:name --out DIR]
@@ -18,14 +19,16 @@ at held-out contexts against ``problem.sample_truth`` (:func:`physmdn.metrics.ev
 ``metrics.json``, ``history.csv`` and PNG plots (``density.png``: conditional density against the ground truth
 over the context range with the true branches and the MDN's modes marked, or ``fields.png``: sampled fields per
 branch; ``history.png``). ``compare`` runs every model for every training-set size and seed and writes
-``results.csv`` (one row per run), ``summary.md`` / ``summary.csv`` (mean and spread over seeds) and
-``compare.png``. ``demo`` is a pitchfork comparison sized for a laptop (under two minutes on two CPU cores) that
+``results.csv`` (one row per run), ``summary.md`` / ``summary.csv`` (mean and spread over seeds), ``paired.csv``
+(each model minus each reference model, paired over seeds, with a 95 % t-interval) and ``compare.png``. ``demo`` is a pitchfork comparison sized for a laptop (under two minutes on two CPU cores) that
 also writes ``bifurcation.png`` (each model's samples over the true branches) and ``metrics.png`` (metric bars with
 error bars over seeds); it runs on one CPU thread unless ``--threads`` says otherwise.
 
-Models: ``mdn`` (NLL only), ``mdn-physics`` (NLL plus the problem's physics specs, weight warmed up linearly over
-the first quarter of the epochs; regime labels supervise the components where the physics is component-specific),
-``cfm`` (conditional flow matching).
+Models: ``mdn`` (NLL only), ``mdn-physics`` (NLL plus the problem's physics specs, noise-normalized, weight warmed up
+linearly over the first tenth of the epochs), ``mdn-law`` (the law built in, where there is one), ``cfm``
+(conditional flow matching) and ``torchcfm`` (the torchcfm package's CFM, when installed). Every model gets the same
+data without regime labels and early stopping on the same validation draws; ``--oracle`` (an ablation) gives
+``mdn-physics`` the regime labels and the component-specific laws (:mod:`physmdn.experiments`).
 
 ``fit`` and ``sample`` (the user's own CSV, npz or pt files) live in :mod:`physmdn.cli_data`. This module parses
 the arguments and prints; the experiments themselves live in :mod:`physmdn.experiments` and the plots in
@@ -59,6 +62,12 @@ def _problem_name(text: str) -> str:
     if key not in P.names():
         raise argparse.ArgumentTypeError(f"unknown problem {text!r}; valid names: {', '.join(P.names())}")
     return key
+
+
+def _patience(text: str):
+    if text in ("auto", "off"):
+        return None if text == "off" else text
+    return _positive_int(text)
 
 
 def _model_list(text: str) -> list[str]:
@@ -124,7 +133,9 @@ def cmd_compare(args) -> int:
     epochs = args.epochs or problem.defaults.epochs
     compare(problem, models=args.models, sizes=args.n_train, seeds=args.seeds, epochs=epochs, out=out,
             device=args.device, progress=not args.quiet, n_test_contexts=args.n_test_contexts,
-            n_samples=args.n_samples, **_common_kwargs(args))
+            n_samples=args.n_samples, oracle=args.oracle,
+            normalize=None if args.physics_normalize == "none" else args.physics_normalize,
+            patience=args.patience, **_common_kwargs(args))
     if not args.quiet:
         _print_summary(out)
     return 0
@@ -164,7 +175,8 @@ def _add_training_options(p: argparse.ArgumentParser, *, epochs_default=None, th
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--lr", type=_positive_float, default=None)
     p.add_argument("--physics-weight", type=_nonneg_float, default=None,
-                   help="final physics weight of mdn-physics (default: the problem's)")
+                   help="final physics weight of mdn-physics (default: 0.1 with noise-normalized penalties, else the "
+                        "problem's)")
     p.add_argument("--cfm-steps", type=_positive_int, default=32, help="ODE steps when sampling the CFM")
     threads_shown = "torch's" if threads_default is None else threads_default
     p.add_argument("--threads", type=_positive_int, default=threads_default,
@@ -193,12 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="all models x training sizes x seeds on a problem")
     cmp_.add_argument("problem", type=_problem_name, help=f"one of {', '.join(P.names())}")
     cmp_.add_argument("--n-train", type=_int_list, default=[64, 256, 2048], help="comma-separated sizes")
-    cmp_.add_argument("--seeds", type=_positive_int, default=3, help="seeds per configuration")
+    cmp_.add_argument("--seeds", type=_positive_int, default=5, help="paired seeds per configuration")
     cmp_.add_argument("--models", type=_model_list, default=None,
                       help="comma-separated subset of models (default: every model that applies to the problem; "
                            "mdn-law where the problem has a hard linear law)")
     cmp_.add_argument("--n-test-contexts", type=_positive_int, default=32)
     cmp_.add_argument("--n-samples", type=_positive_int, default=400)
+    cmp_.add_argument("--oracle", action="store_true",
+                      help="ablation: give mdn-physics the regime labels and the component-specific laws that the "
+                           "other models do not get")
+    cmp_.add_argument("--physics-normalize", choices=("noise", "none"), default="noise",
+                      help="divide the residual penalties by their noise floor (default) or use the problem's raw "
+                           "weights")
+    cmp_.add_argument("--patience", type=_patience, default="auto",
+                      help="early-stopping patience in epochs on the validation split, 'auto' (fit's default) or "
+                           "'off'")
     _add_training_options(cmp_)
     cmp_.set_defaults(func=cmd_compare)
 

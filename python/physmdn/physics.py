@@ -22,7 +22,9 @@ branch weights (docs/physics.md).
 Noise-aware penalties. With observations ``y = y* + eps``, ``eps ~ N(0, s_n^2)``, the law holds for the
 noise-free ``y*``, whose spread under component ``k`` is ``max(sigma^2 - s_n^2, 0)``. With ``noise_scale=s_n``
 the built-in families take their moments under that noise-free variance, which leaves a component whose spread is
-the noise alone unpenalized.
+the noise alone unpenalized. With ``normalize="noise"`` as well, the penalty is divided by its noise floor
+``E ||r(mu + s_n eps) - r(mu)||^2`` at the component means (:mod:`physmdn.physics_scaling`), so that weight 1 means
+"as strong as the data's own noise".
 
 Every spec has a plain-torch :meth:`~PhysicsSpec.penalty` (the reference the kernels are tested against).
 The built-in families also run fused with the mixture NLL in one kernel pass (``torch.ops.physmdn.mdn_loss_*``).
@@ -30,6 +32,7 @@ The built-in families also run fused with the mixture NLL in one kernel pass (``
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Sequence
 
@@ -38,6 +41,7 @@ import torch.nn.functional as F
 
 from . import _fused, _ops
 from . import _validation as check
+from . import physics_scaling
 from ._mixture_nll import mixture_nll
 
 __all__ = [
@@ -162,14 +166,20 @@ def _check_coupling(coupling, allow_none: bool = True):
 
 
 class _BuiltinFamily(PhysicsSpec):
-    """What the fused families share: the moment, the noise scale and the coupling."""
+    """What the fused families share: the moment, the noise scale, the coupling and ``normalize`` (None, or
+    ``"noise"``: divide the penalty by its noise floor at ``noise_scale``, :mod:`physmdn.physics_scaling`)."""
 
     moment: str = "second"
 
-    def _set_options(self, moment, mode, noise_scale, coupling) -> None:
+    def _set_options(self, moment, mode, noise_scale, coupling, normalize=None) -> None:
         self.moment = _check_moment(moment, mode)
         self.noise_scale = _check_noise(noise_scale)
         self.coupling = _check_coupling(coupling)
+        self.normalize = physics_scaling.check_normalize(normalize, self.noise_scale)
+
+    def noise_floor(self, means: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """``E ||r(mu + s eps) - r(mu)||^2`` at ``means [B, K, D]`` with ``s = noise_scale``: ``[B|1, K|1]``."""
+        raise NotImplementedError
 
     @property
     def mode(self) -> str:
@@ -213,7 +223,7 @@ class Polynomial(_BuiltinFamily):
     family = "polynomial"
 
     def __init__(self, coeffs, moment: str | None = None, noise_scale: float = 0.0, coupling: str | None = None, *,
-                 mode: str | None = None):
+                 mode: str | None = None, normalize: str | None = None):
         coeffs = _as_tensor(coeffs, "coeffs")
         if coeffs.dim() == 1:
             coeffs = coeffs.reshape(1, 1, 1, -1)
@@ -222,7 +232,10 @@ class Polynomial(_BuiltinFamily):
         if coeffs.shape[-1] < 1:
             raise ValueError(f"coeffs must hold J+1 >= 1 coefficients (order J >= 0), got shape {tuple(coeffs.shape)}")
         self.coeffs = coeffs
-        self._set_options(moment, mode, noise_scale, coupling)
+        self._set_options(moment, mode, noise_scale, coupling, normalize)
+
+    def noise_floor(self, means):
+        return physics_scaling.polynomial_noise_floor(self.coeffs, means, self.noise_scale)
 
     @property
     def order(self) -> int:
@@ -264,7 +277,7 @@ class Linear(_BuiltinFamily):
     family = "linear"
 
     def __init__(self, A, b=None, moment: str | None = None, noise_scale: float = 0.0, coupling: str | None = None, *,
-                 mode: str | None = None):
+                 mode: str | None = None, normalize: str | None = None):
         A = _as_tensor(A, "A")
         if A.dim() == 2:
             A = A.reshape(1, 1, *A.shape)
@@ -278,7 +291,10 @@ class Linear(_BuiltinFamily):
         if b.dim() != 3 or b.shape[-1] != A.shape[-2]:
             raise ValueError(f"b must be [B|1, K|1, M] with M = {A.shape[-2]} (rows of A), got shape {tuple(b.shape)}")
         self.A, self.b = A, b
-        self._set_options(moment, mode, noise_scale, coupling)
+        self._set_options(moment, mode, noise_scale, coupling, normalize)
+
+    def noise_floor(self, means):
+        return physics_scaling.linear_noise_floor(self.A.to(means.dtype), self.noise_scale)
 
     def validate(self, B, K, D):
         M = self.A.shape[-2]
@@ -320,7 +336,7 @@ class Stencil1D(_BuiltinFamily):
 
     def __init__(self, diffusion, reaction, spacing: float = 1.0, boundary: str = "periodic",
                  moment: str | None = None, noise_scale: float = 0.0, coupling: str | None = None, *,
-                 mode: str | None = None):
+                 mode: str | None = None, normalize: str | None = None):
         diffusion = _as_tensor(diffusion, "diffusion")
         if diffusion.dim() == 0:
             diffusion = diffusion.reshape(1, 1)
@@ -335,7 +351,12 @@ class Stencil1D(_BuiltinFamily):
         if boundary not in ("periodic", "neumann"):
             raise ValueError(f"boundary must be 'periodic' or 'neumann', got {boundary!r}")
         self.diffusion, self.reaction, self.spacing, self.boundary = diffusion, reaction, spacing, boundary
-        self._set_options(moment, mode, noise_scale, coupling)
+        self._set_options(moment, mode, noise_scale, coupling, normalize)
+
+    def noise_floor(self, means):
+        L = self.laplacian(means.shape[-1], means.dtype, means.device)
+        return physics_scaling.stencil_noise_floor(self.diffusion, self.reaction, L, self.spacing, means,
+                                                   self.noise_scale)
 
     def validate(self, B, K, D):
         _check_broadcast(self.diffusion, "Stencil1D diffusion", (B, K), "[B|1, K|1]")
@@ -640,7 +661,8 @@ class Residual(PhysicsSpec):
     reparameterized draws).
 
     ``noise_scale``: the expectation is taken under the noise-free spread ``sqrt(max(sigma^2 - noise_scale^2, 0))``
-    (as the built-in families' ``noise_scale``).
+    (as the built-in families' ``noise_scale``). ``normalize="noise"``: divide by the noise floor
+    (:meth:`noise_floor`), as the built-in families do.
 
     ``moment``: ``"second"`` (``sum_s w_s ||r(y_s)||^2``, the estimate of ``E||r||^2``) or ``"first"``
     (``||sum_s w_s r(y_s)||^2``, the estimate of ``||E r||^2``); with ``mode="point"`` both are ``||r(mu)||^2``.
@@ -650,7 +672,7 @@ class Residual(PhysicsSpec):
 
     def __init__(self, fn: Callable, context: torch.Tensor | None = None, mode: str = "sigma", samples: int = 16,
                  generator: torch.Generator | None = None, moment: str = "second", coupling: str | None = None,
-                 noise_scale: float = 0.0, order: int = 5):
+                 noise_scale: float = 0.0, order: int = 5, normalize: str | None = None):
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(y, context) -> r, got {type(fn).__name__}")
         self.fn, self.context = fn, context
@@ -665,6 +687,17 @@ class Residual(PhysicsSpec):
             raise ValueError(f"moment must be 'second' or 'first', got {moment!r}")
         self.moment = moment
         self.coupling = _check_coupling(coupling)
+        self.normalize = physics_scaling.check_normalize(normalize, self.noise_scale)
+
+    def noise_floor(self, means):
+        """``sum_s w_s ||r(mu + s_n z_s) - r(mu)||^2`` over this spec's rule (``mode``; ``"point"`` takes the sigma
+        points) at spread ``s_n = noise_scale``: ``[B, K]``."""
+        rule = copy.copy(self)
+        rule.mode, rule.noise_scale = ("sigma" if self.mode == "point" else self.mode), 0.0
+        points, weights = rule._points(means, means.new_full(means.shape, math.log(self.noise_scale)))
+        ctx = None if self.context is None else self.context.to(means.dtype)[:, None, None, :]
+        diff = (self.fn(points, ctx) - self.fn(means.unsqueeze(2), ctx)).reshape(*points.shape[:3], -1)
+        return (diff.square().sum(-1) * weights).sum(-1)
 
     def validate(self, B, K, D):
         if self.context is not None and self.context.shape[0] != B:
@@ -730,6 +763,7 @@ def _effective_coupling(spec: PhysicsSpec, coupling: str) -> str:
     return spec.coupling if spec.coupling is not None else coupling
 
 
+
 def physics_penalty(logits, means, log_scales, physics, coupling: str = "detached") -> torch.Tensor:
     """Per-sample mixture-weighted penalty ``sum_k pi_bk sum_s w_s P^s_bk``: ``[B]`` (plain torch, the reference of
     the fused kernels). Specs whose coupling (or, when theirs is None, ``coupling``) is ``"detached"`` see
@@ -737,6 +771,7 @@ def physics_penalty(logits, means, log_scales, physics, coupling: str = "detache
     coupling = _check_coupling(coupling, allow_none=False)
     items = _normalize_physics(physics)
     B, K, D = means.shape
+    items = physics_scaling.noise_normalized(items, logits, means)
     pi = torch.softmax(logits, dim=-1)
     total = means.new_zeros(B)
     for spec, w in items:
@@ -777,6 +812,7 @@ def mdn_loss(logits, means, log_scales, target, physics=None, weight: float = 1.
         loss = mixture_nll(logits, means, log_scales, target, reduction=reduction)
     else:
         items = [(spec, w, _effective_coupling(spec, coupling)) for spec, w in items]
+        items = physics_scaling.noise_normalized(items, logits, means)
         loss = _fused.fused_mdn_loss(logits, means, log_scales, target, items, float(weight), reduction=reduction,
                                      fast=fast)
     return _ops.unflatten_loss(loss, batch_shape, reduction)
