@@ -147,8 +147,13 @@ def peak_memory_bytes(fn, device: str = "cpu", setup=None, warm: bool = True) ->
 
 def with_cuda_lanes(on: bool, fn):
     """``fn`` wrapped to run with the CUDA lane-per-element schedule of the mixture NLL on / off
-    (``physmdn._C.set_cuda_lanes_schedule``), the previous setting restored after each call."""
+    (``physmdn._C.set_cuda_lanes_schedule``), the previous setting restored after each call. In a build without the
+    schedule (CMake option ``PHYSMDN_CUDA_LANES``) ``fn`` runs as it is: only CPU dry runs reach that (the GPU check
+    installs a build with it), where the switch changes nothing."""
     import physmdn
+
+    if on and not physmdn.build_info()["cuda_lanes_schedule"]:
+        return fn
 
     def run(*args):
         prev = physmdn._C.set_cuda_lanes_schedule(on)
