@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._ops import _check_like_means, _check_tensor, acc_dtype, autocast_inputs, unflatten_loss
+from ._ops import _check_like_means, _check_tensor, acc_dtype, autocast_inputs, mixture_event, unflatten_loss
 
 __all__ = ["mixture_nll_tril", "mixture_nll_lowrank", "MAX_TRIL_DIM", "MAX_RANK"]
 
@@ -222,15 +222,7 @@ def _flatten(logits: Tensor, means: Tensor, target: Tensor, covariance: list[tup
     Returns ``(S or None, logits, means, target, covariance tensors)``."""
     for t, name in ((logits, "logits"), (means, "means"), (target, "target"), *((c[0], c[1]) for c in covariance)):
         _check_tensor(t, name)
-    if means.dim() < 2:
-        raise ValueError(f"means must be [*, K, D], got shape {tuple(means.shape)}")
-    K, D = means.shape[-2:]
-    if K < 1 or D < 1:
-        raise ValueError(f"means must have K >= 1 components and D >= 1 output dimensions, got shape "
-                         f"{tuple(means.shape)}")
-    if logits.dim() < 1 or logits.shape[-1] != K:
-        raise ValueError(f"logits must be [*, K] with K = {K} (the components of means), got shape "
-                         f"{tuple(logits.shape)}")
+    K, D = mixture_event(logits, means)
     if target.dim() < 1 or target.shape[-1] != D:
         raise ValueError(f"target must be [*, D] with D = {D} (the outputs of means), got shape {tuple(target.shape)}")
     events = [(logits, (K,)), (means, (K, D)), (target, (D,))]

@@ -128,13 +128,9 @@ def fast_mixture_inputs(logits, means, log_scales, target) -> bool:
     return not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
 
 
-def flatten_batch(logits, means, log_scales, target):
-    """Leading batch dimensions: ``logits [*, K]``, ``means / log_scales [*, K, D]`` and ``target [*, D]`` broadcast to
-    one batch shape ``S`` (as torch broadcasts) and flattened to ``[prod(S), ...]``, views where the layout allows
-    (a batch broadcast stays a stride-0 view, which the kernels read in place). Returns ``(S, tensors)``, ``S`` None
-    when the inputs already share one batch dimension."""
-    for t, name in ((logits, "logits"), (means, "means"), (log_scales, "log_scales"), (target, "target")):
-        _check_tensor(t, name)
+def mixture_event(logits, means) -> tuple[int, int]:
+    """``(K, D)`` of ``means [*, K, D]``, checked with ``logits [*, K]`` (leading batch dimensions are checked when
+    they are broadcast)."""
     if means.dim() < 2:
         raise ValueError(f"means must be [*, K, D], got shape {tuple(means.shape)}")
     K, D = means.shape[-2:]
@@ -143,6 +139,17 @@ def flatten_batch(logits, means, log_scales, target):
                          f"{tuple(means.shape)}")
     if logits.dim() < 1 or logits.shape[-1] != K:
         raise ValueError(f"logits must be [*, K] with K = {K} (the components of means), got shape {tuple(logits.shape)}")
+    return K, D
+
+
+def flatten_batch(logits, means, log_scales, target):
+    """Leading batch dimensions: ``logits [*, K]``, ``means / log_scales [*, K, D]`` and ``target [*, D]`` broadcast to
+    one batch shape ``S`` (as torch broadcasts) and flattened to ``[prod(S), ...]``, views where the layout allows
+    (a batch broadcast stays a stride-0 view, which the kernels read in place). Returns ``(S, tensors)``, ``S`` None
+    when the inputs already share one batch dimension."""
+    for t, name in ((logits, "logits"), (means, "means"), (log_scales, "log_scales"), (target, "target")):
+        _check_tensor(t, name)
+    K, D = mixture_event(logits, means)
     if log_scales.dim() < 2 or tuple(log_scales.shape[-2:]) != (K, D):
         raise ValueError(f"log_scales must be [*, K, D] with (K, D) = {(K, D)} (as means), got shape "
                          f"{tuple(log_scales.shape)}")

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ from . import _fused, _ops
 from . import _validation as check
 from . import physics_scaling
 from ._mixture_nll import mixture_nll
+from ._physics_base import (COUPLINGS, PhysicsSpec, _as_tensor, _check_broadcast, _check_coupling, _check_mode,
+                            _poly_eval)
+from .physics_priors import Bounds, DynamicsStability, Monotonic, Stability
 
 __all__ = [
     "MOMENTS", "COUPLINGS", "PhysicsSpec", "Polynomial", "Linear", "Stencil1D", "Residual", "Stability",
@@ -52,28 +55,7 @@ __all__ = [
 ]
 
 MOMENTS = ("second", "first", "point")
-COUPLINGS = ("detached", "coupled")
 _MOMENT_ALIASES = {"exact": "second", "mean": "point"}  # the earlier ``mode`` names
-
-
-def _as_tensor(value, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        return value
-    if isinstance(value, (int, float)):
-        return torch.tensor(float(value), dtype=torch.get_default_dtype())
-    if isinstance(value, (list, tuple)):
-        return torch.tensor(value, dtype=torch.get_default_dtype())
-    raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
-
-
-def _check_broadcast(t: torch.Tensor, name: str, target: Sequence[int], layout: str) -> None:
-    if t.dim() != len(target):
-        raise ValueError(f"{name} must be {layout} ({len(target)} dims), got shape {tuple(t.shape)}")
-    for have, want in zip(t.shape, target):
-        if have not in (1, want):
-            raise ValueError(f"{name} must be broadcastable to {layout} = {tuple(target)}, got shape {tuple(t.shape)}")
 
 
 def _component_variance(log_scales: torch.Tensor, noise_scale: float) -> torch.Tensor:
@@ -96,14 +78,6 @@ def gaussian_moments(mean: torch.Tensor, var: torch.Tensor, order: int) -> torch
     return torch.stack(moments, dim=-1)
 
 
-def _poly_eval(coeffs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``sum_j coeffs[..., j] y^j`` by Horner's rule."""
-    out = torch.zeros_like(y) + coeffs[..., -1]
-    for j in range(coeffs.shape[-1] - 2, -1, -1):
-        out = out * y + coeffs[..., j]
-    return out
-
-
 def _poly_square_expectation(coeffs: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """``E[(sum_j c_j y^j)^2]`` for ``y ~ N(mean, var)``, elementwise: ``sum_{i,j} c_i c_j M_{i+j}``."""
     J = coeffs.shape[-1] - 1
@@ -119,30 +93,6 @@ def _poly_mean_expectation(coeffs: torch.Tensor, mean: torch.Tensor, var: torch.
     return (coeffs * moments).sum(-1)
 
 
-class PhysicsSpec:
-    """Base class. A spec is bound to one batch; :meth:`penalty` returns ``P [B, K]`` in plain torch.
-
-    ``coupling``: ``"detached"``, ``"coupled"`` or None (take :func:`mdn_loss`'s ``coupling``)."""
-
-    mode: str = "mean"
-    coupling: str | None = None
-
-    def validate(self, B: int, K: int, D: int) -> None:
-        """Raise a clear error when the spec does not fit mixtures of shape ``[B, K, D]``."""
-
-    def penalty(self, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(mode={self.mode!r})"
-
-
-def _check_mode(mode: str, allowed: Sequence[str]) -> str:
-    if mode not in allowed:
-        raise ValueError(f"mode must be one of {tuple(allowed)}, got {mode!r}")
-    return mode
-
-
 def _check_moment(moment, mode=None) -> str:
     """The moment of a built-in family from ``moment`` or its older name ``mode`` ("exact" / "mean")."""
     if mode is not None:
@@ -155,14 +105,6 @@ def _check_moment(moment, mode=None) -> str:
     if moment not in MOMENTS:
         raise ValueError(f"moment must be one of {MOMENTS} (or 'exact' / 'mean'), got {moment!r}")
     return moment
-
-
-def _check_coupling(coupling, allow_none: bool = True):
-    if coupling is None and allow_none:
-        return None
-    if coupling not in COUPLINGS:
-        raise ValueError(f"coupling must be one of {COUPLINGS}{' or None' if allow_none else ''}, got {coupling!r}")
-    return coupling
 
 
 class _BuiltinFamily(PhysicsSpec):
@@ -415,85 +357,6 @@ class Stencil1D(_BuiltinFamily):
         return ((neighbour_mean + own_mean).square() + neighbour_var + own_var).sum(-1)
 
 
-class Stability(PhysicsSpec):
-    """Linear-stability prior: the Jacobian ``f'(y) = sum_j derivative_coeffs[..., j] y^j`` of the dynamics must
-    be negative at each component mean: ``P_bk = sum_d relu(f'(mu_bkd) + margin)^2``.
-
-    Pitchfork ``f = r y - y^3``: ``derivative_coeffs = [r, 0, -3]`` (shape ``[B|1, K|1, D|1, J+1]``); this keeps
-    components off the unstable branch ``y = 0`` for ``r > 0``, where the equilibrium residual alone is zero.
-    """
-
-    family = "stability"
-    mode = "mean"
-
-    def __init__(self, derivative_coeffs, margin: float = 0.0, coupling: str | None = None):
-        coeffs = _as_tensor(derivative_coeffs, "derivative_coeffs")
-        if coeffs.dim() == 1:
-            coeffs = coeffs.reshape(1, 1, 1, -1)
-        if coeffs.dim() != 4 or coeffs.shape[-1] < 1:
-            raise ValueError(f"derivative_coeffs must be [B|1, K|1, D|1, J+1] (or [J+1]), got shape {tuple(coeffs.shape)}")
-        self.coeffs, self.margin = coeffs, float(margin)
-        self.coupling = _check_coupling(coupling)
-
-    def validate(self, B, K, D):
-        _check_broadcast(self.coeffs, "Stability derivative_coeffs", (B, K, D, self.coeffs.shape[-1]), "[B|1, K|1, D|1, J+1]")
-
-    def penalty(self, means, log_scales):
-        slope = _poly_eval(self.coeffs.to(means.dtype), means)
-        return F.relu(slope + self.margin).square().sum(-1)
-
-
-class DynamicsStability(PhysicsSpec):
-    """Linear stability of any dynamics written in torch, ``dy/dt = f(y, context)``: at each component mean the
-    Jacobian ``J = df/dy`` (autograd, one vector-Jacobian product per output) must have every eigenvalue's real
-    part below ``-margin``: ``P_bk = relu(max_i Re lambda_i(J_bk) + margin)^2``. This keeps components off
-    saddles and unstable branches, where a steady residual also vanishes.
-
-    ``fn(y [B, K, D], context [B, 1, C] | None) -> [B, K, D]``; for ``D`` up to ``max_dim`` (the eigenvalues of a
-    dense ``D x D`` Jacobian per component). Steady 1-D fields have :class:`FieldStability`.
-    """
-
-    family = "dynamics_stability"
-    mode = "mean"
-
-    def __init__(self, fn: Callable, context: torch.Tensor | None = None, margin: float = 0.0, max_dim: int = 32,
-                 coupling: str | None = None):
-        if not callable(fn):
-            raise TypeError(f"fn must be callable as fn(y, context) -> dy/dt, got {type(fn).__name__}")
-        self.fn, self.context, self.margin, self.max_dim = fn, context, float(margin), int(max_dim)
-        self.coupling = _check_coupling(coupling)
-
-    def validate(self, B, K, D):
-        if D > self.max_dim:
-            raise ValueError(f"DynamicsStability takes D <= max_dim = {self.max_dim} outputs (a dense Jacobian per "
-                             f"component), got D = {D}; fields: FieldStability")
-        if self.context is not None and self.context.shape[0] != B:
-            raise ValueError(f"DynamicsStability context must have B = {B} rows, got shape {tuple(self.context.shape)}")
-
-    def jacobian(self, means: torch.Tensor) -> torch.Tensor:
-        """``[B, K, D, D]`` Jacobian of ``fn`` at ``means [B, K, D]`` (differentiable when ``means`` is)."""
-        train = torch.is_grad_enabled() and means.requires_grad
-        y = means if train else means.detach().requires_grad_(True)
-        ctx = None if self.context is None else self.context.to(means.dtype)[:, None, :]
-        with torch.enable_grad():
-            f = self.fn(y, ctx)
-            if f.shape != y.shape:
-                raise ValueError(f"DynamicsStability fn must return dy/dt shaped like y {tuple(y.shape)}, got "
-                                 f"{tuple(f.shape)}")
-            rows = [torch.autograd.grad(f[..., i].sum(), y, create_graph=train, retain_graph=True)[0]
-                    for i in range(y.shape[-1])]
-        J = torch.stack(rows, dim=-2)
-        return J if train else J.detach()
-
-    def penalty(self, means, log_scales):
-        J = self.jacobian(means)
-        if J.shape[-1] == 1:
-            top = J[..., 0, 0]
-        else:
-            top = torch.linalg.eigvals(J).real.amax(-1)
-        return F.relu(top + self.margin).square()
-
-
 class FieldStability(PhysicsSpec):
     """Linear stability of a steady 1-D field (the field analogue of :class:`Stability`): the Jacobian of
     ``u_t = diffusion L u / spacing^2 + f(u)`` at each component mean,
@@ -551,85 +414,6 @@ class FieldStability(PhysicsSpec):
         # Rayleigh quotient at the top eigenvector: the largest eigenvalue, with its exact gradient v v^T
         top = (top_vector * (Jn @ top_vector.unsqueeze(-1)).squeeze(-1)).sum(-1)
         return penalty.index_put((need,), F.relu(top + self.margin).square())
-
-
-class Monotonic(PhysicsSpec):
-    """Monotonicity of each component's mean in one context variable:
-    ``P_bk = relu(-s * d mu_bk[output] / d x_b[dim])^2`` with ``s = +1`` (increasing) or ``-1``.
-
-    ``context`` is the ``[B, C]`` tensor the means were computed from; it must require grad before the model
-    runs (``x.requires_grad_(True)``). Derivatives come from autograd (one backward per component, K is small)
-    with ``create_graph=True`` so the penalty trains the network.
-    """
-
-    family = "monotonic"
-    mode = "mean"
-
-    def __init__(self, context: torch.Tensor, dim: int = 0, output: int = 0, increasing: bool = True,
-                 coupling: str | None = None):
-        self.coupling = _check_coupling(coupling)
-        if not isinstance(context, torch.Tensor) or context.dim() != 2:
-            raise ValueError(f"context must be a [B, C] tensor, got {getattr(context, 'shape', type(context))}")
-        if not 0 <= dim < context.shape[1]:
-            raise ValueError(f"dim must index a context column in [0, {context.shape[1]}), got {dim}")
-        self.context, self.dim, self.output, self.sign = context, int(dim), int(output), 1.0 if increasing else -1.0
-
-    def validate(self, B, K, D):
-        if self.context.shape[0] != B:
-            raise ValueError(f"Monotonic context must be [B, C] with B = {B}, got shape {tuple(self.context.shape)}")
-        if not 0 <= self.output < D:
-            raise ValueError(f"Monotonic output must be in [0, {D}), got {self.output}")
-        if not self.context.requires_grad:
-            raise ValueError("Monotonic context must require grad (call context.requires_grad_(True) before the model)")
-
-    def penalty(self, means, log_scales):
-        K = means.shape[1]
-        slopes = []
-        for k in range(K):
-            (grad,) = torch.autograd.grad(means[:, k, self.output].sum(), self.context, create_graph=True,
-                                          allow_unused=True)
-            if grad is None:
-                grad = torch.zeros_like(self.context)
-            slopes.append(grad[:, self.dim])
-        slope = torch.stack(slopes, dim=1)
-        return F.relu(-self.sign * slope).square()
-
-
-class Bounds(PhysicsSpec):
-    """Bounds on outputs, ``lower <= y <= upper`` (either may be None), broadcastable to ``[B, K, D]``.
-
-    ``mode="mean"``: ``relu(mu - upper)^2 + relu(lower - mu)^2``; ``mode="exact"``: the Gaussian expectation
-    ``E[relu(y - upper)^2] = (m^2 + s^2) Phi(m/s) + m s phi(m/s)``, ``m = mu - upper`` (and likewise below).
-    """
-
-    family = "bounds"
-
-    def __init__(self, lower=None, upper=None, mode: str = "mean", coupling: str | None = None):
-        self.coupling = _check_coupling(coupling)
-        if lower is None and upper is None:
-            raise ValueError("Bounds needs lower, upper or both, got neither")
-        self.lower = None if lower is None else _as_tensor(lower, "lower")
-        self.upper = None if upper is None else _as_tensor(upper, "upper")
-        self.mode = _check_mode(mode, ("exact", "mean"))
-
-    @staticmethod
-    def _excess(m: torch.Tensor, s: torch.Tensor, exact: bool) -> torch.Tensor:
-        if not exact:
-            return F.relu(m).square()
-        t = m / s
-        cdf = 0.5 * torch.special.erfc(-t / math.sqrt(2.0))
-        pdf = torch.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
-        return (m * m + s * s) * cdf + m * s * pdf
-
-    def penalty(self, means, log_scales):
-        exact = self.mode == "exact"
-        s = torch.exp(log_scales)
-        value = torch.zeros_like(means)
-        if self.upper is not None:
-            value = value + self._excess(means - self.upper.to(means), s, exact)
-        if self.lower is not None:
-            value = value + self._excess(self.lower.to(means) - means, s, exact)
-        return value.sum(-1)
 
 
 def _gauss_hermite(order: int, D: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
