@@ -150,6 +150,13 @@ class ConstrainedMixture:
         """``[B, K, D]`` component means in the outcome space."""
         return self.loc + self.scale * torch.einsum("bij,bkj->bki", self.Q.to(self.dtype), self.means)
 
+    def component_factors(self) -> torch.Tensor:
+        """``[B, K, D, D]`` factors ``F_k = S Q diag(s_k)`` of the components' covariances in the outcome space,
+        ``Sigma_k = F_k F_k^T`` (with :attr:`component_means`: the form physics penalties take,
+        :func:`physmdn.physics_correlated.penalty_from_factors`)."""
+        M = self.scale.unsqueeze(-1) * self.Q.to(self.dtype)  # [B, D, D]
+        return M.unsqueeze(1) * torch.exp(self.log_scales).unsqueeze(-2)
+
     @property
     def marginal_scales(self) -> torch.Tensor:
         """``[B, K, D]`` standard deviations of each component's marginal along each outcome:
@@ -183,7 +190,9 @@ class ConstrainedMDN(nn.Module):
 
     An :class:`~physmdn.models.MDN` (``mdn_kwargs``) gives ``K`` components over the ``D - M`` free coordinates;
     the ``M`` fixed ones are ``N(c(x), noise_scale^2)`` in every component. ``forward(x [B, C]) ->``
-    :class:`ConstrainedMixture`. Penalty-based physics specs act on ``y``'s own coordinates and do not apply.
+    :class:`ConstrainedMixture`. Physics penalties (``fit(..., physics=...)``) act in the outcome coordinates, where
+    each component is a full-covariance Gaussian (:meth:`ConstrainedMixture.component_factors`): the specs
+    :mod:`physmdn.physics_correlated` supports apply, with their closed forms.
     """
 
     def __init__(self, in_features: int, out_features: int, constraint: LinearConstraint, components: int,

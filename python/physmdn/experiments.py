@@ -10,7 +10,9 @@ training-set sizes and seeds, and write the results.
   bifurcation diagram of every model (``bifurcation.png``) and metric bars over seeds (``metrics.png``).
 
 Models: ``mdn`` (NLL only), ``mdn-physics`` (NLL plus the problem's physics specs, weight warmed up linearly over
-the first tenth of the epochs), ``mdn-law`` (the law built in, where the problem has one), ``cfm`` (conditional
+the first tenth of the epochs; where the problem has a law that holds exactly and is linear in the outcome, such as
+Rankine–Hugoniot, that law is built into the model, a ``ConstrainedMDN``, and the specs act beside it),
+``mdn-law`` (the law built in, without the specs), ``cfm`` (conditional
 flow matching) and ``torchcfm`` (the peer CFM of the ``torchcfm`` package, :class:`physmdn.peers.TorchCFM`, when it
 is installed).
 
@@ -108,14 +110,22 @@ SUMMARY_METRICS = ("nll", "energy", "mmd", "sliced_w1", "mode_weight_error", "re
 
 # ----- one experiment -------------------------------------------------------------------------------
 
-def _build_model(problem, kind: str, components: int | None, hidden: tuple[int, ...] | None):
-    """A fresh model for ``kind``: an MDN of the problem's default size, or a CFM with three hidden layers of
-    128; ``components`` and ``hidden`` override the defaults."""
+def builds_law_in(problem, kind: str, oracle: bool = False) -> bool:
+    """Whether model ``kind`` is a ``ConstrainedMDN`` on ``problem``: ``mdn-law`` always, and ``mdn-physics`` where
+    the problem has a law that holds exactly and is linear in the outcome (``problem.hard_law()``), except in the
+    ``oracle`` ablation (whose regime laws are penalties on the outcome's own coordinates)."""
+    return kind == "mdn-law" or (kind == "mdn-physics" and not oracle and hasattr(problem, "hard_law"))
+
+
+def _build_model(problem, kind: str, components: int | None, hidden: tuple[int, ...] | None, oracle: bool = False):
+    """A fresh model for ``kind``: an MDN of the problem's default size (a ``ConstrainedMDN`` where
+    :func:`builds_law_in`), or a CFM with three hidden layers of 128; ``components`` and ``hidden`` override the
+    defaults."""
     if kind == "cfm":
         return CFM(problem.context_dim, problem.output_dim, hidden=hidden or (128, 128, 128))
     if kind == "torchcfm":
         return TorchCFM(problem.context_dim, problem.output_dim, width=(hidden or (128,))[0])
-    if kind == "mdn-law":
+    if builds_law_in(problem, kind, oracle):
         law = problem.hard_law()
         rows = law.rows(problem.sample_contexts(1, seed=0))
         return ConstrainedMDN(problem.context_dim, problem.output_dim, law, components or problem.defaults.components,
@@ -183,7 +193,7 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
         truth_samples = problem.sample_truth(contexts, n_samples, seed=40_000)
     else:
         contexts, truth_samples = truth
-    model = _build_model(problem, kind, components, hidden)
+    model = _build_model(problem, kind, components, hidden, oracle)
     use_physics = kind == "mdn-physics"
     labelled = use_physics and oracle and problem.component_specific
     train_data = (train.x, train.y, train.labels) if labelled else (train.x, train.y)

@@ -33,7 +33,8 @@ from .physics import (Bounds, DynamicsStability, FieldStability, Linear, Monoton
                       Stability, Stencil1D, _check_coupling, _effective_coupling, _normalize_physics,
                       _poly_mean_expectation, _poly_square_expectation)
 
-__all__ = ["expected_residual", "expected_square", "component_penalty", "physics_penalty", "mdn_loss"]
+__all__ = ["expected_residual", "expected_square", "component_penalty", "physics_penalty", "penalty_from_factors",
+           "mdn_loss"]
 
 _MARGINAL_SPECS = (Bounds, Stability, DynamicsStability, FieldStability, Monotonic)
 
@@ -140,13 +141,22 @@ def physics_penalty(mixture: CorrelatedGaussianMixture, physics, coupling: str =
     or a list of specs / ``(spec, weight)`` pairs bound to the batch; ``coupling`` as in
     :func:`physmdn.mdn_loss` (a spec's own coupling first)."""
     _check_mixture(mixture)
-    coupling = _check_coupling(coupling, allow_none=False)
     N, K, D = mixture.batch_size, mixture.num_components, mixture.event_dim
-    means = mixture.means.reshape(N, K, D)
     factor, diag = mixture.factor()
-    factor = factor.reshape(N, K, D, factor.shape[-1])
-    diag = None if diag is None else diag.reshape(N, K, D)
-    pi = torch.softmax(mixture.logits.reshape(N, K), dim=-1)
+    return penalty_from_factors(mixture.logits.reshape(N, K), mixture.means.reshape(N, K, D),
+                                factor.reshape(N, K, D, factor.shape[-1]),
+                                None if diag is None else diag.reshape(N, K, D), physics, coupling)
+
+
+def penalty_from_factors(logits: torch.Tensor, means: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor | None,
+                         physics, coupling: str = "detached") -> torch.Tensor:
+    """:func:`physics_penalty` of the mixture with ``logits [N, K]`` and components ``N(means_k, F_k F_k^T +
+    diag(c_k))`` (``means [N, K, D]``, ``factor [N, K, D, Q]``, ``diag [N, K, D]`` or None): ``[N]``. Any
+    Gaussian mixture whose components are affine images of diagonal Gaussians fits this form, e.g. a
+    :class:`physmdn.ConstrainedMixture` in the outcome coordinates (``F_k = S Q diag(s_k)``)."""
+    coupling = _check_coupling(coupling, allow_none=False)
+    N, K, D = means.shape
+    pi = torch.softmax(logits, dim=-1)
     total = means.new_zeros(N)
     for spec, w in _normalize_physics(physics):
         spec.validate(N, K, D)

@@ -157,13 +157,56 @@ def test_constrained_mdn_learns_a_context_dependent_law(one_thread):
         assert float(((at_one - center).abs() < 0.15).float().mean()) > 0.25
 
 
-def test_constrained_mdn_refuses_penalties():
-    law = LinearConstraint(torch.tensor([[1.0, 1.0]]))
-    model = ConstrainedMDN(1, 2, law, components=2, rows=1)
-    spec = physmdn.physics.Polynomial(torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match="builds its law in"):
-        physmdn.fit(model, (torch.rand(32, 1), torch.rand(32, 2)), epochs=1, batch_size=16, physics=spec,
-                    progress=False)
+def test_penalties_act_in_the_outcome_coordinates():
+    """A ConstrainedMixture's penalty is that of the same mixture written with full-covariance components in y
+    (GaussianMixtureTril of Cholesky(F F^T)), and a Monte Carlo estimate agrees with it."""
+    from physmdn import physics_correlated as PC
+    mixture, law, x, _ = constrained_mixture(5, 3, 1, 3)
+    means, factors = mixture.component_means, mixture.component_factors()
+    cov = factors @ factors.transpose(-1, -2)
+    torch.testing.assert_close(cov.sum(1) * 0 + (mixture.weights[..., None, None] * (
+        cov + means.unsqueeze(-1) * means.unsqueeze(-2))).sum(1) - mixture.mean.unsqueeze(-1) *
+        mixture.mean.unsqueeze(-2), mixture.covariance, rtol=1e-10, atol=1e-10)
+    tril = physmdn.GaussianMixtureTril(mixture.logits, means, torch.linalg.cholesky(cov))
+    specs = [physmdn.physics.Polynomial(torch.tensor([0.3, -1.0, 0.0, 1.0], dtype=torch.float64)),
+             (physmdn.physics.Linear(torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64),
+                                     torch.tensor([0.2], dtype=torch.float64), moment="first"), 0.5)]
+    got = PC.penalty_from_factors(mixture.logits, means, factors, None, specs)
+    torch.testing.assert_close(got, PC.physics_penalty(tril, specs), rtol=1e-10, atol=1e-10)
+    # Monte Carlo of the second moment of the polynomial, per component
+    g = torch.Generator().manual_seed(3)
+    eps = torch.randn(200_000, *means.shape, generator=g, dtype=torch.float64)
+    y = means + torch.einsum("bkdj,sbkj->sbkd", factors, eps)
+    r = 0.3 * torch.ones_like(y) - y + y**3
+    mc = (mixture.weights * r.square().sum(-1).mean(0)).sum(-1)
+    torch.testing.assert_close(PC.penalty_from_factors(mixture.logits, means, factors, None, specs[0]), mc,
+                               rtol=0.02, atol=1e-3)
+
+
+def test_constrained_mdn_trains_with_penalties():
+    """fit with a penalty on a ConstrainedMDN: it runs, reports the penalty, and the penalty pulls the free
+    coordinate (a Linear law on y_0 alone, never satisfied by the data) toward its target."""
+    law = LinearConstraint(torch.tensor([[1.0, 1.0]]), noise_scale=1e-3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(256, 1, generator=g)
+    y0 = 1.0 + 0.5 * torch.randn(256, generator=g)
+    y = torch.stack([y0, -y0], -1)
+    spec = physmdn.physics.Linear(torch.tensor([[1.0, 0.0]]), torch.tensor([2.0]), moment="first")
+    results = {}
+    for w in (0.0, 10.0):
+        torch.manual_seed(0)
+        model = ConstrainedMDN(1, 2, law, components=2, rows=1, hidden=(16,))
+        res = physmdn.fit(model, (x, y), epochs=60, batch_size=64, lr=1e-2, physics=spec if w else None,
+                          physics_weight=w, progress=False, seed=0, patience=None, restore_best=False)
+        with torch.no_grad():
+            results[w] = float(model(x).mean[:, 0].mean())
+        if w:
+            assert res.history[0]["train_physics"] > 10 * res.history[-1]["train_physics"] > 0
+    assert abs(results[0.0] - 1.0) < 0.2
+    assert results[10.0] > results[0.0] + 0.3  # pulled toward y_0 = 2
+    with torch.no_grad():  # and the law still holds
+        s = model(x[:8]).sample((100,))
+    assert float((s[..., 0] + s[..., 1]).abs().max()) < 0.05
 
 
 def test_marginals_match_samples():

@@ -74,12 +74,9 @@ class Objective(nn.Module):
                             f"got {type(mixture).__name__}")
         y = y.to(mixture.dtype)
         if rotated:
-            if specs is not None:
-                raise ValueError("physics penalties act on y's own coordinates; a ConstrainedMDN builds its law in: "
-                                 "train it with physics=None (or physics_weight=0)")
             if labels is not None and regime_weight != 0.0:
                 raise ValueError("regime labels are not supported with a ConstrainedMDN: pass regime_weight=0")
-            y = mixture.target_coordinates(y)
+            return _constrained_terms(mixture, y, specs, physics_weight, zero)
         # penalties on the whole mixture (physmdn.stationary) are added beside the per-component specs
         component_specs, mixture_penalties = split_physics(specs)
         total = mixture_loss(mixture.logits, mixture.means, mixture.log_scales, y, component_specs or None,
@@ -99,6 +96,20 @@ class Objective(nn.Module):
             regime = mixture.regime_loss(labels, y, regime_mode)
             total = total + regime_weight * regime
         return total, torch.stack([t.detach().float() for t in (total, nll, penalty, regime)])
+
+
+def _constrained_terms(mixture, y, specs, physics_weight, zero):
+    """The loss and terms of a :class:`~physmdn.ConstrainedMixture`: the fused NLL in the rotated coordinates, and
+    the penalties in the outcome coordinates, where each component is ``N(S Q mu_k + loc, F_k F_k^T)``
+    (:meth:`~physmdn.ConstrainedMixture.component_factors`), through the closed forms of correlated components."""
+    nll = mixture_nll(mixture.logits, mixture.means, mixture.log_scales, mixture.target_coordinates(y),
+                      reduction="mean")
+    if specs is None:
+        return nll, torch.stack([t.detach().float() for t in (nll, nll, zero, zero)])
+    penalty = physics_correlated.penalty_from_factors(mixture.logits, mixture.component_means,
+                                                      mixture.component_factors(), None, specs).mean()
+    total = nll + physics_weight * penalty
+    return total, torch.stack([t.detach().float() for t in (total, nll, penalty, zero)])
 
 
 def _correlated_terms(mixture, y, labels, specs, physics_weight, regime_weight, zero):
