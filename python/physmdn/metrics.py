@@ -29,7 +29,7 @@ import torch
 from ._mixture_nll import mixture_nll as _mixture_nll_op
 
 __all__ = [
-    "mixture_nll", "energy_distance", "mmd", "median_bandwidth", "wasserstein_1d", "sliced_wasserstein",
+    "mixture_nll", "energy_distance", "energy_score", "mmd", "median_bandwidth", "wasserstein_1d", "sliced_wasserstein",
     "conditional", "branch_frequencies", "component_branch_weights", "mode_weight_error", "physics_residual",
     "Calibration", "calibration", "evaluate",
 ]
@@ -87,6 +87,27 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     identity = lambda d: d  # noqa: E731
     value = 2.0 * _pairwise_mean(a, b, identity) - _pairwise_mean(a, a, identity) - _pairwise_mean(b, b, identity)
     return value.clamp(min=0.0).reshape(batch).to(x.dtype)
+
+
+def energy_score(samples: torch.Tensor, observations: torch.Tensor) -> torch.Tensor:
+    """Energy score (Gneiting & Raftery 2007) of a sampled predictive distribution against one observation per
+    context, ``E|X - y| - E|X - X'| / 2`` (V-statistic), averaged over contexts: a scalar, lower is better.
+
+    ``samples [n, B, D]`` (``n`` draws at each of ``B`` contexts), ``observations [B, D]``. A strictly proper scoring
+    rule: its expectation over ``y`` is smallest when the samples come from the true conditional law, and its excess
+    over that minimum is half the energy distance between the two laws (:func:`energy_distance`), so it ranks models
+    like the energy distance while needing only one observation per context (held-out data)."""
+    if not isinstance(samples, torch.Tensor) or samples.dim() != 3:
+        raise ValueError(f"samples must be a [n, B, D] tensor, got "
+                         f"{tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__}")
+    if not isinstance(observations, torch.Tensor) or observations.shape != samples.shape[1:]:
+        raise ValueError(f"observations must be [B, D] = {list(samples.shape[1:])}, got "
+                         f"{tuple(observations.shape) if isinstance(observations, torch.Tensor) else observations}")
+    work = _work_dtype(samples)
+    a = samples.transpose(0, 1).to(work)  # [B, n, D]
+    identity = lambda d: d  # noqa: E731
+    score = _pairwise_mean(a, observations.to(work).unsqueeze(1), identity) - 0.5 * _pairwise_mean(a, a, identity)
+    return score.mean().to(samples.dtype)
 
 
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor, max_points: int = 1024) -> torch.Tensor:

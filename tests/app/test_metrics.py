@@ -252,3 +252,29 @@ def test_two_sample_inputs_are_checked():
         M.energy_distance(torch.zeros(5, 2), torch.zeros(5, 3))
     with pytest.raises(ValueError, match="bandwidth must be > 0"):
         M.mmd(torch.zeros(5, 2), torch.ones(5, 2), bandwidth=0.0)
+
+
+def test_energy_score_is_proper_and_half_the_energy_distance():
+    """E_y ES(P, y) - E_y ES(Q, y) = ED(P, Q) / 2 for y ~ Q, checked on 1-D and 2-D Gaussians with one observation
+    per context (the samples differ per context, the law does not)."""
+    from physmdn.metrics import energy_distance, energy_score
+    g = torch.Generator().manual_seed(0)
+    B, n = 4000, 200
+    for D, shift in ((1, 0.7), (2, 0.5)):
+        y = torch.randn(B, D, generator=g, dtype=torch.float64)
+        true = torch.randn(n, B, D, generator=g, dtype=torch.float64)
+        off = torch.randn(n, B, D, generator=g, dtype=torch.float64) + shift
+        gap = float(energy_score(off, y) - energy_score(true, y))
+        if D == 1:  # closed form: 2 E|N(shift, 2)| - 2 E|N(0, 2)|
+            s2 = math.sqrt(2.0)
+            folded = s2 * math.sqrt(2 / math.pi) * math.exp(-shift**2 / 4) + shift * math.erf(shift / 2)
+            ed = 2 * folded - 2 * s2 * math.sqrt(2 / math.pi)
+        else:
+            ed = float(energy_distance(torch.randn(4000, D, generator=g, dtype=torch.float64),
+                                       torch.randn(4000, D, generator=g, dtype=torch.float64) + shift))
+        assert gap > 0
+        assert gap == pytest.approx(ed / 2, rel=0.12)
+    with pytest.raises(ValueError, match=r"observations must be \[B, D\]"):
+        energy_score(true, y[:3])
+    with pytest.raises(ValueError, match=r"samples must be a \[n, B, D\] tensor"):
+        energy_score(true[0], y)

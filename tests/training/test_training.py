@@ -375,5 +375,29 @@ def test_tune_physics_weight_picks_the_lowest_validation_nll(one_thread):
     assert "TuneResult(weight=" in repr(result)
     with pytest.raises(ValueError, match="val must be given"):
         physmdn.tune_physics_weight(model, (train.x, train.y), None, problem.physics)
+    with pytest.raises(ValueError, match="score must be 'nll' or 'energy'"):
+        physmdn.tune_physics_weight(model, (train.x, train.y), (val.x, val.y), problem.physics, score="mse")
     with pytest.raises(ValueError, match="weights must be a non-empty list of finite numbers >= 0"):
         physmdn.tune_physics_weight(model, (train.x, train.y), (val.x, val.y), problem.physics, weights=(-1.0,))
+
+
+def test_tune_physics_weight_by_energy_score(one_thread):
+    """score="energy": each point's score is the energy score of its restored model's draws on the validation
+    pairs, recomputable from the returned model with the same seed."""
+    import physmdn
+    from physmdn import problems
+    from physmdn.metrics import energy_score
+
+    problem = problems.get("pitchfork")
+    train, val = problem.sample(64, seed=1), problem.sample(48, seed=2)
+    model = physmdn.MDN(1, 1, components=3, hidden=(16, 16))
+    result = physmdn.tune_physics_weight(model, (train.x, train.y), (val.x, val.y), problem.physics,
+                                         weights=(0.0, 1.0), epochs=6, batch_size=32, lr=3e-3, score="energy",
+                                         samples=32)
+    assert result.weight == min(result.scores, key=lambda w: (result.scores[w], w))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        again = float(energy_score(result.model(val.x).sample((32,)), val.y))
+    assert again == pytest.approx(result.scores[result.weight], rel=1e-6)
+    with pytest.raises(ValueError, match="needs val as an"):
+        physmdn.tune_physics_weight(model, (train.x, train.y), [(val.x, val.y)], problem.physics, score="energy")
