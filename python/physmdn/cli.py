@@ -175,8 +175,8 @@ def _add_training_options(p: argparse.ArgumentParser, *, epochs_default=None, th
     p.add_argument("--batch-size", type=_positive_int, default=None)
     p.add_argument("--lr", type=_positive_float, default=None)
     p.add_argument("--physics-weight", type=_nonneg_float, default=None,
-                   help="final physics weight of mdn-physics (default: 0.1 with noise-normalized penalties, else the "
-                        "problem's)")
+                   help="final physics weight of mdn-physics (default: min(0.1, 2.5 / n_train) with noise-normalized "
+                        "penalties, physmdn.physics_scaling.prior_weight; else the problem's)")
     p.add_argument("--cfm-steps", type=_positive_int, default=32, help="ODE steps when sampling the CFM")
     threads_shown = "torch's" if threads_default is None else threads_default
     p.add_argument("--threads", type=_positive_int, default=threads_default,

@@ -22,8 +22,9 @@ of epochs. A component-specific law (a spec whose parameters have a component ax
 k") tells the model which regime each component is, which the other models do not know; it and the regime labels
 are an ablation (``oracle=True``), off by default. The residual specs are divided by their noise floor
 (``normalize="noise"``, :mod:`physmdn.physics_scaling`) so that ``physics_weight`` reads in units of the data's
-noise; specs that cannot be (no noise scale: stability, monotonicity, exact laws) keep the problem's own weights.
-The command line (:mod:`physmdn.cli`) is a thin layer over this module.
+noise, and its default falls with the training set's size, ``min(0.1, 2.5 / n)``
+(:func:`~physmdn.physics_scaling.prior_weight`); specs that cannot be normalized (no noise scale: stability,
+monotonicity, exact laws, which the ground truth satisfies) keep the problem's own weights. The command line (:mod:`physmdn.cli`) is a thin layer over this module.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from . import problems as P
 from .constraints import ConstrainedMDN
 from .models import CFM, MDN
 from .peers import TorchCFM, torchcfm_status
+from .physics_scaling import prior_weight
 from .plotting import plot_bifurcation, plot_compare, plot_density, plot_fields, plot_history, plot_metric_bars
 from .training import LinearWarmup, fit, write_rows_csv
 
@@ -57,7 +59,8 @@ MODELS = ("mdn", "mdn-physics", "mdn-law", "cfm", "torchcfm")
 MODEL_LABELS = {"mdn": "MDN", "mdn-physics": "MDN+physics", "mdn-law": "MDN+hard law", "cfm": "CFM (flow matching)",
                 "torchcfm": "torchcfm (peer CFM)"}
 FLOWS = ("cfm", "torchcfm")
-#: the physics weight of ``mdn-physics`` with noise-normalized penalties (``normalize="noise"``), on every problem
+#: the physics weight at which the specs without a noise scale keep the problem's shipped weights
+#: (:func:`experiment_physics`); ``mdn-physics``'s default weight is :func:`~physmdn.physics_scaling.prior_weight`
 NORMALIZED_WEIGHT = 0.1
 
 
@@ -174,8 +177,9 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
     stopping on ``max(n_train // 4, 16)`` validation draws (seed ``20000 + seed``; ``patience`` as
     :func:`~physmdn.training.fit`), the best validation epoch restored. ``oracle``: give ``mdn-physics`` the regime
     labels and the component-specific laws (an ablation; off by default). ``normalize`` and ``physics_weight``: see
-    :func:`experiment_physics`; ``physics_weight`` defaults to :data:`NORMALIZED_WEIGHT` with ``normalize="noise"``,
-    else to the problem's ``defaults.physics_weight``; it rises linearly over the first ``warmup`` of the epochs (a
+    :func:`experiment_physics`; ``physics_weight`` defaults to :func:`~physmdn.physics_scaling.prior_weight` of
+    ``n_train`` (``min(0.1, 2.5 / n_train)``) with ``normalize="noise"``, else to the problem's
+    ``defaults.physics_weight``; it rises linearly over the first ``warmup`` of the epochs (a
     tenth: with early stopping a run may end long before the maximum)."""
     if kind not in models_for(problem):
         raise ValueError(f"kind must be one of {', '.join(models_for(problem))} for {problem.name}, got {kind!r}")
@@ -184,7 +188,7 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
     batch_size = batch_size or d.batch_size
     lr = lr or d.lr
     if physics_weight is None:
-        physics_weight = NORMALIZED_WEIGHT if normalize == "noise" else d.physics_weight
+        physics_weight = prior_weight(n_train) if normalize == "noise" else d.physics_weight
     torch.manual_seed(seed)
     train = problem.sample(n_train, seed=10_000 + seed, device=device)
     val = problem.sample(max(n_train // 4, 16), seed=20_000 + seed, device=device)

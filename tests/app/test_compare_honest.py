@@ -169,6 +169,9 @@ def test_physics_weight_defaults_and_warmup(monkeypatch):
     E.run_experiment(problem, "mdn-physics", n_train=16, epochs=20, n_test_contexts=2, n_samples=16)
     E.run_experiment(problem, "mdn-physics", n_train=16, epochs=20, n_test_contexts=2, n_samples=16,
                      normalize=None, warmup=0.25)
-    normalized, raw = calls[0]["physics_weight"], calls[1]["physics_weight"]
-    assert (normalized.final, normalized.epochs) == (E.NORMALIZED_WEIGHT, 2)
+    E.run_experiment(problem, "mdn-physics", n_train=100, epochs=20, n_test_contexts=2, n_samples=16)
+    normalized, raw, larger = (calls[i]["physics_weight"] for i in range(3))
+    # the noise-normalized default is min(0.1, 2.5 / n): capped at n = 16, 0.025 at n = 100
+    assert (normalized.final, normalized.epochs) == (0.1, 2)
     assert (raw.final, raw.epochs) == (problem.defaults.physics_weight, 5)
+    assert larger.final == pytest.approx(0.025)

@@ -143,3 +143,17 @@ def test_bad_normalize_fails_at_the_boundary():
         Ph.Linear([[1.0, 0.0]], normalize="noise")
     with pytest.raises(ValueError, match="needs noise_scale > 0"):
         Ph.Residual(lambda y, c: y, normalize="noise")
+
+
+def test_prior_weight_falls_as_one_over_n_below_its_cap():
+    from physmdn.physics_scaling import PRIOR_STRENGTH, PRIOR_WEIGHT_CAP, prior_weight
+    assert prior_weight(1) == PRIOR_WEIGHT_CAP == 0.1
+    assert prior_weight(25) == pytest.approx(0.1)
+    assert prior_weight(256) == pytest.approx(PRIOR_STRENGTH / 256)
+    assert prior_weight(2048) == pytest.approx(2.5 / 2048)
+    assert prior_weight(1000, strength=5.0, cap=1.0) == pytest.approx(0.005)
+    for bad in (0, -3, 2.5, True, None):
+        with pytest.raises(ValueError, match="n_train must be an int >= 1"):
+            prior_weight(bad)
+    with pytest.raises(ValueError, match="strength must be a finite number > 0"):
+        prior_weight(10, strength=float("nan"))

@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import physmdn
+import physmdn.problems
 from physmdn.models import CFM, MDN
 from physmdn.training import (Callback, CheckpointError, CSVLogger, FitState, TensorBoardLogger, fit, load,
                               load_checkpoint)
@@ -408,3 +409,20 @@ def test_load_says_how_to_pass_a_device():
     with pytest.raises(TypeError, match="model must be an nn.Module to load the weights into, got the str 'cpu': pass "
                                         "a device as map_location="):
         load("any.pt", "cpu")
+
+
+def test_physics_weight_auto_is_the_prior_weight_of_the_training_set_size():
+    from physmdn.physics_scaling import prior_weight
+    problem = physmdn.problems.get("pitchfork")
+    data = problem.sample(300, seed=0)
+    for train, n in (((data.x, data.y), 300), ((data.x[:40].numpy(), data.y[:40].numpy()), 40),
+                     (torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.x, data.y), batch_size=64), 300)):
+        model = physmdn.MDN(1, 1, components=2, hidden=(8,))
+        result = physmdn.fit(model, train, epochs=2, physics=problem.physics, physics_weight="auto", progress=False)
+        assert [row["physics_weight"] for row in result.history] == pytest.approx([prior_weight(n)] * 2)
+    with pytest.raises(ValueError, match="physics_weight must be a number >= 0, a callable"):
+        physmdn.fit(physmdn.MDN(1, 1, components=2), (data.x, data.y), epochs=1, physics_weight="max",
+                    progress=False)
+    with pytest.raises(ValueError, match="needs the number of training samples"):
+        physmdn.fit(physmdn.MDN(1, 1, components=2), iter([(data.x, data.y)]), epochs=1, physics_weight="auto",
+                    progress=False)

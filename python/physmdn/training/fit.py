@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import _validation as check
 from ..models import MDN
+from ..physics_scaling import prior_weight
 from .callbacks import FitState, call, check_callbacks
 from .checkpoint import (ACCUMULATORS, cpu_state, model_spec, restore_training, save_model_checkpoint,
                          save_training_checkpoint)
@@ -84,12 +85,27 @@ def _resolve_scheduler(scheduler, schedule):
     return chosen
 
 
+def _sample_count(train) -> int:
+    """The number of samples in ``train`` (in-memory data or a DataLoader over a sized dataset), for
+    ``physics_weight="auto"``."""
+    if isinstance(train, (tuple, list)) and train and hasattr(train[0], "shape"):
+        return int(train[0].shape[0])
+    dataset = getattr(train, "dataset", train)
+    try:
+        return int(len(dataset))
+    except TypeError:
+        raise ValueError(f"physics_weight='auto' needs the number of training samples, and train "
+                         f"({type(train).__name__}) has no length: pass a number, e.g. "
+                         f"physmdn.physics_scaling.prior_weight(n)") from None
+
+
 def fit(model: nn.Module, train, val=None, *, epochs: int = 100, batch_size: int | None = None, lr: float = 1e-3,
         weight_decay: float = 0.0, optimizer: str | Callable = "adamw", scheduler: str | Callable | None = None,
         schedule: str | None = None, warmup_steps: int = 0, min_lr_factor: float = 0.0,
         grad_clip: float | None = 1.0, accumulate_steps: int = 1, val_split: str | float | int | None = "auto",
         patience: int | str | None = "auto", min_delta: float = 0.0, monitor: str | None = None,
-        restore_best: bool = True, seed: int = 0, physics=None, physics_weight: float | Callable[[int], float] = 1.0,
+        restore_best: bool = True, seed: int = 0, physics=None,
+        physics_weight: float | str | Callable[[int], float] = 1.0,
         time_weighting: str = "none", regime_weight: float = 1.0, regime_mode: str = "responsibilities",
         normalize: bool = True, bf16: bool = False, compile: bool = False, device=None, progress: bool = True,
         callbacks=None, loggers=None, log_dir: str | None = None, history_path: str | None = None,
@@ -135,7 +151,10 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 100, batch_size: int
             rank`` mixed, for dropout) and the generator of the flow-matching noise.
         physics: MDN: a spec / list of ``(spec, weight)`` used for every batch, or ``callable(x_batch) -> spec |
             list | None`` called per batch *before* the forward pass. CFM: ``residual(y, context) -> r``.
-        physics_weight: a number or ``callable(epoch) -> number`` (e.g. :class:`LinearWarmup`), read each epoch.
+        physics_weight: a number or ``callable(epoch) -> number`` (e.g. :class:`LinearWarmup`), read each epoch;
+            ``"auto"``: :func:`physmdn.physics_scaling.prior_weight` of the number of samples in ``train``
+            (``min(0.1, 2.5 / N)``, the default for noise-normalized specs, ``normalize="noise"``; in-memory data
+            or a DataLoader over a sized dataset).
         time_weighting: CFM residual weighting ``"none"`` or ``"linear"`` (see :meth:`CFM.loss`).
         regime_weight, regime_mode: weight and kind of the supervised regime term
             (:meth:`GaussianMixture.regime_loss`) when labels are given. ``"responsibilities"`` (default, the
@@ -199,6 +218,11 @@ def fit(model: nn.Module, train, val=None, *, epochs: int = 100, batch_size: int
     if physics is not None and is_flow and not callable(physics):
         raise TypeError(f"physics for {type(model).__name__} must be a residual callable(y, context) -> r, "
                         f"got {type(physics).__name__}")
+    if isinstance(physics_weight, str):
+        if physics_weight != "auto":
+            raise ValueError(f"physics_weight must be a number >= 0, a callable(epoch) or 'auto', got "
+                             f"{physics_weight!r}")
+        physics_weight = prior_weight(_sample_count(train))
     if not callable(physics_weight):
         _check_number(physics_weight, "physics_weight", 0.0)
     callbacks = check_callbacks(callbacks)
