@@ -51,24 +51,44 @@ class DynamicsStability(PhysicsSpec):
     part below ``-margin``: ``P_bk = relu(max_i Re lambda_i(J_bk) + margin)^2``. This keeps components off
     saddles and unstable branches, where a steady residual also vanishes.
 
-    ``fn(y [B, K, D], context [B, 1, C] | None) -> [B, K, D]``; for ``D`` up to ``max_dim`` (the eigenvalues of a
-    dense ``D x D`` Jacobian per component). Steady 1-D fields have :class:`FieldStability`.
+    ``fn(y [B, K, D], context [B, 1, C] | None) -> [B, K, D]``. ``method``:
+
+    * ``"dense"``: the eigenvalues of the dense ``D x D`` Jacobian per component (``D`` vector-Jacobian products),
+      for ``D`` up to ``max_dim``; exact.
+    * ``"krylov"``: matrix-free, for fields of any size: ``iters`` Arnoldi steps on ``J^T`` (which has ``J``'s
+      eigenvalues; one vector-Jacobian product per step, no ``D x D`` matrix), the Ritz value of largest real part
+      is the value, and the gradient is that of the Rayleigh quotient ``u^T J u`` at its Ritz vector ``u`` (a
+      second-order vector-Jacobian product). Exact at ``iters >= D``. For a symmetric Jacobian (gradient dynamics,
+      diffusion with a local reaction) the value is a lower bound of the top eigenvalue that tightens with
+      ``iters``, and the gradient is exact at convergence; for a non-symmetric one the gradient is approximate. The start
+      vector comes from a fixed seed, so the penalty is deterministic.
+    * ``"auto"`` (default): ``"dense"`` for ``D <= max_dim``, else ``"krylov"``.
+
+    Steady 1-D stencil fields also have :class:`FieldStability` (exact, from the stencil).
     """
 
     family = "dynamics_stability"
     mode = "mean"
 
     def __init__(self, fn: Callable, context: torch.Tensor | None = None, margin: float = 0.0, max_dim: int = 32,
-                 coupling: str | None = None):
+                 coupling: str | None = None, method: str = "auto", iters: int = 64):
         if not callable(fn):
             raise TypeError(f"fn must be callable as fn(y, context) -> dy/dt, got {type(fn).__name__}")
+        if method not in ("auto", "dense", "krylov"):
+            raise ValueError(f"method must be 'auto', 'dense' or 'krylov', got {method!r}")
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"iters must be an int >= 1, got {iters!r}")
         self.fn, self.context, self.margin, self.max_dim = fn, context, float(margin), int(max_dim)
+        self.method, self.iters = method, iters
         self.coupling = _check_coupling(coupling)
 
+    def _method(self, D: int) -> str:
+        return self.method if self.method != "auto" else ("dense" if D <= self.max_dim else "krylov")
+
     def validate(self, B, K, D):
-        if D > self.max_dim:
-            raise ValueError(f"DynamicsStability takes D <= max_dim = {self.max_dim} outputs (a dense Jacobian per "
-                             f"component), got D = {D}; fields: FieldStability")
+        if self._method(D) == "dense" and D > self.max_dim:
+            raise ValueError(f"DynamicsStability(method='dense') takes D <= max_dim = {self.max_dim} outputs (a dense "
+                             f"Jacobian per component), got D = {D}; use method='krylov' (or 'auto') for fields")
         if self.context is not None and self.context.shape[0] != B:
             raise ValueError(f"DynamicsStability context must have B = {B} rows, got shape {tuple(self.context.shape)}")
 
@@ -87,13 +107,74 @@ class DynamicsStability(PhysicsSpec):
         J = torch.stack(rows, dim=-2)
         return J if train else J.detach()
 
+    def _call(self, y: torch.Tensor) -> torch.Tensor:
+        ctx = None if self.context is None else self.context.to(y.dtype)[:, None, :]
+        f = self.fn(y, ctx)
+        if f.shape != y.shape:
+            raise ValueError(f"DynamicsStability fn must return dy/dt shaped like y {tuple(y.shape)}, got "
+                             f"{tuple(f.shape)}")
+        return f
+
+    def top_eigenvalue(self, means: torch.Tensor) -> torch.Tensor:
+        """``[B, K]``: the largest real part of the Jacobian's eigenvalues at ``means [B, K, D]`` (``method``)."""
+        D = means.shape[-1]
+        if self._method(D) == "dense":
+            J = self.jacobian(means)
+            return J[..., 0, 0] if D == 1 else torch.linalg.eigvals(J).real.amax(-1)
+        return self._krylov_top(means)
+
+    def _krylov_top(self, means: torch.Tensor) -> torch.Tensor:
+        train = torch.is_grad_enabled() and means.requires_grad
+        y = means.detach().requires_grad_(True)
+        with torch.enable_grad():
+            f = self._call(y)
+        shape, D = means.shape[:-1], means.shape[-1]
+
+        def jt(v):  # J^T v per component (J^T has J's eigenvalues), no graph kept
+            return torch.autograd.grad(f, y, v.reshape(means.shape), retain_graph=True)[0].detach().reshape(-1, D)
+
+        g = torch.Generator(device="cpu").manual_seed(0)
+
+        def random_unit(n):
+            r = torch.randn(n, D, generator=g, dtype=means.dtype).to(means.device)
+            return r / r.norm(dim=-1, keepdim=True)
+
+        N, m = math.prod(shape), min(self.iters, D)
+        V = means.new_zeros(N, m + 1, D)
+        H = means.new_zeros(N, m + 1, m)
+        V[:, 0] = random_unit(N)
+        for j in range(m):  # Arnoldi with one re-orthogonalization pass (modified Gram-Schmidt twice)
+            w = jt(V[:, j])
+            scale = w.norm(dim=-1).clamp_min(1.0)
+            for _ in range(2):
+                h = torch.einsum("nid,nd->ni", V[:, : j + 1], w)
+                w = w - torch.einsum("ni,nid->nd", h, V[:, : j + 1])
+                H[:, : j + 1, j] += h
+            norm = w.norm(dim=-1)
+            broke = norm <= 1e-10 * scale  # an invariant subspace: continue from a fresh orthogonal direction
+            if broke.any():
+                r = random_unit(N)
+                for _ in range(2):
+                    r = r - torch.einsum("ni,nid->nd", torch.einsum("nid,nd->ni", V[:, : j + 1], r), V[:, : j + 1])
+                w = torch.where(broke[:, None], r, w)
+                norm = torch.where(broke, w.norm(dim=-1), norm)
+            H[:, j + 1, j] = torch.where(broke, torch.zeros_like(norm), norm)
+            V[:, j + 1] = w / norm[:, None]
+        values, vectors = torch.linalg.eig(H[:, :m, :m])
+        top = values.real.argmax(-1)
+        ritz = torch.gather(vectors, -1, top[:, None, None].expand(N, m, 1))[..., 0]  # [N, m] complex
+        u = torch.einsum("nid,ni->nd", V[:, :m].to(ritz.dtype), ritz).real
+        u = (u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)).reshape(means.shape)
+        ritz_value = torch.gather(values.real, -1, top[:, None])[:, 0].reshape(shape)
+        if not train:
+            return ritz_value
+        # the gradient: that of the Rayleigh quotient u^T J u = u . (J^T u) at the (detached) Ritz vector, exact for a
+        # symmetric (normal) Jacobian; the value is the Ritz value
+        quotient = (torch.autograd.grad(self._call(means), means, u, create_graph=True)[0] * u).sum(-1)
+        return ritz_value + (quotient - quotient.detach())
+
     def penalty(self, means, log_scales):
-        J = self.jacobian(means)
-        if J.shape[-1] == 1:
-            top = J[..., 0, 0]
-        else:
-            top = torch.linalg.eigvals(J).real.amax(-1)
-        return F.relu(top + self.margin).square()
+        return F.relu(self.top_eigenvalue(means) + self.margin).square()
 
 
 class Monotonic(PhysicsSpec):

@@ -624,4 +624,64 @@ def test_dynamics_stability_of_a_coupled_system():
     means = (0.1 * torch.randn(1, 2, 2, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda m: spec.penalty(m, torch.zeros_like(m)), (means,))
     with pytest.raises(ValueError, match="D <= max_dim = 1"):
-        P.mdn_loss(*mixture(3, 2, 2), physics=P.DynamicsStability(f, max_dim=1))
+        P.mdn_loss(*mixture(3, 2, 2), physics=P.DynamicsStability(f, max_dim=1, method="dense"))
+
+
+def _allen_cahn_field(D):
+    h = 1.0 / D
+
+    def f(y, c):
+        return c[..., :1] * (torch.roll(y, 1, -1) - 2 * y + torch.roll(y, -1, -1)) / h**2 + y - y**3
+
+    eps = torch.tensor([1e-3, 5e-3, 2e-2], dtype=torch.float64)
+    exact = P.FieldStability(eps[:, None], torch.tensor([1.0, 0.0, -3.0], dtype=torch.float64), spacing=h,
+                             boundary="periodic", margin=0.5)
+    return f, eps[:, None], exact
+
+
+def test_dynamics_stability_krylov_is_exact_with_a_full_krylov_space():
+    """method='krylov' with iters >= D spans the whole space: the top eigenvalue (values and gradients) of a field
+    Jacobian equals FieldStability's, and of a non-symmetric one the dense method's."""
+    D = 40
+    f, eps, exact = _allen_cahn_field(D)
+    torch.manual_seed(0)
+    means = torch.tanh(2 * torch.randn(3, 2, D, dtype=torch.float64)).requires_grad_(True)
+    krylov = P.DynamicsStability(f, context=eps, margin=0.5, method="krylov", iters=D)
+    got, want = krylov.penalty(means, None), exact.penalty(means, None)
+    assert float(want.max()) > 0  # some components are unstable beyond the margin
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), means)[0], torch.autograd.grad(want.sum(), means)[0],
+                               rtol=1e-7, atol=1e-7)
+    A = torch.randn(2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def g(y, c):
+        return torch.einsum("kij,bkj->bki", A, y) - 0.1 * y**3
+
+    y = 0.3 * torch.randn(4, 2, 6, dtype=torch.float64)
+    torch.testing.assert_close(P.DynamicsStability(g, method="krylov", iters=6).top_eigenvalue(y),
+                               P.DynamicsStability(g, method="dense").top_eigenvalue(y), rtol=1e-8, atol=1e-8)
+
+
+def test_dynamics_stability_krylov_on_a_large_field():
+    """D = 160 > max_dim: 'auto' takes the Krylov method; with 64 steps the value is a lower bound of the exact top
+    eigenvalue (a symmetric Jacobian) and close to it, and the penalty trains (finite gradients)."""
+    D = 160
+    f, eps, exact = _allen_cahn_field(D)
+    torch.manual_seed(2)
+    means = torch.tanh(3 * torch.sin(torch.linspace(0, 2 * math.pi, D, dtype=torch.float64))
+                       + 0.3 * torch.randn(3, 2, D, dtype=torch.float64)).requires_grad_(True)
+    spec = P.DynamicsStability(f, context=eps)
+    spec.validate(3, 2, D)
+    top = spec.top_eigenvalue(means)
+    truth = torch.linalg.eigvalsh(exact.jacobian(means.detach()))[..., -1]
+    assert bool((top <= truth + 1e-8).all())
+    spread = truth - torch.linalg.eigvalsh(exact.jacobian(means.detach()))[..., 0]
+    assert float(((truth - top) / spread).max()) < 0.02
+    grad = torch.autograd.grad(spec.penalty(means, None).sum(), means)[0]
+    assert bool(torch.isfinite(grad).all())
+    with pytest.raises(ValueError, match="method='dense'.*D <= max_dim = 32"):
+        P.DynamicsStability(f, context=eps, method="dense").validate(3, 2, D)
+    with pytest.raises(ValueError, match="method must be 'auto', 'dense' or 'krylov'"):
+        P.DynamicsStability(f, method="power")
+    with pytest.raises(ValueError, match="iters must be an int >= 1"):
+        P.DynamicsStability(f, iters=0)
