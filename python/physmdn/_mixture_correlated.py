@@ -2,9 +2,10 @@
 its Cholesky factor) and ``torch.ops.physmdn.mixture_nll_lowrank`` (``W W^T + diag(d)``), each with a backward op,
 fake kernels and the autograd formula, and the public :func:`mixture_nll_tril` / :func:`mixture_nll_lowrank`.
 
-``mixture_nll_tril`` and its backward are defined by the compiled extension and run its fused CPU kernel
-(csrc/cpu/mixture_nll_tril.cpp over csrc/mvn_math.h) on CPU tensors; on other devices they run the batched torch
-(``torch.linalg``) implementation registered here (CompositeExplicitAutograd). The low-rank ops are
+``mixture_nll_tril`` and its backward are defined by the compiled extension and run its fused kernels (over
+csrc/mvn_math.h: csrc/cpu/mixture_nll_tril.cpp on CPU tensors, csrc/cuda/correlated.cuh on CUDA tensors in a CUDA
+build); elsewhere they run the batched torch (``torch.linalg``) implementation registered here
+(CompositeExplicitAutograd). The low-rank ops are
 ``torch.library.custom_op`` s with torch implementations only. Both compute in the accumulation dtype (float32 for
 half types); the fake kernels and the autograd formulas are registered here for every device.
 
@@ -50,7 +51,7 @@ def _sum_log(values: Tensor) -> Tensor:
     return torch.log2(values).sum(-1) * _LN2
 
 
-# the torch implementation for devices without a fused kernel (the CPU kernel is registered by the extension)
+# the torch implementation for devices without a fused kernel (the extension registers the CPU and CUDA kernels)
 _LIB = torch.library.Library("physmdn", "IMPL")
 
 

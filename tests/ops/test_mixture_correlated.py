@@ -7,7 +7,7 @@ import torch
 import physmdn
 from physmdn import reference
 from physmdn._mixture_correlated import MAX_RANK, MAX_TRIL_DIM
-from conftest import assert_compiled_matches_eager, rel_err
+from conftest import CUDA, DEVICES, assert_compiled_matches_eager, rel_err
 
 
 def tril_inputs(B, K, D, dtype=torch.float64, seed=0, diagonal_low=0.3):
@@ -211,48 +211,87 @@ def test_torch_compile_fullgraph():
     assert_compiled_matches_eager(lowrank_step, [t.float().requires_grad_(True) for t in lowrank_inputs(9, 3, 6, 2)])
 
 
-# ----- the fused CPU kernel of the tril op against the torch implementation it replaces on the CPU -----------------
+# ----- the fused kernels of the tril op (CPU: csrc/cpu/mixture_nll_tril.cpp, CUDA: csrc/cuda/correlated.cuh) against
+# the torch implementation they replace on their device ----------------------------------------------------------
 
-def test_tril_cpu_op_is_the_compiled_kernel():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_tril", "CPU")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_tril_backward", "CPU")
+@pytest.mark.parametrize("device", DEVICES)
+def test_tril_op_is_the_compiled_kernel(device):
+    key = device.upper()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_tril", key)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_tril_backward", key)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 2e-5)])
-@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (13, 3, 5), (67, 8, 8), (3, 2, 32)])
-def test_tril_cpu_kernel_matches_torch_implementation(B, K, D, dtype, tol):
+@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (13, 3, 5), (67, 8, 8), (3, 2, 32), (1000, 1, 3)])
+def test_tril_kernel_matches_torch_implementation(device, B, K, D, dtype, tol):
     """Forward outputs (loss, z, responsibilities) and backward outputs of the compiled kernel against the torch
-    implementation (``_tril_fwd`` / ``_tril_bwd``, what other devices run), on the same inputs and dtype."""
+    implementation (``_tril_fwd`` / ``_tril_bwd``, what other devices run), on the same inputs, dtype and device."""
     from physmdn import _mixture_correlated as mc
 
-    inputs = tril_inputs(B, K, D, dtype=dtype, seed=3 * B + D)
+    inputs = [t.to(device) for t in tril_inputs(B, K, D, dtype=dtype, seed=3 * B + D)]
     got = torch.ops.physmdn.mixture_nll_tril(*inputs)
     want = mc._tril_fwd(*inputs)
     for g, w in zip(got, want):
-        assert g.dtype == w.dtype and g.shape == w.shape
+        assert g.dtype == w.dtype and g.shape == w.shape and g.device == w.device
         assert rel_err(g.double(), w.double()) <= tol
-    grad_loss = torch.linspace(0.5, 1.5, B, dtype=dtype)
+    grad_loss = torch.linspace(0.5, 1.5, B, dtype=dtype, device=device)
     got_b = torch.ops.physmdn.mixture_nll_tril_backward(grad_loss, inputs[0], inputs[2], want[1], want[2])
     want_b = mc._tril_bwd(grad_loss, inputs[0], inputs[2], want[1], want[2])
     for g, w in zip(got_b, want_b):
-        assert g.dtype == w.dtype and g.shape == w.shape
+        assert g.dtype == w.dtype and g.shape == w.shape and g.device == w.device
         # (bfloat16 outputs: both round the same float32 value, up to one ulp where the float32 values differ)
         assert rel_err(g.double(), w.double(), 1e-3) <= (8e-3 if dtype == torch.bfloat16 else tol * 10)
 
 
-def test_tril_cpu_kernel_non_positive_diagonal_is_nan_for_that_sample_only():
+@pytest.mark.parametrize("device", DEVICES)
+def test_tril_kernel_non_positive_diagonal_is_nan_for_that_sample_only(device):
     logits, means, tril, target = tril_inputs(4, 2, 3)
     tril[1, 0, 2, 2] = 0.0
     tril[2, 1, 0, 0] = -0.5
-    loss = torch.ops.physmdn.mixture_nll_tril(logits, means, tril, target)[0]
+    loss = torch.ops.physmdn.mixture_nll_tril(*[t.to(device) for t in (logits, means, tril, target)])[0].cpu()
     assert torch.isnan(loss[1]) and torch.isnan(loss[2])
     assert torch.isfinite(loss[[0, 3]]).all()
 
 
-def test_tril_cpu_kernel_strided_and_expanded_inputs():
-    logits, means, tril, target = tril_inputs(9, 3, 4, dtype=torch.float32)
-    wide = torch.randn(9, 3, 8)[..., ::2].copy_(means)  # non-contiguous rows
+@pytest.mark.parametrize("device", DEVICES)
+def test_tril_kernel_strided_and_expanded_inputs(device):
+    logits, means, tril, target = [t.to(device) for t in tril_inputs(9, 3, 4, dtype=torch.float32)]
+    wide = torch.randn(9, 3, 8, device=device)[..., ::2].copy_(means)  # non-contiguous rows
     shared = tril[:1].expand(9, -1, -1, -1)  # one factor broadcast over the batch
     got = torch.ops.physmdn.mixture_nll_tril(logits, wide, shared, target)[0]
     want = torch.ops.physmdn.mixture_nll_tril(logits, means.contiguous(), shared.contiguous(), target)[0]
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels")
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 5e-2)])
+def test_tril_cuda_public_function_against_float64(dtype, loss_tol, grad_tol):
+    """physmdn.mixture_nll_tril on the GPU (forward and autograd through the CUDA kernels) against the float64
+    torch.distributions reference on the CPU; a batch larger than the kernels' capped grid (the grid-stride loop)."""
+    inputs = tril_inputs(300_001, 2, 3, seed=11)
+    ref_loss, ref_grads = loss_and_grads(reference.mixture_nll_tril, inputs)
+    loss, grads = loss_and_grads(physmdn.mixture_nll_tril, [t.to(dtype).cuda() for t in inputs])
+    assert loss.dtype == dtype and loss.is_cuda
+    assert rel_err(loss.cpu(), ref_loss) <= loss_tol, rel_err(loss.cpu(), ref_loss)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == dtype and g.is_cuda and g.shape == rg.shape
+        assert rel_err(g.cpu(), rg, 1e-3) <= grad_tol, (i, rel_err(g.cpu(), rg, 1e-3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels")
+def test_tril_cuda_torch_compile_fullgraph():
+    def tril_step(logits, means, tril, target):
+        return (physmdn.mixture_nll_tril(logits * 2.0, means, tril, target) ** 2).mean()
+
+    assert_compiled_matches_eager(tril_step, [t.float().cuda().requires_grad_(True) for t in tril_inputs(9, 3, 4)])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels")
+def test_tril_cuda_device_mismatch_names_the_argument():
+    logits, means, tril, target = tril_inputs(4, 2, 3)
+    with pytest.raises(RuntimeError, match="target must be on the device of means"):
+        torch.ops.physmdn.mixture_nll_tril(logits.cuda(), means.cuda(), tril.cuda(), target)
