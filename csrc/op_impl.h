@@ -5,7 +5,6 @@
 #include <atomic>
 #include <tuple>
 
-#include "mvn_math.h"
 #include "views.h"
 
 namespace physmdn {
@@ -192,64 +191,6 @@ Tensors7 mdn_loss_bwd_impl(
                                gm, gs, gt, gp0, gp1, ge);
   const auto dt = means.scalar_type();
   return {to_dtype(gl, dt), to_dtype(gm, dt), to_dtype(gs, dt), to_dtype(gt, dt), to_dtype(gp0, dt), to_dtype(gp1, dt), to_dtype(ge, dt)};
-}
-
-// ----- full-covariance mixture NLL (csrc/mvn_math.h; CPU: csrc/ops.cpp, CUDA: csrc/cuda/backend.cuh) -----------
-// logits [B, K], means [B, K, D], scale_tril [B, K, D, D], target [B, D]: K >= 1, 1 <= D <= kMaxTrilDim, one
-// floating dtype, all on the device of means.
-inline void check_tril_inputs(const Tensor& logits, const Tensor& means, const Tensor& scale_tril,
-                              const Tensor& target) {
-  PHYSMDN_CHECK(means.dim() == 3, "means must be [B, K, D], got shape ", shape(means));
-  const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  PHYSMDN_CHECK(K >= 1 && D >= 1 && D <= math::kMaxTrilDim, "means must be [B, K, D] with K >= 1 and 1 <= D <= ",
-                math::kMaxTrilDim, ", got shape ", shape(means));
-  PHYSMDN_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == K, "logits must be [B, K] = [", B, ", ",
-                K, "], got shape ", shape(logits));
-  PHYSMDN_CHECK(scale_tril.dim() == 4 && scale_tril.size(0) == B && scale_tril.size(1) == K &&
-                    scale_tril.size(2) == D && scale_tril.size(3) == D,
-                "scale_tril must be [B, K, D, D] = [", B, ", ", K, ", ", D, ", ", D, "], got shape ", shape(scale_tril));
-  PHYSMDN_CHECK(target.dim() == 2 && target.size(0) == B && target.size(1) == D, "target must be [B, D] = [", B, ", ",
-                D, "], got shape ", shape(target));
-  check_floating(means, "means");
-  const std::pair<const Tensor*, const char*> others[] = {{&logits, "logits"}, {&scale_tril, "scale_tril"},
-                                                          {&target, "target"}};
-  for (const auto& [t, name] : others) {
-    PHYSMDN_CHECK(t->scalar_type() == means.scalar_type(), name, " must have the dtype of means (",
-                  means.scalar_type(), "), got ", t->scalar_type());
-    PHYSMDN_CHECK(t->device() == means.device(), name, " must be on the device of means (", means.device(), "), got ",
-                  t->device());
-  }
-}
-
-// The backward's inputs: grad_loss [B] (floating), logits [B, K] and scale_tril [B, K, D, D] as the forward took
-// them, z [B, K, D] and responsibilities [B, K] as it returned them (accumulation dtype), all on one device.
-inline void check_tril_backward_inputs(const Tensor& grad_loss, const Tensor& logits, const Tensor& scale_tril,
-                                       const Tensor& z, const Tensor& responsibilities) {
-  PHYSMDN_CHECK(z.dim() == 3 && scale_tril.dim() == 4, "z must be [B, K, D] and scale_tril [B, K, D, D], got shapes ",
-                shape(z), " and ", shape(scale_tril));
-  const auto B = z.size(0), K = z.size(1), D = z.size(2);
-  check_floating(scale_tril, "scale_tril");
-  const auto acc = acc_dtype(scale_tril.scalar_type());
-  PHYSMDN_CHECK(D >= 1 && D <= math::kMaxTrilDim && K >= 1 && scale_tril.size(0) == B && scale_tril.size(1) == K &&
-                    scale_tril.size(2) == D && scale_tril.size(3) == D,
-                "mixture_nll_tril_backward: scale_tril must be [B, K, D, D] = [", B, ", ", K, ", ", D, ", ", D,
-                "] (1 <= D <= ", math::kMaxTrilDim, "), got shape ", shape(scale_tril));
-  PHYSMDN_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == K &&
-                    logits.scalar_type() == scale_tril.scalar_type(),
-                "mixture_nll_tril_backward: logits must be [B, K] = [", B, ", ", K, "] with the dtype of scale_tril, got ",
-                shape(logits), " ", logits.scalar_type());
-  PHYSMDN_CHECK(z.scalar_type() == acc && responsibilities.scalar_type() == acc && responsibilities.dim() == 2 &&
-                    responsibilities.size(0) == B && responsibilities.size(1) == K,
-                "mixture_nll_tril_backward: z, responsibilities must be the forward's (", acc, ", [B, K] = [", B, ", ",
-                K, "]), got ", z.scalar_type(), ", ", responsibilities.scalar_type(), " ", shape(responsibilities));
-  PHYSMDN_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B && is_floating(grad_loss.scalar_type()),
-                "mixture_nll_tril_backward: grad_loss must be a floating [B] = [", B, "] tensor, got ",
-                shape(grad_loss), " ", grad_loss.scalar_type());
-  const std::pair<const Tensor*, const char*> others[] = {
-      {&grad_loss, "grad_loss"}, {&logits, "logits"}, {&z, "z"}, {&responsibilities, "responsibilities"}};
-  for (const auto& [t, name] : others)
-    PHYSMDN_CHECK(t->device() == scale_tril.device(), "mixture_nll_tril_backward: ", name,
-                  " must be on the device of scale_tril (", scale_tril.device(), "), got ", t->device());
 }
 
 #define PHYSMDN_OP_SCHEMAS(m)                                                                                          \

@@ -187,9 +187,9 @@ struct CpuBackend {
   }
 };
 
-// ----- full-covariance mixture NLL (csrc/cpu/mixture_nll_tril.cpp; the CUDA kernels in csrc/cuda/backend.cuh; the
-// input checks in op_impl.h; python/physmdn/_mixture_correlated.py attaches the fake kernels, the autograd and a torch
-// implementation for the other devices) ------------------------------------------------------------------------------
+// ----- full-covariance mixture NLL (csrc/cpu/mixture_nll_tril.cpp; CUDA: csrc/cuda/correlated.cuh; the input checks
+// in checks.h; python/physmdn/_mixture_correlated.py attaches the fake kernels, the autograd and a torch
+// implementation for the other devices) --------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor> cpu_mixture_nll_tril(const Tensor& logits, const Tensor& means,
                                                         const Tensor& scale_tril, const Tensor& target) {
   check_tril_inputs(logits, means, scale_tril, target);
@@ -221,6 +221,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_mixture_nll_tril_backward(const T
   return {gl, gm, gL, gy};
 }
 
+// ----- low-rank-plus-diagonal mixture NLL (csrc/cpu/mixture_nll_lowrank.cpp; python/physmdn/_mixture_correlated.py as
+// for tril) -------------------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_mixture_nll_lowrank(const Tensor& logits, const Tensor& means,
+                                                                   const Tensor& cov_factor, const Tensor& cov_diag,
+                                                                   const Tensor& target) {
+  check_lowrank_inputs(logits, means, cov_factor, cov_diag, target);
+  CpuBackend::check_device(means);
+  const auto B = means.size(0), K = means.size(1), D = means.size(2), R = cov_factor.size(3);
+  const auto dt = means.scalar_type(), acc = acc_dtype(dt);
+  const Device cpu = means.device();
+  auto loss = empty({B}, dt, cpu), v = cpu::pooled_empty({B, K, D}, acc), r = empty({B, K}, acc, cpu),
+       chol = empty({B, K, R, R}, acc, cpu);
+  if (B > 0)
+    PHYSMDN_CPU_CALL(mixture_nll_lowrank_forward, as_contiguous(logits), as_contiguous(means),
+                     as_contiguous(cov_factor), as_contiguous(cov_diag), as_contiguous(target), loss, v, r, chol);
+  return {loss, v, r, chol};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpu_mixture_nll_lowrank_backward(
+    const Tensor& grad_loss, const Tensor& logits, const Tensor& cov_factor, const Tensor& cov_diag, const Tensor& v,
+    const Tensor& responsibilities, const Tensor& chol) {
+  check_lowrank_backward_inputs(grad_loss, logits, cov_factor, cov_diag, v, responsibilities, chol);
+  PHYSMDN_CHECK(cov_factor.is_cpu(), "cov_factor must be a CPU tensor for the CPU kernel, got ", cov_factor.device());
+  const auto B = v.size(0), K = v.size(1), D = v.size(2), R = cov_factor.size(3);
+  const auto dt = cov_factor.scalar_type(), acc = acc_dtype(dt);
+  const Device cpu = cov_factor.device();
+  auto gl = empty({B, K}, dt, cpu), gm = cpu::pooled_empty({B, K, D}, dt), gW = cpu::pooled_empty({B, K, D, R}, dt),
+       gd = cpu::pooled_empty({B, K, D}, dt), gy = empty({B, D}, dt, cpu);
+  if (B > 0)
+    PHYSMDN_CPU_CALL(mixture_nll_lowrank_backward, to_dtype(grad_loss, acc), as_contiguous(logits),
+                     as_contiguous(cov_factor), as_contiguous(cov_diag), as_contiguous(v),
+                     as_contiguous(responsibilities), as_contiguous(chol), gl, gm, gW, gd, gy);
+  return {gl, gm, gW, gd, gy};
+}
+
 STABLE_TORCH_LIBRARY(physmdn, m) {
   PHYSMDN_OP_SCHEMAS(m);
   // tests only: the CPU kernels' vector exp / log (selected ISA) on a float32 tensor
@@ -231,6 +266,12 @@ STABLE_TORCH_LIBRARY(physmdn, m) {
   m.def("mixture_nll_tril(Tensor logits, Tensor means, Tensor scale_tril, Tensor target) -> (Tensor, Tensor, Tensor)");
   m.def("mixture_nll_tril_backward(Tensor grad_loss, Tensor logits, Tensor scale_tril, Tensor z, "
         "Tensor responsibilities) -> (Tensor, Tensor, Tensor, Tensor)");
+  // low-rank-plus-diagonal mixture NLL: (loss [B], v [B, K, D], responsibilities [B, K], chol [B, K, R, R]) and its
+  // backward
+  m.def("mixture_nll_lowrank(Tensor logits, Tensor means, Tensor cov_factor, Tensor cov_diag, Tensor target) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("mixture_nll_lowrank_backward(Tensor grad_loss, Tensor logits, Tensor cov_factor, Tensor cov_diag, Tensor v, "
+        "Tensor responsibilities, Tensor chol) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(physmdn, CPU, m) {
@@ -239,6 +280,8 @@ STABLE_TORCH_LIBRARY_IMPL(physmdn, CPU, m) {
   m.impl("_scale_by_", TORCH_BOX(&cpu_scale_by_));
   m.impl("mixture_nll_tril", TORCH_BOX(&cpu_mixture_nll_tril));
   m.impl("mixture_nll_tril_backward", TORCH_BOX(&cpu_mixture_nll_tril_backward));
+  m.impl("mixture_nll_lowrank", TORCH_BOX(&cpu_mixture_nll_lowrank));
+  m.impl("mixture_nll_lowrank_backward", TORCH_BOX(&cpu_mixture_nll_lowrank_backward));
 }
 
 }  // namespace physmdn

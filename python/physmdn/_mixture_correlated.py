@@ -2,12 +2,11 @@
 its Cholesky factor) and ``torch.ops.physmdn.mixture_nll_lowrank`` (``W W^T + diag(d)``), each with a backward op,
 fake kernels and the autograd formula, and the public :func:`mixture_nll_tril` / :func:`mixture_nll_lowrank`.
 
-``mixture_nll_tril`` and its backward are defined by the compiled extension and run its fused kernels (over
-csrc/mvn_math.h: csrc/cpu/mixture_nll_tril.cpp on CPU tensors, csrc/cuda/correlated.cuh on CUDA tensors in a CUDA
-build); elsewhere they run the batched torch (``torch.linalg``) implementation registered here
-(CompositeExplicitAutograd). The low-rank ops are
-``torch.library.custom_op`` s with torch implementations only. Both compute in the accumulation dtype (float32 for
-half types); the fake kernels and the autograd formulas are registered here for every device.
+Both ops and their backwards are defined by the compiled extension and run its fused kernels over the per-sample math
+of csrc/mvn_math.h: csrc/cpu/mixture_nll_tril.cpp and csrc/cpu/mixture_nll_lowrank.cpp on CPU tensors,
+csrc/cuda/correlated.cuh on CUDA tensors (in a CUDA build); on other devices they run the batched torch
+(``torch.linalg``) implementations registered here (CompositeExplicitAutograd). Both compute in the accumulation dtype
+(float32 for half types); the fake kernels and the autograd formulas are registered here for every device.
 
 Per sample ``b`` and component ``k``, ``delta = y - mu_k``:
 
@@ -132,7 +131,6 @@ def _woodbury(cov_factor: Tensor, cov_diag: Tensor) -> tuple[Tensor, Tensor]:
     return scaled, torch.linalg.cholesky_ex(capacitance)[0]
 
 
-@torch.library.custom_op("physmdn::mixture_nll_lowrank", mutates_args=())
 def _lowrank_fwd(logits: Tensor, means: Tensor, cov_factor: Tensor, cov_diag: Tensor,
                  target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss [B], v = Sigma^-1 delta [B, K, D], responsibilities [B, K], cholesky(C) [B, K, R, R])``, the last
@@ -154,7 +152,10 @@ def _lowrank_fwd(logits: Tensor, means: Tensor, cov_factor: Tensor, cov_diag: Te
     return (-log_p).to(means.dtype), v, responsibilities, chol.contiguous()  # (LAPACK returns it column-major)
 
 
-@_lowrank_fwd.register_fake
+_LIB.impl("mixture_nll_lowrank", _lowrank_fwd, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("physmdn::mixture_nll_lowrank")
 def _(logits, means, cov_factor, cov_diag, target):
     work = acc_dtype(means.dtype)
     B, K, D = means.shape
@@ -163,7 +164,6 @@ def _(logits, means, cov_factor, cov_diag, target):
             means.new_empty((B, K, R, R), dtype=work))
 
 
-@torch.library.custom_op("physmdn::mixture_nll_lowrank_backward", mutates_args=())
 def _lowrank_bwd(grad_loss: Tensor, logits: Tensor, cov_factor: Tensor, cov_diag: Tensor, v: Tensor,
                  responsibilities: Tensor, chol: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(logits, means, cov_factor, cov_diag, target)`` for ``grad_loss [B]``, in the inputs' dtype."""
@@ -187,7 +187,10 @@ def _lowrank_bwd(grad_loss: Tensor, logits: Tensor, cov_factor: Tensor, cov_diag
             grad_target.to(dtype))
 
 
-@_lowrank_bwd.register_fake
+_LIB.impl("mixture_nll_lowrank_backward", _lowrank_bwd, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("physmdn::mixture_nll_lowrank_backward")
 def _(grad_loss, logits, cov_factor, cov_diag, v, responsibilities, chol):
     dtype = cov_factor.dtype
     return (logits.new_empty(logits.shape, dtype=dtype), v.new_empty(v.shape, dtype=dtype),

@@ -596,9 +596,9 @@ def test_tril_ops_check_their_inputs(sim):
     with pytest.raises(RuntimeError, match="1 <= D <= 32"):
         sim.mixture_nll_tril(logits, torch.zeros(4, 2, 33), torch.zeros(4, 2, 33, 33), torch.zeros(4, 33))
     loss, z, r = sim.mixture_nll_tril(logits, means, tril, target)
-    with pytest.raises(RuntimeError, match="z, responsibilities must be the forward's"):
+    with pytest.raises(RuntimeError, match=r"z must be the forward's \(Float"):
         sim.mixture_nll_tril_backward(loss, logits, tril, z.double(), r)
-    with pytest.raises(RuntimeError, match=r"grad_loss must be a floating \[B\] = \[4\]"):
+    with pytest.raises(RuntimeError, match=r"grad_loss must be \[B\] = \[4\]"):
         sim.mixture_nll_tril_backward(loss[:3], logits, tril, z, r)
 
 

@@ -295,3 +295,86 @@ def test_tril_cuda_device_mismatch_names_the_argument():
     logits, means, tril, target = tril_inputs(4, 2, 3)
     with pytest.raises(RuntimeError, match="target must be on the device of means"):
         torch.ops.physmdn.mixture_nll_tril(logits.cuda(), means.cuda(), tril.cuda(), target)
+
+
+# ----- the fused CPU kernel of the low-rank op against the torch implementation it replaces on the CPU -------------
+
+def test_lowrank_cpu_op_is_the_compiled_kernel():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_lowrank", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_lowrank_backward", "CPU")
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 5e-5), (torch.bfloat16, 5e-5)])
+@pytest.mark.parametrize("B,K,D,R", [(1, 1, 1, 1), (13, 3, 5, 2), (67, 8, 32, 4), (3, 2, 32, 8), (5, 4, 41, 3)])
+def test_lowrank_cpu_kernel_matches_torch_implementation(B, K, D, R, dtype, tol):
+    """Forward outputs (loss, v, responsibilities, chol) and backward outputs of the compiled kernel against the torch
+    implementation (``_lowrank_fwd`` / ``_lowrank_bwd``), on the same inputs and dtype; D is not bounded."""
+    from physmdn import _mixture_correlated as mc
+
+    inputs = lowrank_inputs(B, K, D, R, dtype=dtype, seed=3 * B + D + R)
+    got = torch.ops.physmdn.mixture_nll_lowrank(*inputs)
+    want = mc._lowrank_fwd(*inputs)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert rel_err(g.double(), w.double(), 1e-3) <= tol, rel_err(g.double(), w.double(), 1e-3)
+    grad_loss = torch.linspace(0.5, 1.5, B, dtype=dtype)
+    saved = want[1:]
+    got_b = torch.ops.physmdn.mixture_nll_lowrank_backward(grad_loss, inputs[0], inputs[2], inputs[3], *saved)
+    want_b = mc._lowrank_bwd(grad_loss, inputs[0], inputs[2], inputs[3], *saved)
+    for i, (g, w) in enumerate(zip(got_b, want_b)):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        err = rel_err(g.double(), w.double(), 1e-3)
+        assert err <= (8e-3 if dtype == torch.bfloat16 else tol * 10), (i, err)
+
+
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", [(torch.float64, 1e-12, 1e-10), (torch.float32, 1e-5, 1e-4),
+                                                     (torch.bfloat16, 2e-2, 5e-2)])
+@pytest.mark.parametrize("B,K,D,R", [(1, 1, 1, 1), (9, 1, 32, 8), (17, 5, 3, 1), (6, 3, 40, 2)])
+def test_lowrank_cpu_kernel_against_float64_reference(B, K, D, R, dtype, loss_tol, grad_tol):
+    """The public function (the kernel and its backward on the CPU) in each dtype against the float64
+    ``LowRankMultivariateNormal`` mixture: the loss and the gradient of every input."""
+    check(physmdn.mixture_nll_lowrank, reference.mixture_nll_lowrank, lowrank_inputs(B, K, D, R, dtype, seed=B + D),
+          dtype, loss_tol, grad_tol)
+
+
+def test_lowrank_cpu_kernel_gradcheck_odd_shapes():
+    for B, K, D, R in [(2, 1, 1, 1), (2, 3, 5, 3)]:
+        inputs = [t.requires_grad_(True) for t in lowrank_inputs(B, K, D, R, seed=7)]
+        assert torch.autograd.gradcheck(physmdn.mixture_nll_lowrank, inputs)
+
+
+def test_lowrank_cpu_kernel_non_positive_diagonal_is_nan_for_that_sample_only():
+    logits, means, factor, diag, target = lowrank_inputs(4, 2, 3, 2)
+    diag[1, 0, 2] = 0.0
+    diag[2, 1, 0] = -0.5
+    loss = torch.ops.physmdn.mixture_nll_lowrank(logits, means, factor, diag, target)[0]
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert torch.isfinite(loss[[0, 3]]).all()
+
+
+def test_lowrank_cpu_kernel_strided_and_expanded_inputs():
+    logits, means, factor, diag, target = lowrank_inputs(9, 3, 4, 2, dtype=torch.float32)
+    wide = torch.randn(9, 3, 8)[..., ::2].copy_(means)  # non-contiguous rows
+    shared = factor[:1].expand(9, -1, -1, -1)  # one factor broadcast over the batch
+    transposed = diag.mT.contiguous().mT  # column-major
+    got = torch.ops.physmdn.mixture_nll_lowrank(logits, wide, shared, transposed, target)
+    want = torch.ops.physmdn.mixture_nll_lowrank(logits, means.contiguous(), shared.contiguous(), diag, target)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    grad_loss = torch.ones(1).expand(9)  # (stride 0, as loss.sum() sends it)
+    got_b = torch.ops.physmdn.mixture_nll_lowrank_backward(grad_loss, logits, shared, transposed, *want[1:])
+    want_b = torch.ops.physmdn.mixture_nll_lowrank_backward(torch.ones(9), logits, shared.contiguous(), diag, *want[1:])
+    for g, w in zip(got_b, want_b):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_lowrank_op_errors_name_the_argument():
+    logits, means, factor, diag, target = lowrank_inputs(4, 2, 5, 2)
+    op = torch.ops.physmdn.mixture_nll_lowrank
+    with pytest.raises(RuntimeError, match=r"cov_factor must be \[B, K, D, R\] = \[4, 2, 5, R\] with 1 <= R <= 8, "
+                                           r"got shape \[4, 2, 5, 9\]"):
+        op(logits, means, torch.zeros(4, 2, 5, 9, dtype=torch.float64), diag, target)
+    with pytest.raises(RuntimeError, match=r"cov_diag must be \[B, K, D\] = \[4, 2, 5\], got shape \[4, 2, 4\]"):
+        op(logits, means, factor, diag[..., :4], target)
+    with pytest.raises(RuntimeError, match=r"cov_diag must have the dtype of means \(Double\), got Float"):
+        op(logits, means, factor, diag.float(), target)
