@@ -6,8 +6,8 @@
 Per kind, forward and forward + backward (``loss.sum()``, then ``autograd.grad`` with respect to every input but
 the target) of:
 
-* ``physmdn``: :func:`physmdn.mixture_nll_tril` / :func:`physmdn.mixture_nll_lowrank` (custom ops with a torch
-  implementation and an analytic backward op);
+* ``physmdn``: :func:`physmdn.mixture_nll_tril` / :func:`physmdn.mixture_nll_lowrank` (custom ops with fused
+  CPU and CUDA kernels and an analytic backward op);
 * ``composite autograd``: the same torch math as the op's forward, differentiated by autograd (what the analytic
   backward saves);
 * ``eager torch.distributions``: ``MixtureSameFamily(Categorical, MultivariateNormal(scale_tril=...))`` or
@@ -123,9 +123,9 @@ def main(argv=None):
     notes = (f"copy bandwidth {copy['gb_s']:.1f} GB/s (dst.copy_(src), read + write). physmdn_speedup: the row's "
              "median over physmdn's in the same pass and run (> 1: physmdn is faster). GB/s: the bytes the pass moves "
              "at least (pass_bytes) over the row's median; %copy: as a percentage of the copy bandwidth. "
-             "mixture_nll_tril runs fused kernels on the CPU and on CUDA; mixture_nll_lowrank and other devices run "
-             "torch compositions behind the custom ops. physmdn's CPU peak memory misses its buffer pool (invisible "
-             "to the profiler).")
+             "mixture_nll_tril and mixture_nll_lowrank run fused kernels on the CPU and on CUDA (other devices: torch "
+             "compositions behind the custom ops). physmdn's CPU peak memory misses its buffer pool (invisible to "
+             "the profiler).")
     columns = COLUMNS + ["GB/s", "%copy"]
     if args.no_save:
         print(format_table(rows, columns))

@@ -206,14 +206,15 @@ sys.exit(0 if ok or $1 else 3)
   record schedules "$(status_of $STEP_RC)" "$STEP_SECONDS" \
     "lanes speedup (default / lanes), GB/s, % copy: $(awk -F'|' '/\| B=[0-9]+ K=[0-9]+ D=[0-9]+ \| float32 \| (fwd\+grads|train) \|/ && !seen[$0]++ {gsub(/^ +| +$/, "", $2); gsub(/^ +| +$/, "", $4); gsub(/ /, "", $9); gsub(/ /, "", $10); gsub(/ /, "", $11); printf "%s %s %sx %sGB/s %s%%; ", $2, $4, $9, $10, $11}' "$STEPDIR/schedules.out" 2>/dev/null | head -c 600)"
 
-  # 5b. the correlated-component ops at B = 1M (bench/correlated_nll.py: the fused CUDA kernels of mixture_nll_tril
-  # against the same math under autograd and eager torch.distributions; GB/s and % of the copy bandwidth)
+  # 5b. the correlated-component ops at B = 1M, K = 8 (bench/correlated_nll.py: the fused CUDA kernels of
+  # mixture_nll_tril, D = 8, and mixture_nll_lowrank, D = 32, R = 4, against the same math under autograd and eager
+  # torch.distributions; GB/s and % of the copy bandwidth)
   if [ "$DRY" = 1 ]; then
-    run_step correlated 120 bash -c 'cd bench && "$0" correlated_nll.py --device cpu --B 4096 --K 8 --tril-D 8 \
-      --kinds tril --repeat 3 --no-compile --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
+    run_step correlated 150 bash -c 'cd bench && "$0" correlated_nll.py --device cpu --B 2048 --K 8 --tril-D 8 \
+      --lowrank-D 32 --R 4 --kinds tril,lowrank --repeat 3 --no-compile --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
   else
-    run_step correlated 120 bash -c 'cd bench && "$0" correlated_nll.py --device cuda --B 1048576 --K 8 --tril-D 8 \
-      --kinds tril --repeat 10 --no-compile --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
+    run_step correlated 150 bash -c 'cd bench && "$0" correlated_nll.py --device cuda --B 1048576 --K 8 --tril-D 8 \
+      --lowrank-D 32 --R 4 --kinds tril,lowrank --repeat 5 --no-compile --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
   fi
   record correlated "$(status_of $STEP_RC)" "$STEP_SECONDS" \
     "$(grep '^key: ' "$STEPDIR/correlated.out" 2>/dev/null | sed 's/^key: //; s/ (.*//' | tr '\n' ';' | head -c 400)"
@@ -239,7 +240,7 @@ sys.exit(0 if ok or $1 else 3)
     record profile "$(status_of $STEP_RC)" "$STEP_SECONDS" "dry run: the case on the CPU ($( [ -n "$ncu" ] && echo "found $ncu" || echo 'ncu not found'))"
   elif [ -n "$ncu" ]; then
     run_step profile 120 "$ncu" --profile-from-start off --target-processes all -k 'regex:nll|tiled|warp|sample|scale_by' \
-      --launch-count 16 --csv --page raw --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__shared_mem_per_block_dynamic \
+      --launch-count 18 --csv --page raw --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__shared_mem_per_block_dynamic \
       "$PY" bench/profile_case.py --device cuda
     record profile "$(status_of $STEP_RC)" "$STEP_SECONDS" "ncu: $(grep -c '"' "$STEPDIR/profile.out" 2>/dev/null) csv lines (in the log)"
   else

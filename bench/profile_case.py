@@ -52,6 +52,14 @@ def main(argv=None) -> int:
              torch.randn(B, D, generator=g, device=args.device)]
         return [x.requires_grad_(i < 3) for i, x in enumerate(t)]
 
+    def lowrank_inputs(D=32, R=4):  # mixture_nll_lowrank at the GPU check's benchmark shape
+        B, K = args.B, args.K
+        t = [torch.randn(B, K, generator=g, device=args.device), torch.randn(B, K, D, generator=g, device=args.device),
+             0.5 * torch.randn(B, K, D, R, generator=g, device=args.device),
+             0.1 + torch.rand(B, K, D, generator=g, device=args.device),
+             torch.randn(B, D, generator=g, device=args.device)]
+        return [x.requires_grad_(i < 3) for i, x in enumerate(t)]
+
     coeffs = 0.3 * torch.randn(args.B, args.K, 1, 4, generator=g, device=args.device)
     cases = [
         ("mixture_nll fp32", inputs(torch.float32), lambda *t: physmdn.mixture_nll(*t, reduction="mean")),
@@ -61,9 +69,11 @@ def main(argv=None) -> int:
         # the CUDA lane-per-element schedule (off by default until measured; lanes_nll_kernel)
         ("mixture_nll fp32, lanes schedule", inputs(torch.float32), lanes(lambda *t: physmdn.mixture_nll(*t, reduction="mean"))),
         ("mixture_nll bf16, lanes schedule", inputs(torch.bfloat16), lanes(lambda *t: physmdn.mixture_nll(*t, reduction="mean"))),
-        # the full-covariance mixture NLL's forward and backward kernels (tril_nll_kernel, tril_nll_backward_kernel)
+        # the correlated mixture NLLs' forward and backward kernels (csrc/cuda/correlated.cuh)
         ("mixture_nll_tril fp32 D=8", tril_inputs(), lambda *t: physmdn.mixture_nll_tril(*t, reduction="mean",
                                                                                           check_diagonal=False)),
+        ("mixture_nll_lowrank fp32 D=32 R=4", lowrank_inputs(),
+         lambda *t: physmdn.mixture_nll_lowrank(*t, reduction="mean", check_diagonal=False)),
     ]
     for _, x, fn in cases:  # warm-up (lazy init, allocator), outside the profiled range
         torch.autograd.grad(fn(*x), x[:3])

@@ -65,6 +65,8 @@ STABLE_TORCH_LIBRARY_IMPL(physmdn, CUDA, m) {
   m.impl("_scale_by_", TORCH_BOX(&cuda_scale_by_));
   m.impl("mixture_nll_tril", TORCH_BOX(&cuda_mixture_nll_tril));
   m.impl("mixture_nll_tril_backward", TORCH_BOX(&cuda_mixture_nll_tril_backward));
+  m.impl("mixture_nll_lowrank", TORCH_BOX(&cuda_mixture_nll_lowrank));
+  m.impl("mixture_nll_lowrank_backward", TORCH_BOX(&cuda_mixture_nll_lowrank_backward));
 }
 
 }  // namespace physmdn

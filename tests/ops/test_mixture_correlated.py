@@ -297,27 +297,31 @@ def test_tril_cuda_device_mismatch_names_the_argument():
         torch.ops.physmdn.mixture_nll_tril(logits.cuda(), means.cuda(), tril.cuda(), target)
 
 
-# ----- the fused CPU kernel of the low-rank op against the torch implementation it replaces on the CPU -------------
+# ----- the fused kernels of the low-rank op (CPU: csrc/cpu/mixture_nll_lowrank.cpp, CUDA: csrc/cuda/correlated.cuh)
+# against the torch implementation they replace on their device -------------------------------------------------
 
-def test_lowrank_cpu_op_is_the_compiled_kernel():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_lowrank", "CPU")
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_lowrank_backward", "CPU")
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_op_is_the_compiled_kernel(device):
+    key = device.upper()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_lowrank", key)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_lowrank_backward", key)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 5e-5), (torch.bfloat16, 5e-5)])
 @pytest.mark.parametrize("B,K,D,R", [(1, 1, 1, 1), (13, 3, 5, 2), (67, 8, 32, 4), (3, 2, 32, 8), (5, 4, 41, 3)])
-def test_lowrank_cpu_kernel_matches_torch_implementation(B, K, D, R, dtype, tol):
+def test_lowrank_kernel_matches_torch_implementation(device, B, K, D, R, dtype, tol):
     """Forward outputs (loss, v, responsibilities, chol) and backward outputs of the compiled kernel against the torch
-    implementation (``_lowrank_fwd`` / ``_lowrank_bwd``), on the same inputs and dtype; D is not bounded."""
+    implementation (``_lowrank_fwd`` / ``_lowrank_bwd``), on the same inputs, dtype and device; D is not bounded."""
     from physmdn import _mixture_correlated as mc
 
-    inputs = lowrank_inputs(B, K, D, R, dtype=dtype, seed=3 * B + D + R)
+    inputs = [t.to(device) for t in lowrank_inputs(B, K, D, R, dtype=dtype, seed=3 * B + D + R)]
     got = torch.ops.physmdn.mixture_nll_lowrank(*inputs)
     want = mc._lowrank_fwd(*inputs)
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape
         assert rel_err(g.double(), w.double(), 1e-3) <= tol, rel_err(g.double(), w.double(), 1e-3)
-    grad_loss = torch.linspace(0.5, 1.5, B, dtype=dtype)
+    grad_loss = torch.linspace(0.5, 1.5, B, dtype=dtype, device=device)
     saved = want[1:]
     got_b = torch.ops.physmdn.mixture_nll_lowrank_backward(grad_loss, inputs[0], inputs[2], inputs[3], *saved)
     want_b = mc._lowrank_bwd(grad_loss, inputs[0], inputs[2], inputs[3], *saved)
@@ -343,27 +347,31 @@ def test_lowrank_cpu_kernel_gradcheck_odd_shapes():
         assert torch.autograd.gradcheck(physmdn.mixture_nll_lowrank, inputs)
 
 
-def test_lowrank_cpu_kernel_non_positive_diagonal_is_nan_for_that_sample_only():
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_kernel_non_positive_diagonal_is_nan_for_that_sample_only(device):
     logits, means, factor, diag, target = lowrank_inputs(4, 2, 3, 2)
     diag[1, 0, 2] = 0.0
     diag[2, 1, 0] = -0.5
-    loss = torch.ops.physmdn.mixture_nll_lowrank(logits, means, factor, diag, target)[0]
+    loss = torch.ops.physmdn.mixture_nll_lowrank(*[t.to(device) for t in (logits, means, factor, diag, target)])[0]
+    loss = loss.cpu()
     assert torch.isnan(loss[1]) and torch.isnan(loss[2])
     assert torch.isfinite(loss[[0, 3]]).all()
 
 
-def test_lowrank_cpu_kernel_strided_and_expanded_inputs():
-    logits, means, factor, diag, target = lowrank_inputs(9, 3, 4, 2, dtype=torch.float32)
-    wide = torch.randn(9, 3, 8)[..., ::2].copy_(means)  # non-contiguous rows
+@pytest.mark.parametrize("device", DEVICES)
+def test_lowrank_kernel_strided_and_expanded_inputs(device):
+    logits, means, factor, diag, target = [t.to(device) for t in lowrank_inputs(9, 3, 4, 2, dtype=torch.float32)]
+    wide = torch.randn(9, 3, 8, device=device)[..., ::2].copy_(means)  # non-contiguous rows
     shared = factor[:1].expand(9, -1, -1, -1)  # one factor broadcast over the batch
     transposed = diag.mT.contiguous().mT  # column-major
     got = torch.ops.physmdn.mixture_nll_lowrank(logits, wide, shared, transposed, target)
     want = torch.ops.physmdn.mixture_nll_lowrank(logits, means.contiguous(), shared.contiguous(), diag, target)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
-    grad_loss = torch.ones(1).expand(9)  # (stride 0, as loss.sum() sends it)
+    grad_loss = torch.ones(1, device=device).expand(9)  # (stride 0, as loss.sum() sends it)
     got_b = torch.ops.physmdn.mixture_nll_lowrank_backward(grad_loss, logits, shared, transposed, *want[1:])
-    want_b = torch.ops.physmdn.mixture_nll_lowrank_backward(torch.ones(9), logits, shared.contiguous(), diag, *want[1:])
+    want_b = torch.ops.physmdn.mixture_nll_lowrank_backward(torch.ones(9, device=device), logits, shared.contiguous(),
+                                                            diag, *want[1:])
     for g, w in zip(got_b, want_b):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
 
@@ -378,3 +386,27 @@ def test_lowrank_op_errors_name_the_argument():
         op(logits, means, factor, diag[..., :4], target)
     with pytest.raises(RuntimeError, match=r"cov_diag must have the dtype of means \(Double\), got Float"):
         op(logits, means, factor, diag.float(), target)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels")
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 2e-2, 5e-2)])
+def test_lowrank_cuda_public_function_against_float64(dtype, loss_tol, grad_tol):
+    """physmdn.mixture_nll_lowrank on the GPU (forward and autograd through the CUDA kernels) against the float64
+    torch.distributions reference on the CPU; a batch larger than the kernels' capped grid (the grid-stride loop)."""
+    inputs = lowrank_inputs(300_001, 2, 3, 2, seed=11)
+    ref_loss, ref_grads = loss_and_grads(reference.mixture_nll_lowrank, inputs)
+    loss, grads = loss_and_grads(physmdn.mixture_nll_lowrank, [t.to(dtype).cuda() for t in inputs])
+    assert loss.dtype == dtype and loss.is_cuda
+    assert rel_err(loss.cpu(), ref_loss) <= loss_tol, rel_err(loss.cpu(), ref_loss)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == dtype and g.is_cuda and g.shape == rg.shape
+        assert rel_err(g.cpu(), rg, 1e-3) <= grad_tol, (i, rel_err(g.cpu(), rg, 1e-3))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a GPU and CUDA kernels")
+def test_lowrank_cuda_device_mismatch_names_the_argument():
+    logits, means, factor, diag, target = lowrank_inputs(4, 2, 5, 2)
+    with pytest.raises(RuntimeError, match="cov_diag must be on the device of means"):
+        torch.ops.physmdn.mixture_nll_lowrank(logits.cuda(), means.cuda(), factor.cuda(), diag, target.cuda())
