@@ -249,11 +249,15 @@ def _flatten(logits: Tensor, means: Tensor, target: Tensor, covariance: list[tup
     return tuple(S), [t.expand(*S, *event).reshape(n, *event) for t, event in events]
 
 
-def _positive(diagonal: Tensor, name: str, what: str) -> None:
-    """Eager calls refuse a non-positive ``what`` of ``name`` (traced ones give NaN for that sample instead)."""
+def _positive(loss: Tensor, diagonal: Tensor, name: str, what: str) -> None:
+    """Eager calls refuse a non-positive ``what`` of ``name`` (traced ones give NaN for that sample instead). Such an
+    entry makes its sample's loss NaN, so the diagonal is searched only when a loss is not finite: one pass over
+    ``loss [B]`` instead of over the parameters (docs/performance.md)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or diagonal.numel() == 0:
         return
     if isinstance(diagonal, torch.Tensor) and type(diagonal) in (torch.Tensor, torch.nn.Parameter):
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
         smallest = diagonal.detach().amin()
         if not bool(smallest > 0):
             raise ValueError(f"{name} must have a positive {what}, got a minimum of {float(smallest)}")
@@ -281,9 +285,10 @@ def mixture_nll_tril(logits: Tensor, means: Tensor, scale_tril: Tensor, target: 
             triangle is not read, and its gradient is zero).
         target: ``[*, D]`` observations. The leading batch dimensions ``[*]`` broadcast as torch broadcasts.
         reduction: ``"none"`` (``[*]``), ``"mean"`` or ``"sum"``.
-        check_diagonal: in eager mode a diagonal entry ``<= 0`` raises ``ValueError`` (one reduction over the
-            diagonal, a device synchronization on a GPU); False skips the check (for factors positive by
-            construction, as :class:`physmdn.MDN` builds them). Traced calls (torch.compile) never check: there
+        check_diagonal: in eager mode a diagonal entry ``<= 0`` raises ``ValueError`` (such an entry makes its
+            sample's loss NaN: one reduction over the loss, the diagonal searched only when a loss is not finite; a
+            device synchronization on a GPU); False skips the check (for factors positive by construction, as
+            :class:`physmdn.MDN` builds them). Traced calls (torch.compile) never check: there
             a non-positive diagonal entry gives NaN for that sample.
 
     Returns:
@@ -298,9 +303,9 @@ def mixture_nll_tril(logits: Tensor, means: Tensor, scale_tril: Tensor, target: 
                          f"(shape {tuple(means.shape)}); use mixture_nll_lowrank for larger outputs")
     batch_shape, (logits, means, target, scale_tril) = _flatten(
         logits, means, target, [(scale_tril, "scale_tril", (means.shape[-2], D, D), "[*, K, D, D]")])
-    if check_diagonal:
-        _positive(scale_tril.diagonal(dim1=-2, dim2=-1), "scale_tril", "diagonal")
     loss = torch.ops.physmdn.mixture_nll_tril(logits, means, scale_tril, target)[0]
+    if check_diagonal:
+        _positive(loss, scale_tril.diagonal(dim1=-2, dim2=-1), "scale_tril", "diagonal")
     return _reduce(loss, batch_shape, reduction)
 
 
@@ -340,7 +345,7 @@ def mixture_nll_lowrank(logits: Tensor, means: Tensor, cov_factor: Tensor, cov_d
     batch_shape, (logits, means, target, cov_factor, cov_diag) = _flatten(
         logits, means, target, [(cov_factor, "cov_factor", (K, D, R), "[*, K, D, R]"),
                                 (cov_diag, "cov_diag", (K, D), "[*, K, D]")])
-    if check_diagonal:
-        _positive(cov_diag, "cov_diag", "value everywhere")
     loss = torch.ops.physmdn.mixture_nll_lowrank(logits, means, cov_factor, cov_diag, target)[0]
+    if check_diagonal:
+        _positive(loss, cov_diag, "cov_diag", "value everywhere")
     return _reduce(loss, batch_shape, reduction)
