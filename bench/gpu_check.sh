@@ -217,7 +217,7 @@ sys.exit(0 if ok or $1 else 3)
       --lowrank-D 32 --R 4 --kinds tril,lowrank --repeat 5 --no-compile --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
   fi
   record correlated "$(status_of $STEP_RC)" "$STEP_SECONDS" \
-    "$(grep '^key: ' "$STEPDIR/correlated.out" 2>/dev/null | sed 's/^key: //; s/ (.*//' | tr '\n' ';' | head -c 400)"
+    "$(grep '^key: ' "$STEPDIR/correlated.out" 2>/dev/null | sed 's/^key: //; s/ (.*//' | awk '{printf "%s; ", $0}' | head -c 400)"
 
   # 5. benchmarks ----------------------------------------------------------------------------------------
   local left=$(( BUDGET - ($(date +%s) - T0) - RESERVE ))
@@ -231,6 +231,8 @@ sys.exit(0 if ok or $1 else 3)
   [ "$DRY" = 0 ] && [ "${LANES_TESTS_RC:-1}" = 0 ] && [ "${SCHEDULES_RC:-1}" = 0 ] && lanes_env=1
   run_step bench 600 env PHYSMDN_CUDA_LANES=$lanes_env "$PY" bench/run.py "${bench_args[@]}"
   record bench "$(status_of $STEP_RC)" "$STEP_SECONDS" "$(head -1 "$KEYS" 2>/dev/null) (key numbers below; lanes schedule $([ $lanes_env = 1 ] && echo ON || echo off))"
+  # the correlated ops' key lines (with their speedups) join the benchmark's key numbers
+  grep '^key: ' "$STEPDIR/correlated.out" 2>/dev/null | sed 's/^key: /correlated /' >> "$KEYS"
 
   # 6. kernel profile (Nsight Compute), with what is left of the budget: memory throughput, occupancy, registers
   # and shared memory of each physmdn kernel in one fwd+bwd at B = 1M (bench/profile_case.py)
