@@ -39,7 +39,8 @@ PHYSMDN_HD acc_t lse(const acc_t* x, int n) {
 }
 
 // One sample, contiguous rows: logits [K], means [K, D], L [K, D, D], y [D]. Writes z [K, D] and the
-// responsibilities r [K] (accumulation dtype); returns the loss. lw: scratch [K] (the log mixture weights).
+// responsibilities r [K] (accumulation dtype); returns the loss. lw: scratch [K] (the log mixture weights); it may be
+// r itself (lw[k] is read before r[k] is written; the CUDA kernels pass r, so that K needs no local array).
 template <typename scalar_t, typename acc_t>
 PHYSMDN_HD acc_t tril_nll_sample(const scalar_t* logits, const scalar_t* means, const scalar_t* L, const scalar_t* y,
                                  int K, int D, acc_t* z, acc_t* r, acc_t* lw) {
@@ -131,7 +132,8 @@ PHYSMDN_HD double sqrt_(double x) {
 
 // One sample, contiguous rows: logits [K], means [K, D], W [K, D, R], d [K, D], y [D]. Writes v = Sigma^-1 delta
 // [K, D], the responsibilities r [K] and the Cholesky factors of the capacitance matrices chol [K, R, R] (zero above
-// the diagonal), all in the accumulation dtype; returns the loss. lw: scratch [K] (the log mixture weights).
+// the diagonal), all in the accumulation dtype; returns the loss. lw: scratch [K] (the log mixture weights); it may be
+// r itself, as in tril_nll_sample.
 template <typename scalar_t, typename acc_t>
 PHYSMDN_HD acc_t lowrank_nll_sample(const scalar_t* logits, const scalar_t* means, const scalar_t* W,
                                     const scalar_t* d, const scalar_t* y, int K, int D, int R, acc_t* v, acc_t* r,
