@@ -218,14 +218,27 @@ def test_tril_cpu_op_is_the_compiled_kernel():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_tril_backward", "CPU")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 2e-5)])
-@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (13, 3, 5), (67, 8, 8), (3, 2, 32)])
-def test_tril_cpu_kernel_matches_torch_implementation(B, K, D, dtype, tol):
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5), (torch.bfloat16, 2e-5),
+                                       (torch.float16, 2e-5)])
+@pytest.mark.parametrize("B,K,D", [(1, 1, 1), (13, 3, 5), (67, 8, 8), (3, 2, 32), (9, 11, 8), (5, 17, 3),
+                                   (6, 8, 16), (4, 9, 32)])
+@pytest.mark.parametrize("diagonal_low", [0.3, None])
+def test_tril_cpu_kernel_matches_torch_implementation(B, K, D, dtype, tol, diagonal_low):
     """Forward outputs (loss, z, responsibilities) and backward outputs of the compiled kernel against the torch
-    implementation (``_tril_fwd`` / ``_tril_bwd``, what other devices run), on the same inputs and dtype."""
+    implementation (``_tril_fwd`` / ``_tril_bwd``, what other devices run), on the same inputs and dtype. Whole and
+    partial steps of 8 components; diagonal_low None: diagonal entries far from 1 (1e-10 and 1e10 in float64 and
+    float32, the range where the log determinant goes row by row)."""
     from physmdn import _mixture_correlated as mc
 
-    inputs = tril_inputs(B, K, D, dtype=dtype, seed=3 * B + D)
+    if diagonal_low is None and dtype in (torch.bfloat16, torch.float16):
+        pytest.skip("entries of 1e-10 / 1e10 are out of the half types' range")
+    if dtype == torch.float16 and D > 8:
+        pytest.skip("the losses at D > 8 overflow float16")
+    inputs = tril_inputs(B, K, D, dtype=dtype, seed=3 * B + D, diagonal_low=diagonal_low or 0.3)
+    if diagonal_low is None:
+        diagonal = inputs[2].diagonal(dim1=-2, dim2=-1)
+        diagonal[::2, :, -1] *= 1e-10  # (the last row: z grows there only, within the float32 range)
+        diagonal[1::2, :, 0] *= 1e10
     got = torch.ops.physmdn.mixture_nll_tril(*inputs)
     want = mc._tril_fwd(*inputs)
     for g, w in zip(got, want):
@@ -240,10 +253,12 @@ def test_tril_cpu_kernel_matches_torch_implementation(B, K, D, dtype, tol):
         assert rel_err(g.double(), w.double(), 1e-3) <= (8e-3 if dtype == torch.bfloat16 else tol * 10)
 
 
-def test_tril_cpu_kernel_non_positive_diagonal_is_nan_for_that_sample_only():
-    logits, means, tril, target = tril_inputs(4, 2, 3)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,D", [(2, 3), (8, 8), (11, 5)])
+def test_tril_cpu_kernel_non_positive_diagonal_is_nan_for_that_sample_only(K, D, dtype):
+    logits, means, tril, target = tril_inputs(4, K, D, dtype=dtype)
     tril[1, 0, 2, 2] = 0.0
-    tril[2, 1, 0, 0] = -0.5
+    tril[2, K - 1, 0, 0] = -0.5
     loss = torch.ops.physmdn.mixture_nll_tril(logits, means, tril, target)[0]
     assert torch.isnan(loss[1]) and torch.isnan(loss[2])
     assert torch.isfinite(loss[[0, 3]]).all()
