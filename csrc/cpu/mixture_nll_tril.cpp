@@ -117,6 +117,29 @@ void gather_factors(const scalar_t* L, int k0, int n, int D_, acc_t* T) {
   }
 }
 
+// logdet[l] = sum_i log T[i][i][l] for the diagonals in T [D][D][kLanes] whose smallest and largest entries per lane
+// are given: one vector log per 4 rows (products of 4 entries in [2^-30, 2^30] stay normal floats), one per row
+// otherwise; NaN where an entry is not positive (log_positive).
+template <int kD, typename acc_t>
+void log_determinants(const acc_t* T, int D_, const acc_t* smallest, const acc_t* largest, acc_t* logdet) {
+  const int D = kD ? kD : D_;
+  constexpr acc_t kLow = acc_t(1.0 / (1 << 30)), kHigh = acc_t(1 << 30);
+  bool grouped = true;
+  for (int l = 0; l < kLanes; ++l) grouped &= smallest[l] >= kLow && largest[l] <= kHigh;
+  const int group = grouped ? 4 : 1;
+  alignas(64) acc_t product[kLanes];
+  for (int l = 0; l < kLanes; ++l) logdet[l] = acc_t(0);
+  for (int i0 = 0; i0 < D; i0 += group) {
+    for (int l = 0; l < kLanes; ++l) product[l] = acc_t(1);
+    for (int i = i0; i < std::min(D, i0 + group); ++i)
+      for (int l = 0; l < kLanes; ++l) product[l] *= T[(i * D + i) * kLanes + l];
+    log_lanes(product);
+    for (int l = 0; l < kLanes; ++l) logdet[l] += product[l];
+  }
+  for (int l = 0; l < kLanes; ++l)
+    logdet[l] = smallest[l] > acc_t(0) ? logdet[l] : std::numeric_limits<acc_t>::quiet_NaN();
+}
+
 template <int kD, typename scalar_t, typename acc_t>
 acc_t tril_nll_components(const scalar_t* logits, const scalar_t* means, const scalar_t* L, const scalar_t* y, int K,
                           int D_, acc_t* __restrict z, acc_t* __restrict r, Scratch<acc_t>& s) {
@@ -138,21 +161,23 @@ acc_t tril_nll_components(const scalar_t* logits, const scalar_t* means, const s
         for (int i = 0; i < D; ++i)
           Z[i * kLanes + l] = l < n ? static_cast<acc_t>(y[i]) - static_cast<acc_t>(means[(k0 + l) * D + i]) : acc_t(0);
     }
-    alignas(64) acc_t sumsq[kLanes] = {}, logdet[kLanes] = {}, logdiag[kLanes];
+    alignas(64) acc_t sumsq[kLanes] = {}, smallest[kLanes], largest[kLanes];
+    for (int l = 0; l < kLanes; ++l) smallest[l] = largest[l] = acc_t(1);
     for (int i = 0; i < D; ++i) {
       const acc_t* Ti = T + i * D * kLanes;
       acc_t* Zi = Z + i * kLanes;
       for (int j = 0; j < i; ++j)
         for (int l = 0; l < kLanes; ++l) Zi[l] -= Ti[j * kLanes + l] * Z[j * kLanes + l];
       for (int l = 0; l < kLanes; ++l) {
-        Zi[l] /= Ti[i * kLanes + l];
+        const acc_t diag = Ti[i * kLanes + l];
+        Zi[l] /= diag;
         sumsq[l] += Zi[l] * Zi[l];
-        logdiag[l] = Ti[i * kLanes + l];
+        smallest[l] = diag < smallest[l] ? diag : smallest[l];
+        largest[l] = diag > largest[l] ? diag : largest[l];
       }
-      log_lanes(logdiag);
-      for (int l = 0; l < kLanes; ++l)  // (log_positive: NaN for a non-positive diagonal entry)
-        logdet[l] += Ti[i * kLanes + l] > acc_t(0) ? logdiag[l] : std::numeric_limits<acc_t>::quiet_NaN();
     }
+    alignas(64) acc_t logdet[kLanes];
+    log_determinants<kD>(T, D, smallest, largest, logdet);
     from_lanes(Z, D, n, z + k0 * D, D);
     for (int l = 0; l < n; ++l) {
       s.joint[k0 + l] = static_cast<acc_t>(logits[k0 + l]) - acc_t(0.5) * sumsq[l] - logdet[l] -
@@ -174,7 +199,8 @@ acc_t tril_nll_components(const scalar_t* logits, const scalar_t* means, const s
 template <int kD, typename scalar_t, typename acc_t>
 void tril_nll_components_backward(acc_t g, const scalar_t* logits, const scalar_t* L, const acc_t* z, const acc_t* r,
                                   int K, int D_, scalar_t* __restrict grad_logits, scalar_t* __restrict grad_means,
-                                  scalar_t* __restrict grad_L, scalar_t* __restrict grad_y, Scratch<acc_t>& s) {
+                                  scalar_t* __restrict grad_L, scalar_t* __restrict grad_y, bool stream,
+                                  Scratch<acc_t>& s) {
   constexpr int kCap = kD ? kD : math::kMaxTrilDim;
   const int D = kD ? kD : D_;
   acc_t shift;
@@ -212,6 +238,19 @@ void tril_nll_components_backward(acc_t g, const scalar_t* logits, const scalar_
         grad_means[k * D + i] = static_cast<scalar_t>(-grv);
         gy[i] += grv;
         // row i of -gr tril(v z^T - diag(1 / L_ii))
+#if defined(__AVX2__) && defined(__FMA__)
+        if constexpr (kD == 8 && std::is_same_v<scalar_t, float>) {
+          if (stream) {  // (rows of 32 bytes, aligned: non-temporal stores skip reading the lines before writing)
+            const __m256 column = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), row_index = _mm256_set1_ps(float(i));
+            __m256 row = _mm256_and_ps(_mm256_mul_ps(_mm256_set1_ps(-grv), _mm256_loadu_ps(zk)),
+                                       _mm256_cmp_ps(column, row_index, _CMP_LE_OQ));
+            row = _mm256_add_ps(row, _mm256_and_ps(_mm256_set1_ps(diag_term),
+                                                   _mm256_cmp_ps(column, row_index, _CMP_EQ_OQ)));
+            _mm256_stream_ps(gLk + i * 8, row);
+            continue;
+          }
+        }
+#endif
         for (int j = 0; j < D; ++j)
           gLk[i * D + j] = static_cast<scalar_t>((j <= i ? -grv * zk[j] : acc_t(0)) + (j == i ? diag_term : acc_t(0)));
       }
@@ -286,6 +325,7 @@ void mixture_nll_tril_backward(const Tensor& grad_loss, const Tensor& logits, co
                                                           gy + b * D);
       });
     } else {
+      const bool stream = reinterpret_cast<uintptr_t>(gL) % 32 == 0;
       dispatch_dim(D, [&]<int kD>() {
         torch::stable::parallel_for(0, B, tril_grain(K, D), [&](int64_t begin, int64_t end) {
           Scratch<acc_t> scratch(K);
@@ -293,8 +333,11 @@ void mixture_nll_tril_backward(const Tensor& grad_loss, const Tensor& logits, co
             if (b + kPrefetchAhead < end) prefetch(L + (b + kPrefetchAhead) * KDD, KDD * sizeof(scalar_t));
             tril_nll_components_backward<kD, scalar_t, acc_t>(g[b * g_stride], l + b * K, L + b * KDD, zi + b * KD,
                                                               ri + b * K, K, D, gl + b * K, gm + b * KD, gL + b * KDD,
-                                                              gy + b * D, scratch);
+                                                              gy + b * D, stream, scratch);
           }
+#if defined(__AVX2__) && defined(__FMA__)
+          if (stream) _mm_sfence();  // (the non-temporal stores visible before the task ends)
+#endif
         });
       });
     }

@@ -256,7 +256,8 @@ def _positive(loss: Tensor, diagonal: Tensor, name: str, what: str) -> None:
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or diagonal.numel() == 0:
         return
     if isinstance(diagonal, torch.Tensor) and type(diagonal) in (torch.Tensor, torch.nn.Parameter):
-        if bool(torch.isfinite(loss.detach()).all()):
+        # (one reduction: a NaN or inf loss makes the sum non-finite; an overflowing sum only costs the search)
+        if bool(torch.isfinite(loss.detach().sum(dtype=acc_dtype(loss.dtype)))):
             return
         smallest = diagonal.detach().amin()
         if not bool(smallest > 0):
