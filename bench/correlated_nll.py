@@ -6,8 +6,8 @@
 Per kind, forward and forward + backward (``loss.sum()``, then ``autograd.grad`` with respect to every input but
 the target) of:
 
-* ``physmdn``: :func:`physmdn.mixture_nll_tril` / :func:`physmdn.mixture_nll_lowrank` (custom ops with a torch
-  implementation and an analytic backward op);
+* ``physmdn``: :func:`physmdn.mixture_nll_tril` / :func:`physmdn.mixture_nll_lowrank` (custom ops with an analytic
+  backward op: fused kernels on the CPU, torch implementations on other devices);
 * ``composite autograd``: the same torch math as the op's forward, differentiated by autograd (what the analytic
   backward saves);
 * ``eager torch.distributions``: ``MixtureSameFamily(Categorical, MultivariateNormal(scale_tril=...))`` or
@@ -99,7 +99,8 @@ def main(argv=None):
             if isinstance(r.get(k), float) and r[k] == r[k]:
                 r[k] = round(r[k], 3 if k == "physmdn_speedup" else 1)
     notes = ("physmdn_speedup: the row's median over physmdn's in the same pass and run (> 1: physmdn is faster). "
-             "mixture_nll_tril runs a fused kernel on the CPU; mixture_nll_lowrank and other devices run torch compositions behind the custom ops. physmdn's CPU peak memory misses its buffer pool (invisible to the profiler).")
+             "On the CPU both ops run fused kernels (other devices: torch compositions behind the custom ops). "
+             "physmdn's CPU peak memory misses its buffer pool (invisible to the profiler).")
     if args.no_save:
         print(format_table(rows, COLUMNS))
         print(notes)
