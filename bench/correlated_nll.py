@@ -1,27 +1,32 @@
 """Benchmark the correlated-component NLL ops against torch.distributions (eager and torch.compile).
 
     python bench/correlated_nll.py [--device cpu|cuda] [--B 65536 --K 8] [--tril-D 8] [--lowrank-D 32 --R 4]
-                                   [--kinds tril,lowrank] [--repeat 10]
+                                   [--kinds tril,lowrank] [--repeat 10] [--no-compile] [--results-dir DIR]
 
 Per kind, forward and forward + backward (``loss.sum()``, then ``autograd.grad`` with respect to every input but
 the target) of:
 
-* ``physmdn``: :func:`physmdn.mixture_nll_tril` / :func:`physmdn.mixture_nll_lowrank` (custom ops with a torch
-  implementation and an analytic backward op);
+* ``physmdn``: :func:`physmdn.mixture_nll_tril` / :func:`physmdn.mixture_nll_lowrank` (custom ops with fused
+  CPU and CUDA kernels and an analytic backward op);
 * ``composite autograd``: the same torch math as the op's forward, differentiated by autograd (what the analytic
   backward saves);
 * ``eager torch.distributions``: ``MixtureSameFamily(Categorical, MultivariateNormal(scale_tril=...))`` or
   ``LowRankMultivariateNormal``;
 * ``torch.compile``: that expression under ``torch.compile(dynamic=False)``.
 
-Prints one table (median, p20/p80, peak memory, ``physmdn_speedup`` = the row's median over physmdn's) with
-machine and versions, and appends it to bench/out/<machine>.md / .csv (ignored by git).
+Prints one table (median, p20/p80, peak memory, ``physmdn_speedup`` = the row's median over physmdn's, ``GB/s``
+and ``%copy``) with machine and versions, and appends it to bench/out/<machine>.md / .csv (ignored by git).
+``GB/s`` counts the bytes a pass must move at least (:func:`pass_bytes`: the inputs read once and the loss written;
+with the backward also the gradients written once) over the row's median; ``%copy`` is that as a percentage of
+``dst.copy_(src)`` (read + write) measured in the same run. One ``key:`` line per kind and pass gives physmdn's
+numbers (bench/gpu_check.sh puts them in its summary).
 """
 
 from __future__ import annotations
 
 # _common first: it sets the profiler's log level before torch loads
-from _common import COLUMNS, base_parser, compare_impls, format_table, machine_info, write_results
+from _common import (COLUMNS, RESULTS_DIR, base_parser, compare_impls, copy_bandwidth, format_table, machine_info,
+                     write_results)
 
 import math
 
@@ -50,20 +55,30 @@ def composite_lowrank(logits, means, cov_factor, cov_diag, target):
     return -torch.logsumexp(torch.log_softmax(logits, -1) + log_normal, -1)
 
 
+def pass_bytes(kind: str, pass_name: str, B: int, K: int, D: int, R: int, element_size: int = 4) -> int:
+    """The bytes a pass moves at least: logits [B, K], means [B, K, D], the covariance parameters (scale_tril
+    [B, K, D, D], or cov_factor [B, K, D, R] and cov_diag [B, K, D]) and target [B, D] read once, the loss [B] written;
+    with the backward, the gradients of every input but the target written once."""
+    covariance = K * D * D if kind == "tril" else K * D * R + K * D
+    grads = K + K * D + covariance
+    elements = grads + D + 1 + (grads if pass_name != "fwd" else 0)
+    return B * elements * element_size
+
+
 def make_factory(kind, B, K, D, R, device):
     def make(requires_grad):
-        g = torch.Generator().manual_seed(0)
-        logits = torch.randn(B, K, generator=g)
-        means = torch.randn(B, K, D, generator=g)
-        target = torch.randn(B, D, generator=g)
+        # drawn on the device (at B = 1M a CPU draw of the factors takes seconds per implementation and pass)
+        g = torch.Generator(device=device).manual_seed(0)
+        kw = dict(generator=g, device=device)
+        logits = torch.randn(B, K, **kw)
+        means = torch.randn(B, K, D, **kw)
+        target = torch.randn(B, D, **kw)
         if kind == "tril":
-            tril = 0.3 * torch.randn(B, K, D, D, generator=g).tril(-1) + torch.diag_embed(
-                0.5 + torch.rand(B, K, D, generator=g))
+            tril = 0.3 * torch.randn(B, K, D, D, **kw).tril(-1) + torch.diag_embed(0.5 + torch.rand(B, K, D, **kw))
             inputs = [logits, means, tril, target]
         else:
-            inputs = [logits, means, 0.5 * torch.randn(B, K, D, R, generator=g), 0.1 + torch.rand(B, K, D, generator=g),
-                      target]
-        return [t.to(device).requires_grad_(requires_grad and i < len(inputs) - 1) for i, t in enumerate(inputs)]
+            inputs = [logits, means, 0.5 * torch.randn(B, K, D, R, **kw), 0.1 + torch.rand(B, K, D, **kw), target]
+        return [t.requires_grad_(requires_grad and i < len(inputs) - 1) for i, t in enumerate(inputs)]
 
     return make
 
@@ -75,8 +90,11 @@ def main(argv=None):
     p.add_argument("--R", type=int, default=4)
     p.add_argument("--kinds", default="tril,lowrank")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--results-dir", default=RESULTS_DIR)
     args = p.parse_args(argv)
     B, K, device = args.B, args.K, args.device
+    copy = copy_bandwidth(device, (1024 if device.startswith("cuda") else 64) << 20)
+    print(f"copy bandwidth ({device}): {copy['gb_s']:.1f} GB/s", flush=True)
     rows = []
     for kind in args.kinds.split(","):
         if kind == "tril":
@@ -92,19 +110,34 @@ def main(argv=None):
         impls = {"physmdn": ours, "composite autograd": composite, "eager torch.distributions": theirs}
         if not args.no_compile:
             impls["torch.compile"] = torch.compile(theirs, dynamic=False)
-        rows += compare_impls(impls, make_factory(kind, B, K, D, R, device), device, shape, repeat=args.repeat,
-                              memory=not args.no_memory)
+        kind_rows = compare_impls(impls, make_factory(kind, B, K, D, R, device), device, shape, repeat=args.repeat,
+                                  memory=not args.no_memory)
+        for r in kind_rows:
+            gb_s = pass_bytes(kind, r["pass"], B, K, D, R) / (r["median_ms"] * 1e-3) / 1e9
+            r.update({"GB/s": gb_s, "%copy": 100.0 * gb_s / copy["gb_s"]})
+        rows += kind_rows
     for r in rows:
-        for k in ("median_ms", "p20_ms", "p80_ms", "peak_mb", "physmdn_speedup"):
+        for k in ("median_ms", "p20_ms", "p80_ms", "peak_mb", "physmdn_speedup", "GB/s", "%copy"):
             if isinstance(r.get(k), float) and r[k] == r[k]:
                 r[k] = round(r[k], 3 if k == "physmdn_speedup" else 1)
-    notes = ("physmdn_speedup: the row's median over physmdn's in the same pass and run (> 1: physmdn is faster). "
-             "mixture_nll_tril runs a fused kernel on the CPU; mixture_nll_lowrank and other devices run torch compositions behind the custom ops. physmdn's CPU peak memory misses its buffer pool (invisible to the profiler).")
+    notes = (f"copy bandwidth {copy['gb_s']:.1f} GB/s (dst.copy_(src), read + write). physmdn_speedup: the row's "
+             "median over physmdn's in the same pass and run (> 1: physmdn is faster). GB/s: the bytes the pass moves "
+             "at least (pass_bytes) over the row's median; %copy: as a percentage of the copy bandwidth. "
+             "mixture_nll_tril and mixture_nll_lowrank run fused kernels on the CPU and on CUDA (other devices: torch "
+             "compositions behind the custom ops). physmdn's CPU peak memory misses its buffer pool (invisible to "
+             "the profiler).")
+    columns = COLUMNS + ["GB/s", "%copy"]
     if args.no_save:
-        print(format_table(rows, COLUMNS))
+        print(format_table(rows, columns))
         print(notes)
     else:
-        write_results("correlated_nll", device, machine_info(device), rows, COLUMNS, notes)
+        write_results("correlated_nll", device, machine_info(device), rows, columns, notes, args.results_dir)
+    for r in rows:
+        if r["impl"] == "physmdn":
+            others = ", ".join(f"x{o['physmdn_speedup']} vs {o['impl']}" for o in rows
+                               if o["shape"] == r["shape"] and o["pass"] == r["pass"] and o["impl"] != "physmdn")
+            print(f"key: {r['shape']} {r['pass']}: physmdn {r['median_ms']} ms, {r['GB/s']} GB/s = {r['%copy']}% of "
+                  f"copy ({others})", flush=True)
     return rows
 
 

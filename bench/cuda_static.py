@@ -294,6 +294,7 @@ def widths(d: dict) -> str:
 # Mirrors csrc/cuda/device_kernels.cuh (kTileMaxThreads, kTileSharedBytes, tile_bytes_per_sample, tile_threads,
 # kLanesThreads, kWarpsPerBlock, kThreads); tests/cuda/test_cuda_sim.py checks these against the simulator's launches.
 TILE_MAX_THREADS, TILE_SHARED_BYTES, LANES_THREADS, WARP_THREADS, SAMPLE_THREADS = 256, 48 * 1024, 256, 128, 128
+CORRELATED_THREADS = 128  # csrc/cuda/correlated.cuh kCorrelatedThreads
 
 
 def tile_bytes_per_sample(acc_bytes: int, K: int, D: int, separate_grads: bool = False) -> int:
@@ -350,6 +351,11 @@ def default_cases(K: int = 8, D: int = 4, K_warp: int = 32) -> list[tuple[str, s
         cases.append((f"mixture_nll {dt} strided fwd+grads (thread)", f"sample_kernel<{s}, float, false, true>",
                       SAMPLE_THREADS, 0))
         cases.append((f"_scale_by_ {dt}", f"scale_by_kernel<{s}, float>", 256, 0))
+        # the correlated-component ops (csrc/cuda/correlated.cuh): a thread per sample, shapes chosen at run time
+        for op in ("tril", "lowrank"):
+            cases.append((f"mixture_nll_{op} {dt} fwd (thread)", f"{op}_nll_kernel<{s}, float>", CORRELATED_THREADS, 0))
+            cases.append((f"mixture_nll_{op} {dt} bwd (thread)", f"{op}_nll_backward_kernel<{s}, float>",
+                          CORRELATED_THREADS, 0))
     t = tile_threads(4, 2, 1)  # a small tile: 256-thread blocks, whose residency registers decide
     cases.append(("mixture_nll float32 K=2 D=1 fwd+grads (tiled)", "tiled_nll_kernel<float, float, float, true, false>",
                   t, t * tile_bytes_per_sample(4, 2, 1)))

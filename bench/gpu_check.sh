@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, one script: versions, install (the prebuilt wheel), CUDA tests, compute-sanitizer memcheck, GPU benchmarks, an Nsight
+# The GPU check, one script: versions, install (the prebuilt wheel), CUDA tests, compute-sanitizer memcheck, GPU benchmarks
+# (the mixture NLL's schedules, the correlated-component ops at B = 1M, bench/run.py's sweep), an Nsight
 # Compute profile of the kernels (when time is left), summary.
 #
 #   bash bench/gpu_check.sh                  # on the GPU machine (no package registry needed), < 8 minutes
@@ -33,7 +34,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --budget) BUDGET=$2; shift ;;
     --copy-to) COPY_TO=$2; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)"; exit 2 ;;
   esac
   shift
@@ -205,6 +206,19 @@ sys.exit(0 if ok or $1 else 3)
   record schedules "$(status_of $STEP_RC)" "$STEP_SECONDS" \
     "lanes speedup (default / lanes), GB/s, % copy: $(awk -F'|' '/\| B=[0-9]+ K=[0-9]+ D=[0-9]+ \| float32 \| (fwd\+grads|train) \|/ && !seen[$0]++ {gsub(/^ +| +$/, "", $2); gsub(/^ +| +$/, "", $4); gsub(/ /, "", $9); gsub(/ /, "", $10); gsub(/ /, "", $11); printf "%s %s %sx %sGB/s %s%%; ", $2, $4, $9, $10, $11}' "$STEPDIR/schedules.out" 2>/dev/null | head -c 600)"
 
+  # 5b. the correlated-component ops at B = 1M, K = 8 (bench/correlated_nll.py: the fused CUDA kernels of
+  # mixture_nll_tril, D = 8, and mixture_nll_lowrank, D = 32, R = 4, against the same math under autograd and eager
+  # torch.distributions; GB/s and % of the copy bandwidth)
+  if [ "$DRY" = 1 ]; then
+    run_step correlated 150 bash -c 'cd bench && "$0" correlated_nll.py --device cpu --B 2048 --K 8 --tril-D 8 \
+      --lowrank-D 32 --R 4 --kinds tril,lowrank --repeat 3 --no-compile --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
+  else
+    run_step correlated 150 bash -c 'cd bench && "$0" correlated_nll.py --device cuda --B 1048576 --K 8 --tril-D 8 \
+      --lowrank-D 32 --R 4 --kinds tril,lowrank --repeat 5 --no-compile --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
+  fi
+  record correlated "$(status_of $STEP_RC)" "$STEP_SECONDS" \
+    "$(grep '^key: ' "$STEPDIR/correlated.out" 2>/dev/null | sed 's/^key: //; s/ (.*//' | awk '{printf "%s; ", $0}' | head -c 400)"
+
   # 5. benchmarks ----------------------------------------------------------------------------------------
   local left=$(( BUDGET - ($(date +%s) - T0) - RESERVE ))
   local bench_args=(--gpu-check --device "$DEVICE" --key-numbers "$KEYS" --results-dir "$OUTDIR")
@@ -217,6 +231,8 @@ sys.exit(0 if ok or $1 else 3)
   [ "$DRY" = 0 ] && [ "${LANES_TESTS_RC:-1}" = 0 ] && [ "${SCHEDULES_RC:-1}" = 0 ] && lanes_env=1
   run_step bench 600 env PHYSMDN_CUDA_LANES=$lanes_env "$PY" bench/run.py "${bench_args[@]}"
   record bench "$(status_of $STEP_RC)" "$STEP_SECONDS" "$(head -1 "$KEYS" 2>/dev/null) (key numbers below; lanes schedule $([ $lanes_env = 1 ] && echo ON || echo off))"
+  # the correlated ops' key lines (with their speedups) join the benchmark's key numbers
+  grep '^key: ' "$STEPDIR/correlated.out" 2>/dev/null | sed 's/^key: /correlated /' >> "$KEYS"
 
   # 6. kernel profile (Nsight Compute), with what is left of the budget: memory throughput, occupancy, registers
   # and shared memory of each physmdn kernel in one fwd+bwd at B = 1M (bench/profile_case.py)
@@ -226,7 +242,7 @@ sys.exit(0 if ok or $1 else 3)
     record profile "$(status_of $STEP_RC)" "$STEP_SECONDS" "dry run: the case on the CPU ($( [ -n "$ncu" ] && echo "found $ncu" || echo 'ncu not found'))"
   elif [ -n "$ncu" ]; then
     run_step profile 120 "$ncu" --profile-from-start off --target-processes all -k 'regex:nll|tiled|warp|sample|scale_by' \
-      --launch-count 12 --csv --page raw --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__shared_mem_per_block_dynamic \
+      --launch-count 18 --csv --page raw --metrics gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__shared_mem_per_block_dynamic \
       "$PY" bench/profile_case.py --device cuda
     record profile "$(status_of $STEP_RC)" "$STEP_SECONDS" "ncu: $(grep -c '"' "$STEPDIR/profile.out" 2>/dev/null) csv lines (in the log)"
   else

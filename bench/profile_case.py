@@ -44,6 +44,22 @@ def main(argv=None) -> int:
     def lanes(fn):
         return with_cuda_lanes(True, fn)
 
+    def tril_inputs(D=8):  # mixture_nll_tril at the GPU check's benchmark shape (K from --K, D = 8)
+        B, K = args.B, args.K
+        t = [torch.randn(B, K, generator=g, device=args.device), torch.randn(B, K, D, generator=g, device=args.device),
+             0.3 * torch.randn(B, K, D, D, generator=g, device=args.device).tril(-1)
+             + torch.diag_embed(0.5 + torch.rand(B, K, D, generator=g, device=args.device)),
+             torch.randn(B, D, generator=g, device=args.device)]
+        return [x.requires_grad_(i < 3) for i, x in enumerate(t)]
+
+    def lowrank_inputs(D=32, R=4):  # mixture_nll_lowrank at the GPU check's benchmark shape
+        B, K = args.B, args.K
+        t = [torch.randn(B, K, generator=g, device=args.device), torch.randn(B, K, D, generator=g, device=args.device),
+             0.5 * torch.randn(B, K, D, R, generator=g, device=args.device),
+             0.1 + torch.rand(B, K, D, generator=g, device=args.device),
+             torch.randn(B, D, generator=g, device=args.device)]
+        return [x.requires_grad_(i < 3) for i, x in enumerate(t)]
+
     coeffs = 0.3 * torch.randn(args.B, args.K, 1, 4, generator=g, device=args.device)
     cases = [
         ("mixture_nll fp32", inputs(torch.float32), lambda *t: physmdn.mixture_nll(*t, reduction="mean")),
@@ -53,6 +69,11 @@ def main(argv=None) -> int:
         # the CUDA lane-per-element schedule (off by default until measured; lanes_nll_kernel)
         ("mixture_nll fp32, lanes schedule", inputs(torch.float32), lanes(lambda *t: physmdn.mixture_nll(*t, reduction="mean"))),
         ("mixture_nll bf16, lanes schedule", inputs(torch.bfloat16), lanes(lambda *t: physmdn.mixture_nll(*t, reduction="mean"))),
+        # the correlated mixture NLLs' forward and backward kernels (csrc/cuda/correlated.cuh)
+        ("mixture_nll_tril fp32 D=8", tril_inputs(), lambda *t: physmdn.mixture_nll_tril(*t, reduction="mean",
+                                                                                          check_diagonal=False)),
+        ("mixture_nll_lowrank fp32 D=32 R=4", lowrank_inputs(),
+         lambda *t: physmdn.mixture_nll_lowrank(*t, reduction="mean", check_diagonal=False)),
     ]
     for _, x, fn in cases:  # warm-up (lazy init, allocator), outside the profiled range
         torch.autograd.grad(fn(*x), x[:3])
@@ -61,7 +82,7 @@ def main(argv=None) -> int:
         torch.cuda.profiler.start()
     for name, x, fn in cases:
         grads = torch.autograd.grad(fn(*x), x[:3])
-        print(f"{name}: B={args.B} K={args.K} D={args.D}, gradient norms "
+        print(f"{name}: B={args.B} K={args.K} D={x[1].shape[-1]}, gradient norms "
               + ", ".join(f"{gr.float().norm().item():.3g}" for gr in grads))
     if cuda:
         torch.cuda.synchronize()

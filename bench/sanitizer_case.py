@@ -3,8 +3,9 @@
 Meant to run under ``compute-sanitizer --tool memcheck`` (see bench/gpu_check.sh), so the sizes are small and odd
 (block tails, K and D that are not powers of two, B = 1). Covers ``mixture_nll`` (gradients computed in the forward,
 for a unit and a 1/B upstream gradient, and the recomputing backward kernel; also with the CUDA lane-per-element
-schedule) and the fused ``mdn_loss`` with the polynomial, linear and stencil families,
-in float32, bfloat16 and float64.
+schedule), the fused ``mdn_loss`` with the polynomial, linear and stencil families, ``mixture_nll_tril`` and
+``mixture_nll_lowrank`` (forward and backward kernels; K up to 40, D up to 32, R up to 8), in float32, bfloat16 and
+float64.
 
     python bench/sanitizer_case.py --device cuda      # exit 0: all matched; 1: a mismatch (printed)
 """
@@ -27,6 +28,25 @@ def make(B, K, D, dtype, device, seed):
     g = torch.Generator().manual_seed(seed)
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     tensors = [randn(B, K), randn(B, K, D), 0.3 * randn(B, K, D) - 0.3, randn(B, D)]
+    return [t.to(dtype) for t in tensors], [t.to(device=device, dtype=dtype).requires_grad_(True) for t in tensors]
+
+
+def make_tril(B, K, D, dtype, device, seed):
+    """logits, means, scale_tril (diagonal in [0.5, 1.5], noise above it that the kernels must not read), target."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    noise = 0.3 * randn(B, K, D, D)
+    tril = noise.tril(-1) + noise.triu(1) + torch.diag_embed(0.5 + torch.rand(B, K, D, generator=g, dtype=torch.float64))
+    tensors = [randn(B, K), randn(B, K, D), tril, randn(B, D)]
+    return [t.to(dtype) for t in tensors], [t.to(device=device, dtype=dtype).requires_grad_(True) for t in tensors]
+
+
+def make_lowrank(B, K, D, R, dtype, device, seed):
+    """logits, means, cov_factor, cov_diag (in [0.1, 1.1]), target."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    tensors = [randn(B, K), randn(B, K, D), 0.7 * randn(B, K, D, R),
+               0.1 + torch.rand(B, K, D, generator=g, dtype=torch.float64), randn(B, D)]
     return [t.to(dtype) for t in tensors], [t.to(device=device, dtype=dtype).requires_grad_(True) for t in tensors]
 
 
@@ -95,6 +115,14 @@ def main(argv=None) -> int:
                 dev_params = tuple(t.to(device=device, dtype=dtype) for t in params)
                 cpu_params = tuple(t.to(dtype) for t in params)
                 check(name, fused, eager, cpu_in, dev_in, dtype, failures, dev_extra=dev_params, cpu_extra=cpu_params)
+        for B, K, D in ((1, 1, 1), (37, 5, 3), (300, 8, 8), (129, 40, 2), (5, 2, 32)):
+            cpu_in, dev_in = make_tril(B, K, D, dtype, device, seed=B + K + D + 2)
+            check("mixture_nll_tril", physmdn.mixture_nll_tril, reference.mixture_nll_tril, cpu_in, dev_in, dtype,
+                  failures)
+        for B, K, D, R in ((1, 1, 1, 1), (37, 5, 3, 2), (300, 8, 32, 4), (129, 40, 2, 8)):
+            cpu_in, dev_in = make_lowrank(B, K, D, R, dtype, device, seed=B + K + D + R)
+            check("mixture_nll_lowrank", physmdn.mixture_nll_lowrank, reference.mixture_nll_lowrank, cpu_in, dev_in,
+                  dtype, failures)
         # the CUDA lane-per-element schedule (off by default): G lanes per sample with padding lanes (K D not a power
         # of two, D = 3, 17 padded to 4, 32), 1 to 8 elements per lane; forward with gradients and the recomputing
         # backward (a no-op switch on the CPU)

@@ -1,8 +1,11 @@
 // Input validation shared by the CPU and CUDA entry points: every message names the argument,
 // what was expected and what came.
 #pragma once
+#include <initializer_list>
+#include <utility>
 #include <vector>
 
+#include "mvn_math.h"
 #include "tensor.h"
 
 namespace physmdn {
@@ -33,6 +36,119 @@ inline void check_mixture_inputs(const Tensor& logits, const Tensor& means, cons
     PHYSMDN_CHECK(t->device() == means.device(), name, " must be on the device of means (", means.device(), "), got ",
                 t->device());
   }
+}
+
+// The correlated mixture NLLs (csrc/mvn_math.h), any device (each backend checks its own): a floating tensor ref and
+// the others with its dtype and device.
+inline void check_like(const Tensor& ref, const char* ref_name,
+                       std::initializer_list<std::pair<const Tensor*, const char*>> others) {
+  check_floating(ref, ref_name);
+  for (const auto& [t, name] : others) {
+    PHYSMDN_CHECK(t->scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",
+                  ref.scalar_type(), "), got ", t->scalar_type());
+    PHYSMDN_CHECK(t->device() == ref.device(), name, " must be on the device of ", ref_name, " (", ref.device(),
+                  "), got ", t->device());
+  }
+}
+
+// logits [B, K], means [B, K, D] (1 <= D <= kMaxTrilDim), scale_tril [B, K, D, D], target [B, D]
+inline void check_tril_inputs(const Tensor& logits, const Tensor& means, const Tensor& scale_tril,
+                              const Tensor& target) {
+  PHYSMDN_CHECK(means.dim() == 3, "means must be [B, K, D], got shape ", shape(means));
+  const auto B = means.size(0), K = means.size(1), D = means.size(2);
+  PHYSMDN_CHECK(K >= 1 && D >= 1 && D <= math::kMaxTrilDim, "means must be [B, K, D] with K >= 1 and 1 <= D <= ",
+                math::kMaxTrilDim, ", got shape ", shape(means));
+  PHYSMDN_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == K, "logits must be [B, K] = [", B, ", ",
+                K, "], got shape ", shape(logits));
+  PHYSMDN_CHECK(scale_tril.dim() == 4 && scale_tril.size(0) == B && scale_tril.size(1) == K &&
+                    scale_tril.size(2) == D && scale_tril.size(3) == D,
+                "scale_tril must be [B, K, D, D] = [", B, ", ", K, ", ", D, ", ", D, "], got shape ", shape(scale_tril));
+  PHYSMDN_CHECK(target.dim() == 2 && target.size(0) == B && target.size(1) == D, "target must be [B, D] = [", B, ", ",
+                D, "], got shape ", shape(target));
+  check_like(means, "means", {{&logits, "logits"}, {&scale_tril, "scale_tril"}, {&target, "target"}});
+}
+
+// mixture_nll_tril_backward: grad_loss [B], logits [B, K] and scale_tril [B, K, D, D] as the forward took them, z
+// [B, K, D] and responsibilities [B, K] in the accumulation dtype of scale_tril (as the forward wrote them)
+inline void check_tril_backward_inputs(const Tensor& grad_loss, const Tensor& logits, const Tensor& scale_tril,
+                                       const Tensor& z, const Tensor& responsibilities) {
+  PHYSMDN_CHECK(z.dim() == 3 && z.size(1) >= 1 && z.size(2) >= 1 && z.size(2) <= math::kMaxTrilDim &&
+                    scale_tril.dim() == 4 && scale_tril.size(0) == z.size(0) && scale_tril.size(1) == z.size(1) &&
+                    scale_tril.size(2) == z.size(2) && scale_tril.size(3) == z.size(2),
+                "mixture_nll_tril_backward: z must be [B, K, D] (1 <= D <= ", math::kMaxTrilDim,
+                ") and scale_tril [B, K, D, D], got shapes ", shape(z), " and ", shape(scale_tril));
+  const auto B = z.size(0), K = z.size(1);
+  PHYSMDN_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == K && responsibilities.dim() == 2 &&
+                    responsibilities.size(0) == B && responsibilities.size(1) == K,
+                "mixture_nll_tril_backward: logits and responsibilities must be [B, K] = [", B, ", ", K,
+                "], got shapes ", shape(logits), " and ", shape(responsibilities));
+  PHYSMDN_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B, "mixture_nll_tril_backward: grad_loss must be [B] = [",
+                B, "], got shape ", shape(grad_loss));
+  check_like(scale_tril, "scale_tril", {{&logits, "logits"}});
+  const auto acc = scale_tril.scalar_type() == kDouble ? kDouble : kFloat;  // (the accumulation dtype)
+  const std::pair<const Tensor*, const char*> saved[] = {{&z, "z"}, {&responsibilities, "responsibilities"}};
+  for (const auto& [t, name] : saved)
+    PHYSMDN_CHECK(t->scalar_type() == acc && t->device() == scale_tril.device(), "mixture_nll_tril_backward: ", name,
+                  " must be the forward's (", acc, " on ", scale_tril.device(), "), got ", t->scalar_type(), " on ",
+                  t->device());
+  check_floating(grad_loss, "grad_loss");
+  PHYSMDN_CHECK(grad_loss.device() == scale_tril.device(), "mixture_nll_tril_backward: grad_loss must be on the device "
+                "of scale_tril (", scale_tril.device(), "), got ", grad_loss.device());
+}
+
+// logits [B, K], means [B, K, D] (D >= 1), cov_factor [B, K, D, R] (1 <= R <= kMaxRank), cov_diag [B, K, D],
+// target [B, D]
+inline void check_lowrank_inputs(const Tensor& logits, const Tensor& means, const Tensor& cov_factor,
+                                 const Tensor& cov_diag, const Tensor& target) {
+  PHYSMDN_CHECK(means.dim() == 3, "means must be [B, K, D], got shape ", shape(means));
+  const auto B = means.size(0), K = means.size(1), D = means.size(2);
+  PHYSMDN_CHECK(K >= 1 && D >= 1, "means must be [B, K, D] with K >= 1 and D >= 1, got shape ", shape(means));
+  PHYSMDN_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == K, "logits must be [B, K] = [", B, ", ",
+                K, "], got shape ", shape(logits));
+  PHYSMDN_CHECK(cov_factor.dim() == 4 && cov_factor.size(0) == B && cov_factor.size(1) == K &&
+                    cov_factor.size(2) == D && cov_factor.size(3) >= 1 && cov_factor.size(3) <= math::kMaxRank,
+                "cov_factor must be [B, K, D, R] = [", B, ", ", K, ", ", D, ", R] with 1 <= R <= ", math::kMaxRank,
+                ", got shape ", shape(cov_factor));
+  PHYSMDN_CHECK(cov_diag.dim() == 3 && cov_diag.size(0) == B && cov_diag.size(1) == K && cov_diag.size(2) == D,
+                "cov_diag must be [B, K, D] = [", B, ", ", K, ", ", D, "], got shape ", shape(cov_diag));
+  PHYSMDN_CHECK(target.dim() == 2 && target.size(0) == B && target.size(1) == D, "target must be [B, D] = [", B, ", ",
+                D, "], got shape ", shape(target));
+  check_like(means, "means",
+             {{&logits, "logits"}, {&cov_factor, "cov_factor"}, {&cov_diag, "cov_diag"}, {&target, "target"}});
+}
+
+// mixture_nll_lowrank_backward: v [B, K, D], responsibilities [B, K], chol [B, K, R, R] in the accumulation dtype of
+// cov_factor [B, K, D, R] (as the forward wrote them), cov_diag [B, K, D], logits [B, K], grad_loss [B]
+inline void check_lowrank_backward_inputs(const Tensor& grad_loss, const Tensor& logits, const Tensor& cov_factor,
+                                          const Tensor& cov_diag, const Tensor& v, const Tensor& responsibilities,
+                                          const Tensor& chol) {
+  PHYSMDN_CHECK(v.dim() == 3 && cov_factor.dim() == 4 && cov_factor.size(0) == v.size(0) &&
+                    cov_factor.size(1) == v.size(1) && cov_factor.size(2) == v.size(2) && cov_factor.size(3) >= 1 &&
+                    cov_factor.size(3) <= math::kMaxRank,
+                "mixture_nll_lowrank_backward: v must be [B, K, D] and cov_factor [B, K, D, R] with 1 <= R <= ",
+                math::kMaxRank, ", got shapes ", shape(v), " and ", shape(cov_factor));
+  const auto B = v.size(0), K = v.size(1), D = v.size(2), R = cov_factor.size(3);
+  PHYSMDN_CHECK(cov_diag.dim() == 3 && cov_diag.size(0) == B && cov_diag.size(1) == K && cov_diag.size(2) == D,
+                "mixture_nll_lowrank_backward: cov_diag must be [B, K, D] = [", B, ", ", K, ", ", D, "], got shape ",
+                shape(cov_diag));
+  PHYSMDN_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == K &&
+                    responsibilities.dim() == 2 && responsibilities.size(0) == B && responsibilities.size(1) == K,
+                "mixture_nll_lowrank_backward: logits and responsibilities must be [B, K] = [", B, ", ", K,
+                "], got shapes ", shape(logits), " and ", shape(responsibilities));
+  PHYSMDN_CHECK(chol.dim() == 4 && chol.size(0) == B && chol.size(1) == K && chol.size(2) == R && chol.size(3) == R,
+                "mixture_nll_lowrank_backward: chol must be [B, K, R, R] = [", B, ", ", K, ", ", R, ", ", R,
+                "], got shape ", shape(chol));
+  PHYSMDN_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == B, "mixture_nll_lowrank_backward: grad_loss must be [B] = [",
+                B, "], got shape ", shape(grad_loss));
+  check_like(cov_factor, "cov_factor", {{&logits, "logits"}, {&cov_diag, "cov_diag"}});
+  const auto acc = cov_factor.scalar_type() == kDouble ? kDouble : kFloat;  // (the accumulation dtype)
+  const std::pair<const Tensor*, const char*> saved[] = {{&v, "v"}, {&responsibilities, "responsibilities"},
+                                                         {&chol, "chol"}};
+  for (const auto& [t, name] : saved)
+    PHYSMDN_CHECK(t->scalar_type() == acc && t->device() == cov_factor.device(), "mixture_nll_lowrank_backward: ",
+                  name, " must be the forward's (", acc, " on ", cov_factor.device(), "), got ", t->scalar_type(),
+                  " on ", t->device());
+  check_floating(grad_loss, "grad_loss");
 }
 
 // _scale_by_(tensors, upstream, scale): one floating upstream value (on the tensors' device or the CPU), floating

@@ -1,5 +1,6 @@
-// Per-sample math of the mixture NLL with full-covariance components, from each component's Cholesky factor L
-// (lower triangular, positive diagonal), written once for the CPU driver (csrc/cpu/mixture_nll_tril.cpp) and CUDA.
+// Per-sample math of the mixture NLL with correlated components, written once for the CPU drivers
+// (csrc/cpu/mixture_nll_tril.cpp, mixture_nll_lowrank.cpp) and CUDA. Full covariance, from each component's Cholesky
+// factor L (lower triangular, positive diagonal):
 //
 //   z_k = L_k^-1 (y - mu_k)                    (forward substitution)
 //   log N_k = -|z_k|^2 / 2 - sum_i log L_kii - D log(2 pi) / 2
@@ -38,7 +39,8 @@ PHYSMDN_HD acc_t lse(const acc_t* x, int n) {
 }
 
 // One sample, contiguous rows: logits [K], means [K, D], L [K, D, D], y [D]. Writes z [K, D] and the
-// responsibilities r [K] (accumulation dtype); returns the loss. lw: scratch [K] (the log mixture weights).
+// responsibilities r [K] (accumulation dtype); returns the loss. lw: scratch [K] (the log mixture weights); it may be
+// r itself (lw[k] is read before r[k] is written; the CUDA kernels pass r, so that K needs no local array).
 template <typename scalar_t, typename acc_t>
 PHYSMDN_HD acc_t tril_nll_sample(const scalar_t* logits, const scalar_t* means, const scalar_t* L, const scalar_t* y,
                                  int K, int D, acc_t* z, acc_t* r, acc_t* lw) {
@@ -99,6 +101,173 @@ PHYSMDN_HD void tril_nll_backward_sample(acc_t g, const scalar_t* logits, const 
     }
   }
   for (int d = 0; d < D; ++d) grad_y[d] = static_cast<scalar_t>(gy[d]);
+}
+
+
+// ----- low rank plus diagonal: Sigma_k = W_k W_k^T + diag(d_k), W_k [D, R] ---------------------------------------
+// Woodbury and the matrix determinant lemma, O(D R^2 + R^3) per component, local arrays bounded by R only (D is not):
+//   C_k = I_R + W_k^T D_k^-1 W_k = L_C L_C^T,   t = W_k^T D_k^-1 delta,   s = L_C^-1 t,   u = L_C^-T s = C_k^-1 t
+//   delta^T Sigma^-1 delta = delta^T D^-1 delta - |s|^2,   log det Sigma = log det C + sum_i log d_i
+//   v_k = Sigma_k^-1 delta = D^-1 (delta - W_k u)
+// Gradients (P_k = Sigma_k^-1 W_k = D^-1 W_k C_k^-1, diag Sigma_k^-1 = (1 - rowsum(P_k * W_k)) / d_k):
+//   dloss/dW_k = -g r_k (v_k (W_k^T v_k)^T - P_k),   dloss/dd_k = -g r_k (v_k^2 - diag Sigma_k^-1) / 2,
+//   logits, means and target as for tril (with v_k). A non-positive d_ki (or pivot of C_k) gives NaN for that sample.
+
+constexpr int kMaxRank = 8;  // local arrays per component (python/physmdn/_mixture_correlated.py MAX_RANK)
+
+PHYSMDN_HD float sqrt_(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+PHYSMDN_HD double sqrt_(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+
+// One sample, contiguous rows: logits [K], means [K, D], W [K, D, R], d [K, D], y [D]. Writes v = Sigma^-1 delta
+// [K, D], the responsibilities r [K] and the Cholesky factors of the capacitance matrices chol [K, R, R] (zero above
+// the diagonal), all in the accumulation dtype; returns the loss. lw: scratch [K] (the log mixture weights); it may be
+// r itself, as in tril_nll_sample.
+template <typename scalar_t, typename acc_t>
+PHYSMDN_HD acc_t lowrank_nll_sample(const scalar_t* logits, const scalar_t* means, const scalar_t* W,
+                                    const scalar_t* d, const scalar_t* y, int K, int D, int R, acc_t* v, acc_t* r,
+                                    acc_t* chol, acc_t* lw) {
+  for (int k = 0; k < K; ++k) lw[k] = static_cast<acc_t>(logits[k]);
+  const acc_t logit_lse = lse(lw, K);
+  for (int k = 0; k < K; ++k) {
+    const scalar_t* Wk = W + static_cast<int64_t>(k) * D * R;
+    const scalar_t* dk = d + static_cast<int64_t>(k) * D;
+    const scalar_t* mk = means + static_cast<int64_t>(k) * D;
+    acc_t* vk = v + static_cast<int64_t>(k) * D;
+    acc_t* Lc = chol + k * R * R;
+    acc_t C[kMaxRank * kMaxRank], t[kMaxRank], s[kMaxRank];
+    for (int a = 0; a < R; ++a) {
+      t[a] = acc_t(0);
+      for (int b = 0; b <= a; ++b) C[a * R + b] = a == b ? acc_t(1) : acc_t(0);
+    }
+    acc_t mahalanobis = acc_t(0), logdet = acc_t(0);
+    for (int i = 0; i < D; ++i) {
+      const acc_t di = static_cast<acc_t>(dk[i]), inv = acc_t(1) / di;
+      const acc_t delta = static_cast<acc_t>(y[i]) - static_cast<acc_t>(mk[i]);
+      vk[i] = delta * inv;  // D^-1 delta; the W u part follows once u is known
+      mahalanobis += delta * vk[i];
+      logdet += log_positive(di);
+      const scalar_t* Wi = Wk + static_cast<int64_t>(i) * R;
+      for (int a = 0; a < R; ++a) {
+        const acc_t scaled = static_cast<acc_t>(Wi[a]) * inv;
+        t[a] += scaled * delta;
+        for (int b = 0; b <= a; ++b) C[a * R + b] += scaled * static_cast<acc_t>(Wi[b]);
+      }
+    }
+    // Cholesky of C (log det C = sum of the log pivots L_aa^2)
+    for (int a = 0; a < R; ++a) {
+      for (int b = 0; b <= a; ++b) {
+        acc_t acc = C[a * R + b];
+        for (int c = 0; c < b; ++c) acc -= Lc[a * R + c] * Lc[b * R + c];
+        if (a == b) {
+          logdet += log_positive(acc);
+          Lc[a * R + a] = sqrt_(acc);
+        } else {
+          Lc[a * R + b] = acc / Lc[b * R + b];
+        }
+      }
+      for (int b = a + 1; b < R; ++b) Lc[a * R + b] = acc_t(0);
+    }
+    for (int a = 0; a < R; ++a) {  // s = L_C^-1 t
+      acc_t acc = t[a];
+      for (int c = 0; c < a; ++c) acc -= Lc[a * R + c] * s[c];
+      s[a] = acc / Lc[a * R + a];
+      mahalanobis -= s[a] * s[a];
+    }
+    for (int a = R - 1; a >= 0; --a) {  // u = L_C^-T s (in t)
+      acc_t acc = s[a];
+      for (int c = a + 1; c < R; ++c) acc -= Lc[c * R + a] * t[c];
+      t[a] = acc / Lc[a * R + a];
+    }
+    for (int i = 0; i < D; ++i) {
+      const scalar_t* Wi = Wk + static_cast<int64_t>(i) * R;
+      acc_t wu = acc_t(0);
+      for (int a = 0; a < R; ++a) wu += static_cast<acc_t>(Wi[a]) * t[a];
+      vk[i] -= wu / static_cast<acc_t>(dk[i]);
+    }
+    r[k] = (lw[k] - logit_lse) - acc_t(0.5) * (mahalanobis + logdet) - static_cast<acc_t>(D * kHalfLog2Pi);
+  }
+  const acc_t log_p = lse(r, K);
+  for (int k = 0; k < K; ++k) r[k] = exp_(r[k] - log_p);
+  return -log_p;
+}
+
+// The gradients of one sample for upstream gradient g (outputs in the input dtype, contiguous rows): grad_logits [K],
+// grad_means [K, D], grad_W [K, D, R], grad_d [K, D], grad_y [D]. v, r, chol as lowrank_nll_sample wrote them.
+template <typename scalar_t, typename acc_t>
+PHYSMDN_HD void lowrank_nll_backward_sample(acc_t g, const scalar_t* logits, const scalar_t* W, const scalar_t* d,
+                                            const acc_t* v, const acc_t* r, const acc_t* chol, int K, int D, int R,
+                                            scalar_t* grad_logits, scalar_t* grad_means, scalar_t* grad_W,
+                                            scalar_t* grad_d, scalar_t* grad_y) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  for (int k = 0; k < K; ++k) {
+    const acc_t l = static_cast<acc_t>(logits[k]);
+    mx = l > mx ? l : mx;
+  }
+  const acc_t shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
+  acc_t total = acc_t(0);
+  for (int k = 0; k < K; ++k) total += exp_(static_cast<acc_t>(logits[k]) - shift);
+  for (int k = 0; k < K; ++k) {
+    const acc_t gr = g * r[k];
+    grad_logits[k] = static_cast<scalar_t>(g * (exp_(static_cast<acc_t>(logits[k]) - shift) / total) - gr);
+    const scalar_t* Wk = W + static_cast<int64_t>(k) * D * R;
+    const scalar_t* dk = d + static_cast<int64_t>(k) * D;
+    const acc_t* vk = v + static_cast<int64_t>(k) * D;
+    const acc_t* Lc = chol + k * R * R;
+    // C^-1 = L_C^-T L_C^-1 from the lower-triangular inverse Li
+    acc_t Li[kMaxRank * kMaxRank], Ci[kMaxRank * kMaxRank], wv[kMaxRank];
+    for (int a = 0; a < R; ++a) {
+      const acc_t inv = acc_t(1) / Lc[a * R + a];
+      Li[a * R + a] = inv;
+      for (int b = 0; b < a; ++b) {
+        acc_t acc = acc_t(0);
+        for (int c = b; c < a; ++c) acc += Lc[a * R + c] * Li[c * R + b];
+        Li[a * R + b] = -acc * inv;
+      }
+    }
+    for (int a = 0; a < R; ++a)
+      for (int b = 0; b <= a; ++b) {
+        acc_t acc = acc_t(0);
+        for (int c = a; c < R; ++c) acc += Li[c * R + a] * Li[c * R + b];
+        Ci[a * R + b] = acc;
+        Ci[b * R + a] = acc;
+      }
+    for (int a = 0; a < R; ++a) wv[a] = acc_t(0);  // W^T v
+    for (int i = 0; i < D; ++i)
+      for (int a = 0; a < R; ++a) wv[a] += static_cast<acc_t>(Wk[static_cast<int64_t>(i) * R + a]) * vk[i];
+    scalar_t* gWk = grad_W + static_cast<int64_t>(k) * D * R;
+    for (int i = 0; i < D; ++i) {
+      const scalar_t* Wi = Wk + static_cast<int64_t>(i) * R;
+      const acc_t inv = acc_t(1) / static_cast<acc_t>(dk[i]), vi = vk[i];
+      acc_t row_dot = acc_t(0);  // (W C^-1 W^T)_ii / d_i
+      for (int a = 0; a < R; ++a) {
+        acc_t acc = acc_t(0);
+        for (int b = 0; b < R; ++b) acc += static_cast<acc_t>(Wi[b]) * Ci[b * R + a];
+        const acc_t p = acc * inv;  // (Sigma^-1 W)_ia
+        row_dot += p * static_cast<acc_t>(Wi[a]);
+        gWk[static_cast<int64_t>(i) * R + a] = static_cast<scalar_t>(gr * (p - vi * wv[a]));
+      }
+      grad_d[static_cast<int64_t>(k) * D + i] =
+          static_cast<scalar_t>(acc_t(-0.5) * gr * (vi * vi - (acc_t(1) - row_dot) * inv));
+      grad_means[static_cast<int64_t>(k) * D + i] = static_cast<scalar_t>(-gr * vi);
+    }
+  }
+  for (int i = 0; i < D; ++i) {
+    acc_t acc = acc_t(0);
+    for (int k = 0; k < K; ++k) acc += g * r[k] * v[static_cast<int64_t>(k) * D + i];
+    grad_y[i] = static_cast<scalar_t>(acc);
+  }
 }
 
 }  // namespace physmdn::math

@@ -187,33 +187,13 @@ struct CpuBackend {
   }
 };
 
-// ----- full-covariance mixture NLL (csrc/cpu/mixture_nll_tril.cpp; python/physmdn/_mixture_correlated.py attaches
-// the fake kernels, the autograd and a torch implementation for the other devices) ---------------------------------
-namespace {
-void check_tril_inputs(const Tensor& logits, const Tensor& means, const Tensor& scale_tril, const Tensor& target) {
-  PHYSMDN_CHECK(means.dim() == 3, "means must be [B, K, D], got shape ", shape(means));
-  const auto B = means.size(0), K = means.size(1), D = means.size(2);
-  PHYSMDN_CHECK(K >= 1 && D >= 1 && D <= math::kMaxTrilDim, "means must be [B, K, D] with K >= 1 and 1 <= D <= ",
-                math::kMaxTrilDim, ", got shape ", shape(means));
-  PHYSMDN_CHECK(logits.dim() == 2 && logits.size(0) == B && logits.size(1) == K, "logits must be [B, K] = [", B, ", ",
-                K, "], got shape ", shape(logits));
-  PHYSMDN_CHECK(scale_tril.dim() == 4 && scale_tril.size(0) == B && scale_tril.size(1) == K &&
-                    scale_tril.size(2) == D && scale_tril.size(3) == D,
-                "scale_tril must be [B, K, D, D] = [", B, ", ", K, ", ", D, ", ", D, "], got shape ", shape(scale_tril));
-  PHYSMDN_CHECK(target.dim() == 2 && target.size(0) == B && target.size(1) == D, "target must be [B, D] = [", B, ", ",
-                D, "], got shape ", shape(target));
-  check_floating(means, "means");
-  const std::pair<const Tensor*, const char*> others[] = {{&logits, "logits"}, {&scale_tril, "scale_tril"},
-                                                          {&target, "target"}};
-  for (const auto& [t, name] : others)
-    PHYSMDN_CHECK(t->scalar_type() == means.scalar_type() && t->is_cpu(), name,
-                  " must be a CPU tensor with the dtype of means (", means.scalar_type(), "), got ", t->scalar_type());
-}
-}  // namespace
-
+// ----- full-covariance mixture NLL (csrc/cpu/mixture_nll_tril.cpp; CUDA: csrc/cuda/correlated.cuh; the input checks
+// in checks.h; python/physmdn/_mixture_correlated.py attaches the fake kernels, the autograd and a torch
+// implementation for the other devices) --------------------------------------------------------------------------
 std::tuple<Tensor, Tensor, Tensor> cpu_mixture_nll_tril(const Tensor& logits, const Tensor& means,
                                                         const Tensor& scale_tril, const Tensor& target) {
   check_tril_inputs(logits, means, scale_tril, target);
+  CpuBackend::check_device(means);
   const auto B = means.size(0), K = means.size(1), D = means.size(2);
   const auto dt = means.scalar_type(), acc = acc_dtype(dt);
   const Device cpu = means.device();
@@ -228,14 +208,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_mixture_nll_tril_backward(const T
                                                                          const Tensor& logits,
                                                                          const Tensor& scale_tril, const Tensor& z,
                                                                          const Tensor& responsibilities) {
-  PHYSMDN_CHECK(z.dim() == 3 && scale_tril.dim() == 4, "z must be [B, K, D] and scale_tril [B, K, D, D], got shapes ",
-                shape(z), " and ", shape(scale_tril));
+  check_tril_backward_inputs(grad_loss, logits, scale_tril, z, responsibilities);
+  PHYSMDN_CHECK(scale_tril.is_cpu(), "scale_tril must be a CPU tensor for the CPU kernel, got ", scale_tril.device());
   const auto B = z.size(0), K = z.size(1), D = z.size(2);
   const auto dt = scale_tril.scalar_type(), acc = acc_dtype(dt);
-  PHYSMDN_CHECK(D <= math::kMaxTrilDim && z.scalar_type() == acc && responsibilities.scalar_type() == acc &&
-                    grad_loss.dim() == 1 && grad_loss.size(0) == B,
-                "mixture_nll_tril_backward: z, responsibilities must be the forward's (", acc, "), grad_loss [B] = [",
-                B, "], got ", z.scalar_type(), ", ", responsibilities.scalar_type(), ", ", shape(grad_loss));
   const Device cpu = scale_tril.device();
   auto gl = empty({B, K}, dt, cpu), gm = cpu::pooled_empty({B, K, D}, dt), gL = cpu::pooled_empty({B, K, D, D}, dt),
        gy = empty({B, D}, dt, cpu);
@@ -243,6 +219,41 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_mixture_nll_tril_backward(const T
     PHYSMDN_CPU_CALL(mixture_nll_tril_backward, to_dtype(grad_loss, acc), as_contiguous(logits),
                      as_contiguous(scale_tril), as_contiguous(z), as_contiguous(responsibilities), gl, gm, gL, gy);
   return {gl, gm, gL, gy};
+}
+
+// ----- low-rank-plus-diagonal mixture NLL (csrc/cpu/mixture_nll_lowrank.cpp; python/physmdn/_mixture_correlated.py as
+// for tril) -------------------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_mixture_nll_lowrank(const Tensor& logits, const Tensor& means,
+                                                                   const Tensor& cov_factor, const Tensor& cov_diag,
+                                                                   const Tensor& target) {
+  check_lowrank_inputs(logits, means, cov_factor, cov_diag, target);
+  CpuBackend::check_device(means);
+  const auto B = means.size(0), K = means.size(1), D = means.size(2), R = cov_factor.size(3);
+  const auto dt = means.scalar_type(), acc = acc_dtype(dt);
+  const Device cpu = means.device();
+  auto loss = empty({B}, dt, cpu), v = cpu::pooled_empty({B, K, D}, acc), r = empty({B, K}, acc, cpu),
+       chol = empty({B, K, R, R}, acc, cpu);
+  if (B > 0)
+    PHYSMDN_CPU_CALL(mixture_nll_lowrank_forward, as_contiguous(logits), as_contiguous(means),
+                     as_contiguous(cov_factor), as_contiguous(cov_diag), as_contiguous(target), loss, v, r, chol);
+  return {loss, v, r, chol};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cpu_mixture_nll_lowrank_backward(
+    const Tensor& grad_loss, const Tensor& logits, const Tensor& cov_factor, const Tensor& cov_diag, const Tensor& v,
+    const Tensor& responsibilities, const Tensor& chol) {
+  check_lowrank_backward_inputs(grad_loss, logits, cov_factor, cov_diag, v, responsibilities, chol);
+  PHYSMDN_CHECK(cov_factor.is_cpu(), "cov_factor must be a CPU tensor for the CPU kernel, got ", cov_factor.device());
+  const auto B = v.size(0), K = v.size(1), D = v.size(2), R = cov_factor.size(3);
+  const auto dt = cov_factor.scalar_type(), acc = acc_dtype(dt);
+  const Device cpu = cov_factor.device();
+  auto gl = empty({B, K}, dt, cpu), gm = cpu::pooled_empty({B, K, D}, dt), gW = cpu::pooled_empty({B, K, D, R}, dt),
+       gd = cpu::pooled_empty({B, K, D}, dt), gy = empty({B, D}, dt, cpu);
+  if (B > 0)
+    PHYSMDN_CPU_CALL(mixture_nll_lowrank_backward, to_dtype(grad_loss, acc), as_contiguous(logits),
+                     as_contiguous(cov_factor), as_contiguous(cov_diag), as_contiguous(v),
+                     as_contiguous(responsibilities), as_contiguous(chol), gl, gm, gW, gd, gy);
+  return {gl, gm, gW, gd, gy};
 }
 
 STABLE_TORCH_LIBRARY(physmdn, m) {
@@ -255,6 +266,12 @@ STABLE_TORCH_LIBRARY(physmdn, m) {
   m.def("mixture_nll_tril(Tensor logits, Tensor means, Tensor scale_tril, Tensor target) -> (Tensor, Tensor, Tensor)");
   m.def("mixture_nll_tril_backward(Tensor grad_loss, Tensor logits, Tensor scale_tril, Tensor z, "
         "Tensor responsibilities) -> (Tensor, Tensor, Tensor, Tensor)");
+  // low-rank-plus-diagonal mixture NLL: (loss [B], v [B, K, D], responsibilities [B, K], chol [B, K, R, R]) and its
+  // backward
+  m.def("mixture_nll_lowrank(Tensor logits, Tensor means, Tensor cov_factor, Tensor cov_diag, Tensor target) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
+  m.def("mixture_nll_lowrank_backward(Tensor grad_loss, Tensor logits, Tensor cov_factor, Tensor cov_diag, Tensor v, "
+        "Tensor responsibilities, Tensor chol) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(physmdn, CPU, m) {
@@ -263,6 +280,8 @@ STABLE_TORCH_LIBRARY_IMPL(physmdn, CPU, m) {
   m.impl("_scale_by_", TORCH_BOX(&cpu_scale_by_));
   m.impl("mixture_nll_tril", TORCH_BOX(&cpu_mixture_nll_tril));
   m.impl("mixture_nll_tril_backward", TORCH_BOX(&cpu_mixture_nll_tril_backward));
+  m.impl("mixture_nll_lowrank", TORCH_BOX(&cpu_mixture_nll_lowrank));
+  m.impl("mixture_nll_lowrank_backward", TORCH_BOX(&cpu_mixture_nll_lowrank_backward));
 }
 
 }  // namespace physmdn

@@ -1,6 +1,6 @@
-// CPU kernel entry points, defined in mixture_nll.cpp and mdn_loss.cpp; those are compiled once per instruction set
-// (baseline and AVX2+FMA) and ops.cpp picks one at run time. paths.h says which CPU path runs a call. Outputs are
-// allocated by csrc/op_impl.h.
+// CPU kernel entry points, defined in mixture_nll.cpp, mdn_loss.cpp and the files named below; those are compiled
+// once per instruction set (baseline and AVX2+FMA) and ops.cpp picks one at run time. paths.h says which CPU path runs
+// a call. Outputs are allocated by csrc/op_impl.h.
 #pragma once
 
 #include <atomic>
@@ -17,6 +17,14 @@
   void mixture_nll_tril_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& scale_tril,         \
                                  const Tensor& z, const Tensor& responsibilities, Tensor& grad_logits,            \
                                  Tensor& grad_means, Tensor& grad_tril, Tensor& grad_target);                     \
+  /* the low-rank-plus-diagonal mixture NLL (mixture_nll_lowrank.cpp): contiguous inputs, outputs from ops.cpp */  \
+  void mixture_nll_lowrank_forward(const Tensor& logits, const Tensor& means, const Tensor& cov_factor,           \
+                                   const Tensor& cov_diag, const Tensor& target, Tensor& loss, Tensor& v,         \
+                                   Tensor& responsibilities, Tensor& chol);                                       \
+  void mixture_nll_lowrank_backward(const Tensor& grad_loss, const Tensor& logits, const Tensor& cov_factor,      \
+                                    const Tensor& cov_diag, const Tensor& v, const Tensor& responsibilities,      \
+                                    const Tensor& chol, Tensor& grad_logits, Tensor& grad_means,                  \
+                                    Tensor& grad_factor, Tensor& grad_diag, Tensor& grad_target);                 \
   void mixture_nll_forward(const Tensor& logits, const Tensor& means, const Tensor& log_scales,        \
                            const Tensor& target, Tensor& loss, Tensor& saved);                        \
   bool mixture_nll_forward_grad(const Tensor& logits, const Tensor& means, const Tensor& log_scales,    \

@@ -1,5 +1,6 @@
 // CUDA build of the ops: the CUDA backend of csrc/cuda/backend.cuh (launchers and schedules) over the kernels of
-// csrc/cuda/device_kernels.cuh, launched on torch's current CUDA stream, registered for the CUDA dispatch key.
+// csrc/cuda/device_kernels.cuh, and the correlated-component ops of csrc/cuda/correlated.cuh, launched on torch's
+// current CUDA stream, registered for the CUDA dispatch key.
 //
 // Through the stable ABI only: the device guard is torch::stable's; the current stream comes from the shim's
 // aoti_torch_get_current_cuda_stream, which lives in libtorch_cuda. That library is looked up when a CUDA kernel first
@@ -55,12 +56,17 @@ int multiprocessor_count(int device_index) {
 #define PHYSMDN_ON_DEVICE(tensor) ((tensor).is_cuda())
 
 #include "cuda/backend.cuh"
+#include "cuda/correlated.cuh"
 
 namespace physmdn {
 
 STABLE_TORCH_LIBRARY_IMPL(physmdn, CUDA, m) {
   PHYSMDN_OP_IMPLS(m, CudaBackend);
   m.impl("_scale_by_", TORCH_BOX(&cuda_scale_by_));
+  m.impl("mixture_nll_tril", TORCH_BOX(&cuda_mixture_nll_tril));
+  m.impl("mixture_nll_tril_backward", TORCH_BOX(&cuda_mixture_nll_tril_backward));
+  m.impl("mixture_nll_lowrank", TORCH_BOX(&cuda_mixture_nll_lowrank));
+  m.impl("mixture_nll_lowrank_backward", TORCH_BOX(&cuda_mixture_nll_lowrank_backward));
 }
 
 }  // namespace physmdn

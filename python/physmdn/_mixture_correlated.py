@@ -2,11 +2,11 @@
 its Cholesky factor) and ``torch.ops.physmdn.mixture_nll_lowrank`` (``W W^T + diag(d)``), each with a backward op,
 fake kernels and the autograd formula, and the public :func:`mixture_nll_tril` / :func:`mixture_nll_lowrank`.
 
-``mixture_nll_tril`` and its backward are defined by the compiled extension and run its fused CPU kernel
-(csrc/cpu/mixture_nll_tril.cpp over csrc/mvn_math.h) on CPU tensors; on other devices they run the batched torch
-(``torch.linalg``) implementation registered here (CompositeExplicitAutograd). The low-rank ops are
-``torch.library.custom_op`` s with torch implementations only. Both compute in the accumulation dtype (float32 for
-half types); the fake kernels and the autograd formulas are registered here for every device.
+Both ops and their backwards are defined by the compiled extension and run its fused kernels over the per-sample math
+of csrc/mvn_math.h: csrc/cpu/mixture_nll_tril.cpp and csrc/cpu/mixture_nll_lowrank.cpp on CPU tensors,
+csrc/cuda/correlated.cuh on CUDA tensors (in a CUDA build); on other devices they run the batched torch
+(``torch.linalg``) implementations registered here (CompositeExplicitAutograd). Both compute in the accumulation dtype
+(float32 for half types); the fake kernels and the autograd formulas are registered here for every device.
 
 Per sample ``b`` and component ``k``, ``delta = y - mu_k``:
 
@@ -50,7 +50,7 @@ def _sum_log(values: Tensor) -> Tensor:
     return torch.log2(values).sum(-1) * _LN2
 
 
-# the torch implementation for devices without a fused kernel (the CPU kernel is registered by the extension)
+# the torch implementation for devices without a fused kernel (the extension registers the CPU and CUDA kernels)
 _LIB = torch.library.Library("physmdn", "IMPL")
 
 
@@ -131,7 +131,6 @@ def _woodbury(cov_factor: Tensor, cov_diag: Tensor) -> tuple[Tensor, Tensor]:
     return scaled, torch.linalg.cholesky_ex(capacitance)[0]
 
 
-@torch.library.custom_op("physmdn::mixture_nll_lowrank", mutates_args=())
 def _lowrank_fwd(logits: Tensor, means: Tensor, cov_factor: Tensor, cov_diag: Tensor,
                  target: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(loss [B], v = Sigma^-1 delta [B, K, D], responsibilities [B, K], cholesky(C) [B, K, R, R])``, the last
@@ -153,7 +152,10 @@ def _lowrank_fwd(logits: Tensor, means: Tensor, cov_factor: Tensor, cov_diag: Te
     return (-log_p).to(means.dtype), v, responsibilities, chol.contiguous()  # (LAPACK returns it column-major)
 
 
-@_lowrank_fwd.register_fake
+_LIB.impl("mixture_nll_lowrank", _lowrank_fwd, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("physmdn::mixture_nll_lowrank")
 def _(logits, means, cov_factor, cov_diag, target):
     work = acc_dtype(means.dtype)
     B, K, D = means.shape
@@ -162,7 +164,6 @@ def _(logits, means, cov_factor, cov_diag, target):
             means.new_empty((B, K, R, R), dtype=work))
 
 
-@torch.library.custom_op("physmdn::mixture_nll_lowrank_backward", mutates_args=())
 def _lowrank_bwd(grad_loss: Tensor, logits: Tensor, cov_factor: Tensor, cov_diag: Tensor, v: Tensor,
                  responsibilities: Tensor, chol: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients ``(logits, means, cov_factor, cov_diag, target)`` for ``grad_loss [B]``, in the inputs' dtype."""
@@ -186,7 +187,10 @@ def _lowrank_bwd(grad_loss: Tensor, logits: Tensor, cov_factor: Tensor, cov_diag
             grad_target.to(dtype))
 
 
-@_lowrank_bwd.register_fake
+_LIB.impl("mixture_nll_lowrank_backward", _lowrank_bwd, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("physmdn::mixture_nll_lowrank_backward")
 def _(grad_loss, logits, cov_factor, cov_diag, v, responsibilities, chol):
     dtype = cov_factor.dtype
     return (logits.new_empty(logits.shape, dtype=dtype), v.new_empty(v.shape, dtype=dtype),
@@ -245,11 +249,16 @@ def _flatten(logits: Tensor, means: Tensor, target: Tensor, covariance: list[tup
     return tuple(S), [t.expand(*S, *event).reshape(n, *event) for t, event in events]
 
 
-def _positive(diagonal: Tensor, name: str, what: str) -> None:
-    """Eager calls refuse a non-positive ``what`` of ``name`` (traced ones give NaN for that sample instead)."""
+def _positive(loss: Tensor, diagonal: Tensor, name: str, what: str) -> None:
+    """Eager calls refuse a non-positive ``what`` of ``name`` (traced ones give NaN for that sample instead). Such an
+    entry makes its sample's loss NaN, so the diagonal is searched only when a loss is not finite: one pass over
+    ``loss [B]`` instead of over the parameters (docs/performance.md)."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or diagonal.numel() == 0:
         return
     if isinstance(diagonal, torch.Tensor) and type(diagonal) in (torch.Tensor, torch.nn.Parameter):
+        # (one reduction: a NaN or inf loss makes the sum non-finite; an overflowing sum only costs the search)
+        if bool(torch.isfinite(loss.detach().sum(dtype=acc_dtype(loss.dtype)))):
+            return
         smallest = diagonal.detach().amin()
         if not bool(smallest > 0):
             raise ValueError(f"{name} must have a positive {what}, got a minimum of {float(smallest)}")
@@ -277,9 +286,10 @@ def mixture_nll_tril(logits: Tensor, means: Tensor, scale_tril: Tensor, target: 
             triangle is not read, and its gradient is zero).
         target: ``[*, D]`` observations. The leading batch dimensions ``[*]`` broadcast as torch broadcasts.
         reduction: ``"none"`` (``[*]``), ``"mean"`` or ``"sum"``.
-        check_diagonal: in eager mode a diagonal entry ``<= 0`` raises ``ValueError`` (one reduction over the
-            diagonal, a device synchronization on a GPU); False skips the check (for factors positive by
-            construction, as :class:`physmdn.MDN` builds them). Traced calls (torch.compile) never check: there
+        check_diagonal: in eager mode a diagonal entry ``<= 0`` raises ``ValueError`` (such an entry makes its
+            sample's loss NaN: one reduction over the loss, the diagonal searched only when a loss is not finite; a
+            device synchronization on a GPU); False skips the check (for factors positive by construction, as
+            :class:`physmdn.MDN` builds them). Traced calls (torch.compile) never check: there
             a non-positive diagonal entry gives NaN for that sample.
 
     Returns:
@@ -294,9 +304,9 @@ def mixture_nll_tril(logits: Tensor, means: Tensor, scale_tril: Tensor, target: 
                          f"(shape {tuple(means.shape)}); use mixture_nll_lowrank for larger outputs")
     batch_shape, (logits, means, target, scale_tril) = _flatten(
         logits, means, target, [(scale_tril, "scale_tril", (means.shape[-2], D, D), "[*, K, D, D]")])
-    if check_diagonal:
-        _positive(scale_tril.diagonal(dim1=-2, dim2=-1), "scale_tril", "diagonal")
     loss = torch.ops.physmdn.mixture_nll_tril(logits, means, scale_tril, target)[0]
+    if check_diagonal:
+        _positive(loss, scale_tril.diagonal(dim1=-2, dim2=-1), "scale_tril", "diagonal")
     return _reduce(loss, batch_shape, reduction)
 
 
@@ -336,7 +346,7 @@ def mixture_nll_lowrank(logits: Tensor, means: Tensor, cov_factor: Tensor, cov_d
     batch_shape, (logits, means, target, cov_factor, cov_diag) = _flatten(
         logits, means, target, [(cov_factor, "cov_factor", (K, D, R), "[*, K, D, R]"),
                                 (cov_diag, "cov_diag", (K, D), "[*, K, D]")])
-    if check_diagonal:
-        _positive(cov_diag, "cov_diag", "value everywhere")
     loss = torch.ops.physmdn.mixture_nll_lowrank(logits, means, cov_factor, cov_diag, target)[0]
+    if check_diagonal:
+        _positive(loss, cov_diag, "cov_diag", "value everywhere")
     return _reduce(loss, batch_shape, reduction)

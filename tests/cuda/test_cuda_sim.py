@@ -475,6 +475,249 @@ def test_backend_backward_repeats_the_forward_gradients_bit_for_bit(sim, schedul
         assert torch.equal(a, b)
 
 
+# ----- full-covariance mixture NLL (csrc/cuda/correlated.cuh: a thread per sample, grid-stride) ------------------
+
+def tril_inputs(B, K, D, dtype=torch.float64, seed=0):
+    """Guarded inputs (test_mixture_correlated.tril_inputs): Cholesky factors with a diagonal in [0.3, 1.3] and
+    noise above the diagonal (never read: its gradient must come out zero)."""
+    from test_mixture_correlated import tril_inputs as unguarded
+
+    logits, means, tril, target = unguarded(B, K, D, seed=seed)
+    tril = tril + torch.randn(B, K, D, D, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).triu(1)
+    return [guarded(t.to(dtype)) for t in (logits, means, tril, target)]
+
+
+def tril_expected(inputs, grad_loss):
+    """The float64 torch implementation's (loss, z, responsibilities) on the same (rounded) numbers, and the float64
+    torch.distributions reference's gradients of sum(grad_loss * loss)."""
+    from physmdn import _mixture_correlated as mc
+
+    x = [t.double() for t in inputs]
+    fwd = mc._tril_fwd(*x)
+    leaves = [t.detach().clone().requires_grad_(True) for t in x]
+    loss = reference.mixture_nll_tril(*leaves)
+    grads = (torch.autograd.grad((loss * grad_loss.double()).sum(), leaves) if loss.numel()
+             else [torch.zeros_like(t) for t in x])
+    return fwd, grads
+
+
+TRIL_TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (2e-5, 2e-4), torch.bfloat16: (2e-5, 1e-2),
+            torch.float16: (2e-5, 2e-3)}
+
+
+# (129, 3, 4): a partial last block; K = 1, D = 1, D = 32, K = 300 (the scratch of K log-weights is the
+# responsibilities' row); max_blocks caps the grid so that the grid-stride loop runs, its last pass partial
+@pytest.mark.parametrize("B,K,D,max_blocks", [(1, 1, 1, 32), (129, 3, 4, 32), (300, 1, 5, 32), (200, 4, 1, 32),
+                                              (5, 2, 32, 32), (3, 300, 2, 32), (700, 2, 3, 2), (257, 3, 2, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_tril_kernels_match_the_float64_reference(sim, B, K, D, max_blocks, dtype):
+    """Forward (loss in the input dtype, z and responsibilities in the accumulation dtype) and backward (the four
+    gradients in the input dtype, zero above the diagonal) into NaN-filled, guarded outputs; the forward against the
+    float64 torch implementation on the same rounded inputs, the gradients against torch.distributions in float64."""
+    if dtype == torch.float16 and D == 32:
+        pytest.skip("these losses (~1e5 and more) exceed float16's range")
+    loss_tol, grad_tol = TRIL_TOL[dtype]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    inputs = tril_inputs(B, K, D, dtype, seed=B + K + D)
+    loss, z, r, stats = sim.tril_nll_fwd(*inputs, max_blocks)
+    assert (loss.dtype, z.dtype, r.dtype) == (dtype, acc, acc)
+    blocks = min(-(-B // sim.correlated_threads), max_blocks)
+    assert (stats["blocks"], stats["block_threads"]) == (blocks, sim.correlated_threads)
+    grad_loss = guarded(torch.linspace(-1.5, 2.0, 2 * B, dtype=dtype))[::2]  # per-sample, strided
+    (ref_loss, ref_z, ref_r), ref_grads = tril_expected(inputs, grad_loss)
+    # (half types: the loss is rounded to the input dtype, one rounding of the float32 value)
+    rounding = {torch.bfloat16: 8e-3, torch.float16: 1e-3}.get(dtype, 0.0)
+    assert rel_err(loss, ref_loss) <= loss_tol + rounding, rel_err(loss, ref_loss)
+    assert rel_err(z, ref_z) <= 10 * loss_tol and rel_err(r, ref_r) <= 10 * loss_tol, (rel_err(z, ref_z),
+                                                                                          rel_err(r, ref_r))
+    grads = sim.tril_nll_bwd(grad_loss, inputs[0], inputs[2], z, r, max_blocks)
+    assert grads[4]["blocks"] == blocks
+    for name, g, rg in zip(("logits", "means", "scale_tril", "target"), grads[:4], ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape, name
+        assert rel_err(g, rg, 1e-3) <= grad_tol, (name, rel_err(g, rg, 1e-3))
+    assert bool((grads[2].triu(1) == 0).all())
+
+
+def test_tril_kernels_non_positive_diagonal_is_nan_for_that_sample_only(sim):
+    B, K, D = 130, 2, 3
+    logits, means, tril, target = tril_inputs(B, K, D, torch.float32, seed=2)
+    tril[1, 0, 2, 2] = 0.0
+    tril[129, 1, 0, 0] = -0.5
+    loss, z, r, _ = sim.tril_nll_fwd(logits, means, tril, target, 1)
+    bad = torch.zeros(B, dtype=torch.bool)
+    bad[[1, 129]] = True
+    assert bool(torch.isnan(loss[bad]).all()) and bool(torch.isfinite(loss[~bad]).all())
+    grads = sim.tril_nll_bwd(torch.ones(B), logits, tril, z, r, 1)
+    good = [t[~bad] for t in (logits, means, tril, target)]
+    (ref_loss, _, _), ref_grads = tril_expected(good, torch.ones(B - 2))
+    assert rel_err(loss[~bad], ref_loss) <= 2e-5
+    for g, rg in zip(grads[:4], ref_grads):
+        assert bool(torch.isnan(g[bad]).any()) and rel_err(g[~bad], rg, 1e-3) <= 2e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_tril_ops_as_registered_match_the_cpu_ops(sim, dtype):
+    """The CUDA build's mixture_nll_tril / mixture_nll_tril_backward (the shared input checks, contiguous copies of
+    strided and broadcast inputs, the outputs' allocation, the grid of kCorrelatedBlocksPerSM blocks per SM) against
+    the CPU kernel of the same per-sample functions, on inputs the CPU op also takes."""
+    B, K, D = 4200, 3, 4  # more samples than the capped grid's threads (2 simulated SMs): the grid-stride loop runs
+    logits, means, tril, target = tril_inputs(B, K, D, dtype, seed=7)
+    wide = torch.zeros(B, K, 2 * D, dtype=dtype)[..., ::2]
+    wide.copy_(means)  # rows not contiguous
+    shared = tril[:1].expand(B, K, D, D)  # one factor broadcast over the batch
+    inputs = (logits, wide, shared, target)
+    got = sim.mixture_nll_tril(*inputs)
+    assert sim.last_launch()["blocks"] == sim.correlated_max_blocks
+    want = torch.ops.physmdn.mixture_nll_tril(*inputs)
+    tol = 1e-13 if dtype == torch.float64 else 1e-5
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert rel_err(g, w) <= (8e-3 if g.dtype == torch.bfloat16 else tol)
+    grad_loss = torch.ones(1, dtype=dtype).expand(B)  # (loss.sum()'s upstream gradient: stride 0)
+    got = sim.mixture_nll_tril_backward(grad_loss, logits, shared, want[1], want[2])
+    want = torch.ops.physmdn.mixture_nll_tril_backward(grad_loss, logits, shared, want[1], want[2])
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == dtype and g.shape == w.shape
+        assert rel_err(g, w, 1e-3) <= (8e-3 if dtype == torch.bfloat16 else 10 * tol)
+    for B in (0, 1):  # an empty batch launches nothing
+        inputs = tril_inputs(B, 2, 3, dtype)
+        loss, z, r = sim.mixture_nll_tril(*inputs)
+        assert loss.shape == (B,) and z.shape == (B, 2, 3) and r.shape == (B, 2)
+        assert [g.shape for g in sim.mixture_nll_tril_backward(torch.ones(B, dtype=dtype), inputs[0], inputs[2], z,
+                                                               r)] == [t.shape for t in inputs]
+
+
+def test_tril_ops_check_their_inputs(sim):
+    logits, means, tril, target = tril_inputs(4, 2, 3, torch.float32)
+    with pytest.raises(RuntimeError, match="scale_tril must have the dtype of means"):
+        sim.mixture_nll_tril(logits, means, tril.double(), target)
+    with pytest.raises(RuntimeError, match=r"scale_tril must be \[B, K, D, D\] = \[4, 2, 3, 3\]"):
+        sim.mixture_nll_tril(logits, means, tril[..., :2], target)
+    with pytest.raises(RuntimeError, match="1 <= D <= 32"):
+        sim.mixture_nll_tril(logits, torch.zeros(4, 2, 33), torch.zeros(4, 2, 33, 33), torch.zeros(4, 33))
+    loss, z, r = sim.mixture_nll_tril(logits, means, tril, target)
+    with pytest.raises(RuntimeError, match=r"z must be the forward's \(Float"):
+        sim.mixture_nll_tril_backward(loss, logits, tril, z.double(), r)
+    with pytest.raises(RuntimeError, match=r"grad_loss must be \[B\] = \[4\]"):
+        sim.mixture_nll_tril_backward(loss[:3], logits, tril, z, r)
+
+
+# ----- low rank plus diagonal (csrc/cuda/correlated.cuh: a thread per sample, grid-stride) ------------------------
+
+def lowrank_inputs(B, K, D, R, dtype=torch.float64, seed=0):
+    from test_mixture_correlated import lowrank_inputs as unguarded
+
+    return [guarded(t.to(dtype)) for t in unguarded(B, K, D, R, seed=seed)]
+
+
+def lowrank_expected(inputs, grad_loss):
+    """The float64 torch implementation's (loss, v, responsibilities, chol) on the same (rounded) numbers, and the
+    float64 torch.distributions reference's gradients of sum(grad_loss * loss)."""
+    from physmdn import _mixture_correlated as mc
+
+    x = [t.double() for t in inputs]
+    fwd = mc._lowrank_fwd(*x)
+    leaves = [t.detach().clone().requires_grad_(True) for t in x]
+    loss = reference.mixture_nll_lowrank(*leaves)
+    grads = (torch.autograd.grad((loss * grad_loss.double()).sum(), leaves) if loss.numel()
+             else [torch.zeros_like(t) for t in x])
+    return fwd, grads
+
+
+LOWRANK_TOL = {torch.float64: (1e-12, 1e-10), torch.float32: (5e-5, 5e-4), torch.bfloat16: (5e-5, 1e-2),
+               torch.float16: (5e-5, 3e-3)}
+
+
+# R = 1 and R = 8 (kMaxRank, the local arrays' bound), D = 1 and D = 40 (D is not bounded), K = 1, K = 150
+@pytest.mark.parametrize("B,K,D,R,max_blocks", [(1, 1, 1, 1, 32), (129, 3, 4, 2, 32), (300, 1, 5, 8, 32),
+                                                (200, 4, 1, 1, 32), (5, 2, 40, 3, 32), (3, 150, 2, 2, 32),
+                                                (700, 2, 3, 2, 2), (257, 3, 2, 4, 1)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_lowrank_kernels_match_the_float64_reference(sim, B, K, D, R, max_blocks, dtype):
+    """As test_tril_kernels_match_the_float64_reference, for mixture_nll_lowrank: forward (loss; v,
+    responsibilities and the capacitance factors in the accumulation dtype) and backward (five gradients in the input
+    dtype) into NaN-filled, guarded outputs."""
+    loss_tol, grad_tol = LOWRANK_TOL[dtype]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    inputs = lowrank_inputs(B, K, D, R, dtype, seed=B + K + D + R)
+    loss, v, r, chol, stats = sim.lowrank_nll_fwd(*inputs, max_blocks)
+    assert (loss.dtype, v.dtype, r.dtype, chol.dtype) == (dtype, acc, acc, acc)
+    blocks = min(-(-B // sim.correlated_threads), max_blocks)
+    assert (stats["blocks"], stats["block_threads"]) == (blocks, sim.correlated_threads)
+    grad_loss = guarded(torch.linspace(-1.5, 2.0, 2 * B, dtype=dtype))[::2]  # per-sample, strided
+    (ref_loss, ref_v, ref_r, ref_chol), ref_grads = lowrank_expected(inputs, grad_loss)
+    rounding = {torch.bfloat16: 8e-3, torch.float16: 1e-3}.get(dtype, 0.0)
+    assert rel_err(loss, ref_loss) <= loss_tol + rounding, rel_err(loss, ref_loss)
+    for name, got, want in (("v", v, ref_v), ("responsibilities", r, ref_r), ("chol", chol, ref_chol)):
+        assert rel_err(got, want, 1e-3) <= 10 * loss_tol, (name, rel_err(got, want, 1e-3))
+    grads = sim.lowrank_nll_bwd(grad_loss, inputs[0], inputs[2], inputs[3], v, r, chol, max_blocks)
+    assert grads[5]["blocks"] == blocks
+    for name, g, rg in zip(("logits", "means", "cov_factor", "cov_diag", "target"), grads[:5], ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape, name
+        assert rel_err(g, rg, 1e-3) <= grad_tol, (name, rel_err(g, rg, 1e-3))
+
+
+def test_lowrank_kernels_non_positive_diagonal_is_nan_for_that_sample_only(sim):
+    B, K, D, R = 130, 2, 3, 2
+    logits, means, factor, diag, target = lowrank_inputs(B, K, D, R, torch.float32, seed=2)
+    diag[1, 0, 2] = 0.0
+    diag[129, 1, 0] = -0.5
+    loss, v, r, chol, _ = sim.lowrank_nll_fwd(logits, means, factor, diag, target, 1)
+    bad = torch.zeros(B, dtype=torch.bool)
+    bad[[1, 129]] = True
+    assert bool(torch.isnan(loss[bad]).all()) and bool(torch.isfinite(loss[~bad]).all())
+    grads = sim.lowrank_nll_bwd(torch.ones(B), logits, factor, diag, v, r, chol, 1)
+    good = [t[~bad] for t in (logits, means, factor, diag, target)]
+    (ref_loss, *_), ref_grads = lowrank_expected(good, torch.ones(B - 2))
+    assert rel_err(loss[~bad], ref_loss) <= 5e-5
+    for g, rg in zip(grads[:5], ref_grads):
+        assert bool(torch.isnan(g[bad]).any()) and rel_err(g[~bad], rg, 1e-3) <= 5e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_lowrank_ops_as_registered_match_the_cpu_ops(sim, dtype):
+    """The CUDA build's mixture_nll_lowrank / mixture_nll_lowrank_backward (checks, contiguous copies, allocation,
+    the capped grid) against the CPU kernel of the same per-sample functions."""
+    B, K, D, R = 4200, 2, 5, 3
+    logits, means, factor, diag, target = lowrank_inputs(B, K, D, R, dtype, seed=7)
+    wide = torch.zeros(B, K, 2 * D, dtype=dtype)[..., ::2]
+    wide.copy_(means)  # rows not contiguous
+    shared = factor[:1].expand(B, K, D, R)  # one factor broadcast over the batch
+    transposed = diag.mT.contiguous().mT  # column-major
+    inputs = (logits, wide, shared, transposed, target)
+    got = sim.mixture_nll_lowrank(*inputs)
+    assert sim.last_launch()["blocks"] == sim.correlated_max_blocks
+    want = torch.ops.physmdn.mixture_nll_lowrank(*inputs)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert rel_err(g, w, 1e-3) <= (8e-3 if g.dtype == torch.bfloat16 else tol)
+    grad_loss = torch.ones(1, dtype=dtype).expand(B)  # (loss.sum()'s upstream gradient: stride 0)
+    got = sim.mixture_nll_lowrank_backward(grad_loss, logits, shared, transposed, *want[1:])
+    want = torch.ops.physmdn.mixture_nll_lowrank_backward(grad_loss, logits, shared, transposed, *want[1:])
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == dtype and g.shape == w.shape
+        assert rel_err(g, w, 1e-3) <= (8e-3 if dtype == torch.bfloat16 else 10 * tol)
+    for B in (0, 1):  # an empty batch launches nothing
+        inputs = lowrank_inputs(B, 2, 3, 2, dtype)
+        loss, v, r, chol = sim.mixture_nll_lowrank(*inputs)
+        assert loss.shape == (B,) and v.shape == (B, 2, 3) and r.shape == (B, 2) and chol.shape == (B, 2, 2, 2)
+        grads = sim.mixture_nll_lowrank_backward(torch.ones(B, dtype=dtype), inputs[0], inputs[2], inputs[3], v, r,
+                                                 chol)
+        assert [g.shape for g in grads] == [t.shape for t in inputs]
+
+
+def test_lowrank_ops_check_their_inputs(sim):
+    logits, means, factor, diag, target = lowrank_inputs(4, 2, 5, 2, torch.float32)
+    with pytest.raises(RuntimeError, match="cov_diag must have the dtype of means"):
+        sim.mixture_nll_lowrank(logits, means, factor, diag.double(), target)
+    with pytest.raises(RuntimeError, match=r"cov_factor must be \[B, K, D, R\] = \[4, 2, 5, R\] with 1 <= R <= 8"):
+        sim.mixture_nll_lowrank(logits, means, torch.zeros(4, 2, 5, 9), diag, target)
+    loss, v, r, chol = sim.mixture_nll_lowrank(logits, means, factor, diag, target)
+    with pytest.raises(RuntimeError, match="chol must be the forward's"):
+        sim.mixture_nll_lowrank_backward(loss, logits, factor, diag, v, r, chol.double())
+
+
 # ----- bench/cuda_static.py's launch shapes (its occupancy model) are the backend's --------------------------------
 
 def _cuda_static():

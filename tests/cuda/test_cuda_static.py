@@ -99,6 +99,8 @@ def test_tile_sizes_mirror_the_header():
                   "kLanesThreads = %d" % cs.LANES_THREADS, "kWarpsPerBlock = %d" % (cs.WARP_THREADS // 32),
                   "kThreads = %d" % cs.SAMPLE_THREADS):
         assert const in text, const
+    text = open(os.path.join(ROOT, "csrc", "cuda", "correlated.cuh")).read()
+    assert "kCorrelatedThreads = %d" % cs.CORRELATED_THREADS in text
 
 
 # ----- the real build ---------------------------------------------------------------------------------------------
@@ -131,11 +133,23 @@ def test_every_kernel_is_read(kernels):
     names = list(kernels)
     assert len(names) >= 100, len(names)
     for family in ("tiled_nll_kernel", "tiled_loss_kernel", "lanes_nll_kernel", "warp_kernel", "sample_kernel",
-                   "scale_by_kernel"):
+                   "scale_by_kernel", "tril_nll_kernel", "tril_nll_backward_kernel", "lowrank_nll_kernel",
+                   "lowrank_nll_backward_kernel"):
         got = [n for n in names if n.startswith(family + "<")]
         assert got, family
         for n in got:  # both the resources and the SASS
             assert "regs" in kernels[n] and "load_batch" in kernels[n], n
+
+
+@needs_build
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_correlated_kernels_are_in_the_build_without_spills(cases, dtype):
+    """The correlated-component ops' thread-per-sample kernels (csrc/cuda/correlated.cuh): no register spills (their
+    per-sample arrays, bounded by D <= 32 or R <= 8, may live in local memory: stack, not spills)."""
+    for op in ("tril", "lowrank"):
+        for kind in ("fwd", "bwd"):
+            r = cases[f"mixture_nll_{op} {dtype} {kind} (thread)"]
+            assert "error" not in r and r["spill"] == 0 and r["atomics"] == 0, r
 
 
 @needs_build

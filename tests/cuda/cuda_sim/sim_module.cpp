@@ -39,6 +39,7 @@ void scale_by_on_host(const std::vector<at::Tensor>&, const at::Tensor&, double)
 }  // namespace physmdn
 
 #include "cuda/backend.cuh"
+#include "cuda/correlated.cuh"
 
 namespace physmdn {
 namespace {
@@ -256,6 +257,74 @@ py::dict scale_by(std::vector<Tensor> tensors, const Tensor& factor, int64_t blo
   return stats_dict(stats);
 }
 
+// tril_nll_kernel through correlated.cuh's launcher, its grid capped at max_blocks blocks (the grid-stride loop takes
+// the rest): loss [B] (input dtype), z [B, K, D] and responsibilities [B, K] (accumulation dtype), stats.
+py::tuple tril_nll_fwd(const Tensor& logits, const Tensor& means, const Tensor& scale_tril, const Tensor& target,
+                       int64_t max_blocks) {
+  check_tril_inputs(logits, means, scale_tril, target);
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2);
+  const auto acc = means.options().dtype(acc_dtype(means.scalar_type()));
+  Outputs out;
+  Tensor loss = out.make({B}, means.options()), z = out.make({B, K, D}, acc), r = out.make({B, K}, acc);
+  cuda_sim::last_stats() = {};
+  launch_tril_forward(logits.contiguous(), means.contiguous(), scale_tril.contiguous(), target.contiguous(), loss, z,
+                      r, max_blocks);
+  out.check();
+  return py::make_tuple(loss, z, r, stats_dict(cuda_sim::last_stats()));
+}
+
+// tril_nll_backward_kernel likewise: the gradients of logits, means, scale_tril, target (input dtype), stats.
+py::tuple tril_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& scale_tril, const Tensor& z,
+                       const Tensor& responsibilities, int64_t max_blocks) {
+  check_tril_backward_inputs(grad_loss, logits, scale_tril, z, responsibilities);
+  const int64_t B = z.size(0), K = z.size(1), D = z.size(2);
+  const auto o = scale_tril.options();
+  Outputs out;
+  Tensor gl = out.make({B, K}, o), gm = out.make({B, K, D}, o), gL = out.make({B, K, D, D}, o),
+         gy = out.make({B, D}, o);
+  cuda_sim::last_stats() = {};
+  launch_tril_backward(grad_loss.to(z.scalar_type()), logits.contiguous(), scale_tril.contiguous(), z.contiguous(),
+                       responsibilities.contiguous(), gl, gm, gL, gy, max_blocks);
+  out.check();
+  return py::make_tuple(gl, gm, gL, gy, stats_dict(cuda_sim::last_stats()));
+}
+
+// lowrank_nll_kernel likewise: loss [B] (input dtype), v [B, K, D], responsibilities [B, K], chol [B, K, R, R]
+// (accumulation dtype), stats.
+py::tuple lowrank_nll_fwd(const Tensor& logits, const Tensor& means, const Tensor& cov_factor, const Tensor& cov_diag,
+                          const Tensor& target, int64_t max_blocks) {
+  check_lowrank_inputs(logits, means, cov_factor, cov_diag, target);
+  const int64_t B = means.size(0), K = means.size(1), D = means.size(2), R = cov_factor.size(3);
+  const auto acc = means.options().dtype(acc_dtype(means.scalar_type()));
+  Outputs out;
+  Tensor loss = out.make({B}, means.options()), v = out.make({B, K, D}, acc), r = out.make({B, K}, acc),
+         chol = out.make({B, K, R, R}, acc);
+  cuda_sim::last_stats() = {};
+  launch_lowrank_forward(logits.contiguous(), means.contiguous(), cov_factor.contiguous(), cov_diag.contiguous(),
+                         target.contiguous(), loss, v, r, chol, max_blocks);
+  out.check();
+  return py::make_tuple(loss, v, r, chol, stats_dict(cuda_sim::last_stats()));
+}
+
+// lowrank_nll_backward_kernel likewise: the gradients of logits, means, cov_factor, cov_diag, target (input dtype),
+// stats.
+py::tuple lowrank_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const Tensor& cov_factor,
+                          const Tensor& cov_diag, const Tensor& v, const Tensor& responsibilities, const Tensor& chol,
+                          int64_t max_blocks) {
+  check_lowrank_backward_inputs(grad_loss, logits, cov_factor, cov_diag, v, responsibilities, chol);
+  const int64_t B = v.size(0), K = v.size(1), D = v.size(2), R = cov_factor.size(3);
+  const auto o = cov_factor.options();
+  Outputs out;
+  Tensor gl = out.make({B, K}, o), gm = out.make({B, K, D}, o), gW = out.make({B, K, D, R}, o),
+         gd = out.make({B, K, D}, o), gy = out.make({B, D}, o);
+  cuda_sim::last_stats() = {};
+  launch_lowrank_backward(grad_loss.to(v.scalar_type()), logits.contiguous(), cov_factor.contiguous(),
+                          cov_diag.contiguous(), v.contiguous(), responsibilities.contiguous(), chol.contiguous(), gl,
+                          gm, gW, gd, gy, max_blocks);
+  out.check();
+  return py::make_tuple(gl, gm, gW, gd, gy, stats_dict(cuda_sim::last_stats()));
+}
+
 // A kernel that breaks the rules the simulator enforces (for the simulator's own tests): mode 0 a shuffle after
 // half the warp returned, 1 lanes at different warp operations, 2 half a warp at __syncthreads and the other half at a
 // shuffle (a deadlock on a GPU), 3 a clean shuffle (lane i gets lane i ^ 1's value), 4 __syncthreads after one warp
@@ -325,9 +394,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sample_nll_fwd", &sample_nll_fwd);
   m.def("sample_nll_bwd", &sample_nll_bwd);
   m.def("scale_by", &scale_by);
+  // the correlated-component ops as the CUDA build registers them (csrc/cuda/correlated.cuh), and their kernels with
+  // a given grid cap
+  m.def("mixture_nll_tril", &cuda_mixture_nll_tril);
+  m.def("mixture_nll_tril_backward", &cuda_mixture_nll_tril_backward);
+  m.def("tril_nll_fwd", &tril_nll_fwd);
+  m.def("tril_nll_bwd", &tril_nll_bwd);
+  m.def("mixture_nll_lowrank", &cuda_mixture_nll_lowrank);
+  m.def("mixture_nll_lowrank_backward", &cuda_mixture_nll_lowrank_backward);
+  m.def("lowrank_nll_fwd", &lowrank_nll_fwd);
+  m.def("lowrank_nll_bwd", &lowrank_nll_bwd);
   m.def("misbehave", &misbehave);
   m.def("write_one_past", &write_one_past);
   m.attr("lanes_threads") = kLanesThreads;
   m.attr("lanes_max_elements") = kLanesMaxElements;
   m.attr("warp_min_components") = kWarpMinComponents;
+  m.attr("correlated_threads") = kCorrelatedThreads;
+  m.attr("correlated_max_blocks") = multiprocessor_count(0) * kCorrelatedBlocksPerSM;
 }
