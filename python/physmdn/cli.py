@@ -56,6 +56,7 @@ from ._cli_args import positive_float as _positive_float, positive_int as _posit
 from .cli_data import add_data_commands
 from .experiments import COVARIANCE_MODELS, MODELS, SUMMARY_METRICS, compare, covariance_name, demo, run_experiment
 from .experiments import write_run
+from ._mixture_correlated import MAX_RANK
 from .models import COVARIANCES
 
 __all__ = ["main"]
@@ -89,6 +90,8 @@ def _check_covariance(covariances: list[str], rank, models: list[str] | None) ->
     if (rank is not None) != ("lowrank" in covariances):
         raise CLIError(f"--rank goes with --covariance lowrank (and is required there), got --covariance "
                        f"{','.join(covariances)}{'' if rank is None else f' --rank {rank}'}")
+    if rank is not None and rank > MAX_RANK:
+        raise CLIError(f"--rank must be an integer in [1, {MAX_RANK}], got {rank}")
     if covariances != ["diag"] and models is not None and not any(m in COVARIANCE_MODELS for m in models):
         raise CLIError(f"--covariance {','.join(covariances)} applies to the models {', '.join(COVARIANCE_MODELS)}, "
                        f"got {'--model' if len(models) == 1 else '--models'} {','.join(models)}")

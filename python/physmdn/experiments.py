@@ -341,11 +341,20 @@ def compare(problem, *, models: Sequence[str] | None = None, sizes: Sequence[int
         name = covariance_name(model, cov, cov_rank)
         if bar is not None:
             bar.set_postfix_str(f"{name} n={n} seed={seed}")
-        result = run_experiment(problem, model, n_train=n, epochs=epochs, seed=seed, device=device, truth=truth,
-                                covariance=cov, rank=cov_rank, **kwargs)
         row = {"problem": problem.name, "model": name, "n_train": n, "seed": seed}
         if model in COVARIANCE_MODELS:
             row.update(covariance=cov, rank=cov_rank)
+        try:
+            result = run_experiment(problem, model, n_train=n, epochs=epochs, seed=seed, device=device, truth=truth,
+                                    covariance=cov, rank=cov_rank, **kwargs)
+        except FloatingPointError as exc:  # a diverged training run is a result too: kept as a row without metrics
+            row["error"] = str(exc)
+            rows.append(row)
+            notes.append(f"{name}, n_train {n}, seed {seed} diverged: {exc}")
+            warnings.warn(notes[-1], stacklevel=2)
+            if bar is not None:
+                bar.update(1)
+            continue
         row.update({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
         row.update({k: v for k, v in result["timing"].items()})
         rows.append(row)
@@ -384,14 +393,16 @@ def _warm_up(problem, models, device, covariances=("diag",), rank=None) -> None:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds of :data:`SUMMARY_METRICS`, per (model, n_train)."""
+    """Mean and standard deviation over seeds of :data:`SUMMARY_METRICS`, per (model, n_train); ``seeds`` counts
+    the runs with metrics, ``failed`` those that diverged (rows with an ``error``)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["n_train"]), []).append(row)
     summary = []
     for (model, n), group in sorted(groups.items(), key=lambda kv: (kv[0][1], MODELS.index(model_base(kv[0][0])),
                                                                       kv[0][0])):
-        entry = {"model": model, "n_train": n, "seeds": len(group)}
+        failed = sum(1 for r in group if r.get("error"))
+        entry = {"model": model, "n_train": n, "seeds": len(group) - failed, "failed": failed}
         for key in SUMMARY_METRICS:
             values = [r[key] for r in group if r.get(key) is not None and math.isfinite(r[key])]
             if values:
