@@ -20,8 +20,8 @@ METRICS = ("energy", "residual_model", "nll", "mode_weight_error")
 
 
 def main(folders: list[str]) -> None:
-    print("| problem | n | model | seeds (failed) | diagonal energy | Δ energy | Δ residual | Δ NLL | Δ mode-weight error "
-          "| residual ratio |")
+    print("| problem | n | model | seeds (failed) | diagonal energy | Δ energy | Δ residual | Δ NLL "
+          "| Δ mode-weight error | residual ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for folder in folders:
         rows = _rows(folder)

@@ -47,8 +47,8 @@ from .peers import TorchCFM, torchcfm_status
 from .plotting import plot_bifurcation, plot_compare, plot_density, plot_fields, plot_history, plot_metric_bars
 from .training import LinearWarmup, fit, write_rows_csv
 
-__all__ = ["MODELS", "MODEL_LABELS", "models_for", "COVARIANCE_MODELS", "covariance_name", "model_base", "SUMMARY_METRICS", "PAIRED_METRICS", "NORMALIZED_WEIGHT",
-           "experiment_physics", "run_experiment", "write_run", "compare", "demo", "summarize", "paired_differences",
+__all__ = ["MODELS", "MODEL_LABELS", "models_for", "COVARIANCE_MODELS", "covariance_name", "model_base",
+           "SUMMARY_METRICS", "PAIRED_METRICS", "NORMALIZED_WEIGHT", "experiment_physics", "run_experiment", "write_run", "compare", "demo", "summarize", "paired_differences",
            "markdown_table", "paired_table", "t_quantile"]
 
 MODELS = ("mdn", "mdn-physics", "mdn-law", "cfm", "torchcfm")
