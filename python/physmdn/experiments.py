@@ -48,8 +48,9 @@ from .plotting import plot_bifurcation, plot_compare, plot_density, plot_fields,
 from .training import LinearWarmup, fit, write_rows_csv
 
 __all__ = ["MODELS", "MODEL_LABELS", "models_for", "COVARIANCE_MODELS", "covariance_name", "model_base",
-           "SUMMARY_METRICS", "PAIRED_METRICS", "NORMALIZED_WEIGHT", "experiment_physics", "run_experiment", "write_run", "compare", "demo", "summarize", "paired_differences",
-           "markdown_table", "paired_table", "t_quantile"]
+           "SUMMARY_METRICS", "PAIRED_METRICS", "NORMALIZED_WEIGHT", "experiment_physics", "run_experiment",
+           "write_run", "compare", "demo", "summarize", "paired_differences", "markdown_table", "paired_table",
+           "t_quantile"]
 
 MODELS = ("mdn", "mdn-physics", "mdn-law", "cfm", "torchcfm")
 MODEL_LABELS = {"mdn": "MDN", "mdn-physics": "MDN+physics", "mdn-law": "MDN+hard law", "cfm": "CFM (flow matching)",
