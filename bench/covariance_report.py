@@ -1,7 +1,8 @@
 """The table of docs/results.md's correlated-components section from ``physmdn compare --covariance diag,full,...``
 output folders: per problem, training size and model (``mdn``, ``mdn-physics``), each full- or low-rank-covariance
 variant minus the same model with diagonal components, paired over seeds with a 95 % t-interval, and the runs that
-diverged.
+diverged. Folders of the same problem are read as one table, so that a variant run apart (``--covariance lowrank``
+alone, with the same seeds) is paired with the diagonal rows of another folder.
 
     python bench/covariance_report.py runs/cov-allen_cahn runs/cov-reaction_diffusion runs/cov-hugoniot
 """
@@ -23,9 +24,11 @@ def main(folders: list[str]) -> None:
     print("| problem | n | model | seeds (failed) | diagonal energy | Δ energy | Δ residual | Δ NLL "
           "| Δ mode-weight error | residual ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    by_problem: dict[str, list[dict]] = {}  # folders of one problem (same seeds: same data) are paired together
     for folder in folders:
-        rows = _rows(folder)
-        problem = rows[0]["problem"]
+        for row in _rows(folder):
+            by_problem.setdefault(row["problem"], []).append(row)
+    for problem, rows in by_problem.items():
         paired = E.paired_differences(rows, metrics=METRICS, references=())
         index = {(p["n_train"], p["model"], p["metric"]): p for p in paired}
         variants = [m for m in dict.fromkeys(r["model"] for r in rows) if E.model_base(m) != m]
