@@ -42,7 +42,7 @@ def main(folders: list[str]) -> None:
                 ratio = cells["residual_model"]["ratio"] if cells["residual_model"] else float("nan")
                 seeds = energy["seeds"] if energy else 0
                 print(f"| {problem} | {n} | {model} | {seeds} ({failed}) | {base} | "
-                      + " | ".join(_cell(cells[m]) for m in METRICS) + f" | {ratio:.2f} |")
+                      + " | ".join(_cell(cells[m]) for m in METRICS) + (f" | {ratio:.2f} |" if ratio == ratio else " | n/a |"))
 
 
 if __name__ == "__main__":
