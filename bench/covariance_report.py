@@ -35,6 +35,8 @@ def main(folders: list[str]) -> None:
         for n in sorted({r["n_train"] for r in rows}):
             for model in variants:
                 runs = [r for r in rows if r["model"] == model and r["n_train"] == n]
+                if not runs:
+                    continue
                 failed = sum(1 for r in runs if isinstance(r.get("error"), str) and r["error"])
                 cells = {m: index.get((n, model, m)) for m in METRICS}
                 energy = cells["energy"]
