@@ -26,8 +26,8 @@ def _rows(folder: str) -> list[dict]:
             for key, value in row.items():
                 try:
                     parsed[key] = int(value) if key in ("n_train", "seed") else float(value)
-                except ValueError:
-                    parsed[key] = value
+                except ValueError:  # text, or an empty cell (a metric of a run that diverged): None
+                    parsed[key] = value if value != "" else None
             out.append(parsed)
     return out
 

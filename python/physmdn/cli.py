@@ -4,8 +4,9 @@ models on a user's data files.
 ::
 
     physmdn run <problem> --model mdn|mdn-physics|cfm [--n-train N] [--epochs E] [--device D] [--out DIR] [--seed S]
+                [--covariance diag|full|lowrank [--rank R]]
     physmdn compare <problem> [--n-train 64,256,2048] [--seeds 5] [--models mdn,mdn-physics,cfm] [--out DIR]
-                    [--oracle] [--physics-normalize noise|none] [--patience auto|N]
+                    [--oracle] [--physics-normalize noise|none] [--patience auto|N] [--covariance diag,full [--rank R]]
     physmdn demo [--n-train 256,2048] [--seeds 3] [--epochs 60] [--threads 1] [--out DIR]
     physmdn problems
     physmdn fit DATA.csv --x COLS --y COLS [--components K --physics module:name --out DIR]
@@ -28,7 +29,10 @@ Models: ``mdn`` (NLL only), ``mdn-physics`` (NLL plus the problem's physics spec
 linearly over the first tenth of the epochs), ``mdn-law`` (the law built in, where there is one), ``cfm``
 (conditional flow matching) and ``torchcfm`` (the torchcfm package's CFM, when installed). Every model gets the same
 data without regime labels and early stopping on the same validation draws; ``--oracle`` (an ablation) gives
-``mdn-physics`` the regime labels and the component-specific laws (:mod:`physmdn.experiments`).
+``mdn-physics`` the regime labels and the component-specific laws (:mod:`physmdn.experiments`). ``--covariance``
+gives ``mdn`` and ``mdn-physics`` full (``full``) or low-rank-plus-diagonal (``lowrank --rank R``) components;
+``compare`` takes a list (``diag,full``), runs those two models once per covariance under the names ``mdn-full``,
+``mdn-physics-lowrank4``, ... and pairs each with its diagonal model in ``paired.csv``.
 
 ``fit`` and ``sample`` (the user's own CSV, npz or pt files) live in :mod:`physmdn.cli_data`. This module parses
 the arguments and prints; the experiments themselves live in :mod:`physmdn.experiments` and the plots in
@@ -50,7 +54,10 @@ from ._cli_args import CLIError, device as _device, hidden as _hidden, int_list 
 from ._cli_args import nonneg_float as _nonneg_float, nonneg_int as _nonneg_int
 from ._cli_args import positive_float as _positive_float, positive_int as _positive_int
 from .cli_data import add_data_commands
-from .experiments import MODELS, SUMMARY_METRICS, compare, demo, run_experiment, write_run
+from .experiments import COVARIANCE_MODELS, MODELS, SUMMARY_METRICS, compare, covariance_name, demo, run_experiment
+from .experiments import write_run
+from ._mixture_correlated import MAX_RANK
+from .models import COVARIANCES
 
 __all__ = ["main"]
 
@@ -70,6 +77,26 @@ def _patience(text: str):
     return _positive_int(text)
 
 
+def _covariance_list(text: str) -> list[str]:
+    values = [c.strip().lower() for c in text.split(",") if c.strip()]
+    bad = [c for c in values if c not in COVARIANCES]
+    if not values or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(COVARIANCES)}, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def _check_covariance(covariances: list[str], rank, models: list[str] | None) -> None:
+    """``--covariance`` against ``--rank`` and the models it applies to (``models`` None: the defaults)."""
+    if (rank is not None) != ("lowrank" in covariances):
+        raise CLIError(f"--rank goes with --covariance lowrank (and is required there), got --covariance "
+                       f"{','.join(covariances)}{'' if rank is None else f' --rank {rank}'}")
+    if rank is not None and rank > MAX_RANK:
+        raise CLIError(f"--rank must be an integer in [1, {MAX_RANK}], got {rank}")
+    if covariances != ["diag"] and models is not None and not any(m in COVARIANCE_MODELS for m in models):
+        raise CLIError(f"--covariance {','.join(covariances)} applies to the models {', '.join(COVARIANCE_MODELS)}, "
+                       f"got {'--model' if len(models) == 1 else '--models'} {','.join(models)}")
+
+
 def _model_list(text: str) -> list[str]:
     models = [m.strip().lower() for m in text.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
@@ -86,16 +113,21 @@ def _out_dir(path: str) -> str:
 
 def cmd_run(args) -> int:
     problem = P.get(args.problem)
-    out = _out_dir(args.out or os.path.join("runs", f"{problem.name}-{args.model}-n{args.n_train}-s{args.seed}"))
+    if len(args.covariance) != 1:
+        raise CLIError(f"--covariance takes one of {', '.join(COVARIANCES)} for run, got {','.join(args.covariance)}")
+    _check_covariance(args.covariance, args.rank, [args.model])
+    covariance = args.covariance[0]
+    name = covariance_name(args.model, covariance, args.rank)
+    out = _out_dir(args.out or os.path.join("runs", f"{problem.name}-{name}-n{args.n_train}-s{args.seed}"))
     epochs = args.epochs or problem.defaults.epochs
     n_train = args.n_train or problem.defaults.n_train
     if not args.quiet:
-        print(f"physmdn run: {problem.name}, model {args.model}, {n_train} samples, {epochs} epochs on {args.device}")
+        print(f"physmdn run: {problem.name}, model {name}, {n_train} samples, {epochs} epochs on {args.device}")
     result = run_experiment(problem, args.model, n_train=n_train, epochs=epochs, seed=args.seed, device=args.device,
                             components=args.components, hidden=args.hidden, batch_size=args.batch_size, lr=args.lr,
                             physics_weight=args.physics_weight, n_test_contexts=args.n_test_contexts,
                             n_samples=args.n_samples, cfm_steps=args.cfm_steps, progress=not args.quiet,
-                            history_path=os.path.join(out, "history.csv"))
+                            history_path=os.path.join(out, "history.csv"), covariance=covariance, rank=args.rank)
     plots = write_run(out, problem, args.model, result, plots=not args.no_plots, device=args.device)
     if not args.quiet:
         m, t = result["metrics"], result["timing"]
@@ -129,13 +161,14 @@ def _common_kwargs(args) -> dict:
 
 def cmd_compare(args) -> int:
     problem = P.get(args.problem)
+    _check_covariance(args.covariance, args.rank, args.models)
     out = _out_dir(args.out or os.path.join("runs", f"compare-{problem.name}"))
     epochs = args.epochs or problem.defaults.epochs
     compare(problem, models=args.models, sizes=args.n_train, seeds=args.seeds, epochs=epochs, out=out,
             device=args.device, progress=not args.quiet, n_test_contexts=args.n_test_contexts,
             n_samples=args.n_samples, oracle=args.oracle,
             normalize=None if args.physics_normalize == "none" else args.physics_normalize,
-            patience=args.patience, **_common_kwargs(args))
+            patience=args.patience, covariances=args.covariance, rank=args.rank, **_common_kwargs(args))
     if not args.quiet:
         _print_summary(out)
     return 0
@@ -185,6 +218,13 @@ def _add_training_options(p: argparse.ArgumentParser, *, epochs_default=None, th
     p.add_argument("--quiet", action="store_true", help="no progress bars or summaries")
 
 
+def _add_covariance_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--covariance", type=_covariance_list, default=["diag"],
+                   help=f"{what}: diag (default), full (a Cholesky factor per component) or lowrank (W W^T + "
+                        "diagonal, with --rank)")
+    p.add_argument("--rank", type=_positive_int, default=None, help="rank R of the low-rank covariance factor (1-8)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="physmdn", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"physmdn {_version()}")
@@ -199,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-test-contexts", type=_positive_int, default=32, help="held-out contexts for the metrics")
     run.add_argument("--n-samples", type=_positive_int, default=400, help="samples per held-out context")
     run.add_argument("--no-plots", action="store_true")
+    _add_covariance_options(run, "the components' covariance of mdn and mdn-physics")
     _add_training_options(run)
     run.set_defaults(func=cmd_run)
 
@@ -220,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--patience", type=_patience, default="auto",
                       help="early-stopping patience in epochs on the validation split, 'auto' (fit's default) or "
                            "'off'")
+    _add_covariance_options(cmp_, "comma-separated covariances of the components of mdn and mdn-physics, each run "
+                                  "and named apart (mdn-full, mdn-physics-lowrank4) and paired with diag")
     _add_training_options(cmp_)
     cmp_.set_defaults(func=cmd_compare)
 

@@ -45,20 +45,23 @@ from . import metrics as M
 from . import physics as Ph
 from . import problems as P
 from .constraints import ConstrainedMDN
-from .models import CFM, MDN
+from .models import CFM, COVARIANCES, MDN
 from .peers import TorchCFM, torchcfm_status
 from .physics_scaling import prior_weight
 from .plotting import plot_bifurcation, plot_compare, plot_density, plot_fields, plot_history, plot_metric_bars
 from .training import LinearWarmup, fit, write_rows_csv
 
-__all__ = ["MODELS", "MODEL_LABELS", "models_for", "SUMMARY_METRICS", "PAIRED_METRICS", "NORMALIZED_WEIGHT",
-           "experiment_physics", "run_experiment", "write_run", "compare", "demo", "summarize", "paired_differences",
-           "markdown_table", "paired_table", "t_quantile"]
+__all__ = ["MODELS", "MODEL_LABELS", "models_for", "COVARIANCE_MODELS", "covariance_name", "model_base",
+           "SUMMARY_METRICS", "PAIRED_METRICS", "NORMALIZED_WEIGHT", "experiment_physics", "run_experiment",
+           "write_run", "compare", "demo", "summarize", "paired_differences", "markdown_table", "paired_table",
+           "t_quantile"]
 
 MODELS = ("mdn", "mdn-physics", "mdn-law", "cfm", "torchcfm")
 MODEL_LABELS = {"mdn": "MDN", "mdn-physics": "MDN+physics", "mdn-law": "MDN+hard law", "cfm": "CFM (flow matching)",
                 "torchcfm": "torchcfm (peer CFM)"}
 FLOWS = ("cfm", "torchcfm")
+#: the models that take ``covariance="full" | "lowrank"`` (their rows are named by :func:`covariance_name`)
+COVARIANCE_MODELS = ("mdn", "mdn-physics")
 #: the physics weight at which the specs without a noise scale keep the problem's shipped weights
 #: (:func:`experiment_physics`); ``mdn-physics``'s default weight is :func:`~physmdn.physics_scaling.prior_weight`
 NORMALIZED_WEIGHT = 0.1
@@ -70,6 +73,36 @@ def models_for(problem, peer: bool = True) -> list[str]:
     imports."""
     return [m for m in MODELS if (m != "mdn-law" or hasattr(problem, "hard_law"))
             and (m != "torchcfm" or (peer and torchcfm_status()[0]))]
+
+
+def covariance_name(kind: str, covariance: str = "diag", rank: int | None = None) -> str:
+    """The model's name in the results: ``kind`` with diagonal components, else ``kind-full`` or ``kind-lowrank<R>``
+    (``mdn-physics-full``, ``mdn-lowrank4``), so that runs of both covariances can share one results table and be
+    paired (:func:`paired_differences` pairs each with its diagonal ``kind``)."""
+    if covariance == "diag":
+        return kind
+    return f"{kind}-full" if covariance == "full" else f"{kind}-lowrank{rank}"
+
+
+def model_base(name: str) -> str:
+    """The model kind of a results name (:func:`covariance_name` undone): ``mdn-physics-full`` -> ``mdn-physics``."""
+    for kind in COVARIANCE_MODELS:
+        rest = name[len(kind) + 1:] if name.startswith(kind + "-") else ""
+        if rest == "full" or (rest.startswith("lowrank") and rest[7:].isdigit()):
+            return kind
+    return name
+
+
+def _check_covariance(kind: str, covariance: str, rank: int | None) -> None:
+    """``covariance`` and ``rank`` checked against each other and ``kind``; messages name the argument."""
+    if covariance not in COVARIANCES:
+        raise ValueError(f"covariance must be one of {', '.join(COVARIANCES)}, got {covariance!r}")
+    if (rank is not None) != (covariance == "lowrank"):
+        raise ValueError(f"rank goes with covariance='lowrank' (and is required there), got covariance={covariance!r}, "
+                         f"rank={rank!r}")
+    if covariance != "diag" and kind not in COVARIANCE_MODELS:
+        raise ValueError(f"covariance={covariance!r} applies to the models {', '.join(COVARIANCE_MODELS)}, got "
+                         f"model {kind!r} (only covariance='diag' there)")
 
 
 def _component_specific(spec) -> bool:
@@ -120,21 +153,22 @@ def builds_law_in(problem, kind: str, oracle: bool = False) -> bool:
     return kind == "mdn-law" or (kind == "mdn-physics" and not oracle and hasattr(problem, "hard_law"))
 
 
-def _build_model(problem, kind: str, components: int | None, hidden: tuple[int, ...] | None, oracle: bool = False):
-    """A fresh model for ``kind``: an MDN of the problem's default size (a ``ConstrainedMDN`` where
-    :func:`builds_law_in`), or a CFM with three hidden layers of 128; ``components`` and ``hidden`` override the
-    defaults."""
+def _build_model(problem, kind: str, components: int | None, hidden: tuple[int, ...] | None, oracle: bool = False,
+                 covariance: str = "diag", rank: int | None = None):
+    """A fresh model for ``kind``: an MDN of the problem's default size (components' covariance ``covariance``,
+    rank ``rank``; a ``ConstrainedMDN`` where :func:`builds_law_in` and the covariance is diagonal), or a CFM with
+    three hidden layers of 128; ``components`` and ``hidden`` override the defaults."""
     if kind == "cfm":
         return CFM(problem.context_dim, problem.output_dim, hidden=hidden or (128, 128, 128))
     if kind == "torchcfm":
         return TorchCFM(problem.context_dim, problem.output_dim, width=(hidden or (128,))[0])
-    if builds_law_in(problem, kind, oracle):
+    if builds_law_in(problem, kind, oracle) and covariance == "diag":
         law = problem.hard_law()
         rows = law.rows(problem.sample_contexts(1, seed=0))
         return ConstrainedMDN(problem.context_dim, problem.output_dim, law, components or problem.defaults.components,
                               rows=rows, hidden=hidden or problem.defaults.hidden)
     return MDN(problem.context_dim, problem.output_dim, components or problem.defaults.components,
-               hidden=hidden or problem.defaults.hidden)
+               hidden=hidden or problem.defaults.hidden, covariance=covariance, rank=rank)
 
 
 def _sampler(model, kind: str, cfm_steps: int):
@@ -168,7 +202,8 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
                    lr: float | None = None, physics_weight: float | None = None, n_test_contexts: int = 32,
                    n_samples: int = 400, cfm_steps: int = 32, progress: bool = False, history_path: str | None = None,
                    truth: tuple[torch.Tensor, torch.Tensor] | None = None, oracle: bool = False,
-                   normalize: str | None = "noise", patience: int | str | None = "auto", warmup: float = 0.1) -> dict:
+                   normalize: str | None = "noise", patience: int | str | None = "auto", warmup: float = 0.1,
+                   covariance: str = "diag", rank: int | None = None) -> dict:
     """Train model ``kind`` on ``problem`` and evaluate it. Returns ``{"metrics", "timing", "config", "model",
     "history", "contexts", "truth"}`` (the last two: held-out contexts ``[B, C]`` and truth samples ``[m, B, D]``,
     reusable across models through ``truth=(contexts, samples)``).
@@ -180,9 +215,11 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
     :func:`experiment_physics`; ``physics_weight`` defaults to :func:`~physmdn.physics_scaling.prior_weight` of
     ``n_train`` (``min(0.1, 2.5 / n_train)``) with ``normalize="noise"``, else to the problem's
     ``defaults.physics_weight``; it rises linearly over the first ``warmup`` of the epochs (a
-    tenth: with early stopping a run may end long before the maximum)."""
+    tenth: with early stopping a run may end long before the maximum). ``covariance`` (``"diag"``, ``"full"``,
+    ``"lowrank"`` with ``rank``): the components of ``mdn`` and ``mdn-physics`` (:class:`~physmdn.MDN`)."""
     if kind not in models_for(problem):
         raise ValueError(f"kind must be one of {', '.join(models_for(problem))} for {problem.name}, got {kind!r}")
+    _check_covariance(kind, covariance, rank)
     device = torch.device(device) if device is not None else torch.device("cpu")
     d = problem.defaults
     batch_size = batch_size or d.batch_size
@@ -197,7 +234,7 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
         truth_samples = problem.sample_truth(contexts, n_samples, seed=40_000)
     else:
         contexts, truth_samples = truth
-    model = _build_model(problem, kind, components, hidden, oracle)
+    model = _build_model(problem, kind, components, hidden, oracle, covariance, rank)
     use_physics = kind == "mdn-physics"
     labelled = use_physics and oracle and problem.component_specific
     train_data = (train.x, train.y, train.labels) if labelled else (train.x, train.y)
@@ -227,6 +264,8 @@ def run_experiment(problem, kind: str, *, n_train: int, epochs: int, seed: int =
               "n_samples": truth_samples.shape[0], "regime_labels": bool(labelled),
               "oracle": bool(oracle and use_physics),
               "normalize": normalize if use_physics else None, "patience": patience}
+    if covariance != "diag":
+        config.update(covariance=covariance, rank=rank)
     return {"metrics": metrics, "timing": timing, "config": config, "model": model, "history": result.history,
             "contexts": contexts, "truth": truth_samples, "sampler": sample}
 
@@ -278,15 +317,23 @@ def write_run(out: str, problem, kind: str, result: dict, *, plots: bool = True,
 
 def compare(problem, *, models: Sequence[str] | None = None, sizes: Sequence[int], seeds: int, epochs: int, out: str,
             device=None, progress: bool = True, n_test_contexts: int = 32, n_samples: int = 400, on_result=None,
-            **kwargs) -> list[dict]:
+            covariances: Sequence[str] = ("diag",), rank: int | None = None, **kwargs) -> list[dict]:
     """Every model x training size x seed on ``problem``; writes ``results.csv``, ``summary.md``, ``summary.csv``,
     ``paired.csv`` and ``compare.png`` to ``out``. Seeds are paired: for a given size and seed every model trains on
     the same data and validation draws, and all runs share the held-out contexts and ground truth.
     ``kwargs`` go to :func:`run_experiment` (``oracle``, ``normalize``, ``physics_weight``, ...).
     ``torchcfm`` among ``models`` without the package installed is skipped with a warning (and a line in
     ``summary.md``). ``on_result(row, result)``, if given, sees each run's row and :func:`run_experiment` result (its
-    trained model and sampler) before the result is dropped."""
+    trained model and sampler) before the result is dropped. ``covariances``: each of ``mdn`` and ``mdn-physics``
+    runs once per covariance (``"diag"``, ``"full"``, ``"lowrank"`` with ``rank``), named by
+    :func:`covariance_name` (``mdn-physics-full``); the other models run once."""
     models = list(models) if models is not None else models_for(problem)
+    covariances = list(dict.fromkeys(covariances))
+    for covariance in covariances:
+        _check_covariance("mdn", covariance, rank if covariance == "lowrank" else None)
+    if covariances != ["diag"] and not any(m in COVARIANCE_MODELS for m in models):
+        raise ValueError(f"covariances={covariances!r} apply to the models {', '.join(COVARIANCE_MODELS)}, none of "
+                         f"which is among models={models!r}")
     notes = []
     if "torchcfm" in models and not torchcfm_status()[0]:
         notes.append(f"torchcfm column skipped: {torchcfm_status()[1]}")
@@ -294,20 +341,34 @@ def compare(problem, *, models: Sequence[str] | None = None, sizes: Sequence[int
         models.remove("torchcfm")
     contexts = problem.sample_contexts(n_test_contexts, seed=30_000, device=device)
     truth = (contexts, problem.sample_truth(contexts, n_samples, seed=40_000))
-    runs = [(n, seed, model) for n in sizes for seed in range(seeds) for model in models]
-    _warm_up(problem, models, device)
+    variants = [(model, cov) for model in models for cov in (covariances if model in COVARIANCE_MODELS else ["diag"])]
+    runs = [(n, seed, model, cov) for n in sizes for seed in range(seeds) for model, cov in variants]
+    _warm_up(problem, models, device, covariances, rank)
     rows = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(runs), desc=f"compare {problem.name}", unit="run")
-    for n, seed, model in runs:
+    for n, seed, model, cov in runs:
+        cov_rank = rank if cov == "lowrank" else None
+        name = covariance_name(model, cov, cov_rank)
         if bar is not None:
-            bar.set_postfix_str(f"{model} n={n} seed={seed}")
-        result = run_experiment(problem, model, n_train=n, epochs=epochs, seed=seed, device=device, truth=truth,
-                                **kwargs)
-        row = {"problem": problem.name, "model": model, "n_train": n, "seed": seed}
+            bar.set_postfix_str(f"{name} n={n} seed={seed}")
+        row = {"problem": problem.name, "model": name, "n_train": n, "seed": seed}
+        if model in COVARIANCE_MODELS:
+            row.update(covariance=cov, rank=cov_rank)
+        try:
+            result = run_experiment(problem, model, n_train=n, epochs=epochs, seed=seed, device=device, truth=truth,
+                                    covariance=cov, rank=cov_rank, **kwargs)
+        except FloatingPointError as exc:  # a diverged training run is a result too: kept as a row without metrics
+            row["error"] = str(exc)
+            rows.append(row)
+            notes.append(f"{name}, n_train {n}, seed {seed} diverged: {exc}")
+            warnings.warn(notes[-1], stacklevel=2)
+            if bar is not None:
+                bar.update(1)
+            continue
         row.update({k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))})
         row.update({k: v for k, v in result["timing"].items()})
         rows.append(row)
@@ -325,29 +386,37 @@ def compare(problem, *, models: Sequence[str] | None = None, sizes: Sequence[int
     with open(os.path.join(out, "summary.md"), "w") as fh:
         fh.write(markdown_table(summary, problem.name, epochs, seeds))
         fh.write(paired_table(paired))
+        for name in dict.fromkeys(r["model"] for r in rows):
+            if model_base(name) != name:
+                fh.write(paired_table(paired, name))
         fh.writelines(f"\n{note}\n" for note in notes)
     plot_compare(rows, os.path.join(out, "compare.png"))
     _write_json(os.path.join(out, "environment.json"), _environment())
     return rows
 
 
-def _warm_up(problem, models, device) -> None:
-    """One tiny fit per model family, so one-time costs (lazy initialization, allocator growth) do not land in the
-    first run's train_s."""
+def _warm_up(problem, models, device, covariances=("diag",), rank=None) -> None:
+    """One tiny fit per model family (and MDN covariance), so one-time costs (lazy initialization, allocator
+    growth) do not land in the first run's train_s."""
     data = problem.sample(16, seed=0, device=device)
-    for kind in dict.fromkeys(m if m in ("cfm", "torchcfm", "mdn-law") else "mdn" for m in models):
-        model = _build_model(problem, kind, None, (8,))
+    kinds = dict.fromkeys((m, "diag") if m in ("cfm", "torchcfm", "mdn-law") else ("mdn", c)
+                          for m in models for c in covariances)
+    for kind, cov in kinds:
+        model = _build_model(problem, kind, None, (8,), covariance=cov, rank=rank if cov == "lowrank" else None)
         fit(model, (data.x, data.y), epochs=1, batch_size=16, device=device, progress=False)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean and standard deviation over seeds of :data:`SUMMARY_METRICS`, per (model, n_train)."""
+    """Mean and standard deviation over seeds of :data:`SUMMARY_METRICS`, per (model, n_train); ``seeds`` counts
+    the runs with metrics, ``failed`` those that diverged (rows with an ``error``)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["n_train"]), []).append(row)
     summary = []
-    for (model, n), group in sorted(groups.items(), key=lambda kv: (kv[0][1], MODELS.index(kv[0][0]))):
-        entry = {"model": model, "n_train": n, "seeds": len(group)}
+    for (model, n), group in sorted(groups.items(), key=lambda kv: (kv[0][1], MODELS.index(model_base(kv[0][0])),
+                                                                      kv[0][0])):
+        failed = sum(1 for r in group if r.get("error"))
+        entry = {"model": model, "n_train": n, "seeds": len(group) - failed, "failed": failed}
         for key in SUMMARY_METRICS:
             values = [r[key] for r in group if r.get(key) is not None and math.isfinite(r[key])]
             if values:
@@ -403,36 +472,41 @@ def _betainc(a: float, b: float, x: float) -> float:
 
 def paired_differences(rows: list[dict], metrics: Sequence[str] = PAIRED_METRICS,
                        references: Sequence[str] = REFERENCES, level: float = 0.95) -> list[dict]:
-    """Paired differences ``model - reference`` over the seeds both ran (same data), per training size and metric.
+    """Paired differences ``model - reference`` over the seeds both ran (same data), per training size and metric;
+    besides ``references``, each full- or low-rank-covariance model (``mdn-physics-full``) is paired with its
+    diagonal model (``mdn-physics``).
 
     One row per (n_train, model, reference, metric) with ``seeds``, ``mean`` (of the model), ``reference_mean``,
     ``difference`` (mean of the per-seed differences), ``half_width`` (``t_{0.975, seeds-1} * std / sqrt(seeds)``;
     NaN for one seed), ``low``, ``high`` and ``ratio`` (``mean / reference_mean``)."""
     values = {(r["model"], r["n_train"], r["seed"]): r for r in rows}
     models = list(dict.fromkeys(r["model"] for r in rows))
+    pairs_of_models = [(model, reference) for reference in references if reference in models
+                       for model in models if model != reference]
+    pairs_of_models += [(model, model_base(model)) for model in models if model_base(model) in models
+                        and model_base(model) != model and (model, model_base(model)) not in pairs_of_models]
     out = []
     for n in sorted({r["n_train"] for r in rows}):
-        for reference in (m for m in references if m in models):
-            for model in (m for m in models if m != reference):
-                for metric in metrics:
-                    pairs = [(values[(model, n, s)].get(metric), values[(reference, n, s)].get(metric))
-                             for (m, size, s) in values if m == model and size == n and (reference, n, s) in values]
-                    pairs = [(a, b) for a, b in pairs if a is not None and b is not None
-                             and math.isfinite(a) and math.isfinite(b)]
-                    if not pairs:
-                        continue
-                    diffs = [a - b for a, b in pairs]
-                    k = len(diffs)
-                    mean_diff = sum(diffs) / k
-                    half = math.nan
-                    if k > 1:
-                        std = math.sqrt(sum((x - mean_diff) ** 2 for x in diffs) / (k - 1))
-                        half = t_quantile(level, k - 1) * std / math.sqrt(k)
-                    mean_a, mean_b = sum(a for a, _ in pairs) / k, sum(b for _, b in pairs) / k
-                    out.append({"n_train": n, "model": model, "reference": reference, "metric": metric, "seeds": k,
-                                "mean": mean_a, "reference_mean": mean_b, "difference": mean_diff,
-                                "half_width": half, "low": mean_diff - half, "high": mean_diff + half,
-                                "ratio": mean_a / mean_b if mean_b != 0 else math.nan})
+        for model, reference in pairs_of_models:
+            for metric in metrics:
+                pairs = [(values[(model, n, s)].get(metric), values[(reference, n, s)].get(metric))
+                         for (m, size, s) in values if m == model and size == n and (reference, n, s) in values]
+                pairs = [(a, b) for a, b in pairs if a is not None and b is not None
+                         and math.isfinite(a) and math.isfinite(b)]
+                if not pairs:
+                    continue
+                diffs = [a - b for a, b in pairs]
+                k = len(diffs)
+                mean_diff = sum(diffs) / k
+                half = math.nan
+                if k > 1:
+                    std = math.sqrt(sum((x - mean_diff) ** 2 for x in diffs) / (k - 1))
+                    half = t_quantile(level, k - 1) * std / math.sqrt(k)
+                mean_a, mean_b = sum(a for a, _ in pairs) / k, sum(b for _, b in pairs) / k
+                out.append({"n_train": n, "model": model, "reference": reference, "metric": metric, "seeds": k,
+                            "mean": mean_a, "reference_mean": mean_b, "difference": mean_diff,
+                            "half_width": half, "low": mean_diff - half, "high": mean_diff + half,
+                            "ratio": mean_a / mean_b if mean_b != 0 else math.nan})
     return out
 
 

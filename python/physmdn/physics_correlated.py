@@ -18,7 +18,14 @@ have closed forms:
 Specs whose penalty reads only each coordinate's marginal (:class:`~physmdn.physics.Bounds`, and those that read the
 means alone: ``Stability``, ``DynamicsStability``, ``FieldStability``, ``Monotonic``, ``Residual(mode="point")``) are
 given the marginal log standard deviations and are exact as they are. The other ``Residual`` modes place their
-points along the coordinate axes (a diagonal rule) and are refused, as is ``noise_scale > 0``.
+points along the coordinate axes (a diagonal rule) and are refused.
+
+``noise_scale = s > 0``: the expectation is taken under the noise-free covariance ``Sigma - s^2 I``. Isotropic
+observation noise changes only the diagonal, so every formula above keeps its off-diagonal terms and reads the
+marginal variances as ``max(Sigma_ii - s^2, 0)`` (the diagonal components' clamp); the variance of a sum
+(``tr(A Sigma A^T)``, ``Var n_i``) is clamped at 0 likewise. With a diagonal factor this is exactly the diagonal
+components' penalty. ``normalize="noise"`` divides the weight by the noise floor at the means, as for diagonal
+components (:func:`physmdn.physics_scaling.noise_normalized`).
 
 The loss per sample is ``NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk`` as in :func:`physmdn.mdn_loss`, here in
 plain torch (the NLL through the correlated ops). Layering: imports the ops, ``physics`` and ``correlated``.
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from . import physics_scaling
 from .correlated import CorrelatedGaussianMixture
 from .physics import (Bounds, DynamicsStability, FieldStability, Linear, Monotonic, PhysicsSpec, Polynomial, Residual,
                       Stability, Stencil1D, _check_coupling, _effective_coupling, _normalize_physics,
@@ -62,21 +70,26 @@ def _stencil_parts(spec: Stencil1D, means: torch.Tensor):
     return a, L - torch.diag(diag), own
 
 
-def _refuse_noise(spec) -> None:
-    if getattr(spec, "noise_scale", 0.0) > 0.0:
-        raise NotImplementedError(f"{type(spec).__name__} with noise_scale > 0 is supported for diagonal components "
-                                  f"only (Sigma - noise_scale^2 I need not be a covariance), got noise_scale = "
-                                  f"{spec.noise_scale}")
+def _noise_free_variance(spec, factor: torch.Tensor, diag: torch.Tensor | None):
+    """``(v*, v* - v)``: the noise-free marginal variances ``v*_i = max(Sigma_ii - s^2, 0)`` (``s = noise_scale``)
+    and their change from ``v_i = Sigma_ii``, both ``[B, K, D]``. Observation noise ``s eps``, ``eps ~ N(0, I)``,
+    adds ``s^2`` to the diagonal of ``Sigma`` alone, so the off-diagonal covariances are the noise-free ones; the
+    clamp at 0 is the diagonal components' ``relu(sigma^2 - s^2)`` (:mod:`physmdn.physics`)."""
+    var = _marginal_variance(factor, diag)
+    noise = float(getattr(spec, "noise_scale", 0.0))
+    if noise <= 0.0:
+        return var, None
+    free = torch.clamp(var - noise * noise, min=0.0)
+    return free, free - var
 
 
 def expected_residual(spec, means: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
     """``E r(Y)`` for ``Y ~ N(mu_k, F_k F_k^T + diag(c_k))``: ``[B, K, M]`` (``M = D`` for Polynomial and
     Stencil1D, the rows of ``A`` for Linear). ``means [B, K, D]``, ``factor [B, K, D, Q]``, ``diag [B, K, D]``
     or None."""
-    _refuse_noise(spec)
     if isinstance(spec, Linear):
         return spec.residual(means)
-    var = _marginal_variance(factor, diag)
+    var, _ = _noise_free_variance(spec, factor, diag)
     if isinstance(spec, Polynomial):
         return _poly_mean_expectation(spec.coeffs.to(means.dtype), means, var)
     if isinstance(spec, Stencil1D):
@@ -88,12 +101,15 @@ def expected_residual(spec, means: torch.Tensor, factor: torch.Tensor, diag: tor
 def expected_square(spec, means: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
     """``E |r(Y)|^2`` for ``Y ~ N(mu_k, F_k F_k^T + diag(c_k))``: ``[B, K]`` (arguments as
     :func:`expected_residual`)."""
-    _refuse_noise(spec)
+    var, shift = _noise_free_variance(spec, factor, diag)
     if isinstance(spec, Linear):
         A = spec.A.to(means.dtype)
-        value = spec.residual(means).square().sum(-1) + (A @ factor).square().sum((-2, -1))
-        return value if diag is None else value + (A.square().sum(-2) * diag).sum(-1)
-    var = _marginal_variance(factor, diag)
+        spread = (A @ factor).square().sum((-2, -1))  # tr(A Sigma A^T)
+        if diag is not None:
+            spread = spread + (A.square().sum(-2) * diag).sum(-1)
+        if shift is not None:
+            spread = torch.clamp(spread + (A.square().sum(-2) * shift).sum(-1), min=0.0)
+        return spec.residual(means).square().sum(-1) + spread
     if isinstance(spec, Polynomial):
         return _poly_square_expectation(spec.coeffs.to(means.dtype), means, var).sum(-1)
     if isinstance(spec, Stencil1D):
@@ -102,6 +118,8 @@ def expected_square(spec, means: torch.Tensor, factor: torch.Tensor, diag: torch
         neighbour_var = a.square() * neighbours.square().sum(-1)
         if diag is not None:
             neighbour_var = neighbour_var + a.square() * (diag @ off.square().T)
+        if shift is not None:
+            neighbour_var = torch.clamp(neighbour_var + a.square() * (shift @ off.square().T), min=0.0)
         cross = a * (neighbours * factor).sum(-1)  # Cov(n_i, u_i) (L_off has a zero diagonal: no c_i term)
         slope = own[..., 1:] * torch.arange(1, own.shape[-1], dtype=own.dtype, device=own.device)  # q'
         own_mean = _poly_mean_expectation(own, means, var)
@@ -158,7 +176,8 @@ def penalty_from_factors(logits: torch.Tensor, means: torch.Tensor, factor: torc
     N, K, D = means.shape
     pi = torch.softmax(logits, dim=-1)
     total = means.new_zeros(N)
-    for spec, w in _normalize_physics(physics):
+    # normalize="noise": the weight divided by the noise floor at the means, as for diagonal components
+    for spec, w in physics_scaling.noise_normalized(_normalize_physics(physics), logits, means):
         spec.validate(N, K, D)
         weights = pi.detach() if _effective_coupling(spec, coupling) == "detached" else pi
         total = total + (weights * (w * component_penalty(spec, means, factor, diag))).sum(-1)

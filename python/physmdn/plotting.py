@@ -85,9 +85,11 @@ def plot_density(problem, model, kind: str, sample, path: str, *, grid: int = 60
 
         panels = [("ground truth", histogram(truth[..., d]))]
         if mixture is not None:  # exact marginal density of output d
-            rotated = hasattr(mixture, "marginal_scales")  # a ConstrainedMixture: components' marginals along y_d
-            m_d = (mixture.component_means if rotated else mixture.means)[..., d].cpu()  # [G, K]
-            s_d = (mixture.marginal_scales if rotated else mixture.scales)[..., d].cpu()
+            # a ConstrainedMixture (components' means along y_d: component_means) or a full / low-rank covariance
+            # mixture has marginal_scales, a diagonal one scales
+            m_d = (mixture.component_means if hasattr(mixture, "component_means") else mixture.means)[..., d].cpu()
+            s_d = getattr(mixture, "marginal_scales", None)
+            s_d = (mixture.scales if s_d is None else s_d)[..., d].cpu()
             w = mixture.weights.cpu()
             z = (centers.view(-1, 1, 1) - m_d) / s_d
             dens = (w * torch.exp(-0.5 * z * z) / (s_d * math.sqrt(2 * math.pi))).sum(-1)

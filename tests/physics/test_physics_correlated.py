@@ -1,6 +1,7 @@
 """Physics expectations under full-covariance and low-rank components against 10^6-sample Monte Carlo (float64),
 gradcheck, and the correlated MDN loss."""
 
+import copy
 import math
 
 import pytest
@@ -78,6 +79,36 @@ def test_diagonal_factor_gives_the_diagonal_penalties(index):
 
 
 @pytest.mark.parametrize("kind", ["full", "lowrank"])
+@pytest.mark.parametrize("index", range(len(SPECS)))
+def test_noise_scale_takes_the_noise_free_covariance(kind, index):
+    """``noise_scale = s``: the penalty of ``Sigma = Sigma* + s^2 I`` is the noise-free penalty of ``Sigma*``."""
+    spec, noise = copy.copy(SPECS[index]), 0.15
+    means, factor, diag = components(kind, seed=index)
+    if kind == "full":
+        eye = torch.eye(factor.shape[-1], dtype=factor.dtype)
+        noisy_factor, noisy_diag = torch.linalg.cholesky(factor @ factor.transpose(-1, -2) + noise**2 * eye), None
+    else:
+        noisy_factor, noisy_diag = factor, diag + noise**2
+    for moment in ("second", "first"):
+        spec.moment, spec.noise_scale = moment, 0.0
+        expected = component_penalty(spec, means, factor, diag)
+        spec.noise_scale = noise
+        torch.testing.assert_close(component_penalty(spec, means, noisy_factor, noisy_diag), expected)
+
+
+@pytest.mark.parametrize("index", range(len(SPECS)))
+def test_diagonal_factor_with_noise_gives_the_diagonal_penalties(index):
+    """With a diagonal factor, ``noise_scale`` clamps each variance at 0 exactly as the diagonal components do."""
+    spec = copy.copy(SPECS[index])
+    spec.noise_scale = 0.3
+    means, _, _ = components("full")
+    log_scales = math.log(0.3) + 0.5 * torch.randn(means.shape, generator=torch.Generator().manual_seed(2),
+                                                   dtype=torch.float64)  # scales on both sides of the noise
+    torch.testing.assert_close(component_penalty(spec, means, torch.diag_embed(log_scales.exp()), None),
+                               spec.penalty(means, log_scales))
+
+
+@pytest.mark.parametrize("kind", ["full", "lowrank"])
 def test_gradcheck(kind):
     means, factor, diag = components(kind, B=2, K=2, D=4, R=2)
     for spec in (SPECS[0], physics.Linear(torch.randn(2, 4, dtype=torch.float64)), SPECS[3], SPECS[4]):
@@ -108,8 +139,6 @@ def test_specs_without_a_correlated_expectation_are_refused():
     means, factor, diag = components("full")
     with pytest.raises(NotImplementedError, match="Residual\\(mode='sigma'\\) has no expectation"):
         component_penalty(physics.Residual(lambda y, c: y), means, factor, diag)
-    with pytest.raises(NotImplementedError, match="noise_scale > 0"):
-        component_penalty(physics.Polynomial([0.0, 1.0], noise_scale=0.1), means, factor, diag)
     # Bounds reads the marginals only: exact under any correlation
     bounds = physics.Bounds(upper=0.5, mode="exact")
     marginal = (factor.square().sum(-1)).sqrt().log()
