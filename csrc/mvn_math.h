@@ -38,6 +38,19 @@ PHYSMDN_HD acc_t lse(const acc_t* x, int n) {
   return shift + log_(s);
 }
 
+// The softmax of logits [K] as exp(logits_k - shift) / total: the max as shift (0 when every logit is -inf).
+template <typename scalar_t, typename acc_t>
+PHYSMDN_HD void softmax_normalizer(const scalar_t* logits, int K, acc_t& shift, acc_t& total) {
+  acc_t mx = -std::numeric_limits<acc_t>::infinity();
+  for (int k = 0; k < K; ++k) {
+    const acc_t l = static_cast<acc_t>(logits[k]);
+    mx = l > mx ? l : mx;
+  }
+  shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
+  total = acc_t(0);
+  for (int k = 0; k < K; ++k) total += exp_(static_cast<acc_t>(logits[k]) - shift);
+}
+
 // One sample, contiguous rows: logits [K], means [K, D], L [K, D, D], y [D]. Writes z [K, D] and the
 // responsibilities r [K] (accumulation dtype); returns the loss. lw: scratch [K] (the log mixture weights); it may be
 // r itself (lw[k] is read before r[k] is written; the CUDA kernels pass r, so that K needs no local array).
@@ -71,14 +84,8 @@ template <typename scalar_t, typename acc_t>
 PHYSMDN_HD void tril_nll_backward_sample(acc_t g, const scalar_t* logits, const scalar_t* L, const acc_t* z,
                                          const acc_t* r, int K, int D, scalar_t* grad_logits, scalar_t* grad_means,
                                          scalar_t* grad_L, scalar_t* grad_y) {
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
-  for (int k = 0; k < K; ++k) {
-    const acc_t l = static_cast<acc_t>(logits[k]);
-    mx = l > mx ? l : mx;
-  }
-  const acc_t shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
-  acc_t total = acc_t(0);
-  for (int k = 0; k < K; ++k) total += exp_(static_cast<acc_t>(logits[k]) - shift);
+  acc_t shift, total;
+  softmax_normalizer<scalar_t, acc_t>(logits, K, shift, total);
   acc_t gy[kMaxTrilDim], v[kMaxTrilDim];
   for (int d = 0; d < D; ++d) gy[d] = acc_t(0);
   for (int k = 0; k < K; ++k) {
@@ -210,14 +217,8 @@ PHYSMDN_HD void lowrank_nll_backward_sample(acc_t g, const scalar_t* logits, con
                                             const acc_t* v, const acc_t* r, const acc_t* chol, int K, int D, int R,
                                             scalar_t* grad_logits, scalar_t* grad_means, scalar_t* grad_W,
                                             scalar_t* grad_d, scalar_t* grad_y) {
-  acc_t mx = -std::numeric_limits<acc_t>::infinity();
-  for (int k = 0; k < K; ++k) {
-    const acc_t l = static_cast<acc_t>(logits[k]);
-    mx = l > mx ? l : mx;
-  }
-  const acc_t shift = mx == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : mx;
-  acc_t total = acc_t(0);
-  for (int k = 0; k < K; ++k) total += exp_(static_cast<acc_t>(logits[k]) - shift);
+  acc_t shift, total;
+  softmax_normalizer<scalar_t, acc_t>(logits, K, shift, total);
   for (int k = 0; k < K; ++k) {
     const acc_t gr = g * r[k];
     grad_logits[k] = static_cast<scalar_t>(g * (exp_(static_cast<acc_t>(logits[k]) - shift) / total) - gr);
