@@ -53,6 +53,20 @@ PHYSMDN_HD double log_(double x) {
   return std::log(x);
 #endif
 }
+PHYSMDN_HD float sqrt_(float x) {
+#if defined(__CUDA_ARCH__)
+  return sqrtf(x);
+#else
+  return std::sqrt(x);
+#endif
+}
+PHYSMDN_HD double sqrt_(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::sqrt(x);
+#else
+  return std::sqrt(x);
+#endif
+}
 
 // Online log-sum-exp accumulator: one pass, robust to -inf terms and +-1e4 logits; NaN propagates.
 template <typename acc_t>

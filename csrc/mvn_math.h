@@ -122,21 +122,6 @@ PHYSMDN_HD void tril_nll_backward_sample(acc_t g, const scalar_t* logits, const 
 
 constexpr int kMaxRank = 8;  // local arrays per component (python/physmdn/_mixture_correlated.py MAX_RANK)
 
-PHYSMDN_HD float sqrt_(float x) {
-#if defined(__CUDA_ARCH__)
-  return sqrtf(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-PHYSMDN_HD double sqrt_(double x) {
-#if defined(__CUDA_ARCH__)
-  return ::sqrt(x);
-#else
-  return std::sqrt(x);
-#endif
-}
-
 // One sample, contiguous rows: logits [K], means [K, D], W [K, D, R], d [K, D], y [D]. Writes v = Sigma^-1 delta
 // [K, D], the responsibilities r [K] and the Cholesky factors of the capacitance matrices chol [K, R, R] (zero above
 // the diagonal), all in the accumulation dtype; returns the loss. lw: scratch [K] (the log mixture weights); it may be

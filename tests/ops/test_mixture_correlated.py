@@ -215,10 +215,11 @@ def test_torch_compile_fullgraph():
 # the torch implementation they replace on their device ----------------------------------------------------------
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_tril_op_is_the_compiled_kernel(device):
+@pytest.mark.parametrize("op", ["mixture_nll_tril", "mixture_nll_lowrank"])
+def test_correlated_ops_are_the_compiled_kernels(device, op):
     key = device.upper()
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_tril", key)
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_tril_backward", key)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"physmdn::{op}", key)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"physmdn::{op}_backward", key)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -324,13 +325,6 @@ def test_tril_cuda_device_mismatch_names_the_argument():
 
 # ----- the fused kernels of the low-rank op (CPU: csrc/cpu/mixture_nll_lowrank.cpp, CUDA: csrc/cuda/correlated.cuh)
 # against the torch implementation they replace on their device -------------------------------------------------
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_lowrank_op_is_the_compiled_kernel(device):
-    key = device.upper()
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_lowrank", key)
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("physmdn::mixture_nll_lowrank_backward", key)
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 5e-5), (torch.bfloat16, 5e-5)])
