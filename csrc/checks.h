@@ -117,6 +117,32 @@ inline void check_lowrank_inputs(const Tensor& logits, const Tensor& means, cons
              {{&logits, "logits"}, {&cov_factor, "cov_factor"}, {&cov_diag, "cov_diag"}, {&target, "target"}});
 }
 
+// correlated_penalty: means [B, K, D] (K, D >= 1), factor [B, K, D, Q] (Q >= 1), diag [B, K, D] or none
+inline void check_correlated_penalty_inputs(const Tensor& means, const Tensor& factor, const OptionalTensor& diag) {
+  PHYSMDN_CHECK(means.dim() == 3 && means.size(1) >= 1 && means.size(2) >= 1,
+                "means must be [B, K, D] with K >= 1 and D >= 1, got shape ", shape(means));
+  const auto B = means.size(0), K = means.size(1), D = means.size(2);
+  PHYSMDN_CHECK(factor.dim() == 4 && factor.size(0) == B && factor.size(1) == K && factor.size(2) == D &&
+                    factor.size(3) >= 1,
+                "factor must be [B, K, D, Q] = [", B, ", ", K, ", ", D, ", Q] with Q >= 1, got shape ", shape(factor));
+  if (diag.has_value()) {
+    PHYSMDN_CHECK(diag->dim() == 3 && diag->size(0) == B && diag->size(1) == K && diag->size(2) == D,
+                  "diag must be [B, K, D] = [", B, ", ", K, ", ", D, "], got shape ", shape(*diag));
+    check_like(means, "means", {{&factor, "factor"}, {&*diag, "diag"}});
+  } else {
+    check_like(means, "means", {{&factor, "factor"}});
+  }
+}
+
+// correlated_penalty_backward: grad [B, K] of any floating dtype on the device of means
+inline void check_correlated_penalty_grad(const Tensor& grad, const Tensor& means) {
+  PHYSMDN_CHECK(grad.dim() == 2 && grad.size(0) == means.size(0) && grad.size(1) == means.size(1),
+                "grad must be [B, K] = [", means.size(0), ", ", means.size(1), "], got shape ", shape(grad));
+  check_floating(grad, "grad");
+  PHYSMDN_CHECK(grad.device() == means.device(), "grad must be on the device of means (", means.device(), "), got ",
+                grad.device());
+}
+
 // mixture_nll_lowrank_backward: v [B, K, D], responsibilities [B, K], chol [B, K, R, R] in the accumulation dtype of
 // cov_factor [B, K, D, R] (as the forward wrote them), cov_diag [B, K, D], logits [B, K], grad_loss [B]
 inline void check_lowrank_backward_inputs(const Tensor& grad_loss, const Tensor& logits, const Tensor& cov_factor,

@@ -9,6 +9,7 @@
 
 namespace physmdn {
 
+using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensors6 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Tensors7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -193,6 +194,59 @@ Tensors7 mdn_loss_bwd_impl(
   return {to_dtype(gl, dt), to_dtype(gm, dt), to_dtype(gs, dt), to_dtype(gt, dt), to_dtype(gp0, dt), to_dtype(gp1, dt), to_dtype(ge, dt)};
 }
 
+// ----- physics penalty of correlated components (csrc/mvn_physics_math.h) ------------------------------------------
+// P [B, K] (input dtype) of one built-in family under N(means_bk, F_bk F_bk^T + diag(diag_bk)); the family's
+// parameters p0 / p1 as for mdn_loss_fwd ([B, K, ...] views, stride 0 where broadcast). Backend supplies
+// correlated_penalty_forward / _backward over contiguous means, factor and diag.
+inline PhysicsArgs penalty_args(int64_t family, int64_t moment, double spacing, int64_t boundary, double noise_scale) {
+  PHYSMDN_CHECK(family != math::kFamilyNone, "family must be 0 (polynomial), 1 (linear) or 2 (stencil), got ", family);
+  return PhysicsArgs{family, moment, false, 1.0, spacing, boundary, noise_scale};
+}
+
+inline OptionalTensor contiguous_or_none(const OptionalTensor& t) {
+  return t.has_value() ? OptionalTensor(as_contiguous(*t)) : std::nullopt;
+}
+
+template <typename Backend>
+Tensor correlated_penalty_impl(const Tensor& means, const Tensor& factor, const OptionalTensor& diag, const Tensor& p0,
+                               const Tensor& p1, int64_t family, int64_t moment, double spacing, int64_t boundary,
+                               double noise_scale) {
+  check_correlated_penalty_inputs(means, factor, diag);
+  Backend::check_device(means);
+  const PhysicsArgs args = penalty_args(family, moment, spacing, boundary, noise_scale);
+  const auto [order, rows] = check_physics_args(means, p0, p1, std::nullopt, args);
+  auto out = Backend::empty({means.size(0), means.size(1)}, spec_of(means));
+  if (means.size(0) > 0)
+    Backend::correlated_penalty_forward(as_contiguous(means), as_contiguous(factor), contiguous_or_none(diag), p0, p1,
+                                        args, order, rows, out);
+  return out;
+}
+
+// The gradients of sum(grad * P) in means [B, K, D], factor [B, K, D, Q] and diag [B, K, D] ([0] without diag), in
+// the input dtype; the parameters' gradients are not computed here (python/physmdn/physics_correlated.py takes its
+// torch path when a parameter needs one).
+template <typename Backend>
+Tensors3 correlated_penalty_backward_impl(const Tensor& grad, const Tensor& means, const Tensor& factor,
+                                          const OptionalTensor& diag, const Tensor& p0, const Tensor& p1,
+                                          int64_t family, int64_t moment, double spacing, int64_t boundary,
+                                          double noise_scale) {
+  check_correlated_penalty_inputs(means, factor, diag);
+  Backend::check_device(means);
+  check_correlated_penalty_grad(grad, means);
+  const PhysicsArgs args = penalty_args(family, moment, spacing, boundary, noise_scale);
+  const auto [order, rows] = check_physics_args(means, p0, p1, std::nullopt, args);
+  const auto B = means.size(0), K = means.size(1), D = means.size(2), Q = factor.size(3);
+  const auto acc = spec_of(means).with(acc_dtype(means.scalar_type()));
+  auto gm = Backend::empty({B, K, D}, acc), gF = Backend::empty({B, K, D, Q}, acc);
+  auto gc = diag.has_value() ? Backend::empty({B, K, D}, acc) : Backend::empty({0}, acc);
+  if (B > 0)
+    Backend::correlated_penalty_backward(as_contiguous(to_dtype(grad, acc.dtype)), as_contiguous(means),
+                                         as_contiguous(factor), contiguous_or_none(diag), p0, p1, args, order, rows,
+                                         gm, gF, gc);
+  const auto dt = means.scalar_type();
+  return {to_dtype(gm, dt), to_dtype(gF, dt), to_dtype(gc, dt)};
+}
+
 #define PHYSMDN_OP_SCHEMAS(m)                                                                                          \
   m.def("mixture_nll_fwd(Tensor logits, Tensor means, Tensor log_scales, Tensor target, bool compute_grad=False, "     \
         "float grad_scale=1.0) -> (Tensor loss, Tensor saved, Tensor grad_logits, Tensor grad_means, Tensor grad_log_scales, "               \
@@ -208,12 +262,19 @@ Tensors7 mdn_loss_bwd_impl(
         "Tensor p1, Tensor? extra, int family, int moment, bool couple_weights, float weight, float spacing, "        \
         "int boundary, "                                                                                               \
         "float noise_scale, Tensor saved, bool p0_grad, bool p1_grad) -> (Tensor grad_logits, Tensor grad_means, "      \
-        "Tensor grad_log_scales, Tensor grad_target, Tensor grad_p0, Tensor grad_p1, Tensor grad_extra)")
+        "Tensor grad_log_scales, Tensor grad_target, Tensor grad_p0, Tensor grad_p1, Tensor grad_extra)");             \
+  m.def("correlated_penalty(Tensor means, Tensor factor, Tensor? diag, Tensor p0, Tensor p1, int family, "             \
+        "int moment, float spacing, int boundary, float noise_scale) -> Tensor");                                     \
+  m.def("correlated_penalty_backward(Tensor grad, Tensor means, Tensor factor, Tensor? diag, Tensor p0, Tensor p1, "   \
+        "int family, int moment, float spacing, int boundary, float noise_scale) -> (Tensor grad_means, "              \
+        "Tensor grad_factor, Tensor grad_diag)")
 
 #define PHYSMDN_OP_IMPLS(m, Backend)                                \
   m.impl("mixture_nll_fwd", TORCH_BOX(&mixture_nll_fwd_impl<Backend>));        \
   m.impl("mixture_nll_bwd", TORCH_BOX(&mixture_nll_bwd_impl<Backend>));        \
   m.impl("mdn_loss_fwd", TORCH_BOX(&mdn_loss_fwd_impl<Backend>));              \
-  m.impl("mdn_loss_bwd", TORCH_BOX(&mdn_loss_bwd_impl<Backend>))
+  m.impl("mdn_loss_bwd", TORCH_BOX(&mdn_loss_bwd_impl<Backend>));              \
+  m.impl("correlated_penalty", TORCH_BOX(&correlated_penalty_impl<Backend>));  \
+  m.impl("correlated_penalty_backward", TORCH_BOX(&correlated_penalty_backward_impl<Backend>))
 
 }  // namespace physmdn

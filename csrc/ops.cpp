@@ -177,6 +177,10 @@ struct CpuBackend {
   template <typename... Args>
   static void mixture_nll_backward(Args&&... args) { PHYSMDN_CPU_CALL(mixture_nll_backward, args...); }
   template <typename... Args>
+  static void correlated_penalty_forward(Args&&... args) { PHYSMDN_CPU_CALL(correlated_penalty_forward, args...); }
+  template <typename... Args>
+  static void correlated_penalty_backward(Args&&... args) { PHYSMDN_CPU_CALL(correlated_penalty_backward, args...); }
+  template <typename... Args>
   static void mdn_loss_forward(Args&&... args) { PHYSMDN_CPU_CALL(mdn_loss_forward, args...); }
   template <typename... Args>
   static void mdn_loss_backward(Args&&... args) { PHYSMDN_CPU_CALL(mdn_loss_backward, args...); }

@@ -317,16 +317,12 @@ PHYSMDN_HD acc_t stencil_penalty(const MixtureView<scalar_t>& v, const PhysicsVi
   return total;
 }
 
-// Whether component k's means, log-scales and family parameters are all finite (x - x == 0 only for finite x).
-template <typename acc_t, typename scalar_t, typename pscalar_t>
-PHYSMDN_HD bool component_finite(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b, int64_t k) {
+// Whether the family parameters of component (b, k) are all finite (x - x == 0 only for finite x).
+template <typename acc_t, typename pscalar_t>
+PHYSMDN_HD bool params_finite(const PhysicsView<pscalar_t>& p, int64_t b, int64_t k, int64_t D) {
   acc_t z = acc_t(0);
-  for (int64_t d = 0; d < v.D; ++d) {
-    const acc_t m = load_mu<acc_t>(v, b, k, d), l = load_ls<acc_t>(v, b, k, d);
-    z += (m - m) + (l - l);
-  }
   if (p.family == kPolynomial) {
-    for (int64_t d = 0; d < v.D; ++d)
+    for (int64_t d = 0; d < D; ++d)
       for (int j = 0; j <= p.order; ++j) {
         const acc_t c = static_cast<acc_t>(p.p0(b, k, d, j));
         z += c - c;
@@ -335,7 +331,7 @@ PHYSMDN_HD bool component_finite(const MixtureView<scalar_t>& v, const PhysicsVi
     for (int64_t r = 0; r < p.rows; ++r) {
       const acc_t bb = static_cast<acc_t>(p.p1(b, k, r));
       z += bb - bb;
-      for (int64_t d = 0; d < v.D; ++d) {
+      for (int64_t d = 0; d < D; ++d) {
         const acc_t a = static_cast<acc_t>(p.p0(b, k, r, d));
         z += a - a;
       }
@@ -349,6 +345,17 @@ PHYSMDN_HD bool component_finite(const MixtureView<scalar_t>& v, const PhysicsVi
     }
   }
   return z == acc_t(0);
+}
+
+// Whether component k's means, log-scales and family parameters are all finite.
+template <typename acc_t, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD bool component_finite(const MixtureView<scalar_t>& v, const PhysicsView<pscalar_t>& p, int64_t b, int64_t k) {
+  acc_t z = acc_t(0);
+  for (int64_t d = 0; d < v.D; ++d) {
+    const acc_t m = load_mu<acc_t>(v, b, k, d), l = load_ls<acc_t>(v, b, k, d);
+    z += (m - m) + (l - l);
+  }
+  return z == acc_t(0) && params_finite<acc_t>(p, b, k, v.D);
 }
 
 template <typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>

@@ -25,6 +25,14 @@
                                     const Tensor& cov_diag, const Tensor& v, const Tensor& responsibilities,      \
                                     const Tensor& chol, Tensor& grad_logits, Tensor& grad_means,                  \
                                     Tensor& grad_factor, Tensor& grad_diag, Tensor& grad_target);                 \
+  /* the physics penalty of correlated components (correlated_penalty.cpp): contiguous means, factor, diag */    \
+  void correlated_penalty_forward(const Tensor& means, const Tensor& factor, const OptionalTensor& diag,          \
+                                  const Tensor& p0, const Tensor& p1, const PhysicsArgs& args, int order,         \
+                                  int64_t rows, Tensor& out);                                                     \
+  void correlated_penalty_backward(const Tensor& grad, const Tensor& means, const Tensor& factor,                 \
+                                   const OptionalTensor& diag, const Tensor& p0, const Tensor& p1,                \
+                                   const PhysicsArgs& args, int order, int64_t rows, Tensor& grad_means,          \
+                                   Tensor& grad_factor, Tensor& grad_diag);                                       \
   void mixture_nll_forward(const Tensor& logits, const Tensor& means, const Tensor& log_scales,        \
                            const Tensor& target, Tensor& loss, Tensor& saved);                        \
   bool mixture_nll_forward_grad(const Tensor& logits, const Tensor& means, const Tensor& log_scales,    \

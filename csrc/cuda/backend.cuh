@@ -317,6 +317,14 @@ struct CudaBackend {
   }
 
   static Tensor empty(IntArrayRef sizes, const Spec& spec) { return physmdn::empty(sizes, spec.dtype, spec.device); }
+  // the physics penalty of correlated components: defined in csrc/cuda/correlated.cuh
+  static void correlated_penalty_forward(const Tensor& means, const Tensor& factor, const OptionalTensor& diag,
+                                         const Tensor& p0, const Tensor& p1, const PhysicsArgs& args, int order,
+                                         int64_t rows, Tensor& out);
+  static void correlated_penalty_backward(const Tensor& grad, const Tensor& means, const Tensor& factor,
+                                          const OptionalTensor& diag, const Tensor& p0, const Tensor& p1,
+                                          const PhysicsArgs& args, int order, int64_t rows, Tensor& grad_means,
+                                          Tensor& grad_factor, Tensor& grad_diag);
   // the fused loss's forward with gradients: the tiled kernel writes the input dtype directly; the per-sample kernels
   // float32 (converted on return)
   static bool loss_grads_in_input_dtype(const Tensor& logits, const Tensor& means,

@@ -1,6 +1,8 @@
 // CUDA kernels of the mixture NLL with correlated components (the per-sample math of csrc/mvn_math.h, shared with
 // the CPU drivers), their launchers and the op entry points kernels.cu registers: mixture_nll_tril,
-// mixture_nll_lowrank and their backwards.
+// mixture_nll_lowrank and their backwards; and the physics penalty of correlated components (csrc/mvn_physics_math.h,
+// a thread per (sample, component) pair; op_impl.h's correlated_penalty over CudaBackend's two launchers defined
+// here).
 //
 // A thread per sample in a grid-stride loop over the batch: each thread runs the per-sample functions on its
 // sample's contiguous rows (the entry points make the inputs contiguous), reading its factor rows in order (L1 keeps
@@ -21,6 +23,7 @@
 #include <tuple>
 
 #include "mvn_math.h"
+#include "mvn_physics_math.h"
 #include "op_impl.h"
 
 namespace physmdn {
@@ -111,6 +114,38 @@ __global__ void __launch_bounds__(kCorrelatedThreads)
         grad_diag + b * KD, grad_target + b * D);
 }
 
+// Physics penalty, forward: P [B * K] (input dtype) of each (sample, component) pair n = b K + k from its contiguous
+// rows of means [D], factor [D, Q] and diag [D] (null without).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kCorrelatedThreads)
+    correlated_penalty_kernel(const scalar_t* __restrict__ means, const scalar_t* __restrict__ factor,
+                              const scalar_t* __restrict__ diag, math::PhysicsView<scalar_t> p, int64_t N, int64_t K,
+                              int64_t D, int64_t Q, scalar_t* __restrict__ out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const math::CorrelatedGrads<acc_t> none{nullptr, nullptr, nullptr};
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N; n += stride) {
+    const math::CorrelatedComponent<scalar_t> x{means + n * D, factor + n * D * Q, diag ? diag + n * D : nullptr, D, Q};
+    out[n] = static_cast<scalar_t>(math::correlated_penalty<acc_t, false>(x, p, n / K, n % K, acc_t(0), none));
+  }
+}
+
+// Physics penalty, backward: grad[n] dP/d(means, factor, diag) (acc_t) into the pair's rows.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kCorrelatedThreads)
+    correlated_penalty_backward_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ means,
+                                       const scalar_t* __restrict__ factor, const scalar_t* __restrict__ diag,
+                                       math::PhysicsView<scalar_t> p, int64_t N, int64_t K, int64_t D, int64_t Q,
+                                       acc_t* __restrict__ grad_means, acc_t* __restrict__ grad_factor,
+                                       acc_t* __restrict__ grad_diag) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N; n += stride) {
+    const math::CorrelatedComponent<scalar_t> x{means + n * D, factor + n * D * Q, diag ? diag + n * D : nullptr, D, Q};
+    const math::CorrelatedGrads<acc_t> gr{grad_means + n * D, grad_factor + n * D * Q,
+                                          diag ? grad_diag + n * D : nullptr};
+    math::correlated_penalty<acc_t, true>(x, p, n / K, n % K, grad[n], gr);
+  }
+}
+
 // ----- launchers (contiguous inputs, outputs allocated by the caller; max_blocks caps the grid) --------------------
 void launch_tril_forward(const Tensor& logits, const Tensor& means, const Tensor& scale_tril, const Tensor& target,
                          Tensor& loss, Tensor& z, Tensor& r, int64_t max_blocks) {
@@ -178,6 +213,43 @@ void launch_lowrank_backward(const Tensor& grad_loss, const Tensor& logits, cons
         static_cast<int>(v.size(2)), static_cast<int>(cov_factor.size(3)), grad_logits.mutable_data_ptr<scalar_t>(),
         grad_means.mutable_data_ptr<scalar_t>(), grad_factor.mutable_data_ptr<scalar_t>(),
         grad_diag.mutable_data_ptr<scalar_t>(), grad_target.mutable_data_ptr<scalar_t>());
+    PHYSMDN_LAUNCH_CHECK();
+  });
+}
+
+void launch_correlated_penalty_forward(const Tensor& means, const Tensor& factor, const OptionalTensor& diag,
+                                       const Tensor& p0, const Tensor& p1, const PhysicsArgs& args, int order,
+                                       int64_t rows, Tensor& out, int64_t max_blocks) {
+  const int64_t B = means.size(0), K = means.size(1), N = B * K;
+  if (N == 0) return;
+  PHYSMDN_DISPATCH_FLOATING(means.scalar_type(), "physmdn_correlated_penalty", [&] {
+    using acc_t = acc_type<scalar_t>;
+    PHYSMDN_LAUNCH(correlated_blocks(N, max_blocks), kCorrelatedThreads, 0,
+                   correlated_penalty_kernel<scalar_t, acc_t>)(
+        means.const_data_ptr<scalar_t>(), factor.const_data_ptr<scalar_t>(),
+        diag.has_value() ? diag->const_data_ptr<scalar_t>() : nullptr,
+        make_physics_view<scalar_t>(p0, p1, std::nullopt, args, order, rows), N, K, means.size(2), factor.size(3),
+        out.mutable_data_ptr<scalar_t>());
+    PHYSMDN_LAUNCH_CHECK();
+  });
+}
+
+// grad [B, K] contiguous in the accumulation dtype; the gradients in the accumulation dtype
+void launch_correlated_penalty_backward(const Tensor& grad, const Tensor& means, const Tensor& factor,
+                                        const OptionalTensor& diag, const Tensor& p0, const Tensor& p1,
+                                        const PhysicsArgs& args, int order, int64_t rows, Tensor& grad_means,
+                                        Tensor& grad_factor, Tensor& grad_diag, int64_t max_blocks) {
+  const int64_t B = means.size(0), K = means.size(1), N = B * K;
+  if (N == 0) return;
+  PHYSMDN_DISPATCH_FLOATING(means.scalar_type(), "physmdn_correlated_penalty_backward", [&] {
+    using acc_t = acc_type<scalar_t>;
+    PHYSMDN_LAUNCH(correlated_blocks(N, max_blocks), kCorrelatedThreads, 0,
+                   correlated_penalty_backward_kernel<scalar_t, acc_t>)(
+        grad.const_data_ptr<acc_t>(), means.const_data_ptr<scalar_t>(), factor.const_data_ptr<scalar_t>(),
+        diag.has_value() ? diag->const_data_ptr<scalar_t>() : nullptr,
+        make_physics_view<scalar_t>(p0, p1, std::nullopt, args, order, rows), N, K, means.size(2), factor.size(3),
+        grad_means.mutable_data_ptr<acc_t>(), grad_factor.mutable_data_ptr<acc_t>(),
+        diag.has_value() ? grad_diag.mutable_data_ptr<acc_t>() : nullptr);
     PHYSMDN_LAUNCH_CHECK();
   });
 }
@@ -252,6 +324,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> cuda_mixture_nll_lowrank_back
                           as_contiguous(cov_diag), as_contiguous(v), as_contiguous(responsibilities),
                           as_contiguous(chol), gl, gm, gW, gd, gy, correlated_max_blocks(device));
   return {gl, gm, gW, gd, gy};
+}
+
+void CudaBackend::correlated_penalty_forward(const Tensor& means, const Tensor& factor, const OptionalTensor& diag,
+                                             const Tensor& p0, const Tensor& p1, const PhysicsArgs& args, int order,
+                                             int64_t rows, Tensor& out) {
+  PHYSMDN_DEVICE_GUARD(means.device());
+  launch_correlated_penalty_forward(means, factor, diag, p0, p1, args, order, rows, out,
+                                    correlated_max_blocks(means.device()));
+}
+
+void CudaBackend::correlated_penalty_backward(const Tensor& grad, const Tensor& means, const Tensor& factor,
+                                              const OptionalTensor& diag, const Tensor& p0, const Tensor& p1,
+                                              const PhysicsArgs& args, int order, int64_t rows, Tensor& grad_means,
+                                              Tensor& grad_factor, Tensor& grad_diag) {
+  PHYSMDN_DEVICE_GUARD(means.device());
+  launch_correlated_penalty_backward(grad, means, factor, diag, p0, p1, args, order, rows, grad_means, grad_factor,
+                                     grad_diag, correlated_max_blocks(means.device()));
 }
 
 }  // namespace

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from . import reference  # noqa: E402
 from ._mixture_nll import mixture_nll  # noqa: E402
 from ._mixture_correlated import mixture_nll_lowrank, mixture_nll_tril  # noqa: E402
+from . import _correlated_penalty  # noqa: E402,F401  (the correlated penalty op's fake kernels and autograd)
 from . import physics, physics_scaling  # noqa: E402
 from .physics import mdn_loss  # noqa: E402
 from . import stationary  # noqa: E402

@@ -27,22 +27,24 @@ marginal variances as ``max(Sigma_ii - s^2, 0)`` (the diagonal components' clamp
 components' penalty. ``normalize="noise"`` divides the weight by the noise floor at the means, as for diagonal
 components (:func:`physmdn.physics_scaling.noise_normalized`).
 
-The loss per sample is ``NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk`` as in :func:`physmdn.mdn_loss`, here in
-plain torch (the NLL through the correlated ops). Layering: imports the ops, ``physics`` and ``correlated``.
+The built-in families' penalties run fused (``torch.ops.physmdn.correlated_penalty``: csrc/mvn_physics_math.h on CPU
+and CUDA); the formulas above, in plain torch, are their float64 reference (:func:`reference_penalty`). The loss per
+sample is ``NLL_b + weight * sum_k pi_bk sum_s w_s P^s_bk`` as in :func:`physmdn.mdn_loss` (the NLL through the
+correlated ops, the mixture weighting in torch). Layering: imports the ops, ``physics`` and ``correlated``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import physics_scaling
+from . import _correlated_penalty, physics_scaling
 from .correlated import CorrelatedGaussianMixture
 from .physics import (Bounds, DynamicsStability, FieldStability, Linear, Monotonic, PhysicsSpec, Polynomial, Residual,
                       Stability, Stencil1D, _check_coupling, _effective_coupling, _normalize_physics,
                       _poly_mean_expectation, _poly_square_expectation)
 
-__all__ = ["expected_residual", "expected_square", "component_penalty", "physics_penalty", "penalty_from_factors",
-           "mdn_loss"]
+__all__ = ["expected_residual", "expected_square", "reference_penalty", "component_penalty", "physics_penalty",
+           "penalty_from_factors", "mdn_loss"]
 
 _MARGINAL_SPECS = (Bounds, Stability, DynamicsStability, FieldStability, Monotonic)
 
@@ -130,16 +132,26 @@ def expected_square(spec, means: torch.Tensor, factor: torch.Tensor, diag: torch
     raise TypeError(f"spec must be a Polynomial, Linear or Stencil1D, got {type(spec).__name__}")
 
 
+def reference_penalty(spec, means: torch.Tensor, factor: torch.Tensor, diag: torch.Tensor | None) -> torch.Tensor:
+    """``P_bk`` of a Polynomial, Linear or Stencil1D spec under correlated components in plain torch: ``[B, K]``
+    (its ``moment``: ``"second"`` ``E |r|^2``, ``"first"`` ``|E r|^2``, ``"point"`` ``|r(mu)|^2``). The float64
+    reference of the fused op (:func:`component_penalty`), and its implementation on devices without kernels."""
+    if spec.moment == "point":
+        return spec.penalty(means, torch.zeros_like(means))  # (the point value does not read the scales)
+    if spec.moment == "first":
+        return expected_residual(spec, means, factor, diag).square().sum(-1)
+    return expected_square(spec, means, factor, diag)
+
+
 def component_penalty(spec: PhysicsSpec, means: torch.Tensor, factor: torch.Tensor,
                       diag: torch.Tensor | None) -> torch.Tensor:
     """``P_bk`` of one spec under correlated components: ``[B, K]`` (its ``moment``: ``"second"`` ``E |r|^2``,
-    ``"first"`` ``|E r|^2``, ``"point"`` ``|r(mu)|^2``)."""
+    ``"first"`` ``|E r|^2``, ``"point"`` ``|r(mu)|^2``). The built-in families run the fused op
+    ``torch.ops.physmdn.correlated_penalty`` (forward and backward in one kernel each), except when a parameter of the
+    spec needs a gradient or the polynomial order exceeds the kernels' (then :func:`reference_penalty`)."""
     if isinstance(spec, (Polynomial, Linear, Stencil1D)):
-        if spec.moment == "point":
-            return spec.penalty(means, torch.zeros_like(means))  # (the point value does not read the scales)
-        if spec.moment == "first":
-            return expected_residual(spec, means, factor, diag).square().sum(-1)
-        return expected_square(spec, means, factor, diag)
+        fused = _correlated_penalty.penalty(spec, means, factor, diag)
+        return reference_penalty(spec, means, factor, diag) if fused is None else fused
     if isinstance(spec, _MARGINAL_SPECS) or (isinstance(spec, Residual) and spec.mode == "point"):
         return spec.penalty(means, 0.5 * torch.log(_marginal_variance(factor, diag)))
     raise NotImplementedError(

@@ -718,6 +718,69 @@ def test_lowrank_ops_check_their_inputs(sim):
         sim.mixture_nll_lowrank_backward(loss, logits, factor, diag, v, r, chol.double())
 
 
+# ----- the physics penalty of correlated components (correlated_penalty_kernel / _backward_kernel) ----------------
+
+PENALTY_TOL = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-4}
+
+
+# every family and moment once; (129, 3): a partial last block of pairs (387 pairs); max_blocks 1 and 2: the
+# grid-stride loop, its last pass partial; noise: the clamps of the noise-free covariance
+@pytest.mark.parametrize("name,moment,kind,noise,B,max_blocks", [
+    ("poly", "second", "lowrank", 0.3, 129, 32), ("poly-K", "first", "full", 0.0, 7, 1),
+    ("linear", "second", "lowrank", 0.3, 50, 2), ("linear", "point", "general", 0.0, 3, 32),
+    ("stencil-periodic", "second", "general", 0.0, 129, 1), ("stencil-neumann", "second", "lowrank", 0.3, 44, 2),
+    ("stencil-neumann", "first", "full", 0.3, 5, 32), ("stencil-J0", "point", "lowrank", 0.0, 2, 32)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_correlated_penalty_kernels_match_the_cpu_op(sim, name, moment, kind, noise, B, max_blocks, dtype):
+    """Forward (P in the input dtype) and backward (the gradients of means, factor and diag in the accumulation
+    dtype) into NaN-filled, guarded outputs, against the CPU op in float64 on the same rounded inputs (the CPU op
+    equals the float64 torch reference: tests/physics/test_correlated_penalty_op.py)."""
+    from test_correlated_penalty_op import op_args
+
+    K = 3
+    means, factor, diag, p0, p1, *rest = op_args(name, moment, kind, noise, B=B, K=K, D=5)
+    rounded = [None if t is None else t.to(dtype) for t in (means, factor, diag, p0, p1)]
+    exact = [None if t is None else t.double() for t in rounded]
+    P, stats = sim.correlated_penalty_fwd(*rounded, *rest, max_blocks)
+    assert P.dtype == dtype
+    blocks = min(-(-(B * K) // sim.correlated_threads), max_blocks)
+    assert (stats["blocks"], stats["block_threads"]) == (blocks, sim.correlated_threads)
+    want = torch.ops.physmdn.correlated_penalty(*exact, *rest)
+    rounding = {torch.bfloat16: 8e-3}.get(dtype, 0.0)
+    assert rel_err(P, want) <= PENALTY_TOL[dtype] + rounding, rel_err(P, want)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    grad = torch.linspace(-1.5, 2.0, B * K, dtype=torch.float64).reshape(B, K)
+    *grads, stats = sim.correlated_penalty_bwd(grad.to(acc), *rounded, *rest, max_blocks)
+    assert stats["blocks"] == blocks
+    wants = torch.ops.physmdn.correlated_penalty_backward(grad, *exact, *rest)
+    for label, g, w in zip(("means", "factor", "diag"), grads, wants):
+        if diag is None and label == "diag":
+            assert g.numel() == 0
+            continue
+        assert g.dtype == acc and g.shape == w.shape, label
+        assert rel_err(g, w, 1e-3) <= 10 * PENALTY_TOL[dtype], (label, rel_err(g, w, 1e-3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_correlated_penalty_ops_as_registered_match_the_cpu_ops(sim, dtype):
+    """The CUDA build's correlated_penalty / _backward (op_impl.h over CudaBackend: the shared checks, contiguous
+    copies, the dtype conversions) against the CPU ops, also for an empty batch; the checks name the argument."""
+    from test_correlated_penalty_op import op_args
+
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for B in (0, 1, 37):
+        means, factor, diag, p0, p1, *rest = op_args("stencil-neumann", "second", "lowrank", 0.2, B=B, K=2, D=6)
+        args = [t.to(dtype) for t in (means, factor, diag, p0, p1)]
+        got, want = sim.correlated_penalty(*args, *rest), torch.ops.physmdn.correlated_penalty(*args, *rest)
+        assert got.shape == (B, 2) and rel_err(got, want) <= tol
+        grad = torch.ones(B, 2, dtype=dtype)
+        for g, w in zip(sim.correlated_penalty_backward(grad, *args, *rest),
+                        torch.ops.physmdn.correlated_penalty_backward(grad, *args, *rest)):
+            assert g.dtype == dtype and g.shape == w.shape and rel_err(g, w, 1e-3) <= 10 * tol
+    with pytest.raises(RuntimeError, match="factor must have the dtype of means"):
+        sim.correlated_penalty(args[0], args[1].half(), *args[2:], *rest)
+
+
 # ----- bench/cuda_static.py's launch shapes (its occupancy model) are the backend's --------------------------------
 
 def _cuda_static():

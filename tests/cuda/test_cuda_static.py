@@ -134,7 +134,7 @@ def test_every_kernel_is_read(kernels):
     assert len(names) >= 100, len(names)
     for family in ("tiled_nll_kernel", "tiled_loss_kernel", "lanes_nll_kernel", "warp_kernel", "sample_kernel",
                    "scale_by_kernel", "tril_nll_kernel", "tril_nll_backward_kernel", "lowrank_nll_kernel",
-                   "lowrank_nll_backward_kernel"):
+                   "lowrank_nll_backward_kernel", "correlated_penalty_kernel", "correlated_penalty_backward_kernel"):
         got = [n for n in names if n.startswith(family + "<")]
         assert got, family
         for n in got:  # both the resources and the SASS
@@ -144,11 +144,12 @@ def test_every_kernel_is_read(kernels):
 @needs_build
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_correlated_kernels_are_in_the_build_without_spills(cases, dtype):
-    """The correlated-component ops' thread-per-sample kernels (csrc/cuda/correlated.cuh): no register spills (their
-    per-sample arrays, bounded by D <= 32 or R <= 8, may live in local memory: stack, not spills)."""
-    for op in ("tril", "lowrank"):
+    """The correlated-component ops' thread-per-sample kernels and their physics penalty's (csrc/cuda/correlated.cuh):
+    no register spills (their per-sample arrays, bounded by D <= 32, R <= 8 or the polynomial order, may live in local
+    memory: stack, not spills)."""
+    for op in ("mixture_nll_tril", "mixture_nll_lowrank", "correlated_penalty"):
         for kind in ("fwd", "bwd"):
-            r = cases[f"mixture_nll_{op} {dtype} {kind} (thread)"]
+            r = cases[f"{op} {dtype} {kind} (thread)"]
             assert "error" not in r and r["spill"] == 0 and r["atomics"] == 0, r
 
 

@@ -325,6 +325,44 @@ py::tuple lowrank_nll_bwd(const Tensor& grad_loss, const Tensor& logits, const T
   return py::make_tuple(gl, gm, gW, gd, gy, stats_dict(cuda_sim::last_stats()));
 }
 
+// correlated_penalty_kernel through correlated.cuh's launcher, its grid capped at max_blocks: P [B, K] (input
+// dtype), stats. The arguments as in the schema of torch.ops.physmdn.correlated_penalty.
+py::tuple correlated_penalty_fwd(const Tensor& means, const Tensor& factor, const OptionalTensor& diag,
+                                 const Tensor& p0, const Tensor& p1, int64_t family, int64_t moment, double spacing,
+                                 int64_t boundary, double noise_scale, int64_t max_blocks) {
+  check_correlated_penalty_inputs(means, factor, diag);
+  const PhysicsArgs args = penalty_args(family, moment, spacing, boundary, noise_scale);
+  const auto [order, rows] = check_physics_args(means, p0, p1, std::nullopt, args);
+  Outputs out;
+  Tensor P = out.make({means.size(0), means.size(1)}, means.options());
+  cuda_sim::last_stats() = {};
+  launch_correlated_penalty_forward(means.contiguous(), factor.contiguous(), contiguous_or_none(diag), p0, p1, args,
+                                    order, rows, P, max_blocks);
+  out.check();
+  return py::make_tuple(P, stats_dict(cuda_sim::last_stats()));
+}
+
+// correlated_penalty_backward_kernel likewise: the gradients of means, factor and diag (accumulation dtype; diag's
+// [0] without diag) for the upstream grad [B, K], stats.
+py::tuple correlated_penalty_bwd(const Tensor& grad, const Tensor& means, const Tensor& factor,
+                                 const OptionalTensor& diag, const Tensor& p0, const Tensor& p1, int64_t family,
+                                 int64_t moment, double spacing, int64_t boundary, double noise_scale,
+                                 int64_t max_blocks) {
+  check_correlated_penalty_inputs(means, factor, diag);
+  check_correlated_penalty_grad(grad, means);
+  const PhysicsArgs args = penalty_args(family, moment, spacing, boundary, noise_scale);
+  const auto [order, rows] = check_physics_args(means, p0, p1, std::nullopt, args);
+  const auto acc = means.options().dtype(acc_dtype(means.scalar_type()));
+  Outputs out;
+  Tensor gm = out.make(means.sizes().vec(), acc), gF = out.make(factor.sizes().vec(), acc);
+  Tensor gc = diag.has_value() ? out.make(means.sizes().vec(), acc) : at::empty({0}, acc);
+  cuda_sim::last_stats() = {};
+  launch_correlated_penalty_backward(grad.to(acc.dtype()).contiguous(), means.contiguous(), factor.contiguous(),
+                                     contiguous_or_none(diag), p0, p1, args, order, rows, gm, gF, gc, max_blocks);
+  out.check();
+  return py::make_tuple(gm, gF, gc, stats_dict(cuda_sim::last_stats()));
+}
+
 // A kernel that breaks the rules the simulator enforces (for the simulator's own tests): mode 0 a shuffle after
 // half the warp returned, 1 lanes at different warp operations, 2 half a warp at __syncthreads and the other half at a
 // shuffle (a deadlock on a GPU), 3 a clean shuffle (lane i gets lane i ^ 1's value), 4 __syncthreads after one warp
@@ -404,6 +442,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mixture_nll_lowrank_backward", &cuda_mixture_nll_lowrank_backward);
   m.def("lowrank_nll_fwd", &lowrank_nll_fwd);
   m.def("lowrank_nll_bwd", &lowrank_nll_bwd);
+  m.def("correlated_penalty", &correlated_penalty_impl<CudaBackend>);
+  m.def("correlated_penalty_backward", &correlated_penalty_backward_impl<CudaBackend>);
+  m.def("correlated_penalty_fwd", &correlated_penalty_fwd);
+  m.def("correlated_penalty_bwd", &correlated_penalty_bwd);
   m.def("misbehave", &misbehave);
   m.def("write_one_past", &write_one_past);
   m.attr("lanes_threads") = kLanesThreads;
