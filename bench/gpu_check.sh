@@ -219,6 +219,18 @@ sys.exit(0 if ok or $1 else 3)
   record correlated "$(status_of $STEP_RC)" "$STEP_SECONDS" \
     "$(grep '^key: ' "$STEPDIR/correlated.out" 2>/dev/null | sed 's/^key: //; s/ (.*//' | awk '{printf "%s; ", $0}' | head -c 400)"
 
+  # 5c. the physics penalty of correlated components (bench/correlated_physics.py: the fused CUDA kernel of
+  # correlated_penalty, a thread per sample and component, against its torch formulas under autograd), B = 128k, K = 8
+  if [ "$DRY" = 1 ]; then
+    run_step correlated_physics 120 bash -c 'cd bench && "$0" correlated_physics.py --device cpu --B 512 --K 8 \
+      --repeat 3 --no-compile --no-memory --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
+  else
+    run_step correlated_physics 120 bash -c 'cd bench && "$0" correlated_physics.py --device cuda --B 131072 --K 8 \
+      --repeat 5 --no-compile --results-dir "$1"' "$PY" "$ROOT/$OUTDIR"
+  fi
+  record correlated_physics "$(status_of $STEP_RC)" "$STEP_SECONDS" \
+    "$(grep '^key: ' "$STEPDIR/correlated_physics.out" 2>/dev/null | sed 's/^key: //; s/ (.*//' | awk '{printf "%s; ", $0}' | head -c 400)"
+
   # 5. benchmarks ----------------------------------------------------------------------------------------
   local left=$(( BUDGET - ($(date +%s) - T0) - RESERVE ))
   local bench_args=(--gpu-check --device "$DEVICE" --key-numbers "$KEYS" --results-dir "$OUTDIR")
@@ -233,6 +245,7 @@ sys.exit(0 if ok or $1 else 3)
   record bench "$(status_of $STEP_RC)" "$STEP_SECONDS" "$(head -1 "$KEYS" 2>/dev/null) (key numbers below; lanes schedule $([ $lanes_env = 1 ] && echo ON || echo off))"
   # the correlated ops' key lines (with their speedups) join the benchmark's key numbers
   grep '^key: ' "$STEPDIR/correlated.out" 2>/dev/null | sed 's/^key: /correlated /' >> "$KEYS"
+  grep '^key: ' "$STEPDIR/correlated_physics.out" 2>/dev/null | sed 's/^key: /correlated physics /' >> "$KEYS"
 
   # 6. kernel profile (Nsight Compute), with what is left of the budget: memory throughput, occupancy, registers
   # and shared memory of each physmdn kernel in one fwd+bwd at B = 1M (bench/profile_case.py)

@@ -4,7 +4,8 @@ Meant to run under ``compute-sanitizer --tool memcheck`` (see bench/gpu_check.sh
 (block tails, K and D that are not powers of two, B = 1). Covers ``mixture_nll`` (gradients computed in the forward,
 for a unit and a 1/B upstream gradient, and the recomputing backward kernel; also with the CUDA lane-per-element
 schedule), the fused ``mdn_loss`` with the polynomial, linear and stencil families, ``mixture_nll_tril`` and
-``mixture_nll_lowrank`` (forward and backward kernels; K up to 40, D up to 32, R up to 8), in float32, bfloat16 and
+``mixture_nll_lowrank`` (forward and backward kernels; K up to 40, D up to 32, R up to 8) and ``correlated_penalty``
+(each family, under the low-rank components), in float32, bfloat16 and
 float64.
 
     python bench/sanitizer_case.py --device cuda      # exit 0: all matched; 1: a mismatch (printed)
@@ -20,6 +21,7 @@ import torch
 import physmdn
 from physmdn import physics as P
 from physmdn import reference
+from physmdn.physics_correlated import component_penalty, reference_penalty
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
@@ -123,6 +125,20 @@ def main(argv=None) -> int:
             cpu_in, dev_in = make_lowrank(B, K, D, R, dtype, device, seed=B + K + D + R)
             check("mixture_nll_lowrank", physmdn.mixture_nll_lowrank, reference.mixture_nll_lowrank, cpu_in, dev_in,
                   dtype, failures)
+            # the physics penalty of these components (correlated_penalty: a thread per sample and component), each
+            # family, second moment under noise (the clamps), summed over the components
+            laws = {"polynomial": P.Polynomial([0.2, 1.0, 0.0, -1.0], noise_scale=0.3),
+                    "linear M=2": P.Linear(torch.ones(2, D) / D, torch.tensor([0.1, -0.2]), noise_scale=0.3),
+                    "stencil neumann": P.Stencil1D(0.1, [0.0, 1.0, 0.0, -1.0], spacing=0.5, boundary="neumann",
+                                                   noise_scale=0.3)}
+            for law, spec in laws.items():
+                def fused_penalty(means, factor, diag, spec=spec):
+                    return component_penalty(spec, means, factor, diag).sum(-1)
+
+                def torch_penalty(means, factor, diag, spec=spec):
+                    return reference_penalty(spec, means, factor, diag).sum(-1)
+                check(f"correlated_penalty {law}", fused_penalty, torch_penalty, cpu_in[1:4], dev_in[1:4], dtype,
+                      failures)
         # the CUDA lane-per-element schedule (off by default): G lanes per sample with padding lanes (K D not a power
         # of two, D = 3, 17 padded to 4, 32), 1 to 8 elements per lane; forward with gradients and the recomputing
         # backward (a no-op switch on the CPU)

@@ -101,10 +101,12 @@ def penalty(spec, means: Tensor, factor: Tensor, diag: Tensor | None) -> Tensor 
     """``P [N, K]`` of ``spec`` (its moment) under ``N(means_k, F_k F_k^T + diag(c_k))`` through the fused op
     (``means [N, K, D]``, ``factor [N, K, D, Q]``, ``diag [N, K, D]`` or None), or None where the op does not apply:
     a spec other than the built-in families or beyond the kernels' polynomial order, parameters that need a gradient,
-    or mixture tensors of different dtypes."""
+    mixture tensors of different dtypes, or inside torch.func transforms."""
     from .physics import Linear, Polynomial, Stencil1D
 
     if not isinstance(spec, (Polynomial, Linear, Stencil1D)) or not spec.fusable:
+        return None
+    if torch._C._are_functorch_transforms_active():  # (torch.func.grad / vmap: the torch formulas compose with them)
         return None
     if not means.dtype.is_floating_point or any(t is not None and t.dtype != means.dtype for t in (factor, diag)):
         return None

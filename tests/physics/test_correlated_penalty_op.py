@@ -217,3 +217,15 @@ def test_arguments_are_checked_by_name():
         OP(means, factor, diag, p0, p1, -1, *rest[1:])
     with pytest.raises(RuntimeError, match="moment must be"):
         OP(means, factor, diag, p0, p1, rest[0], 7, *rest[2:])
+
+
+def test_torch_func_transforms_take_the_torch_formulas():
+    spec = make_specs(2, 5)["stencil-neumann"]
+    means, factor, diag = components("lowrank")
+    got = torch.func.grad(lambda f: component_penalty(spec, means, f, diag).sum())(factor)
+    f = factor.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(component_penalty(spec, means, f, diag).sum(), f)
+    torch.testing.assert_close(got, want)
+    batched = torch.vmap(lambda f: component_penalty(spec, means, f, diag).sum())(torch.stack([factor, 2 * factor]))
+    torch.testing.assert_close(batched, torch.stack([component_penalty(spec, means, factor, diag).sum(),
+                                                     component_penalty(spec, means, 2 * factor, diag).sum()]))
