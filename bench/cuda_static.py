@@ -356,11 +356,13 @@ def default_cases(K: int = 8, D: int = 4, K_warp: int = 32) -> list[tuple[str, s
             cases.append((f"mixture_nll_{op} {dt} fwd (thread)", f"{op}_nll_kernel<{s}, float>", CORRELATED_THREADS, 0))
             cases.append((f"mixture_nll_{op} {dt} bwd (thread)", f"{op}_nll_backward_kernel<{s}, float>",
                           CORRELATED_THREADS, 0))
-        # their physics penalty: a thread per (sample, component) pair
-        cases.append((f"correlated_penalty {dt} fwd (thread)", f"correlated_penalty_kernel<{s}, float>",
-                      CORRELATED_THREADS, 0))
-        cases.append((f"correlated_penalty {dt} bwd (thread)", f"correlated_penalty_backward_kernel<{s}, float>",
-                      CORRELATED_THREADS, 0))
+        # their physics penalty: a thread per (sample, component) pair, a kernel per family (0 polynomial, 1 linear,
+        # 2 stencil)
+        for family, law in ((0, "polynomial"), (1, "linear"), (2, "stencil")):
+            cases.append((f"correlated_penalty {law} {dt} fwd (thread)",
+                          f"correlated_penalty_kernel<{family}, {s}, float>", CORRELATED_THREADS, 0))
+            cases.append((f"correlated_penalty {law} {dt} bwd (thread)",
+                          f"correlated_penalty_backward_kernel<{family}, {s}, float>", CORRELATED_THREADS, 0))
     t = tile_threads(4, 2, 1)  # a small tile: 256-thread blocks, whose residency registers decide
     cases.append(("mixture_nll float32 K=2 D=1 fwd+grads (tiled)", "tiled_nll_kernel<float, float, float, true, false>",
                   t, t * tile_bytes_per_sample(4, 2, 1)))

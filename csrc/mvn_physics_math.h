@@ -189,11 +189,15 @@ PHYSMDN_HD acc_t correlated_stencil(const CorrelatedComponent<scalar_t>& x, cons
   acc_t c[kMaxOrder + 1], slope[kMaxOrder + 1], M[2 * kMaxOrder + 1];
   acc_t total = acc_t(0);
   for (int64_t i = 0; i < D; ++i) {
+    // the row's neighbours and weights in registers (at most two neighbours)
     const StencilRow row = stencil_row(i, D, p.boundary);
+    const int nn = row.n;
+    const int64_t j0 = row.j[0], j1 = row.j[1];
+    const acc_t w0 = static_cast<acc_t>(row.w[0]), w1 = static_cast<acc_t>(row.w[1]);
     for (int j = 0; j <= Jp; ++j) c[j] = j <= J ? static_cast<acc_t>(p.p1(b, k, j)) : acc_t(0);
     c[1] += a * static_cast<acc_t>(row.diag);
     acc_t nsum = acc_t(0);
-    for (int t = 0; t < row.n; ++t) nsum += static_cast<acc_t>(row.w[t]) * static_cast<acc_t>(x.mu[row.j[t]]);
+    for (int t = 0; t < nn; ++t) nsum += (t ? w1 : w0) * static_cast<acc_t>(x.mu[(t ? j1 : j0)]);
     const acc_t v = spread ? free_variance<acc_t>(x, i, nv).v : acc_t(0);
     gaussian_moments<acc_t>(static_cast<acc_t>(x.mu[i]), v, second ? 2 * Jp : Jp, M);
     if (!second) {
@@ -202,7 +206,7 @@ PHYSMDN_HD acc_t correlated_stencil(const CorrelatedComponent<scalar_t>& x, cons
       total += mean * mean;
       if (kGrad) {
         const acc_t dmean = g * acc_t(2) * mean;
-        for (int t = 0; t < row.n; ++t) gr.gmu[row.j[t]] += dmean * a * static_cast<acc_t>(row.w[t]);
+        for (int t = 0; t < nn; ++t) gr.gmu[(t ? j1 : j0)] += dmean * a * (t ? w1 : w0);
         gr.gmu[i] += dmean * s.dep_dm;
         if (spread) add_variance_grad<acc_t>(x, i, dmean * s.dep_dv, acc_t(0), nv, gr);
       }
@@ -215,15 +219,15 @@ PHYSMDN_HD acc_t correlated_stencil(const CorrelatedComponent<scalar_t>& x, cons
     const scalar_t* fi = x.F + i * Q;
     for (int64_t q = 0; q < Q; ++q) {
       acc_t G = acc_t(0);
-      for (int t = 0; t < row.n; ++t) G += static_cast<acc_t>(row.w[t]) * static_cast<acc_t>(x.F[row.j[t] * Q + q]);
+      for (int t = 0; t < nn; ++t) G += (t ? w1 : w0) * static_cast<acc_t>(x.F[(t ? j1 : j0) * Q + q]);
       gg += G * G;
       gf += G * static_cast<acc_t>(fi[q]);
     }
     acc_t hv = acc_t(0);
     if (diagonal)
-      for (int t = 0; t < row.n; ++t) {
-        const acc_t w = static_cast<acc_t>(row.w[t]);
-        hv += w * w * spread_diagonal<acc_t>(x, row.j[t], nv);
+      for (int t = 0; t < nn; ++t) {
+        const acc_t w = (t ? w1 : w0);
+        hv += w * w * spread_diagonal<acc_t>(x, (t ? j1 : j0), nv);
       }
     acc_t V = a * a * (gg + hv);
     const bool clamped = nv > acc_t(0) && V < acc_t(0);
@@ -233,7 +237,7 @@ PHYSMDN_HD acc_t correlated_stencil(const CorrelatedComponent<scalar_t>& x, cons
     total += mean * mean + V + (s.ep2 - s.ep * s.ep) + acc_t(2) * cross * sl.ep;
     if (kGrad) {
       const acc_t dmean = g * acc_t(2) * mean;
-      for (int t = 0; t < row.n; ++t) gr.gmu[row.j[t]] += dmean * a * static_cast<acc_t>(row.w[t]);
+      for (int t = 0; t < nn; ++t) gr.gmu[(t ? j1 : j0)] += dmean * a * (t ? w1 : w0);
       const acc_t two_cross = g * acc_t(2) * cross;
       gr.gmu[i] += dmean * s.dep_dm + g * (s.dep2_dm - acc_t(2) * s.ep * s.dep_dm) + two_cross * sl.dep_dm;
       add_variance_grad<acc_t>(x, i, dmean * s.dep_dv + g * (s.dep2_dv - acc_t(2) * s.ep * s.dep_dv) + two_cross * sl.dep_dv,
@@ -244,15 +248,15 @@ PHYSMDN_HD acc_t correlated_stencil(const CorrelatedComponent<scalar_t>& x, cons
       acc_t* gfi = gr.gF + i * Q;
       for (int64_t q = 0; q < Q; ++q) {
         acc_t G = acc_t(0);
-        for (int t = 0; t < row.n; ++t) G += static_cast<acc_t>(row.w[t]) * static_cast<acc_t>(x.F[row.j[t] * Q + q]);
+        for (int t = 0; t < nn; ++t) G += (t ? w1 : w0) * static_cast<acc_t>(x.F[(t ? j1 : j0) * Q + q]);
         const acc_t dG = dgg * G + dcross_a * static_cast<acc_t>(fi[q]);
-        for (int t = 0; t < row.n; ++t) gr.gF[row.j[t] * Q + q] += static_cast<acc_t>(row.w[t]) * dG;
+        for (int t = 0; t < nn; ++t) gr.gF[(t ? j1 : j0) * Q + q] += (t ? w1 : w0) * dG;
         gfi[q] += dcross_a * G;
       }
       if (diagonal && !clamped)
-        for (int t = 0; t < row.n; ++t) {
-          const acc_t w = static_cast<acc_t>(row.w[t]);
-          add_variance_grad<acc_t>(x, row.j[t], acc_t(0), g * a * a * w * w, nv, gr);
+        for (int t = 0; t < nn; ++t) {
+          const acc_t w = (t ? w1 : w0);
+          add_variance_grad<acc_t>(x, (t ? j1 : j0), acc_t(0), g * a * a * w * w, nv, gr);
         }
     }
   }
@@ -279,11 +283,12 @@ PHYSMDN_HD bool correlated_finite(const CorrelatedComponent<scalar_t>& x, const 
   return z == acc_t(0) && params_finite<acc_t>(p, b, k, x.D);
 }
 
-// The penalty P of component (b, k) (forward: g unused, gr may hold nulls). With kGrad, writes g dP/d(mu, F, c) into
-// gr's rows (set here, not accumulated across calls).
-template <typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>
-PHYSMDN_HD acc_t correlated_penalty(const CorrelatedComponent<scalar_t>& x, const PhysicsView<pscalar_t>& p,
-                                    int64_t b, int64_t k, acc_t g, const CorrelatedGrads<acc_t>& gr) {
+// The penalty P of component (b, k) for the family kFamily (forward: g unused, gr may hold nulls). With kGrad, writes
+// g dP/d(mu, F, c) into gr's rows (set here, not accumulated across calls). The CUDA kernels take one family each
+// (csrc/cuda/correlated.cuh: the three together need more registers than the stencil alone).
+template <int kFamily, typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD acc_t correlated_family_penalty(const CorrelatedComponent<scalar_t>& x, const PhysicsView<pscalar_t>& p,
+                                           int64_t b, int64_t k, acc_t g, const CorrelatedGrads<acc_t>& gr) {
   if (kGrad) {
     for (int64_t d = 0; d < x.D; ++d) {
       gr.gmu[d] = acc_t(0);
@@ -291,17 +296,31 @@ PHYSMDN_HD acc_t correlated_penalty(const CorrelatedComponent<scalar_t>& x, cons
     }
     for (int64_t i = 0; i < x.D * x.Q; ++i) gr.gF[i] = acc_t(0);
   }
-  acc_t r = acc_t(0);
-  switch (p.family) {
-    case kPolynomial: r = correlated_polynomial<acc_t, kGrad>(x, p, b, k, g, gr); break;
-    case kLinear: r = correlated_linear<acc_t, kGrad>(x, p, b, k, g, gr); break;
-    case kStencil: r = correlated_stencil<acc_t, kGrad>(x, p, b, k, g, gr); break;
-    default: return acc_t(0);
+  acc_t r;
+  if constexpr (kFamily == kPolynomial) {
+    r = correlated_polynomial<acc_t, kGrad>(x, p, b, k, g, gr);
+  } else if constexpr (kFamily == kLinear) {
+    r = correlated_linear<acc_t, kGrad>(x, p, b, k, g, gr);
+  } else {
+    static_assert(kFamily == kStencil, "correlated_family_penalty: a built-in family");
+    r = correlated_stencil<acc_t, kGrad>(x, p, b, k, g, gr);
   }
   // An expectation of a square (>= 0): from finite inputs a NaN can only be inf - inf between moments that
   // overflowed, so the value is +inf (as in family_penalty). NaN inputs keep their NaN.
   if (!kGrad && r != r && correlated_finite<acc_t>(x, p, b, k)) r = std::numeric_limits<acc_t>::infinity();
   return r;
+}
+
+// correlated_family_penalty for the view's family (0 for none).
+template <typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>
+PHYSMDN_HD acc_t correlated_penalty(const CorrelatedComponent<scalar_t>& x, const PhysicsView<pscalar_t>& p,
+                                    int64_t b, int64_t k, acc_t g, const CorrelatedGrads<acc_t>& gr) {
+  switch (p.family) {
+    case kPolynomial: return correlated_family_penalty<kPolynomial, acc_t, kGrad>(x, p, b, k, g, gr);
+    case kLinear: return correlated_family_penalty<kLinear, acc_t, kGrad>(x, p, b, k, g, gr);
+    case kStencil: return correlated_family_penalty<kStencil, acc_t, kGrad>(x, p, b, k, g, gr);
+    default: return acc_t(0);
+  }
 }
 
 }  // namespace physmdn::math

@@ -227,8 +227,10 @@ struct StencilRow {
   int n;
   double diag;
 };
+// j is i - 1 or i + 1 for a grid point 0 <= i < D (no 64-bit remainder: on a GPU that is a call, whose saved
+// registers spill).
 PHYSMDN_HD int64_t stencil_neighbour(int64_t j, int64_t D, int boundary) {
-  if (boundary == kPeriodic) return ((j % D) + D) % D;
+  if (boundary == kPeriodic) return j < 0 ? j + D : (j >= D ? j - D : j);
   if (j < 0) j = -j;
   if (j >= D) j = 2 * (D - 1) - j;
   return j < 0 ? 0 : (j >= D ? D - 1 : j);

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include "mvn_math.h"
 #include "mvn_physics_math.h"
@@ -115,23 +116,29 @@ __global__ void __launch_bounds__(kCorrelatedThreads)
 }
 
 // Physics penalty, forward: P [B * K] (input dtype) of each (sample, component) pair n = b K + k from its contiguous
-// rows of means [D], factor [D, Q] and diag [D] (null without).
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kCorrelatedThreads)
+// rows of means [D], factor [D, Q] and diag [D] (null without), for one family. N < 2^31 (the launcher checks): the
+// pair's (b, k) by a 32-bit division (a 64-bit one is a call, whose saved registers spill). At least
+// kPenaltyBlocksPerSM resident blocks: ptxas's own register budget for the stencil's backward spills.
+constexpr int kPenaltyBlocksPerSM = 4;
+
+template <int kFamily, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kCorrelatedThreads, kPenaltyBlocksPerSM)
     correlated_penalty_kernel(const scalar_t* __restrict__ means, const scalar_t* __restrict__ factor,
                               const scalar_t* __restrict__ diag, math::PhysicsView<scalar_t> p, int64_t N, int64_t K,
                               int64_t D, int64_t Q, scalar_t* __restrict__ out) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const math::CorrelatedGrads<acc_t> none{nullptr, nullptr, nullptr};
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N; n += stride) {
+    const int64_t b = static_cast<uint32_t>(n) / static_cast<uint32_t>(K);
     const math::CorrelatedComponent<scalar_t> x{means + n * D, factor + n * D * Q, diag ? diag + n * D : nullptr, D, Q};
-    out[n] = static_cast<scalar_t>(math::correlated_penalty<acc_t, false>(x, p, n / K, n % K, acc_t(0), none));
+    out[n] = static_cast<scalar_t>(
+        math::correlated_family_penalty<kFamily, acc_t, false>(x, p, b, n - b * K, acc_t(0), none));
   }
 }
 
 // Physics penalty, backward: grad[n] dP/d(means, factor, diag) (acc_t) into the pair's rows.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kCorrelatedThreads)
+template <int kFamily, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kCorrelatedThreads, kPenaltyBlocksPerSM)
     correlated_penalty_backward_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ means,
                                        const scalar_t* __restrict__ factor, const scalar_t* __restrict__ diag,
                                        math::PhysicsView<scalar_t> p, int64_t N, int64_t K, int64_t D, int64_t Q,
@@ -139,10 +146,21 @@ __global__ void __launch_bounds__(kCorrelatedThreads)
                                        acc_t* __restrict__ grad_diag) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; n < N; n += stride) {
+    const int64_t b = static_cast<uint32_t>(n) / static_cast<uint32_t>(K);
     const math::CorrelatedComponent<scalar_t> x{means + n * D, factor + n * D * Q, diag ? diag + n * D : nullptr, D, Q};
     const math::CorrelatedGrads<acc_t> gr{grad_means + n * D, grad_factor + n * D * Q,
                                           diag ? grad_diag + n * D : nullptr};
-    math::correlated_penalty<acc_t, true>(x, p, n / K, n % K, grad[n], gr);
+    math::correlated_family_penalty<kFamily, acc_t, true>(x, p, b, n - b * K, grad[n], gr);
+  }
+}
+
+// The kernel template of a family: launch(std::integral_constant<int, kFamily>{}).
+template <typename Launch>
+void for_family(int64_t family, Launch&& launch) {
+  switch (family) {
+    case math::kPolynomial: launch(std::integral_constant<int, math::kPolynomial>{}); break;
+    case math::kLinear: launch(std::integral_constant<int, math::kLinear>{}); break;
+    default: launch(std::integral_constant<int, math::kStencil>{});  // (op_impl.h checked the family)
   }
 }
 
@@ -217,20 +235,28 @@ void launch_lowrank_backward(const Tensor& grad_loss, const Tensor& logits, cons
   });
 }
 
+void check_penalty_pairs(int64_t N) {
+  PHYSMDN_CHECK(N < (int64_t(1) << 31), "correlated_penalty on CUDA takes B * K < 2^31 (sample, component) pairs, got ",
+                N);
+}
+
 void launch_correlated_penalty_forward(const Tensor& means, const Tensor& factor, const OptionalTensor& diag,
                                        const Tensor& p0, const Tensor& p1, const PhysicsArgs& args, int order,
                                        int64_t rows, Tensor& out, int64_t max_blocks) {
   const int64_t B = means.size(0), K = means.size(1), N = B * K;
   if (N == 0) return;
+  check_penalty_pairs(N);
   PHYSMDN_DISPATCH_FLOATING(means.scalar_type(), "physmdn_correlated_penalty", [&] {
     using acc_t = acc_type<scalar_t>;
-    PHYSMDN_LAUNCH(correlated_blocks(N, max_blocks), kCorrelatedThreads, 0,
-                   correlated_penalty_kernel<scalar_t, acc_t>)(
-        means.const_data_ptr<scalar_t>(), factor.const_data_ptr<scalar_t>(),
-        diag.has_value() ? diag->const_data_ptr<scalar_t>() : nullptr,
-        make_physics_view<scalar_t>(p0, p1, std::nullopt, args, order, rows), N, K, means.size(2), factor.size(3),
-        out.mutable_data_ptr<scalar_t>());
-    PHYSMDN_LAUNCH_CHECK();
+    for_family(args.family, [&](auto family) {
+      PHYSMDN_LAUNCH(correlated_blocks(N, max_blocks), kCorrelatedThreads, 0,
+                     correlated_penalty_kernel<decltype(family)::value, scalar_t, acc_t>)(
+          means.const_data_ptr<scalar_t>(), factor.const_data_ptr<scalar_t>(),
+          diag.has_value() ? diag->const_data_ptr<scalar_t>() : nullptr,
+          make_physics_view<scalar_t>(p0, p1, std::nullopt, args, order, rows), N, K, means.size(2), factor.size(3),
+          out.mutable_data_ptr<scalar_t>());
+      PHYSMDN_LAUNCH_CHECK();
+    });
   });
 }
 
@@ -241,16 +267,19 @@ void launch_correlated_penalty_backward(const Tensor& grad, const Tensor& means,
                                         Tensor& grad_factor, Tensor& grad_diag, int64_t max_blocks) {
   const int64_t B = means.size(0), K = means.size(1), N = B * K;
   if (N == 0) return;
+  check_penalty_pairs(N);
   PHYSMDN_DISPATCH_FLOATING(means.scalar_type(), "physmdn_correlated_penalty_backward", [&] {
     using acc_t = acc_type<scalar_t>;
-    PHYSMDN_LAUNCH(correlated_blocks(N, max_blocks), kCorrelatedThreads, 0,
-                   correlated_penalty_backward_kernel<scalar_t, acc_t>)(
-        grad.const_data_ptr<acc_t>(), means.const_data_ptr<scalar_t>(), factor.const_data_ptr<scalar_t>(),
-        diag.has_value() ? diag->const_data_ptr<scalar_t>() : nullptr,
-        make_physics_view<scalar_t>(p0, p1, std::nullopt, args, order, rows), N, K, means.size(2), factor.size(3),
-        grad_means.mutable_data_ptr<acc_t>(), grad_factor.mutable_data_ptr<acc_t>(),
-        diag.has_value() ? grad_diag.mutable_data_ptr<acc_t>() : nullptr);
-    PHYSMDN_LAUNCH_CHECK();
+    for_family(args.family, [&](auto family) {
+      PHYSMDN_LAUNCH(correlated_blocks(N, max_blocks), kCorrelatedThreads, 0,
+                     correlated_penalty_backward_kernel<decltype(family)::value, scalar_t, acc_t>)(
+          grad.const_data_ptr<acc_t>(), means.const_data_ptr<scalar_t>(), factor.const_data_ptr<scalar_t>(),
+          diag.has_value() ? diag->const_data_ptr<scalar_t>() : nullptr,
+          make_physics_view<scalar_t>(p0, p1, std::nullopt, args, order, rows), N, K, means.size(2), factor.size(3),
+          grad_means.mutable_data_ptr<acc_t>(), grad_factor.mutable_data_ptr<acc_t>(),
+          diag.has_value() ? grad_diag.mutable_data_ptr<acc_t>() : nullptr);
+      PHYSMDN_LAUNCH_CHECK();
+    });
   });
 }
 

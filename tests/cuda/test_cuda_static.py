@@ -147,7 +147,8 @@ def test_correlated_kernels_are_in_the_build_without_spills(cases, dtype):
     """The correlated-component ops' thread-per-sample kernels and their physics penalty's (csrc/cuda/correlated.cuh):
     no register spills (their per-sample arrays, bounded by D <= 32, R <= 8 or the polynomial order, may live in local
     memory: stack, not spills)."""
-    for op in ("mixture_nll_tril", "mixture_nll_lowrank", "correlated_penalty"):
+    for op in ("mixture_nll_tril", "mixture_nll_lowrank", "correlated_penalty polynomial", "correlated_penalty linear",
+               "correlated_penalty stencil"):
         for kind in ("fwd", "bwd"):
             r = cases[f"{op} {dtype} {kind} (thread)"]
             assert "error" not in r and r["spill"] == 0 and r["atomics"] == 0, r
