@@ -388,3 +388,24 @@ def base_parser(description: str):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-save", action="store_true")
     return p
+
+
+def report_with_copy(name: str, device: str, rows: list[dict], notes: str, args) -> None:
+    """Round the rows of a benchmark with ``GB/s`` / ``%copy`` columns, print or save their table with ``notes``
+    (``args.no_save``, ``args.results_dir``), and print one ``key:`` line per physmdn row with its speedups."""
+    for r in rows:
+        for k in ("median_ms", "p20_ms", "p80_ms", "peak_mb", "physmdn_speedup", "GB/s", "%copy"):
+            if isinstance(r.get(k), float) and r[k] == r[k]:
+                r[k] = round(r[k], 3 if k == "physmdn_speedup" else 1)
+    columns = COLUMNS + ["GB/s", "%copy"]
+    if args.no_save:
+        print(format_table(rows, columns))
+        print(notes)
+    else:
+        write_results(name, device, machine_info(device), rows, columns, notes, args.results_dir)
+    for r in rows:
+        if r["impl"] == "physmdn":
+            others = ", ".join(f"x{o['physmdn_speedup']} vs {o['impl']}" for o in rows
+                               if o["shape"] == r["shape"] and o["pass"] == r["pass"] and o["impl"] != "physmdn")
+            print(f"key: {r['shape']} {r['pass']}: physmdn {r['median_ms']} ms, {r['GB/s']} GB/s = {r['%copy']}% of "
+                  f"copy ({others})", flush=True)

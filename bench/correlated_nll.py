@@ -25,8 +25,7 @@ numbers (bench/gpu_check.sh puts them in its summary).
 from __future__ import annotations
 
 # _common first: it sets the profiler's log level before torch loads
-from _common import (COLUMNS, RESULTS_DIR, base_parser, compare_impls, copy_bandwidth, format_table, machine_info,
-                     write_results)
+from _common import RESULTS_DIR, base_parser, compare_impls, copy_bandwidth, report_with_copy
 
 import math
 
@@ -116,28 +115,13 @@ def main(argv=None):
             gb_s = pass_bytes(kind, r["pass"], B, K, D, R) / (r["median_ms"] * 1e-3) / 1e9
             r.update({"GB/s": gb_s, "%copy": 100.0 * gb_s / copy["gb_s"]})
         rows += kind_rows
-    for r in rows:
-        for k in ("median_ms", "p20_ms", "p80_ms", "peak_mb", "physmdn_speedup", "GB/s", "%copy"):
-            if isinstance(r.get(k), float) and r[k] == r[k]:
-                r[k] = round(r[k], 3 if k == "physmdn_speedup" else 1)
     notes = (f"copy bandwidth {copy['gb_s']:.1f} GB/s (dst.copy_(src), read + write). physmdn_speedup: the row's "
              "median over physmdn's in the same pass and run (> 1: physmdn is faster). GB/s: the bytes the pass moves "
              "at least (pass_bytes) over the row's median; %copy: as a percentage of the copy bandwidth. "
              "mixture_nll_tril and mixture_nll_lowrank run fused kernels on the CPU and on CUDA (other devices: torch "
              "compositions behind the custom ops). physmdn's CPU peak memory misses its buffer pool (invisible to "
              "the profiler).")
-    columns = COLUMNS + ["GB/s", "%copy"]
-    if args.no_save:
-        print(format_table(rows, columns))
-        print(notes)
-    else:
-        write_results("correlated_nll", device, machine_info(device), rows, columns, notes, args.results_dir)
-    for r in rows:
-        if r["impl"] == "physmdn":
-            others = ", ".join(f"x{o['physmdn_speedup']} vs {o['impl']}" for o in rows
-                               if o["shape"] == r["shape"] and o["pass"] == r["pass"] and o["impl"] != "physmdn")
-            print(f"key: {r['shape']} {r['pass']}: physmdn {r['median_ms']} ms, {r['GB/s']} GB/s = {r['%copy']}% of "
-                  f"copy ({others})", flush=True)
+    report_with_copy("correlated_nll", device, rows, notes, args)
     return rows
 
 

@@ -121,6 +121,17 @@ PHYSMDN_HD acc_t correlated_polynomial(const CorrelatedComponent<scalar_t>& x, c
 }
 
 // ----- linear -------------------------------------------------------------------------------------------------------
+// |A_:d|^2, the squared norm of column d of A.
+template <typename acc_t, typename pscalar_t>
+PHYSMDN_HD acc_t column_square(const PhysicsView<pscalar_t>& p, int64_t b, int64_t k, int64_t d) {
+  acc_t col = acc_t(0);
+  for (int64_t r = 0; r < p.rows; ++r) {
+    const acc_t a = static_cast<acc_t>(p.p0(b, k, r, d));
+    col += a * a;
+  }
+  return col;
+}
+
 template <typename acc_t, bool kGrad, typename scalar_t, typename pscalar_t>
 PHYSMDN_HD acc_t correlated_linear(const CorrelatedComponent<scalar_t>& x, const PhysicsView<pscalar_t>& p, int64_t b,
                                    int64_t k, acc_t g, const CorrelatedGrads<acc_t>& gr) {
@@ -144,14 +155,7 @@ PHYSMDN_HD acc_t correlated_linear(const CorrelatedComponent<scalar_t>& x, const
       S += u * u;
     }
   if (diagonal)
-    for (int64_t d = 0; d < D; ++d) {
-      acc_t col = acc_t(0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t a = static_cast<acc_t>(p.p0(b, k, r, d));
-        col += a * a;
-      }
-      S += col * spread_diagonal<acc_t>(x, d, nv);
-    }
+    for (int64_t d = 0; d < D; ++d) S += column_square<acc_t>(p, b, k, d) * spread_diagonal<acc_t>(x, d, nv);
   const bool clamped = nv > acc_t(0) && S < acc_t(0);
   if (clamped) S = acc_t(0);
   if (kGrad && !clamped) {
@@ -163,14 +167,8 @@ PHYSMDN_HD acc_t correlated_linear(const CorrelatedComponent<scalar_t>& x, const
         for (int64_t d = 0; d < D; ++d) gr.gF[d * Q + q] += g * acc_t(2) * static_cast<acc_t>(p.p0(b, k, r, d)) * u;
       }
     if (diagonal)
-      for (int64_t d = 0; d < D; ++d) {
-        acc_t col = acc_t(0);
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t a = static_cast<acc_t>(p.p0(b, k, r, d));
-          col += a * a;
-        }
-        add_variance_grad<acc_t>(x, d, acc_t(0), g * col, nv, gr);
-      }
+      for (int64_t d = 0; d < D; ++d)
+        add_variance_grad<acc_t>(x, d, acc_t(0), g * column_square<acc_t>(p, b, k, d), nv, gr);
   }
   return total + S;
 }
