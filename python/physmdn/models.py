@@ -29,6 +29,7 @@ from .transport import ot_coupling
 __all__ = ["MDN", "CFM", "build_model", "register_model", "MODELS", "mlp", "ACTIVATIONS", "COVARIANCES"]
 
 COVARIANCES = ("diag", "full", "lowrank")
+DEFAULT_MAX_CONDITION = 1e4  # MDN(covariance="full")'s bound on the condition number of a component's correlation
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU,
@@ -193,7 +194,8 @@ class MDN(_ConditionalModel):
 
     def __init__(self, in_features: int, out_features: int, components: int, hidden: Sequence[int] = (64, 64),
                  activation: str = "silu", min_scale: float = 1e-4, init_scale: float | None = None,
-                 mean_spread: float = 1.0, dropout: float = 0.0, covariance: str = "diag", rank: int | None = None):
+                 mean_spread: float = 1.0, dropout: float = 0.0, covariance: str = "diag", rank: int | None = None,
+                 max_condition: float | None = None):
         super().__init__()
         self.covariance = check.one_of(covariance, "covariance", COVARIANCES)
         if covariance == "lowrank":
@@ -202,6 +204,14 @@ class MDN(_ConditionalModel):
                 raise ValueError(f"rank must be an integer in [1, {MAX_RANK}], got {rank}")
         elif rank is not None:
             raise ValueError(f"rank is for covariance='lowrank', got rank={rank!r} with covariance={covariance!r}")
+        if covariance == "full":
+            max_condition = DEFAULT_MAX_CONDITION if max_condition is None else check.finite(max_condition,
+                                                                                             "max_condition")
+            if not max_condition >= 1.0:
+                raise ValueError(f"max_condition must be a finite number >= 1, got {max_condition!r}")
+        elif max_condition is not None:
+            raise ValueError(f"max_condition is for covariance='full', got max_condition={max_condition!r} with "
+                             f"covariance={covariance!r}")
         if covariance == "full" and check.count(out_features, "out_features") > MAX_TRIL_DIM:
             raise ValueError(f"out_features must be <= {MAX_TRIL_DIM} for covariance='full', got {out_features}; "
                              f"use covariance='lowrank'")
@@ -223,7 +233,10 @@ class MDN(_ConditionalModel):
                            dropout=dropout)
         if covariance != "diag":  # (diagonal models keep the config they always had)
             self.config.update(covariance=covariance, rank=rank)
+        if covariance == "full":
+            self.config.update(max_condition=max_condition)
         self.rank = rank
+        self.max_condition = max_condition
         self._init_normalization(in_features, out_features)
         K, D = components, out_features
         self.trunk = mlp(in_features, hidden, None, activation, dropout)
@@ -244,7 +257,8 @@ class MDN(_ConditionalModel):
             self.correlation_head = nn.Linear(width, K * D * (D - 1) // 2)
             rows, cols = torch.tril_indices(D, D, -1)
             self.register_buffer("_tril_index", rows * D + cols, persistent=False)
-            self.register_buffer("_tril_rows", rows, persistent=False)
+            # the weight a of the correlation matrix in C = (1 - a) I + a W W^T that bounds cond(C) by max_condition
+            self._shrink = (max_condition - 1.0) / (max_condition + D - 1.0)
         elif covariance == "lowrank":
             self.correlation_head = nn.Linear(width, K * D * rank)
         if self.correlation_head is not None:
@@ -267,12 +281,22 @@ class MDN(_ConditionalModel):
             factor = self.correlation_head(h).to(dtype).view(B, K, D, self.rank)
             factor = (self.y_scale / math.sqrt(self.rank)).unsqueeze(-1) * factor
             return GaussianMixtureLowRank(logits, means, factor, torch.exp(2.0 * log_scales), validate_args=False)
-        scale_tril = torch.diag_embed(torch.exp(log_scales))
-        if self.correlation_head is not None:
-            below = self.correlation_head(h).to(dtype).view(B, K, -1) * self.y_scale[self._tril_rows]
-            below = below.new_zeros(B, K, D * D).scatter(-1, self._tril_index.expand(B, K, -1), below)
-            scale_tril = scale_tril + below.view(B, K, D, D)
-        return GaussianMixtureTril(logits, means, scale_tril, validate_args=False)
+        if self.correlation_head is None:  # D = 1
+            return GaussianMixtureTril(logits, means, torch.exp(log_scales).unsqueeze(-1), validate_args=False)
+        return GaussianMixtureTril(logits, means, self._scale_tril(h, log_scales), validate_args=False)
+
+    def _scale_tril(self, h: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+        """``diag(sigma) chol(C)`` ``[B, K, D, D]`` with ``C = (1 - a) I + a W W^T`` (see the class docstring)."""
+        B, K, D = log_scales.shape
+        below = self.correlation_head(h).to(log_scales.dtype).view(B, K, -1)
+        rows = torch.eye(D, dtype=below.dtype, device=below.device).expand(B, K, D, D).reshape(B, K, D * D)
+        rows = rows.scatter(-1, self._tril_index.expand(B, K, -1), below).view(B, K, D, D)
+        rows = rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True)  # unit rows: W W^T has a unit diagonal
+        a = self._shrink
+        correlation = a * (rows @ rows.transpose(-1, -2))
+        correlation = correlation + (1.0 - a) * torch.eye(D, dtype=below.dtype, device=below.device)
+        factor = torch.linalg.cholesky_ex(correlation).L  # eigenvalues >= 1 - a: no check needed (and no sync)
+        return torch.exp(log_scales).unsqueeze(-1) * factor
 
 
 class CFM(_ConditionalModel):
