@@ -173,14 +173,23 @@ class MDN(_ConditionalModel):
         covariance: the components' covariance: ``"diag"`` (:class:`GaussianMixture`), ``"full"``
             (:class:`GaussianMixtureTril`, ``D <= 32``) or ``"lowrank"`` (:class:`GaussianMixtureLowRank`).
         rank: the rank ``R`` (1 to 8) of the low-rank factor; only with ``covariance="lowrank"``.
+        max_condition: the bound ``kappa >= 1`` (default ``1e4``) on the condition number of every component's
+            correlation matrix; only with ``covariance="full"``.
 
     Correlated components (``y_scale`` as ``s``; heads in standardized units, mapped to ``y``'s units by the rows of
     ``diag(s)``, so that ``Sigma = diag(s) Sigma_std diag(s)``):
 
-    * ``"full"``: ``scale_tril = diag(s) T`` with ``T_ij`` (``i > j``) a head's output (``D (D - 1) / 2`` per
-      component) and the diagonal ``L_ii`` from the scales head exactly as ``sigma`` above, so ``L_ii >= min_scale``:
-      every conditional standard deviation of ``y_i`` given ``y_<i`` is at least ``min_scale`` and
-      ``det Sigma >= min_scale^(2D)``. With ``T = 0`` the model is the diagonal one.
+    * ``"full"``: ``Sigma = diag(sigma) C diag(sigma)`` with ``sigma`` the marginal standard deviations from the
+      scales head exactly as above (so ``sigma >= min_scale``) and the correlation matrix
+      ``C = (1 - a) I + a W W^T``, ``W`` lower triangular with unit diagonal before its rows are scaled to unit
+      length, its entries ``W_ij`` (``i > j``) a head's output (``D (D - 1) / 2`` per component);
+      ``scale_tril = diag(sigma) chol(C)`` ``[B, K, D, D]``. The eigenvalues of ``C`` lie in
+      ``[1 - a, 1 + (D - 1) a]`` and ``a = (kappa - 1) / (kappa + D - 1)`` makes their ratio at most
+      ``kappa = max_condition``; every correlation is at most ``a`` in magnitude (``kappa = 1e4``: 0.9998 for
+      ``D = 2``, 0.9969 for ``D = 32``) and ``Sigma >= (1 - a) min_scale^2 I``. An unbounded Cholesky factor fitted
+      to a few 32-point fields per component reaches condition numbers above ``1e17``, where the float32 triangular
+      solve fails and training turns NaN (docs/results.md, correlated components). With ``W = I`` (or
+      ``kappa = 1``) the model is the diagonal one.
     * ``"lowrank"``: ``cov_factor = diag(s) V / sqrt(R)``, ``V [K, D, R]`` a head's output, and
       ``cov_diag = sigma^2 >= min_scale^2`` (``sigma`` as above), so ``Sigma >= min_scale^2 I``.
 
