@@ -266,6 +266,7 @@ class MDN(_ConditionalModel):
             self.correlation_head = nn.Linear(width, K * D * (D - 1) // 2)
             rows, cols = torch.tril_indices(D, D, -1)
             self.register_buffer("_tril_index", rows * D + cols, persistent=False)
+            self.register_buffer("_tril_rows", rows, persistent=False)
             # the weight a of the correlation matrix in C = (1 - a) I + a W W^T that bounds cond(C) by max_condition
             self._shrink = (max_condition - 1.0) / (max_condition + D - 1.0)
         elif covariance == "lowrank":
@@ -295,17 +296,17 @@ class MDN(_ConditionalModel):
         return GaussianMixtureTril(logits, means, self._scale_tril(h, log_scales), validate_args=False)
 
     def _scale_tril(self, h: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
-        """``diag(sigma) chol(C)`` ``[B, K, D, D]`` with ``C = (1 - a) I + a W W^T`` (see the class docstring)."""
+        """``diag(r) chol(C)`` ``[B, K, D, D]``: the factor ``F`` of the heads, its correlation shrunk (see the class
+        docstring)."""
         B, K, D = log_scales.shape
-        below = self.correlation_head(h).to(log_scales.dtype).view(B, K, -1)
-        rows = torch.eye(D, dtype=below.dtype, device=below.device).expand(B, K, D, D).reshape(B, K, D * D)
-        rows = rows.scatter(-1, self._tril_index.expand(B, K, -1), below).view(B, K, D, D)
-        rows = rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True)  # unit rows: W W^T has a unit diagonal
-        a = self._shrink
-        correlation = a * (rows @ rows.transpose(-1, -2))
-        correlation = correlation + (1.0 - a) * torch.eye(D, dtype=below.dtype, device=below.device)
-        factor = torch.linalg.cholesky_ex(correlation).L  # eigenvalues >= 1 - a: no check needed (and no sync)
-        return torch.exp(log_scales).unsqueeze(-1) * factor
+        below = self.correlation_head(h).to(log_scales.dtype).view(B, K, -1) * self.y_scale[self._tril_rows]
+        factor = torch.diag_embed(torch.exp(log_scales)).view(B, K, D * D)
+        factor = factor.scatter(-1, self._tril_index.expand(B, K, -1), below).view(B, K, D, D)
+        row_norms = torch.linalg.vector_norm(factor, dim=-1, keepdim=True)  # marginal standard deviations r
+        rows = factor / row_norms
+        eye = torch.eye(D, dtype=factor.dtype, device=factor.device)
+        correlation = self._shrink * (rows @ rows.transpose(-1, -2)) + (1.0 - self._shrink) * eye
+        return row_norms * torch.linalg.cholesky_ex(correlation).L  # eigenvalues >= 1 - a: no check (and no sync)
 
 
 class CFM(_ConditionalModel):
