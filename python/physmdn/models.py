@@ -179,18 +179,18 @@ class MDN(_ConditionalModel):
     Correlated components (``y_scale`` as ``s``; heads in standardized units, mapped to ``y``'s units by the rows of
     ``diag(s)``, so that ``Sigma = diag(s) Sigma_std diag(s)``):
 
-    * ``"full"``: a factor ``F = diag(s) T`` with ``T_ij`` (``i > j``) a head's output (``D (D - 1) / 2`` per
-      component) and the diagonal ``F_ii`` from the scales head exactly as ``sigma`` above (``F_ii >= min_scale``),
-      whose correlation is shrunk toward the identity: with ``r_i = ||F_i||`` (the row norms) and ``W = diag(r)^-1 F``
-      (unit rows, so ``W W^T`` is the correlation matrix of ``F F^T``), ``Sigma = diag(r) C diag(r)`` with
-      ``C = (1 - a) I + a W W^T`` and ``scale_tril = diag(r) chol(C)`` ``[B, K, D, D]``. The eigenvalues of ``C`` lie
-      in ``[1 - a, 1 + (D - 1) a]``, and ``a = (kappa - 1) / (kappa + D - 1)`` makes their ratio at most
+    * ``"full"``: ``Sigma = diag(sigma) C diag(sigma)``: the marginal standard deviations ``sigma`` from the scales
+      head exactly as above (``sigma >= min_scale``), and the correlation matrix ``C = (1 - a) I + a W W^T`` with
+      ``W`` lower triangular, ``W_ii = 1`` and ``W_ij`` (``i > j``) a head's output (``D (D - 1) / 2`` per
+      component) before each row is scaled to unit length (so ``W W^T`` is a correlation matrix);
+      ``scale_tril = diag(sigma) chol(C)`` ``[B, K, D, D]``. The eigenvalues of ``C`` lie in
+      ``[1 - a, 1 + (D - 1) a]``, and ``a = (kappa - 1) / (kappa + D - 1)`` makes their ratio at most
       ``kappa = max_condition``; every correlation is at most ``a`` in magnitude (``kappa = 1e4``: 0.9998 for
-      ``D = 2``, 0.9969 for ``D = 32``), every marginal standard deviation ``r_i >= min_scale`` and
-      ``Sigma >= (1 - a) min_scale^2 I``. Unshrunk (``a = 1``), a factor fitted to a few 32-point fields per component
-      reached condition numbers above ``1e17``; the whitened residuals ``L^-1 (y - mu)`` of fields far from a
-      component grew with it past ``1e19``, whose squares overflow float32, and training turned NaN (docs/results.md,
-      correlated components). With ``T = 0`` (or ``kappa = 1``) the model is the diagonal one.
+      ``D = 2``, 0.9969 for ``D = 32``) and ``Sigma >= (1 - a) min_scale^2 I``. An unbounded Cholesky factor fitted
+      to a few 32-point fields per component reached condition numbers above ``1e17``; the whitened residuals
+      ``L^-1 (y - mu)`` of fields far from a component grew with it past ``1e19``, whose squares overflow float32,
+      and training turned NaN (docs/results.md, correlated components). With ``W = I`` (or ``kappa = 1``) the model
+      is the diagonal one.
     * ``"lowrank"``: ``cov_factor = diag(s) V / sqrt(R)``, ``V [K, D, R]`` a head's output, and
       ``cov_diag = sigma^2 >= min_scale^2`` (``sigma`` as above), so ``Sigma >= min_scale^2 I``.
 
@@ -267,7 +267,6 @@ class MDN(_ConditionalModel):
             self.correlation_head = nn.Linear(width, K * D * (D - 1) // 2)
             rows, cols = torch.tril_indices(D, D, -1)
             self.register_buffer("_tril_index", rows * D + cols, persistent=False)
-            self.register_buffer("_tril_rows", rows, persistent=False)
             # the weight a of the correlation matrix in C = (1 - a) I + a W W^T that bounds cond(C) by max_condition
             self._shrink = (max_condition - 1.0) / (max_condition + D - 1.0)
         elif covariance == "lowrank":
@@ -297,16 +296,16 @@ class MDN(_ConditionalModel):
         return GaussianMixtureTril(logits, means, self._scale_tril(h, log_scales), validate_args=False)
 
     def _scale_tril(self, h: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
-        """``diag(r) chol(C)`` ``[B, K, D, D]``: the heads' factor ``F`` with its correlation shrunk (class docstring)."""
+        """``diag(sigma) chol(C)`` ``[B, K, D, D]`` with ``C = (1 - a) I + a W W^T`` (class docstring)."""
         B, K, D = log_scales.shape
-        below = self.correlation_head(h).to(log_scales.dtype).view(B, K, -1) * self.y_scale[self._tril_rows]
-        factor = torch.diag_embed(torch.exp(log_scales)).view(B, K, D * D)
-        factor = factor.scatter(-1, self._tril_index.expand(B, K, -1), below).view(B, K, D, D)
-        row_norms = torch.linalg.vector_norm(factor, dim=-1, keepdim=True)  # marginal standard deviations r
-        rows = factor / row_norms
-        eye = torch.eye(D, dtype=factor.dtype, device=factor.device)
+        below = self.correlation_head(h).to(log_scales.dtype).view(B, K, -1)
+        eye = torch.eye(D, dtype=below.dtype, device=below.device)
+        rows = eye.expand(B, K, D, D).reshape(B, K, D * D)
+        rows = rows.scatter(-1, self._tril_index.expand(B, K, -1), below).view(B, K, D, D)
+        rows = rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True)  # unit rows: W W^T has a unit diagonal
         correlation = self._shrink * (rows @ rows.transpose(-1, -2)) + (1.0 - self._shrink) * eye
-        return row_norms * torch.linalg.cholesky_ex(correlation).L  # eigenvalues >= 1 - a: no check (and no sync)
+        factor = torch.linalg.cholesky_ex(correlation).L  # eigenvalues >= 1 - a: no check needed (and no sync)
+        return torch.exp(log_scales).unsqueeze(-1) * factor
 
 
 class CFM(_ConditionalModel):

@@ -269,7 +269,7 @@ def test_mdn_full_stays_well_conditioned_on_few_fields(one_thread):
             with torch.no_grad():
                 condition = float(_correlation_condition(model(x)).max())
             assert condition <= 1e4 * (1 + 1e-3), (step, condition)
-    assert loss.item() < -12.0  # and it fits (about -18 nats after 150 steps)
+    assert loss.item() < -15.0  # and it fits (about -24 nats after 150 steps)
 
 
 def test_fit_learns_the_correlation_of_a_noisy_line(one_thread):
