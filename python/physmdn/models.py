@@ -187,9 +187,9 @@ class MDN(_ConditionalModel):
       ``[1 - a, 1 + (D - 1) a]``, and ``a = (kappa - 1) / (kappa + D - 1)`` makes their ratio at most
       ``kappa = max_condition``; every correlation is at most ``a`` in magnitude (``kappa = 1e4``: 0.9998 for
       ``D = 2``, 0.9969 for ``D = 32``) and ``Sigma >= (1 - a) min_scale^2 I``. An unbounded Cholesky factor fitted
-      to a few 32-point fields per component reached condition numbers above ``1e17``; the whitened residuals
-      ``L^-1 (y - mu)`` of fields far from a component grew with it past ``1e19``, whose squares overflow float32,
-      and training turned NaN (docs/results.md, correlated components). With ``W = I`` (or ``kappa = 1``) the model
+      to a few 32-point fields per component reaches condition numbers above ``1e17``; the whitened residuals
+      ``L^-1 (y - mu)`` of fields far from a component grow with it past ``1e19``, whose squares overflow float32,
+      and training turns NaN (docs/results.md, correlated components). With ``W = I`` (or ``kappa = 1``) the model
       is the diagonal one.
     * ``"lowrank"``: ``cov_factor = diag(s) V / sqrt(R)``, ``V [K, D, R]`` a head's output, and
       ``cov_diag = sigma^2 >= min_scale^2`` (``sigma`` as above), so ``Sigma >= min_scale^2 I``.

@@ -247,9 +247,9 @@ def test_mdn_full_correlation_condition_is_bounded(max_condition):
 
 def test_mdn_full_stays_well_conditioned_on_few_fields(one_thread):
     """A few noisy 16-point fronts (two branches, one shape parameter: the sample covariance of a component is nearly
-    singular): the likelihood rewards ever sharper correlated directions. With the unbounded Cholesky factor the
-    correlation's condition number passed 1e8 within 50 steps (and on the 32-point fields of physmdn.problems the
-    loss turned NaN); bounded, it stays <= max_condition and every loss is finite."""
+    singular): the likelihood rewards ever sharper correlated directions. An unbounded Cholesky factor takes the
+    correlation's condition number past 1e8 within 50 steps here (and on the 32-point fields of physmdn.problems the
+    loss to NaN); bounded, it stays <= max_condition and every loss is finite."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(32, 1, generator=g)
     sign = torch.where(torch.rand(32, 1, generator=g) < 0.5, -1.0, 1.0)
