@@ -29,6 +29,7 @@ from .transport import ot_coupling
 __all__ = ["MDN", "CFM", "build_model", "register_model", "MODELS", "mlp", "ACTIVATIONS", "COVARIANCES"]
 
 COVARIANCES = ("diag", "full", "lowrank")
+DEFAULT_MAX_CONDITION = 1e4  # MDN(covariance="full")'s bound on the condition number of a component's correlation
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "elu": nn.ELU,
@@ -172,14 +173,24 @@ class MDN(_ConditionalModel):
         covariance: the components' covariance: ``"diag"`` (:class:`GaussianMixture`), ``"full"``
             (:class:`GaussianMixtureTril`, ``D <= 32``) or ``"lowrank"`` (:class:`GaussianMixtureLowRank`).
         rank: the rank ``R`` (1 to 8) of the low-rank factor; only with ``covariance="lowrank"``.
+        max_condition: the bound ``kappa >= 1`` (default ``1e4``) on the condition number of every component's
+            correlation matrix; only with ``covariance="full"``.
 
     Correlated components (``y_scale`` as ``s``; heads in standardized units, mapped to ``y``'s units by the rows of
     ``diag(s)``, so that ``Sigma = diag(s) Sigma_std diag(s)``):
 
-    * ``"full"``: ``scale_tril = diag(s) T`` with ``T_ij`` (``i > j``) a head's output (``D (D - 1) / 2`` per
-      component) and the diagonal ``L_ii`` from the scales head exactly as ``sigma`` above, so ``L_ii >= min_scale``:
-      every conditional standard deviation of ``y_i`` given ``y_<i`` is at least ``min_scale`` and
-      ``det Sigma >= min_scale^(2D)``. With ``T = 0`` the model is the diagonal one.
+    * ``"full"``: ``Sigma = diag(sigma) C diag(sigma)``: the marginal standard deviations ``sigma`` from the scales
+      head exactly as above (``sigma >= min_scale``), and the correlation matrix ``C = (1 - a) I + a W W^T`` with
+      ``W`` lower triangular, ``W_ii = 1`` and ``W_ij`` (``i > j``) a head's output (``D (D - 1) / 2`` per
+      component) before each row is scaled to unit length (so ``W W^T`` is a correlation matrix);
+      ``scale_tril = diag(sigma) chol(C)`` ``[B, K, D, D]``. The eigenvalues of ``C`` lie in
+      ``[1 - a, 1 + (D - 1) a]``, and ``a = (kappa - 1) / (kappa + D - 1)`` makes their ratio at most
+      ``kappa = max_condition``; every correlation is at most ``a`` in magnitude (``kappa = 1e4``: 0.9998 for
+      ``D = 2``, 0.9969 for ``D = 32``) and ``Sigma >= (1 - a) min_scale^2 I``. An unbounded Cholesky factor fitted
+      to a few 32-point fields per component reaches condition numbers above ``1e17``; the whitened residuals
+      ``L^-1 (y - mu)`` of fields far from a component grow with it past ``1e19``, whose squares overflow float32,
+      and training turns NaN (docs/results.md, correlated components). With ``W = I`` (or ``kappa = 1``) the model
+      is the diagonal one.
     * ``"lowrank"``: ``cov_factor = diag(s) V / sqrt(R)``, ``V [K, D, R]`` a head's output, and
       ``cov_diag = sigma^2 >= min_scale^2`` (``sigma`` as above), so ``Sigma >= min_scale^2 I``.
 
@@ -193,7 +204,8 @@ class MDN(_ConditionalModel):
 
     def __init__(self, in_features: int, out_features: int, components: int, hidden: Sequence[int] = (64, 64),
                  activation: str = "silu", min_scale: float = 1e-4, init_scale: float | None = None,
-                 mean_spread: float = 1.0, dropout: float = 0.0, covariance: str = "diag", rank: int | None = None):
+                 mean_spread: float = 1.0, dropout: float = 0.0, covariance: str = "diag", rank: int | None = None,
+                 max_condition: float | None = None):
         super().__init__()
         self.covariance = check.one_of(covariance, "covariance", COVARIANCES)
         if covariance == "lowrank":
@@ -202,6 +214,14 @@ class MDN(_ConditionalModel):
                 raise ValueError(f"rank must be an integer in [1, {MAX_RANK}], got {rank}")
         elif rank is not None:
             raise ValueError(f"rank is for covariance='lowrank', got rank={rank!r} with covariance={covariance!r}")
+        if covariance == "full":
+            max_condition = DEFAULT_MAX_CONDITION if max_condition is None else check.finite(max_condition,
+                                                                                             "max_condition")
+            if not max_condition >= 1.0:
+                raise ValueError(f"max_condition must be a finite number >= 1, got {max_condition!r}")
+        elif max_condition is not None:
+            raise ValueError(f"max_condition is for covariance='full', got max_condition={max_condition!r} with "
+                             f"covariance={covariance!r}")
         if covariance == "full" and check.count(out_features, "out_features") > MAX_TRIL_DIM:
             raise ValueError(f"out_features must be <= {MAX_TRIL_DIM} for covariance='full', got {out_features}; "
                              f"use covariance='lowrank'")
@@ -223,7 +243,10 @@ class MDN(_ConditionalModel):
                            dropout=dropout)
         if covariance != "diag":  # (diagonal models keep the config they always had)
             self.config.update(covariance=covariance, rank=rank)
+        if covariance == "full":
+            self.config.update(max_condition=max_condition)
         self.rank = rank
+        self.max_condition = max_condition
         self._init_normalization(in_features, out_features)
         K, D = components, out_features
         self.trunk = mlp(in_features, hidden, None, activation, dropout)
@@ -244,7 +267,8 @@ class MDN(_ConditionalModel):
             self.correlation_head = nn.Linear(width, K * D * (D - 1) // 2)
             rows, cols = torch.tril_indices(D, D, -1)
             self.register_buffer("_tril_index", rows * D + cols, persistent=False)
-            self.register_buffer("_tril_rows", rows, persistent=False)
+            # the weight a of the correlation matrix in C = (1 - a) I + a W W^T that bounds cond(C) by max_condition
+            self._shrink = (max_condition - 1.0) / (max_condition + D - 1.0)
         elif covariance == "lowrank":
             self.correlation_head = nn.Linear(width, K * D * rank)
         if self.correlation_head is not None:
@@ -267,12 +291,21 @@ class MDN(_ConditionalModel):
             factor = self.correlation_head(h).to(dtype).view(B, K, D, self.rank)
             factor = (self.y_scale / math.sqrt(self.rank)).unsqueeze(-1) * factor
             return GaussianMixtureLowRank(logits, means, factor, torch.exp(2.0 * log_scales), validate_args=False)
-        scale_tril = torch.diag_embed(torch.exp(log_scales))
-        if self.correlation_head is not None:
-            below = self.correlation_head(h).to(dtype).view(B, K, -1) * self.y_scale[self._tril_rows]
-            below = below.new_zeros(B, K, D * D).scatter(-1, self._tril_index.expand(B, K, -1), below)
-            scale_tril = scale_tril + below.view(B, K, D, D)
-        return GaussianMixtureTril(logits, means, scale_tril, validate_args=False)
+        if self.correlation_head is None:  # D = 1
+            return GaussianMixtureTril(logits, means, torch.exp(log_scales).unsqueeze(-1), validate_args=False)
+        return GaussianMixtureTril(logits, means, self._scale_tril(h, log_scales), validate_args=False)
+
+    def _scale_tril(self, h: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+        """``diag(sigma) chol(C)`` ``[B, K, D, D]`` with ``C = (1 - a) I + a W W^T`` (class docstring)."""
+        B, K, D = log_scales.shape
+        below = self.correlation_head(h).to(log_scales.dtype).view(B, K, -1)
+        eye = torch.eye(D, dtype=below.dtype, device=below.device)
+        rows = eye.expand(B, K, D, D).reshape(B, K, D * D)
+        rows = rows.scatter(-1, self._tril_index.expand(B, K, -1), below).view(B, K, D, D)
+        rows = rows / torch.linalg.vector_norm(rows, dim=-1, keepdim=True)  # unit rows: W W^T has a unit diagonal
+        correlation = self._shrink * (rows @ rows.transpose(-1, -2)) + (1.0 - self._shrink) * eye
+        factor = torch.linalg.cholesky_ex(correlation).L  # eigenvalues >= 1 - a: no check needed (and no sync)
+        return torch.exp(log_scales).unsqueeze(-1) * factor
 
 
 class CFM(_ConditionalModel):
