@@ -29,9 +29,11 @@ void correlated_penalty_forward(const Tensor& means, const Tensor& factor, const
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const math::CorrelatedGrads<acc_t> none{nullptr, nullptr, nullptr};
     torch::stable::parallel_for(0, B * K, penalty_grain(D, Q, order), [&](int64_t begin, int64_t end) {
+      int64_t b = begin / K, k = begin - b * K;  // (one division per task: per pair it costs more than a small law)
       for (int64_t n = begin; n < end; ++n) {
         const math::CorrelatedComponent<scalar_t> x{mu + n * D, F + n * D * Q, c ? c + n * D : nullptr, D, Q};
-        o[n] = static_cast<scalar_t>(math::correlated_penalty<acc_t, false>(x, p, n / K, n % K, acc_t(0), none));
+        o[n] = static_cast<scalar_t>(math::correlated_penalty<acc_t, false>(x, p, b, k, acc_t(0), none));
+        if (++k == K) k = 0, ++b;
       }
     });
   });
@@ -51,10 +53,12 @@ void correlated_penalty_backward(const Tensor& grad, const Tensor& means, const 
     acc_t *gm = grad_means.mutable_data_ptr<acc_t>(), *gF = grad_factor.mutable_data_ptr<acc_t>();
     acc_t* gc = c ? grad_diag.mutable_data_ptr<acc_t>() : nullptr;
     torch::stable::parallel_for(0, B * K, penalty_grain(D, Q, order), [&](int64_t begin, int64_t end) {
+      int64_t b = begin / K, k = begin - b * K;
       for (int64_t n = begin; n < end; ++n) {
         const math::CorrelatedComponent<scalar_t> x{mu + n * D, F + n * D * Q, c ? c + n * D : nullptr, D, Q};
         const math::CorrelatedGrads<acc_t> gr{gm + n * D, gF + n * D * Q, gc ? gc + n * D : nullptr};
-        math::correlated_penalty<acc_t, true>(x, p, n / K, n % K, g[n], gr);
+        math::correlated_penalty<acc_t, true>(x, p, b, k, g[n], gr);
+        if (++k == K) k = 0, ++b;
       }
     });
   });
