@@ -390,9 +390,19 @@ def base_parser(description: str):
     return p
 
 
-def report_with_copy(name: str, device: str, rows: list[dict], notes: str, args) -> None:
-    """Round the rows of a benchmark with ``GB/s`` / ``%copy`` columns, print or save their table with ``notes``
-    (``args.no_save``, ``args.results_dir``), and print one ``key:`` line per physmdn row with its speedups."""
+def report_with_copy(name: str, device: str, rows: list[dict], copy_gb_s: float, pass_bytes, notes: str,
+                     args) -> None:
+    """Add ``GB/s`` and ``%copy`` to the rows of a benchmark (``pass_bytes(row)``: the bytes the row's pass moves at
+    least; ``copy_gb_s``: the copy bandwidth measured in the same run), round them, print or save their table with
+    the standard notes and ``notes`` (``args.no_save``, ``args.results_dir``), and print one ``key:`` line per physmdn
+    row with its speedups."""
+    for r in rows:
+        gb_s = pass_bytes(r) / (r["median_ms"] * 1e-3) / 1e9
+        r.update({"GB/s": gb_s, "%copy": 100.0 * gb_s / copy_gb_s})
+    notes = (f"copy bandwidth {copy_gb_s:.1f} GB/s (dst.copy_(src), read + write). physmdn_speedup: the row's median "
+             "over physmdn's in the same pass and run (> 1: physmdn is faster). GB/s: the bytes the pass moves at least "
+             "over the row's median; %copy: as a percentage of the copy bandwidth. physmdn's CPU peak memory misses "
+             "its buffer pool (invisible to the profiler). " + notes).strip()
     for r in rows:
         for k in ("median_ms", "p20_ms", "p80_ms", "peak_mb", "physmdn_speedup", "GB/s", "%copy"):
             if isinstance(r.get(k), float) and r[k] == r[k]:

@@ -112,16 +112,11 @@ def main(argv=None):
         kind_rows = compare_impls(impls, make_factory(kind, B, K, D, R, device), device, shape, repeat=args.repeat,
                                   memory=not args.no_memory)
         for r in kind_rows:
-            gb_s = pass_bytes(kind, r["pass"], B, K, D, R) / (r["median_ms"] * 1e-3) / 1e9
-            r.update({"GB/s": gb_s, "%copy": 100.0 * gb_s / copy["gb_s"]})
+            r["_bytes"] = pass_bytes(kind, r["pass"], B, K, D, R)
         rows += kind_rows
-    notes = (f"copy bandwidth {copy['gb_s']:.1f} GB/s (dst.copy_(src), read + write). physmdn_speedup: the row's "
-             "median over physmdn's in the same pass and run (> 1: physmdn is faster). GB/s: the bytes the pass moves "
-             "at least (pass_bytes) over the row's median; %copy: as a percentage of the copy bandwidth. "
-             "mixture_nll_tril and mixture_nll_lowrank run fused kernels on the CPU and on CUDA (other devices: torch "
-             "compositions behind the custom ops). physmdn's CPU peak memory misses its buffer pool (invisible to "
-             "the profiler).")
-    report_with_copy("correlated_nll", device, rows, notes, args)
+    report_with_copy("correlated_nll", device, rows, copy["gb_s"], lambda r: r.pop("_bytes"),
+                     "GB/s counts pass_bytes. mixture_nll_tril and mixture_nll_lowrank run fused kernels on the CPU and "
+                     "on CUDA (other devices: torch compositions behind the custom ops).", args)
     return rows
 
 

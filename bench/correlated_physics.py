@@ -89,14 +89,9 @@ def main(argv=None):
         case_rows = compare_impls(impls, make_factory(kind, B, K, D, Q, device), device, shape, repeat=args.repeat,
                                   memory=not args.no_memory)
         for r in case_rows:
-            gb_s = pass_bytes(r["pass"], B, K, D, Q, kind == "lowrank") / (r["median_ms"] * 1e-3) / 1e9
-            r.update({"GB/s": gb_s, "%copy": 100.0 * gb_s / copy["gb_s"]})
+            r["_bytes"] = pass_bytes(r["pass"], B, K, D, Q, kind == "lowrank")
         rows += case_rows
-    notes = (f"copy bandwidth {copy['gb_s']:.1f} GB/s (dst.copy_(src), read + write). physmdn_speedup: the row's "
-             "median over physmdn's in the same pass and run (> 1: physmdn is faster). GB/s: the bytes the pass moves "
-             "at least over the row's median; %copy: as a percentage of the copy bandwidth. physmdn's CPU peak memory "
-             "misses its buffer pool (invisible to the profiler).")
-    report_with_copy("correlated_physics", device, rows, notes, args)
+    report_with_copy("correlated_physics", device, rows, copy["gb_s"], lambda r: r.pop("_bytes"), "", args)
     return rows
 
 
