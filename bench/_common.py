@@ -419,3 +419,10 @@ def report_with_copy(name: str, device: str, rows: list[dict], copy_gb_s: float,
                                if o["shape"] == r["shape"] and o["pass"] == r["pass"] and o["impl"] != "physmdn")
             print(f"key: {r['shape']} {r['pass']}: physmdn {r['median_ms']} ms, {r['GB/s']} GB/s = {r['%copy']}% of "
                   f"copy ({others})", flush=True)
+
+
+def announced_copy_bandwidth(device: str) -> float:
+    """The copy bandwidth (GB/s) of ``device`` over a 1 GiB (GPU) or 64 MiB (CPU) buffer, printed."""
+    gb_s = copy_bandwidth(device, (1024 if device.startswith("cuda") else 64) << 20)["gb_s"]
+    print(f"copy bandwidth ({device}): {gb_s:.1f} GB/s", flush=True)
+    return gb_s

@@ -25,7 +25,7 @@ numbers (bench/gpu_check.sh puts them in its summary).
 from __future__ import annotations
 
 # _common first: it sets the profiler's log level before torch loads
-from _common import RESULTS_DIR, base_parser, compare_impls, copy_bandwidth, report_with_copy
+from _common import RESULTS_DIR, announced_copy_bandwidth, base_parser, compare_impls, report_with_copy
 
 import math
 
@@ -92,8 +92,7 @@ def main(argv=None):
     p.add_argument("--results-dir", default=RESULTS_DIR)
     args = p.parse_args(argv)
     B, K, device = args.B, args.K, args.device
-    copy = copy_bandwidth(device, (1024 if device.startswith("cuda") else 64) << 20)
-    print(f"copy bandwidth ({device}): {copy['gb_s']:.1f} GB/s", flush=True)
+    copy_gb_s = announced_copy_bandwidth(device)
     rows = []
     for kind in args.kinds.split(","):
         if kind == "tril":
@@ -114,7 +113,7 @@ def main(argv=None):
         for r in kind_rows:
             r["_bytes"] = pass_bytes(kind, r["pass"], B, K, D, R)
         rows += kind_rows
-    report_with_copy("correlated_nll", device, rows, copy["gb_s"], lambda r: r.pop("_bytes"),
+    report_with_copy("correlated_nll", device, rows, copy_gb_s, lambda r: r.pop("_bytes"),
                      "GB/s counts pass_bytes. mixture_nll_tril and mixture_nll_lowrank run fused kernels on the CPU and "
                      "on CUDA (other devices: torch compositions behind the custom ops).", args)
     return rows

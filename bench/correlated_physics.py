@@ -29,7 +29,7 @@ also their gradients written once).
 from __future__ import annotations
 
 # _common first: it sets the profiler's log level before torch loads
-from _common import RESULTS_DIR, base_parser, compare_impls, copy_bandwidth, report_with_copy
+from _common import RESULTS_DIR, announced_copy_bandwidth, base_parser, compare_impls, report_with_copy
 
 import torch
 
@@ -75,8 +75,7 @@ def main(argv=None):
     p.add_argument("--results-dir", default=RESULTS_DIR)
     args = p.parse_args(argv)
     B, K, device = args.B, args.K, args.device
-    copy = copy_bandwidth(device, (1024 if device.startswith("cuda") else 64) << 20)
-    print(f"copy bandwidth ({device}): {copy['gb_s']:.1f} GB/s", flush=True)
+    copy_gb_s = announced_copy_bandwidth(device)
     rows = []
     for name in args.cases.split(","):
         factory, D, kind, Q = CASES[name]
@@ -91,7 +90,7 @@ def main(argv=None):
         for r in case_rows:
             r["_bytes"] = pass_bytes(r["pass"], B, K, D, Q, kind == "lowrank")
         rows += case_rows
-    report_with_copy("correlated_physics", device, rows, copy["gb_s"], lambda r: r.pop("_bytes"), "", args)
+    report_with_copy("correlated_physics", device, rows, copy_gb_s, lambda r: r.pop("_bytes"), "", args)
     return rows
 
 
