@@ -20,8 +20,6 @@ from ._ops import check_first_order
 __all__ = ["penalty"]
 
 _LIB = torch.library.Library("physmdn", "IMPL")
-_FAMILY_NAMES = {_fused.FAMILY_POLYNOMIAL: "polynomial", _fused.FAMILY_LINEAR: "linear",
-                 _fused.FAMILY_STENCIL: "stencil"}
 _MOMENT_NAMES = {code: name for name, code in _fused.MOMENT_CODES.items()}
 
 

@@ -229,3 +229,17 @@ def test_torch_func_transforms_take_the_torch_formulas():
     batched = torch.vmap(lambda f: component_penalty(spec, means, f, diag).sum())(torch.stack([factor, 2 * factor]))
     torch.testing.assert_close(batched, torch.stack([component_penalty(spec, means, factor, diag).sum(),
                                                      component_penalty(spec, means, 2 * factor, diag).sum()]))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}-{c[3]}" for c in CASES])
+def test_the_torch_implementation_for_other_devices_matches_the_kernels(case):
+    """The ops' CompositeExplicitAutograd implementation (devices without kernels) against the CPU kernels."""
+    from physmdn import _correlated_penalty
+
+    args = op_args(*case)
+    torch.testing.assert_close(_correlated_penalty._torch_penalty(*args), OP(*args), rtol=1e-10, atol=1e-12)
+    grad = torch.rand(args[0].shape[:2], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = _correlated_penalty._torch_penalty_backward(grad, *args)
+    want = torch.ops.physmdn.correlated_penalty_backward(grad, *args)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-11)
